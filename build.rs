@@ -1,0 +1,23 @@
+//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and
+//! tonic's prost generator. Generated code and the descriptor set go to
+//! `OUT_DIR`; nothing is written into the source tree.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/deviceplugin/v1beta1/api.proto";
+    println!("cargo:rerun-if-changed={proto}");
+
+    let descriptors = protox::compile([proto], ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("deviceplugin_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Running a backend safely: every call goes to a blocking thread with a
+//! deadline, a panic is caught, and a fault (panic, missed deadline, invalid
+//! data) marks only this backend's devices Unhealthy and re-initialises it
+//! with exponential back-off. Other backends never notice.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, ResourceSpec};
+use crate::device_state::{Publisher, ResourceState};
+use crate::resource_name::{self, ResourceNameError};
+
+/// First back-off before re-initialising a faulted backend.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest back-off between re-initialisations.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How a call into a backend failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CallError {
+    /// The backend answered with an error.
+    #[error("backend {backend:?}: {operation} failed: {message}")]
+    Failed {
+        /// Backend name.
+        backend: String,
+        /// The call, e.g. `allocate`.
+        operation: &'static str,
+        /// The backend's message.
+        message: String,
+    },
+    /// The backend panicked (or trapped).
+    #[error("backend {backend:?}: {operation} panicked: {message}")]
+    Panicked {
+        /// Backend name.
+        backend: String,
+        /// The call.
+        operation: &'static str,
+        /// The panic message.
+        message: String,
+    },
+    /// The backend did not answer within its deadline.
+    #[error("backend {backend:?}: {operation} did not return within its {timeout:?} deadline")]
+    TimedOut {
+        /// Backend name.
+        backend: String,
+        /// The call.
+        operation: &'static str,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The backend answered with data that breaks the contract.
+    #[error("backend {backend:?}: {operation} returned invalid data: {message}")]
+    Invalid {
+        /// Backend name.
+        backend: String,
+        /// The call.
+        operation: &'static str,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl CallError {
+    /// Whether this error means the backend itself is broken (as opposed to
+    /// declining one request).
+    pub fn is_fault(&self) -> bool {
+        !matches!(self, CallError::Failed { .. })
+    }
+}
+
+/// Why a backend could not start.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StartError {
+    /// `init` failed.
+    #[error(transparent)]
+    Init(#[from] CallError),
+    /// `init` declared an invalid resource name.
+    #[error("backend {backend:?} declared an invalid resource: {source}")]
+    ResourceName {
+        /// Backend name.
+        backend: String,
+        /// The rule it broke.
+        source: ResourceNameError,
+    },
+    /// `init` declared the same resource twice, or none.
+    #[error("backend {backend:?}: {message}")]
+    Resources {
+        /// Backend name.
+        backend: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// A started backend, shared by the servers of its resources.
+pub struct BackendHandle {
+    name: String,
+    backend: Arc<dyn Backend>,
+    timeout: Duration,
+    resources: Vec<(ResourceSpec, Arc<ResourceState>)>,
+    faulted: Notify,
+}
+
+impl std::fmt::Debug for BackendHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendHandle").field("name", &self.name).field("timeout", &self.timeout).finish()
+    }
+}
+
+impl BackendHandle {
+    /// Initialises `backend` (with the deadline `timeout`), checks the
+    /// resources it declares, and starts its supervisor, which re-initialises
+    /// it after faults until `cancel` fires.
+    pub async fn start(
+        name: impl Into<String>,
+        backend: Arc<dyn Backend>,
+        timeout: Duration,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, StartError> {
+        let name = name.into();
+        let publisher = Publisher::default();
+        let init_publisher = publisher.clone();
+        let specs = run_blocking(&name, "init", timeout, backend.clone(), move |b| b.init(init_publisher)).await?;
+        check_resources(&name, &specs)?;
+        let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+        let states = publisher.seal(&names);
+        let handle = Arc::new(BackendHandle {
+            name,
+            backend,
+            timeout,
+            resources: specs.into_iter().zip(states).collect(),
+            faulted: Notify::new(),
+        });
+        tokio::spawn(supervise(handle.clone(), cancel));
+        Ok(handle)
+    }
+
+    /// The backend's name (its config file's stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The resources it serves, with their live state.
+    pub fn resources(&self) -> &[(ResourceSpec, Arc<ResourceState>)] {
+        &self.resources
+    }
+
+    /// Runs one call with the deadline. A fault marks the backend's devices
+    /// Unhealthy and schedules a re-initialisation.
+    pub async fn call<T, F>(&self, operation: &'static str, f: F) -> Result<T, CallError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Backend) -> Result<T, super::BackendError> + Send + 'static,
+    {
+        let result = run_blocking(&self.name, operation, self.timeout, self.backend.clone(), f).await;
+        if let Err(error) = &result {
+            if error.is_fault() {
+                self.report_fault(error);
+            }
+        }
+        result
+    }
+
+    /// Marks every device of this backend Unhealthy with `error` as the
+    /// reason, and wakes the supervisor to re-initialise it.
+    pub fn report_fault(&self, error: &CallError) {
+        tracing::error!(backend = %self.name, %error, "backend faulted; its devices are now Unhealthy");
+        for (_, state) in &self.resources {
+            state.set_fault(Some(error.to_string()));
+        }
+        self.faulted.notify_one();
+    }
+
+    /// Calls the backend's `shutdown` (with the deadline).
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.call("shutdown", |b| Ok(b.shutdown())).await {
+            tracing::warn!(backend = %self.name, %error, "backend shutdown failed");
+        }
+    }
+}
+
+/// Re-initialises the backend after each fault, with exponential back-off,
+/// until it succeeds; then lifts the Unhealthy mark.
+async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = handle.faulted.notified() => {}
+        }
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            match reinit(&handle).await {
+                Ok(()) => {
+                    tracing::info!(backend = %handle.name, "backend re-initialised; its devices report their own health again");
+                    for (_, state) in &handle.resources {
+                        state.set_fault(None);
+                    }
+                    break;
+                }
+                Err(error) => {
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tracing::warn!(backend = %handle.name, %error, retry_in = ?backoff, "re-initialising backend failed");
+                }
+            }
+        }
+    }
+}
+
+async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
+    let timeout = handle.timeout;
+    run_blocking(&handle.name, "shutdown", timeout, handle.backend.clone(), |b| Ok(b.shutdown())).await?;
+    let states: Vec<Arc<ResourceState>> = handle.resources.iter().map(|(_, state)| state.clone()).collect();
+    let publisher = Publisher::for_states(&states);
+    let specs = run_blocking(&handle.name, "init", timeout, handle.backend.clone(), move |b| b.init(publisher)).await?;
+    let expected: Vec<&ResourceSpec> = handle.resources.iter().map(|(spec, _)| spec).collect();
+    if specs.iter().collect::<Vec<_>>() != expected {
+        return Err(StartError::Resources {
+            backend: handle.name.clone(),
+            message: "re-initialised with different resources than at start; restart devhost to change them".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_resources(backend: &str, specs: &[ResourceSpec]) -> Result<(), StartError> {
+    if specs.is_empty() {
+        return Err(StartError::Resources { backend: backend.to_owned(), message: "declared no resources".into() });
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        resource_name::validate(&spec.name)
+            .map_err(|source| StartError::ResourceName { backend: backend.to_owned(), source })?;
+        if specs[..i].iter().any(|earlier| earlier.name == spec.name) {
+            return Err(StartError::Resources {
+                backend: backend.to_owned(),
+                message: format!("declared resource {:?} twice", spec.name),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on the blocking pool with a deadline, turning a panic into
+/// [`CallError::Panicked`]. A call that misses its deadline keeps its thread
+/// (a blocked FFI call cannot be cancelled) but no longer holds anyone up.
+async fn run_blocking<T, F>(
+    backend_name: &str,
+    operation: &'static str,
+    timeout: Duration,
+    backend: Arc<dyn Backend>,
+    f: F,
+) -> Result<T, CallError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Backend) -> Result<T, super::BackendError> + Send + 'static,
+{
+    let backend_name = backend_name.to_owned();
+    let task = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(AssertUnwindSafe(|| f(backend.as_ref()))).map_err(panic_message)
+    });
+    match tokio::time::timeout(timeout, task).await {
+        Err(_) => Err(CallError::TimedOut { backend: backend_name, operation, timeout }),
+        Ok(Err(join_error)) => {
+            Err(CallError::Panicked { backend: backend_name, operation, message: join_error.to_string() })
+        }
+        Ok(Ok(Err(message))) => Err(CallError::Panicked { backend: backend_name, operation, message }),
+        Ok(Ok(Ok(Err(error)))) => Err(CallError::Failed { backend: backend_name, operation, message: error.message }),
+        Ok(Ok(Ok(Ok(value)))) => Ok(value),
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".to_owned())
+}

@@ -1,0 +1,166 @@
+//! The backend contract: the one trait every kind of backend (built-in,
+//! native `.so`, WASM component) is adapted to, and the domain types it
+//! speaks. Nothing above this module knows which kind a backend is, and
+//! nothing here knows about gRPC.
+//!
+//! Calls are synchronous: the host runs them on a blocking thread with a
+//! deadline (see [`handle`]), which suits FFI and wasmtime alike. A backend
+//! pushes device lists through the [`Publisher`] it is given at `init`, from
+//! any thread, at any time until `shutdown`.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+pub use crate::device_state::{PublishError, Publisher};
+
+pub mod handle;
+// pub mod static_backend;
+
+/// The health of one device, as the kubelet sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// Usable: counts towards allocatable.
+    Healthy,
+    /// Not usable: counts towards capacity only.
+    Unhealthy,
+}
+
+impl Health {
+    /// The exact string the kubelet compares against.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => crate::proto::HEALTHY,
+            Health::Unhealthy => crate::proto::UNHEALTHY,
+        }
+    }
+}
+
+/// One device of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Unique, non-empty ID within the resource.
+    pub id: String,
+    /// Current health.
+    pub health: Health,
+    /// NUMA nodes the device is attached to; empty means no preference.
+    pub numa_nodes: Vec<i64>,
+}
+
+impl Device {
+    /// A healthy device without NUMA affinity.
+    pub fn healthy(id: impl Into<String>) -> Self {
+        Device { id: id.into(), health: Health::Healthy, numa_nodes: Vec::new() }
+    }
+}
+
+/// A resource a backend serves, with the options the kubelet is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSpec {
+    /// Extended resource name, e.g. `example.com/gpu`.
+    pub name: String,
+    /// The kubelet must call `PreStartContainer` before each container start.
+    pub pre_start_required: bool,
+    /// The kubelet may call `GetPreferredAllocation`.
+    pub preferred_allocation: bool,
+}
+
+/// A bind mount for the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Path inside the container.
+    pub container_path: String,
+    /// Path on the host.
+    pub host_path: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// A device node for the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Path inside the container.
+    pub container_path: String,
+    /// Path on the host.
+    pub host_path: String,
+    /// cgroup permissions: any combination of `r`, `w`, `m`.
+    pub permissions: String,
+}
+
+/// What one container gets for the devices allocated to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Environment variables.
+    pub envs: BTreeMap<String, String>,
+    /// Bind mounts.
+    pub mounts: Vec<Mount>,
+    /// Device nodes.
+    pub device_specs: Vec<DeviceSpec>,
+    /// Container annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Fully qualified CDI device names (`vendor/class=name`).
+    pub cdi_devices: Vec<String>,
+}
+
+/// One container's `GetPreferredAllocation` question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferredRequest {
+    /// Devices the answer may choose from.
+    pub available: Vec<String>,
+    /// Devices the answer must contain.
+    pub must_include: Vec<String>,
+    /// How many devices the answer must contain.
+    pub size: usize,
+}
+
+/// An error a backend reports from one of its calls.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// What went wrong, in the backend's words.
+    pub message: String,
+}
+
+impl BackendError {
+    /// An error with the given message.
+    pub fn new(message: impl Into<String>) -> Self {
+        BackendError { message: message.into() }
+    }
+}
+
+/// A source of devices for one or more resources.
+///
+/// Implementations must be thread-safe: the host may call `allocate` for
+/// several resources at once. Every method may block; the host gives each
+/// call a deadline and treats a miss as a fault.
+pub trait Backend: Send + Sync + 'static {
+    /// Starts the backend. It returns the resources it serves and publishes
+    /// each resource's device list through `publisher` (during `init` or
+    /// later, from any thread). A resource never published has no devices.
+    fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError>;
+
+    /// Answers an `Allocate` for one container. The host has already
+    /// checked that every ID is a device of `resource`.
+    fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError>;
+
+    /// Answers `GetPreferredAllocation` for one container, or `None` to let
+    /// the host's default policy (fewest NUMA nodes) choose.
+    fn preferred_allocation(
+        &self,
+        resource: &str,
+        request: &PreferredRequest,
+    ) -> Result<Option<Vec<String>>, BackendError> {
+        let _ = (resource, request);
+        Ok(None)
+    }
+
+    /// Prepares devices before a container starts (only for resources whose
+    /// spec sets `pre_start_required`).
+    fn pre_start(&self, resource: &str, device_ids: &[String]) -> Result<(), BackendError> {
+        let _ = (resource, device_ids);
+        Ok(())
+    }
+
+    /// Stops the backend: background threads end, nothing is published after.
+    fn shutdown(&self) {}
+}

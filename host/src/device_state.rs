@@ -1,0 +1,306 @@
+//! Device state per resource: a tokio `watch` channel holding the latest full
+//! snapshot. Backends write it through a [`Publisher`]; every open
+//! `ListAndWatch` stream reads it. Latest state wins, so a burst of updates
+//! costs each stream one message.
+//!
+//! A snapshot is validated once when published (non-empty, unique IDs; under
+//! the kubelet's 4 MiB message limit) and carries its ready-made
+//! `ListAndWatchResponse`, so streams never re-check or rebuild it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prost::Message;
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::backend::{Device, Health};
+use crate::proto::{MAX_MESSAGE_BYTES, v1beta1};
+
+/// Why a published device list was refused. The previous list stays.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PublishError {
+    /// The backend published for a resource it did not declare.
+    #[error("resource {resource:?} is not served by this backend (it declared: {declared})")]
+    UnknownResource {
+        /// The resource named in the publish.
+        resource: String,
+        /// The resources the backend declared, comma-separated.
+        declared: String,
+    },
+    /// A device had an empty ID.
+    #[error("resource {resource:?}: device #{index} has an empty ID")]
+    EmptyId {
+        /// The resource.
+        resource: String,
+        /// Position of the device in the list.
+        index: usize,
+    },
+    /// Two devices shared an ID.
+    #[error("resource {resource:?}: device ID {id:?} appears more than once")]
+    DuplicateId {
+        /// The resource.
+        resource: String,
+        /// The repeated ID.
+        id: String,
+    },
+    /// The list would not fit in one kubelet message.
+    #[error(
+        "resource {resource:?}: {devices} devices encode to {bytes} bytes, over the kubelet's {limit}-byte message limit"
+    )]
+    TooLarge {
+        /// The resource.
+        resource: String,
+        /// Number of devices.
+        devices: usize,
+        /// Encoded size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// One immutable, validated state of a resource.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The devices as the backend published them.
+    pub devices: Vec<Device>,
+    /// Set while the backend is faulted: every device is then reported
+    /// Unhealthy, and this says why.
+    pub fault: Option<String>,
+    /// The message every `ListAndWatch` stream sends for this state.
+    pub response: v1beta1::ListAndWatchResponse,
+}
+
+impl Snapshot {
+    fn new(devices: Vec<Device>, fault: Option<String>) -> Self {
+        let response = v1beta1::ListAndWatchResponse {
+            devices: devices
+                .iter()
+                .map(|device| v1beta1::Device {
+                    id: device.id.clone(),
+                    health: if fault.is_some() { Health::Unhealthy } else { device.health }
+                        .as_str()
+                        .to_owned(),
+                    topology: (!device.numa_nodes.is_empty()).then(|| v1beta1::TopologyInfo {
+                        nodes: device.numa_nodes.iter().map(|&id| v1beta1::NumaNode { id }).collect(),
+                    }),
+                })
+                .collect(),
+        };
+        Snapshot { devices, fault, response }
+    }
+
+    /// The device with this ID, if the resource has it.
+    pub fn device(&self, id: &str) -> Option<&Device> {
+        self.devices.iter().find(|device| device.id == id)
+    }
+}
+
+/// The live state of one resource.
+#[derive(Debug)]
+pub struct ResourceState {
+    name: String,
+    sender: watch::Sender<Arc<Snapshot>>,
+}
+
+impl ResourceState {
+    /// A resource with no devices yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        let (sender, _) = watch::channel(Arc::new(Snapshot::default()));
+        ResourceState { name: name.into(), sender }
+    }
+
+    /// The resource name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.sender.borrow().clone()
+    }
+
+    /// A receiver that sees the current snapshot and every later one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.sender.subscribe()
+    }
+
+    /// Replaces the device list after validating it; keeps any fault mark.
+    pub fn publish(&self, devices: Vec<Device>) -> Result<(), PublishError> {
+        self.validate(&devices)?;
+        self.sender.send_modify(|current| {
+            *current = Arc::new(Snapshot::new(devices, current.fault.clone()));
+        });
+        Ok(())
+    }
+
+    /// Marks every device Unhealthy (or lifts the mark with `None`) without
+    /// forgetting their own health.
+    pub fn set_fault(&self, fault: Option<String>) {
+        self.sender.send_if_modified(|current| {
+            if current.fault == fault {
+                return false;
+            }
+            *current = Arc::new(Snapshot::new(current.devices.clone(), fault));
+            true
+        });
+    }
+
+    fn validate(&self, devices: &[Device]) -> Result<(), PublishError> {
+        let resource = || self.name.clone();
+        let mut seen = HashSet::with_capacity(devices.len());
+        for (index, device) in devices.iter().enumerate() {
+            if device.id.is_empty() {
+                return Err(PublishError::EmptyId { resource: resource(), index });
+            }
+            if !seen.insert(device.id.as_str()) {
+                return Err(PublishError::DuplicateId { resource: resource(), id: device.id.clone() });
+            }
+        }
+        // Worst case: every device reported Unhealthy (a longer string).
+        let bytes = Snapshot::new(devices.to_vec(), Some(String::new())).response.encoded_len();
+        // Leave room for gRPC framing.
+        let limit = MAX_MESSAGE_BYTES - 1024;
+        if bytes > limit {
+            return Err(PublishError::TooLarge { resource: resource(), devices: devices.len(), bytes, limit });
+        }
+        Ok(())
+    }
+}
+
+/// A backend's handle for pushing device lists; cheap to clone and usable
+/// from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct Publisher {
+    inner: Arc<Mutex<PublisherInner>>,
+}
+
+#[derive(Debug, Default)]
+struct PublisherInner {
+    resources: HashMap<String, Arc<ResourceState>>,
+    /// Once sealed (after `init`), only declared resources may be published.
+    sealed: bool,
+}
+
+impl Publisher {
+    /// A sealed publisher over existing resources, for a backend that is
+    /// re-initialised: its resources keep their states and their streams.
+    pub fn for_states(states: &[Arc<ResourceState>]) -> Self {
+        let resources = states.iter().map(|state| (state.name.clone(), state.clone())).collect();
+        Publisher { inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true })) }
+    }
+
+    /// Replaces the device list of `resource`.
+    pub fn publish(&self, resource: &str, devices: Vec<Device>) -> Result<(), PublishError> {
+        self.state(resource)?.publish(devices)
+    }
+
+    /// The state of `resource`. During `init` a backend may publish a
+    /// resource it is about to declare: its state is created on first use.
+    fn state(&self, resource: &str) -> Result<Arc<ResourceState>, PublishError> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = inner.resources.get(resource) {
+            return Ok(state.clone());
+        }
+        if inner.sealed {
+            let mut declared: Vec<&str> = inner.resources.keys().map(String::as_str).collect();
+            declared.sort_unstable();
+            return Err(PublishError::UnknownResource {
+                resource: resource.to_owned(),
+                declared: declared.join(", "),
+            });
+        }
+        let state = Arc::new(ResourceState::new(resource));
+        inner.resources.insert(resource.to_owned(), state.clone());
+        Ok(state)
+    }
+
+    /// Ends the `init` phase: from now on only `declared` resources may be
+    /// published. Returns their states in order; states created by
+    /// publishing during init are kept, so nothing published is lost.
+    pub fn seal(&self, declared: &[String]) -> Vec<Arc<ResourceState>> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.resources.retain(|name, _| declared.contains(name));
+        let states = declared
+            .iter()
+            .map(|name| {
+                inner.resources.entry(name.clone()).or_insert_with(|| Arc::new(ResourceState::new(name))).clone()
+            })
+            .collect();
+        inner.sealed = true;
+        states
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, health: Health, numa: &[i64]) -> Device {
+        Device { id: id.to_owned(), health, numa_nodes: numa.to_vec() }
+    }
+
+    #[test]
+    fn snapshot_carries_exact_health_strings_and_topology() {
+        let state = ResourceState::new("example.com/gpu");
+        state
+            .publish(vec![device("a", Health::Healthy, &[0]), device("b", Health::Unhealthy, &[])])
+            .expect("valid list");
+        let response = state.snapshot().response.clone();
+        assert_eq!(response.devices[0].health, "Healthy");
+        assert_eq!(response.devices[1].health, "Unhealthy");
+        assert_eq!(response.devices[0].topology.as_ref().map(|t| t.nodes[0].id), Some(0));
+        assert_eq!(response.devices[1].topology, None, "no NUMA affinity means no topology");
+    }
+
+    #[test]
+    fn fault_marks_all_unhealthy_and_lifting_it_restores_health() {
+        let state = ResourceState::new("example.com/gpu");
+        state.publish(vec![device("a", Health::Healthy, &[])]).expect("valid list");
+        state.set_fault(Some("backend hung".into()));
+        assert_eq!(state.snapshot().response.devices[0].health, "Unhealthy");
+        state.publish(vec![device("a", Health::Healthy, &[]), device("b", Health::Healthy, &[])]).expect("valid");
+        assert!(state.snapshot().response.devices.iter().all(|d| d.health == "Unhealthy"), "fault survives publish");
+        state.set_fault(None);
+        assert!(state.snapshot().response.devices.iter().all(|d| d.health == "Healthy"));
+    }
+
+    #[test]
+    fn invalid_lists_are_refused_and_the_previous_list_stays() {
+        let state = ResourceState::new("r.io/x");
+        state.publish(vec![device("a", Health::Healthy, &[])]).expect("valid list");
+        let dup = state.publish(vec![device("a", Health::Healthy, &[]), device("a", Health::Unhealthy, &[])]);
+        assert_eq!(dup, Err(PublishError::DuplicateId { resource: "r.io/x".into(), id: "a".into() }));
+        let empty = state.publish(vec![device("", Health::Healthy, &[])]);
+        assert_eq!(empty, Err(PublishError::EmptyId { resource: "r.io/x".into(), index: 0 }));
+        assert_eq!(state.snapshot().devices, vec![device("a", Health::Healthy, &[])]);
+    }
+
+    #[test]
+    fn lists_over_the_message_limit_are_refused() {
+        let state = ResourceState::new("r.io/x");
+        let long = "x".repeat(200);
+        let devices: Vec<Device> =
+            (0..25_000).map(|i| device(&format!("{long}-{i}"), Health::Healthy, &[0, 1])).collect();
+        match state.publish(devices) {
+            Err(PublishError::TooLarge { devices: 25_000, bytes, limit, .. }) => assert!(bytes > limit),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        // 10,000 devices with realistic IDs fit.
+        let devices: Vec<Device> =
+            (0..10_000).map(|i| device(&format!("GPU-{i:08}"), Health::Healthy, &[0])).collect();
+        assert_eq!(state.publish(devices), Ok(()));
+    }
+
+    #[test]
+    fn publisher_accepts_any_resource_during_init_then_only_declared_ones() {
+        let publisher = Publisher::default();
+        publisher.publish("a.io/early", vec![device("1", Health::Healthy, &[])]).expect("during init");
+        let states = publisher.seal(&["a.io/early".to_owned(), "a.io/late".to_owned()]);
+        assert_eq!(states[0].snapshot().devices.len(), 1, "published during init is kept");
+        assert!(states[1].snapshot().devices.is_empty());
+        let err = publisher.publish("a.io/other", vec![]).expect_err("undeclared after seal");
+        assert_eq!(err.to_string(), "resource \"a.io/other\" is not served by this backend (it declared: a.io/early, a.io/late)");
+    }
+}

@@ -1,0 +1,18 @@
+//! devhost: one Kubernetes device-plugin daemon for every accelerator on a
+//! node.
+//!
+//! The parts, in the order data flows through them:
+//! [`config`] reads `devhost.toml` and `backends.d/`; [`backend`] holds the one
+//! trait every backend is adapted to; [`device_state`] keeps each resource's
+//! latest device list; [`server`] serves one resource on its own socket;
+//! [`registration`] talks to the kubelet and watches the plugin directory for
+//! its restarts; [`daemon`] ties them together. [`fake_kubelet`] is the
+//! kubelet's side, for tests, the demo and conformance checks.
+
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod device_state;
+pub mod proto;
+pub mod resource_name;
+pub mod uds;
