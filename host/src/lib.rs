@@ -16,3 +16,4 @@ pub mod device_state;
 pub mod proto;
 pub mod resource_name;
 pub mod uds;
+pub mod config;

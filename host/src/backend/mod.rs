@@ -15,7 +15,7 @@ use thiserror::Error;
 pub use crate::device_state::{PublishError, Publisher};
 
 pub mod handle;
-// pub mod static_backend;
+pub mod static_backend;
 
 /// The health of one device, as the kubelet sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,0 +1,263 @@
+//! `backends.d/*.toml`: one file per backend. The file names the backend's
+//! kind (`kind = "static"` for the built-in one) or its module, and carries
+//! the backend's own `[config]` table.
+//!
+//! Files are read in name order. Each bad file yields one [`ConfigError`]
+//! and is skipped; the others load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, line_column};
+use crate::backend::static_backend::StaticConfig;
+
+/// Where a backend's code comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendSource {
+    /// The built-in `static` backend with its parsed config.
+    Static(StaticConfig),
+    /// A module file (native `.so`, later WASM).
+    Module {
+        /// Absolute path of the module.
+        path: PathBuf,
+        /// Optional pinned SHA-256 (lower-case hex) of the file.
+        sha256: Option<String>,
+    },
+}
+
+/// One validated backend file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    /// The backend's name: its file name without `.toml`.
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Its code.
+    pub source: BackendSource,
+    /// Deadline of one call into it.
+    pub call_timeout: Duration,
+    /// Its own `[config]` table, handed to module backends at init.
+    pub settings: toml::Table,
+}
+
+/// The result of reading a `backends.d/` directory.
+#[derive(Debug, Default)]
+pub struct LoadedBackends {
+    /// The files that passed validation, in name order.
+    pub backends: Vec<BackendConfig>,
+    /// One error per file that did not.
+    pub errors: Vec<ConfigError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    backend: RawBackend,
+    #[serde(default)]
+    config: Option<toml::Table>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    kind: Option<Spanned<String>>,
+    module: Option<Spanned<PathBuf>>,
+    sha256: Option<Spanned<String>>,
+    call_timeout_ms: Option<Spanned<u64>>,
+}
+
+/// Built-in backend kinds.
+const KINDS: &[&str] = &["static"];
+
+/// Reads every `*.toml` file in `dir` (hidden files skipped). Statically
+/// known resource names must be unique across files: a later file that
+/// claims a taken name is refused, naming the file that has it.
+pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
+    let mut loaded = LoadedBackends::default();
+    let files = match backend_files(dir) {
+        Ok(files) => files,
+        Err(error) => {
+            loaded.errors.push(ConfigError::file(dir, format!("cannot read the backends directory: {error}")));
+            return loaded;
+        }
+    };
+    let mut claimed: HashMap<String, String> = HashMap::new();
+    for file in files {
+        let result = std::fs::read_to_string(&file)
+            .map_err(|error| ConfigError::file(&file, format!("cannot read: {error}")))
+            .and_then(|source| {
+                let backend = parse_backend(&file, &source, default_timeout)?;
+                claim_resources(&backend, &source, &claimed)?;
+                Ok((backend, source))
+            });
+        match result {
+            Ok((backend, source)) => {
+                if let BackendSource::Static(config) = &backend.source {
+                    for (name, span) in config.resource_names() {
+                        let (line, column) = line_column(&source, span.start);
+                        claimed.insert(name.to_owned(), format!("{}:{line}:{column}", file.display()));
+                    }
+                }
+                loaded.backends.push(backend);
+            }
+            Err(error) => loaded.errors.push(error),
+        }
+    }
+    loaded
+}
+
+fn backend_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.') && path.extension().is_some_and(|ext| ext == "toml") && path.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn claim_resources(backend: &BackendConfig, source: &str, claimed: &HashMap<String, String>) -> Result<(), ConfigError> {
+    let BackendSource::Static(config) = &backend.source else { return Ok(()) };
+    for (name, span) in config.resource_names() {
+        if let Some(owner) = claimed.get(name) {
+            return Err(ConfigError::at(
+                &backend.file,
+                source,
+                span,
+                format!("resource {name:?} is already served by {owner}; each resource may be served by one backend"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates one backend file's `source`, read from `file`.
+pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Result<BackendConfig, ConfigError> {
+    let raw: RawFile = toml::from_str(source).map_err(|error| ConfigError::from_toml(file, source, &error))?;
+    let name = file.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default().to_owned();
+    let at = |span, message: String| ConfigError::at(file, source, span, message);
+
+    let call_timeout = match raw.backend.call_timeout_ms {
+        Some(ms) if *ms.get_ref() == 0 => return Err(at(ms.span(), "call_timeout_ms must be at least 1".into())),
+        Some(ms) => Duration::from_millis(*ms.get_ref()),
+        None => default_timeout,
+    };
+    let settings = raw.config.unwrap_or_default();
+    let backend_source = match (raw.backend.kind, raw.backend.module) {
+        (Some(kind), None) => {
+            if kind.get_ref() != "static" {
+                return Err(at(
+                    kind.span(),
+                    format!("unknown backend kind {:?}; built-in kinds are: {}", kind.get_ref(), KINDS.join(", ")),
+                ));
+            }
+            if let Some(pin) = raw.backend.sha256 {
+                return Err(at(pin.span(), "sha256 pins a module file; a built-in kind has none".into()));
+            }
+            BackendSource::Static(StaticConfig::parse(file, source)?)
+        }
+        (None, Some(module)) => {
+            let sha256 = match raw.backend.sha256 {
+                Some(pin) if !is_sha256_hex(pin.get_ref()) => {
+                    return Err(at(pin.span(), "sha256 must be 64 lower-case hexadecimal characters".into()));
+                }
+                pin => pin.map(Spanned::into_inner),
+            };
+            let base = file.parent().unwrap_or(Path::new("."));
+            BackendSource::Module { path: base.join(module.get_ref()), sha256 }
+        }
+        (Some(kind), Some(_)) => {
+            return Err(at(kind.span(), "set either `kind` (a built-in backend) or `module` (a file), not both".into()));
+        }
+        (None, None) => {
+            return Err(ConfigError::file(
+                file,
+                "[backend] needs `kind = \"static\"` or `module = \"/path/to/backend.so\"`",
+            ));
+        }
+    };
+    Ok(BackendConfig { name, file: file.to_owned(), source: backend_source, call_timeout, settings })
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[backend]
+kind = "static"
+
+[[config.resource]]
+name = "example.com/a"
+
+[[config.resource.device]]
+id = "a0"
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).expect("write fixture");
+    }
+
+    #[test]
+    fn a_bad_file_is_reported_and_the_good_ones_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a-good.toml", GOOD);
+        write(dir.path(), "b-broken.toml", "[backend]\nkind = \"static\"\nfrobnicate = true\n");
+        write(dir.path(), "c-name.toml", &GOOD.replace("example.com/a", "example.com/c").replace("a0", "c0"));
+        write(dir.path(), ".hidden.toml", "not toml at all");
+        write(dir.path(), "notes.txt", "ignored");
+        let loaded = load_backends(dir.path(), Duration::from_secs(1));
+        let names: Vec<&str> = loaded.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["a-good", "c-name"]);
+        assert_eq!(loaded.errors.len(), 1);
+        let error = loaded.errors[0].to_string();
+        assert!(error.starts_with(&format!("{}:3:1: unknown field `frobnicate`", dir.path().join("b-broken.toml").display())), "{error}");
+    }
+
+    #[test]
+    fn a_resource_claimed_twice_is_refused_in_the_later_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.toml", GOOD);
+        write(dir.path(), "b.toml", GOOD);
+        let loaded = load_backends(dir.path(), Duration::from_secs(1));
+        assert_eq!(loaded.backends.len(), 1);
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        assert_eq!(
+            loaded.errors[0].to_string(),
+            format!(
+                "{}:6:8: resource \"example.com/a\" is already served by {}:6:8; each resource may be served by one backend",
+                b.display(),
+                a.display()
+            )
+        );
+    }
+
+    #[test]
+    fn module_backends_resolve_relative_paths_and_check_pins() {
+        let file = Path::new("/etc/devhost/backends.d/gpu.toml");
+        let config = parse_backend(file, "[backend]\nmodule = \"libgpu.so\"\ncall_timeout_ms = 250\n[config]\nx = 1\n", Duration::from_secs(1))
+            .expect("valid");
+        assert_eq!(config.source, BackendSource::Module { path: "/etc/devhost/backends.d/libgpu.so".into(), sha256: None });
+        assert_eq!(config.call_timeout, Duration::from_millis(250));
+        assert_eq!(config.settings.get("x"), Some(&toml::Value::Integer(1)));
+        let error = parse_backend(file, "[backend]\nmodule = \"x.so\"\nsha256 = \"ABC\"\n", Duration::from_secs(1))
+            .expect_err("bad pin");
+        assert_eq!(error.to_string(), "/etc/devhost/backends.d/gpu.toml:3:10: sha256 must be 64 lower-case hexadecimal characters");
+        let error = parse_backend(file, "[backend]\nkind = \"gpu\"\n", Duration::from_secs(1)).expect_err("kind");
+        assert_eq!(error.to_string(), "/etc/devhost/backends.d/gpu.toml:2:8: unknown backend kind \"gpu\"; built-in kinds are: static");
+        let error = parse_backend(file, "[backend]\n", Duration::from_secs(1)).expect_err("neither");
+        assert!(error.to_string().contains("needs `kind = \"static\"` or `module"), "{error}");
+    }
+}

@@ -1,0 +1,175 @@
+//! `devhost.toml`: where the kubelet is, where backends are configured, how
+//! to log. Every path has its production default here and nowhere else.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+use crate::proto::{DEFAULT_PLUGIN_DIR, KUBELET_SOCKET_NAME};
+
+/// Default deadline of one call into a backend.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated host settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The kubelet's device plugin directory; devhost's sockets go here.
+    pub plugin_dir: PathBuf,
+    /// The kubelet's registration socket.
+    pub kubelet_socket: PathBuf,
+    /// The directory of backend files (`*.toml`).
+    pub backends_dir: PathBuf,
+    /// Default deadline of one backend call.
+    pub call_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (`tracing` env-filter syntax), e.g. `info` or `devhost=debug`.
+    pub log_level: String,
+}
+
+/// Command-line values that take precedence over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--plugin-dir`.
+    pub plugin_dir: Option<PathBuf>,
+    /// `--kubelet-socket`.
+    pub kubelet_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    plugin_dir: Option<PathBuf>,
+    kubelet_socket: Option<PathBuf>,
+    backends_dir: Option<PathBuf>,
+    call_timeout_ms: Option<toml::Spanned<u64>>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+impl HostConfig {
+    /// Reads and validates `path`; relative paths in it are relative to the
+    /// file's directory.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError::file(path, format!("cannot read the host config: {error}")))?;
+        Self::parse(path, &source, overrides)
+    }
+
+    /// Validates the host config `source`, read from `path`.
+    pub fn parse(path: &Path, source: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let raw: RawHost = toml::from_str(source).map_err(|error| ConfigError::from_toml(path, source, &error))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let call_timeout = match raw.call_timeout_ms {
+            Some(ms) if *ms.get_ref() == 0 => {
+                return Err(ConfigError::at(path, source, ms.span(), "call_timeout_ms must be at least 1"));
+            }
+            Some(ms) => Duration::from_millis(*ms.get_ref()),
+            None => DEFAULT_CALL_TIMEOUT,
+        };
+        Ok(Self::resolve(
+            base,
+            raw.plugin_dir,
+            raw.kubelet_socket,
+            raw.backends_dir,
+            call_timeout,
+            raw.log,
+            overrides,
+        ))
+    }
+
+    /// The defaults, for a config directory `base` without a host file.
+    pub fn defaults(base: &Path, overrides: &Overrides) -> Self {
+        Self::resolve(base, None, None, None, DEFAULT_CALL_TIMEOUT, RawLog::default(), overrides)
+    }
+
+    fn resolve(
+        base: &Path,
+        plugin_dir: Option<PathBuf>,
+        kubelet_socket: Option<PathBuf>,
+        backends_dir: Option<PathBuf>,
+        call_timeout: Duration,
+        log: RawLog,
+        overrides: &Overrides,
+    ) -> Self {
+        let plugin_dir = overrides
+            .plugin_dir
+            .clone()
+            .or(plugin_dir)
+            .map_or_else(|| PathBuf::from(DEFAULT_PLUGIN_DIR), |dir| base.join(dir));
+        // The kubelet socket follows the plugin dir unless named explicitly.
+        let kubelet_socket = overrides
+            .kubelet_socket
+            .clone()
+            .or(kubelet_socket)
+            .map_or_else(|| plugin_dir.join(KUBELET_SOCKET_NAME), |socket| plugin_dir.join(socket));
+        HostConfig {
+            backends_dir: base.join(backends_dir.unwrap_or_else(|| PathBuf::from("backends.d"))),
+            plugin_dir,
+            kubelet_socket,
+            call_timeout,
+            log_format: log.format.unwrap_or_default(),
+            log_level: log.level.unwrap_or_else(|| "info".to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(source: &str) -> Result<HostConfig, ConfigError> {
+        HostConfig::parse(Path::new("/etc/devhost/devhost.toml"), source, &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_point_at_the_kubelet() {
+        let config = parse("").expect("empty file is valid");
+        assert_eq!(config.plugin_dir, Path::new("/var/lib/kubelet/device-plugins"));
+        assert_eq!(config.kubelet_socket, Path::new("/var/lib/kubelet/device-plugins/kubelet.sock"));
+        assert_eq!(config.backends_dir, Path::new("/etc/devhost/backends.d"));
+        assert_eq!(config.call_timeout, DEFAULT_CALL_TIMEOUT);
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn overrides_win_and_the_socket_follows_the_plugin_dir() {
+        let overrides = Overrides { plugin_dir: Some("/tmp/p".into()), kubelet_socket: None };
+        let config = HostConfig::parse(Path::new("/c/devhost.toml"), "plugin_dir = \"/x\"\n[log]\nformat = \"json\"", &overrides)
+            .expect("valid");
+        assert_eq!(config.plugin_dir, Path::new("/tmp/p"));
+        assert_eq!(config.kubelet_socket, Path::new("/tmp/p/kubelet.sock"));
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_have_positions() {
+        let error = parse("plugin_dir = \"/x\"\nplugins = 1\n").expect_err("unknown key");
+        assert_eq!(error.location, Some((2, 1)), "{error}");
+        assert!(error.message.contains("unknown field `plugins`"), "{error}");
+        let error = parse("call_timeout_ms = \"soon\"\n").expect_err("wrong type");
+        assert_eq!(error.location, Some((1, 19)), "{error}");
+        let error = parse("call_timeout_ms = 0\n").expect_err("zero");
+        assert_eq!(error.to_string(), "/etc/devhost/devhost.toml:1:19: call_timeout_ms must be at least 1");
+    }
+}
