@@ -1,1 +1,7 @@
-fn main(){}
+//! The `devhost` command. Everything lives in the library; this stays thin.
+
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    devhost::cli::main()
+}

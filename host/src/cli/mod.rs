@@ -1,0 +1,127 @@
+//! The command line: `devhost run` (the daemon) and `devhost demo`.
+//!
+//! Exit codes: 0 success, 1 a runtime failure, 2 bad usage or a host config
+//! that cannot be read (the message says which file, line and column).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HostConfig, LogFormat, Overrides};
+
+/// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
+#[derive(Debug, Parser)]
+#[command(name = "devhost", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: serve every backend in the config's backends.d/.
+    Run {
+        /// The host config file (devhost.toml); it names its backends.d/.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The kubelet's device plugin directory (overrides the file).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+        /// The kubelet's registration socket (overrides the file; default
+        /// <plugin-dir>/kubelet.sock).
+        #[arg(long)]
+        kubelet_socket: Option<PathBuf>,
+    },
+    /// Show devhost at work without a cluster: a demo backend and a fake
+    /// kubelet in one process, then exit.
+    Demo,
+}
+
+/// Parses the arguments, runs the command, and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("devhost: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Run { config, plugin_dir, kubelet_socket } => {
+            let overrides = Overrides { plugin_dir, kubelet_socket };
+            let config = match HostConfig::load(&config, &overrides) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("devhost: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.log_format, &config.log_level);
+            runtime.block_on(run(config))
+        }
+        Command::Demo => {
+            init_logging(LogFormat::Text, "warn");
+            runtime.block_on(crate::demo::run())
+        }
+    }
+}
+
+async fn run(config: HostConfig) -> ExitCode {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        plugin_dir = %config.plugin_dir.display(),
+        kubelet_socket = %config.kubelet_socket.display(),
+        backends_dir = %config.backends_dir.display(),
+        "devhost starting"
+    );
+    let shutdown = CancellationToken::new();
+    if let Err(error) = stop_on_signals(shutdown.clone()) {
+        tracing::error!(%error, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
+    match crate::daemon::run(&config, shutdown).await {
+        Ok(()) => {
+            tracing::info!("devhost stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(%error, "devhost failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+fn stop_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stopping: closing streams and removing sockets");
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the configured level.
+fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("devhost: logging already initialised: {error}");
+    }
+}

@@ -1,0 +1,175 @@
+//! The life of one resource: serve on a fresh socket, register with the
+//! kubelet (waiting for it if it is not there), then watch for the signs of
+//! a kubelet restart (our socket deleted, a new `kubelet.sock`) and start
+//! over with a new server generation. Device state is kept throughout.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::ResourceSpec;
+use crate::backend::handle::BackendHandle;
+use crate::device_state::ResourceState;
+use crate::registration::{self, REGISTER_TIMEOUT};
+use crate::server::socket::{self, FileIdentity};
+use crate::server::{DevicePluginService, ResourceServer};
+
+/// Periodic re-check, in case an inotify event is lost.
+const CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// First and longest wait between failed registrations.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A kubelet restart is a burst of deletions and one creation: let it settle.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Everything one resource's task needs.
+#[derive(Debug)]
+pub struct ResourceTask {
+    /// The resource and its options.
+    pub spec: ResourceSpec,
+    /// Its devices.
+    pub state: Arc<ResourceState>,
+    /// The backend that serves it.
+    pub backend: Arc<BackendHandle>,
+    /// Our socket's path.
+    pub socket: PathBuf,
+    /// The kubelet's registration socket.
+    pub kubelet_socket: PathBuf,
+    /// Wakes the task on changes in the plugin directory.
+    pub dir_events: broadcast::Receiver<()>,
+    /// Stops the task.
+    pub shutdown: CancellationToken,
+}
+
+enum Next {
+    Shutdown,
+    Restart(&'static str),
+}
+
+impl ResourceTask {
+    /// Runs until `shutdown`; leaves no socket behind.
+    pub async fn run(mut self) {
+        let resource = self.spec.name.clone();
+        loop {
+            let generation = self.shutdown.child_token();
+            let service =
+                DevicePluginService::new(self.spec.clone(), self.state.clone(), self.backend.clone(), generation.clone());
+            let server = match ResourceServer::start(&self.socket, service, generation) {
+                Ok(server) => server,
+                Err(error) => {
+                    tracing::error!(resource = %resource, socket = %self.socket.display(), %error, "cannot serve on socket; retrying");
+                    if self.wait(MAX_RETRY).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(resource = %resource, socket = %self.socket.display(), "serving");
+            let next = self.register_and_watch(&server).await;
+            server.stop().await;
+            match next {
+                Next::Shutdown => {
+                    tracing::info!(resource = %resource, "stopped");
+                    return;
+                }
+                Next::Restart(reason) => {
+                    tracing::info!(resource = %resource, reason, "re-creating socket and registering again");
+                    if self.wait(SETTLE).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn register_and_watch(&mut self, server: &ResourceServer) -> Next {
+        let kubelet = match self.register(server).await {
+            Ok(identity) => identity,
+            Err(next) => return next,
+        };
+        tracing::info!(resource = %self.spec.name, socket = %server.socket().display(), "registered with the kubelet");
+        loop {
+            if self.wait(CHECK_INTERVAL).await.is_err() {
+                return Next::Shutdown;
+            }
+            if server.socket_lost() {
+                return Next::Restart("our socket was deleted (kubelet restart)");
+            }
+            if FileIdentity::of(&self.kubelet_socket).is_some_and(|current| current != kubelet) {
+                return Next::Restart("kubelet.sock was re-created (kubelet restart)");
+            }
+        }
+    }
+
+    /// Registers, retrying with back-off; returns the identity of the
+    /// kubelet socket it registered with.
+    async fn register(&mut self, server: &ResourceServer) -> Result<FileIdentity, Next> {
+        let endpoint = server.socket().file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let mut retry = FIRST_RETRY;
+        let mut waiting_logged = false;
+        loop {
+            if server.socket_lost() {
+                return Err(Next::Restart("our socket was deleted before registration"));
+            }
+            let Some(kubelet) = FileIdentity::of(&self.kubelet_socket) else {
+                if !waiting_logged {
+                    tracing::info!(resource = %self.spec.name, kubelet_socket = %self.kubelet_socket.display(), "waiting for the kubelet");
+                    waiting_logged = true;
+                }
+                self.wait(CHECK_INTERVAL).await.map_err(|()| Next::Shutdown)?;
+                continue;
+            };
+            let options = DevicePluginService::options(&self.spec);
+            let attempt =
+                registration::register(&self.kubelet_socket, &self.spec.name, &endpoint, options, REGISTER_TIMEOUT);
+            let result = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(Next::Shutdown),
+                result = attempt => result,
+            };
+            match result {
+                Ok(()) => return Ok(kubelet),
+                Err(error) => {
+                    tracing::warn!(resource = %self.spec.name, %error, retry_in = ?retry, "registration failed");
+                    self.wait(retry).await.map_err(|()| Next::Shutdown)?;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Waits for a plugin-directory event or `timeout`; `Err` on shutdown.
+    async fn wait(&mut self, timeout: Duration) -> Result<(), ()> {
+        let events = &mut self.dir_events;
+        let event = async {
+            if let Err(broadcast::error::RecvError::Closed) = events.recv().await {
+                // The watcher is gone: only the periodic checks remain.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = self.shutdown.cancelled() => return Err(()),
+            () = event => {}
+            () = tokio::time::sleep(timeout) => return Ok(()),
+        }
+        // Let a burst (delete every socket, create kubelet.sock) land, then
+        // drop what queued up: the caller re-reads the files themselves.
+        tokio::select! {
+            () = self.shutdown.cancelled() => return Err(()),
+            () = tokio::time::sleep(SETTLE) => {}
+        }
+        while let Ok(()) | Err(broadcast::error::TryRecvError::Lagged(_)) = self.dir_events.try_recv() {}
+        Ok(())
+    }
+}
+
+/// The socket path for `resource` in `plugin_dir`, after removing sockets
+/// earlier devhost instances left behind for it.
+pub fn prepare_socket(plugin_dir: &std::path::Path, resource: &str, instance: &str) -> PathBuf {
+    for stale in socket::remove_stale(plugin_dir, resource) {
+        tracing::info!(resource, socket = %stale.display(), "removed a stale socket of an earlier devhost");
+    }
+    plugin_dir.join(socket::socket_name(plugin_dir, resource, instance))
+}

@@ -1,0 +1,179 @@
+//! The five `DevicePlugin` RPCs for one resource, answered from its device
+//! state and its backend. IDs are checked against the current device list
+//! before the backend sees them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::preferred;
+use super::status::RequestError;
+use crate::backend::handle::{BackendHandle, CallError};
+use crate::backend::{Allocation, PreferredRequest, ResourceSpec};
+use crate::device_state::ResourceState;
+use crate::proto::v1beta1::{self, device_plugin_server::DevicePlugin};
+
+/// Serves one resource.
+#[derive(Debug, Clone)]
+pub struct DevicePluginService {
+    spec: ResourceSpec,
+    state: Arc<ResourceState>,
+    backend: Arc<BackendHandle>,
+    /// Fires when this server generation stops: open streams end with it.
+    stop: CancellationToken,
+}
+
+impl DevicePluginService {
+    /// A service for `spec`, whose devices are in `state`.
+    pub fn new(spec: ResourceSpec, state: Arc<ResourceState>, backend: Arc<BackendHandle>, stop: CancellationToken) -> Self {
+        DevicePluginService { spec, state, backend, stop }
+    }
+
+    /// The options the kubelet is told, here and in `Register`.
+    pub fn options(spec: &ResourceSpec) -> v1beta1::DevicePluginOptions {
+        v1beta1::DevicePluginOptions {
+            pre_start_required: spec.pre_start_required,
+            get_preferred_allocation_available: spec.preferred_allocation,
+        }
+    }
+
+    fn check_known(&self, ids: &[String]) -> Result<(), RequestError> {
+        let snapshot = self.state.snapshot();
+        match ids.iter().find(|id| snapshot.device(id).is_none()) {
+            Some(id) => Err(RequestError::UnknownDevice { resource: self.spec.name.clone(), id: id.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    async fn preferred_for(&self, request: v1beta1::ContainerPreferredAllocationRequest) -> Result<Vec<String>, Status> {
+        let size = usize::try_from(request.allocation_size).map_err(|_| RequestError::NegativeSize {
+            resource: self.spec.name.clone(),
+            size: request.allocation_size,
+        })?;
+        let question = PreferredRequest {
+            available: request.available_device_i_ds,
+            must_include: request.must_include_device_i_ds,
+            size,
+        };
+        let resource = self.spec.name.clone();
+        let asked = question.clone();
+        let answer = self.backend.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &asked)).await?;
+        let devices = &self.state.snapshot().devices;
+        match answer {
+            None => Ok(preferred::choose(devices, &question)),
+            Some(ids) => match check_preferred(&question, &ids) {
+                Ok(()) => Ok(ids),
+                Err(message) => {
+                    // Garbage from the backend is a fault; the kubelet still
+                    // gets a correct answer from the default policy.
+                    self.backend.report_fault(&CallError::Invalid {
+                        backend: self.backend.name().to_owned(),
+                        operation: "preferred_allocation",
+                        message,
+                    });
+                    Ok(preferred::choose(devices, &question))
+                }
+            },
+        }
+    }
+}
+
+/// The preferred-allocation contract: only available IDs, no repeats, every
+/// must-include ID, and exactly `size` IDs (or every available one if fewer).
+pub fn check_preferred(request: &PreferredRequest, ids: &[String]) -> Result<(), String> {
+    if let Some(id) = ids.iter().find(|id| !request.available.contains(id)) {
+        return Err(format!("chose {id:?}, which is not among the available devices"));
+    }
+    if let Some((i, id)) = ids.iter().enumerate().find(|(i, id)| ids[..*i].contains(id)) {
+        return Err(format!("chose {id:?} twice (at position {i})"));
+    }
+    if let Some(id) = request.must_include.iter().find(|id| request.available.contains(id) && !ids.contains(id)) {
+        return Err(format!("left out {id:?}, which must be included"));
+    }
+    let expected = request.size.min(request.available.len());
+    if ids.len() != expected {
+        return Err(format!("chose {} devices where {expected} were asked for", ids.len()));
+    }
+    Ok(())
+}
+
+fn to_proto(allocation: Allocation) -> v1beta1::ContainerAllocateResponse {
+    v1beta1::ContainerAllocateResponse {
+        envs: allocation.envs.into_iter().collect(),
+        mounts: allocation
+            .mounts
+            .into_iter()
+            .map(|m| v1beta1::Mount { container_path: m.container_path, host_path: m.host_path, read_only: m.read_only })
+            .collect(),
+        devices: allocation
+            .device_specs
+            .into_iter()
+            .map(|d| v1beta1::DeviceSpec { container_path: d.container_path, host_path: d.host_path, permissions: d.permissions })
+            .collect(),
+        annotations: allocation.annotations.into_iter().collect(),
+        cdi_devices: allocation.cdi_devices.into_iter().map(|name| v1beta1::CdiDevice { name }).collect(),
+    }
+}
+
+type ListAndWatchStream = Pin<Box<dyn Stream<Item = Result<v1beta1::ListAndWatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DevicePlugin for DevicePluginService {
+    async fn get_device_plugin_options(
+        &self,
+        _: Request<v1beta1::Empty>,
+    ) -> Result<Response<v1beta1::DevicePluginOptions>, Status> {
+        Ok(Response::new(Self::options(&self.spec)))
+    }
+
+    type ListAndWatchStream = ListAndWatchStream;
+
+    async fn list_and_watch(&self, _: Request<v1beta1::Empty>) -> Result<Response<Self::ListAndWatchStream>, Status> {
+        tracing::debug!(resource = %self.spec.name, "ListAndWatch stream opened");
+        // WatchStream yields the current snapshot at once, then the latest
+        // one after each change: bursts coalesce per stream.
+        let stream = WatchStream::new(self.state.subscribe())
+            .map(|snapshot| Ok(snapshot.response.clone()))
+            .take_until(self.stop.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_preferred_allocation(
+        &self,
+        request: Request<v1beta1::PreferredAllocationRequest>,
+    ) -> Result<Response<v1beta1::PreferredAllocationResponse>, Status> {
+        let mut container_responses = Vec::new();
+        for container in request.into_inner().container_requests {
+            let device_i_ds = self.preferred_for(container).await?;
+            container_responses.push(v1beta1::ContainerPreferredAllocationResponse { device_i_ds });
+        }
+        Ok(Response::new(v1beta1::PreferredAllocationResponse { container_responses }))
+    }
+
+    async fn allocate(&self, request: Request<v1beta1::AllocateRequest>) -> Result<Response<v1beta1::AllocateResponse>, Status> {
+        let mut container_responses = Vec::new();
+        for container in request.into_inner().container_requests {
+            self.check_known(&container.devices_ids)?;
+            let resource = self.spec.name.clone();
+            let ids = container.devices_ids;
+            let allocation = self.backend.call("allocate", move |b| b.allocate(&resource, &ids)).await?;
+            container_responses.push(to_proto(allocation));
+        }
+        Ok(Response::new(v1beta1::AllocateResponse { container_responses }))
+    }
+
+    async fn pre_start_container(
+        &self,
+        request: Request<v1beta1::PreStartContainerRequest>,
+    ) -> Result<Response<v1beta1::PreStartContainerResponse>, Status> {
+        let ids = request.into_inner().devices_ids;
+        self.check_known(&ids)?;
+        let resource = self.spec.name.clone();
+        self.backend.call("pre_start", move |b| b.pre_start(&resource, &ids)).await?;
+        Ok(Response::new(v1beta1::PreStartContainerResponse {}))
+    }
+}
