@@ -13,7 +13,13 @@
 
 pub mod backend;
 pub mod device_state;
+pub mod fake_kubelet;
 pub mod proto;
 pub mod resource_name;
 pub mod uds;
 pub mod config;
+pub mod server;
+pub mod daemon;
+pub mod registration;
+pub mod cli;
+pub mod demo;

@@ -1,1 +1,6 @@
+//! The end-to-end test binary: the real `devhost` process against the fake
+//! kubelet, one module per area.
 
+mod harness;
+mod host;
+mod wire_contract;

@@ -1,0 +1,159 @@
+//! Shared pieces of the end-to-end tests: a temporary node (plugin dir and
+//! config dir) and the real `devhost` binary running as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Generous: CI machines are small and shared.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A temporary node: `plugin/` for sockets, `config/` with `backends.d/`.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("devhost-e2e-").tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("config/backends.d")).expect("config dir");
+        std::fs::create_dir_all(dir.path().join("plugin")).expect("plugin dir");
+        Node { dir }
+    }
+
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.path().join("plugin")
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("config/devhost.toml")
+    }
+
+    pub fn backends_dir(&self) -> PathBuf {
+        self.dir.path().join("config/backends.d")
+    }
+
+    /// Writes `backends.d/<name>.toml` and returns its path.
+    pub fn backend(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.backends_dir().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("write backend file");
+        path
+    }
+
+    /// Starts `devhost run` on this node.
+    pub fn start_devhost(&self) -> Devhost {
+        if !self.config_file().exists() {
+            std::fs::write(self.config_file(), "call_timeout_ms = 2000\n").expect("write host config");
+        }
+        Devhost::start(&self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
+    }
+
+    /// The socket files in the plugin directory, by name.
+    pub fn sockets(&self) -> Vec<String> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut names: Vec<String> = std::fs::read_dir(self.plugin_dir())
+            .expect("read plugin dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A static backend with one resource and the given devices (`id` or
+/// `id@numa`), each device healthy while `<state>/<id>.ok` exists when a
+/// state dir is given.
+pub fn static_backend(resources: &[(&str, &[&str])], state: Option<&Path>) -> String {
+    let mut text = String::from("[backend]\nkind = \"static\"\n[config]\nhealth_interval_ms = 20\n");
+    for (name, devices) in resources {
+        text += &format!(
+            "[[config.resource]]\nname = \"{name}\"\npreferred_allocation = true\npre_start = true\nenv = {{ IDS = \"{{ids}}\" }}\ncdi_kind = \"example.com/dev\"\n"
+        );
+        for device in *devices {
+            let (id, numa) = device.split_once('@').map_or((*device, None), |(id, n)| (id, Some(n)));
+            text += &format!("[[config.resource.device]]\nid = \"{id}\"\n");
+            if let Some(numa) = numa {
+                text += &format!("numa = [{numa}]\n");
+            }
+            if let Some(state) = state {
+                text += &format!("health_path = {:?}\n", state.join(format!("{id}.ok")));
+            }
+            text += &format!(
+                "device_spec = [{{ host_path = \"/dev/null\", container_path = \"/dev/{id}\", permissions = \"rw\" }}]\n"
+            );
+        }
+    }
+    text
+}
+
+/// The real `devhost` binary as a child process; killed on drop.
+pub struct Devhost {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Devhost {
+    pub fn start(config: &Path, plugin_dir: &Path, log: &Path) -> Self {
+        let log_file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_devhost"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--plugin-dir")
+            .arg(plugin_dir)
+            .env("RUST_LOG", "devhost=debug,info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn devhost");
+        Devhost { child: Some(child), log: log.to_owned() }
+    }
+
+    /// Everything devhost logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "devhost never logged {needle:?}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// Sends `signal` and waits for the exit.
+    pub async fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        kill(self.pid(), signal).expect("signal devhost");
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait devhost") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "devhost did not exit after {signal}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Devhost {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

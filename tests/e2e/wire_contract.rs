@@ -1,0 +1,441 @@
+//! The wire contract of `proto/deviceplugin/v1beta1/api.proto`, checked
+//! against API_FACTS §1 (1.1 file options, 1.2 services and RPCs, 1.3
+//! messages). The expected contract is transcribed below as tables, so a
+//! change on either side fails here. Every mismatch is reported at once.
+
+use prost::Message as _;
+use prost_types::field_descriptor_proto::{Label, Type};
+use prost_types::{DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet};
+
+/// A field's wire type as API_FACTS writes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ty {
+    Bool,
+    String,
+    Int32,
+    Int64,
+    /// A message of package `v1beta1`.
+    Msg(&'static str),
+    /// `map<string, string>`: a repeated nested entry message, key=1 and
+    /// value=2, both strings.
+    StringMap,
+}
+
+/// Label column: `repeated` or singular.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Card {
+    Singular,
+    Repeated,
+}
+
+use Card::{Repeated, Singular};
+
+struct Field(i32, &'static str, Ty, Card);
+
+/// §1.3, in .proto declaration order.
+const MESSAGES: &[(&str, &[Field])] = &[
+    (
+        "DevicePluginOptions",
+        &[
+            Field(1, "pre_start_required", Ty::Bool, Singular),
+            Field(2, "get_preferred_allocation_available", Ty::Bool, Singular),
+        ],
+    ),
+    (
+        "RegisterRequest",
+        &[
+            Field(1, "version", Ty::String, Singular),
+            Field(2, "endpoint", Ty::String, Singular),
+            Field(3, "resource_name", Ty::String, Singular),
+            Field(4, "options", Ty::Msg("DevicePluginOptions"), Singular),
+        ],
+    ),
+    ("Empty", &[]),
+    (
+        "ListAndWatchResponse",
+        &[Field(1, "devices", Ty::Msg("Device"), Repeated)],
+    ),
+    (
+        "TopologyInfo",
+        &[Field(1, "nodes", Ty::Msg("NUMANode"), Repeated)],
+    ),
+    ("NUMANode", &[Field(1, "ID", Ty::Int64, Singular)]),
+    (
+        "Device",
+        &[
+            Field(1, "ID", Ty::String, Singular),
+            Field(2, "health", Ty::String, Singular),
+            Field(3, "topology", Ty::Msg("TopologyInfo"), Singular),
+        ],
+    ),
+    (
+        "PreStartContainerRequest",
+        &[Field(1, "devices_ids", Ty::String, Repeated)],
+    ),
+    ("PreStartContainerResponse", &[]),
+    (
+        "PreferredAllocationRequest",
+        &[Field(
+            1,
+            "container_requests",
+            Ty::Msg("ContainerPreferredAllocationRequest"),
+            Repeated,
+        )],
+    ),
+    (
+        "ContainerPreferredAllocationRequest",
+        &[
+            Field(1, "available_deviceIDs", Ty::String, Repeated),
+            Field(2, "must_include_deviceIDs", Ty::String, Repeated),
+            Field(3, "allocation_size", Ty::Int32, Singular),
+        ],
+    ),
+    (
+        "PreferredAllocationResponse",
+        &[Field(
+            1,
+            "container_responses",
+            Ty::Msg("ContainerPreferredAllocationResponse"),
+            Repeated,
+        )],
+    ),
+    (
+        "ContainerPreferredAllocationResponse",
+        &[Field(1, "deviceIDs", Ty::String, Repeated)],
+    ),
+    (
+        "AllocateRequest",
+        &[Field(
+            1,
+            "container_requests",
+            Ty::Msg("ContainerAllocateRequest"),
+            Repeated,
+        )],
+    ),
+    (
+        "ContainerAllocateRequest",
+        &[Field(1, "devices_ids", Ty::String, Repeated)],
+    ),
+    ("CDIDevice", &[Field(1, "name", Ty::String, Singular)]),
+    (
+        "AllocateResponse",
+        &[Field(
+            1,
+            "container_responses",
+            Ty::Msg("ContainerAllocateResponse"),
+            Repeated,
+        )],
+    ),
+    (
+        "ContainerAllocateResponse",
+        &[
+            Field(1, "envs", Ty::StringMap, Repeated),
+            Field(2, "mounts", Ty::Msg("Mount"), Repeated),
+            Field(3, "devices", Ty::Msg("DeviceSpec"), Repeated),
+            Field(4, "annotations", Ty::StringMap, Repeated),
+            Field(5, "cdi_devices", Ty::Msg("CDIDevice"), Repeated),
+        ],
+    ),
+    (
+        "Mount",
+        &[
+            Field(1, "container_path", Ty::String, Singular),
+            Field(2, "host_path", Ty::String, Singular),
+            Field(3, "read_only", Ty::Bool, Singular),
+        ],
+    ),
+    (
+        "DeviceSpec",
+        &[
+            Field(1, "container_path", Ty::String, Singular),
+            Field(2, "host_path", Ty::String, Singular),
+            Field(3, "permissions", Ty::String, Singular),
+        ],
+    ),
+];
+
+/// RPC name, request, response, server-streaming.
+type Rpc = (&'static str, &'static str, &'static str, bool);
+
+/// §1.2, RPCs in .proto order.
+const SERVICES: &[(&str, &[Rpc])] = &[
+    (
+        "Registration",
+        &[("Register", "RegisterRequest", "Empty", false)],
+    ),
+    (
+        "DevicePlugin",
+        &[
+            (
+                "GetDevicePluginOptions",
+                "Empty",
+                "DevicePluginOptions",
+                false,
+            ),
+            ("ListAndWatch", "Empty", "ListAndWatchResponse", true),
+            (
+                "GetPreferredAllocation",
+                "PreferredAllocationRequest",
+                "PreferredAllocationResponse",
+                false,
+            ),
+            ("Allocate", "AllocateRequest", "AllocateResponse", false),
+            (
+                "PreStartContainer",
+                "PreStartContainerRequest",
+                "PreStartContainerResponse",
+                false,
+            ),
+        ],
+    ),
+];
+
+fn decode() -> FileDescriptorProto {
+    let set = FileDescriptorSet::decode(devhost::proto::FILE_DESCRIPTOR_SET)
+        .expect("FILE_DESCRIPTOR_SET decodes");
+    assert_eq!(
+        set.file.len(),
+        1,
+        "the descriptor set must hold exactly the one api.proto (no imports)"
+    );
+    set.file.into_iter().next().expect("one file")
+}
+
+fn qualified(name: &str) -> String {
+    format!(".v1beta1.{name}")
+}
+
+#[test]
+fn file_level_contract_matches_api_facts_1_1() {
+    let file = decode();
+    assert_eq!(file.syntax(), "proto3");
+    assert_eq!(
+        file.package(),
+        "v1beta1",
+        "package decides the /v1beta1. method paths"
+    );
+    assert!(
+        file.dependency.is_empty(),
+        "api.proto must import nothing, found {:?}",
+        file.dependency
+    );
+    let options = file.options.clone().unwrap_or_default();
+    assert_eq!(
+        options.go_package(),
+        "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+    );
+    let only_go_package = prost_types::FileOptions {
+        go_package: options.go_package.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        options, only_go_package,
+        "no file options besides go_package"
+    );
+    assert!(
+        file.enum_type.is_empty() && file.extension.is_empty(),
+        "no enums or extensions"
+    );
+}
+
+#[test]
+fn services_match_api_facts_1_2() {
+    let file = decode();
+    let mut errors = Vec::new();
+    let names: Vec<&str> = file.service.iter().map(|s| s.name()).collect();
+    let expected: Vec<&str> = SERVICES.iter().map(|(s, _)| *s).collect();
+    if names.len() != expected.len() || expected.iter().any(|e| !names.contains(e)) {
+        errors.push(format!("services: expected {expected:?}, found {names:?}"));
+    }
+    for (service, rpcs) in SERVICES {
+        let Some(found) = file.service.iter().find(|s| s.name() == *service) else {
+            continue;
+        };
+        let found_names: Vec<&str> = found.method.iter().map(|m| m.name()).collect();
+        let expected_names: Vec<&str> = rpcs.iter().map(|r| r.0).collect();
+        if found_names != expected_names {
+            errors.push(format!(
+                "{service}: RPCs expected {expected_names:?} in order, found {found_names:?}"
+            ));
+        }
+        for (rpc, input, output, streaming) in rpcs.iter() {
+            let Some(m) = found.method.iter().find(|m| m.name() == *rpc) else {
+                continue;
+            };
+            let path = format!("/v1beta1.{service}/{rpc}");
+            if m.input_type() != qualified(input) {
+                errors.push(format!(
+                    "{path}: request {:?}, expected {:?}",
+                    m.input_type(),
+                    qualified(input)
+                ));
+            }
+            if m.output_type() != qualified(output) {
+                errors.push(format!(
+                    "{path}: response {:?}, expected {:?}",
+                    m.output_type(),
+                    qualified(output)
+                ));
+            }
+            if m.client_streaming() {
+                errors.push(format!("{path}: must not be client-streaming"));
+            }
+            if m.server_streaming() != *streaming {
+                errors.push(format!(
+                    "{path}: server-streaming is {}, expected {streaming}",
+                    m.server_streaming()
+                ));
+            }
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "service contract drift:\n{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn messages_match_api_facts_1_3() {
+    let file = decode();
+    let mut errors = Vec::new();
+    let found: Vec<&str> = file.message_type.iter().map(|m| m.name()).collect();
+    let expected: Vec<&str> = MESSAGES.iter().map(|(m, _)| *m).collect();
+    if found != expected {
+        errors.push(format!(
+            "messages: expected {expected:?} in order, found {found:?}"
+        ));
+    }
+    for (name, fields) in MESSAGES {
+        match file.message_type.iter().find(|m| m.name() == *name) {
+            Some(message) => check_message(message, fields, &mut errors),
+            None => errors.push(format!("{name}: missing")),
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "message contract drift:\n{}",
+        errors.join("\n")
+    );
+}
+
+fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec<String>) {
+    let name = message.name();
+    if !message.oneof_decl.is_empty() || !message.enum_type.is_empty() {
+        errors.push(format!("{name}: unexpected oneofs or enums"));
+    }
+    let found: Vec<(i32, &str)> = message
+        .field
+        .iter()
+        .map(|f| (f.number(), f.name()))
+        .collect();
+    let wanted: Vec<(i32, &str)> = expected.iter().map(|f| (f.0, f.1)).collect();
+    if found != wanted {
+        errors.push(format!(
+            "{name}: fields (number, name) expected {wanted:?}, found {found:?}"
+        ));
+    }
+    let mut map_entries = Vec::new();
+    for Field(number, field_name, ty, card) in expected {
+        let Some(field) = message.field.iter().find(|f| f.number() == *number) else {
+            continue;
+        };
+        let at = format!("{name}.{field_name} = {number}");
+        let label = match card {
+            Card::Singular => Label::Optional,
+            Card::Repeated => Label::Repeated,
+        };
+        if field.label() != label {
+            errors.push(format!(
+                "{at}: label {:?}, expected {label:?}",
+                field.label()
+            ));
+        }
+        if field.proto3_optional() || field.oneof_index.is_some() {
+            errors.push(format!(
+                "{at}: must be implicit-presence, not `optional` or in a oneof"
+            ));
+        }
+        match ty {
+            Ty::StringMap => {
+                let entry = format!("{}Entry", camel(field_name));
+                map_entries.push(entry.clone());
+                check_type(
+                    field,
+                    Type::Message,
+                    &format!(".v1beta1.{name}.{entry}"),
+                    &at,
+                    errors,
+                );
+                match message.nested_type.iter().find(|n| n.name() == entry) {
+                    Some(nested) => check_map_entry(nested, &at, errors),
+                    None => errors.push(format!("{at}: map entry message {entry} missing")),
+                }
+            }
+            Ty::Msg(target) => check_type(field, Type::Message, &qualified(target), &at, errors),
+            Ty::Bool => check_type(field, Type::Bool, "", &at, errors),
+            Ty::String => check_type(field, Type::String, "", &at, errors),
+            Ty::Int32 => check_type(field, Type::Int32, "", &at, errors),
+            Ty::Int64 => check_type(field, Type::Int64, "", &at, errors),
+        }
+    }
+    let nested: Vec<&str> = message.nested_type.iter().map(|n| n.name()).collect();
+    if nested != map_entries {
+        errors.push(format!(
+            "{name}: nested messages expected {map_entries:?} (map entries only), found {nested:?}"
+        ));
+    }
+}
+
+fn check_type(
+    field: &FieldDescriptorProto,
+    ty: Type,
+    type_name: &str,
+    at: &str,
+    errors: &mut Vec<String>,
+) {
+    if field.r#type() != ty {
+        errors.push(format!("{at}: type {:?}, expected {ty:?}", field.r#type()));
+    }
+    if field.type_name() != type_name {
+        errors.push(format!(
+            "{at}: type name {:?}, expected {type_name:?}",
+            field.type_name()
+        ));
+    }
+}
+
+/// `map<string, string>`: an entry message marked `map_entry`, with
+/// `string key = 1` and `string value = 2`.
+fn check_map_entry(entry: &DescriptorProto, at: &str, errors: &mut Vec<String>) {
+    if !entry.options.as_ref().is_some_and(|o| o.map_entry()) {
+        errors.push(format!("{at}: {} is not marked map_entry", entry.name()));
+    }
+    let found: Vec<(i32, &str, Type, Label)> = entry
+        .field
+        .iter()
+        .map(|f| (f.number(), f.name(), f.r#type(), f.label()))
+        .collect();
+    let wanted = vec![
+        (1, "key", Type::String, Label::Optional),
+        (2, "value", Type::String, Label::Optional),
+    ];
+    if found != wanted {
+        errors.push(format!(
+            "{at}: map entry fields expected {wanted:?}, found {found:?}"
+        ));
+    }
+}
+
+/// protoc's map entry naming: `cdi_devices` -> `CdiDevices`.
+fn camel(name: &str) -> String {
+    name.split('_')
+        .map(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
