@@ -79,9 +79,7 @@ impl Snapshot {
                 .iter()
                 .map(|device| v1beta1::Device {
                     id: device.id.clone(),
-                    health: if fault.is_some() { Health::Unhealthy } else { device.health }
-                        .as_str()
-                        .to_owned(),
+                    health: if fault.is_some() { Health::Unhealthy } else { device.health }.as_str().to_owned(),
                     topology: (!device.numa_nodes.is_empty()).then(|| v1beta1::TopologyInfo {
                         nodes: device.numa_nodes.iter().map(|&id| v1beta1::NumaNode { id }).collect(),
                     }),
@@ -206,10 +204,7 @@ impl Publisher {
         if inner.sealed {
             let mut declared: Vec<&str> = inner.resources.keys().map(String::as_str).collect();
             declared.sort_unstable();
-            return Err(PublishError::UnknownResource {
-                resource: resource.to_owned(),
-                declared: declared.join(", "),
-            });
+            return Err(PublishError::UnknownResource { resource: resource.to_owned(), declared: declared.join(", ") });
         }
         let state = Arc::new(ResourceState::new(resource));
         inner.resources.insert(resource.to_owned(), state.clone());
@@ -288,8 +283,7 @@ mod tests {
             other => panic!("expected TooLarge, got {other:?}"),
         }
         // 10,000 devices with realistic IDs fit.
-        let devices: Vec<Device> =
-            (0..10_000).map(|i| device(&format!("GPU-{i:08}"), Health::Healthy, &[0])).collect();
+        let devices: Vec<Device> = (0..10_000).map(|i| device(&format!("GPU-{i:08}"), Health::Healthy, &[0])).collect();
         assert_eq!(state.publish(devices), Ok(()));
     }
 
@@ -301,6 +295,9 @@ mod tests {
         assert_eq!(states[0].snapshot().devices.len(), 1, "published during init is kept");
         assert!(states[1].snapshot().devices.is_empty());
         let err = publisher.publish("a.io/other", vec![]).expect_err("undeclared after seal");
-        assert_eq!(err.to_string(), "resource \"a.io/other\" is not served by this backend (it declared: a.io/early, a.io/late)");
+        assert_eq!(
+            err.to_string(),
+            "resource \"a.io/other\" is not served by this backend (it declared: a.io/early, a.io/late)"
+        );
     }
 }

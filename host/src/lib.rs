@@ -12,14 +12,14 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod device_state;
 pub mod fake_kubelet;
 pub mod proto;
-pub mod resource_name;
-pub mod uds;
-pub mod config;
-pub mod server;
-pub mod daemon;
 pub mod registration;
-pub mod cli;
-pub mod demo;
+pub mod resource_name;
+pub mod server;
+pub mod uds;

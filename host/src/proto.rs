@@ -11,8 +11,7 @@ pub mod v1beta1 {
 }
 
 /// The compiled `FileDescriptorSet` of the proto, for wire-contract tests.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/deviceplugin_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/deviceplugin_descriptor.bin"));
 
 /// The only API version the kubelet accepts in `RegisterRequest.version`.
 pub const API_VERSION: &str = "v1beta1";

@@ -81,7 +81,8 @@ async fn all_five_rpcs_are_answered() {
     let preferred = kubelet.preferred_allocation(GPU, &["gpu-0", "gpu-1", "gpu-2"], &[], 2).await.expect("preferred");
     assert_eq!(preferred.container_responses.len(), 1);
     assert_eq!(preferred.container_responses[0].device_i_ds, ["gpu-1", "gpu-2"]);
-    let preferred = kubelet.preferred_allocation(GPU, &["gpu-0", "gpu-1", "gpu-2"], &["gpu-0"], 2).await.expect("preferred");
+    let preferred =
+        kubelet.preferred_allocation(GPU, &["gpu-0", "gpu-1", "gpu-2"], &["gpu-0"], 2).await.expect("preferred");
     assert!(preferred.container_responses[0].device_i_ds.contains(&"gpu-0".to_owned()), "must_include honoured");
 
     // Allocate: one container response per container request.
@@ -179,7 +180,11 @@ async fn bad_backend_files_are_reported_with_positions_and_good_ones_serve() {
             bad_name.display()
         ),
         format!("{}:3:8: unclosed table, expected `]`", broken.display()),
-        format!("{}:6:8: resource \"example.com/gpu\" is already served by {}:6:8", taken.display(), node.backends_dir().join("a-good.toml").display()),
+        format!(
+            "{}:6:8: resource \"example.com/gpu\" is already served by {}:6:8",
+            taken.display(),
+            node.backends_dir().join("a-good.toml").display()
+        ),
     ] {
         assert!(log.contains(&expected), "log lacks {expected:?}:\n{log}");
     }

@@ -51,14 +51,8 @@ const MESSAGES: &[(&str, &[Field])] = &[
         ],
     ),
     ("Empty", &[]),
-    (
-        "ListAndWatchResponse",
-        &[Field(1, "devices", Ty::Msg("Device"), Repeated)],
-    ),
-    (
-        "TopologyInfo",
-        &[Field(1, "nodes", Ty::Msg("NUMANode"), Repeated)],
-    ),
+    ("ListAndWatchResponse", &[Field(1, "devices", Ty::Msg("Device"), Repeated)]),
+    ("TopologyInfo", &[Field(1, "nodes", Ty::Msg("NUMANode"), Repeated)]),
     ("NUMANode", &[Field(1, "ID", Ty::Int64, Singular)]),
     (
         "Device",
@@ -68,19 +62,11 @@ const MESSAGES: &[(&str, &[Field])] = &[
             Field(3, "topology", Ty::Msg("TopologyInfo"), Singular),
         ],
     ),
-    (
-        "PreStartContainerRequest",
-        &[Field(1, "devices_ids", Ty::String, Repeated)],
-    ),
+    ("PreStartContainerRequest", &[Field(1, "devices_ids", Ty::String, Repeated)]),
     ("PreStartContainerResponse", &[]),
     (
         "PreferredAllocationRequest",
-        &[Field(
-            1,
-            "container_requests",
-            Ty::Msg("ContainerPreferredAllocationRequest"),
-            Repeated,
-        )],
+        &[Field(1, "container_requests", Ty::Msg("ContainerPreferredAllocationRequest"), Repeated)],
     ),
     (
         "ContainerPreferredAllocationRequest",
@@ -92,40 +78,13 @@ const MESSAGES: &[(&str, &[Field])] = &[
     ),
     (
         "PreferredAllocationResponse",
-        &[Field(
-            1,
-            "container_responses",
-            Ty::Msg("ContainerPreferredAllocationResponse"),
-            Repeated,
-        )],
+        &[Field(1, "container_responses", Ty::Msg("ContainerPreferredAllocationResponse"), Repeated)],
     ),
-    (
-        "ContainerPreferredAllocationResponse",
-        &[Field(1, "deviceIDs", Ty::String, Repeated)],
-    ),
-    (
-        "AllocateRequest",
-        &[Field(
-            1,
-            "container_requests",
-            Ty::Msg("ContainerAllocateRequest"),
-            Repeated,
-        )],
-    ),
-    (
-        "ContainerAllocateRequest",
-        &[Field(1, "devices_ids", Ty::String, Repeated)],
-    ),
+    ("ContainerPreferredAllocationResponse", &[Field(1, "deviceIDs", Ty::String, Repeated)]),
+    ("AllocateRequest", &[Field(1, "container_requests", Ty::Msg("ContainerAllocateRequest"), Repeated)]),
+    ("ContainerAllocateRequest", &[Field(1, "devices_ids", Ty::String, Repeated)]),
     ("CDIDevice", &[Field(1, "name", Ty::String, Singular)]),
-    (
-        "AllocateResponse",
-        &[Field(
-            1,
-            "container_responses",
-            Ty::Msg("ContainerAllocateResponse"),
-            Repeated,
-        )],
-    ),
+    ("AllocateResponse", &[Field(1, "container_responses", Ty::Msg("ContainerAllocateResponse"), Repeated)]),
     (
         "ContainerAllocateResponse",
         &[
@@ -159,45 +118,22 @@ type Rpc = (&'static str, &'static str, &'static str, bool);
 
 /// §1.2, RPCs in .proto order.
 const SERVICES: &[(&str, &[Rpc])] = &[
-    (
-        "Registration",
-        &[("Register", "RegisterRequest", "Empty", false)],
-    ),
+    ("Registration", &[("Register", "RegisterRequest", "Empty", false)]),
     (
         "DevicePlugin",
         &[
-            (
-                "GetDevicePluginOptions",
-                "Empty",
-                "DevicePluginOptions",
-                false,
-            ),
+            ("GetDevicePluginOptions", "Empty", "DevicePluginOptions", false),
             ("ListAndWatch", "Empty", "ListAndWatchResponse", true),
-            (
-                "GetPreferredAllocation",
-                "PreferredAllocationRequest",
-                "PreferredAllocationResponse",
-                false,
-            ),
+            ("GetPreferredAllocation", "PreferredAllocationRequest", "PreferredAllocationResponse", false),
             ("Allocate", "AllocateRequest", "AllocateResponse", false),
-            (
-                "PreStartContainer",
-                "PreStartContainerRequest",
-                "PreStartContainerResponse",
-                false,
-            ),
+            ("PreStartContainer", "PreStartContainerRequest", "PreStartContainerResponse", false),
         ],
     ),
 ];
 
 fn decode() -> FileDescriptorProto {
-    let set = FileDescriptorSet::decode(devhost::proto::FILE_DESCRIPTOR_SET)
-        .expect("FILE_DESCRIPTOR_SET decodes");
-    assert_eq!(
-        set.file.len(),
-        1,
-        "the descriptor set must hold exactly the one api.proto (no imports)"
-    );
+    let set = FileDescriptorSet::decode(devhost::proto::FILE_DESCRIPTOR_SET).expect("FILE_DESCRIPTOR_SET decodes");
+    assert_eq!(set.file.len(), 1, "the descriptor set must hold exactly the one api.proto (no imports)");
     set.file.into_iter().next().expect("one file")
 }
 
@@ -209,33 +145,13 @@ fn qualified(name: &str) -> String {
 fn file_level_contract_matches_api_facts_1_1() {
     let file = decode();
     assert_eq!(file.syntax(), "proto3");
-    assert_eq!(
-        file.package(),
-        "v1beta1",
-        "package decides the /v1beta1. method paths"
-    );
-    assert!(
-        file.dependency.is_empty(),
-        "api.proto must import nothing, found {:?}",
-        file.dependency
-    );
+    assert_eq!(file.package(), "v1beta1", "package decides the /v1beta1. method paths");
+    assert!(file.dependency.is_empty(), "api.proto must import nothing, found {:?}", file.dependency);
     let options = file.options.clone().unwrap_or_default();
-    assert_eq!(
-        options.go_package(),
-        "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
-    );
-    let only_go_package = prost_types::FileOptions {
-        go_package: options.go_package.clone(),
-        ..Default::default()
-    };
-    assert_eq!(
-        options, only_go_package,
-        "no file options besides go_package"
-    );
-    assert!(
-        file.enum_type.is_empty() && file.extension.is_empty(),
-        "no enums or extensions"
-    );
+    assert_eq!(options.go_package(), "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1");
+    let only_go_package = prost_types::FileOptions { go_package: options.go_package.clone(), ..Default::default() };
+    assert_eq!(options, only_go_package, "no file options besides go_package");
+    assert!(file.enum_type.is_empty() && file.extension.is_empty(), "no enums or extensions");
 }
 
 #[test]
@@ -254,9 +170,7 @@ fn services_match_api_facts_1_2() {
         let found_names: Vec<&str> = found.method.iter().map(|m| m.name()).collect();
         let expected_names: Vec<&str> = rpcs.iter().map(|r| r.0).collect();
         if found_names != expected_names {
-            errors.push(format!(
-                "{service}: RPCs expected {expected_names:?} in order, found {found_names:?}"
-            ));
+            errors.push(format!("{service}: RPCs expected {expected_names:?} in order, found {found_names:?}"));
         }
         for (rpc, input, output, streaming) in rpcs.iter() {
             let Some(m) = found.method.iter().find(|m| m.name() == *rpc) else {
@@ -264,35 +178,20 @@ fn services_match_api_facts_1_2() {
             };
             let path = format!("/v1beta1.{service}/{rpc}");
             if m.input_type() != qualified(input) {
-                errors.push(format!(
-                    "{path}: request {:?}, expected {:?}",
-                    m.input_type(),
-                    qualified(input)
-                ));
+                errors.push(format!("{path}: request {:?}, expected {:?}", m.input_type(), qualified(input)));
             }
             if m.output_type() != qualified(output) {
-                errors.push(format!(
-                    "{path}: response {:?}, expected {:?}",
-                    m.output_type(),
-                    qualified(output)
-                ));
+                errors.push(format!("{path}: response {:?}, expected {:?}", m.output_type(), qualified(output)));
             }
             if m.client_streaming() {
                 errors.push(format!("{path}: must not be client-streaming"));
             }
             if m.server_streaming() != *streaming {
-                errors.push(format!(
-                    "{path}: server-streaming is {}, expected {streaming}",
-                    m.server_streaming()
-                ));
+                errors.push(format!("{path}: server-streaming is {}, expected {streaming}", m.server_streaming()));
             }
         }
     }
-    assert!(
-        errors.is_empty(),
-        "service contract drift:\n{}",
-        errors.join("\n")
-    );
+    assert!(errors.is_empty(), "service contract drift:\n{}", errors.join("\n"));
 }
 
 #[test]
@@ -302,9 +201,7 @@ fn messages_match_api_facts_1_3() {
     let found: Vec<&str> = file.message_type.iter().map(|m| m.name()).collect();
     let expected: Vec<&str> = MESSAGES.iter().map(|(m, _)| *m).collect();
     if found != expected {
-        errors.push(format!(
-            "messages: expected {expected:?} in order, found {found:?}"
-        ));
+        errors.push(format!("messages: expected {expected:?} in order, found {found:?}"));
     }
     for (name, fields) in MESSAGES {
         match file.message_type.iter().find(|m| m.name() == *name) {
@@ -312,11 +209,7 @@ fn messages_match_api_facts_1_3() {
             None => errors.push(format!("{name}: missing")),
         }
     }
-    assert!(
-        errors.is_empty(),
-        "message contract drift:\n{}",
-        errors.join("\n")
-    );
+    assert!(errors.is_empty(), "message contract drift:\n{}", errors.join("\n"));
 }
 
 fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec<String>) {
@@ -324,16 +217,10 @@ fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec
     if !message.oneof_decl.is_empty() || !message.enum_type.is_empty() {
         errors.push(format!("{name}: unexpected oneofs or enums"));
     }
-    let found: Vec<(i32, &str)> = message
-        .field
-        .iter()
-        .map(|f| (f.number(), f.name()))
-        .collect();
+    let found: Vec<(i32, &str)> = message.field.iter().map(|f| (f.number(), f.name())).collect();
     let wanted: Vec<(i32, &str)> = expected.iter().map(|f| (f.0, f.1)).collect();
     if found != wanted {
-        errors.push(format!(
-            "{name}: fields (number, name) expected {wanted:?}, found {found:?}"
-        ));
+        errors.push(format!("{name}: fields (number, name) expected {wanted:?}, found {found:?}"));
     }
     let mut map_entries = Vec::new();
     for Field(number, field_name, ty, card) in expected {
@@ -346,27 +233,16 @@ fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec
             Card::Repeated => Label::Repeated,
         };
         if field.label() != label {
-            errors.push(format!(
-                "{at}: label {:?}, expected {label:?}",
-                field.label()
-            ));
+            errors.push(format!("{at}: label {:?}, expected {label:?}", field.label()));
         }
         if field.proto3_optional() || field.oneof_index.is_some() {
-            errors.push(format!(
-                "{at}: must be implicit-presence, not `optional` or in a oneof"
-            ));
+            errors.push(format!("{at}: must be implicit-presence, not `optional` or in a oneof"));
         }
         match ty {
             Ty::StringMap => {
                 let entry = format!("{}Entry", camel(field_name));
                 map_entries.push(entry.clone());
-                check_type(
-                    field,
-                    Type::Message,
-                    &format!(".v1beta1.{name}.{entry}"),
-                    &at,
-                    errors,
-                );
+                check_type(field, Type::Message, &format!(".v1beta1.{name}.{entry}"), &at, errors);
                 match message.nested_type.iter().find(|n| n.name() == entry) {
                     Some(nested) => check_map_entry(nested, &at, errors),
                     None => errors.push(format!("{at}: map entry message {entry} missing")),
@@ -381,27 +257,16 @@ fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec
     }
     let nested: Vec<&str> = message.nested_type.iter().map(|n| n.name()).collect();
     if nested != map_entries {
-        errors.push(format!(
-            "{name}: nested messages expected {map_entries:?} (map entries only), found {nested:?}"
-        ));
+        errors.push(format!("{name}: nested messages expected {map_entries:?} (map entries only), found {nested:?}"));
     }
 }
 
-fn check_type(
-    field: &FieldDescriptorProto,
-    ty: Type,
-    type_name: &str,
-    at: &str,
-    errors: &mut Vec<String>,
-) {
+fn check_type(field: &FieldDescriptorProto, ty: Type, type_name: &str, at: &str, errors: &mut Vec<String>) {
     if field.r#type() != ty {
         errors.push(format!("{at}: type {:?}, expected {ty:?}", field.r#type()));
     }
     if field.type_name() != type_name {
-        errors.push(format!(
-            "{at}: type name {:?}, expected {type_name:?}",
-            field.type_name()
-        ));
+        errors.push(format!("{at}: type name {:?}, expected {type_name:?}", field.type_name()));
     }
 }
 
@@ -411,19 +276,11 @@ fn check_map_entry(entry: &DescriptorProto, at: &str, errors: &mut Vec<String>) 
     if !entry.options.as_ref().is_some_and(|o| o.map_entry()) {
         errors.push(format!("{at}: {} is not marked map_entry", entry.name()));
     }
-    let found: Vec<(i32, &str, Type, Label)> = entry
-        .field
-        .iter()
-        .map(|f| (f.number(), f.name(), f.r#type(), f.label()))
-        .collect();
-    let wanted = vec![
-        (1, "key", Type::String, Label::Optional),
-        (2, "value", Type::String, Label::Optional),
-    ];
+    let found: Vec<(i32, &str, Type, Label)> =
+        entry.field.iter().map(|f| (f.number(), f.name(), f.r#type(), f.label())).collect();
+    let wanted = vec![(1, "key", Type::String, Label::Optional), (2, "value", Type::String, Label::Optional)];
     if found != wanted {
-        errors.push(format!(
-            "{at}: map entry fields expected {wanted:?}, found {found:?}"
-        ));
+        errors.push(format!("{at}: map entry fields expected {wanted:?}, found {found:?}"));
     }
 }
 
@@ -432,10 +289,7 @@ fn camel(name: &str) -> String {
     name.split('_')
         .map(|part| {
             let mut chars = part.chars();
-            chars
-                .next()
-                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
-                .unwrap_or_default()
+            chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
         })
         .collect()
 }

@@ -133,7 +133,10 @@ impl StaticConfig {
         let raw: RawFile = toml::from_str(source).map_err(|error| ConfigError::from_toml(file, source, &error))?;
         let at = |span: Range<usize>, message: String| ConfigError::at(file, source, span, message);
         let Some(config) = raw.config else {
-            return Err(ConfigError::file(file, "a static backend needs a [config] table with at least one [[config.resource]]"));
+            return Err(ConfigError::file(
+                file,
+                "a static backend needs a [config] table with at least one [[config.resource]]",
+            ));
         };
         let config_span = config.span();
         let config = config.into_inner();
@@ -141,7 +144,9 @@ impl StaticConfig {
             return Err(at(config_span, "a static backend needs at least one [[config.resource]]".into()));
         }
         let health_interval = match config.health_interval_ms {
-            Some(ms) if *ms.get_ref() == 0 => return Err(at(ms.span(), "health_interval_ms must be at least 1".into())),
+            Some(ms) if *ms.get_ref() == 0 => {
+                return Err(at(ms.span(), "health_interval_ms must be at least 1".into()));
+            }
             Some(ms) => Duration::from_millis(*ms.get_ref()),
             None => Duration::from_secs(1),
         };
@@ -206,7 +211,9 @@ fn parse_device(
         None => Health::Healthy,
         Some(h) if h.get_ref() == "Healthy" => Health::Healthy,
         Some(h) if h.get_ref() == "Unhealthy" => Health::Unhealthy,
-        Some(h) => return Err(at(h.span(), format!("health must be \"Healthy\" or \"Unhealthy\", not {:?}", h.get_ref()))),
+        Some(h) => {
+            return Err(at(h.span(), format!("health must be \"Healthy\" or \"Unhealthy\", not {:?}", h.get_ref())));
+        }
     };
     let mut numa_nodes = Vec::with_capacity(raw.numa.len());
     for node in raw.numa {
@@ -223,7 +230,10 @@ fn parse_device(
         };
         let permissions = match spec.permissions {
             Some(p) if p.get_ref().is_empty() || !p.get_ref().chars().all(|c| matches!(c, 'r' | 'w' | 'm')) => {
-                return Err(at(p.span(), format!("permissions must be a combination of r, w and m, not {:?}", p.get_ref())));
+                return Err(at(
+                    p.span(),
+                    format!("permissions must be a combination of r, w and m, not {:?}", p.get_ref()),
+                ));
             }
             Some(p) => p.into_inner(),
             None => "rw".to_owned(),

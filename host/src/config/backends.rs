@@ -123,7 +123,11 @@ fn backend_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn claim_resources(backend: &BackendConfig, source: &str, claimed: &HashMap<String, String>) -> Result<(), ConfigError> {
+fn claim_resources(
+    backend: &BackendConfig,
+    source: &str,
+    claimed: &HashMap<String, String>,
+) -> Result<(), ConfigError> {
     let BackendSource::Static(config) = &backend.source else { return Ok(()) };
     for (name, span) in config.resource_names() {
         if let Some(owner) = claimed.get(name) {
@@ -174,7 +178,10 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
             BackendSource::Module { path: base.join(module.get_ref()), sha256 }
         }
         (Some(kind), Some(_)) => {
-            return Err(at(kind.span(), "set either `kind` (a built-in backend) or `module` (a file), not both".into()));
+            return Err(at(
+                kind.span(),
+                "set either `kind` (a built-in backend) or `module` (a file), not both".into(),
+            ));
         }
         (None, None) => {
             return Err(ConfigError::file(
@@ -222,7 +229,13 @@ id = "a0"
         assert_eq!(names, ["a-good", "c-name"]);
         assert_eq!(loaded.errors.len(), 1);
         let error = loaded.errors[0].to_string();
-        assert!(error.starts_with(&format!("{}:3:1: unknown field `frobnicate`", dir.path().join("b-broken.toml").display())), "{error}");
+        assert!(
+            error.starts_with(&format!(
+                "{}:3:1: unknown field `frobnicate`",
+                dir.path().join("b-broken.toml").display()
+            )),
+            "{error}"
+        );
     }
 
     #[test]
@@ -247,16 +260,29 @@ id = "a0"
     #[test]
     fn module_backends_resolve_relative_paths_and_check_pins() {
         let file = Path::new("/etc/devhost/backends.d/gpu.toml");
-        let config = parse_backend(file, "[backend]\nmodule = \"libgpu.so\"\ncall_timeout_ms = 250\n[config]\nx = 1\n", Duration::from_secs(1))
-            .expect("valid");
-        assert_eq!(config.source, BackendSource::Module { path: "/etc/devhost/backends.d/libgpu.so".into(), sha256: None });
+        let config = parse_backend(
+            file,
+            "[backend]\nmodule = \"libgpu.so\"\ncall_timeout_ms = 250\n[config]\nx = 1\n",
+            Duration::from_secs(1),
+        )
+        .expect("valid");
+        assert_eq!(
+            config.source,
+            BackendSource::Module { path: "/etc/devhost/backends.d/libgpu.so".into(), sha256: None }
+        );
         assert_eq!(config.call_timeout, Duration::from_millis(250));
         assert_eq!(config.settings.get("x"), Some(&toml::Value::Integer(1)));
         let error = parse_backend(file, "[backend]\nmodule = \"x.so\"\nsha256 = \"ABC\"\n", Duration::from_secs(1))
             .expect_err("bad pin");
-        assert_eq!(error.to_string(), "/etc/devhost/backends.d/gpu.toml:3:10: sha256 must be 64 lower-case hexadecimal characters");
+        assert_eq!(
+            error.to_string(),
+            "/etc/devhost/backends.d/gpu.toml:3:10: sha256 must be 64 lower-case hexadecimal characters"
+        );
         let error = parse_backend(file, "[backend]\nkind = \"gpu\"\n", Duration::from_secs(1)).expect_err("kind");
-        assert_eq!(error.to_string(), "/etc/devhost/backends.d/gpu.toml:2:8: unknown backend kind \"gpu\"; built-in kinds are: static");
+        assert_eq!(
+            error.to_string(),
+            "/etc/devhost/backends.d/gpu.toml:2:8: unknown backend kind \"gpu\"; built-in kinds are: static"
+        );
         let error = parse_backend(file, "[backend]\n", Duration::from_secs(1)).expect_err("neither");
         assert!(error.to_string().contains("needs `kind = \"static\"` or `module"), "{error}");
     }

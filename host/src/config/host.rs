@@ -87,15 +87,7 @@ impl HostConfig {
             Some(ms) => Duration::from_millis(*ms.get_ref()),
             None => DEFAULT_CALL_TIMEOUT,
         };
-        Ok(Self::resolve(
-            base,
-            raw.plugin_dir,
-            raw.kubelet_socket,
-            raw.backends_dir,
-            call_timeout,
-            raw.log,
-            overrides,
-        ))
+        Ok(Self::resolve(base, raw.plugin_dir, raw.kubelet_socket, raw.backends_dir, call_timeout, raw.log, overrides))
     }
 
     /// The defaults, for a config directory `base` without a host file.
@@ -155,8 +147,12 @@ mod tests {
     #[test]
     fn overrides_win_and_the_socket_follows_the_plugin_dir() {
         let overrides = Overrides { plugin_dir: Some("/tmp/p".into()), kubelet_socket: None };
-        let config = HostConfig::parse(Path::new("/c/devhost.toml"), "plugin_dir = \"/x\"\n[log]\nformat = \"json\"", &overrides)
-            .expect("valid");
+        let config = HostConfig::parse(
+            Path::new("/c/devhost.toml"),
+            "plugin_dir = \"/x\"\n[log]\nformat = \"json\"",
+            &overrides,
+        )
+        .expect("valid");
         assert_eq!(config.plugin_dir, Path::new("/tmp/p"));
         assert_eq!(config.kubelet_socket, Path::new("/tmp/p/kubelet.sock"));
         assert_eq!(config.log_format, LogFormat::Json);

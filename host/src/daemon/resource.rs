@@ -55,8 +55,12 @@ impl ResourceTask {
         let resource = self.spec.name.clone();
         loop {
             let generation = self.shutdown.child_token();
-            let service =
-                DevicePluginService::new(self.spec.clone(), self.state.clone(), self.backend.clone(), generation.clone());
+            let service = DevicePluginService::new(
+                self.spec.clone(),
+                self.state.clone(),
+                self.backend.clone(),
+                generation.clone(),
+            );
             let server = match ResourceServer::start(&self.socket, service, generation) {
                 Ok(server) => server,
                 Err(error) => {

@@ -47,7 +47,8 @@ async fn demo() -> anyhow::Result<()> {
     println!("backend config ({}):\n{}", backend_file.display(), indent(backend_text.trim_end()));
 
     let kubelet = FakeKubelet::start(&plugin_dir).await?;
-    let config = HostConfig::defaults(&config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
+    let config =
+        HostConfig::defaults(&config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -59,7 +60,10 @@ async fn demo() -> anyhow::Result<()> {
         let request = kubelet.wait_for_registrations(resource, 1, WAIT).await?;
         println!(
             "   Register{{version: {:?}, endpoint: {:?}, resource_name: {:?}, options: {:?}}}",
-            request.version, request.endpoint, request.resource_name, kubelet.options(resource).unwrap_or_default()
+            request.version,
+            request.endpoint,
+            request.resource_name,
+            kubelet.options(resource).unwrap_or_default()
         );
     }
 
@@ -69,7 +73,8 @@ async fn demo() -> anyhow::Result<()> {
 
     println!("\n3. health change: removing {} makes gpu-1 Unhealthy", state_dir.join("gpu-1.ok").display());
     std::fs::remove_file(state_dir.join("gpu-1.ok"))?;
-    let devices = kubelet.wait_for_devices(GPU, WAIT, |d| d.iter().any(|d| d.id == "gpu-1" && d.health == "Unhealthy")).await?;
+    let devices =
+        kubelet.wait_for_devices(GPU, WAIT, |d| d.iter().any(|d| d.id == "gpu-1" && d.health == "Unhealthy")).await?;
     print_devices(&devices);
 
     println!("\n4. GetPreferredAllocation(available: [gpu-0, gpu-1], size: 1):");
@@ -98,7 +103,9 @@ async fn demo() -> anyhow::Result<()> {
     let left = std::fs::read_dir(&plugin_dir)?.count();
     println!("\n7. shutdown: devhost stopped; {left} socket(s) left in the plugin directory.");
     anyhow::ensure!(left == 0, "sockets left behind in {}", plugin_dir.display());
-    println!("\nNext: `devhost run --config examples/config/devhost.toml --plugin-dir <dir>` serves the example config.");
+    println!(
+        "\nNext: `devhost run --config examples/config/devhost.toml --plugin-dir <dir>` serves the example config."
+    );
     Ok(())
 }
 
@@ -129,4 +136,3 @@ fn print_allocation(container: &v1beta1::ContainerAllocateResponse) {
 fn indent(text: &str) -> String {
     text.lines().map(|line| format!("   | {line}\n")).collect()
 }
-

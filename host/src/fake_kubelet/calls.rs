@@ -12,9 +12,8 @@ use super::registration::DIAL_TIMEOUT;
 use super::{FakeKubelet, FakeKubeletError};
 use crate::proto::v1beta1::device_plugin_client::DevicePluginClient;
 use crate::proto::v1beta1::{
-    AllocateRequest, AllocateResponse, ContainerAllocateRequest,
-    ContainerPreferredAllocationRequest, PreStartContainerRequest, PreStartContainerResponse,
-    PreferredAllocationRequest, PreferredAllocationResponse,
+    AllocateRequest, AllocateResponse, ContainerAllocateRequest, ContainerPreferredAllocationRequest,
+    PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest, PreferredAllocationResponse,
 };
 
 /// The kubelet's `PreStartContainer` deadline (§2.12).
@@ -24,20 +23,15 @@ impl FakeKubelet {
     /// A client on the plugin's socket (the endpoint of its latest
     /// registration), for raw calls. Uses the kubelet's own connection while
     /// it is open, otherwise dials the socket afresh.
-    pub async fn client(
-        &self,
-        resource: &str,
-    ) -> Result<DevicePluginClient<Channel>, FakeKubeletError> {
+    pub async fn client(&self, resource: &str) -> Result<DevicePluginClient<Channel>, FakeKubeletError> {
         let (socket, channel) = self.current_endpoint(resource)?;
         let channel = match channel {
             Some(channel) => channel,
-            None => crate::uds::connect(&socket, DIAL_TIMEOUT)
-                .await
-                .map_err(|source| FakeKubeletError::Dial {
-                    resource: resource.to_owned(),
-                    socket,
-                    source,
-                })?,
+            None => crate::uds::connect(&socket, DIAL_TIMEOUT).await.map_err(|source| FakeKubeletError::Dial {
+                resource: resource.to_owned(),
+                socket,
+                source,
+            })?,
         };
         Ok(DevicePluginClient::new(channel))
     }
@@ -46,16 +40,9 @@ impl FakeKubelet {
     /// ContainerAllocateRequest. Refused like the kubelet when the endpoint is
     /// stopped. The response is returned as received (the kubelet would
     /// reject one without container responses and use only the first).
-    pub async fn allocate(
-        &self,
-        resource: &str,
-        ids: &[&str],
-    ) -> Result<AllocateResponse, FakeKubeletError> {
-        let request = AllocateRequest {
-            container_requests: vec![ContainerAllocateRequest {
-                devices_ids: strings(ids),
-            }],
-        };
+    pub async fn allocate(&self, resource: &str, ids: &[&str]) -> Result<AllocateResponse, FakeKubeletError> {
+        let request =
+            AllocateRequest { container_requests: vec![ContainerAllocateRequest { devices_ids: strings(ids) }] };
         let mut client = self.live_client(resource)?;
         client
             .allocate(request)
@@ -92,14 +79,8 @@ impl FakeKubelet {
 
     /// PreStartContainer as the kubelet sends it, with its 30 s deadline. Does
     /// not check the plugin's `pre_start_required` option.
-    pub async fn pre_start(
-        &self,
-        resource: &str,
-        ids: &[&str],
-    ) -> Result<PreStartContainerResponse, FakeKubeletError> {
-        let mut request = tonic::Request::new(PreStartContainerRequest {
-            devices_ids: strings(ids),
-        });
+    pub async fn pre_start(&self, resource: &str, ids: &[&str]) -> Result<PreStartContainerResponse, FakeKubeletError> {
+        let mut request = tonic::Request::new(PreStartContainerRequest { devices_ids: strings(ids) });
         request.set_timeout(PRE_START_TIMEOUT);
         let mut client = self.live_client(resource)?;
         match tokio::time::timeout(PRE_START_TIMEOUT, client.pre_start_container(request)).await {
@@ -116,27 +97,17 @@ impl FakeKubelet {
 
     /// The socket and, while open, the kubelet's channel of the current
     /// connection.
-    fn current_endpoint(
-        &self,
-        resource: &str,
-    ) -> Result<(PathBuf, Option<Channel>), FakeKubeletError> {
-        self.with_resource(resource, |r| {
-            r.current().map(|c| (c.socket.clone(), c.channel.clone()))
-        })
-        .flatten()
-        .ok_or_else(|| FakeKubeletError::NotRegistered {
-            resource: resource.to_owned(),
-        })
+    fn current_endpoint(&self, resource: &str) -> Result<(PathBuf, Option<Channel>), FakeKubeletError> {
+        self.with_resource(resource, |r| r.current().map(|c| (c.socket.clone(), c.channel.clone())))
+            .flatten()
+            .ok_or_else(|| FakeKubeletError::NotRegistered { resource: resource.to_owned() })
     }
 
     /// The kubelet's open connection, or the kubelet's refusal (§2.5).
     fn live_client(&self, resource: &str) -> Result<DevicePluginClient<Channel>, FakeKubeletError> {
         match self.current_endpoint(resource)? {
             (_, Some(channel)) => Ok(DevicePluginClient::new(channel)),
-            (socket, None) => Err(FakeKubeletError::EndpointStopped {
-                resource: resource.to_owned(),
-                socket,
-            }),
+            (socket, None) => Err(FakeKubeletError::EndpointStopped { resource: resource.to_owned(), socket }),
         }
     }
 }
@@ -146,9 +117,5 @@ fn strings(ids: &[&str]) -> Vec<String> {
 }
 
 fn rpc_error(resource: &str, rpc: &'static str, status: tonic::Status) -> FakeKubeletError {
-    FakeKubeletError::Rpc {
-        resource: resource.to_owned(),
-        rpc,
-        status,
-    }
+    FakeKubeletError::Rpc { resource: resource.to_owned(), rpc, status }
 }

@@ -73,9 +73,7 @@ pub enum FakeKubeletError {
         timeout: Duration,
     },
     /// No plugin ever registered the resource successfully.
-    #[error(
-        "resource {resource:?} has no accepted registration, so the kubelet has no endpoint for it"
-    )]
+    #[error("resource {resource:?} has no accepted registration, so the kubelet has no endpoint for it")]
     NotRegistered {
         /// The resource.
         resource: String,

@@ -67,10 +67,8 @@ impl FakeKubelet {
     /// A stale `kubelet.sock` is replaced; other sockets in the directory are
     /// left alone (only [`FakeKubelet::restart`] deletes them).
     pub async fn start(plugin_dir: &Path) -> Result<FakeKubelet, FakeKubeletError> {
-        std::fs::create_dir_all(plugin_dir).map_err(|source| FakeKubeletError::CreateDir {
-            dir: plugin_dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(plugin_dir)
+            .map_err(|source| FakeKubeletError::CreateDir { dir: plugin_dir.to_owned(), source })?;
         let kubelet = FakeKubelet {
             shared: Arc::new(Shared::new(plugin_dir.to_owned())),
             serving: tokio::sync::Mutex::new(None),
@@ -80,10 +78,7 @@ impl FakeKubelet {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(FakeKubeletError::Bind {
-                    path: socket,
-                    source,
-                });
+                return Err(FakeKubeletError::Bind { path: socket, source });
             }
         }
         *kubelet.serving.lock().await = Some(kubelet.serve()?);
@@ -93,18 +88,10 @@ impl FakeKubelet {
     /// Binds `kubelet.sock` and spawns the registration server.
     fn serve(&self) -> Result<Serving, FakeKubeletError> {
         let path = self.socket_path();
-        let listener = UnixListener::bind(&path).map_err(|source| FakeKubeletError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        let generation = Generation {
-            token: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-        };
-        let service = RegistrationService {
-            shared: Arc::clone(&self.shared),
-            generation: generation.clone(),
-        };
+        let listener =
+            UnixListener::bind(&path).map_err(|source| FakeKubeletError::Bind { path: path.clone(), source })?;
+        let generation = Generation { token: CancellationToken::new(), tracker: TaskTracker::new() };
+        let service = RegistrationService { shared: Arc::clone(&self.shared), generation: generation.clone() };
         let shutdown = generation.token.clone().cancelled_owned();
         let server = tokio::spawn(
             Server::builder()
@@ -118,10 +105,7 @@ impl FakeKubelet {
     /// Stops a generation: the server (after a grace period for in-flight
     /// calls), then every ListAndWatch task, which drops the connections.
     async fn shut_down(&self, serving: Serving) {
-        let Serving {
-            generation,
-            mut server,
-        } = serving;
+        let Serving { generation, mut server } = serving;
         generation.token.cancel();
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
             Ok(Ok(Ok(()))) => {}
@@ -130,9 +114,7 @@ impl FakeKubelet {
                 tracing::warn!(error = %e, "fake kubelet registration server task failed")
             }
             Err(_) => {
-                tracing::warn!(
-                    "fake kubelet registration server did not stop in time; aborting it"
-                );
+                tracing::warn!("fake kubelet registration server did not stop in time; aborting it");
                 server.abort();
             }
         }
@@ -153,12 +135,7 @@ impl FakeKubelet {
 
     /// Every RegisterRequest received, accepted or not, in order.
     pub fn registrations(&self) -> Vec<RegisterRequest> {
-        self.shared
-            .lock()
-            .requests
-            .iter()
-            .map(|(r, _)| r.clone())
-            .collect()
+        self.shared.lock().requests.iter().map(|(r, _)| r.clone()).collect()
     }
 
     /// Waits until at least `count` accepted registrations for `resource`
@@ -220,8 +197,7 @@ impl FakeKubelet {
     /// connection (latest registration) updates it; it is kept after the
     /// stream ends.
     pub fn devices(&self, resource: &str) -> Option<Vec<Device>> {
-        self.with_resource(resource, |r| r.devices.clone())
-            .flatten()
+        self.with_resource(resource, |r| r.devices.clone()).flatten()
     }
 
     /// Waits until the latest device list satisfies `pred`; returns it. Error
@@ -256,16 +232,14 @@ impl FakeKubelet {
     /// Number of ListAndWatch messages received for `resource` on the current
     /// connection.
     pub fn list_and_watch_messages(&self, resource: &str) -> usize {
-        self.with_resource(resource, |r| r.current().map_or(0, |c| c.messages))
-            .unwrap_or(0)
+        self.with_resource(resource, |r| r.current().map_or(0, |c| c.messages)).unwrap_or(0)
     }
 
     /// Whether the plugin's ListAndWatch stream for `resource` is open (false
     /// after the stream ended, per §2.5). True from the accepted registration
     /// on, as the kubelet counts the endpoint live from then.
     pub fn connected(&self, resource: &str) -> bool {
-        self.with_resource(resource, |r| r.current().is_some_and(|c| c.open))
-            .unwrap_or(false)
+        self.with_resource(resource, |r| r.current().is_some_and(|c| c.open)).unwrap_or(false)
     }
 
     /// Simulates a kubelet restart exactly as API_FACTS §2.1/§2.7: stop the
@@ -282,10 +256,7 @@ impl FakeKubelet {
             self.shut_down(old).await;
         }
         let removed = registration::remove_sockets(&self.shared.plugin_dir)?;
-        tracing::info!(
-            removed = removed.len(),
-            "fake kubelet restarting: sockets deleted"
-        );
+        tracing::info!(removed = removed.len(), "fake kubelet restarting: sockets deleted");
         *serving = Some(self.serve()?);
         Ok(())
     }

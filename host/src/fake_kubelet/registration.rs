@@ -17,9 +17,7 @@ use tonic::{Request, Response, Status};
 use super::state::Shared;
 use crate::proto::API_VERSION;
 use crate::proto::v1beta1::registration_server::Registration;
-use crate::proto::v1beta1::{
-    DevicePluginOptions, Empty, RegisterRequest, device_plugin_client::DevicePluginClient,
-};
+use crate::proto::v1beta1::{DevicePluginOptions, Empty, RegisterRequest, device_plugin_client::DevicePluginClient};
 
 /// The kubelet's dial timeout (§2.3).
 pub(super) const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,25 +67,16 @@ impl RegistrationService {
         }
         let resource = &request.resource_name;
         if crate::resource_name::validate(resource).is_err() {
-            return Err(Status::unknown(format!(
-                "the ResourceName {resource:?} is invalid"
-            )));
+            return Err(Status::unknown(format!("the ResourceName {resource:?} is invalid")));
         }
         let socket = join_endpoint(&self.shared.plugin_dir, &request.endpoint);
         let channel = crate::uds::connect(&socket, DIAL_TIMEOUT)
             .await
-            .map_err(|e| {
-                Status::unknown(format!("failed to dial device plugin: {}", error_chain(&e)))
-            })?;
+            .map_err(|e| Status::unknown(format!("failed to dial device plugin: {}", error_chain(&e))))?;
         let options = DevicePluginClient::new(channel.clone())
             .get_device_plugin_options(Empty {})
             .await
-            .map_err(|s| {
-                Status::unknown(format!(
-                    "failed to get device plugin options: {}",
-                    render_status(&s)
-                ))
-            })?
+            .map_err(|s| Status::unknown(format!("failed to get device plugin options: {}", render_status(&s))))?
             .into_inner();
         self.accept(request, &socket, options, channel)
     }
@@ -101,21 +90,14 @@ impl RegistrationService {
         channel: Channel,
     ) -> Result<(), Status> {
         if self.generation.token.is_cancelled() {
-            return Err(Status::unavailable(
-                "kubelet is stopping; register again with the new kubelet",
-            ));
+            return Err(Status::unavailable("kubelet is stopping; register again with the new kubelet"));
         }
-        let id = self
-            .shared
-            .accept(request, socket, options, channel.clone())
-            .map_err(Status::unknown)?;
+        let id = self.shared.accept(request, socket, options, channel.clone()).map_err(Status::unknown)?;
         let resource = request.resource_name.clone();
         tracing::info!(resource = %resource, socket = %socket.display(), "device plugin connected");
         let shared = Arc::clone(&self.shared);
         let token = self.generation.token.child_token();
-        self.generation
-            .tracker
-            .spawn(run_list_and_watch(shared, resource, id, channel, token));
+        self.generation.tracker.spawn(run_list_and_watch(shared, resource, id, channel, token));
         Ok(())
     }
 }
@@ -145,10 +127,7 @@ async fn run_list_and_watch(
 }
 
 async fn consume(shared: &Shared, resource: &str, id: u64, channel: Channel) -> Result<(), Status> {
-    let mut stream = DevicePluginClient::new(channel)
-        .list_and_watch(Empty {})
-        .await?
-        .into_inner();
+    let mut stream = DevicePluginClient::new(channel).list_and_watch(Empty {}).await?.into_inner();
     while let Some(message) = stream.message().await? {
         tracing::debug!(resource = %resource, devices = message.devices.len(), "ListAndWatch message");
         shared.devices_received(resource, id, message.devices);
@@ -212,11 +191,7 @@ pub(super) fn remove_sockets(dir: &Path) -> Result<Vec<PathBuf>, super::FakeKube
 
 /// A status as grpc-go prints it.
 pub(super) fn render_status(status: &Status) -> String {
-    format!(
-        "rpc error: code = {:?} desc = {}",
-        status.code(),
-        status.message()
-    )
+    format!("rpc error: code = {:?} desc = {}", status.code(), status.message())
 }
 
 /// An error with its sources, `a: b: c`.

@@ -70,9 +70,7 @@ impl ResourceState {
 
     /// Whether an instance on `socket` is still connected (1.37 duplicate check).
     pub(super) fn open_on(&self, socket: &Path) -> bool {
-        self.connections
-            .iter()
-            .any(|c| c.open && c.socket == socket)
+        self.connections.iter().any(|c| c.open && c.socket == socket)
     }
 
     fn prune(&mut self) {
@@ -83,11 +81,7 @@ impl ResourceState {
 
 impl Shared {
     pub(super) fn new(plugin_dir: PathBuf) -> Self {
-        Self {
-            plugin_dir,
-            state: Mutex::new(State::default()),
-            changed: watch::Sender::new(0),
-        }
+        Self { plugin_dir, state: Mutex::new(State::default()), changed: watch::Sender::new(0) }
     }
 
     /// The state; a panic elsewhere while holding it leaves plain data, so a
@@ -135,10 +129,7 @@ impl Shared {
     ) -> Result<u64, String> {
         let mut state = self.lock();
         let id = state.next_connection_id;
-        let resource = state
-            .resources
-            .entry(request.resource_name.clone())
-            .or_default();
+        let resource = state.resources.entry(request.resource_name.clone()).or_default();
         if resource.open_on(socket) {
             return Err(format!(
                 "device plugin for resource {:?} on socket {:?} is already registered and connected; \
@@ -217,10 +208,7 @@ pub(super) fn render_devices(devices: Option<&[Device]>) -> String {
     match devices {
         None => "no ListAndWatch message yet".to_owned(),
         Some(devices) => {
-            let items: Vec<String> = devices
-                .iter()
-                .map(|d| format!("{:?} {:?}", d.id, d.health))
-                .collect();
+            let items: Vec<String> = devices.iter().map(|d| format!("{:?} {:?}", d.id, d.health)).collect();
             format!("[{}]", items.join(", "))
         }
     }

@@ -18,9 +18,9 @@ use super::*;
 use crate::proto::v1beta1::device_plugin_server::{DevicePlugin, DevicePluginServer};
 use crate::proto::v1beta1::registration_client::RegistrationClient;
 use crate::proto::v1beta1::{
-    AllocateRequest, AllocateResponse, ContainerAllocateResponse,
-    ContainerPreferredAllocationResponse, Empty, ListAndWatchResponse, PreStartContainerRequest,
-    PreStartContainerResponse, PreferredAllocationRequest, PreferredAllocationResponse,
+    AllocateRequest, AllocateResponse, ContainerAllocateResponse, ContainerPreferredAllocationResponse, Empty,
+    ListAndWatchResponse, PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
+    PreferredAllocationResponse,
 };
 
 const RESOURCE: &str = "example.com/gpu";
@@ -37,30 +37,20 @@ struct TestPlugin {
 
 #[tonic::async_trait]
 impl DevicePlugin for TestPlugin {
-    async fn get_device_plugin_options(
-        &self,
-        _: Request<Empty>,
-    ) -> Result<Response<DevicePluginOptions>, Status> {
+    async fn get_device_plugin_options(&self, _: Request<Empty>) -> Result<Response<DevicePluginOptions>, Status> {
         Ok(Response::new(self.options))
     }
 
     type ListAndWatchStream = ReceiverStream<Result<ListAndWatchResponse, Status>>;
 
-    async fn list_and_watch(
-        &self,
-        _: Request<Empty>,
-    ) -> Result<Response<Self::ListAndWatchStream>, Status> {
+    async fn list_and_watch(&self, _: Request<Empty>) -> Result<Response<Self::ListAndWatchStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
         let mut devices = self.devices.clone();
         let token = self.token.clone();
         tokio::spawn(async move {
             loop {
                 let snapshot = devices.borrow_and_update().clone();
-                if tx
-                    .send(Ok(ListAndWatchResponse { devices: snapshot }))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(ListAndWatchResponse { devices: snapshot })).await.is_err() {
                     return;
                 }
                 tokio::select! {
@@ -81,22 +71,13 @@ impl DevicePlugin for TestPlugin {
             .container_requests
             .into_iter()
             .map(|c| ContainerPreferredAllocationResponse {
-                device_i_ds: c
-                    .available_device_i_ds
-                    .into_iter()
-                    .take(c.allocation_size as usize)
-                    .collect(),
+                device_i_ds: c.available_device_i_ds.into_iter().take(c.allocation_size as usize).collect(),
             })
             .collect();
-        Ok(Response::new(PreferredAllocationResponse {
-            container_responses: responses,
-        }))
+        Ok(Response::new(PreferredAllocationResponse { container_responses: responses }))
     }
 
-    async fn allocate(
-        &self,
-        request: Request<AllocateRequest>,
-    ) -> Result<Response<AllocateResponse>, Status> {
+    async fn allocate(&self, request: Request<AllocateRequest>) -> Result<Response<AllocateResponse>, Status> {
         let request = request.into_inner();
         let responses = request
             .container_requests
@@ -106,13 +87,8 @@ impl DevicePlugin for TestPlugin {
                 ..Default::default()
             })
             .collect();
-        self.allocations
-            .lock()
-            .map_err(|_| Status::internal("poisoned"))?
-            .push(request);
-        Ok(Response::new(AllocateResponse {
-            container_responses: responses,
-        }))
+        self.allocations.lock().map_err(|_| Status::internal("poisoned"))?.push(request);
+        Ok(Response::new(AllocateResponse { container_responses: responses }))
     }
 
     async fn pre_start_container(
@@ -134,37 +110,18 @@ struct Plugin {
 
 impl Plugin {
     /// Serves on `<dir>/<endpoint>` before anything registers (§2.3).
-    fn start(
-        dir: &Path,
-        endpoint: &str,
-        options: DevicePluginOptions,
-        ids: &[&str],
-    ) -> anyhow::Result<Plugin> {
+    fn start(dir: &Path, endpoint: &str, options: DevicePluginOptions, ids: &[&str]) -> anyhow::Result<Plugin> {
         let (devices, rx) = watch::channel(healthy(ids));
         let allocations = Arc::new(Mutex::new(Vec::new()));
         let token = CancellationToken::new();
         let listener = tokio::net::UnixListener::bind(dir.join(endpoint))?;
-        let service = TestPlugin {
-            options,
-            devices: rx,
-            allocations: Arc::clone(&allocations),
-            token: token.clone(),
-        };
+        let service = TestPlugin { options, devices: rx, allocations: Arc::clone(&allocations), token: token.clone() };
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(DevicePluginServer::new(service))
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
-                    token.clone().cancelled_owned(),
-                ),
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), token.clone().cancelled_owned()),
         );
-        Ok(Plugin {
-            endpoint: endpoint.to_owned(),
-            devices,
-            allocations,
-            token,
-            server,
-        })
+        Ok(Plugin { endpoint: endpoint.to_owned(), devices, allocations, token, server })
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -176,11 +133,7 @@ impl Plugin {
 
 fn healthy(ids: &[&str]) -> Vec<Device> {
     ids.iter()
-        .map(|id| Device {
-            id: (*id).to_owned(),
-            health: crate::proto::HEALTHY.to_owned(),
-            topology: None,
-        })
+        .map(|id| Device { id: (*id).to_owned(), health: crate::proto::HEALTHY.to_owned(), topology: None })
         .collect()
 }
 
@@ -198,10 +151,7 @@ async fn register(
         resource_name: resource.to_owned(),
         options: None,
     };
-    Ok(RegistrationClient::new(channel)
-        .register(request)
-        .await
-        .map(|_| ()))
+    Ok(RegistrationClient::new(channel).register(request).await.map(|_| ()))
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -224,10 +174,7 @@ async fn registration_is_accepted_and_list_and_watch_consumed() -> anyhow::Resul
     let dir = tempfile::tempdir()?;
     let kubelet = FakeKubelet::start(dir.path()).await?;
     assert!(is_socket(&kubelet.socket_path()));
-    let options = DevicePluginOptions {
-        pre_start_required: true,
-        get_preferred_allocation_available: false,
-    };
+    let options = DevicePluginOptions { pre_start_required: true, get_preferred_allocation_available: false };
     let plugin = Plugin::start(dir.path(), "gpu.sock", options, &["gpu-0", "gpu-1"])?;
 
     register(&kubelet, "v1beta1", &plugin.endpoint, RESOURCE).await??;
@@ -238,30 +185,19 @@ async fn registration_is_accepted_and_list_and_watch_consumed() -> anyhow::Resul
     assert_eq!(kubelet.options(RESOURCE), Some(options));
     assert!(kubelet.connected(RESOURCE));
 
-    let devices = kubelet
-        .wait_for_devices(RESOURCE, WAIT, |d| d.len() == 2)
-        .await?;
+    let devices = kubelet.wait_for_devices(RESOURCE, WAIT, |d| d.len() == 2).await?;
     assert_eq!(devices, healthy(&["gpu-0", "gpu-1"]));
     assert_eq!(kubelet.list_and_watch_messages(RESOURCE), 1);
 
     plugin.devices.send(healthy(&["gpu-0", "gpu-1", "gpu-2"]))?;
-    kubelet
-        .wait_for_devices(RESOURCE, WAIT, |d| d.len() == 3)
-        .await?;
+    kubelet.wait_for_devices(RESOURCE, WAIT, |d| d.len() == 3).await?;
     assert_eq!(kubelet.list_and_watch_messages(RESOURCE), 2);
 
     // The plugin going away ends the stream: disconnected, calls refused.
     plugin.stop().await?;
     wait_until("the stream ended", || !kubelet.connected(RESOURCE)).await?;
-    let err = kubelet
-        .allocate(RESOURCE, &["gpu-0"])
-        .await
-        .err()
-        .context("allocate after stop")?;
-    assert!(
-        matches!(err, FakeKubeletError::EndpointStopped { .. }),
-        "{err}"
-    );
+    let err = kubelet.allocate(RESOURCE, &["gpu-0"]).await.err().context("allocate after stop")?;
+    assert!(matches!(err, FakeKubeletError::EndpointStopped { .. }), "{err}");
     assert_eq!(kubelet.devices(RESOURCE).map(|d| d.len()), Some(3));
 
     let err = kubelet
@@ -279,42 +215,22 @@ async fn registration_is_accepted_and_list_and_watch_consumed() -> anyhow::Resul
 async fn bad_version_and_resource_name_are_refused_with_kubelet_texts() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let kubelet = FakeKubelet::start(dir.path()).await?;
-    let plugin = Plugin::start(
-        dir.path(),
-        "gpu.sock",
-        DevicePluginOptions::default(),
-        &["gpu-0"],
-    )?;
+    let plugin = Plugin::start(dir.path(), "gpu.sock", DevicePluginOptions::default(), &["gpu-0"])?;
 
-    let status = register(&kubelet, "v1alpha2", "gpu.sock", RESOURCE)
-        .await?
-        .err()
-        .context("v1alpha2")?;
+    let status = register(&kubelet, "v1alpha2", "gpu.sock", RESOURCE).await?.err().context("v1alpha2")?;
     assert_eq!(status.code(), tonic::Code::Unknown);
     assert_eq!(
         status.message(),
         r#"requested API version "v1alpha2" is not supported by kubelet. Supported version is ["v1beta1"]"#
     );
 
-    let status = register(&kubelet, "v1beta1", "gpu.sock", "gpu")
-        .await?
-        .err()
-        .context("bad name")?;
+    let status = register(&kubelet, "v1beta1", "gpu.sock", "gpu").await?.err().context("bad name")?;
     assert_eq!(status.code(), tonic::Code::Unknown);
     assert_eq!(status.message(), r#"the ResourceName "gpu" is invalid"#);
 
-    let status = register(&kubelet, "v1beta1", "missing.sock", RESOURCE)
-        .await?
-        .err()
-        .context("no socket")?;
+    let status = register(&kubelet, "v1beta1", "missing.sock", RESOURCE).await?.err().context("no socket")?;
     assert_eq!(status.code(), tonic::Code::Unknown);
-    assert!(
-        status
-            .message()
-            .starts_with("failed to dial device plugin: "),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().starts_with("failed to dial device plugin: "), "{}", status.message());
 
     assert_eq!(kubelet.registrations().len(), 3);
     assert_eq!(kubelet.registration_count(RESOURCE), 0);
@@ -325,10 +241,7 @@ async fn bad_version_and_resource_name_are_refused_with_kubelet_texts() -> anyho
         .err()
         .context("nothing accepted")?;
     assert!(err.to_string().contains("0 accepted, 2 refused"), "{err}");
-    assert!(
-        err.to_string().contains("failed to dial device plugin"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("failed to dial device plugin"), "{err}");
     plugin.stop().await?;
     kubelet.stop().await;
     Ok(())
@@ -338,38 +251,19 @@ async fn bad_version_and_resource_name_are_refused_with_kubelet_texts() -> anyho
 async fn same_socket_is_refused_while_connected() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let kubelet = FakeKubelet::start(dir.path()).await?;
-    let plugin = Plugin::start(
-        dir.path(),
-        "gpu.sock",
-        DevicePluginOptions::default(),
-        &["gpu-0"],
-    )?;
+    let plugin = Plugin::start(dir.path(), "gpu.sock", DevicePluginOptions::default(), &["gpu-0"])?;
     register(&kubelet, "v1beta1", "gpu.sock", RESOURCE).await??;
 
-    let status = register(&kubelet, "v1beta1", "gpu.sock", RESOURCE)
-        .await?
-        .err()
-        .context("duplicate")?;
+    let status = register(&kubelet, "v1beta1", "gpu.sock", RESOURCE).await?.err().context("duplicate")?;
     assert_eq!(status.code(), tonic::Code::Unknown);
     assert!(status.message().contains(RESOURCE), "{}", status.message());
-    assert!(
-        status.message().contains("gpu.sock"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("gpu.sock"), "{}", status.message());
     assert_eq!(kubelet.registration_count(RESOURCE), 1);
 
     // Another instance on its own socket is a new, current connection.
-    let second = Plugin::start(
-        dir.path(),
-        "gpu-2.sock",
-        DevicePluginOptions::default(),
-        &["gpu-9"],
-    )?;
+    let second = Plugin::start(dir.path(), "gpu-2.sock", DevicePluginOptions::default(), &["gpu-9"])?;
     register(&kubelet, "v1beta1", "gpu-2.sock", RESOURCE).await??;
-    kubelet
-        .wait_for_devices(RESOURCE, WAIT, |d| d == healthy(&["gpu-9"]))
-        .await?;
+    kubelet.wait_for_devices(RESOURCE, WAIT, |d| d == healthy(&["gpu-9"])).await?;
     assert_eq!(kubelet.registration_count(RESOURCE), 2);
     plugin.stop().await?;
     second.stop().await?;
@@ -381,16 +275,9 @@ async fn same_socket_is_refused_while_connected() -> anyhow::Result<()> {
 async fn restart_deletes_only_sockets_and_serves_again() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let kubelet = FakeKubelet::start(dir.path()).await?;
-    let plugin = Plugin::start(
-        dir.path(),
-        "gpu.sock",
-        DevicePluginOptions::default(),
-        &["gpu-0"],
-    )?;
+    let plugin = Plugin::start(dir.path(), "gpu.sock", DevicePluginOptions::default(), &["gpu-0"])?;
     register(&kubelet, "v1beta1", "gpu.sock", RESOURCE).await??;
-    kubelet
-        .wait_for_devices(RESOURCE, WAIT, |d| d.len() == 1)
-        .await?;
+    kubelet.wait_for_devices(RESOURCE, WAIT, |d| d.len() == 1).await?;
     let marker = dir.path().join("DEPRECATION");
     let checkpoint = dir.path().join("kubelet_internal_checkpoint");
     std::fs::write(&marker, "")?;
@@ -399,14 +286,8 @@ async fn restart_deletes_only_sockets_and_serves_again() -> anyhow::Result<()> {
     assert!(is_socket(&plugin_socket));
 
     kubelet.restart().await?;
-    assert!(
-        !plugin_socket.exists(),
-        "plugin socket survived the restart"
-    );
-    assert!(
-        marker.is_file() && checkpoint.is_file(),
-        "regular files must survive"
-    );
+    assert!(!plugin_socket.exists(), "plugin socket survived the restart");
+    assert!(marker.is_file() && checkpoint.is_file(), "regular files must survive");
     assert!(is_socket(&kubelet.socket_path()), "no new kubelet.sock");
     assert!(!kubelet.connected(RESOURCE));
     assert_eq!(kubelet.registration_count(RESOURCE), 1);
@@ -414,17 +295,10 @@ async fn restart_deletes_only_sockets_and_serves_again() -> anyhow::Result<()> {
     plugin.stop().await?;
 
     // The plugin recreates its socket and registers with the new kubelet.
-    let plugin = Plugin::start(
-        dir.path(),
-        "gpu.sock",
-        DevicePluginOptions::default(),
-        &["gpu-0", "gpu-1"],
-    )?;
+    let plugin = Plugin::start(dir.path(), "gpu.sock", DevicePluginOptions::default(), &["gpu-0", "gpu-1"])?;
     register(&kubelet, "v1beta1", "gpu.sock", RESOURCE).await??;
     kubelet.wait_for_registrations(RESOURCE, 2, WAIT).await?;
-    kubelet
-        .wait_for_devices(RESOURCE, WAIT, |d| d.len() == 2)
-        .await?;
+    kubelet.wait_for_devices(RESOURCE, WAIT, |d| d.len() == 2).await?;
     assert!(kubelet.connected(RESOURCE));
     assert_eq!(kubelet.list_and_watch_messages(RESOURCE), 1);
     plugin.stop().await?;
@@ -436,48 +310,23 @@ async fn restart_deletes_only_sockets_and_serves_again() -> anyhow::Result<()> {
 async fn allocate_sends_exactly_one_container_request() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let kubelet = FakeKubelet::start(dir.path()).await?;
-    let plugin = Plugin::start(
-        dir.path(),
-        "gpu.sock",
-        DevicePluginOptions::default(),
-        &["gpu-0", "gpu-1"],
-    )?;
-    let err = kubelet
-        .allocate(RESOURCE, &["gpu-0"])
-        .await
-        .err()
-        .context("unregistered")?;
-    assert!(
-        matches!(err, FakeKubeletError::NotRegistered { .. }),
-        "{err}"
-    );
+    let plugin = Plugin::start(dir.path(), "gpu.sock", DevicePluginOptions::default(), &["gpu-0", "gpu-1"])?;
+    let err = kubelet.allocate(RESOURCE, &["gpu-0"]).await.err().context("unregistered")?;
+    assert!(matches!(err, FakeKubeletError::NotRegistered { .. }), "{err}");
     register(&kubelet, "v1beta1", "gpu.sock", RESOURCE).await??;
 
     let response = kubelet.allocate(RESOURCE, &["gpu-1", "gpu-0"]).await?;
     assert_eq!(response.container_responses.len(), 1);
-    let allocations = plugin
-        .allocations
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
+    let allocations = plugin.allocations.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     assert_eq!(allocations.len(), 1);
     assert_eq!(allocations[0].container_requests.len(), 1);
-    assert_eq!(
-        allocations[0].container_requests[0].devices_ids,
-        ["gpu-1", "gpu-0"]
-    );
+    assert_eq!(allocations[0].container_requests[0].devices_ids, ["gpu-1", "gpu-0"]);
 
-    let preferred = kubelet
-        .preferred_allocation(RESOURCE, &["gpu-0", "gpu-1"], &[], 1)
-        .await?;
+    let preferred = kubelet.preferred_allocation(RESOURCE, &["gpu-0", "gpu-1"], &[], 1).await?;
     assert_eq!(preferred.container_responses.len(), 1);
     assert_eq!(preferred.container_responses[0].device_i_ds, ["gpu-0"]);
     kubelet.pre_start(RESOURCE, &["gpu-0"]).await?;
-    kubelet
-        .client(RESOURCE)
-        .await?
-        .get_device_plugin_options(Empty {})
-        .await?;
+    kubelet.client(RESOURCE).await?.get_device_plugin_options(Empty {}).await?;
     plugin.stop().await?;
     kubelet.stop().await;
     Ok(())
@@ -489,16 +338,7 @@ fn endpoint_joins_like_go_filepath_join() {
     assert_eq!(join_endpoint(dir, "x.sock"), dir.join("x.sock"));
     assert_eq!(join_endpoint(dir, "/x.sock"), dir.join("x.sock"));
     assert_eq!(join_endpoint(dir, "./a/../x.sock"), dir.join("x.sock"));
-    assert_eq!(
-        join_endpoint(dir, "../x.sock"),
-        Path::new("/var/lib/kubelet/x.sock")
-    );
-    assert_eq!(
-        join_endpoint(dir, "../../../../../x.sock"),
-        Path::new("/x.sock")
-    );
-    assert_eq!(
-        join_endpoint(Path::new("rel"), "../../x"),
-        Path::new("../x")
-    );
+    assert_eq!(join_endpoint(dir, "../x.sock"), Path::new("/var/lib/kubelet/x.sock"));
+    assert_eq!(join_endpoint(dir, "../../../../../x.sock"), Path::new("/x.sock"));
+    assert_eq!(join_endpoint(Path::new("rel"), "../../x"), Path::new("../x"));
 }

@@ -79,6 +79,8 @@ pub async fn register(
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result.map(|_| ()),
-        Err(_) => Err(KubeletError::TimedOut { socket: kubelet_socket.to_owned(), resource: resource.to_owned(), timeout }),
+        Err(_) => {
+            Err(KubeletError::TimedOut { socket: kubelet_socket.to_owned(), resource: resource.to_owned(), timeout })
+        }
     }
 }

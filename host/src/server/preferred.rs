@@ -69,7 +69,14 @@ mod tests {
     }
 
     fn devices() -> Vec<Device> {
-        vec![device("a0", &[0]), device("a1", &[0]), device("b0", &[1]), device("b1", &[1]), device("b2", &[1]), device("n", &[])]
+        vec![
+            device("a0", &[0]),
+            device("a1", &[0]),
+            device("b0", &[1]),
+            device("b1", &[1]),
+            device("b2", &[1]),
+            device("n", &[]),
+        ]
     }
 
     #[test]
@@ -78,7 +85,10 @@ mod tests {
         assert_eq!(chosen, ["b0", "b1", "b2"]);
         let chosen = choose(&devices(), &request(&["a0", "a1", "b0", "b1", "b2", "n"], &[], 2));
         assert_eq!(chosen.len(), 2);
-        let nodes: BTreeSet<i64> = chosen.iter().map(|id| devices().iter().find(|d| &d.id == id).map(|d| d.numa_nodes[0]).unwrap_or(-1)).collect();
+        let nodes: BTreeSet<i64> = chosen
+            .iter()
+            .map(|id| devices().iter().find(|d| &d.id == id).map(|d| d.numa_nodes[0]).unwrap_or(-1))
+            .collect();
         assert_eq!(nodes.len(), 1, "{chosen:?}");
     }
 

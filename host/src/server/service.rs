@@ -29,7 +29,12 @@ pub struct DevicePluginService {
 
 impl DevicePluginService {
     /// A service for `spec`, whose devices are in `state`.
-    pub fn new(spec: ResourceSpec, state: Arc<ResourceState>, backend: Arc<BackendHandle>, stop: CancellationToken) -> Self {
+    pub fn new(
+        spec: ResourceSpec,
+        state: Arc<ResourceState>,
+        backend: Arc<BackendHandle>,
+        stop: CancellationToken,
+    ) -> Self {
         DevicePluginService { spec, state, backend, stop }
     }
 
@@ -49,7 +54,10 @@ impl DevicePluginService {
         }
     }
 
-    async fn preferred_for(&self, request: v1beta1::ContainerPreferredAllocationRequest) -> Result<Vec<String>, Status> {
+    async fn preferred_for(
+        &self,
+        request: v1beta1::ContainerPreferredAllocationRequest,
+    ) -> Result<Vec<String>, Status> {
         let size = usize::try_from(request.allocation_size).map_err(|_| RequestError::NegativeSize {
             resource: self.spec.name.clone(),
             size: request.allocation_size,
@@ -61,7 +69,8 @@ impl DevicePluginService {
         };
         let resource = self.spec.name.clone();
         let asked = question.clone();
-        let answer = self.backend.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &asked)).await?;
+        let answer =
+            self.backend.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &asked)).await?;
         let devices = &self.state.snapshot().devices;
         match answer {
             None => Ok(preferred::choose(devices, &question)),
@@ -107,12 +116,20 @@ fn to_proto(allocation: Allocation) -> v1beta1::ContainerAllocateResponse {
         mounts: allocation
             .mounts
             .into_iter()
-            .map(|m| v1beta1::Mount { container_path: m.container_path, host_path: m.host_path, read_only: m.read_only })
+            .map(|m| v1beta1::Mount {
+                container_path: m.container_path,
+                host_path: m.host_path,
+                read_only: m.read_only,
+            })
             .collect(),
         devices: allocation
             .device_specs
             .into_iter()
-            .map(|d| v1beta1::DeviceSpec { container_path: d.container_path, host_path: d.host_path, permissions: d.permissions })
+            .map(|d| v1beta1::DeviceSpec {
+                container_path: d.container_path,
+                host_path: d.host_path,
+                permissions: d.permissions,
+            })
             .collect(),
         annotations: allocation.annotations.into_iter().collect(),
         cdi_devices: allocation.cdi_devices.into_iter().map(|name| v1beta1::CdiDevice { name }).collect(),
@@ -154,7 +171,10 @@ impl DevicePlugin for DevicePluginService {
         Ok(Response::new(v1beta1::PreferredAllocationResponse { container_responses }))
     }
 
-    async fn allocate(&self, request: Request<v1beta1::AllocateRequest>) -> Result<Response<v1beta1::AllocateResponse>, Status> {
+    async fn allocate(
+        &self,
+        request: Request<v1beta1::AllocateRequest>,
+    ) -> Result<Response<v1beta1::AllocateResponse>, Status> {
         let mut container_responses = Vec::new();
         for container in request.into_inner().container_requests {
             self.check_known(&container.devices_ids)?;

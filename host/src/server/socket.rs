@@ -64,10 +64,7 @@ pub fn socket_name(plugin_dir: &Path, resource: &str, instance: &str) -> String 
 
 /// The part of a socket name derived from the resource (`/` becomes `_`).
 pub fn sanitise(resource: &str) -> String {
-    resource
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
-        .collect()
+    resource.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' }).collect()
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {

@@ -102,11 +102,23 @@ fn semantic_errors_point_at_the_value() {
             "6:8: domain \"Example.com\" of resource name \"Example.com/gpu\" must be a lower-case DNS subdomain",
         ),
         (TWO_GPUS.replace("id = \"gpu-1\"", "id = \"gpu-0\""), "20:6: device ID \"gpu-0\" appears twice"),
-        (TWO_GPUS.replace("health = \"Unhealthy\"", "health = \"sick\""), "22:10: health must be \"Healthy\" or \"Unhealthy\""),
+        (
+            TWO_GPUS.replace("health = \"Unhealthy\"", "health = \"sick\""),
+            "22:10: health must be \"Healthy\" or \"Unhealthy\"",
+        ),
         (TWO_GPUS.replace("numa = [1]", "numa = [-1]"), "21:9: NUMA node IDs are 0 or more"),
-        (TWO_GPUS.replace("permissions = \"rw\"", "permissions = \"rx\""), "16:87: permissions must be a combination of r, w and m"),
-        (TWO_GPUS.replace("container_path = \"/opt/gpu\"", "container_path = \"opt\""), "17:54: container_path must be absolute"),
-        (TWO_GPUS.replace("cdi_kind = \"example.com/gpu\"", "cdi_kind = \"gpu\""), "10:12: cdi_kind must be a CDI kind"),
+        (
+            TWO_GPUS.replace("permissions = \"rw\"", "permissions = \"rx\""),
+            "16:87: permissions must be a combination of r, w and m",
+        ),
+        (
+            TWO_GPUS.replace("container_path = \"/opt/gpu\"", "container_path = \"opt\""),
+            "17:54: container_path must be absolute",
+        ),
+        (
+            TWO_GPUS.replace("cdi_kind = \"example.com/gpu\"", "cdi_kind = \"gpu\""),
+            "10:12: cdi_kind must be a CDI kind",
+        ),
         (TWO_GPUS.replace("numa = [0]", "numa = [0]\ncolour = \"red\""), "15:1: unknown field `colour`"),
     ];
     for (source, expected) in cases {
