@@ -174,11 +174,24 @@ pub struct Publisher {
     inner: Arc<Mutex<PublisherInner>>,
 }
 
-#[derive(Debug, Default)]
+/// Called with every list refused after `init` (the caller also gets the error).
+type RefusedFn = Arc<dyn Fn(&PublishError) + Send + Sync>;
+
+#[derive(Default)]
 struct PublisherInner {
     resources: HashMap<String, Arc<ResourceState>>,
     /// Once sealed (after `init`), only declared resources may be published.
     sealed: bool,
+    on_refused: Option<RefusedFn>,
+}
+
+impl std::fmt::Debug for PublisherInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherInner")
+            .field("resources", &self.resources.keys())
+            .field("sealed", &self.sealed)
+            .finish()
+    }
 }
 
 impl Publisher {
@@ -186,12 +199,28 @@ impl Publisher {
     /// re-initialised: its resources keep their states and their streams.
     pub fn for_states(states: &[Arc<ResourceState>]) -> Self {
         let resources = states.iter().map(|state| (state.name.clone(), state.clone())).collect();
-        Publisher { inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true })) }
+        Publisher { inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true, on_refused: None })) }
+    }
+
+    /// Sets what happens when a list is refused after `init` (the host
+    /// treats it as a fault of the backend).
+    pub fn on_refused(&self, hook: RefusedFn) {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).on_refused = Some(hook);
     }
 
     /// Replaces the device list of `resource`.
     pub fn publish(&self, resource: &str, devices: Vec<Device>) -> Result<(), PublishError> {
-        self.state(resource)?.publish(devices)
+        let result = self.state(resource).and_then(|state| state.publish(devices));
+        if let Err(error) = &result {
+            let hook = {
+                let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+                inner.on_refused.clone().filter(|_| inner.sealed)
+            };
+            if let Some(hook) = hook {
+                hook(error);
+            }
+        }
+        result
     }
 
     /// The state of `resource`. During `init` a backend may publish a

@@ -18,6 +18,8 @@ pub mod daemon;
 pub mod demo;
 pub mod device_state;
 pub mod fake_kubelet;
+#[allow(unsafe_code)]
+pub mod native;
 pub mod proto;
 pub mod registration;
 pub mod resource_name;

@@ -3,4 +3,6 @@
 
 mod harness;
 mod host;
+mod native;
+mod native_loader;
 mod wire_contract;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Backend, ResourceSpec};
-use crate::device_state::{Publisher, ResourceState};
+use crate::device_state::{PublishError, Publisher, ResourceState};
 use crate::resource_name::{self, ResourceNameError};
 
 /// First back-off before re-initialising a faulted backend.
@@ -104,6 +104,31 @@ pub struct BackendHandle {
     timeout: Duration,
     resources: Vec<(ResourceSpec, Arc<ResourceState>)>,
     faulted: Notify,
+    refused: RefusedHook,
+}
+
+/// Turns a device list the backend publishes from its own thread, and the
+/// host refuses, into a fault of the backend (like invalid data returned
+/// from a call). Holds the handle weakly: the handle owns the publisher.
+#[derive(Clone, Default)]
+struct RefusedHook(Arc<std::sync::OnceLock<std::sync::Weak<BackendHandle>>>);
+
+impl RefusedHook {
+    fn attach(&self, handle: &Arc<BackendHandle>) {
+        let _ = self.0.set(Arc::downgrade(handle));
+    }
+
+    fn into_fn(self) -> Arc<dyn Fn(&PublishError) + Send + Sync> {
+        Arc::new(move |error: &PublishError| {
+            if let Some(handle) = self.0.get().and_then(std::sync::Weak::upgrade) {
+                handle.report_fault(&CallError::Invalid {
+                    backend: handle.name.clone(),
+                    operation: "publish",
+                    message: error.to_string(),
+                });
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for BackendHandle {
@@ -124,6 +149,8 @@ impl BackendHandle {
     ) -> Result<Arc<Self>, StartError> {
         let name = name.into();
         let publisher = Publisher::default();
+        let refused = RefusedHook::default();
+        publisher.on_refused(refused.clone().into_fn());
         let init_publisher = publisher.clone();
         let specs = run_blocking(&name, "init", timeout, backend.clone(), move |b| b.init(init_publisher)).await?;
         check_resources(&name, &specs)?;
@@ -135,7 +162,9 @@ impl BackendHandle {
             timeout,
             resources: specs.into_iter().zip(states).collect(),
             faulted: Notify::new(),
+            refused: refused.clone(),
         });
+        refused.attach(&handle);
         tokio::spawn(supervise(handle.clone(), cancel));
         Ok(handle)
     }
@@ -220,6 +249,7 @@ async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
     run_blocking(&handle.name, "shutdown", timeout, handle.backend.clone(), |b| Ok(b.shutdown())).await?;
     let states: Vec<Arc<ResourceState>> = handle.resources.iter().map(|(_, state)| state.clone()).collect();
     let publisher = Publisher::for_states(&states);
+    publisher.on_refused(handle.refused.clone().into_fn());
     let specs = run_blocking(&handle.name, "init", timeout, handle.backend.clone(), move |b| b.init(publisher)).await?;
     let expected: Vec<&ResourceSpec> = handle.resources.iter().map(|(spec, _)| spec).collect();
     if specs.iter().collect::<Vec<_>>() != expected {
@@ -272,6 +302,9 @@ where
             Err(CallError::Panicked { backend: backend_name, operation, message: join_error.to_string() })
         }
         Ok(Ok(Err(message))) => Err(CallError::Panicked { backend: backend_name, operation, message }),
+        Ok(Ok(Ok(Err(error)))) if error.fault => {
+            Err(CallError::Invalid { backend: backend_name, operation, message: error.message })
+        }
         Ok(Ok(Ok(Err(error)))) => Err(CallError::Failed { backend: backend_name, operation, message: error.message }),
         Ok(Ok(Ok(Ok(value)))) => Ok(value),
     }
@@ -283,4 +316,85 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic with a non-string payload".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::{Allocation, BackendError, Device};
+
+    /// Publishes one healthy device at init and keeps its publisher, so the
+    /// test can publish from "its own thread" later.
+    #[derive(Default)]
+    struct Keeper {
+        publisher: Mutex<Option<Publisher>>,
+        inits: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Backend for Keeper {
+        fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
+            self.inits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            publisher.publish("t.io/x", vec![Device::healthy("x0")]).map_err(|e| BackendError::new(e.to_string()))?;
+            *self.publisher.lock().expect("lock") = Some(publisher);
+            Ok(vec![ResourceSpec { name: "t.io/x".into(), pre_start_required: false, preferred_allocation: false }])
+        }
+
+        fn allocate(&self, _: &str, ids: &[String]) -> Result<Allocation, BackendError> {
+            match ids.first().map(String::as_str) {
+                Some("busy") => Err(BackendError::new("device busy")),
+                Some("garbage") => Err(BackendError::fault("returned a mount without a path")),
+                _ => Ok(Allocation::default()),
+            }
+        }
+    }
+
+    async fn eventually(mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "condition never held");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_declined_request_is_not_a_fault_but_invalid_data_is() {
+        let keeper = Arc::new(Keeper::default());
+        let handle = BackendHandle::start("keeper", keeper.clone(), Duration::from_secs(5), CancellationToken::new())
+            .await
+            .expect("starts");
+        let state = handle.resources()[0].1.clone();
+        let busy = handle.call("allocate", |b| b.allocate("t.io/x", &["busy".into()])).await.expect_err("declined");
+        assert!(!busy.is_fault());
+        assert_eq!(state.snapshot().fault, None, "declining a request leaves the devices healthy");
+        let garbage = handle.call("allocate", |b| b.allocate("t.io/x", &["garbage".into()])).await.expect_err("fault");
+        assert_eq!(
+            garbage.to_string(),
+            "backend \"keeper\": allocate returned invalid data: returned a mount without a path"
+        );
+        assert_eq!(state.snapshot().response.devices[0].health, "Unhealthy");
+        eventually(|| state.snapshot().fault.is_none()).await;
+        assert_eq!(keeper.inits.load(std::sync::atomic::Ordering::SeqCst), 2, "re-initialised once");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_list_published_from_a_backend_thread_is_a_fault() {
+        let keeper = Arc::new(Keeper::default());
+        let handle = BackendHandle::start("keeper", keeper.clone(), Duration::from_secs(5), CancellationToken::new())
+            .await
+            .expect("starts");
+        let state = handle.resources()[0].1.clone();
+        let publisher = keeper.publisher.lock().expect("lock").clone().expect("kept at init");
+        let refused =
+            std::thread::spawn(move || publisher.publish("t.io/x", vec![Device::healthy("")])).join().expect("thread");
+        assert!(matches!(refused, Err(PublishError::EmptyId { .. })));
+        let fault = state.snapshot().fault.clone().expect("faulted");
+        assert_eq!(
+            fault,
+            "backend \"keeper\": publish returned invalid data: resource \"t.io/x\": device #0 has an empty ID"
+        );
+        assert_eq!(state.snapshot().devices, vec![Device::healthy("x0")], "the last good list is kept");
+        eventually(|| state.snapshot().fault.is_none()).await;
+    }
 }

@@ -119,12 +119,21 @@ pub struct PreferredRequest {
 pub struct BackendError {
     /// What went wrong, in the backend's words.
     pub message: String,
+    /// The backend broke the contract (invalid data, unknown status): its
+    /// devices go Unhealthy and it is re-initialised. Otherwise the error
+    /// only declines this one request.
+    pub fault: bool,
 }
 
 impl BackendError {
-    /// An error with the given message.
+    /// A request the backend declines; the backend stays healthy.
     pub fn new(message: impl Into<String>) -> Self {
-        BackendError { message: message.into() }
+        BackendError { message: message.into(), fault: false }
+    }
+
+    /// A contract violation: the backend is treated as broken.
+    pub fn fault(message: impl Into<String>) -> Self {
+        BackendError { message: message.into(), fault: true }
     }
 }
 

@@ -130,8 +130,12 @@ async fn start_backend(
 fn build_backend(config: &BackendConfig) -> Result<Arc<dyn Backend>, String> {
     match &config.source {
         BackendSource::Static(static_config) => Ok(Arc::new(StaticBackend::new(static_config.clone()))),
-        BackendSource::Module { path, .. } => {
-            Err(format!("module {}: module backends are not supported by this build yet", path.display()))
+        BackendSource::Module { path, sha256 } => {
+            let settings = serde_json::to_string(&config.settings)
+                .map_err(|error| format!("cannot pass [config] to the module as JSON: {error}"))?;
+            crate::native::load(path, sha256.as_deref(), settings)
+                .map(|backend| backend as Arc<dyn Backend>)
+                .map_err(|error| error.to_string())
         }
     }
 }

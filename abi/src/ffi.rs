@@ -1,0 +1,376 @@
+//! The `#[repr(C)]` definitions of the native backend ABI, version 1: the
+//! single source of truth for `include/devhost_backend.h` (generated from
+//! this file by cbindgen) and for the host's loader, which uses these very
+//! types. The SDK's safe view lives in [`crate::sdk`]; this module holds no
+//! logic and no `unsafe`.
+//!
+//! Rules every item here keeps (see `abi/README.md` for the full contract):
+//! every struct starts with `struct_size` (and `abi_version` where it has
+//! one) and only ever grows at the end; strings are [`DevhostStr`]
+//! (pointer + length, UTF-8, not NUL-terminated); nothing one side allocates
+//! is freed by the other.
+
+use std::ffi::c_void;
+use std::marker::{PhantomData, PhantomPinned};
+
+/// Major version of the ABI described here. A change of major breaks
+/// compatibility: the host refuses a backend of another major.
+pub const DEVHOST_ABI_VERSION_MAJOR: u32 = 1;
+/// Minor version of the ABI described here. Minors only append fields,
+/// callbacks and constants; both sides read what the other's sizes cover.
+pub const DEVHOST_ABI_VERSION_MINOR: u32 = 0;
+/// The packed version `(major << 16) | minor` of this ABI.
+pub const DEVHOST_ABI_VERSION: u32 = (DEVHOST_ABI_VERSION_MAJOR << 16) | DEVHOST_ABI_VERSION_MINOR;
+
+/// The symbol every backend exports; its type is [`DevhostBackendEntry`].
+pub const DEVHOST_BACKEND_ENTRY_SYMBOL: &str = "devhost_backend_entry";
+
+/// Status: the call succeeded.
+pub const DEVHOST_OK: i32 = 0;
+/// Status from a backend call: it failed; its message was given through
+/// `DevhostHostApi::set_error`. The host reports it to the kubelet.
+pub const DEVHOST_ERROR: i32 = 1;
+/// Status from a backend call: the backend itself is broken (a caught panic,
+/// a failed assertion). The host marks the backend's devices Unhealthy and
+/// re-initialises it with back-off. A message may be given with `set_error`.
+pub const DEVHOST_FAULT: i32 = 2;
+/// Status from `preferred_allocation` only: no preference; the host's
+/// default policy chooses.
+pub const DEVHOST_USE_DEFAULT: i32 = 3;
+
+/// Callback result: the data broke the contract (not UTF-8, empty or
+/// duplicate ID, unknown health, struct too small, NULL pointer). The host
+/// logged why; a result callback also makes the current call fail.
+pub const DEVHOST_E_INVALID: i32 = -1;
+/// Callback result: the `DevhostHost` context is closed (its backend
+/// instance was shut down); nothing was published.
+pub const DEVHOST_E_CLOSED: i32 = -2;
+/// Callback result: this callback is not allowed during the current call
+/// (for example `add_env` during `init`).
+pub const DEVHOST_E_WRONG_CALL: i32 = -3;
+/// Callback result: the host failed internally; nothing was recorded.
+pub const DEVHOST_E_INTERNAL: i32 = -4;
+
+/// Device health: usable.
+pub const DEVHOST_HEALTH_HEALTHY: u32 = 1;
+/// Device health: not usable.
+pub const DEVHOST_HEALTH_UNHEALTHY: u32 = 2;
+
+/// `DevhostResource::flags`: the kubelet must call `pre_start` before each
+/// container start.
+pub const DEVHOST_RESOURCE_PRE_START_REQUIRED: u32 = 1;
+/// `DevhostResource::flags`: the backend answers `preferred_allocation`.
+pub const DEVHOST_RESOURCE_PREFERRED_ALLOCATION: u32 = 2;
+
+/// Log level: something failed.
+pub const DEVHOST_LOG_ERROR: u32 = 1;
+/// Log level: something is wrong but the backend carries on.
+pub const DEVHOST_LOG_WARN: u32 = 2;
+/// Log level: normal operation worth recording.
+pub const DEVHOST_LOG_INFO: u32 = 3;
+/// Log level: detail for debugging.
+pub const DEVHOST_LOG_DEBUG: u32 = 4;
+
+/// A borrowed UTF-8 string: `len` bytes at `ptr`, not NUL-terminated.
+/// `ptr` may be NULL only when `len` is 0. Valid only during the call that
+/// passes it; the receiver copies what it keeps.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostStr {
+    /// First byte, or NULL for the empty string.
+    pub ptr: *const u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Host-owned context of one backend instance, handed to `init`. Pass it
+/// to `publish` and `log`. Thread-safe; the host keeps the pointer valid for
+/// the life of the process, and after `shutdown` its `publish` answers
+/// `DEVHOST_E_CLOSED`.
+pub struct DevhostHost {
+    _opaque: [u8; 0],
+    _marker: PhantomData<(*mut u8, PhantomPinned)>,
+}
+
+/// Host-owned collector of one call's results (`set_error`, `add_*`).
+/// Valid only until the backend call it was passed to returns; it may be
+/// used from any thread during that call.
+pub struct DevhostCall {
+    _opaque: [u8; 0],
+    _marker: PhantomData<(*mut u8, PhantomPinned)>,
+}
+
+/// One device in a `publish` list.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostDevice {
+    /// `sizeof(DevhostDevice)` as the backend compiled it. Every element of
+    /// one list has the same size, which is also the array's stride.
+    pub struct_size: u32,
+    /// `DEVHOST_HEALTH_HEALTHY` or `DEVHOST_HEALTH_UNHEALTHY`.
+    pub health: u32,
+    /// Unique, non-empty ID within the resource.
+    pub id: DevhostStr,
+    /// NUMA nodes the device is attached to (may be NULL when the count is 0).
+    pub numa_nodes: *const i64,
+    /// Number of entries in `numa_nodes`; 0 means no NUMA preference.
+    pub numa_nodes_len: usize,
+}
+
+/// A resource the backend serves, declared with `add_resource` during `init`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostResource {
+    /// `sizeof(DevhostResource)` as the backend compiled it.
+    pub struct_size: u32,
+    /// `DEVHOST_RESOURCE_*` bits; unknown bits are refused.
+    pub flags: u32,
+    /// Extended resource name, e.g. `example.com/gpu`.
+    pub name: DevhostStr,
+}
+
+/// A bind mount, added with `add_mount` during `allocate`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostMount {
+    /// `sizeof(DevhostMount)` as the backend compiled it.
+    pub struct_size: u32,
+    /// Non-zero: mounted read-only.
+    pub read_only: u32,
+    /// Path inside the container.
+    pub container_path: DevhostStr,
+    /// Path on the host.
+    pub host_path: DevhostStr,
+}
+
+/// A device node, added with `add_device_spec` during `allocate`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostDeviceSpec {
+    /// `sizeof(DevhostDeviceSpec)` as the backend compiled it.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Path inside the container.
+    pub container_path: DevhostStr,
+    /// Path on the host.
+    pub host_path: DevhostStr,
+    /// cgroup permissions: any combination of `r`, `w`, `m`.
+    pub permissions: DevhostStr,
+}
+
+/// The question of one `preferred_allocation` call (host-owned, read-only).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostPreferredRequest {
+    /// `sizeof(DevhostPreferredRequest)` as the host compiled it.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Device IDs the answer may choose from.
+    pub available: *const DevhostStr,
+    /// Number of entries in `available`.
+    pub available_len: usize,
+    /// Device IDs the answer must contain.
+    pub must_include: *const DevhostStr,
+    /// Number of entries in `must_include`.
+    pub must_include_len: usize,
+    /// How many device IDs the answer must contain.
+    pub size: usize,
+}
+
+/// The arguments of `init` (host-owned, read-only, valid during `init`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostInitArgs {
+    /// `sizeof(DevhostInitArgs)` as the host compiled it.
+    pub struct_size: u32,
+    /// The host's ABI version, `(major << 16) | minor`.
+    pub abi_version: u32,
+    /// The host's callback table (the same one the entry point received).
+    pub host_api: *const DevhostHostApi,
+    /// This instance's context for `publish` and `log`.
+    pub host: *mut DevhostHost,
+    /// The backend's `[config]` table from its TOML file, as a JSON object.
+    pub config_json: DevhostStr,
+}
+
+/// Publishes the full device list of `resource` (replacing the previous
+/// one). Any thread, from the start of `init` until `shutdown` is called.
+pub type DevhostPublishFn = unsafe extern "C" fn(
+    host: *mut DevhostHost,
+    resource: DevhostStr,
+    devices: *const DevhostDevice,
+    count: usize,
+) -> i32;
+/// Writes one line to the host's log. Any thread, any time; `host` may be
+/// NULL (for example inside the entry point).
+pub type DevhostLogFn = unsafe extern "C" fn(host: *mut DevhostHost, level: u32, message: DevhostStr);
+/// Sets the error message of the current call (the last one wins).
+pub type DevhostSetErrorFn = unsafe extern "C" fn(call: *mut DevhostCall, message: DevhostStr);
+/// `init` only: declares one resource.
+pub type DevhostAddResourceFn = unsafe extern "C" fn(call: *mut DevhostCall, resource: *const DevhostResource) -> i32;
+/// `allocate` only: adds a key/value pair (environment variable or
+/// annotation).
+pub type DevhostAddPairFn = unsafe extern "C" fn(call: *mut DevhostCall, key: DevhostStr, value: DevhostStr) -> i32;
+/// `allocate` only: adds a bind mount.
+pub type DevhostAddMountFn = unsafe extern "C" fn(call: *mut DevhostCall, mount: *const DevhostMount) -> i32;
+/// `allocate` only: adds a device node.
+pub type DevhostAddDeviceSpecFn = unsafe extern "C" fn(call: *mut DevhostCall, spec: *const DevhostDeviceSpec) -> i32;
+/// Adds one string: a CDI device name (`allocate`) or a device ID of the
+/// answer (`preferred_allocation`).
+pub type DevhostAddStrFn = unsafe extern "C" fn(call: *mut DevhostCall, value: DevhostStr) -> i32;
+
+/// The host's callback table, passed to the entry point. Static: valid for
+/// the life of the process. Read a field only when `struct_size` covers it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostHostApi {
+    /// `sizeof(DevhostHostApi)` as the host compiled it.
+    pub struct_size: u32,
+    /// The host's ABI version, `(major << 16) | minor`.
+    pub abi_version: u32,
+    /// See [`DevhostPublishFn`].
+    pub publish: DevhostPublishFn,
+    /// See [`DevhostLogFn`].
+    pub log: DevhostLogFn,
+    /// See [`DevhostSetErrorFn`]; any backend call.
+    pub set_error: DevhostSetErrorFn,
+    /// See [`DevhostAddResourceFn`]; `init` only.
+    pub add_resource: DevhostAddResourceFn,
+    /// Adds an environment variable; `allocate` only.
+    pub add_env: DevhostAddPairFn,
+    /// See [`DevhostAddMountFn`]; `allocate` only.
+    pub add_mount: DevhostAddMountFn,
+    /// See [`DevhostAddDeviceSpecFn`]; `allocate` only.
+    pub add_device_spec: DevhostAddDeviceSpecFn,
+    /// Adds a container annotation; `allocate` only.
+    pub add_annotation: DevhostAddPairFn,
+    /// Adds a fully qualified CDI device name; `allocate` only.
+    pub add_cdi_device: DevhostAddStrFn,
+    /// Adds a device ID to the answer; `preferred_allocation` only.
+    pub add_device_id: DevhostAddStrFn,
+}
+
+/// Creates a backend instance. Declares its resources with `add_resource`
+/// and may publish device lists (now or later, from any thread). On
+/// `DEVHOST_OK` it stores its instance pointer (may be NULL) in `*instance`;
+/// on any other status it must leave nothing running: the host will not
+/// call `shutdown` for it.
+pub type DevhostInitFn = Option<
+    unsafe extern "C" fn(args: *const DevhostInitArgs, call: *mut DevhostCall, instance: *mut *mut c_void) -> i32,
+>;
+/// The type of `allocate` (answers one container's `Allocate`; results via
+/// `add_*`) and of `pre_start` (prepares devices; no results). The host has
+/// checked that every ID is a device of `resource`.
+pub type DevhostDevicesCallFn = Option<
+    unsafe extern "C" fn(
+        instance: *mut c_void,
+        call: *mut DevhostCall,
+        resource: DevhostStr,
+        device_ids: *const DevhostStr,
+        count: usize,
+    ) -> i32,
+>;
+/// Answers `GetPreferredAllocation` with `add_device_id`, or returns
+/// `DEVHOST_USE_DEFAULT`.
+pub type DevhostPreferredFn = Option<
+    unsafe extern "C" fn(
+        instance: *mut c_void,
+        call: *mut DevhostCall,
+        resource: DevhostStr,
+        request: *const DevhostPreferredRequest,
+    ) -> i32,
+>;
+/// Stops the instance: joins its threads, frees what it allocated. No call
+/// on the instance is in flight or follows; nothing may be published after
+/// it returns.
+pub type DevhostShutdownFn = Option<unsafe extern "C" fn(instance: *mut c_void)>;
+
+/// The backend's function table, returned by the entry point. Must stay
+/// valid for the life of the process (a `static`). The host reads a field
+/// only when `struct_size` covers it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostBackendApi {
+    /// `sizeof(DevhostBackendApi)` as the backend compiled it.
+    pub struct_size: u32,
+    /// The backend's ABI version, `(major << 16) | minor`.
+    pub abi_version: u32,
+    /// Required. See [`DevhostInitFn`].
+    pub init: DevhostInitFn,
+    /// Required. See [`DevhostDevicesCallFn`].
+    pub allocate: DevhostDevicesCallFn,
+    /// Optional (NULL: the host's default policy). See [`DevhostPreferredFn`].
+    pub preferred_allocation: DevhostPreferredFn,
+    /// Optional (NULL: nothing to prepare). See [`DevhostDevicesCallFn`].
+    pub pre_start: DevhostDevicesCallFn,
+    /// Required. See [`DevhostShutdownFn`].
+    pub shutdown: DevhostShutdownFn,
+}
+
+/// The type of the exported `devhost_backend_entry` symbol: negotiates the
+/// version and returns the backend's static table, or NULL to refuse the
+/// host's major version (after saying why through `host->log`).
+pub type DevhostBackendEntry = unsafe extern "C" fn(host: *const DevhostHostApi) -> *const DevhostBackendApi;
+
+/// Packs a version as `(major << 16) | minor`.
+pub const fn version(major: u32, minor: u32) -> u32 {
+    (major << 16) | (minor & 0xffff)
+}
+
+/// The major part of a packed version.
+pub const fn version_major(version: u32) -> u32 {
+    version >> 16
+}
+
+/// The minor part of a packed version.
+pub const fn version_minor(version: u32) -> u32 {
+    version & 0xffff
+}
+
+/// Size of a v1 struct as a `struct_size` value.
+pub const fn size_of_u32<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
+}
+
+impl DevhostStr {
+    /// Borrows `s` (valid while `s` is).
+    pub const fn new(s: &str) -> Self {
+        DevhostStr { ptr: s.as_ptr(), len: s.len() }
+    }
+
+    /// The empty string.
+    pub const EMPTY: DevhostStr = DevhostStr { ptr: std::ptr::null(), len: 0 };
+}
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    /// ABI 1.0's layout on 64-bit targets, frozen: a change here breaks every
+    /// backend built against 1.0.
+    #[test]
+    fn v1_layout_is_frozen() {
+        assert_eq!(size_of::<DevhostStr>(), 16);
+        assert_eq!(size_of::<DevhostDevice>(), 40);
+        assert_eq!(size_of::<DevhostResource>(), 24);
+        assert_eq!(size_of::<DevhostMount>(), 40);
+        assert_eq!(size_of::<DevhostDeviceSpec>(), 56);
+        assert_eq!(size_of::<DevhostPreferredRequest>(), 48);
+        assert_eq!(size_of::<DevhostInitArgs>(), 40);
+        assert_eq!(size_of::<DevhostHostApi>(), 88);
+        assert_eq!(size_of::<DevhostBackendApi>(), 48);
+        assert_eq!(offset_of!(DevhostHostApi, add_device_id), 80);
+        assert_eq!(offset_of!(DevhostBackendApi, shutdown), 40);
+        assert_eq!(offset_of!(DevhostInitArgs, config_json), 24);
+    }
+
+    #[test]
+    fn versions_pack_major_and_minor() {
+        assert_eq!(DEVHOST_ABI_VERSION, version(1, 0));
+        assert_eq!((version_major(version(2, 3)), version_minor(version(2, 3))), (2, 3));
+    }
+}

@@ -1,0 +1,281 @@
+//! The Rust SDK: a vendor implements [`Backend`] in plain Rust types and
+//! calls [`export_backend!`](crate::export_backend) once; the macro's shims
+//! (in the private `shim` module, the only `unsafe` code of the SDK) speak
+//! the C ABI, copy every string, and turn a panic into `DEVHOST_FAULT` with
+//! its message instead of an abort.
+//!
+//! Nothing in this module mentions an FFI type, so the same `impl Backend`
+//! can later be exported through another transport (a WASM component).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[doc(hidden)]
+#[allow(unsafe_code)]
+pub mod shim;
+
+pub use shim::Host;
+
+/// The health of one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// Usable.
+    Healthy,
+    /// Not usable.
+    Unhealthy,
+}
+
+/// One device of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Unique, non-empty ID within the resource.
+    pub id: String,
+    /// Current health.
+    pub health: Health,
+    /// NUMA nodes the device is attached to; empty means no preference.
+    pub numa_nodes: Vec<i64>,
+}
+
+impl Device {
+    /// A device with the given health and no NUMA affinity.
+    pub fn new(id: impl Into<String>, health: Health) -> Self {
+        Device { id: id.into(), health, numa_nodes: Vec::new() }
+    }
+}
+
+/// A resource the backend serves, returned from [`Backend::init`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    /// Extended resource name, e.g. `example.com/gpu`.
+    pub name: String,
+    /// The kubelet must call [`Backend::pre_start`] before each container.
+    pub pre_start_required: bool,
+    /// The kubelet may call [`Backend::preferred_allocation`].
+    pub preferred_allocation: bool,
+}
+
+impl Resource {
+    /// A resource with neither optional call.
+    pub fn new(name: impl Into<String>) -> Self {
+        Resource { name: name.into(), pre_start_required: false, preferred_allocation: false }
+    }
+
+    /// Asks the kubelet to call `pre_start` before each container start.
+    pub fn with_pre_start(mut self) -> Self {
+        self.pre_start_required = true;
+        self
+    }
+
+    /// Tells the kubelet that `preferred_allocation` is answered.
+    pub fn with_preferred_allocation(mut self) -> Self {
+        self.preferred_allocation = true;
+        self
+    }
+}
+
+/// A bind mount for the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Path inside the container.
+    pub container_path: String,
+    /// Path on the host.
+    pub host_path: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// A device node for the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Path inside the container.
+    pub container_path: String,
+    /// Path on the host.
+    pub host_path: String,
+    /// cgroup permissions: any combination of `r`, `w`, `m`.
+    pub permissions: String,
+}
+
+/// What one container gets for its devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Environment variables.
+    pub envs: BTreeMap<String, String>,
+    /// Bind mounts.
+    pub mounts: Vec<Mount>,
+    /// Device nodes.
+    pub device_specs: Vec<DeviceSpec>,
+    /// Container annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Fully qualified CDI device names (`vendor/class=name`).
+    pub cdi_devices: Vec<String>,
+}
+
+/// One container's `GetPreferredAllocation` question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferredRequest {
+    /// Devices the answer may choose from.
+    pub available: Vec<String>,
+    /// Devices the answer must contain.
+    pub must_include: Vec<String>,
+    /// How many devices the answer must contain.
+    pub size: usize,
+}
+
+/// Severity of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Something failed.
+    Error,
+    /// Something is wrong but the backend carries on.
+    Warn,
+    /// Normal operation worth recording.
+    Info,
+    /// Detail for debugging.
+    Debug,
+}
+
+/// An error a backend reports from a call; the host passes its message on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    message: String,
+}
+
+impl Error {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Error { message: message.into() }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error { message }
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Error::new(message)
+    }
+}
+
+/// Why the host refused a published device list; the host's log has the
+/// precise reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishError {
+    /// The list broke the contract (empty, duplicate or non-UTF-8 ID, ...).
+    Invalid,
+    /// The backend instance was shut down.
+    Closed,
+    /// Any other host status code.
+    Other(i32),
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Invalid => f.write_str("the host refused the device list as invalid (its log says why)"),
+            PublishError::Closed => f.write_str("the host no longer accepts device lists: the backend was shut down"),
+            PublishError::Other(code) => write!(f, "the host refused the device list with status {code}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// Parses the backend's `[config]` table (JSON) into `T`; an absent table
+/// reads as `{}`.
+pub fn parse_config<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, Error> {
+    let config = if config.trim().is_empty() { "{}" } else { config };
+    serde_json::from_str(config).map_err(|error| Error::new(format!("invalid [config] table: {error}")))
+}
+
+/// A native devhost backend, written in plain Rust.
+///
+/// The host may call `allocate`, `preferred_allocation` and `pre_start`
+/// concurrently from several threads; `init` and `shutdown` are never
+/// concurrent with any other call on the same instance.
+pub trait Backend: Sized + Send + Sync + 'static {
+    /// Starts an instance from the `[config]` table (JSON; see
+    /// [`parse_config`]). Returns the instance and the resources it serves.
+    /// Device lists go through `host`, now or later from any thread, until
+    /// [`Backend::shutdown`] returns.
+    fn init(config: &str, host: Host) -> Result<(Self, Vec<Resource>), Error>;
+
+    /// Answers an `Allocate` for one container. Every ID is a device of
+    /// `resource`.
+    fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, Error>;
+
+    /// Answers `GetPreferredAllocation`, or `None` for the host's default.
+    fn preferred_allocation(&self, resource: &str, request: &PreferredRequest) -> Result<Option<Vec<String>>, Error> {
+        let _ = (resource, request);
+        Ok(None)
+    }
+
+    /// Prepares devices before a container starts.
+    fn pre_start(&self, resource: &str, device_ids: &[String]) -> Result<(), Error> {
+        let _ = (resource, device_ids);
+        Ok(())
+    }
+
+    /// Stops the instance: background threads end, nothing is published
+    /// after this returns.
+    fn shutdown(self) {}
+}
+
+/// Exports a [`Backend`] implementation as the shared library's
+/// `devhost_backend_entry` symbol. Use it once, in a `cdylib` crate.
+///
+/// ```ignore
+/// devhost_abi::export_backend!(MyBackend);
+/// ```
+#[macro_export]
+macro_rules! export_backend {
+    ($backend:ty) => {
+        /// The devhost native backend entry point (ABI v1).
+        ///
+        /// # Safety
+        ///
+        /// Called by the devhost host with its callback table, per the ABI.
+        #[allow(unsafe_code)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn devhost_backend_entry(
+            host: *const $crate::ffi::DevhostHostApi,
+        ) -> *const $crate::ffi::DevhostBackendApi {
+            static TABLE: $crate::ffi::DevhostBackendApi = $crate::sdk::shim::table::<$backend>();
+            // SAFETY: the host passes its callback table (or NULL), as the
+            // ABI says; `entry` checks it before reading past its header.
+            unsafe { $crate::sdk::shim::entry(host, &TABLE) }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Config {
+        devices: usize,
+    }
+
+    #[test]
+    fn config_parses_and_errors_say_which_table() {
+        assert_eq!(parse_config::<Config>(r#"{"devices": 3}"#), Ok(Config { devices: 3 }));
+        let error = parse_config::<Config>("").expect_err("devices is required");
+        assert_eq!(error.message(), "invalid [config] table: missing field `devices` at line 1 column 2");
+    }
+}

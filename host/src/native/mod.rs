@@ -1,0 +1,246 @@
+//! Native backends: shared libraries speaking the C ABI v1 of `devhost-abi`.
+//!
+//! [`load`] checks the module file ([`checks`]), loads it with `libloading`
+//! (and never unloads it), finds `devhost_backend_entry`, negotiates the ABI
+//! version and checks the backend's table, then returns the module adapted to
+//! the host's [`Backend`] trait ([`adapter`]). The host's callbacks live in
+//! [`callbacks`], the copying and checking of backend data in [`read`].
+//! Deadlines, fault marking and re-initialisation are the
+//! [`handle`](crate::backend::handle)'s job; nothing here spawns threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use devhost_abi::ffi::*;
+use thiserror::Error;
+
+use crate::backend::Backend;
+
+mod adapter;
+mod callbacks;
+mod checks;
+mod read;
+
+/// Why a native module could not be loaded. Each message names the module
+/// path and says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AbiError {
+    /// The module file does not exist.
+    #[error("native backend {}: no such file (expected the path of a shared library)", module.display())]
+    NotFound {
+        /// The module path.
+        module: PathBuf,
+    },
+    /// The module file could not be opened or read.
+    #[error("native backend {}: cannot read it: {message}", module.display())]
+    Io {
+        /// The module path.
+        module: PathBuf,
+        /// The operating system's error.
+        message: String,
+    },
+    /// The path is a directory, socket, device, ...
+    #[error("native backend {}: not a regular file (expected a shared library file)", module.display())]
+    NotRegularFile {
+        /// The module path.
+        module: PathBuf,
+    },
+    /// Group or others may write the file.
+    #[error(
+        "native backend {}: mode {mode:04o} lets group or others write it (expected no group/other write permission, e.g. 0755)",
+        module.display()
+    )]
+    Writable {
+        /// The module path.
+        module: PathBuf,
+        /// The file's permission bits.
+        mode: u32,
+    },
+    /// The file belongs to someone other than root or devhost's user.
+    #[error("native backend {}: owned by uid {owner} (expected root or devhost's own uid {euid})", module.display())]
+    Owner {
+        /// The module path.
+        module: PathBuf,
+        /// The file's owner.
+        owner: u32,
+        /// devhost's effective uid.
+        euid: u32,
+    },
+    /// The configured pin is not a SHA-256 in hex.
+    #[error("native backend {}: sha256 pin {pin:?} is not 64 hexadecimal digits", module.display())]
+    BadPin {
+        /// The module path.
+        module: PathBuf,
+        /// The pin as configured.
+        pin: String,
+    },
+    /// The file's SHA-256 differs from the pin.
+    #[error("native backend {}: sha256 is {actual}, but the config pins {expected}", module.display())]
+    ChecksumMismatch {
+        /// The module path.
+        module: PathBuf,
+        /// The configured pin (lower case).
+        expected: String,
+        /// The file's digest.
+        actual: String,
+    },
+    /// The file is not an ELF object.
+    #[error(
+        "native backend {}: not an ELF shared library (starts with bytes [{found}], expected [7f 45 4c 46])",
+        module.display()
+    )]
+    NotElf {
+        /// The module path.
+        module: PathBuf,
+        /// Its first bytes in hex.
+        found: String,
+    },
+    /// The dynamic loader refused the file.
+    #[error("native backend {}: the dynamic loader refused it: {message}", module.display())]
+    Load {
+        /// The module path.
+        module: PathBuf,
+        /// The loader's message.
+        message: String,
+    },
+    /// The entry symbol is missing.
+    #[error(
+        "native backend {}: no symbol `{DEVHOST_BACKEND_ENTRY_SYMBOL}` (expected a backend built against devhost_backend.h or with devhost_abi::export_backend!)",
+        module.display()
+    )]
+    MissingEntry {
+        /// The module path.
+        module: PathBuf,
+    },
+    /// The entry point returned NULL.
+    #[error(
+        "native backend {}: its entry point refused devhost's backend ABI {host} (returned NULL; its log may say why)",
+        module.display()
+    )]
+    Refused {
+        /// The module path.
+        module: PathBuf,
+        /// The host's version, `major.minor`.
+        host: String,
+    },
+    /// The backend speaks another major version.
+    #[error(
+        "native backend {}: implements backend ABI {backend}, but this devhost implements ABI {host} (expected major {major})",
+        module.display()
+    )]
+    MajorMismatch {
+        /// The module path.
+        module: PathBuf,
+        /// The backend's version, `major.minor`.
+        backend: String,
+        /// The host's version, `major.minor`.
+        host: String,
+        /// The major the host accepts.
+        major: u32,
+    },
+    /// A struct is smaller than the ABI requires.
+    #[error("native backend {}: {name}.struct_size is {size} bytes, expected at least {minimum} (ABI {host})", module.display())]
+    StructTooSmall {
+        /// The module path.
+        module: PathBuf,
+        /// The C type name.
+        name: &'static str,
+        /// The size it declares.
+        size: u32,
+        /// The size ABI 1.0 defines.
+        minimum: u32,
+        /// The host's version, `major.minor`.
+        host: String,
+    },
+    /// A required function pointer is NULL.
+    #[error("native backend {}: DevhostBackendApi.{name} is NULL (required by ABI {host})", module.display())]
+    MissingFunction {
+        /// The module path.
+        module: PathBuf,
+        /// The field name.
+        name: &'static str,
+        /// The host's version, `major.minor`.
+        host: String,
+    },
+}
+
+/// `major.minor` of a packed version.
+fn show(version: u32) -> String {
+    format!("{}.{}", version_major(version), version_minor(version))
+}
+
+/// Loads the native backend `module`, checking the file first (and its
+/// SHA-256 against `sha256`, if pinned), and adapts it to the host's
+/// [`Backend`] trait. `config_json` is the backend's `[config]` table as a
+/// JSON object, handed to every `init`. The library stays loaded for the
+/// life of the process, even when this fails after loading it.
+pub fn load(module: &Path, sha256: Option<&str>, config_json: String) -> Result<Arc<dyn Backend>, AbiError> {
+    checks::check_file(module, sha256)?;
+    let load_error =
+        |error: libloading::Error| AbiError::Load { module: module.to_owned(), message: error.to_string() };
+    // SAFETY: loading runs the module's initialisers. The file passed the
+    // checks above (owned by root or us, not writable by others, pinned if
+    // configured): running its code is what the operator asked for.
+    let library = unsafe { libloading::Library::new(module) }.map_err(load_error)?;
+    // Never unloaded: its symbols and threads borrow it for good.
+    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    let symbol = format!("{DEVHOST_BACKEND_ENTRY_SYMBOL}\0");
+    // SAFETY: the symbol has the ABI's entry type (it is what the name
+    // promises); the library is never unloaded, so the pointer stays valid.
+    let entry = unsafe { library.get::<DevhostBackendEntry>(symbol.as_bytes()) }
+        .map_err(|_| AbiError::MissingEntry { module: module.to_owned() })?;
+    let entry: DevhostBackendEntry = *entry;
+    // SAFETY: the entry point takes the static host table, per the ABI.
+    let table = unsafe { entry(&callbacks::HOST_API) };
+    // SAFETY: a non-NULL table is static in the module, per the ABI.
+    let fns = unsafe { negotiate(module, table)? };
+    tracing::info!(backend = %module.display(), "loaded native backend");
+    Ok(Arc::new(adapter::NativeBackend::new(module.to_owned(), fns, config_json)))
+}
+
+/// Checks the backend's table: version first (its first 8 bytes are the
+/// same in every major), then size, then required functions.
+///
+/// # Safety
+///
+/// `table` is NULL or points to at least its `struct_size` readable bytes.
+unsafe fn negotiate(module: &Path, table: *const DevhostBackendApi) -> Result<adapter::BackendFns, AbiError> {
+    let host = show(DEVHOST_ABI_VERSION);
+    if table.is_null() {
+        return Err(AbiError::Refused { module: module.to_owned(), host });
+    }
+    let header = table.cast::<u32>();
+    // SAFETY: every major starts the table with `u32 struct_size, u32
+    // abi_version`, readable per the caller's contract (read unaligned: a
+    // hostile module need not align it).
+    let (size, version) = unsafe { (header.read_unaligned(), header.add(1).read_unaligned()) };
+    if version_major(version) != DEVHOST_ABI_VERSION_MAJOR {
+        return Err(AbiError::MajorMismatch {
+            module: module.to_owned(),
+            backend: show(version),
+            host,
+            major: DEVHOST_ABI_VERSION_MAJOR,
+        });
+    }
+    let minimum = size_of_u32::<DevhostBackendApi>();
+    if size < minimum {
+        return Err(AbiError::StructTooSmall {
+            module: module.to_owned(),
+            name: "DevhostBackendApi",
+            size,
+            minimum,
+            host,
+        });
+    }
+    // SAFETY: the size covers the whole v1 table; it may be unaligned in a
+    // hostile module, so copy it out unaligned.
+    let api = unsafe { table.read_unaligned() };
+    let missing = |name| AbiError::MissingFunction { module: module.to_owned(), name, host: host.clone() };
+    Ok(adapter::BackendFns {
+        init: api.init.ok_or_else(|| missing("init"))?,
+        allocate: api.allocate.ok_or_else(|| missing("allocate"))?,
+        preferred_allocation: api.preferred_allocation,
+        pre_start: api.pre_start,
+        shutdown: api.shutdown.ok_or_else(|| missing("shutdown"))?,
+    })
+}

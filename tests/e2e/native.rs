@@ -1,0 +1,189 @@
+//! Native backends through the real `devhost` binary (issue 3): modules
+//! loaded from `backends.d/`, registered with the fake kubelet, pushing
+//! health from their own threads; hostile modules refused with their exact
+//! errors while good backends beside them serve.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use devhost::fake_kubelet::FakeKubelet;
+use devhost::proto::v1beta1;
+
+use crate::harness::{Node, WAIT, static_backend};
+use crate::native_loader::{compile_c, rust_module};
+
+const RUST: &str = "example.com/native-rust";
+const C: &str = "example.com/native-c";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn module_file(module: &Path, config: &str) -> String {
+    format!("[backend]\nmodule = {:?}\ncall_timeout_ms = 1000\n[config]\n{config}\n", module.display().to_string())
+}
+
+/// Waits until device `id` of `resource` has been seen both Healthy and
+/// Unhealthy over the kubelet's ListAndWatch stream.
+async fn wait_for_flip(kubelet: &FakeKubelet, resource: &str, id: &str) {
+    for health in ["Unhealthy", "Healthy"] {
+        kubelet
+            .wait_for_devices(resource, WAIT, |d| d.iter().any(|d| d.id == id && d.health == health))
+            .await
+            .unwrap_or_else(|e| panic!("{resource}: {id} never became {health}: {e}"));
+    }
+}
+
+fn check_allocation(answer: &v1beta1::AllocateResponse, ids: &[&str]) {
+    assert_eq!(answer.container_responses.len(), 1);
+    let container = &answer.container_responses[0];
+    let joined = ids.join(",");
+    assert_eq!(container.envs.get("EXAMPLE_DEVICES"), Some(&joined), "envs");
+    assert_eq!(container.annotations.get("example.com/devices"), Some(&joined), "annotations");
+    let mounts: Vec<(&str, &str, bool)> =
+        container.mounts.iter().map(|m| (m.host_path.as_str(), m.container_path.as_str(), m.read_only)).collect();
+    let expected: Vec<(String, String)> =
+        ids.iter().map(|id| (format!("/run/example/{id}"), format!("/var/run/example/{id}"))).collect();
+    assert_eq!(mounts, expected.iter().map(|(h, c)| (h.as_str(), c.as_str(), true)).collect::<Vec<_>>(), "mounts");
+    let specs: Vec<(&str, &str)> =
+        container.devices.iter().map(|d| (d.container_path.as_str(), d.permissions.as_str())).collect();
+    let expected: Vec<String> = ids.iter().map(|id| format!("/dev/example-{id}")).collect();
+    assert_eq!(specs, expected.iter().map(|p| (p.as_str(), "rw")).collect::<Vec<_>>(), "device specs");
+    let cdi: Vec<&str> = container.cdi_devices.iter().map(|c| c.name.as_str()).collect();
+    let expected: Vec<String> = ids.iter().map(|id| format!("example.com/device={id}")).collect();
+    assert_eq!(cdi, expected, "CDI names");
+}
+
+#[tokio::test]
+async fn rust_and_c_examples_serve_through_the_binary() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let rust = rust_module("devhost_example_native_rust", &modules);
+    let c = compile_c(&repo().join("examples/native-c/example.c"), &modules);
+    node.backend("native-rust", &module_file(&rust, "flip_interval_ms = 150"));
+    node.backend("native-c", &module_file(&c, "flip_interval_ms = 150"));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let _devhost = node.start_devhost();
+
+    let rust_registration = kubelet.wait_for_registrations(RUST, 1, WAIT).await.expect("rust registered");
+    assert_eq!(rust_registration.options.map(|o| o.get_preferred_allocation_available), Some(true));
+    let c_registration = kubelet.wait_for_registrations(C, 1, WAIT).await.expect("c registered");
+    assert_eq!(c_registration.options.map(|o| o.pre_start_required), Some(true));
+
+    // Health pushed from each backend's own thread reaches ListAndWatch.
+    wait_for_flip(&kubelet, RUST, "rust-1").await;
+    wait_for_flip(&kubelet, C, "c-1").await;
+
+    check_allocation(
+        &kubelet.allocate(RUST, &["rust-0", "rust-1"]).await.expect("rust allocate"),
+        &["rust-0", "rust-1"],
+    );
+    check_allocation(&kubelet.allocate(C, &["c-0", "c-1"]).await.expect("c allocate"), &["c-0", "c-1"]);
+    kubelet.pre_start(C, &["c-0"]).await.expect("c pre-start");
+    let preferred = kubelet.preferred_allocation(RUST, &["rust-0", "rust-1"], &[], 1).await.expect("preferred");
+    assert_eq!(preferred.container_responses[0].device_i_ds, ["rust-1"], "the backend's own policy");
+}
+
+#[tokio::test]
+async fn hostile_modules_are_refused_with_exact_errors_while_good_backends_serve() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let fixtures = repo().join("tests/fixtures/native");
+    let not_elf = modules.join("not-elf.so");
+    std::fs::copy(fixtures.join("not-elf.so"), &not_elf).expect("copy");
+    std::fs::set_permissions(&not_elf, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let writable = rust_module("devhost_example_native_rust", &modules);
+    let group_writable = modules.join("group-writable.so");
+    std::fs::rename(&writable, &group_writable).expect("rename");
+    std::fs::set_permissions(&group_writable, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+    let no_entry = compile_c(&fixtures.join("no_entry.c"), &modules);
+    let future = compile_c(&fixtures.join("future_major.c"), &modules);
+    let small = compile_c(&fixtures.join("small_struct.c"), &modules);
+    let init_error = compile_c(&fixtures.join("init_error.c"), &modules);
+    for (name, module) in [
+        ("not-elf", &not_elf),
+        ("group-writable", &group_writable),
+        ("no-entry", &no_entry),
+        ("future-major", &future),
+        ("small-struct", &small),
+        ("init-error", &init_error),
+    ] {
+        node.backend(name, &module_file(module, ""));
+    }
+    node.backend("static", &static_backend(&[("example.com/good", &["g-0"])], None));
+    let c = compile_c(&repo().join("examples/native-c/example.c"), &modules);
+    node.backend("zz-native-c", &module_file(&c, "flip_interval_ms = 3600000"));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+
+    kubelet.wait_for_registrations("example.com/good", 1, WAIT).await.expect("static serves");
+    kubelet.wait_for_registrations(C, 1, WAIT).await.expect("good native serves");
+    let m = |path: &Path| path.display().to_string();
+    for expected in [
+        format!(
+            "native backend {}: not an ELF shared library (starts with bytes [54 68 69 73], expected [7f 45 4c 46])",
+            m(&not_elf)
+        ),
+        format!(
+            "native backend {}: mode 0775 lets group or others write it (expected no group/other write permission, e.g. 0755)",
+            m(&group_writable)
+        ),
+        format!(
+            "native backend {}: no symbol `devhost_backend_entry` (expected a backend built against devhost_backend.h or with devhost_abi::export_backend!)",
+            m(&no_entry)
+        ),
+        format!(
+            "native backend {}: implements backend ABI 2.3, but this devhost implements ABI 1.0 (expected major 1)",
+            m(&future)
+        ),
+        format!(
+            "native backend {}: DevhostBackendApi.struct_size is 8 bytes, expected at least 48 (ABI 1.0)",
+            m(&small)
+        ),
+        "backend \"init-error\": init failed: cannot open /dev/acme0: no such device".to_owned(),
+    ] {
+        devhost.wait_for_log(&expected).await;
+    }
+    assert_eq!(kubelet.registrations().len(), 2, "only the good backends registered");
+    kubelet.allocate("example.com/good", &["g-0"]).await.expect("static answers");
+    kubelet.allocate(C, &["c-0"]).await.expect("native answers");
+}
+
+#[tokio::test]
+async fn a_panicking_backend_goes_unhealthy_and_recovers_while_its_neighbour_serves() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let panic = rust_module("devhost_fixture_native_panic", &modules);
+    node.backend("panic", &module_file(&panic, ""));
+    node.backend("good", &static_backend(&[("example.com/good", &["g-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let _devhost = node.start_devhost();
+    let resource = "fixture.example.com/panic";
+    kubelet
+        .wait_for_devices(resource, WAIT, |d| d.iter().all(|d| d.health == "Healthy") && !d.is_empty())
+        .await
+        .expect("healthy");
+    kubelet.wait_for_registrations("example.com/good", 1, WAIT).await.expect("good serves");
+
+    let error = kubelet.allocate(resource, &["p-0"]).await.expect_err("allocate panics");
+    let status = error.status().expect("an RPC status");
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert_eq!(status.message(), "backend \"panic\": allocate panicked: allocate of p-0 exploded on purpose");
+    kubelet
+        .wait_for_devices(resource, WAIT, |d| d.iter().all(|d| d.health == "Unhealthy"))
+        .await
+        .expect("its devices go Unhealthy");
+    for _ in 0..20 {
+        kubelet.allocate("example.com/good", &["g-0"]).await.expect("the neighbour keeps answering");
+    }
+    assert_eq!(kubelet.devices("example.com/good").map(|d| d[0].health.clone()).as_deref(), Some("Healthy"));
+    kubelet
+        .wait_for_devices(resource, WAIT, |d| d.iter().all(|d| d.health == "Healthy"))
+        .await
+        .expect("re-initialised with back-off, healthy again");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
