@@ -1,13 +1,15 @@
 //! devhost: one Kubernetes device-plugin daemon for every accelerator on a
 //! node.
 //!
-//! The parts, in the order data flows through them:
-//! [`config`] reads `devhost.toml` and `backends.d/`; [`backend`] holds the one
-//! trait every backend is adapted to; [`device_state`] keeps each resource's
-//! latest device list; [`server`] serves one resource on its own socket;
-//! [`registration`] talks to the kubelet and watches the plugin directory for
-//! its restarts; [`daemon`] ties them together. [`fake_kubelet`] is the
-//! kubelet's side, for tests, the demo and conformance checks.
+//! The parts, in the order data flows through them: [`config`] reads
+//! `devhost.toml` and `backends.d/`; [`loader`] builds each backend
+//! ([`native`] for shared libraries); [`backend`] holds the one trait every
+//! backend is adapted to, over the data of [`model`]; [`device_state`] keeps
+//! each resource's latest device list; [`server`] serves one resource on its
+//! own socket; [`registration`] talks to the kubelet and watches the plugin
+//! directory for its restarts; [`daemon`] ties them together.
+//! [`fake_kubelet`] is the kubelet's side, for tests, the demo and
+//! conformance checks.
 
 #![deny(unsafe_code)]
 
@@ -18,6 +20,8 @@ pub mod daemon;
 pub mod demo;
 pub mod device_state;
 pub mod fake_kubelet;
+pub mod loader;
+pub mod model;
 #[allow(unsafe_code)]
 pub mod native;
 pub mod proto;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::StaticConfig;
 use super::{ConfigError, line_column};
-use crate::backend::static_backend::StaticConfig;
 
 /// Where a backend's code comes from.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,9 @@
 mod backends;
 mod error;
 mod host;
+pub mod static_backend;
 
 pub use backends::{BackendConfig, BackendSource, LoadedBackends, load_backends};
 pub use error::{ConfigError, line_column};
 pub use host::{HostConfig, LogFormat, Overrides};
+pub use static_backend::StaticConfig;

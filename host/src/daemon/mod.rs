@@ -13,10 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::backend::Backend;
 use crate::backend::handle::BackendHandle;
-use crate::backend::static_backend::StaticBackend;
-use crate::config::{BackendConfig, BackendSource, HostConfig, load_backends};
+use crate::config::{BackendConfig, HostConfig, load_backends};
 use crate::registration::PluginDirWatcher;
 use crate::server::socket;
 
@@ -102,7 +100,7 @@ async fn start_backend(
     owners: &HashMap<String, String>,
 ) -> Option<Arc<BackendHandle>> {
     let file = config.file.display().to_string();
-    let backend = match build_backend(config) {
+    let backend = match crate::loader::load(config) {
         Ok(backend) => backend,
         Err(error) => {
             tracing::error!(backend = %config.name, file, %error, "backend not loaded");
@@ -125,17 +123,4 @@ async fn start_backend(
     }
     tracing::info!(backend = %config.name, resources = handle.resources().len(), "backend started");
     Some(handle)
-}
-
-fn build_backend(config: &BackendConfig) -> Result<Arc<dyn Backend>, String> {
-    match &config.source {
-        BackendSource::Static(static_config) => Ok(Arc::new(StaticBackend::new(static_config.clone()))),
-        BackendSource::Module { path, sha256 } => {
-            let settings = serde_json::to_string(&config.settings)
-                .map_err(|error| format!("cannot pass [config] to the module as JSON: {error}"))?;
-            crate::native::load(path, sha256.as_deref(), settings)
-                .map(|backend| backend as Arc<dyn Backend>)
-                .map_err(|error| error.to_string())
-        }
-    }
 }

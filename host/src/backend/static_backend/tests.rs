@@ -2,41 +2,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::config::static_backend::TWO_GPUS;
 use crate::device_state::ResourceState;
+use crate::model::{DeviceSpec, Mount};
 
-const FILE: &str = "/etc/devhost/backends.d/demo.toml";
-
-fn parse(source: &str) -> Result<StaticConfig, ConfigError> {
-    StaticConfig::parse(Path::new(FILE), source)
+fn parse(source: &str) -> StaticConfig {
+    StaticConfig::parse(Path::new("/etc/devhost/backends.d/demo.toml"), source).expect("valid config")
 }
-
-const TWO_GPUS: &str = r#"
-[backend]
-kind = "static"
-
-[[config.resource]]
-name = "example.com/gpu"
-preferred_allocation = true
-env = { DEMO_VISIBLE_DEVICES = "{ids}" }
-annotations = { "example.com/owner" = "demo" }
-cdi_kind = "example.com/gpu"
-
-[[config.resource.device]]
-id = "gpu-0"
-numa = [0]
-env = { GPU0 = "yes" }
-device_spec = [{ host_path = "/dev/null", container_path = "/dev/gpu0", permissions = "rw" }]
-mount = [{ host_path = "/opt/gpu0", container_path = "/opt/gpu", read_only = true }]
-
-[[config.resource.device]]
-id = "gpu-1"
-numa = [1]
-health = "Unhealthy"
-"#;
 
 #[test]
 fn allocate_merges_device_and_resource_answers() {
-    let backend = StaticBackend::new(parse(TWO_GPUS).expect("valid"));
+    let backend = StaticBackend::new(parse(TWO_GPUS));
     let ids = vec!["gpu-0".to_owned(), "gpu-1".to_owned()];
     let allocation = backend.allocate("example.com/gpu", &ids).expect("allocates");
     assert_eq!(allocation.envs.get("DEMO_VISIBLE_DEVICES").map(String::as_str), Some("gpu-0,gpu-1"));
@@ -57,7 +33,7 @@ fn allocate_merges_device_and_resource_answers() {
 
 #[test]
 fn init_publishes_configured_devices() {
-    let backend = StaticBackend::new(parse(TWO_GPUS).expect("valid"));
+    let backend = StaticBackend::new(parse(TWO_GPUS));
     let publisher = Publisher::default();
     let specs = backend.init(publisher.clone()).expect("init");
     assert_eq!(specs[0].name, "example.com/gpu");
@@ -78,7 +54,7 @@ fn health_path_changes_are_published() {
         "[backend]\nkind = \"static\"\n[config]\nhealth_interval_ms = 10\n[[config.resource]]\nname = \"a.io/x\"\n[[config.resource.device]]\nid = \"x0\"\nhealth_path = {:?}\n",
         marker
     );
-    let backend = StaticBackend::new(parse(&source).expect("valid"));
+    let backend = StaticBackend::new(parse(&source));
     let publisher = Publisher::default();
     backend.init(publisher.clone()).expect("init");
     let state: std::sync::Arc<ResourceState> = publisher.seal(&["a.io/x".to_owned()]).remove(0);
@@ -92,44 +68,4 @@ fn health_path_changes_are_published() {
     }
     assert!(updates.has_changed().expect("sender alive"));
     backend.shutdown();
-}
-
-#[test]
-fn semantic_errors_point_at_the_value() {
-    let cases = [
-        (
-            TWO_GPUS.replace("example.com/gpu\"\npreferred", "Example.com/gpu\"\npreferred"),
-            "6:8: domain \"Example.com\" of resource name \"Example.com/gpu\" must be a lower-case DNS subdomain",
-        ),
-        (TWO_GPUS.replace("id = \"gpu-1\"", "id = \"gpu-0\""), "20:6: device ID \"gpu-0\" appears twice"),
-        (
-            TWO_GPUS.replace("health = \"Unhealthy\"", "health = \"sick\""),
-            "22:10: health must be \"Healthy\" or \"Unhealthy\"",
-        ),
-        (TWO_GPUS.replace("numa = [1]", "numa = [-1]"), "21:9: NUMA node IDs are 0 or more"),
-        (
-            TWO_GPUS.replace("permissions = \"rw\"", "permissions = \"rx\""),
-            "16:87: permissions must be a combination of r, w and m",
-        ),
-        (
-            TWO_GPUS.replace("container_path = \"/opt/gpu\"", "container_path = \"opt\""),
-            "17:54: container_path must be absolute",
-        ),
-        (
-            TWO_GPUS.replace("cdi_kind = \"example.com/gpu\"", "cdi_kind = \"gpu\""),
-            "10:12: cdi_kind must be a CDI kind",
-        ),
-        (TWO_GPUS.replace("numa = [0]", "numa = [0]\ncolour = \"red\""), "15:1: unknown field `colour`"),
-    ];
-    for (source, expected) in cases {
-        let error = parse(&source).expect_err(expected).to_string();
-        assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
-    }
-}
-
-#[test]
-fn duplicate_resource_in_one_file_is_refused() {
-    let source = format!("{TWO_GPUS}\n[[config.resource]]\nname = \"example.com/gpu\"\n");
-    let error = parse(&source).expect_err("duplicate").to_string();
-    assert!(error.ends_with("resource \"example.com/gpu\" is declared twice in this file"), "{error}");
 }

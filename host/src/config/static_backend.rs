@@ -1,0 +1,278 @@
+//! The `[config]` schema of the built-in `static` backend, validated with
+//! file:line:column like every other config error. The backend itself
+//! (`crate::backend::static_backend`) only serves what this produces.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::ConfigError;
+use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, ResourceSpec};
+use crate::resource_name;
+
+/// The placeholder in `env` values replaced by the allocated IDs, comma-separated.
+pub const IDS_PLACEHOLDER: &str = "{ids}";
+
+/// The validated `[config]` of a static backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticConfig {
+    /// How often `health_path`s are checked.
+    pub health_interval: Duration,
+    /// The resources, in file order.
+    pub resources: Vec<StaticResource>,
+}
+
+/// One resource of a static backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticResource {
+    /// Its options as the kubelet sees them.
+    pub spec: ResourceSpec,
+    /// Byte span of the name in the file, for errors about it.
+    pub name_span: Range<usize>,
+    /// Added to every allocation; `{ids}` expands to the allocated IDs.
+    pub env: BTreeMap<String, String>,
+    /// Added to every allocation.
+    pub annotations: BTreeMap<String, String>,
+    /// CDI kind (`vendor/class`): allocations carry `<kind>=<id>` names.
+    pub cdi_kind: Option<String>,
+    /// The devices.
+    pub devices: Vec<StaticDevice>,
+}
+
+/// One device of a static resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticDevice {
+    /// ID, health (unless `health_path` says otherwise) and NUMA nodes.
+    pub device: Device,
+    /// When set, the device is Healthy only while this path exists.
+    pub health_path: Option<PathBuf>,
+    /// Allocation contributions of this device.
+    pub allocation: Allocation,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(rename = "backend")]
+    _backend: toml::Value,
+    config: Option<Spanned<RawConfig>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    health_interval_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    resource: Vec<RawResource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    name: Spanned<String>,
+    #[serde(default)]
+    pre_start: bool,
+    #[serde(default)]
+    preferred_allocation: bool,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    cdi_kind: Option<Spanned<String>>,
+    #[serde(default)]
+    device: Vec<RawDevice>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    id: Spanned<String>,
+    health: Option<Spanned<String>>,
+    #[serde(default)]
+    numa: Vec<Spanned<i64>>,
+    health_path: Option<PathBuf>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    device_spec: Vec<RawDeviceSpec>,
+    #[serde(default)]
+    mount: Vec<RawMount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeviceSpec {
+    host_path: String,
+    container_path: Option<Spanned<String>>,
+    permissions: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    host_path: String,
+    container_path: Spanned<String>,
+    #[serde(default)]
+    read_only: bool,
+}
+
+impl StaticConfig {
+    /// Validates the `[config]` table of the backend file `source`.
+    pub fn parse(file: &Path, source: &str) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(source).map_err(|error| ConfigError::from_toml(file, source, &error))?;
+        let at = |span: Range<usize>, message: String| ConfigError::at(file, source, span, message);
+        let Some(config) = raw.config else {
+            return Err(ConfigError::file(
+                file,
+                "a static backend needs a [config] table with at least one [[config.resource]]",
+            ));
+        };
+        let config_span = config.span();
+        let config = config.into_inner();
+        if config.resource.is_empty() {
+            return Err(at(config_span, "a static backend needs at least one [[config.resource]]".into()));
+        }
+        let health_interval = match config.health_interval_ms {
+            Some(ms) if *ms.get_ref() == 0 => {
+                return Err(at(ms.span(), "health_interval_ms must be at least 1".into()));
+            }
+            Some(ms) => Duration::from_millis(*ms.get_ref()),
+            None => Duration::from_secs(1),
+        };
+        let mut resources: Vec<StaticResource> = Vec::new();
+        for raw in config.resource {
+            let name = raw.name.get_ref();
+            resource_name::validate(name).map_err(|error| at(raw.name.span(), error.to_string()))?;
+            if resources.iter().any(|r| &r.spec.name == name) {
+                return Err(at(raw.name.span(), format!("resource {name:?} is declared twice in this file")));
+            }
+            if let Some(kind) = &raw.cdi_kind {
+                check_cdi_kind(kind.get_ref()).map_err(|message| at(kind.span(), message))?;
+            }
+            let mut devices: Vec<StaticDevice> = Vec::new();
+            for device in raw.device {
+                let parsed = parse_device(device, &at)?;
+                if devices.iter().any(|d| d.device.id == parsed.device.device.id) {
+                    return Err(ConfigError {
+                        message: format!("device ID {:?} appears twice in resource {name:?}", parsed.device.device.id),
+                        ..parsed.id_error
+                    });
+                }
+                devices.push(parsed.device);
+            }
+            resources.push(StaticResource {
+                spec: ResourceSpec {
+                    name: name.clone(),
+                    pre_start_required: raw.pre_start,
+                    preferred_allocation: raw.preferred_allocation,
+                },
+                name_span: raw.name.span(),
+                env: raw.env,
+                annotations: raw.annotations,
+                cdi_kind: raw.cdi_kind.map(Spanned::into_inner),
+                devices,
+            });
+        }
+        Ok(StaticConfig { health_interval, resources })
+    }
+
+    /// Every resource name with its span in the file.
+    pub fn resource_names(&self) -> impl Iterator<Item = (&str, Range<usize>)> {
+        self.resources.iter().map(|r| (r.spec.name.as_str(), r.name_span.clone()))
+    }
+}
+
+struct ParsedDevice {
+    device: StaticDevice,
+    /// A ready error located at the device's ID, for the caller's checks.
+    id_error: ConfigError,
+}
+
+fn parse_device(
+    raw: RawDevice,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<ParsedDevice, ConfigError> {
+    let id = raw.id.get_ref().clone();
+    if id.is_empty() {
+        return Err(at(raw.id.span(), "device ID must not be empty".into()));
+    }
+    let health = match raw.health {
+        None => Health::Healthy,
+        Some(h) if h.get_ref() == "Healthy" => Health::Healthy,
+        Some(h) if h.get_ref() == "Unhealthy" => Health::Unhealthy,
+        Some(h) => {
+            return Err(at(h.span(), format!("health must be \"Healthy\" or \"Unhealthy\", not {:?}", h.get_ref())));
+        }
+    };
+    let mut numa_nodes = Vec::with_capacity(raw.numa.len());
+    for node in raw.numa {
+        if *node.get_ref() < 0 {
+            return Err(at(node.span(), "NUMA node IDs are 0 or more; leave `numa` out for no affinity".into()));
+        }
+        numa_nodes.push(node.into_inner());
+    }
+    let mut device_specs = Vec::with_capacity(raw.device_spec.len());
+    for spec in raw.device_spec {
+        let container_path = match spec.container_path {
+            Some(path) => absolute(path, at)?,
+            None => spec.host_path.clone(),
+        };
+        let permissions = match spec.permissions {
+            Some(p) if p.get_ref().is_empty() || !p.get_ref().chars().all(|c| matches!(c, 'r' | 'w' | 'm')) => {
+                return Err(at(
+                    p.span(),
+                    format!("permissions must be a combination of r, w and m, not {:?}", p.get_ref()),
+                ));
+            }
+            Some(p) => p.into_inner(),
+            None => "rw".to_owned(),
+        };
+        device_specs.push(DeviceSpec { container_path, host_path: spec.host_path, permissions });
+    }
+    let mut mounts = Vec::with_capacity(raw.mount.len());
+    for mount in raw.mount {
+        let container_path = absolute(mount.container_path, at)?;
+        mounts.push(Mount { container_path, host_path: mount.host_path, read_only: mount.read_only });
+    }
+    Ok(ParsedDevice {
+        id_error: at(raw.id.span(), String::new()),
+        device: StaticDevice {
+            device: Device { id, health, numa_nodes },
+            health_path: raw.health_path,
+            allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
+        },
+    })
+}
+
+fn absolute(path: Spanned<String>, at: &impl Fn(Range<usize>, String) -> ConfigError) -> Result<String, ConfigError> {
+    if path.get_ref().starts_with('/') {
+        Ok(path.into_inner())
+    } else {
+        Err(at(path.span(), format!("container_path must be absolute, not {:?}", path.get_ref())))
+    }
+}
+
+/// A CDI kind is `vendor/class`: each part starts with a letter, ends with
+/// a letter or digit, and has only `A-Za-z0-9_-.` in between.
+fn check_cdi_kind(kind: &str) -> Result<(), String> {
+    let part_ok = |part: &str| {
+        let bytes = part.as_bytes();
+        matches!(bytes.first(), Some(b) if b.is_ascii_alphabetic())
+            && matches!(bytes.last(), Some(b) if b.is_ascii_alphanumeric())
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    match kind.split_once('/') {
+        Some((vendor, class)) if part_ok(vendor) && part_ok(class) => Ok(()),
+        _ => Err(format!("cdi_kind must be a CDI kind vendor/class such as \"example.com/gpu\", not {kind:?}")),
+    }
+}
+
+#[cfg(test)]
+pub(crate) use tests::TWO_GPUS;
+
+#[cfg(test)]
+mod tests;

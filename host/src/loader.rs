@@ -1,0 +1,24 @@
+//! Turns a validated backend file into a running [`Backend`]: the built-in
+//! kinds, or a module loaded by the adapter for its kind. The only place
+//! that knows which kinds exist; everything above it sees the trait.
+
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::backend::static_backend::StaticBackend;
+use crate::config::{BackendConfig, BackendSource};
+
+/// Builds the backend `config` describes. The error says what failed, in
+/// the adapter's words (each names the module file).
+pub fn load(config: &BackendConfig) -> Result<Arc<dyn Backend>, String> {
+    match &config.source {
+        BackendSource::Static(static_config) => Ok(Arc::new(StaticBackend::new(static_config.clone()))),
+        BackendSource::Module { path, sha256 } => {
+            let settings = serde_json::to_string(&config.settings)
+                .map_err(|error| format!("cannot pass [config] to the module as JSON: {error}"))?;
+            crate::native::load(path, sha256.as_deref(), settings)
+                .map(|backend| backend as Arc<dyn Backend>)
+                .map_err(|error| error.to_string())
+        }
+    }
+}
