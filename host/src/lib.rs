@@ -28,4 +28,5 @@ pub mod proto;
 pub mod registration;
 pub mod resource_name;
 pub mod server;
+pub mod telemetry;
 pub mod uds;

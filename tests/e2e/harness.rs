@@ -46,7 +46,8 @@ impl Node {
     /// Starts `devhost run` on this node.
     pub fn start_devhost(&self) -> Devhost {
         if !self.config_file().exists() {
-            std::fs::write(self.config_file(), "call_timeout_ms = 2000\n").expect("write host config");
+            std::fs::write(self.config_file(), "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\n")
+                .expect("write host config");
         }
         Devhost::start(&self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
     }
@@ -130,6 +131,20 @@ impl Devhost {
         }
     }
 
+    /// The address of the metrics endpoint, from the log.
+    pub async fn metrics_address(&self) -> String {
+        let marker = "serving /metrics, /healthz and /readyz address=";
+        self.wait_for_log(marker).await;
+        let log = self.log();
+        let start = log.find(marker).expect("marker") + marker.len();
+        log[start..].split_whitespace().next().expect("an address").to_owned()
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal devhost");
+    }
+
     fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
@@ -147,6 +162,18 @@ impl Devhost {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A minimal HTTP/1.0 GET, enough for the metrics endpoint: status and body.
+pub async fn http_get(address: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the metrics endpoint");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
 }
 
 impl Drop for Devhost {

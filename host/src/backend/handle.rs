@@ -66,6 +66,16 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// A short label for metrics: `failed`, `panicked`, `timed_out`, `invalid`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Failed { .. } => "failed",
+            CallError::Panicked { .. } => "panicked",
+            CallError::TimedOut { .. } => "timed_out",
+            CallError::Invalid { .. } => "invalid",
+        }
+    }
+
     /// Whether this error means the backend itself is broken (as opposed to
     /// declining one request).
     pub fn is_fault(&self) -> bool {
@@ -188,6 +198,7 @@ impl BackendHandle {
     {
         let result = run_blocking(&self.name, operation, self.timeout, self.backend.clone(), f).await;
         if let Err(error) = &result {
+            crate::telemetry::global().backend_error(&self.name, operation, error.kind());
             if error.is_fault() {
                 self.report_fault(error);
             }
@@ -230,6 +241,7 @@ async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
             match reinit(&handle).await {
                 Ok(()) => {
                     tracing::info!(backend = %handle.name, "backend re-initialised; its devices report their own health again");
+                    crate::telemetry::global().backend_restarted(&handle.name);
                     for (_, state) in &handle.resources {
                         state.set_fault(None);
                     }

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostConfig, LogFormat, Overrides};
 
+mod inspect;
+
 /// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
 #[derive(Debug, Parser)]
 #[command(name = "devhost", version, about)]
@@ -37,6 +39,31 @@ enum Command {
     /// Show devhost at work without a cluster: a demo backend and a fake
     /// kubelet in one process, then exit.
     Demo,
+    /// Start every configured backend, show the devices it sees, stop it.
+    /// No kubelet needed. Exit 1 if a backend fails.
+    List {
+        /// A devhost.toml, or a config directory.
+        #[arg(long, short, default_value = "/etc/devhost")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config directory (or devhost.toml) without starting
+    /// anything: every error with file, line and column; exit 1 if any.
+    Check {
+        /// A config directory or a devhost.toml.
+        path: PathBuf,
+    },
 }
 
 /// Parses the arguments, runs the command, and returns its exit code.
@@ -66,6 +93,11 @@ pub fn main() -> ExitCode {
             init_logging(LogFormat::Text, "warn");
             runtime.block_on(crate::demo::run())
         }
+        Command::List { config, json } => {
+            init_logging(LogFormat::Text, "warn");
+            runtime.block_on(inspect::list(&config, json))
+        }
+        Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
     }
 }
 
@@ -81,6 +113,13 @@ async fn run(config: HostConfig) -> ExitCode {
     if let Err(error) = stop_on_signals(shutdown.clone()) {
         tracing::error!(%error, "cannot install signal handlers");
         return ExitCode::FAILURE;
+    }
+    if let Some(address) = config.metrics_address {
+        match crate::telemetry::http::serve(address, shutdown.clone()).await {
+            Ok(bound) => tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz"),
+            // Devices matter more than metrics: keep serving the kubelet.
+            Err(error) => tracing::error!(%address, %error, "cannot serve metrics and probes; continuing without them"),
+        }
     }
     match crate::daemon::run(&config, shutdown).await {
         Ok(()) => {

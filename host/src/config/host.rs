@@ -1,6 +1,7 @@
 //! `devhost.toml`: where the kubelet is, where backends are configured, how
 //! to log. Every path has its production default here and nowhere else.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct HostConfig {
     pub log_format: LogFormat,
     /// Log filter (`tracing` env-filter syntax), e.g. `info` or `devhost=debug`.
     pub log_level: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` turns
+    /// the endpoint off.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// Command-line values that take precedence over the file.
@@ -56,6 +60,7 @@ struct RawHost {
     kubelet_socket: Option<PathBuf>,
     backends_dir: Option<PathBuf>,
     call_timeout_ms: Option<toml::Spanned<u64>>,
+    metrics_address: Option<toml::Spanned<String>>,
     #[serde(default)]
     log: RawLog,
 }
@@ -87,7 +92,24 @@ impl HostConfig {
             Some(ms) => Duration::from_millis(*ms.get_ref()),
             None => DEFAULT_CALL_TIMEOUT,
         };
-        Ok(Self::resolve(base, raw.plugin_dir, raw.kubelet_socket, raw.backends_dir, call_timeout, raw.log, overrides))
+        let metrics_address = match raw.metrics_address {
+            None => Some(default_metrics_address()),
+            Some(address) if address.get_ref().is_empty() => None,
+            Some(address) => Some(address.get_ref().parse().map_err(|error| {
+                ConfigError::at(
+                    path,
+                    source,
+                    address.span(),
+                    format!(
+                        "metrics_address must be an IP:port such as \"0.0.0.0:9477\" (or \"\" to turn it off): {error}"
+                    ),
+                )
+            })?),
+        };
+        let mut config =
+            Self::resolve(base, raw.plugin_dir, raw.kubelet_socket, raw.backends_dir, call_timeout, raw.log, overrides);
+        config.metrics_address = metrics_address;
+        Ok(config)
     }
 
     /// The defaults, for a config directory `base` without a host file.
@@ -122,8 +144,13 @@ impl HostConfig {
             call_timeout,
             log_format: log.format.unwrap_or_default(),
             log_level: log.level.unwrap_or_else(|| "info".to_owned()),
+            metrics_address: Some(default_metrics_address()),
         }
     }
+}
+
+fn default_metrics_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9477))
 }
 
 #[cfg(test)]
@@ -165,6 +192,12 @@ mod tests {
         assert!(error.message.contains("unknown field `plugins`"), "{error}");
         let error = parse("call_timeout_ms = \"soon\"\n").expect_err("wrong type");
         assert_eq!(error.location, Some((1, 19)), "{error}");
+        let error = parse("metrics_address = \"localhost\"\n").expect_err("not an address");
+        assert!(
+            error.to_string().starts_with("/etc/devhost/devhost.toml:1:19: metrics_address must be an IP:port"),
+            "{error}"
+        );
+        assert_eq!(parse("metrics_address = \"\"\n").expect("off").metrics_address, None);
         let error = parse("call_timeout_ms = 0\n").expect_err("zero");
         assert_eq!(error.to_string(), "/etc/devhost/devhost.toml:1:19: call_timeout_ms must be at least 1");
     }

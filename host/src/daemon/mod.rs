@@ -1,26 +1,33 @@
-//! The daemon: loads the configured backends, starts one task per resource
-//! (serve, register, survive kubelet restarts), and on shutdown stops them
-//! all and removes every socket it created.
-//!
-//! A backend that fails to load or start is reported and skipped; the
-//! others serve.
+//! The daemon: serves every backend in `backends.d/`, one task per resource
+//! (serve, register, survive kubelet restarts), and follows the directory
+//! without a restart: on a change there (inotify), on SIGHUP, and on a
+//! periodic rescan (which also notices replaced module files). On shutdown
+//! it stops every resource and removes every socket it created.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::Path;
+use std::time::Duration;
 
+use notify::{RecursiveMode, Watcher};
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
-use crate::backend::handle::BackendHandle;
-use crate::config::{BackendConfig, HostConfig, load_backends};
+use crate::config::{HostConfig, load_backends};
 use crate::registration::PluginDirWatcher;
 use crate::server::socket;
 
+mod backends;
 mod resource;
 
+pub use backends::Backends;
 pub use resource::ResourceTask;
+
+/// How long changes in `backends.d/` must settle before a reload (an
+/// editor's save is several events).
+const RELOAD_SETTLE: Duration = Duration::from_millis(200);
+/// Rescan even without events: catches module files replaced outside
+/// `backends.d/` and a directory that appears late.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why the daemon could not run at all.
 #[derive(Debug, Error)]
@@ -49,78 +56,71 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(|source| DaemonError::PluginDir { dir: config.plugin_dir.clone(), source })?;
     let watcher = PluginDirWatcher::start(&config.plugin_dir)
         .map_err(|source| DaemonError::Watch { dir: config.plugin_dir.clone(), source })?;
-
-    let loaded = load_backends(&config.backends_dir, config.call_timeout);
-    for error in &loaded.errors {
-        tracing::error!(%error, "backend config refused; the other backends load");
-    }
-    let backends_stop = CancellationToken::new();
     let instance = socket::instance_id();
-    let tasks = TaskTracker::new();
-    let mut started: Vec<Arc<BackendHandle>> = Vec::new();
-    let mut owners: HashMap<String, String> = HashMap::new();
-    for backend_config in &loaded.backends {
-        let Some(handle) = start_backend(backend_config, &backends_stop, &owners).await else { continue };
-        for (spec, state) in handle.resources() {
-            owners.insert(spec.name.clone(), handle.name().to_owned());
-            let task = ResourceTask {
-                spec: spec.clone(),
-                state: state.clone(),
-                backend: handle.clone(),
-                socket: resource::prepare_socket(&config.plugin_dir, &spec.name, &instance),
-                kubelet_socket: config.kubelet_socket.clone(),
-                dir_events: watcher.subscribe(),
-                shutdown: shutdown.clone(),
-            };
-            let span = tracing::info_span!("resource", resource = %spec.name, backend = %handle.name());
-            tasks.spawn(task.run().instrument(span));
-        }
-        started.push(handle);
-    }
-    if started.is_empty() {
-        tracing::warn!(dir = %config.backends_dir.display(), "no backend is serving; fix the backend files and restart");
-    }
+    let context = backends::Context {
+        plugin_dir: &config.plugin_dir,
+        kubelet_socket: &config.kubelet_socket,
+        watcher: &watcher,
+        instance: &instance,
+    };
 
-    shutdown.cancelled().await;
-    tracing::info!("shutting down");
-    tasks.close();
-    tasks.wait().await;
-    backends_stop.cancel();
-    for handle in started {
-        handle.shutdown().await;
+    let (reload, mut reloads) = mpsc::channel::<&'static str>(1);
+    let _config_watch = watch_config_dir(&config.backends_dir, reload.clone());
+    reload_on_sighup(reload.clone());
+
+    let mut backends = Backends::default();
+    backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
+    if backends.resources().is_empty() {
+        tracing::warn!(dir = %config.backends_dir.display(), "no backend is serving; add or fix files there");
     }
+    loop {
+        let cause = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(cause) = reloads.recv() => cause,
+            () = tokio::time::sleep(RESCAN_INTERVAL) => "periodic rescan",
+        };
+        // Let a burst of file events settle, then drop what queued up.
+        tokio::time::sleep(RELOAD_SETTLE).await;
+        while reloads.try_recv().is_ok() {}
+        tracing::debug!(cause, "reloading backends");
+        backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
+    }
+    tracing::info!("shutting down");
+    backends.stop_all().await;
     Ok(())
 }
 
-/// Builds and initialises one backend; `None` (after logging why) if it
-/// cannot serve. A resource another backend already serves is refused.
-async fn start_backend(
-    config: &BackendConfig,
-    stop: &CancellationToken,
-    owners: &HashMap<String, String>,
-) -> Option<Arc<BackendHandle>> {
-    let file = config.file.display().to_string();
-    let backend = match crate::loader::load(config) {
-        Ok(backend) => backend,
-        Err(error) => {
-            tracing::error!(backend = %config.name, file, %error, "backend not loaded");
-            return None;
+/// Watches `dir` for changes; `None` (with a warning) if it cannot, in
+/// which case SIGHUP and the periodic rescan still reload.
+fn watch_config_dir(dir: &Path, reload: mpsc::Sender<&'static str>) -> Option<notify::RecommendedWatcher> {
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|event| !event.kind.is_access()) {
+            // A full channel already holds a pending reload.
+            let _ = reload.try_send("backends.d changed");
         }
-    };
-    let handle = match BackendHandle::start(&config.name, backend, config.call_timeout, stop.child_token()).await {
-        Ok(handle) => handle,
+    });
+    match watcher.and_then(|mut watcher| watcher.watch(dir, RecursiveMode::NonRecursive).map(|()| watcher)) {
+        Ok(watcher) => Some(watcher),
         Err(error) => {
-            tracing::error!(backend = %config.name, file, %error, "backend did not start");
-            return None;
+            tracing::warn!(dir = %dir.display(), %error, "cannot watch the backends directory; reloading on SIGHUP and every {RESCAN_INTERVAL:?}");
+            None
         }
-    };
-    if let Some((spec, owner)) =
-        handle.resources().iter().find_map(|(spec, _)| owners.get(&spec.name).map(|owner| (spec, owner)))
-    {
-        tracing::error!(backend = %config.name, file, resource = %spec.name, "resource {:?} is already served by backend {owner:?}; backend not started", spec.name);
-        handle.shutdown().await;
-        return None;
     }
-    tracing::info!(backend = %config.name, resources = handle.resources().len(), "backend started");
-    Some(handle)
+}
+
+fn reload_on_sighup(reload: mpsc::Sender<&'static str>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading backends.d");
+                    if reload.send("SIGHUP").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP; backends.d is still watched"),
+    }
 }

@@ -16,6 +16,7 @@ use crate::device_state::ResourceState;
 use crate::registration::{self, REGISTER_TIMEOUT};
 use crate::server::socket::{self, FileIdentity};
 use crate::server::{DevicePluginService, ResourceServer};
+use crate::telemetry;
 
 /// Periodic re-check, in case an inotify event is lost.
 const CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -73,6 +74,7 @@ impl ResourceTask {
             };
             tracing::info!(resource = %resource, socket = %self.socket.display(), "serving");
             let next = self.register_and_watch(&server).await;
+            telemetry::global().unregistered(&resource, matches!(next, Next::Restart(_)));
             server.stop().await;
             match next {
                 Next::Shutdown => {
@@ -95,6 +97,7 @@ impl ResourceTask {
             Err(next) => return next,
         };
         tracing::info!(resource = %self.spec.name, socket = %server.socket().display(), "registered with the kubelet");
+        telemetry::global().registered(&self.spec.name);
         loop {
             if self.wait(CHECK_INTERVAL).await.is_err() {
                 return Next::Shutdown;

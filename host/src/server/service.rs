@@ -2,8 +2,10 @@
 //! state and its backend. IDs are checked against the current device list
 //! before the backend sees them.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
@@ -44,6 +46,15 @@ impl DevicePluginService {
             pre_start_required: spec.pre_start_required,
             get_preferred_allocation_available: spec.preferred_allocation,
         }
+    }
+
+    /// Runs one RPC, counting it and its latency per resource and method.
+    async fn timed<T>(&self, method: &str, rpc: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = rpc.await;
+        let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        crate::telemetry::global().rpc(&self.spec.name, method, code, started.elapsed());
+        result
     }
 
     fn check_known(&self, ids: &[String]) -> Result<(), RequestError> {
@@ -144,56 +155,69 @@ impl DevicePlugin for DevicePluginService {
         &self,
         _: Request<v1beta1::Empty>,
     ) -> Result<Response<v1beta1::DevicePluginOptions>, Status> {
-        Ok(Response::new(Self::options(&self.spec)))
+        self.timed("GetDevicePluginOptions", async { Ok(Response::new(Self::options(&self.spec))) }).await
     }
 
     type ListAndWatchStream = ListAndWatchStream;
 
     async fn list_and_watch(&self, _: Request<v1beta1::Empty>) -> Result<Response<Self::ListAndWatchStream>, Status> {
         tracing::debug!(resource = %self.spec.name, "ListAndWatch stream opened");
+        let open = crate::telemetry::global().stream_opened(&self.spec.name);
         // WatchStream yields the current snapshot at once, then the latest
         // one after each change: bursts coalesce per stream.
         let stream = WatchStream::new(self.state.subscribe())
-            .map(|snapshot| Ok(snapshot.response.clone()))
+            .map(move |snapshot| {
+                let _counted_while_open = &open;
+                Ok(snapshot.response.clone())
+            })
             .take_until(self.stop.clone().cancelled_owned());
-        Ok(Response::new(Box::pin(stream)))
+        self.timed("ListAndWatch", async { Ok(Response::new(Box::pin(stream) as Self::ListAndWatchStream)) }).await
     }
 
     async fn get_preferred_allocation(
         &self,
         request: Request<v1beta1::PreferredAllocationRequest>,
     ) -> Result<Response<v1beta1::PreferredAllocationResponse>, Status> {
-        let mut container_responses = Vec::new();
-        for container in request.into_inner().container_requests {
-            let device_i_ds = self.preferred_for(container).await?;
-            container_responses.push(v1beta1::ContainerPreferredAllocationResponse { device_i_ds });
-        }
-        Ok(Response::new(v1beta1::PreferredAllocationResponse { container_responses }))
+        self.timed("GetPreferredAllocation", async {
+            let mut container_responses = Vec::new();
+            for container in request.into_inner().container_requests {
+                let device_i_ds = self.preferred_for(container).await?;
+                container_responses.push(v1beta1::ContainerPreferredAllocationResponse { device_i_ds });
+            }
+            Ok(Response::new(v1beta1::PreferredAllocationResponse { container_responses }))
+        })
+        .await
     }
 
     async fn allocate(
         &self,
         request: Request<v1beta1::AllocateRequest>,
     ) -> Result<Response<v1beta1::AllocateResponse>, Status> {
-        let mut container_responses = Vec::new();
-        for container in request.into_inner().container_requests {
-            self.check_known(&container.devices_ids)?;
-            let resource = self.spec.name.clone();
-            let ids = container.devices_ids;
-            let allocation = self.backend.call("allocate", move |b| b.allocate(&resource, &ids)).await?;
-            container_responses.push(to_proto(allocation));
-        }
-        Ok(Response::new(v1beta1::AllocateResponse { container_responses }))
+        self.timed("Allocate", async {
+            let mut container_responses = Vec::new();
+            for container in request.into_inner().container_requests {
+                self.check_known(&container.devices_ids)?;
+                let resource = self.spec.name.clone();
+                let ids = container.devices_ids;
+                let allocation = self.backend.call("allocate", move |b| b.allocate(&resource, &ids)).await?;
+                container_responses.push(to_proto(allocation));
+            }
+            Ok(Response::new(v1beta1::AllocateResponse { container_responses }))
+        })
+        .await
     }
 
     async fn pre_start_container(
         &self,
         request: Request<v1beta1::PreStartContainerRequest>,
     ) -> Result<Response<v1beta1::PreStartContainerResponse>, Status> {
-        let ids = request.into_inner().devices_ids;
-        self.check_known(&ids)?;
-        let resource = self.spec.name.clone();
-        self.backend.call("pre_start", move |b| b.pre_start(&resource, &ids)).await?;
-        Ok(Response::new(v1beta1::PreStartContainerResponse {}))
+        self.timed("PreStartContainer", async {
+            let ids = request.into_inner().devices_ids;
+            self.check_known(&ids)?;
+            let resource = self.spec.name.clone();
+            self.backend.call("pre_start", move |b| b.pre_start(&resource, &ids)).await?;
+            Ok(Response::new(v1beta1::PreStartContainerResponse {}))
+        })
+        .await
     }
 }

@@ -1,0 +1,183 @@
+//! Commands that look at a config without serving: `devhost config check`
+//! (validate only, start nothing) and `devhost list` (start each backend,
+//! show what it sees, stop it; no kubelet needed).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::handle::BackendHandle;
+use crate::config::{HostConfig, LoadedBackends, Overrides, load_backends};
+
+/// Resolves a config argument: a `devhost.toml`, or a directory holding one
+/// (or only a `backends.d/`, which then gets the default host settings).
+pub fn host_config(path: &Path) -> Result<HostConfig, crate::config::ConfigError> {
+    let overrides = Overrides::default();
+    if path.is_dir() {
+        let file = path.join("devhost.toml");
+        if file.exists() { HostConfig::load(&file, &overrides) } else { Ok(HostConfig::defaults(path, &overrides)) }
+    } else {
+        HostConfig::load(path, &overrides)
+    }
+}
+
+/// `devhost config check`: prints every problem; exit 0 only if none.
+pub fn config_check(path: &Path) -> ExitCode {
+    let config = match host_config(path) {
+        Ok(config) => config,
+        Err(error) => {
+            println!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let LoadedBackends { backends, errors } = load_backends(&config.backends_dir, config.call_timeout);
+    for error in &errors {
+        println!("error: {error}");
+    }
+    for backend in &backends {
+        println!("ok: {} ({})", backend.file.display(), describe(&backend.source));
+    }
+    println!(
+        "{} backend file(s) valid, {} refused, in {}",
+        backends.len(),
+        errors.len(),
+        config.backends_dir.display()
+    );
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn describe(source: &crate::config::BackendSource) -> String {
+    match source {
+        crate::config::BackendSource::Static(config) => {
+            let names: Vec<&str> = config.resource_names().map(|(name, _)| name).collect();
+            format!("static: {}", names.join(", "))
+        }
+        crate::config::BackendSource::Module { path, .. } => format!("module {}", path.display()),
+    }
+}
+
+#[derive(Serialize)]
+struct ListedBackend {
+    backend: String,
+    file: PathBuf,
+    error: Option<String>,
+    resources: Vec<ListedResource>,
+}
+
+#[derive(Serialize)]
+struct ListedResource {
+    name: String,
+    pre_start_required: bool,
+    preferred_allocation: bool,
+    devices: Vec<ListedDevice>,
+}
+
+#[derive(Serialize)]
+struct ListedDevice {
+    id: String,
+    health: String,
+    numa_nodes: Vec<i64>,
+}
+
+/// `devhost list`: starts every backend, prints what it sees, stops it.
+pub async fn list(path: &Path, json: bool) -> ExitCode {
+    let config = match host_config(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("devhost: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let loaded = load_backends(&config.backends_dir, config.call_timeout);
+    let mut listed: Vec<ListedBackend> = loaded
+        .errors
+        .iter()
+        .map(|error| ListedBackend {
+            backend: error.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            file: error.file.clone(),
+            error: Some(error.to_string()),
+            resources: Vec::new(),
+        })
+        .collect();
+    for backend in &loaded.backends {
+        listed.push(list_backend(backend).await);
+    }
+    listed.sort_by(|a, b| a.file.cmp(&b.file));
+    let failed = listed.iter().any(|b| b.error.is_some());
+    if json {
+        match serde_json::to_string_pretty(&listed) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("devhost: cannot encode the list: {error}"),
+        }
+    } else {
+        print_table(&listed);
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
+    let mut listed =
+        ListedBackend { backend: config.name.clone(), file: config.file.clone(), error: None, resources: Vec::new() };
+    let backend = match crate::loader::load(config) {
+        Ok(backend) => backend,
+        Err(error) => {
+            listed.error = Some(error);
+            return listed;
+        }
+    };
+    let stop = CancellationToken::new();
+    match BackendHandle::start(&config.name, backend, config.call_timeout, stop.clone()).await {
+        Ok(handle) => {
+            for (spec, state) in handle.resources() {
+                let snapshot = state.snapshot();
+                listed.resources.push(ListedResource {
+                    name: spec.name.clone(),
+                    pre_start_required: spec.pre_start_required,
+                    preferred_allocation: spec.preferred_allocation,
+                    devices: snapshot
+                        .response
+                        .devices
+                        .iter()
+                        .map(|d| ListedDevice {
+                            id: d.id.clone(),
+                            health: d.health.clone(),
+                            numa_nodes: d.topology.iter().flat_map(|t| t.nodes.iter().map(|n| n.id)).collect(),
+                        })
+                        .collect(),
+                });
+            }
+            handle.shutdown().await;
+        }
+        Err(error) => listed.error = Some(error.to_string()),
+    }
+    stop.cancel();
+    listed
+}
+
+fn print_table(listed: &[ListedBackend]) {
+    println!("{:<16} {:<32} {:<24} {:<10} NUMA", "BACKEND", "RESOURCE", "DEVICE", "HEALTH");
+    for backend in listed {
+        if let Some(error) = &backend.error {
+            println!("{:<16} error: {error}", backend.backend);
+            continue;
+        }
+        for resource in &backend.resources {
+            if resource.devices.is_empty() {
+                println!("{:<16} {:<32} (no devices)", backend.backend, resource.name);
+            }
+            for device in &resource.devices {
+                let numa = if device.numa_nodes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    device.numa_nodes.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+                };
+                println!(
+                    "{:<16} {:<32} {:<24} {:<10} {numa}",
+                    backend.backend, resource.name, device.id, device.health
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The running backends, keyed by their config file, and how they follow
+//! `backends.d/`: a new file starts its backend, a changed file (or module)
+//! replaces just that backend, a removed file stops it. A file that fails to
+//! parse or load is reported and whatever ran for it before keeps running.
+//! Every other backend, with its sockets and open streams, is untouched.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::resource::{self, ResourceTask};
+use crate::backend::handle::BackendHandle;
+use crate::config::{BackendConfig, BackendSource, LoadedBackends};
+use crate::registration::PluginDirWatcher;
+use crate::server::socket::FileIdentity;
+use crate::telemetry;
+
+/// One backend that is serving.
+struct Running {
+    config: BackendConfig,
+    /// The module file as it was when loaded, to notice a replaced module.
+    module: Option<FileIdentity>,
+    handle: Arc<BackendHandle>,
+    /// Stops this backend's resource tasks and its supervisor.
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What the daemon needs to start resource tasks.
+pub struct Context<'a> {
+    /// The kubelet's device plugin directory.
+    pub plugin_dir: &'a Path,
+    /// The kubelet's registration socket.
+    pub kubelet_socket: &'a Path,
+    /// Plugin directory events for resource tasks.
+    pub watcher: &'a PluginDirWatcher,
+    /// This process's socket-name suffix.
+    pub instance: &'a str,
+}
+
+/// The set of running backends.
+#[derive(Default)]
+pub struct Backends {
+    running: BTreeMap<PathBuf, Running>,
+}
+
+fn module_identity(config: &BackendConfig) -> Option<FileIdentity> {
+    match &config.source {
+        BackendSource::Module { path, .. } => FileIdentity::of(path),
+        BackendSource::Static(_) => None,
+    }
+}
+
+impl Backends {
+    /// Brings the running set in line with `loaded` (see the module docs).
+    pub async fn reconcile(&mut self, loaded: LoadedBackends, context: &Context<'_>) {
+        let refused: BTreeSet<PathBuf> = loaded.errors.iter().map(|error| error.file.clone()).collect();
+        for error in &loaded.errors {
+            let kept = if self.running.contains_key(&error.file) { "; its previous version keeps serving" } else { "" };
+            tracing::error!(%error, "backend config refused{kept}");
+        }
+        let desired: BTreeMap<PathBuf, BackendConfig> =
+            loaded.backends.into_iter().map(|config| (config.file.clone(), config)).collect();
+
+        let gone: Vec<PathBuf> = self
+            .running
+            .keys()
+            .filter(|file| !desired.contains_key(*file) && !refused.contains(*file))
+            .cloned()
+            .collect();
+        for file in gone {
+            if let Some(running) = self.running.remove(&file) {
+                tracing::info!(backend = %running.config.name, file = %file.display(), "backend file removed; stopping its resources");
+                stop(running).await;
+            }
+        }
+
+        for (file, config) in desired {
+            let module = module_identity(&config);
+            let previous = self.running.get(&file);
+            if previous.is_some_and(|running| running.config == config && running.module == module) {
+                continue;
+            }
+            let owners = self.owners(Some(&file));
+            let Some((handle, backend_stop)) = start_backend(&config, &owners).await else {
+                if previous.is_some() {
+                    tracing::error!(backend = %config.name, file = %file.display(), "the changed backend did not start; its previous version keeps serving");
+                }
+                continue;
+            };
+            if let Some(old) = self.running.remove(&file) {
+                tracing::info!(backend = %config.name, file = %file.display(), "backend changed; replacing it");
+                stop(old).await;
+            }
+            let running = spawn_resources(config, module, handle, backend_stop, context);
+            self.running.insert(file, running);
+        }
+    }
+
+    /// Every resource served now.
+    pub fn resources(&self) -> Vec<String> {
+        self.running.values().flat_map(|r| r.handle.resources().iter().map(|(spec, _)| spec.name.clone())).collect()
+    }
+
+    /// Which backend serves each resource, leaving out the one from `except`.
+    fn owners(&self, except: Option<&PathBuf>) -> HashMap<String, String> {
+        self.running
+            .iter()
+            .filter(|(file, _)| Some(*file) != except)
+            .flat_map(|(_, r)| r.handle.resources().iter().map(|(spec, _)| (spec.name.clone(), r.config.name.clone())))
+            .collect()
+    }
+
+    /// Stops every backend: streams end, sockets are removed.
+    pub async fn stop_all(&mut self) {
+        for (_, running) in std::mem::take(&mut self.running) {
+            stop(running).await;
+        }
+    }
+}
+
+async fn stop(running: Running) {
+    running.stop.cancel();
+    running.tasks.close();
+    running.tasks.wait().await;
+    running.handle.shutdown().await;
+    for (spec, _) in running.handle.resources() {
+        telemetry::global().forget_resource(&spec.name);
+    }
+}
+
+/// Builds and initialises one backend; `None` (after logging why) if it
+/// cannot serve. A resource another backend already serves is refused.
+async fn start_backend(
+    config: &BackendConfig,
+    owners: &HashMap<String, String>,
+) -> Option<(Arc<BackendHandle>, CancellationToken)> {
+    let file = config.file.display().to_string();
+    let backend = match crate::loader::load(config) {
+        Ok(backend) => backend,
+        Err(error) => {
+            tracing::error!(backend = %config.name, file, %error, "backend not loaded");
+            return None;
+        }
+    };
+    let stop = CancellationToken::new();
+    let handle = match BackendHandle::start(&config.name, backend, config.call_timeout, stop.clone()).await {
+        Ok(handle) => handle,
+        Err(error) => {
+            tracing::error!(backend = %config.name, file, %error, "backend did not start");
+            return None;
+        }
+    };
+    if let Some((spec, owner)) =
+        handle.resources().iter().find_map(|(spec, _)| owners.get(&spec.name).map(|owner| (spec, owner)))
+    {
+        tracing::error!(backend = %config.name, file, resource = %spec.name, "resource {:?} is already served by backend {owner:?}; backend not started", spec.name);
+        handle.shutdown().await;
+        stop.cancel();
+        return None;
+    }
+    tracing::info!(backend = %config.name, resources = handle.resources().len(), "backend started");
+    Some((handle, stop))
+}
+
+fn spawn_resources(
+    config: BackendConfig,
+    module: Option<FileIdentity>,
+    handle: Arc<BackendHandle>,
+    stop: CancellationToken,
+    context: &Context<'_>,
+) -> Running {
+    let tasks = TaskTracker::new();
+    for (spec, state) in handle.resources() {
+        let task = ResourceTask {
+            spec: spec.clone(),
+            state: state.clone(),
+            backend: handle.clone(),
+            socket: resource::prepare_socket(context.plugin_dir, &spec.name, context.instance),
+            kubelet_socket: context.kubelet_socket.to_owned(),
+            dir_events: context.watcher.subscribe(),
+            shutdown: stop.clone(),
+        };
+        telemetry::global().add_resource(state);
+        let span = tracing::info_span!("resource", resource = %spec.name, backend = %handle.name());
+        tasks.spawn(task.run().instrument(span));
+    }
+    Running { config, module, handle, stop, tasks }
+}

@@ -1,0 +1,270 @@
+//! What devhost tells operators about itself: Prometheus metrics and the
+//! readiness of its resources. One registry per process (one daemon per
+//! process), so every part reports without being handed a handle.
+//!
+//! Device counts are read from the live device states when scraped, so
+//! they are never stale; everything else is counted where it happens.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::device_state::ResourceState;
+use crate::model::Health;
+
+pub mod http;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabel {
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    resource: String,
+    health: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    resource: String,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcResultLabels {
+    resource: String,
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendCallLabels {
+    backend: String,
+    operation: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+/// The process's metrics and resource readiness.
+pub struct Telemetry {
+    registry: Registry,
+    devices: Family<DeviceLabels, Gauge>,
+    rpcs: Family<RpcResultLabels, Counter>,
+    rpc_seconds: Family<RpcLabels, Histogram>,
+    backend_errors: Family<BackendCallLabels, Counter>,
+    backend_restarts: Family<BackendLabel, Counter>,
+    registrations: Family<ResourceLabel, Counter>,
+    kubelet_restarts: Family<ResourceLabel, Counter>,
+    streams: Family<ResourceLabel, Gauge>,
+    registered: Family<ResourceLabel, Gauge>,
+    resources: Mutex<Resources>,
+}
+
+#[derive(Default)]
+struct Resources {
+    /// Resources the daemon serves now, with their device state.
+    configured: BTreeMap<String, Weak<ResourceState>>,
+    /// Those currently registered with the kubelet.
+    registered: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+/// The process-wide telemetry.
+pub fn global() -> &'static Telemetry {
+    static GLOBAL: OnceLock<Telemetry> = OnceLock::new();
+    GLOBAL.get_or_init(Telemetry::new)
+}
+
+fn rpc_histogram() -> Histogram {
+    // 50 µs to ~1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+impl Telemetry {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("devhost");
+        let devices = Family::<DeviceLabels, Gauge>::default();
+        registry.register("devices", "Devices per resource and health, as the kubelet is told", devices.clone());
+        let rpcs = Family::<RpcResultLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "DevicePlugin RPCs answered, by resource, method and status code",
+            rpcs.clone(),
+        );
+        let rpc_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(rpc_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "rpc_duration",
+            "Time to answer a DevicePlugin RPC, by resource and method",
+            Unit::Seconds,
+            rpc_seconds.clone(),
+        );
+        let backend_errors = Family::<BackendCallLabels, Counter>::default();
+        registry.register(
+            "backend_call_errors",
+            "Failed calls into backends, by kind: failed, panicked, timed_out, invalid",
+            backend_errors.clone(),
+        );
+        let backend_restarts = Family::<BackendLabel, Counter>::default();
+        registry.register("backend_restarts", "Backends re-initialised after a fault", backend_restarts.clone());
+        let registrations = Family::<ResourceLabel, Counter>::default();
+        registry.register("registrations", "Successful Register calls to the kubelet", registrations.clone());
+        let kubelet_restarts = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "kubelet_restarts_seen",
+            "Kubelet restarts (or lost sockets) a resource recovered from",
+            kubelet_restarts.clone(),
+        );
+        let streams = Family::<ResourceLabel, Gauge>::default();
+        registry.register("list_and_watch_streams", "Open ListAndWatch streams", streams.clone());
+        let registered = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "resource_registered",
+            "1 while the resource is registered with the kubelet",
+            registered.clone(),
+        );
+        let build = Family::<Vec<(String, String)>, Gauge>::default();
+        build.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+        registry.register("build_info", "devhost's version", build);
+        Telemetry {
+            registry,
+            devices,
+            rpcs,
+            rpc_seconds,
+            backend_errors,
+            backend_restarts,
+            registrations,
+            kubelet_restarts,
+            streams,
+            registered,
+            resources: Mutex::new(Resources::default()),
+        }
+    }
+
+    fn resources(&self) -> std::sync::MutexGuard<'_, Resources> {
+        self.resources.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A resource now served, with its device state.
+    pub fn add_resource(&self, state: &Arc<ResourceState>) {
+        self.resources().configured.insert(state.name().to_owned(), Arc::downgrade(state));
+    }
+
+    /// A resource no longer served (its backend stopped or was replaced).
+    pub fn forget_resource(&self, resource: &str) {
+        let mut resources = self.resources();
+        resources.configured.remove(resource);
+        resources.registered.remove(resource);
+        let label = ResourceLabel { resource: resource.to_owned() };
+        self.registered.remove(&label);
+        for health in [Health::Healthy, Health::Unhealthy] {
+            self.devices.remove(&DeviceLabels { resource: resource.to_owned(), health: health.as_str().to_owned() });
+        }
+    }
+
+    /// The resource registered with the kubelet.
+    pub fn registered(&self, resource: &str) {
+        self.resources().registered.insert(resource.to_owned());
+        let label = ResourceLabel { resource: resource.to_owned() };
+        self.registrations.get_or_create(&label).inc();
+        self.registered.get_or_create(&label).set(1);
+    }
+
+    /// The resource lost its registration (kubelet restart, socket gone).
+    pub fn unregistered(&self, resource: &str, kubelet_restart: bool) {
+        let was_registered = self.resources().registered.remove(resource);
+        let label = ResourceLabel { resource: resource.to_owned() };
+        self.registered.get_or_create(&label).set(0);
+        if kubelet_restart && was_registered {
+            self.kubelet_restarts.get_or_create(&label).inc();
+        }
+    }
+
+    /// One answered RPC.
+    pub fn rpc(&self, resource: &str, method: &str, code: tonic::Code, elapsed: Duration) {
+        let code = format!("{code:?}");
+        let labels = RpcResultLabels { resource: resource.to_owned(), method: method.to_owned(), code };
+        self.rpcs.get_or_create(&labels).inc();
+        let labels = RpcLabels { resource: resource.to_owned(), method: method.to_owned() };
+        self.rpc_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// A ListAndWatch stream opened; the guard counts it closed when dropped.
+    pub fn stream_opened(&'static self, resource: &str) -> StreamGuard {
+        let label = ResourceLabel { resource: resource.to_owned() };
+        self.streams.get_or_create(&label).inc();
+        StreamGuard { telemetry: self, label }
+    }
+
+    /// A failed call into a backend.
+    pub fn backend_error(&self, backend: &str, operation: &str, kind: &str) {
+        let labels =
+            BackendCallLabels { backend: backend.to_owned(), operation: operation.to_owned(), kind: kind.to_owned() };
+        self.backend_errors.get_or_create(&labels).inc();
+    }
+
+    /// A backend re-initialised after a fault.
+    pub fn backend_restarted(&self, backend: &str) {
+        self.backend_restarts.get_or_create(&BackendLabel { backend: backend.to_owned() }).inc();
+    }
+
+    /// Whether every served resource is registered, and which are not.
+    pub fn readiness(&self) -> (bool, Vec<String>) {
+        let resources = self.resources();
+        let missing: Vec<String> =
+            resources.configured.keys().filter(|name| !resources.registered.contains(*name)).cloned().collect();
+        (missing.is_empty(), missing)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        self.refresh_devices();
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        text
+    }
+
+    fn refresh_devices(&self) {
+        let states: Vec<Arc<ResourceState>> = self.resources().configured.values().filter_map(Weak::upgrade).collect();
+        for state in states {
+            let snapshot = state.snapshot();
+            let healthy = snapshot.response.devices.iter().filter(|d| d.health == crate::proto::HEALTHY).count();
+            let total = snapshot.response.devices.len();
+            for (health, count) in [(Health::Healthy, healthy), (Health::Unhealthy, total - healthy)] {
+                let labels = DeviceLabels { resource: state.name().to_owned(), health: health.as_str().to_owned() };
+                self.devices.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+/// Counts one open ListAndWatch stream until dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    telemetry: &'static Telemetry,
+    label: ResourceLabel,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.telemetry.streams.get_or_create(&self.label).dec();
+    }
+}
