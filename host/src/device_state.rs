@@ -14,7 +14,7 @@ use prost::Message;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::backend::{Device, Health};
+use crate::model::{Device, Health, REPLICA_SEPARATOR, Sharing};
 use crate::proto::{MAX_MESSAGE_BYTES, v1beta1};
 
 /// Why a published device list was refused. The previous list stays.
@@ -68,30 +68,46 @@ pub struct Snapshot {
     /// Set while the backend is faulted: every device is then reported
     /// Unhealthy, and this says why.
     pub fault: Option<String>,
+    /// How the devices are shared; with replicas, the kubelet sees each
+    /// device that many times.
+    pub sharing: Sharing,
     /// The message every `ListAndWatch` stream sends for this state.
     pub response: v1beta1::ListAndWatchResponse,
 }
 
 impl Snapshot {
-    fn new(devices: Vec<Device>, fault: Option<String>) -> Self {
-        let response = v1beta1::ListAndWatchResponse {
-            devices: devices
-                .iter()
-                .map(|device| v1beta1::Device {
-                    id: device.id.clone(),
-                    health: if fault.is_some() { Health::Unhealthy } else { device.health }.as_str().to_owned(),
-                    topology: (!device.numa_nodes.is_empty()).then(|| v1beta1::TopologyInfo {
-                        nodes: device.numa_nodes.iter().map(|&id| v1beta1::NumaNode { id }).collect(),
-                    }),
-                })
-                .collect(),
-        };
-        Snapshot { devices, fault, response }
+    fn new(devices: Vec<Device>, fault: Option<String>, sharing: Sharing) -> Self {
+        let mut advertised = Vec::with_capacity(devices.len() * sharing.replicas);
+        for device in &devices {
+            let health = if fault.is_some() { Health::Unhealthy } else { device.health }.as_str();
+            let topology = (!device.numa_nodes.is_empty()).then(|| v1beta1::TopologyInfo {
+                nodes: device.numa_nodes.iter().map(|&id| v1beta1::NumaNode { id }).collect(),
+            });
+            let entry = |id: String| v1beta1::Device { id, health: health.to_owned(), topology: topology.clone() };
+            if sharing.replicas > 1 {
+                advertised.extend((0..sharing.replicas).map(|n| entry(format!("{}{REPLICA_SEPARATOR}{n}", device.id))));
+            } else {
+                advertised.push(entry(device.id.clone()));
+            }
+        }
+        let response = v1beta1::ListAndWatchResponse { devices: advertised };
+        Snapshot { devices, fault, sharing, response }
     }
 
-    /// The device with this ID, if the resource has it.
+    /// The device with this (real) ID, if the resource has it.
     pub fn device(&self, id: &str) -> Option<&Device> {
         self.devices.iter().find(|device| device.id == id)
+    }
+
+    /// The real device behind an ID the kubelet uses (a replica ID when the
+    /// resource is shared), if there is one.
+    pub fn real_device(&self, advertised: &str) -> Option<&Device> {
+        if self.sharing.replicas <= 1 {
+            return self.device(advertised);
+        }
+        let (real, replica) = advertised.rsplit_once(REPLICA_SEPARATOR)?;
+        let replica: usize = replica.parse().ok()?;
+        (replica < self.sharing.replicas).then(|| self.device(real)).flatten()
     }
 }
 
@@ -128,7 +144,18 @@ impl ResourceState {
     pub fn publish(&self, devices: Vec<Device>) -> Result<(), PublishError> {
         self.validate(&devices)?;
         self.sender.send_modify(|current| {
-            *current = Arc::new(Snapshot::new(devices, current.fault.clone()));
+            *current = Arc::new(Snapshot::new(devices, current.fault.clone(), current.sharing));
+        });
+        Ok(())
+    }
+
+    /// Shares every device `sharing.replicas` times from now on. Refused if
+    /// the advertised list would no longer fit one kubelet message.
+    pub fn set_sharing(&self, sharing: Sharing) -> Result<(), PublishError> {
+        let devices = self.snapshot().devices.clone();
+        self.check_size(&devices, sharing)?;
+        self.sender.send_modify(|current| {
+            *current = Arc::new(Snapshot::new(current.devices.clone(), current.fault.clone(), sharing));
         });
         Ok(())
     }
@@ -140,7 +167,7 @@ impl ResourceState {
             if current.fault == fault {
                 return false;
             }
-            *current = Arc::new(Snapshot::new(current.devices.clone(), fault));
+            *current = Arc::new(Snapshot::new(current.devices.clone(), fault, current.sharing));
             true
         });
     }
@@ -156,12 +183,17 @@ impl ResourceState {
                 return Err(PublishError::DuplicateId { resource: resource(), id: device.id.clone() });
             }
         }
+        self.check_size(devices, self.snapshot().sharing)
+    }
+
+    fn check_size(&self, devices: &[Device], sharing: Sharing) -> Result<(), PublishError> {
         // Worst case: every device reported Unhealthy (a longer string).
-        let bytes = Snapshot::new(devices.to_vec(), Some(String::new())).response.encoded_len();
+        let bytes = Snapshot::new(devices.to_vec(), Some(String::new()), sharing).response.encoded_len();
         // Leave room for gRPC framing.
         let limit = MAX_MESSAGE_BYTES - 1024;
         if bytes > limit {
-            return Err(PublishError::TooLarge { resource: resource(), devices: devices.len(), bytes, limit });
+            let resource = self.name.clone();
+            return Err(PublishError::TooLarge { resource, devices: devices.len() * sharing.replicas, bytes, limit });
         }
         Ok(())
     }
@@ -314,6 +346,34 @@ mod tests {
         // 10,000 devices with realistic IDs fit.
         let devices: Vec<Device> = (0..10_000).map(|i| device(&format!("GPU-{i:08}"), Health::Healthy, &[0])).collect();
         assert_eq!(state.publish(devices), Ok(()));
+    }
+
+    #[test]
+    fn replicas_advertise_each_device_n_times_with_its_health() {
+        let state = ResourceState::new("r.io/x");
+        state.publish(vec![device("a", Health::Healthy, &[0]), device("b", Health::Unhealthy, &[])]).expect("valid");
+        state.set_sharing(Sharing { replicas: 3, policy: crate::model::ReplicaPolicy::Pack }).expect("fits");
+        let snapshot = state.snapshot();
+        let ids: Vec<(&str, &str)> =
+            snapshot.response.devices.iter().map(|d| (d.id.as_str(), d.health.as_str())).collect();
+        assert_eq!(
+            ids,
+            [
+                ("a::0", "Healthy"),
+                ("a::1", "Healthy"),
+                ("a::2", "Healthy"),
+                ("b::0", "Unhealthy"),
+                ("b::1", "Unhealthy"),
+                ("b::2", "Unhealthy")
+            ]
+        );
+        assert_eq!(snapshot.response.devices[2].topology.as_ref().map(|t| t.nodes[0].id), Some(0));
+        assert_eq!(snapshot.real_device("a::2").map(|d| d.id.as_str()), Some("a"));
+        assert!(snapshot.real_device("a::3").is_none(), "replica out of range");
+        assert!(snapshot.real_device("a").is_none(), "real IDs are not advertised when shared");
+        // Health of the real device applies to every replica.
+        state.publish(vec![device("a", Health::Unhealthy, &[0]), device("b", Health::Unhealthy, &[])]).expect("valid");
+        assert!(state.snapshot().response.devices.iter().all(|d| d.health == "Unhealthy"));
     }
 
     #[test]

@@ -14,8 +14,10 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod cdi;
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod daemon;
 pub mod demo;
 pub mod device_state;
@@ -30,3 +32,4 @@ pub mod resource_name;
 pub mod server;
 pub mod telemetry;
 pub mod uds;
+pub mod wasm;

@@ -126,3 +126,43 @@ impl BackendError {
         BackendError { message: message.into(), fault: true }
     }
 }
+
+/// How a resource's devices are shared between containers: each real device
+/// is advertised `replicas` times (`<id>::<n>`), and preferred allocation
+/// spreads replicas across real devices or packs them onto few.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sharing {
+    /// How many containers may hold one device at once (1 = not shared).
+    pub replicas: usize,
+    /// How the default preferred allocation chooses among replicas.
+    pub policy: ReplicaPolicy,
+}
+
+impl Default for Sharing {
+    fn default() -> Self {
+        Sharing { replicas: 1, policy: ReplicaPolicy::Spread }
+    }
+}
+
+/// Which replicas the default preferred allocation picks first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaPolicy {
+    /// Replicas of the least used real devices (spread the load).
+    #[default]
+    Spread,
+    /// Replicas of the most used real devices (keep others whole).
+    Pack,
+}
+
+/// Separates a replica's number from its real device's ID.
+pub const REPLICA_SEPARATOR: &str = "::";
+
+/// Host-side settings of one resource, from its backend's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceSettings {
+    /// Sharing of its devices between containers.
+    pub sharing: Sharing,
+    /// Write a CDI spec for it and answer Allocate with CDI names.
+    pub cdi: bool,
+}

@@ -1,10 +1,15 @@
 //! The end-to-end test binary: the real `devhost` process against the fake
 //! kubelet, one module per area.
 
+mod check;
 mod cli;
+mod deploy;
 mod harness;
 mod host;
 mod native;
 mod native_loader;
+mod nvidia;
 mod operate;
+mod sharing;
+mod wasm;
 mod wire_contract;

@@ -21,7 +21,7 @@ fn repo() -> &'static Path {
 }
 
 fn module_file(module: &Path, config: &str) -> String {
-    format!("[backend]\nmodule = {:?}\ncall_timeout_ms = 1000\n[config]\n{config}\n", module.display().to_string())
+    format!("[backend]\nmodule = {:?}\ncall_timeout_ms = 5000\n[config]\n{config}\n", module.display().to_string())
 }
 
 /// Waits until device `id` of `resource` has been seen both Healthy and

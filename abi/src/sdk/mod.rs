@@ -5,16 +5,27 @@
 //! its message instead of an abort.
 //!
 //! Nothing in this module mentions an FFI type, so the same `impl Backend`
-//! can later be exported through another transport (a WASM component).
+//! is exported through either transport: built for `wasm32` the macro
+//! exports a WASM component of the world `devhost:backend/backend@1.0.0`
+//! instead (see the `wasm` module and `abi/README.md`, "WASM backends").
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+#[cfg(not(target_arch = "wasm32"))]
 #[doc(hidden)]
 #[allow(unsafe_code)]
 pub mod shim;
 
+#[cfg(not(target_arch = "wasm32"))]
 pub use shim::Host;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod wasm;
+
+#[cfg(target_arch = "wasm32")]
+pub use wasm::Host;
 
 /// The health of one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,6 +242,12 @@ pub trait Backend: Sized + Send + Sync + 'static {
         Ok(())
     }
 
+    /// Re-checks the devices and publishes what changed. Only the WASM
+    /// packaging calls it, right before each of devhost's device-list polls
+    /// (a component has no threads of its own); a native backend publishes
+    /// from its own threads instead and never gets this call.
+    fn poll(&self) {}
+
     /// Stops the instance: background threads end, nothing is published
     /// after this returns.
     fn shutdown(self) {}
@@ -239,9 +256,13 @@ pub trait Backend: Sized + Send + Sync + 'static {
 /// Exports a [`Backend`] implementation as the shared library's
 /// `devhost_backend_entry` symbol. Use it once, in a `cdylib` crate.
 ///
+/// Built for `wasm32` (`wasm32-wasip2`), the same line exports the
+/// implementation as a WASM component instead.
+///
 /// ```ignore
 /// devhost_abi::export_backend!(MyBackend);
 /// ```
+#[cfg(not(target_arch = "wasm32"))]
 #[macro_export]
 macro_rules! export_backend {
     ($backend:ty) => {
@@ -260,6 +281,72 @@ macro_rules! export_backend {
             // ABI says; `entry` checks it before reading past its header.
             unsafe { $crate::sdk::shim::entry(host, &TABLE) }
         }
+    };
+}
+
+/// Exports a [`Backend`] implementation as a WASM component of the world
+/// `devhost:backend/backend@1.0.0`. Use it once, in a `cdylib` crate built
+/// for `wasm32-wasip2`.
+///
+/// ```ignore
+/// devhost_abi::export_backend!(MyBackend);
+/// ```
+#[cfg(target_arch = "wasm32")]
+#[macro_export]
+macro_rules! export_backend {
+    ($backend:ty) => {
+        static __DEVHOST_BACKEND: $crate::sdk::wasm::Instance<$backend> = $crate::sdk::wasm::Instance::new();
+
+        #[doc(hidden)]
+        pub struct __DevhostComponent;
+
+        impl $crate::sdk::wasm::bindings::exports::devhost::backend::api::Guest for __DevhostComponent {
+            fn init(
+                config_json: ::std::string::String,
+            ) -> ::std::result::Result<
+                ::std::vec::Vec<$crate::sdk::wasm::bindings::devhost::backend::types::Resource>,
+                ::std::string::String,
+            > {
+                __DEVHOST_BACKEND.init(&config_json)
+            }
+
+            fn list_devices() -> ::std::vec::Vec<$crate::sdk::wasm::bindings::devhost::backend::types::DeviceList> {
+                __DEVHOST_BACKEND.list_devices()
+            }
+
+            fn allocate(
+                resource: ::std::string::String,
+                device_ids: ::std::vec::Vec<::std::string::String>,
+            ) -> ::std::result::Result<
+                $crate::sdk::wasm::bindings::devhost::backend::types::Allocation,
+                ::std::string::String,
+            > {
+                __DEVHOST_BACKEND.allocate(&resource, &device_ids)
+            }
+
+            fn preferred_allocation(
+                resource: ::std::string::String,
+                request: $crate::sdk::wasm::bindings::devhost::backend::types::PreferredRequest,
+            ) -> ::std::result::Result<
+                ::std::option::Option<::std::vec::Vec<::std::string::String>>,
+                ::std::string::String,
+            > {
+                __DEVHOST_BACKEND.preferred_allocation(&resource, request)
+            }
+
+            fn pre_start(
+                resource: ::std::string::String,
+                device_ids: ::std::vec::Vec<::std::string::String>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                __DEVHOST_BACKEND.pre_start(&resource, &device_ids)
+            }
+
+            fn shutdown() {
+                __DEVHOST_BACKEND.shutdown()
+            }
+        }
+
+        $crate::sdk::wasm::bindings::__devhost_export_component!(__DevhostComponent with_types_in $crate::sdk::wasm::bindings);
     };
 }
 

@@ -49,6 +49,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The vendor conformance check: run one backend with a private fake
+    /// kubelet and check registration, device IDs, health updates, Allocate
+    /// on every device, the preferred-allocation contract and deadlines.
+    /// Exit 0 if every check passes, 1 otherwise.
+    Check {
+        /// A backend file (backends.d/<name>.toml) or a module (.so, .wasm).
+        target: PathBuf,
+        /// Deadline of each call into the backend, in milliseconds, unless
+        /// the backend file sets its own.
+        #[arg(long, default_value_t = 5000)]
+        call_timeout_ms: u64,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -98,6 +110,13 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
+        Command::Check { target, call_timeout_ms } => {
+            init_logging(LogFormat::Text, "error");
+            let report =
+                runtime.block_on(crate::conformance::run(&target, std::time::Duration::from_millis(call_timeout_ms)));
+            crate::conformance::print(&report);
+            if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
     }
 }
 

@@ -2,6 +2,10 @@
 //! kind (`kind = "static"` for the built-in one) or its module, and carries
 //! the backend's own `[config]` table.
 //!
+//! A module whose file name ends in `.wasm` is a WASM component and runs in
+//! the sandbox its `[sandbox]` table describes ([`SandboxConfig`]); any
+//! other module is a native shared library, which has no sandbox.
+//!
 //! Files are read in name order. Each bad file yields one [`ConfigError`]
 //! and is skipped; the others load.
 
@@ -14,18 +18,22 @@ use toml::Spanned;
 
 use super::StaticConfig;
 use super::{ConfigError, line_column};
+pub use crate::wasm::SandboxConfig;
 
 /// Where a backend's code comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendSource {
     /// The built-in `static` backend with its parsed config.
     Static(StaticConfig),
-    /// A module file (native `.so`, later WASM).
+    /// A module file: a native `.so`, or a WASM component (`.wasm`).
     Module {
         /// Absolute path of the module.
         path: PathBuf,
         /// Optional pinned SHA-256 (lower-case hex) of the file.
         sha256: Option<String>,
+        /// `Some` for a WASM component (a `.wasm` file): its sandbox.
+        /// `None` for a native library.
+        wasm: Option<SandboxConfig>,
     },
 }
 
@@ -42,6 +50,8 @@ pub struct BackendConfig {
     pub call_timeout: Duration,
     /// Its own `[config]` table, handed to module backends at init.
     pub settings: toml::Table,
+    /// Host-side settings per resource (`[resources."<name>"]`).
+    pub resources: std::collections::BTreeMap<String, crate::model::ResourceSettings>,
 }
 
 /// The result of reading a `backends.d/` directory.
@@ -59,6 +69,20 @@ struct RawFile {
     backend: RawBackend,
     #[serde(default)]
     config: Option<toml::Table>,
+    sandbox: Option<Spanned<RawSandbox>>,
+    #[serde(default)]
+    resources: std::collections::BTreeMap<Spanned<String>, Spanned<super::resource_settings::RawResourceSettings>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    #[serde(default)]
+    read: Vec<Spanned<PathBuf>>,
+    memory_mb: Option<Spanned<u64>>,
+    poll_interval_ms: Option<Spanned<u64>>,
+    /// A directory, or `false` to turn the cache off.
+    cache_dir: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +189,9 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
             if let Some(pin) = raw.backend.sha256 {
                 return Err(at(pin.span(), "sha256 pins a module file; a built-in kind has none".into()));
             }
+            if let Some(sandbox) = raw.sandbox {
+                return Err(at(sandbox.span(), "[sandbox] applies to WASM modules (.wasm) only".into()));
+            }
             BackendSource::Static(StaticConfig::parse(file, source)?)
         }
         (None, Some(module)) => {
@@ -175,7 +202,19 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                 pin => pin.map(Spanned::into_inner),
             };
             let base = file.parent().unwrap_or(Path::new("."));
-            BackendSource::Module { path: base.join(module.get_ref()), sha256 }
+            let is_wasm = module.get_ref().extension().is_some_and(|ext| ext == "wasm");
+            let wasm = match raw.sandbox {
+                Some(sandbox) if !is_wasm => {
+                    return Err(at(
+                        sandbox.span(),
+                        "[sandbox] applies to WASM modules (.wasm) only; a native library runs unsandboxed".into(),
+                    ));
+                }
+                Some(sandbox) => Some(parse_sandbox(sandbox.into_inner(), base, &at)?),
+                None if is_wasm => Some(SandboxConfig::default()),
+                None => None,
+            };
+            BackendSource::Module { path: base.join(module.get_ref()), sha256, wasm }
         }
         (Some(kind), Some(_)) => {
             return Err(at(
@@ -190,7 +229,47 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
             ));
         }
     };
-    Ok(BackendConfig { name, file: file.to_owned(), source: backend_source, call_timeout, settings })
+    let resources = super::resource_settings::parse(file, source, raw.resources)?;
+    Ok(BackendConfig { name, file: file.to_owned(), source: backend_source, call_timeout, settings, resources })
+}
+
+fn parse_sandbox(
+    raw: RawSandbox,
+    base: &Path,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<SandboxConfig, ConfigError> {
+    let mut sandbox = SandboxConfig::default();
+    for dir in raw.read {
+        if !dir.get_ref().is_absolute() {
+            return Err(at(dir.span(), format!("read: {:?} must be an absolute path", dir.get_ref())));
+        }
+        sandbox.read.push(dir.into_inner());
+    }
+    if let Some(mb) = raw.memory_mb {
+        if !(1..=4096).contains(mb.get_ref()) {
+            return Err(at(mb.span(), "memory_mb must be between 1 and 4096 (a 32-bit memory)".into()));
+        }
+        sandbox.memory_bytes = *mb.get_ref() << 20;
+    }
+    if let Some(ms) = raw.poll_interval_ms {
+        if *ms.get_ref() < 10 {
+            return Err(at(ms.span(), "poll_interval_ms must be at least 10".into()));
+        }
+        sandbox.poll_interval = Duration::from_millis(*ms.get_ref());
+    }
+    if let Some(cache) = raw.cache_dir {
+        sandbox.cache_dir = match cache.get_ref() {
+            toml::Value::Boolean(false) => None,
+            toml::Value::String(dir) if !dir.is_empty() => Some(base.join(dir)),
+            _ => {
+                return Err(at(
+                    cache.span(),
+                    "cache_dir must be a directory path, or false to turn the cache off".into(),
+                ));
+            }
+        };
+    }
+    Ok(sandbox)
 }
 
 fn is_sha256_hex(text: &str) -> bool {
@@ -268,7 +347,7 @@ id = "a0"
         .expect("valid");
         assert_eq!(
             config.source,
-            BackendSource::Module { path: "/etc/devhost/backends.d/libgpu.so".into(), sha256: None }
+            BackendSource::Module { path: "/etc/devhost/backends.d/libgpu.so".into(), sha256: None, wasm: None }
         );
         assert_eq!(config.call_timeout, Duration::from_millis(250));
         assert_eq!(config.settings.get("x"), Some(&toml::Value::Integer(1)));
@@ -285,5 +364,62 @@ id = "a0"
         );
         let error = parse_backend(file, "[backend]\n", Duration::from_secs(1)).expect_err("neither");
         assert!(error.to_string().contains("needs `kind = \"static\"` or `module"), "{error}");
+    }
+
+    #[test]
+    fn wasm_modules_get_a_sandbox_with_safe_defaults() {
+        let file = Path::new("/etc/devhost/backends.d/nic.toml");
+        let config = parse_backend(file, "[backend]\nmodule = \"nic.wasm\"\n", Duration::from_secs(1)).expect("valid");
+        assert_eq!(
+            config.source,
+            BackendSource::Module {
+                path: "/etc/devhost/backends.d/nic.wasm".into(),
+                sha256: None,
+                wasm: Some(SandboxConfig::default()),
+            }
+        );
+        let source = "[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nread = [\"/sys/bus/pci\", \"/dev\"]\n\
+                      memory_mb = 16\npoll_interval_ms = 250\ncache_dir = \"cache\"\n";
+        let config = parse_backend(file, source, Duration::from_secs(1)).expect("valid");
+        let BackendSource::Module { wasm: Some(sandbox), .. } = config.source else { panic!("a wasm module") };
+        assert_eq!(sandbox.read, [PathBuf::from("/sys/bus/pci"), PathBuf::from("/dev")]);
+        assert_eq!(sandbox.memory_bytes, 16 << 20);
+        assert_eq!(sandbox.poll_interval, Duration::from_millis(250));
+        assert_eq!(sandbox.cache_dir, Some(PathBuf::from("/etc/devhost/backends.d/cache")));
+        let source = "[backend]\nmodule = \"nic.wasm\"\n[sandbox]\ncache_dir = false\n";
+        let config = parse_backend(file, source, Duration::from_secs(1)).expect("valid");
+        let BackendSource::Module { wasm: Some(sandbox), .. } = config.source else { panic!("a wasm module") };
+        assert_eq!(sandbox.cache_dir, None);
+    }
+
+    #[test]
+    fn sandbox_errors_point_at_the_value() {
+        let file = Path::new("/b/nic.toml");
+        let error =
+            |source: &str| parse_backend(file, source, Duration::from_secs(1)).expect_err("invalid").to_string();
+        assert_eq!(
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nread = [\"sys\"]\n"),
+            "/b/nic.toml:4:9: read: \"sys\" must be an absolute path"
+        );
+        assert_eq!(
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nmemory_mb = 0\n"),
+            "/b/nic.toml:4:13: memory_mb must be between 1 and 4096 (a 32-bit memory)"
+        );
+        assert_eq!(
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\npoll_interval_ms = 1\n"),
+            "/b/nic.toml:4:20: poll_interval_ms must be at least 10"
+        );
+        assert_eq!(
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\ncache_dir = true\n"),
+            "/b/nic.toml:4:13: cache_dir must be a directory path, or false to turn the cache off"
+        );
+        assert!(
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nwrite = []\n")
+                .starts_with("/b/nic.toml:4:1: unknown field `write`"),
+        );
+        assert_eq!(
+            error("[backend]\nmodule = \"libnic.so\"\n[sandbox]\nread = []\n"),
+            "/b/nic.toml:3:1: [sandbox] applies to WASM modules (.wasm) only; a native library runs unsandboxed"
+        );
     }
 }

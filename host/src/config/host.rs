@@ -10,6 +10,9 @@ use serde::Deserialize;
 use super::ConfigError;
 use crate::proto::{DEFAULT_PLUGIN_DIR, KUBELET_SOCKET_NAME};
 
+/// Where container runtimes look for CDI specs written at run time.
+pub const DEFAULT_CDI_DIR: &str = "/var/run/cdi";
+
 /// Default deadline of one call into a backend.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,6 +45,8 @@ pub struct HostConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` turns
     /// the endpoint off.
     pub metrics_address: Option<SocketAddr>,
+    /// Where CDI spec files are written for resources with `cdi = true`.
+    pub cdi_dir: PathBuf,
 }
 
 /// Command-line values that take precedence over the file.
@@ -61,6 +66,7 @@ struct RawHost {
     backends_dir: Option<PathBuf>,
     call_timeout_ms: Option<toml::Spanned<u64>>,
     metrics_address: Option<toml::Spanned<String>>,
+    cdi_dir: Option<PathBuf>,
     #[serde(default)]
     log: RawLog,
 }
@@ -109,6 +115,9 @@ impl HostConfig {
         let mut config =
             Self::resolve(base, raw.plugin_dir, raw.kubelet_socket, raw.backends_dir, call_timeout, raw.log, overrides);
         config.metrics_address = metrics_address;
+        if let Some(dir) = raw.cdi_dir {
+            config.cdi_dir = base.join(dir);
+        }
         Ok(config)
     }
 
@@ -126,17 +135,20 @@ impl HostConfig {
         log: RawLog,
         overrides: &Overrides,
     ) -> Self {
-        let plugin_dir = overrides
-            .plugin_dir
-            .clone()
-            .or(plugin_dir)
-            .map_or_else(|| PathBuf::from(DEFAULT_PLUGIN_DIR), |dir| base.join(dir));
+        // Paths in the file are relative to the file; paths on the command
+        // line are relative to where devhost was started.
+        let from_cli = |path: &PathBuf| std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        let plugin_dir = match (&overrides.plugin_dir, plugin_dir) {
+            (Some(dir), _) => from_cli(dir),
+            (None, Some(dir)) => base.join(dir),
+            (None, None) => PathBuf::from(DEFAULT_PLUGIN_DIR),
+        };
         // The kubelet socket follows the plugin dir unless named explicitly.
-        let kubelet_socket = overrides
-            .kubelet_socket
-            .clone()
-            .or(kubelet_socket)
-            .map_or_else(|| plugin_dir.join(KUBELET_SOCKET_NAME), |socket| plugin_dir.join(socket));
+        let kubelet_socket = match (&overrides.kubelet_socket, kubelet_socket) {
+            (Some(socket), _) => from_cli(socket),
+            (None, Some(socket)) => plugin_dir.join(socket),
+            (None, None) => plugin_dir.join(KUBELET_SOCKET_NAME),
+        };
         HostConfig {
             backends_dir: base.join(backends_dir.unwrap_or_else(|| PathBuf::from("backends.d"))),
             plugin_dir,
@@ -145,6 +157,7 @@ impl HostConfig {
             log_format: log.format.unwrap_or_default(),
             log_level: log.level.unwrap_or_else(|| "info".to_owned()),
             metrics_address: Some(default_metrics_address()),
+            cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
         }
     }
 }
@@ -169,6 +182,8 @@ mod tests {
         assert_eq!(config.backends_dir, Path::new("/etc/devhost/backends.d"));
         assert_eq!(config.call_timeout, DEFAULT_CALL_TIMEOUT);
         assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.cdi_dir, Path::new("/var/run/cdi"));
+        assert_eq!(config.metrics_address, Some(default_metrics_address()));
     }
 
     #[test]
@@ -183,6 +198,23 @@ mod tests {
         assert_eq!(config.plugin_dir, Path::new("/tmp/p"));
         assert_eq!(config.kubelet_socket, Path::new("/tmp/p/kubelet.sock"));
         assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn command_line_paths_are_relative_to_the_working_directory() {
+        let overrides = Overrides { plugin_dir: Some("run/plugins".into()), kubelet_socket: Some("k.sock".into()) };
+        let config = HostConfig::parse(Path::new("/etc/devhost/devhost.toml"), "", &overrides).expect("valid");
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(config.plugin_dir, cwd.join("run/plugins"));
+        assert_eq!(config.kubelet_socket, cwd.join("k.sock"));
+        let config = HostConfig::parse(
+            Path::new("/etc/devhost/devhost.toml"),
+            "plugin_dir = \"p\"\nkubelet_socket = \"k.sock\"",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(config.plugin_dir, Path::new("/etc/devhost/p"), "file paths: relative to the file");
+        assert_eq!(config.kubelet_socket, Path::new("/etc/devhost/p/k.sock"), "the socket: inside the plugin dir");
     }
 
     #[test]

@@ -11,9 +11,10 @@
 mod backends;
 mod error;
 mod host;
+mod resource_settings;
 pub mod static_backend;
 
-pub use backends::{BackendConfig, BackendSource, LoadedBackends, load_backends};
+pub use backends::{BackendConfig, BackendSource, LoadedBackends, load_backends, parse_backend};
 pub use error::{ConfigError, line_column};
 pub use host::{HostConfig, LogFormat, Overrides};
 pub use static_backend::StaticConfig;

@@ -57,8 +57,13 @@ pub struct StaticDevice {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    // Host-level tables: the host's own schema (`config::backends`) checks them.
     #[serde(rename = "backend")]
     _backend: toml::Value,
+    #[serde(rename = "resources", default)]
+    _resources: Option<toml::Value>,
+    #[serde(rename = "sandbox", default)]
+    _sandbox: Option<toml::Value>,
     config: Option<Spanned<RawConfig>>,
 }
 

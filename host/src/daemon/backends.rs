@@ -40,6 +40,8 @@ pub struct Context<'a> {
     pub watcher: &'a PluginDirWatcher,
     /// This process's socket-name suffix.
     pub instance: &'a str,
+    /// Where CDI specs go.
+    pub cdi_dir: &'a Path,
 }
 
 /// The set of running backends.
@@ -175,8 +177,27 @@ fn spawn_resources(
     context: &Context<'_>,
 ) -> Running {
     let tasks = TaskTracker::new();
+    for name in config.resources.keys().filter(|name| !handle.resources().iter().any(|(spec, _)| &spec.name == *name)) {
+        tracing::warn!(backend = %config.name, resource = %name, "[resources.{name:?}] names no resource of this backend; ignored");
+    }
     for (spec, state) in handle.resources() {
+        let mut settings = config.resources.get(&spec.name).copied().unwrap_or_default();
+        if let Err(error) = state.set_sharing(settings.sharing) {
+            tracing::error!(resource = %spec.name, %error, "cannot share this resource's devices; serving them unshared");
+            settings.sharing = crate::model::Sharing::default();
+        }
+        if settings.cdi {
+            let maintain = crate::cdi::maintain(
+                context.cdi_dir.to_owned(),
+                spec.name.clone(),
+                state.clone(),
+                handle.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(maintain.instrument(tracing::info_span!("cdi", resource = %spec.name)));
+        }
         let task = ResourceTask {
+            settings,
             spec: spec.clone(),
             state: state.clone(),
             backend: handle.clone(),

@@ -62,6 +62,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         kubelet_socket: &config.kubelet_socket,
         watcher: &watcher,
         instance: &instance,
+        cdi_dir: &config.cdi_dir,
     };
 
     let (reload, mut reloads) = mpsc::channel::<&'static str>(1);

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::ResourceSpec;
 use crate::backend::handle::BackendHandle;
 use crate::device_state::ResourceState;
+use crate::model::ResourceSettings;
 use crate::registration::{self, REGISTER_TIMEOUT};
 use crate::server::socket::{self, FileIdentity};
 use crate::server::{DevicePluginService, ResourceServer};
@@ -43,6 +44,8 @@ pub struct ResourceTask {
     pub dir_events: broadcast::Receiver<()>,
     /// Stops the task.
     pub shutdown: CancellationToken,
+    /// Sharing and CDI.
+    pub settings: ResourceSettings,
 }
 
 enum Next {
@@ -61,7 +64,8 @@ impl ResourceTask {
                 self.state.clone(),
                 self.backend.clone(),
                 generation.clone(),
-            );
+            )
+            .with_cdi(self.settings.cdi);
             let server = match ResourceServer::start(&self.socket, service, generation) {
                 Ok(server) => server,
                 Err(error) => {

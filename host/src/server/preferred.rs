@@ -6,7 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::backend::{Device, PreferredRequest};
+use crate::device_state::Snapshot;
+use crate::model::{Device, PreferredRequest, ReplicaPolicy};
 
 /// Chooses devices for `request` among `devices` (the resource's current list).
 pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
@@ -46,6 +47,51 @@ pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
                 return chosen;
             }
             chosen.push(id.to_owned());
+        }
+    }
+    chosen
+}
+
+/// Chooses replicas of a shared resource: `must_include` first, then by
+/// policy: `Spread` takes replicas of the least used real devices (one per
+/// device before doubling up), `Pack` fills the most used devices first so
+/// others stay whole.
+pub fn choose_replicas(snapshot: &Snapshot, request: &PreferredRequest) -> Vec<String> {
+    let available: BTreeSet<&str> = request.available.iter().map(String::as_str).collect();
+    let mut chosen: Vec<String> = Vec::with_capacity(request.size);
+    for id in &request.must_include {
+        if available.contains(id.as_str()) && !chosen.contains(id) && chosen.len() < request.size {
+            chosen.push(id.clone());
+        }
+    }
+    // Free replicas per real device; how many of each this answer holds.
+    let mut free: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut taken: BTreeMap<&str, usize> = BTreeMap::new();
+    for &id in &available {
+        let Some(real) = snapshot.real_device(id) else { continue };
+        if chosen.iter().any(|c| c == id) {
+            *taken.entry(real.id.as_str()).or_default() += 1;
+        } else {
+            free.entry(real.id.as_str()).or_default().push(id);
+        }
+    }
+    let replicas = snapshot.sharing.replicas;
+    while chosen.len() < request.size {
+        let pick = free.iter().filter(|(_, ids)| !ids.is_empty()).min_by_key(|(real, ids)| {
+            let in_answer = taken.get(*real).copied().unwrap_or(0);
+            let used = replicas.saturating_sub(ids.len());
+            match snapshot.sharing.policy {
+                // Fewest in this answer, then least used elsewhere.
+                ReplicaPolicy::Spread => (in_answer, used, *real),
+                // Most in this answer, then most used elsewhere.
+                ReplicaPolicy::Pack => (usize::MAX - in_answer, replicas - used, *real),
+            }
+        });
+        let Some((&real, _)) = pick else { break };
+        let id = free.get_mut(real).and_then(|ids| ids.pop()).map(str::to_owned);
+        if let Some(id) = id {
+            chosen.push(id);
+            *taken.entry(real).or_default() += 1;
         }
     }
     chosen
@@ -96,6 +142,43 @@ mod tests {
     fn must_include_is_honoured_and_its_node_preferred() {
         let chosen = choose(&devices(), &request(&["a0", "a1", "b0", "b1", "b2"], &["a1"], 2));
         assert_eq!(chosen, ["a1", "a0"]);
+    }
+
+    fn shared(policy: ReplicaPolicy) -> std::sync::Arc<Snapshot> {
+        let state = crate::device_state::ResourceState::new("r.io/x");
+        state.publish(vec![device("a", &[0]), device("b", &[0]), device("c", &[1])]).expect("valid");
+        state.set_sharing(crate::model::Sharing { replicas: 3, policy }).expect("fits");
+        state.snapshot()
+    }
+
+    fn reals(ids: &[String]) -> Vec<&str> {
+        ids.iter().map(|id| id.split("::").next().unwrap_or_default()).collect()
+    }
+
+    #[test]
+    fn spread_uses_distinct_and_least_used_devices() {
+        let snapshot = shared(ReplicaPolicy::Spread);
+        // a is busy (only one free replica left), b and c are idle.
+        let chosen =
+            choose_replicas(&snapshot, &request(&["a::0", "b::0", "b::1", "b::2", "c::0", "c::1", "c::2"], &[], 2));
+        assert_eq!(reals(&chosen), ["b", "c"], "{chosen:?}");
+        let chosen = choose_replicas(&snapshot, &request(&["a::0", "b::0", "b::1", "c::0"], &[], 4));
+        assert_eq!(chosen.len(), 4);
+        let mut devices = reals(&chosen);
+        devices.sort_unstable();
+        assert_eq!(devices, ["a", "b", "b", "c"], "one per device before doubling up");
+    }
+
+    #[test]
+    fn pack_fills_the_most_used_device_first() {
+        let snapshot = shared(ReplicaPolicy::Pack);
+        let chosen =
+            choose_replicas(&snapshot, &request(&["a::0", "b::0", "b::1", "b::2", "c::0", "c::1", "c::2"], &[], 1));
+        assert_eq!(reals(&chosen), ["a"], "a is the most used device");
+        let chosen =
+            choose_replicas(&snapshot, &request(&["b::0", "b::1", "b::2", "c::0", "c::1", "c::2"], &["c::1"], 3));
+        assert_eq!(chosen[0], "c::1");
+        assert_eq!(reals(&chosen), ["c", "c", "c"], "packed onto the must-include device: {chosen:?}");
     }
 
     #[test]

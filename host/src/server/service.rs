@@ -27,6 +27,8 @@ pub struct DevicePluginService {
     backend: Arc<BackendHandle>,
     /// Fires when this server generation stops: open streams end with it.
     stop: CancellationToken,
+    /// Allocate answers with CDI names.
+    cdi: bool,
 }
 
 impl DevicePluginService {
@@ -37,7 +39,14 @@ impl DevicePluginService {
         backend: Arc<BackendHandle>,
         stop: CancellationToken,
     ) -> Self {
-        DevicePluginService { spec, state, backend, stop }
+        DevicePluginService { spec, state, backend, stop, cdi: false }
+    }
+
+    /// Answers Allocate with CDI names (`<resource>=<device>`) instead of
+    /// the edits themselves, which a CDI spec file carries.
+    pub fn with_cdi(mut self, cdi: bool) -> Self {
+        self.cdi = cdi;
+        self
     }
 
     /// The options the kubelet is told, here and in `Register`.
@@ -57,12 +66,20 @@ impl DevicePluginService {
         result
     }
 
-    fn check_known(&self, ids: &[String]) -> Result<(), RequestError> {
+    /// The real devices behind the IDs the kubelet sent (replica IDs when
+    /// shared), each once, in request order; an unknown ID is refused.
+    fn real_ids(&self, ids: &[String]) -> Result<Vec<String>, RequestError> {
         let snapshot = self.state.snapshot();
-        match ids.iter().find(|id| snapshot.device(id).is_none()) {
-            Some(id) => Err(RequestError::UnknownDevice { resource: self.spec.name.clone(), id: id.clone() }),
-            None => Ok(()),
+        let mut real: Vec<String> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let device = snapshot
+                .real_device(id)
+                .ok_or_else(|| RequestError::UnknownDevice { resource: self.spec.name.clone(), id: id.clone() })?;
+            if !real.contains(&device.id) {
+                real.push(device.id.clone());
+            }
         }
+        Ok(real)
     }
 
     async fn preferred_for(
@@ -78,11 +95,16 @@ impl DevicePluginService {
             must_include: request.must_include_device_i_ds,
             size,
         };
+        let snapshot = self.state.snapshot();
+        if snapshot.sharing.replicas > 1 {
+            // Backends know real devices, not replicas: the host chooses.
+            return Ok(preferred::choose_replicas(&snapshot, &question));
+        }
         let resource = self.spec.name.clone();
         let asked = question.clone();
         let answer =
             self.backend.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &asked)).await?;
-        let devices = &self.state.snapshot().devices;
+        let devices = &snapshot.devices;
         match answer {
             None => Ok(preferred::choose(devices, &question)),
             Some(ids) => match check_preferred(&question, &ids) {
@@ -196,10 +218,23 @@ impl DevicePlugin for DevicePluginService {
         self.timed("Allocate", async {
             let mut container_responses = Vec::new();
             for container in request.into_inner().container_requests {
-                self.check_known(&container.devices_ids)?;
+                let ids = self.real_ids(&container.devices_ids)?;
                 let resource = self.spec.name.clone();
-                let ids = container.devices_ids;
-                let allocation = self.backend.call("allocate", move |b| b.allocate(&resource, &ids)).await?;
+                let cdi_names: Vec<String> = if self.cdi {
+                    ids.iter().map(|id| crate::cdi::device_name(&resource, id)).collect()
+                } else {
+                    Vec::new()
+                };
+                let mut allocation = self.backend.call("allocate", move |b| b.allocate(&resource, &ids)).await?;
+                if self.cdi {
+                    // The runtime applies the edits from the spec file; sending
+                    // them here as well would apply them twice.
+                    allocation = Allocation {
+                        annotations: allocation.annotations,
+                        cdi_devices: cdi_names,
+                        ..Allocation::default()
+                    };
+                }
                 container_responses.push(to_proto(allocation));
             }
             Ok(Response::new(v1beta1::AllocateResponse { container_responses }))
@@ -212,8 +247,7 @@ impl DevicePlugin for DevicePluginService {
         request: Request<v1beta1::PreStartContainerRequest>,
     ) -> Result<Response<v1beta1::PreStartContainerResponse>, Status> {
         self.timed("PreStartContainer", async {
-            let ids = request.into_inner().devices_ids;
-            self.check_known(&ids)?;
+            let ids = self.real_ids(&request.into_inner().devices_ids)?;
             let resource = self.spec.name.clone();
             self.backend.call("pre_start", move |b| b.pre_start(&resource, &ids)).await?;
             Ok(Response::new(v1beta1::PreStartContainerResponse {}))

@@ -1,0 +1,212 @@
+//! The SDK's WASM packaging: the glue [`export_backend!`](crate::export_backend)
+//! expands to when the crate is built for `wasm32` (`wasm32-wasip2`). It
+//! exports the world `devhost:backend/backend@1.0.0` (`abi/wit/`) and
+//! adapts it to the same [`Backend`] trait the native shims use.
+//!
+//! A component has no threads, so the push model of the native ABI becomes
+//! a poll: [`Host::publish`] only stores the latest list of each resource,
+//! and the host's periodic `list-devices` call reads what was stored.
+//! Everything here is plain safe Rust; the generated bindings hold the only
+//! `unsafe` (wit-bindgen's canonical-ABI glue).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::{Allocation, Backend, Device, Health, LogLevel, PreferredRequest, PublishError, Resource};
+
+/// The bindings wit-bindgen generates for the world (guest side).
+#[doc(hidden)]
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit/devhost-backend-1.0.0",
+        world: "devhost:backend/backend@1.0.0",
+        pub_export_macro: true,
+        export_macro_name: "__devhost_export_component",
+        default_bindings_module: "devhost_abi::sdk::wasm::bindings",
+    });
+}
+
+use bindings::devhost::backend::host as wit_host;
+use bindings::devhost::backend::types as wit;
+
+/// The latest device list of each resource, as published.
+#[derive(Debug, Default)]
+struct Published {
+    lists: BTreeMap<String, Vec<Device>>,
+    closed: bool,
+}
+
+/// The backend's link to devhost. In a component it keeps the latest list
+/// each resource published; devhost reads them on its poll interval.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    published: Arc<Mutex<Published>>,
+}
+
+impl Host {
+    /// Replaces the whole device list of `resource`. devhost sees it at its
+    /// next poll (and right after `init`); it validates the list then.
+    pub fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), PublishError> {
+        let mut published = self.published.lock().unwrap_or_else(PoisonError::into_inner);
+        if published.closed {
+            return Err(PublishError::Closed);
+        }
+        published.lists.insert(resource.to_owned(), devices.to_vec());
+        Ok(())
+    }
+
+    /// One line in devhost's log, tagged with the backend.
+    pub fn log(&self, level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Error => wit_host::LogLevel::Error,
+            LogLevel::Warn => wit_host::LogLevel::Warn,
+            LogLevel::Info => wit_host::LogLevel::Info,
+            LogLevel::Debug => wit_host::LogLevel::Debug,
+        };
+        wit_host::log(level, message);
+    }
+
+    fn close(&self) {
+        self.published.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+    }
+
+    fn snapshot(&self) -> Vec<wit::DeviceList> {
+        let published = self.published.lock().unwrap_or_else(PoisonError::into_inner);
+        published
+            .lists
+            .iter()
+            .map(|(resource, devices)| wit::DeviceList {
+                resource: resource.clone(),
+                devices: devices.iter().map(device_to_wit).collect(),
+            })
+            .collect()
+    }
+}
+
+struct Live<B> {
+    backend: B,
+    host: Host,
+}
+
+/// The component's one backend instance (a component instance is never
+/// shared: devhost instantiates the component afresh for each instance).
+#[doc(hidden)]
+pub struct Instance<B> {
+    live: Mutex<Option<Live<B>>>,
+}
+
+impl<B: Backend> Instance<B> {
+    /// No instance yet: `init` makes one.
+    pub const fn new() -> Self {
+        Instance { live: Mutex::new(None) }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&B) -> Result<T, String>) -> Result<T, String> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        match live.as_ref() {
+            Some(live) => f(&live.backend),
+            None => Err("the backend is not initialised".to_owned()),
+        }
+    }
+
+    /// `init` of the world.
+    pub fn init(&self, config_json: &str) -> Result<Vec<wit::Resource>, String> {
+        let host = Host::default();
+        let (backend, resources) = B::init(config_json, host.clone()).map_err(|error| error.to_string())?;
+        let old = self.live.lock().unwrap_or_else(PoisonError::into_inner).replace(Live { backend, host });
+        if let Some(old) = old {
+            old.host.close();
+            old.backend.shutdown();
+        }
+        Ok(resources.into_iter().map(resource_to_wit).collect())
+    }
+
+    /// `list-devices` of the world: what was last published.
+    pub fn list_devices(&self) -> Vec<wit::DeviceList> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(live) = live.as_ref() else { return Vec::new() };
+        live.backend.poll();
+        live.host.snapshot()
+    }
+
+    /// `allocate` of the world.
+    pub fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<wit::Allocation, String> {
+        self.with(|backend| backend.allocate(resource, device_ids).map(allocation_to_wit).map_err(|e| e.to_string()))
+    }
+
+    /// `preferred-allocation` of the world.
+    pub fn preferred_allocation(
+        &self,
+        resource: &str,
+        request: wit::PreferredRequest,
+    ) -> Result<Option<Vec<String>>, String> {
+        let request = PreferredRequest {
+            available: request.available,
+            must_include: request.must_include,
+            size: request.size as usize,
+        };
+        self.with(|backend| backend.preferred_allocation(resource, &request).map_err(|e| e.to_string()))
+    }
+
+    /// `pre-start` of the world.
+    pub fn pre_start(&self, resource: &str, device_ids: &[String]) -> Result<(), String> {
+        self.with(|backend| backend.pre_start(resource, device_ids).map_err(|e| e.to_string()))
+    }
+
+    /// `shutdown` of the world.
+    pub fn shutdown(&self) {
+        let old = self.live.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(old) = old {
+            old.host.close();
+            old.backend.shutdown();
+        }
+    }
+}
+
+impl<B: Backend> Default for Instance<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn device_to_wit(device: &Device) -> wit::Device {
+    wit::Device {
+        id: device.id.clone(),
+        health: match device.health {
+            Health::Healthy => wit::Health::Healthy,
+            Health::Unhealthy => wit::Health::Unhealthy,
+        },
+        numa_nodes: device.numa_nodes.clone(),
+    }
+}
+
+fn resource_to_wit(resource: Resource) -> wit::Resource {
+    wit::Resource {
+        name: resource.name,
+        pre_start_required: resource.pre_start_required,
+        preferred_allocation: resource.preferred_allocation,
+    }
+}
+
+fn allocation_to_wit(allocation: Allocation) -> wit::Allocation {
+    wit::Allocation {
+        envs: allocation.envs.into_iter().collect(),
+        mounts: allocation
+            .mounts
+            .into_iter()
+            .map(|m| wit::Mount { container_path: m.container_path, host_path: m.host_path, read_only: m.read_only })
+            .collect(),
+        device_specs: allocation
+            .device_specs
+            .into_iter()
+            .map(|d| wit::DeviceSpec {
+                container_path: d.container_path,
+                host_path: d.host_path,
+                permissions: d.permissions,
+            })
+            .collect(),
+        annotations: allocation.annotations.into_iter().collect(),
+        cdi_devices: allocation.cdi_devices,
+    }
+}

@@ -1,0 +1,105 @@
+//! Test doubles: a fake NVML ([`Fake`]) and a recording host ([`Recorder`]).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use devhost_abi::sdk::{Device, Health, LogLevel};
+
+use crate::health::Sink;
+use crate::model::{Event, EventSource, Gpu, GpuSource, Link};
+
+/// A GPU with the given index (also its minor) and NUMA node.
+pub fn gpu(uuid: &str, index: u32, numa: Option<i64>) -> Gpu {
+    Gpu {
+        uuid: uuid.into(),
+        index,
+        minor: index,
+        bus_id: format!("00000000:{:02X}:00.0", index + 1),
+        numa_node: numa,
+        memory_bytes: 80 << 30,
+        mig_enabled: false,
+        name: "Fake GPU".into(),
+    }
+}
+
+/// A fake NVML: a GPU list, NVLinks between index pairs, probe failures
+/// per GPU and a queue of events.
+#[derive(Default)]
+pub struct Fake {
+    pub gpus: Vec<Gpu>,
+    pub nvlinks: Vec<(u32, u32, u32)>,
+    pub broken: Mutex<Vec<String>>,
+    pub events: Mutex<VecDeque<Event>>,
+}
+
+impl GpuSource for Fake {
+    fn gpus(&self) -> Result<Vec<Gpu>, String> {
+        Ok(self.gpus.clone())
+    }
+    fn link(&self, a: &Gpu, b: &Gpu) -> Link {
+        let pair = (a.index.min(b.index), a.index.max(b.index));
+        let nvlinks = self.nvlinks.iter().find(|(x, y, _)| (*x, *y) == pair).map_or(0, |(_, _, n)| *n);
+        Link { nvlinks, pcie: 1 }
+    }
+    fn probe(&self, uuid: &str) -> Result<(), String> {
+        let broken = self.broken.lock().map_err(|_| "poisoned")?;
+        if broken.iter().any(|b| b == uuid) { Err("GPU is lost".into()) } else { Ok(()) }
+    }
+    fn events(&self, _: &[String]) -> Result<(Box<dyn EventSource + '_>, Vec<String>), String> {
+        Ok((Box::new(FakeEvents(self)), Vec::new()))
+    }
+}
+
+struct FakeEvents<'a>(&'a Fake);
+
+impl EventSource for FakeEvents<'_> {
+    fn wait(&mut self, timeout: Duration) -> Event {
+        let next = self.0.events.lock().ok().and_then(|mut q| q.pop_front());
+        next.unwrap_or_else(|| {
+            std::thread::sleep(timeout.min(Duration::from_millis(5)));
+            Event::Timeout
+        })
+    }
+}
+
+/// Records what the backend publishes and logs.
+#[derive(Default)]
+pub struct Recorder {
+    pub published: Mutex<Vec<(String, Vec<Device>)>>,
+    pub logs: Mutex<Vec<(LogLevel, String)>>,
+}
+
+impl Recorder {
+    /// Every published list as `(id, health)` pairs.
+    pub fn lists(&self) -> Vec<Vec<(String, Health)>> {
+        let published = self.published.lock().map(|p| p.clone()).unwrap_or_default();
+        published.iter().map(|(_, list)| list.iter().map(|d| (d.id.clone(), d.health)).collect()).collect()
+    }
+
+    /// Every log message.
+    pub fn messages(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.iter().map(|(_, m)| m.clone()).collect()).unwrap_or_default()
+    }
+}
+
+impl Sink for Recorder {
+    fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), String> {
+        self.published.lock().map_err(|_| "poisoned")?.push((resource.to_owned(), devices.to_vec()));
+        Ok(())
+    }
+    fn log(&self, level: LogLevel, message: &str) {
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push((level, message.to_owned()));
+        }
+    }
+}
+
+/// Waits up to 10 s for `check`.
+pub fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

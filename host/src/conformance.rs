@@ -1,0 +1,301 @@
+//! `devhost check`: the vendor conformance check. It runs one backend the
+//! way a node would, but privately: its own temporary plugin directory, the
+//! fake kubelet, the real daemon. Then it checks, as the kubelet sees it,
+//! everything a backend must get right, and reports pass or fail per check
+//! with its timing.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::handle::BackendHandle;
+use crate::config::{BackendConfig, BackendSource, HostConfig, Overrides, parse_backend};
+use crate::fake_kubelet::FakeKubelet;
+use crate::model::ResourceSpec;
+use crate::proto::{HEALTHY, MAX_MESSAGE_BYTES, UNHEALTHY, v1beta1};
+
+/// How long the backend has to register and list its devices.
+const REGISTER_WAIT: Duration = Duration::from_secs(15);
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The check's name, e.g. `allocate`.
+    pub check: String,
+    /// Passed or not.
+    pub passed: bool,
+    /// What was seen.
+    pub detail: String,
+    /// How long the check took.
+    pub elapsed: Duration,
+}
+
+/// Every outcome, in order.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The outcomes.
+    pub outcomes: Vec<Outcome>,
+}
+
+impl Report {
+    fn record(&mut self, check: &str, started: Instant, result: Result<String, String>) -> bool {
+        let passed = result.is_ok();
+        let detail = result.unwrap_or_else(|e| e);
+        self.outcomes.push(Outcome { check: check.to_owned(), passed, detail, elapsed: started.elapsed() });
+        passed
+    }
+
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        !self.outcomes.is_empty() && self.outcomes.iter().all(|o| o.passed)
+    }
+}
+
+/// The backend file (or bare module) under test, as a config.
+fn backend_config(target: &Path, call_timeout: Duration) -> Result<BackendConfig, String> {
+    let is_toml = target.extension().is_some_and(|ext| ext == "toml");
+    if is_toml {
+        let source = std::fs::read_to_string(target).map_err(|e| format!("cannot read {}: {e}", target.display()))?;
+        return parse_backend(target, &source, call_timeout).map_err(|e| e.to_string());
+    }
+    let path = std::path::absolute(target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let name = path.file_stem().map_or_else(|| "backend".to_owned(), |s| s.to_string_lossy().into_owned());
+    let text = format!("[backend]\nmodule = {:?}\n", path.display().to_string());
+    parse_backend(&PathBuf::from(format!("{name}.toml")), &text, call_timeout).map_err(|e| e.to_string())
+}
+
+/// The backend file to place in the private `backends.d/`: the original
+/// with its module path made absolute.
+fn private_copy(config: &BackendConfig, target: &Path) -> Result<String, String> {
+    let mut table: toml::Table = if target.extension().is_some_and(|ext| ext == "toml") {
+        let text = std::fs::read_to_string(target).map_err(|e| e.to_string())?;
+        toml::from_str(&text).map_err(|e| e.to_string())?
+    } else {
+        toml::Table::new()
+    };
+    if let BackendSource::Module { path, .. } = &config.source {
+        let backend = table.entry("backend").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(backend) = backend.as_table_mut() {
+            backend.insert("module".into(), toml::Value::String(path.display().to_string()));
+        }
+    }
+    toml::to_string(&table).map_err(|e| e.to_string())
+}
+
+/// Runs every check against `target` (a backend TOML file or a module).
+pub async fn run(target: &Path, call_timeout: Duration) -> Report {
+    let mut report = Report::default();
+    let started = Instant::now();
+    let config = match backend_config(target, call_timeout) {
+        Ok(config) => config,
+        Err(error) => {
+            report.record("config", started, Err(error));
+            return report;
+        }
+    };
+    report.record("config", started, Ok(format!("{} parses", target.display())));
+
+    let Some(specs) = check_init(&config, &mut report).await else { return report };
+    if let Err(error) = check_with_kubelet(&config, target, &specs, &mut report).await {
+        report.record("sandbox", Instant::now(), Err(error));
+    }
+    report
+}
+
+/// Loads and initialises the backend directly, for a precise message if it
+/// cannot, and returns the resources it declares.
+async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<ResourceSpec>> {
+    let started = Instant::now();
+    let backend = match crate::loader::load(config) {
+        Ok(backend) => backend,
+        Err(error) => {
+            report.record("load", started, Err(error));
+            return None;
+        }
+    };
+    report.record("load", started, Ok("module accepted".into()));
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let handle = match BackendHandle::start(&config.name, backend, config.call_timeout, stop.clone()).await {
+        Ok(handle) => handle,
+        Err(error) => {
+            report.record("init", started, Err(error.to_string()));
+            return None;
+        }
+    };
+    let specs: Vec<ResourceSpec> = handle.resources().iter().map(|(spec, _)| spec.clone()).collect();
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    report.record("init", started, Ok(format!("declared {}", names.join(", "))));
+    report.record("resource names", started, Ok("valid extended resource names, no duplicates".into()));
+    let started = Instant::now();
+    handle.shutdown().await;
+    stop.cancel();
+    report.record("shutdown", started, Ok(format!("returned within {:?}", config.call_timeout)));
+    Some(specs)
+}
+
+async fn check_with_kubelet(
+    config: &BackendConfig,
+    target: &Path,
+    specs: &[ResourceSpec],
+    report: &mut Report,
+) -> Result<(), String> {
+    let root = tempfile::Builder::new().prefix("devhost-check-").tempdir().map_err(|e| e.to_string())?;
+    let backends = root.path().join("backends.d");
+    std::fs::create_dir_all(&backends).map_err(|e| e.to_string())?;
+    std::fs::write(backends.join(format!("{}.toml", config.name)), private_copy(config, target)?)
+        .map_err(|e| e.to_string())?;
+    let overrides = Overrides { plugin_dir: Some(root.path().join("plugins")), kubelet_socket: None };
+    let mut host = HostConfig::defaults(root.path(), &overrides);
+    host.metrics_address = None;
+    host.cdi_dir = root.path().join("cdi");
+    host.call_timeout = config.call_timeout;
+
+    let kubelet = FakeKubelet::start(&host.plugin_dir).await.map_err(|e| e.to_string())?;
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn({
+        let (host, shutdown) = (host.clone(), shutdown.clone());
+        async move { crate::daemon::run(&host, shutdown).await }
+    });
+    for spec in specs {
+        check_resource(&kubelet, spec, config.call_timeout, report).await;
+    }
+    shutdown.cancel();
+    let started = Instant::now();
+    let stopped = daemon.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string());
+    let left: Vec<String> = std::fs::read_dir(&host.plugin_dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let left: Vec<String> = left.into_iter().filter(|name| name != crate::proto::KUBELET_SOCKET_NAME).collect();
+    report.record(
+        "clean stop",
+        started,
+        stopped
+            .and_then(|()| if left.is_empty() { Ok("no socket left".into()) } else { Err(format!("left {left:?}")) }),
+    );
+    kubelet.stop().await;
+    Ok(())
+}
+
+async fn check_resource(kubelet: &FakeKubelet, spec: &ResourceSpec, deadline: Duration, report: &mut Report) {
+    let resource = &spec.name;
+    let started = Instant::now();
+    let registered = kubelet.wait_for_registrations(resource, 1, REGISTER_WAIT).await;
+    let registered = registered.map_err(|e| e.to_string()).and_then(|request| {
+        let options = kubelet.options(resource).unwrap_or_default();
+        let expected = crate::server::DevicePluginService::options(spec);
+        if request.version == crate::proto::API_VERSION && options == expected {
+            Ok(format!("registered {resource} on {}", request.endpoint))
+        } else {
+            Err(format!("{resource}: registration or options differ from what the backend declared: {options:?}"))
+        }
+    });
+    if !report.record(&format!("{resource}: registration"), started, registered) {
+        return;
+    }
+
+    let started = Instant::now();
+    let devices = kubelet.wait_for_devices(resource, REGISTER_WAIT, |_| true).await.map_err(|e| e.to_string());
+    let devices = devices.and_then(|devices| check_device_list(&devices).map(|()| devices));
+    let detail = devices.as_ref().map(|d| format!("{} devices, unique non-empty IDs, exact health strings", d.len()));
+    report.record(&format!("{resource}: device IDs"), started, detail.map_err(Clone::clone));
+    let Ok(devices) = devices else { return };
+
+    // Health transitions: watch the stream for a moment; every message must
+    // still be a valid full list.
+    let started = Instant::now();
+    let before = kubelet.list_and_watch_messages(resource);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = kubelet.devices(resource).unwrap_or_default();
+    let seen = kubelet.list_and_watch_messages(resource) - before;
+    let health = check_device_list(&now).map(|()| format!("{seen} update(s) in 1 s, each a valid full list"));
+    report.record(&format!("{resource}: health updates"), started, health);
+
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut failures = Vec::new();
+    for device in devices.iter().filter(|d| d.health == HEALTHY) {
+        let call = Instant::now();
+        match kubelet.allocate(resource, &[device.id.as_str()]).await {
+            Ok(answer) if answer.container_responses.len() == 1 && prost_len(&answer) < MAX_MESSAGE_BYTES => {}
+            Ok(answer) => {
+                failures.push(format!("{}: {} container responses", device.id, answer.container_responses.len()))
+            }
+            Err(error) => failures.push(format!("{}: {error}", device.id)),
+        }
+        slowest = slowest.max(call.elapsed());
+    }
+    let allocate = if failures.is_empty() {
+        Ok(format!("every healthy device allocates; slowest {slowest:?} (deadline {deadline:?})"))
+    } else {
+        Err(failures.join("; "))
+    };
+    report.record(&format!("{resource}: allocate"), started, allocate);
+
+    if spec.preferred_allocation {
+        let started = Instant::now();
+        let result = check_preferred(kubelet, resource, &devices).await;
+        report.record(&format!("{resource}: preferred allocation"), started, result);
+    }
+    if spec.pre_start_required {
+        let started = Instant::now();
+        let ids: Vec<&str> = devices.iter().take(1).map(|d| d.id.as_str()).collect();
+        let result = kubelet.pre_start(resource, &ids).await.map(|_| "answered".to_owned()).map_err(|e| e.to_string());
+        report.record(&format!("{resource}: pre-start"), started, result);
+    }
+}
+
+fn prost_len(answer: &v1beta1::AllocateResponse) -> usize {
+    prost::Message::encoded_len(answer)
+}
+
+fn check_device_list(devices: &[v1beta1::Device]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for device in devices {
+        if device.id.is_empty() {
+            return Err("a device has an empty ID".into());
+        }
+        if !seen.insert(device.id.as_str()) {
+            return Err(format!("device ID {:?} appears twice", device.id));
+        }
+        if device.health != HEALTHY && device.health != UNHEALTHY {
+            return Err(format!("device {:?} has health {:?}", device.id, device.health));
+        }
+    }
+    Ok(())
+}
+
+/// The preferred-allocation contract for sizes 1..=3: only available IDs,
+/// must-include honoured, exact size.
+async fn check_preferred(kubelet: &FakeKubelet, resource: &str, devices: &[v1beta1::Device]) -> Result<String, String> {
+    let available: Vec<&str> = devices.iter().filter(|d| d.health == HEALTHY).map(|d| d.id.as_str()).collect();
+    let mut asked = 0;
+    for size in 1..=available.len().min(3) {
+        let must: Vec<&str> = available.iter().rev().take(1).copied().collect();
+        let answer = kubelet
+            .preferred_allocation(resource, &available, &must, i32::try_from(size).unwrap_or(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        let ids = answer.container_responses.first().map(|c| c.device_i_ds.clone()).unwrap_or_default();
+        let request = crate::model::PreferredRequest {
+            available: available.iter().map(|s| (*s).to_owned()).collect(),
+            must_include: must.iter().map(|s| (*s).to_owned()).collect(),
+            size,
+        };
+        crate::server::service::check_preferred(&request, &ids).map_err(|e| format!("size {size}: {e}"))?;
+        asked += 1;
+    }
+    Ok(format!("{asked} request(s): only available IDs, must-include honoured, exact size"))
+}
+
+/// Prints the report as a table.
+pub fn print(report: &Report) {
+    for outcome in &report.outcomes {
+        let verdict = if outcome.passed { "PASS" } else { "FAIL" };
+        println!("{verdict}  {:<44} {:>9.1?}  {}", outcome.check, outcome.elapsed, outcome.detail);
+    }
+    let failed = report.outcomes.iter().filter(|o| !o.passed).count();
+    println!("{} checks, {failed} failed", report.outcomes.len());
+}

@@ -1,0 +1,68 @@
+//! `devhost check`, the vendor conformance check: passes on the example
+//! backends, and fails, naming the check, on deliberately broken ones.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::native_loader::{compile_c, rust_module};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `devhost check`; returns the exit code and the output.
+fn check(target: &Path, extra: &[&str]) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .arg("check")
+        .arg(target)
+        .args(extra)
+        .output()
+        .expect("run devhost check");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+fn line<'a>(text: &'a str, check: &str) -> &'a str {
+    text.lines().find(|l| l[6..].starts_with(check)).unwrap_or_else(|| panic!("no {check:?} line in:\n{text}"))
+}
+
+#[test]
+fn the_example_backends_pass() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = compile_c(&repo().join("examples/native-c/example.c"), dir.path());
+    let rust = rust_module("devhost_example_native_rust", dir.path());
+    for target in [repo().join("examples/config/backends.d/example.toml"), rust, c] {
+        let (code, text) = check(&target, &[]);
+        assert_eq!(code, 0, "{}:\n{text}", target.display());
+        assert!(!text.contains("FAIL"), "{text}");
+        assert!(text.contains(": allocate") && text.contains("clean stop"), "{text}");
+    }
+}
+
+#[test]
+fn broken_backends_fail_with_the_check_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo().join("tests/fixtures/native");
+
+    let hang = compile_c(&fixtures.join("hang.c"), dir.path());
+    let (code, text) = check(&hang, &["--call-timeout-ms", "1000"]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "fixture.example.com/hang: allocate");
+    assert!(failed.starts_with("FAIL") && failed.contains("did not return within its 1s deadline"), "{text}");
+
+    let init_error = compile_c(&fixtures.join("init_error.c"), dir.path());
+    let (code, text) = check(&init_error, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(line(&text, "init").starts_with("FAIL"), "{text}");
+    assert!(text.contains("cannot open /dev/acme0: no such device"), "{text}");
+
+    let (code, text) = check(&fixtures.join("not-elf.so"), &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(line(&text, "load").starts_with("FAIL") && text.contains("not an ELF shared library"), "{text}");
+
+    let panic = rust_module("devhost_fixture_native_panic", dir.path());
+    let (code, text) = check(&panic, &[]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "fixture.example.com/panic: allocate");
+    assert!(failed.starts_with("FAIL") && failed.contains("panicked"), "{text}");
+}
