@@ -206,15 +206,28 @@ pub struct Publisher {
     inner: Arc<Mutex<PublisherInner>>,
 }
 
-/// Called with every list refused after `init` (the caller also gets the error).
-type RefusedFn = Arc<dyn Fn(&PublishError) + Send + Sync>;
+/// A fault a backend's own thread ran into, outside any host call: a device
+/// list the host refused, or (for polled backends) a failed poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackgroundFault {
+    /// What the thread was doing, e.g. `publish` or `list-devices`.
+    pub operation: &'static str,
+    /// What went wrong.
+    pub message: String,
+    /// The backend sent data that breaks the contract (as opposed to
+    /// crashing or trapping).
+    pub invalid_data: bool,
+}
+
+/// Called with every background fault after `init`.
+type FaultFn = Arc<dyn Fn(BackgroundFault) + Send + Sync>;
 
 #[derive(Default)]
 struct PublisherInner {
     resources: HashMap<String, Arc<ResourceState>>,
     /// Once sealed (after `init`), only declared resources may be published.
     sealed: bool,
-    on_refused: Option<RefusedFn>,
+    on_fault: Option<FaultFn>,
 }
 
 impl std::fmt::Debug for PublisherInner {
@@ -231,26 +244,33 @@ impl Publisher {
     /// re-initialised: its resources keep their states and their streams.
     pub fn for_states(states: &[Arc<ResourceState>]) -> Self {
         let resources = states.iter().map(|state| (state.name.clone(), state.clone())).collect();
-        Publisher { inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true, on_refused: None })) }
+        Publisher { inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true, on_fault: None })) }
     }
 
-    /// Sets what happens when a list is refused after `init` (the host
-    /// treats it as a fault of the backend).
-    pub fn on_refused(&self, hook: RefusedFn) {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).on_refused = Some(hook);
+    /// Sets what happens on a background fault after `init` (the host marks
+    /// the backend's devices Unhealthy and re-initialises it).
+    pub fn on_fault(&self, hook: FaultFn) {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).on_fault = Some(hook);
     }
 
-    /// Replaces the device list of `resource`.
+    /// Reports a fault found on a backend's own thread (after `init`; during
+    /// `init` the error is `init`'s to return).
+    pub fn report_fault(&self, fault: BackgroundFault) {
+        let hook = {
+            let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner.on_fault.clone().filter(|_| inner.sealed)
+        };
+        if let Some(hook) = hook {
+            hook(fault);
+        }
+    }
+
+    /// Replaces the device list of `resource`. A refused list after `init`
+    /// is also reported as a fault of the backend.
     pub fn publish(&self, resource: &str, devices: Vec<Device>) -> Result<(), PublishError> {
         let result = self.state(resource).and_then(|state| state.publish(devices));
         if let Err(error) = &result {
-            let hook = {
-                let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-                inner.on_refused.clone().filter(|_| inner.sealed)
-            };
-            if let Some(hook) = hook {
-                hook(error);
-            }
+            self.report_fault(BackgroundFault { operation: "publish", message: error.to_string(), invalid_data: true });
         }
         result
     }

@@ -128,6 +128,7 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
     node.backend("loop", &hostile_file("loop", Path::new("")));
     node.backend("bomb", &hostile_file("memory-bomb", Path::new("")));
     node.backend("trap", &hostile_file("trap", Path::new("")));
+    node.backend("poll-trap", &hostile_file("poll-trap", Path::new("")));
     node.backend("read-denied", &hostile_file("read", &outside));
     node.backend("read-granted", &hostile_file("read", &granted.join("secret.txt")).replace("/read\"", "/read-ok\""));
     for (name, module) in [("core", &core), ("wrong-version", &wrong), ("other-world", &other)] {
@@ -189,6 +190,19 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
             .await
             .expect("instantiated afresh, healthy again");
     }
+
+    // A trap while the host polls it, with no call in flight: its devices go
+    // Unhealthy at once and it is instantiated afresh (and traps again).
+    let resource = "hostile.example.com/poll-trap";
+    kubelet
+        .wait_for_devices(resource, WAIT, |d| !d.is_empty() && d.iter().all(|d| d.health == "Unhealthy"))
+        .await
+        .expect("a trap while polled marks its devices Unhealthy");
+    devhost
+        .wait_for_log("backend \"poll-trap\": list-devices panicked: list-devices trapped: wasm trap: wasm `unreachable` instruction executed")
+        .await;
+    devhost.wait_for_log("backend re-initialised; its devices report their own health again backend=poll-trap").await;
+    kubelet.allocate(EXAMPLE, &["wasm-0"]).await.expect("the good component keeps answering");
 
     // Reads: denied outside the grant (a declined request, not a fault),
     // allowed inside it.

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Backend, ResourceSpec};
-use crate::device_state::{PublishError, Publisher, ResourceState};
+use crate::device_state::{BackgroundFault, Publisher, ResourceState};
 use crate::resource_name::{self, ResourceNameError};
 
 /// First back-off before re-initialising a faulted backend.
@@ -114,28 +114,31 @@ pub struct BackendHandle {
     timeout: Duration,
     resources: Vec<(ResourceSpec, Arc<ResourceState>)>,
     faulted: Notify,
-    refused: RefusedHook,
+    faults: FaultHook,
 }
 
-/// Turns a device list the backend publishes from its own thread, and the
-/// host refuses, into a fault of the backend (like invalid data returned
-/// from a call). Holds the handle weakly: the handle owns the publisher.
+/// Turns a fault on the backend's own thread (a refused device list, a
+/// failed poll) into a fault of the backend, as if a call had failed.
+/// Holds the handle weakly: the handle owns the publisher.
 #[derive(Clone, Default)]
-struct RefusedHook(Arc<std::sync::OnceLock<std::sync::Weak<BackendHandle>>>);
+struct FaultHook(Arc<std::sync::OnceLock<std::sync::Weak<BackendHandle>>>);
 
-impl RefusedHook {
+impl FaultHook {
     fn attach(&self, handle: &Arc<BackendHandle>) {
         let _ = self.0.set(Arc::downgrade(handle));
     }
 
-    fn into_fn(self) -> Arc<dyn Fn(&PublishError) + Send + Sync> {
-        Arc::new(move |error: &PublishError| {
+    fn into_fn(self) -> Arc<dyn Fn(BackgroundFault) + Send + Sync> {
+        Arc::new(move |fault: BackgroundFault| {
             if let Some(handle) = self.0.get().and_then(std::sync::Weak::upgrade) {
-                handle.report_fault(&CallError::Invalid {
-                    backend: handle.name.clone(),
-                    operation: "publish",
-                    message: error.to_string(),
-                });
+                let (backend, operation, message) = (handle.name.clone(), fault.operation, fault.message);
+                let error = if fault.invalid_data {
+                    CallError::Invalid { backend, operation, message }
+                } else {
+                    CallError::Panicked { backend, operation, message }
+                };
+                crate::telemetry::global().backend_error(&handle.name, operation, error.kind());
+                handle.report_fault(&error);
             }
         })
     }
@@ -159,8 +162,8 @@ impl BackendHandle {
     ) -> Result<Arc<Self>, StartError> {
         let name = name.into();
         let publisher = Publisher::default();
-        let refused = RefusedHook::default();
-        publisher.on_refused(refused.clone().into_fn());
+        let faults = FaultHook::default();
+        publisher.on_fault(faults.clone().into_fn());
         let init_publisher = publisher.clone();
         let specs = run_blocking(&name, "init", timeout, backend.clone(), move |b| b.init(init_publisher)).await?;
         check_resources(&name, &specs)?;
@@ -172,9 +175,9 @@ impl BackendHandle {
             timeout,
             resources: specs.into_iter().zip(states).collect(),
             faulted: Notify::new(),
-            refused: refused.clone(),
+            faults: faults.clone(),
         });
-        refused.attach(&handle);
+        faults.attach(&handle);
         tokio::spawn(supervise(handle.clone(), cancel));
         Ok(handle)
     }
@@ -261,7 +264,7 @@ async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
     run_blocking(&handle.name, "shutdown", timeout, handle.backend.clone(), |b| Ok(b.shutdown())).await?;
     let states: Vec<Arc<ResourceState>> = handle.resources.iter().map(|(_, state)| state.clone()).collect();
     let publisher = Publisher::for_states(&states);
-    publisher.on_refused(handle.refused.clone().into_fn());
+    publisher.on_fault(handle.faults.clone().into_fn());
     let specs = run_blocking(&handle.name, "init", timeout, handle.backend.clone(), move |b| b.init(publisher)).await?;
     let expected: Vec<&ResourceSpec> = handle.resources.iter().map(|(spec, _)| spec).collect();
     if specs.iter().collect::<Vec<_>>() != expected {
@@ -400,7 +403,7 @@ mod tests {
         let publisher = keeper.publisher.lock().expect("lock").clone().expect("kept at init");
         let refused =
             std::thread::spawn(move || publisher.publish("t.io/x", vec![Device::healthy("")])).join().expect("thread");
-        assert!(matches!(refused, Err(PublishError::EmptyId { .. })));
+        assert!(matches!(refused, Err(crate::device_state::PublishError::EmptyId { .. })));
         let fault = state.snapshot().fault.clone().expect("faulted");
         assert_eq!(
             fault,

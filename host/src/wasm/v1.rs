@@ -23,6 +23,7 @@ use super::{SandboxConfig, StoreState, WasmError, WasmModule, deadline_ticks, de
 use crate::backend::{
     Allocation, Backend, BackendError, Device, DeviceSpec, Health, Mount, PreferredRequest, Publisher, ResourceSpec,
 };
+use crate::device_state::BackgroundFault;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -266,12 +267,13 @@ impl Polling {
                     // The instance is broken: its devices are no longer
                     // known to work. The next call into it is refused as a
                     // fault, which re-initialises it.
-                    tracing::error!(backend = %self.name, "{fault}; its devices are now Unhealthy");
-                    for (resource, devices) in &self.last {
-                        let unhealthy =
-                            devices.iter().map(|d| Device { health: Health::Unhealthy, ..d.clone() }).collect();
-                        let _ = self.publisher.publish(resource, unhealthy);
-                    }
+                    // The host marks its devices Unhealthy and re-initialises
+                    // it (a fresh instance) with back-off.
+                    self.publisher.report_fault(BackgroundFault {
+                        operation: "list-devices",
+                        message: fault,
+                        invalid_data: false,
+                    });
                     return;
                 }
             }
