@@ -3,105 +3,13 @@
 //! Plain data, no behaviour beyond small helpers, and no gRPC: the servers
 //! translate it to the kubelet's messages at the edge.
 
-use std::collections::BTreeMap;
-
 use thiserror::Error;
 
-/// The health of one device, as the kubelet sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Health {
-    /// Usable: counts towards allocatable.
-    Healthy,
-    /// Not usable: counts towards capacity only.
-    Unhealthy,
-}
+pub use devhost_abi::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest};
 
-impl Health {
-    /// The exact string the kubelet compares against.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Healthy => crate::proto::HEALTHY,
-            Health::Unhealthy => crate::proto::UNHEALTHY,
-        }
-    }
-}
-
-/// One device of a resource.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Device {
-    /// Unique, non-empty ID within the resource.
-    pub id: String,
-    /// Current health.
-    pub health: Health,
-    /// NUMA nodes the device is attached to; empty means no preference.
-    pub numa_nodes: Vec<i64>,
-}
-
-impl Device {
-    /// A healthy device without NUMA affinity.
-    pub fn healthy(id: impl Into<String>) -> Self {
-        Device { id: id.into(), health: Health::Healthy, numa_nodes: Vec::new() }
-    }
-}
-
-/// A resource a backend serves, with the options the kubelet is told.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResourceSpec {
-    /// Extended resource name, e.g. `example.com/gpu`.
-    pub name: String,
-    /// The kubelet must call `PreStartContainer` before each container start.
-    pub pre_start_required: bool,
-    /// The kubelet may call `GetPreferredAllocation`.
-    pub preferred_allocation: bool,
-}
-
-/// A bind mount for the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// Path inside the container.
-    pub container_path: String,
-    /// Path on the host.
-    pub host_path: String,
-    /// Mounted read-only.
-    pub read_only: bool,
-}
-
-/// A device node for the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// Path inside the container.
-    pub container_path: String,
-    /// Path on the host.
-    pub host_path: String,
-    /// cgroup permissions: any combination of `r`, `w`, `m`.
-    pub permissions: String,
-}
-
-/// What one container gets for the devices allocated to it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Allocation {
-    /// Environment variables.
-    pub envs: BTreeMap<String, String>,
-    /// Bind mounts.
-    pub mounts: Vec<Mount>,
-    /// Device nodes.
-    pub device_specs: Vec<DeviceSpec>,
-    /// Container annotations.
-    pub annotations: BTreeMap<String, String>,
-    /// Fully qualified CDI device names (`vendor/class=name`).
-    pub cdi_devices: Vec<String>,
-}
-
-/// One container's `GetPreferredAllocation` question.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreferredRequest {
-    /// Devices the answer may choose from.
-    pub available: Vec<String>,
-    /// Devices the answer must contain.
-    pub must_include: Vec<String>,
-    /// How many devices the answer must contain.
-    pub size: usize,
-}
+/// A resource a backend serves, with the options the kubelet is told (the
+/// SDK calls it `Resource`).
+pub type ResourceSpec = devhost_abi::model::Resource;
 
 /// An error a backend reports from one of its calls.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

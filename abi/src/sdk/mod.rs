@@ -9,7 +9,6 @@
 //! exports a WASM component of the world `devhost:backend/backend@1.0.0`
 //! instead (see the `wasm` module and `abi/README.md`, "WASM backends").
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -27,110 +26,7 @@ pub mod wasm;
 #[cfg(target_arch = "wasm32")]
 pub use wasm::Host;
 
-/// The health of one device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Health {
-    /// Usable.
-    Healthy,
-    /// Not usable.
-    Unhealthy,
-}
-
-/// One device of a resource.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Device {
-    /// Unique, non-empty ID within the resource.
-    pub id: String,
-    /// Current health.
-    pub health: Health,
-    /// NUMA nodes the device is attached to; empty means no preference.
-    pub numa_nodes: Vec<i64>,
-}
-
-impl Device {
-    /// A device with the given health and no NUMA affinity.
-    pub fn new(id: impl Into<String>, health: Health) -> Self {
-        Device { id: id.into(), health, numa_nodes: Vec::new() }
-    }
-}
-
-/// A resource the backend serves, returned from [`Backend::init`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resource {
-    /// Extended resource name, e.g. `example.com/gpu`.
-    pub name: String,
-    /// The kubelet must call [`Backend::pre_start`] before each container.
-    pub pre_start_required: bool,
-    /// The kubelet may call [`Backend::preferred_allocation`].
-    pub preferred_allocation: bool,
-}
-
-impl Resource {
-    /// A resource with neither optional call.
-    pub fn new(name: impl Into<String>) -> Self {
-        Resource { name: name.into(), pre_start_required: false, preferred_allocation: false }
-    }
-
-    /// Asks the kubelet to call `pre_start` before each container start.
-    pub fn with_pre_start(mut self) -> Self {
-        self.pre_start_required = true;
-        self
-    }
-
-    /// Tells the kubelet that `preferred_allocation` is answered.
-    pub fn with_preferred_allocation(mut self) -> Self {
-        self.preferred_allocation = true;
-        self
-    }
-}
-
-/// A bind mount for the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// Path inside the container.
-    pub container_path: String,
-    /// Path on the host.
-    pub host_path: String,
-    /// Mounted read-only.
-    pub read_only: bool,
-}
-
-/// A device node for the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// Path inside the container.
-    pub container_path: String,
-    /// Path on the host.
-    pub host_path: String,
-    /// cgroup permissions: any combination of `r`, `w`, `m`.
-    pub permissions: String,
-}
-
-/// What one container gets for its devices.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Allocation {
-    /// Environment variables.
-    pub envs: BTreeMap<String, String>,
-    /// Bind mounts.
-    pub mounts: Vec<Mount>,
-    /// Device nodes.
-    pub device_specs: Vec<DeviceSpec>,
-    /// Container annotations.
-    pub annotations: BTreeMap<String, String>,
-    /// Fully qualified CDI device names (`vendor/class=name`).
-    pub cdi_devices: Vec<String>,
-}
-
-/// One container's `GetPreferredAllocation` question.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreferredRequest {
-    /// Devices the answer may choose from.
-    pub available: Vec<String>,
-    /// Devices the answer must contain.
-    pub must_include: Vec<String>,
-    /// How many devices the answer must contain.
-    pub size: usize,
-}
+pub use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, Resource};
 
 /// Severity of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
