@@ -77,10 +77,10 @@ fn cdi_schema() -> serde_json::Value {
     fn local_refs(value: &mut serde_json::Value) {
         match value {
             serde_json::Value::Object(map) => {
-                if let Some(serde_json::Value::String(target)) = map.get_mut("$ref") {
-                    if let Some(rest) = target.strip_prefix("defs.json") {
-                        *target = rest.to_owned();
-                    }
+                if let Some(serde_json::Value::String(target)) = map.get_mut("$ref")
+                    && let Some(rest) = target.strip_prefix("defs.json")
+                {
+                    *target = rest.to_owned();
                 }
                 map.values_mut().for_each(local_refs);
             }

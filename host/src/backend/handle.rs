@@ -221,7 +221,13 @@ impl BackendHandle {
 
     /// Calls the backend's `shutdown` (with the deadline).
     pub async fn shutdown(&self) {
-        if let Err(error) = self.call("shutdown", |b| Ok(b.shutdown())).await {
+        if let Err(error) = self
+            .call("shutdown", |b| {
+                b.shutdown();
+                Ok(())
+            })
+            .await
+        {
             tracing::warn!(backend = %self.name, %error, "backend shutdown failed");
         }
     }
@@ -261,7 +267,11 @@ async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
 
 async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
     let timeout = handle.timeout;
-    run_blocking(&handle.name, "shutdown", timeout, handle.backend.clone(), |b| Ok(b.shutdown())).await?;
+    run_blocking(&handle.name, "shutdown", timeout, handle.backend.clone(), |b| {
+        b.shutdown();
+        Ok(())
+    })
+    .await?;
     let states: Vec<Arc<ResourceState>> = handle.resources.iter().map(|(_, state)| state.clone()).collect();
     let publisher = Publisher::for_states(&states);
     publisher.on_fault(handle.faults.clone().into_fn());

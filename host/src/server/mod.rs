@@ -74,10 +74,10 @@ impl ResourceServer {
                 task.abort();
             }
         }
-        if FileIdentity::of(&self.socket) == Some(self.identity) {
-            if let Err(error) = std::fs::remove_file(&self.socket) {
-                tracing::warn!(socket = %self.socket.display(), %error, "cannot remove socket");
-            }
+        if FileIdentity::of(&self.socket) == Some(self.identity)
+            && let Err(error) = std::fs::remove_file(&self.socket)
+        {
+            tracing::warn!(socket = %self.socket.display(), %error, "cannot remove socket");
         }
     }
 }

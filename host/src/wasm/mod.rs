@@ -174,10 +174,10 @@ pub fn load(module: WasmModule) -> Result<Arc<dyn Backend>, WasmError> {
     let path = module.path.clone();
     let bytes = std::fs::read(&path).map_err(|source| WasmError::Read { path: path.clone(), source })?;
     let digest = hex(&Sha256::digest(&bytes));
-    if let Some(expected) = &module.sha256 {
-        if *expected != digest {
-            return Err(WasmError::Pin { path, actual: digest, expected: expected.clone() });
-        }
+    if let Some(expected) = &module.sha256
+        && *expected != digest
+    {
+        return Err(WasmError::Pin { path, actual: digest, expected: expected.clone() });
     }
     validate::header(&path, &bytes)?;
     let component = cache::compile(engine, &bytes, &digest, module.sandbox.cache_dir.as_deref())

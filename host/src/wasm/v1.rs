@@ -232,12 +232,12 @@ impl Backend for WasmBackend {
     fn shutdown(&self) {
         self.stop_poller();
         let live = self.slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(mut live) = live {
-            if live.broken.is_none() {
-                live.store.set_epoch_deadline(deadline_ticks(self.timeout));
-                if let Err(error) = live.exports.devhost_backend_api().call_shutdown(&mut live.store) {
-                    tracing::warn!(backend = %self.name, "{}", describe_trap(&error, "shutdown", self.timeout));
-                }
+        if let Some(mut live) = live
+            && live.broken.is_none()
+        {
+            live.store.set_epoch_deadline(deadline_ticks(self.timeout));
+            if let Err(error) = live.exports.devhost_backend_api().call_shutdown(&mut live.store) {
+                tracing::warn!(backend = %self.name, "{}", describe_trap(&error, "shutdown", self.timeout));
             }
         }
     }
