@@ -4,12 +4,14 @@
 mod check;
 mod cli;
 mod deploy;
+mod generic;
 mod harness;
 mod host;
 mod native;
 mod native_loader;
 mod nvidia;
 mod operate;
+mod pci;
 mod sharing;
 mod wasm;
 mod wire_contract;

@@ -1,0 +1,193 @@
+//! Whole-backend tests over fixture trees built in temp dirs: USB serial
+//! adapters in a fake sysfs, plain nodes in a fake `/dev`, hot-plug through
+//! the rescan thread.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devhost_abi::sdk::{Device, DeviceSpec, Health, Mount};
+
+use crate::config::Config;
+use crate::{Generic, Sink};
+
+#[derive(Default)]
+struct Recorder {
+    lists: Mutex<Vec<(String, Vec<Device>)>>,
+}
+
+impl Sink for Recorder {
+    fn publish(&self, resource: &str, devices: &[Device]) {
+        self.lists.lock().expect("recorder").push((resource.to_owned(), devices.to_vec()));
+    }
+}
+
+impl Recorder {
+    fn latest(&self, resource: &str) -> Option<Vec<(String, Health)>> {
+        let lists = self.lists.lock().expect("recorder");
+        let (_, devices) = lists.iter().rev().find(|(r, _)| r == resource)?;
+        Some(devices.iter().map(|d| (d.id.clone(), d.health)).collect())
+    }
+
+    fn wait_for(&self, resource: &str, expected: &[(&str, Health)]) {
+        let expected: Vec<(String, Health)> = expected.iter().map(|(id, h)| (id.to_string(), *h)).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.latest(resource).as_ref() != Some(&expected) {
+            assert!(Instant::now() < deadline, "{resource}: {:?}, expected {expected:?}", self.latest(resource));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn touch(path: &Path) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, "").expect("write");
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, format!("{text}\n")).expect("write");
+}
+
+/// A USB serial adapter as the kernel lays it out: `/dev/<tty>` and
+/// `class/tty/<tty>` → `devices/.../usb1/<port>/<port>:1.<iface>/<tty>/tty/<tty>`.
+pub(crate) fn usb_serial(root: &Path, tty: &str, port: &str, ids: (&str, &str), serial: Option<&str>, iface: u8) {
+    let sys = root.join("sys");
+    let usb = sys.join("devices/pci0000:00/0000:00:14.0/usb1").join(port);
+    write(&usb.join("idVendor"), ids.0);
+    write(&usb.join("idProduct"), ids.1);
+    if let Some(serial) = serial {
+        write(&usb.join("serial"), serial);
+    }
+    let interface = usb.join(format!("{port}:1.{iface}"));
+    write(&interface.join("bInterfaceNumber"), &format!("{iface:02}"));
+    let node = interface.join(tty).join("tty").join(tty);
+    write(&node.join("dev"), "188:0");
+    std::fs::create_dir_all(sys.join("class/tty")).expect("class dir");
+    std::os::unix::fs::symlink(&node, sys.join("class/tty").join(tty)).expect("class link");
+    touch(&root.join("dev").join(tty));
+}
+
+fn config(root: &Path, groups: &str) -> Config {
+    let json = format!(
+        r#"{{"dev_root": {:?}, "sysfs_root": {:?}, "rescan_interval_ms": 20, "removal_grace_ms": 300, "group": {groups}}}"#,
+        root.display().to_string(),
+        root.join("sys").display().to_string()
+    );
+    Config::parse(&json).expect("valid config")
+}
+
+#[test]
+fn usb_serial_adapters_get_ids_from_their_serial_not_their_tty_number() {
+    let root = tempfile::tempdir().expect("tempdir");
+    usb_serial(root.path(), "ttyUSB0", "1-1", ("0403", "6001"), Some("A50285BI"), 0);
+    usb_serial(root.path(), "ttyUSB1", "1-2", ("10c4", "ea60"), Some("0001"), 0);
+    usb_serial(root.path(), "ttyUSB2", "1-3", ("0403", "6010"), None, 1);
+    let config = config(
+        root.path(),
+        r#"[{"resource": "example.com/ftdi", "paths": ["/dev/ttyUSB*"], "usb": [{"vendor": "0403"}]},
+            {"resource": "example.com/cp210x", "paths": ["/dev/ttyUSB*"], "usb": [{"vendor": "10c4", "product": "ea60"}], "grouping": "usb"},
+            {"resource": "example.com/any", "paths": ["/dev/ttyUSB*"]}]"#,
+    );
+    let recorder = Arc::new(Recorder::default());
+    let (generic, resources) = Generic::start(config, recorder.clone()).expect("start");
+    assert_eq!(resources.len(), 3);
+    recorder.wait_for(
+        "example.com/ftdi",
+        &[("usb-0403-6001-A50285BI-if00", Health::Healthy), ("usb-0403-6010-1-3-if01", Health::Healthy)],
+    );
+    recorder.wait_for("example.com/cp210x", &[("usb-10c4-ea60-0001", Health::Healthy)]);
+    recorder.wait_for(
+        "example.com/any",
+        &[("ttyUSB0", Health::Healthy), ("ttyUSB1", Health::Healthy), ("ttyUSB2", Health::Healthy)],
+    );
+    let answer = generic.answer("example.com/ftdi", &["usb-0403-6001-A50285BI-if00".into()]).expect("allocate");
+    let host_path = root.path().join("dev/ttyUSB0").display().to_string();
+    assert_eq!(
+        answer.device_specs,
+        [DeviceSpec { container_path: "/dev/ttyUSB0".into(), host_path, permissions: "rw".into() }]
+    );
+}
+
+#[test]
+fn hot_plug_advertises_new_nodes_and_keeps_vanished_ones_unhealthy_for_the_grace() {
+    let root = tempfile::tempdir().expect("tempdir");
+    usb_serial(root.path(), "ttyUSB0", "1-1", ("0403", "6001"), Some("AAA"), 0);
+    let config = config(
+        root.path(),
+        r#"[{"resource": "example.com/serial", "paths": ["/dev/ttyUSB*"], "usb": [{"vendor": "0403"}]}]"#,
+    );
+    let recorder = Arc::new(Recorder::default());
+    let (generic, _) = Generic::start(config, recorder.clone()).expect("start");
+    recorder.wait_for("example.com/serial", &[("usb-0403-6001-AAA-if00", Health::Healthy)]);
+
+    // Re-plugged on another port, it comes back as ttyUSB1: same ID.
+    usb_serial(root.path(), "ttyUSB1", "1-2", ("0403", "6001"), Some("BBB"), 0);
+    recorder.wait_for(
+        "example.com/serial",
+        &[("usb-0403-6001-AAA-if00", Health::Healthy), ("usb-0403-6001-BBB-if00", Health::Healthy)],
+    );
+    std::fs::remove_file(root.path().join("dev/ttyUSB0")).expect("unplug");
+    recorder.wait_for(
+        "example.com/serial",
+        &[("usb-0403-6001-AAA-if00", Health::Unhealthy), ("usb-0403-6001-BBB-if00", Health::Healthy)],
+    );
+    let error = generic.answer("example.com/serial", &["usb-0403-6001-AAA-if00".into()]).expect_err("gone");
+    assert!(error.to_string().contains("is gone"), "{error}");
+    recorder.wait_for("example.com/serial", &[("usb-0403-6001-BBB-if00", Health::Healthy)]);
+    generic.answer("example.com/serial", &["usb-0403-6001-BBB-if00".into()]).expect("still served");
+}
+
+#[test]
+fn grouped_paths_form_one_device_with_every_path_and_the_mounts() {
+    let root = tempfile::tempdir().expect("tempdir");
+    for node in ["dev/snd/controlC0", "dev/snd/pcmC0D0p", "dev/snd/timer", "dev/fuse", "dev/net/tun"] {
+        touch(&root.path().join(node));
+    }
+    let config = config(
+        root.path(),
+        r#"[{"resource": "example.com/sound", "paths": ["/dev/snd/*"], "grouping": "all", "permissions": "rwm",
+             "mounts": [{"host_path": "/usr/share/alsa", "container_path": "/usr/share/alsa"}]},
+            {"resource": "example.com/node", "paths": ["/dev/fuse", "/dev/net/tun"]}]"#,
+    );
+    let recorder = Arc::new(Recorder::default());
+    let (generic, _) = Generic::start(config, recorder.clone()).expect("start");
+    recorder.wait_for("example.com/sound", &[("sound", Health::Healthy)]);
+    recorder.wait_for("example.com/node", &[("fuse", Health::Healthy), ("net-tun", Health::Healthy)]);
+    let answer = generic.answer("example.com/sound", &["sound".into()]).expect("allocate");
+    let paths: Vec<(&str, &str)> =
+        answer.device_specs.iter().map(|s| (s.container_path.as_str(), s.permissions.as_str())).collect();
+    assert_eq!(paths, [("/dev/snd/controlC0", "rwm"), ("/dev/snd/pcmC0D0p", "rwm"), ("/dev/snd/timer", "rwm")]);
+    assert_eq!(
+        answer.mounts,
+        [Mount { container_path: "/usr/share/alsa".into(), host_path: "/usr/share/alsa".into(), read_only: true }]
+    );
+    let answer = generic.answer("example.com/node", &["net-tun".into()]).expect("allocate");
+    assert_eq!(answer.device_specs.len(), 1, "exactly the requested device");
+    assert_eq!(answer.device_specs[0].container_path, "/dev/net/tun");
+    assert!(generic.answer("example.com/node", &["nope".into()]).is_err());
+}
+
+#[test]
+fn real_dev_nodes_every_linux_machine_has() {
+    let config = Config::parse(
+        r#"{"group": [{"resource": "example.com/null", "paths": ["/dev/null", "/dev/zero"]},
+                      {"resource": "example.com/fuse", "paths": ["/dev/fuse"]}]}"#,
+    )
+    .expect("valid");
+    let recorder = Arc::new(Recorder::default());
+    let (generic, _) = Generic::start(config, recorder.clone()).expect("start");
+    recorder.wait_for("example.com/null", &[("null", Health::Healthy), ("zero", Health::Healthy)]);
+    let answer = generic.answer("example.com/null", &["zero".into()]).expect("allocate");
+    assert_eq!(
+        answer.device_specs,
+        [DeviceSpec { container_path: "/dev/zero".into(), host_path: "/dev/zero".into(), permissions: "rw".into() }]
+    );
+    if Path::new("/dev/fuse").exists() {
+        recorder.wait_for("example.com/fuse", &[("fuse", Health::Healthy)]);
+    } else {
+        eprintln!("skipping the /dev/fuse check: this machine has no /dev/fuse");
+    }
+    // A real character device with no USB parent is not a USB device.
+    assert_eq!(crate::scan::usb_info(Path::new("/sys"), Path::new("/dev/null")), None);
+}
