@@ -55,3 +55,42 @@ fn list_shows_what_each_backend_sees_without_a_kubelet() {
     let row = text.lines().find(|line| line.contains("acc-1")).expect("a row for acc-1");
     assert!(row.starts_with("example") && row.contains("example.com/accelerator") && row.contains("Healthy"), "{row}");
 }
+
+#[test]
+fn the_demo_shows_registration_health_change_and_allocate_then_exits_cleanly() {
+    let (code, text) = devhost(&["demo"]);
+    assert_eq!(code, 0, "{text}");
+    for expected in [
+        "Register{version: \"v1beta1\"",
+        "gpu-1    Unhealthy",
+        "preferred: [\"gpu-0\"]",
+        "cdi_devices: [\"example.com/gpu=gpu-0\"]",
+        "refused: ",
+        "0 socket(s) left in the plugin directory",
+    ] {
+        assert!(text.contains(expected), "the demo lacks {expected:?}:\n{text}");
+    }
+}
+
+#[test]
+fn the_demo_tours_the_generic_example_config() {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: /dev/fuse is missing on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let module = crate::native_loader::rust_module("devhost_generic", dir.path());
+    std::fs::create_dir_all(dir.path().join("backends.d")).expect("backends.d");
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config-generic/backends.d/generic.toml"),
+    )
+    .expect("the generic example");
+    let text = example.replace("/usr/lib/devhost/backends/libdevhost_generic.so", &module.display().to_string());
+    std::fs::write(dir.path().join("backends.d/generic.toml"), text).expect("write");
+    let (code, text) = devhost(&["demo", "--config", &dir.path().display().to_string()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("devhost.example.com/fuse: registered"), "{text}");
+    assert!(text.contains("device:      /dev/fuse -> /dev/fuse (rwm)"), "{text}");
+    assert!(text.contains("null::1  Healthy"), "replicas from [resources]: {text}");
+    assert!(text.contains("devhost stopped; 0 socket(s) left."), "{text}");
+}

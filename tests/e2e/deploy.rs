@@ -242,6 +242,8 @@ fn the_image_installs_what_the_shipped_backend_files_name() {
     // itself installed among the ready-made backend files.
     let shipped = [
         "backends/nvidia/gpu.toml",
+        "backends/generic/generic.toml",
+        "backends/pci/pci.toml",
         "examples/native-rust/native-rust.toml",
         "examples/native-c/native-c.toml",
         "examples/wasm-rust/wasm-rust.toml",

@@ -166,7 +166,7 @@ async fn wasm_component_reads_the_fixture_through_a_read_only_grant() {
 }
 
 #[tokio::test]
-async fn reset_on_prestart_native_resets_and_wasm_is_refused_naming_the_grant() {
+async fn reset_on_prestart_native_resets_wasm_needs_a_write_grant() {
     let node = Node::new();
     let sys = node.dir.path().join("sys");
     fixture::standard(&sys);
@@ -182,7 +182,19 @@ async fn reset_on_prestart_native_resets_and_wasm_is_refused_naming_the_grant() 
     let reset = fixture::function_dir(&sys, "0000:af:00.0").join("reset");
     assert_eq!(std::fs::read_to_string(reset).expect("reset"), "1");
     devhost.wait_for_log("reset_on_prestart needs write access to").await;
-    assert_eq!(kubelet.registration_count("a.io/fpga-wasm"), 0, "the component cannot reset: not served");
+    devhost.wait_for_log("to `[sandbox] write`").await;
+    assert_eq!(kubelet.registration_count("a.io/fpga-wasm"), 0, "without the grant the component is not served");
+
+    // With a write grant of just that function's directory, the component
+    // resets it too.
+    let function = sys.join("bus/pci/devices/0000:af:00.0").display().to_string();
+    let granted = resources.replace("a.io/fpga", "a.io/fpga-granted");
+    node.backend("granted", &backend_file(&node, true, &sys, &granted, &format!("write = [{function:?}]")));
+    kubelet.wait_for_registrations("a.io/fpga-granted", 1, WAIT).await.expect("served with the grant");
+    let reset = fixture::function_dir(&sys, "0000:af:00.0").join("reset");
+    std::fs::write(&reset, "").expect("clear the reset file");
+    kubelet.pre_start("a.io/fpga-granted", &["0000:af:00.0"]).await.expect("pre-start in the sandbox");
+    assert_eq!(std::fs::read_to_string(&reset).expect("reset"), "1", "the component wrote the reset file");
 }
 
 #[tokio::test]

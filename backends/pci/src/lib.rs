@@ -136,11 +136,12 @@ fn check_reset(resource: &ResourceConfig, functions: &[&Function]) -> Result<(),
         }
         if let Err(error) = std::fs::OpenOptions::new().write(true).open(&path) {
             return Err(Error::new(format!(
-                "resource {:?}: reset_on_prestart needs write access to {} ({error}); grant it: run the native build \
-                 of this backend with write access to the functions' sysfs reset files (devhost's WASM sandbox \
-                 grants read-only paths only), or turn reset_on_prestart off",
+                "resource {:?}: reset_on_prestart needs write access to {} ({error}); grant it: for the WASM \
+                 build add {:?} to `[sandbox] write` (the native build needs devhost to run as root), or turn \
+                 reset_on_prestart off",
                 resource.name,
-                path.display()
+                path.display(),
+                f.dir.display().to_string()
             )));
         }
     }

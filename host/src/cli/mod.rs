@@ -13,6 +13,8 @@ use crate::config::{HostConfig, LogFormat, Overrides};
 
 mod inspect;
 
+pub use inspect::host_config;
+
 /// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
 #[derive(Debug, Parser)]
 #[command(name = "devhost", version, about)]
@@ -38,7 +40,12 @@ enum Command {
     },
     /// Show devhost at work without a cluster: a demo backend and a fake
     /// kubelet in one process, then exit.
-    Demo,
+    Demo {
+        /// Tour this config directory's backends instead of the built-in
+        /// demo backend (e.g. examples/config-generic).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Start every configured backend, show the devices it sees, stop it.
     /// No kubelet needed. Exit 1 if a backend fails.
     List {
@@ -101,9 +108,9 @@ pub fn main() -> ExitCode {
             init_logging(config.log_format, &config.log_level);
             runtime.block_on(run(config))
         }
-        Command::Demo => {
+        Command::Demo { config } => {
             init_logging(LogFormat::Text, "warn");
-            runtime.block_on(crate::demo::run())
+            runtime.block_on(crate::demo::run(config.as_deref()))
         }
         Command::List { config, json } => {
             init_logging(LogFormat::Text, "warn");

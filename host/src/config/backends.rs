@@ -79,6 +79,8 @@ struct RawFile {
 struct RawSandbox {
     #[serde(default)]
     read: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    write: Vec<Spanned<PathBuf>>,
     memory_mb: Option<Spanned<u64>>,
     poll_interval_ms: Option<Spanned<u64>>,
     /// A directory, or `false` to turn the cache off.
@@ -245,6 +247,12 @@ fn parse_sandbox(
         }
         sandbox.read.push(dir.into_inner());
     }
+    for dir in raw.write {
+        if !dir.get_ref().is_absolute() {
+            return Err(at(dir.span(), format!("write: {:?} must be an absolute path", dir.get_ref())));
+        }
+        sandbox.write.push(dir.into_inner());
+    }
     if let Some(mb) = raw.memory_mb {
         if !(1..=4096).contains(mb.get_ref()) {
             return Err(at(mb.span(), "memory_mb must be between 1 and 4096 (a 32-bit memory)".into()));
@@ -402,6 +410,14 @@ id = "a0"
             "/b/nic.toml:4:9: read: \"sys\" must be an absolute path"
         );
         assert_eq!(
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nwrite = [\"reset\"]\n"),
+            "/b/nic.toml:4:10: write: \"reset\" must be an absolute path"
+        );
+        let source = "[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nread = [\"/sys\"]\nwrite = [\"/sys/bus/pci/devices/0000:af:00.0\"]\n";
+        let config = parse_backend(file, source, Duration::from_secs(1)).expect("valid");
+        let BackendSource::Module { wasm: Some(sandbox), .. } = config.source else { panic!("a wasm module") };
+        assert_eq!(sandbox.write, [PathBuf::from("/sys/bus/pci/devices/0000:af:00.0")]);
+        assert_eq!(
             error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nmemory_mb = 0\n"),
             "/b/nic.toml:4:13: memory_mb must be between 1 and 4096 (a 32-bit memory)"
         );
@@ -414,8 +430,8 @@ id = "a0"
             "/b/nic.toml:4:13: cache_dir must be a directory path, or false to turn the cache off"
         );
         assert!(
-            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nwrite = []\n")
-                .starts_with("/b/nic.toml:4:1: unknown field `write`"),
+            error("[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nwritable = []\n")
+                .starts_with("/b/nic.toml:4:1: unknown field `writable`"),
         );
         assert_eq!(
             error("[backend]\nmodule = \"libnic.so\"\n[sandbox]\nread = []\n"),

@@ -17,9 +17,15 @@ const GPU: &str = "example.com/gpu";
 const LICENSE: &str = "example.com/license";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Runs the demo; any failure is printed and gives exit code 1.
-pub async fn run() -> ExitCode {
-    match demo().await {
+/// Runs the demo; any failure is printed and gives exit code 1. With a
+/// config directory, the tour runs over its backends instead of the
+/// built-in demo backend.
+pub async fn run(config: Option<&std::path::Path>) -> ExitCode {
+    let result = match config {
+        Some(dir) => tour(dir).await,
+        None => demo().await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("demo failed: {error:#}");
@@ -106,6 +112,54 @@ async fn demo() -> anyhow::Result<()> {
     println!(
         "\nNext: `devhost run --config examples/config/devhost.toml --plugin-dir <dir>` serves the example config."
     );
+    Ok(())
+}
+
+/// The tour over a config directory's backends: each resource's
+/// registration, device list and an Allocate of its first healthy device,
+/// with a private fake kubelet; nothing touches the real kubelet.
+async fn tour(dir: &std::path::Path) -> anyhow::Result<()> {
+    let root = tempfile::Builder::new().prefix("devhost-demo-").tempdir()?;
+    let plugin_dir = root.path().join("device-plugins");
+    let mut config = crate::cli::host_config(dir)?;
+    config.plugin_dir = plugin_dir.clone();
+    config.kubelet_socket = plugin_dir.join(crate::proto::KUBELET_SOCKET_NAME);
+    config.metrics_address = None;
+    config.cdi_dir = root.path().join("cdi");
+    let loaded = crate::config::load_backends(&config.backends_dir, config.call_timeout);
+    for error in &loaded.errors {
+        println!("refused: {error}");
+    }
+    println!("devhost demo over {}: a fake kubelet in {}\n", config.backends_dir.display(), plugin_dir.display());
+    let kubelet = FakeKubelet::start(&plugin_dir).await?;
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn({
+        let (config, shutdown) = (config.clone(), shutdown.clone());
+        async move { crate::daemon::run(&config, shutdown).await }
+    });
+    // Every backend that starts registers its resources; give them time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut resources: Vec<String> = kubelet.registrations().into_iter().map(|r| r.resource_name).collect();
+    resources.sort();
+    resources.dedup();
+    anyhow::ensure!(!resources.is_empty(), "no backend in {} registered a resource", config.backends_dir.display());
+    for resource in &resources {
+        let request = kubelet.wait_for_registrations(resource, 1, WAIT).await?;
+        println!("{resource}: registered on {}", request.endpoint);
+        let devices = kubelet.wait_for_devices(resource, WAIT, |_| true).await?;
+        print_devices(&devices);
+        if let Some(device) = devices.iter().find(|d| d.health == crate::proto::HEALTHY) {
+            println!("   Allocate([{}]):", device.id);
+            for container in &kubelet.allocate(resource, &[device.id.as_str()]).await?.container_responses {
+                print_allocation(container);
+            }
+        }
+        println!();
+    }
+    shutdown.cancel();
+    daemon.await??;
+    kubelet.stop().await;
+    println!("devhost stopped; {} socket(s) left.", std::fs::read_dir(&plugin_dir)?.count());
     Ok(())
 }
 

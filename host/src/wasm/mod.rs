@@ -51,6 +51,11 @@ pub struct SandboxConfig {
     /// Host directories the component may read (never write), each visible
     /// inside at the same path.
     pub read: Vec<PathBuf>,
+    /// Host directories the component may also write, each visible inside
+    /// at the same path. Meant to be narrow (one PCI function's directory,
+    /// say) beside a broad read grant: inside, the longest matching grant
+    /// applies.
+    pub write: Vec<PathBuf>,
     /// Cap on the component's linear memory, in bytes.
     pub memory_bytes: u64,
     /// How often devhost asks the component for its device lists.
@@ -64,6 +69,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             read: Vec::new(),
+            write: Vec::new(),
             memory_bytes: DEFAULT_WASM_MEMORY_MB << 20,
             poll_interval: DEFAULT_WASM_POLL_INTERVAL,
             cache_dir: Some(PathBuf::from(DEFAULT_WASM_CACHE_DIR)),
@@ -261,6 +267,11 @@ impl StoreState {
             let guest = dir.to_str().ok_or_else(|| format!("read: {dir:?} is not UTF-8"))?;
             wasi.preopened_dir(dir, guest, DirPerms::READ, FilePerms::READ)
                 .map_err(|error| format!("cannot grant read access to {}: {error:#}", dir.display()))?;
+        }
+        for dir in &sandbox.write {
+            let guest = dir.to_str().ok_or_else(|| format!("write: {dir:?} is not UTF-8"))?;
+            wasi.preopened_dir(dir, guest, DirPerms::all(), FilePerms::all())
+                .map_err(|error| format!("cannot grant write access to {}: {error:#}", dir.display()))?;
         }
         Ok(StoreState {
             wasi: wasi.build(),
