@@ -13,5 +13,6 @@ mod nvidia;
 mod operate;
 mod pci;
 mod sharing;
+mod soak;
 mod wasm;
 mod wire_contract;

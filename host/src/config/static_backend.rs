@@ -158,16 +158,16 @@ impl StaticConfig {
             if let Some(kind) = &raw.cdi_kind {
                 check_cdi_kind(kind.get_ref()).map_err(|message| at(kind.span(), message))?;
             }
-            let mut devices: Vec<StaticDevice> = Vec::new();
+            let mut devices: Vec<StaticDevice> = Vec::with_capacity(raw.device.len());
+            let mut ids = std::collections::HashSet::with_capacity(raw.device.len());
             for device in raw.device {
+                let id_span = device.id.span();
                 let parsed = parse_device(device, &at)?;
-                if devices.iter().any(|d| d.device.id == parsed.device.device.id) {
-                    return Err(ConfigError {
-                        message: format!("device ID {:?} appears twice in resource {name:?}", parsed.device.device.id),
-                        ..parsed.id_error
-                    });
+                if !ids.insert(parsed.device.id.clone()) {
+                    let message = format!("device ID {:?} appears twice in resource {name:?}", parsed.device.id);
+                    return Err(at(id_span, message));
                 }
-                devices.push(parsed.device);
+                devices.push(parsed);
             }
             resources.push(StaticResource {
                 spec: ResourceSpec {
@@ -191,16 +191,10 @@ impl StaticConfig {
     }
 }
 
-struct ParsedDevice {
-    device: StaticDevice,
-    /// A ready error located at the device's ID, for the caller's checks.
-    id_error: ConfigError,
-}
-
 fn parse_device(
     raw: RawDevice,
     at: &impl Fn(Range<usize>, String) -> ConfigError,
-) -> Result<ParsedDevice, ConfigError> {
+) -> Result<StaticDevice, ConfigError> {
     let id = raw.id.get_ref().clone();
     if id.is_empty() {
         return Err(at(raw.id.span(), "device ID must not be empty".into()));
@@ -243,13 +237,10 @@ fn parse_device(
         let container_path = absolute(mount.container_path, at)?;
         mounts.push(Mount { container_path, host_path: mount.host_path, read_only: mount.read_only });
     }
-    Ok(ParsedDevice {
-        id_error: at(raw.id.span(), String::new()),
-        device: StaticDevice {
-            device: Device { id, health, numa_nodes },
-            health_path: raw.health_path,
-            allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
-        },
+    Ok(StaticDevice {
+        device: Device { id, health, numa_nodes },
+        health_path: raw.health_path,
+        allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
     })
 }
 

@@ -86,10 +86,8 @@ impl ResourceTask {
                     return;
                 }
                 Next::Restart(reason) => {
+                    // The event that led here has already settled (`wait`).
                     tracing::info!(resource = %resource, reason, "re-creating socket and registering again");
-                    if self.wait(SETTLE).await.is_err() {
-                        return;
-                    }
                 }
             }
         }

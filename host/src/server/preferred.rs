@@ -12,7 +12,8 @@ use crate::model::{Device, PreferredRequest, ReplicaPolicy};
 /// Chooses devices for `request` among `devices` (the resource's current list).
 pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
     let available: BTreeSet<&str> = request.available.iter().map(String::as_str).collect();
-    let mut chosen: Vec<String> = Vec::with_capacity(request.size);
+    // `size` comes from the wire: never reserve by it.
+    let mut chosen: Vec<String> = Vec::with_capacity(request.size.min(request.available.len()));
     for id in &request.must_include {
         if available.contains(id.as_str()) && !chosen.contains(id) && chosen.len() < request.size {
             chosen.push(id.clone());
@@ -58,7 +59,8 @@ pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
 /// others stay whole.
 pub fn choose_replicas(snapshot: &Snapshot, request: &PreferredRequest) -> Vec<String> {
     let available: BTreeSet<&str> = request.available.iter().map(String::as_str).collect();
-    let mut chosen: Vec<String> = Vec::with_capacity(request.size);
+    // `size` comes from the wire: never reserve by it.
+    let mut chosen: Vec<String> = Vec::with_capacity(request.size.min(request.available.len()));
     for id in &request.must_include {
         if available.contains(id.as_str()) && !chosen.contains(id) && chosen.len() < request.size {
             chosen.push(id.clone());
@@ -179,6 +181,13 @@ mod tests {
             choose_replicas(&snapshot, &request(&["b::0", "b::1", "b::2", "c::0", "c::1", "c::2"], &["c::1"], 3));
         assert_eq!(chosen[0], "c::1");
         assert_eq!(reals(&chosen), ["c", "c", "c"], "packed onto the must-include device: {chosen:?}");
+    }
+
+    #[test]
+    fn a_huge_size_from_the_wire_returns_what_is_available() {
+        let huge = usize::try_from(i32::MAX).expect("fits");
+        assert_eq!(choose(&devices(), &request(&["a0", "b0"], &[], huge)).len(), 2);
+        assert_eq!(choose_replicas(&shared(ReplicaPolicy::Spread), &request(&["a::0", "b::1"], &[], huge)).len(), 2);
     }
 
     #[test]

@@ -1,0 +1,684 @@
+//! `devhost-bench`: devhost's figures through the real gRPC path over Unix
+//! sockets, as the kubelet calls it (figures, not timed assertions).
+//!
+//! ```text
+//! cargo build --release --bin devhost -p devhost-example-native-rust -p devhost-bench
+//! cargo build --release --target wasm32-wasip2 -p devhost-example-wasm-rust
+//! target/release/devhost-bench all        # or: floor allocate health restart idle scale
+//! ```
+//!
+//! The `devhost` binary runs as a child process (the one next to this
+//! binary, or `$DEVHOST_BIN`), the project's fake kubelet in this process.
+//! The floor is a bare tonic `DevicePlugin` server in a child process (this
+//! binary, `floor-server`) answering `Allocate` with a constant, over the
+//! same kind of socket. Results are printed as a Markdown table and written
+//! to `target/bench/results.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use devhost::backend::handle::BackendHandle;
+use devhost::backend::{Allocation, Backend, BackendError, Device, Health, Publisher, ResourceSpec};
+use devhost::fake_kubelet::FakeKubelet;
+use devhost::proto::v1beta1::device_plugin_client::DevicePluginClient;
+use devhost::proto::v1beta1::device_plugin_server::{DevicePlugin, DevicePluginServer};
+use devhost::proto::v1beta1::{self, AllocateRequest, ContainerAllocateRequest, Empty};
+use devhost::server::{DevicePluginService, ResourceServer};
+use futures_util::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(60);
+const SEQUENTIAL: usize = 2_000;
+const CONCURRENT: usize = 64;
+const PER_CALLER: usize = 100;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("floor-server") {
+        let socket = args.get(1).context("floor-server needs a socket path")?;
+        return tokio::runtime::Runtime::new()?.block_on(floor_server(Path::new(socket)));
+    }
+    let which: Vec<&str> = match args.first().map(String::as_str) {
+        None | Some("all") => vec!["floor", "allocate", "health", "restart", "idle", "scale"],
+        Some(_) => args.iter().map(String::as_str).collect(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut table = Table::default();
+    for bench in which {
+        eprintln!("bench: {bench}");
+        runtime.block_on(async {
+            match bench {
+                "floor" => floor(&mut table).await,
+                "allocate" => allocate(&mut table).await,
+                "health" => health(&mut table).await,
+                "restart" => restart(&mut table).await,
+                "idle" => idle(&mut table).await,
+                "scale" => scale(&mut table).await,
+                other => bail!("unknown benchmark {other}; known: floor allocate health restart idle scale"),
+            }
+        })?;
+    }
+    let text = table.render();
+    println!("{text}");
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.md"), &text)?;
+    eprintln!("bench: written to {}", dir.join("results.md").display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- results
+
+#[derive(Default)]
+struct Table {
+    rows: Vec<[String; 3]>,
+}
+
+impl Table {
+    fn row(&mut self, what: impl Into<String>, figure: impl Into<String>, note: impl Into<String>) {
+        let row = [what.into(), figure.into(), note.into()];
+        eprintln!("bench: {} | {} | {}", row[0], row[1], row[2]);
+        self.rows.push(row);
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::from("| benchmark | figure | notes |\n|---|---|---|\n");
+        for [what, figure, note] in &self.rows {
+            text += &format!("| {what} | {figure} | {note} |\n");
+        }
+        text
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 { format!("{us:.0} µs") } else { format!("{:.2} ms", us / 1000.0) }
+}
+
+/// `p50 / p99 / max`.
+fn dist(samples: &[Duration]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let at = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+    format!("p50 {} / p99 {} / max {}", ms(at(0.5)), ms(at(0.99)), ms(sorted[sorted.len() - 1]))
+}
+
+// ---------------------------------------------------------------- setup
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from)
+}
+
+/// The directory this binary lives in (`target/<profile>`).
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("the binary's directory")?.to_owned())
+}
+
+fn devhost_bin() -> Result<PathBuf> {
+    let path =
+        std::env::var_os("DEVHOST_BIN").map_or_else(|| profile_dir().map(|d| d.join("devhost")), |p| Ok(p.into()))?;
+    if !path.is_file() {
+        bail!("{} is missing: cargo build --release --bin devhost", path.display());
+    }
+    Ok(path)
+}
+
+fn native_module(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let built = profile_dir()?.join("libdevhost_example_native_rust.so");
+    if !built.is_file() {
+        bail!("{} is missing: cargo build --release -p devhost-example-native-rust", built.display());
+    }
+    let copy = dir.join("libdevhost_example_native_rust.so");
+    std::fs::copy(&built, &copy)?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    Ok(copy)
+}
+
+fn wasm_module(dir: &Path) -> Option<PathBuf> {
+    let built = target_dir().join("wasm32-wasip2/release/devhost_example_wasm_rust.wasm");
+    let copy = dir.join("example.wasm");
+    std::fs::copy(&built, &copy).ok()?;
+    Some(copy)
+}
+
+/// A temporary node running the real `devhost` binary.
+struct Node {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("devhost-bench-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("config/backends.d"))?;
+        std::fs::create_dir_all(dir.path().join("plugin"))?;
+        std::fs::write(dir.path().join("config/devhost.toml"), "call_timeout_ms = 5000\nmetrics_address = \"\"\n")?;
+        Ok(Node { dir, child: None })
+    }
+
+    fn plugin_dir(&self) -> PathBuf {
+        self.dir.path().join("plugin")
+    }
+
+    fn backend(&self, name: &str, text: &str) -> Result<()> {
+        std::fs::write(self.dir.path().join(format!("config/backends.d/{name}.toml")), text)?;
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<u32> {
+        let log = std::fs::File::create(self.dir.path().join("devhost.log"))?;
+        let child = Command::new(devhost_bin()?)
+            .arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join("config/devhost.toml"))
+            .arg("--plugin-dir")
+            .arg(self.plugin_dir())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let pid = child.id();
+        self.child = Some(child);
+        Ok(pid)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A static backend file: `resources` resources of `devices` devices each.
+fn static_file(resources: usize, devices: usize, extra: &str) -> String {
+    let mut text = String::from("[backend]\nkind = \"static\"\n[config]\n");
+    text += extra;
+    for r in 0..resources {
+        text += &format!(
+            "[[config.resource]]\nname = \"bench.example.com/r{r}\"\nenv = {{ IDS = \"{{ids}}\" }}\npreferred_allocation = true\n"
+        );
+        for d in 0..devices {
+            text += &format!(
+                "[[config.resource.device]]\nid = \"d-{d}\"\nnuma = [{}]\ndevice_spec = [{{ host_path = \"/dev/null\", container_path = \"/dev/d-{d}\" }}]\n",
+                d % 2
+            );
+        }
+    }
+    text
+}
+
+fn native_file(module: &Path, resource: &str, flip_ms: u64) -> String {
+    format!(
+        "[backend]\nmodule = {:?}\n[config]\nresource = {resource:?}\ndevices = 2\nflip_interval_ms = {flip_ms}\n",
+        module.display().to_string()
+    )
+}
+
+fn wasm_file(module: &Path, cache: &Path, resource: &str) -> String {
+    format!(
+        "[backend]\nmodule = {:?}\n[sandbox]\ncache_dir = {:?}\n[config]\nresource = {resource:?}\ndevices = 2\n",
+        module.display().to_string(),
+        cache.display().to_string()
+    )
+}
+
+async fn all_registered(kubelet: &FakeKubelet, resources: &[String], count: usize) -> Result<()> {
+    let waits = resources.iter().map(|r| kubelet.wait_for_registrations(r, count, WAIT));
+    for result in futures_util::future::join_all(waits).await {
+        result?;
+    }
+    Ok(())
+}
+
+fn allocate_request(id: &str) -> AllocateRequest {
+    AllocateRequest { container_requests: vec![ContainerAllocateRequest { devices_ids: vec![id.to_owned()] }] }
+}
+
+/// Sequential and 64-caller Allocate latency on one connection (the
+/// kubelet keeps one per plugin).
+async fn allocate_latency(
+    client: DevicePluginClient<Channel>,
+    ids: &[String],
+) -> Result<(Vec<Duration>, Vec<Duration>, f64)> {
+    let mut sequential = Vec::with_capacity(SEQUENTIAL);
+    let mut c = client.clone();
+    for i in 0..SEQUENTIAL + 100 {
+        let started = Instant::now();
+        c.allocate(allocate_request(&ids[i % ids.len()])).await?;
+        if i >= 100 {
+            sequential.push(started.elapsed());
+        }
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENT)
+        .map(|caller| {
+            let mut c = client.clone();
+            let ids = ids.to_vec();
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(PER_CALLER);
+                for i in 0..PER_CALLER {
+                    let t = Instant::now();
+                    c.allocate(allocate_request(&ids[(caller + i) % ids.len()])).await?;
+                    samples.push(t.elapsed());
+                }
+                Ok::<_, tonic::Status>(samples)
+            })
+        })
+        .collect();
+    let mut concurrent = Vec::new();
+    for task in tasks {
+        concurrent.extend(task.await??);
+    }
+    let rate = concurrent.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((sequential, concurrent, rate))
+}
+
+// ---------------------------------------------------------------- floor
+
+#[derive(Debug, Default)]
+struct Floor;
+
+#[tonic::async_trait]
+impl DevicePlugin for Floor {
+    async fn get_device_plugin_options(
+        &self,
+        _: tonic::Request<Empty>,
+    ) -> Result<tonic::Response<v1beta1::DevicePluginOptions>, tonic::Status> {
+        Ok(tonic::Response::new(v1beta1::DevicePluginOptions::default()))
+    }
+
+    type ListAndWatchStream = futures_util::stream::Empty<Result<v1beta1::ListAndWatchResponse, tonic::Status>>;
+
+    async fn list_and_watch(
+        &self,
+        _: tonic::Request<Empty>,
+    ) -> Result<tonic::Response<Self::ListAndWatchStream>, tonic::Status> {
+        Ok(tonic::Response::new(futures_util::stream::empty()))
+    }
+
+    async fn get_preferred_allocation(
+        &self,
+        _: tonic::Request<v1beta1::PreferredAllocationRequest>,
+    ) -> Result<tonic::Response<v1beta1::PreferredAllocationResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1beta1::PreferredAllocationResponse::default()))
+    }
+
+    async fn allocate(
+        &self,
+        request: tonic::Request<AllocateRequest>,
+    ) -> Result<tonic::Response<v1beta1::AllocateResponse>, tonic::Status> {
+        let n = request.into_inner().container_requests.len();
+        let container = v1beta1::ContainerAllocateResponse::default();
+        Ok(tonic::Response::new(v1beta1::AllocateResponse { container_responses: vec![container; n] }))
+    }
+
+    async fn pre_start_container(
+        &self,
+        _: tonic::Request<v1beta1::PreStartContainerRequest>,
+    ) -> Result<tonic::Response<v1beta1::PreStartContainerResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1beta1::PreStartContainerResponse {}))
+    }
+}
+
+async fn floor_server(socket: &Path) -> Result<()> {
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    tonic::transport::Server::builder()
+        .add_service(DevicePluginServer::new(Floor))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+async fn floor(table: &mut Table) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("floor.sock");
+    let mut child = Command::new(std::env::current_exe()?).arg("floor-server").arg(&socket).spawn()?;
+    let deadline = Instant::now() + WAIT;
+    while !socket.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let channel = devhost::uds::connect(&socket, Duration::from_secs(10)).await?;
+    let result = allocate_latency(DevicePluginClient::new(channel), &["d-0".to_owned()]).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (sequential, concurrent, rate) = result?;
+    table.row(
+        "floor: bare tonic Allocate round trip, sequential",
+        dist(&sequential),
+        "separate process, same kind of Unix socket, constant answer",
+    );
+    table.row(
+        format!("floor: bare tonic Allocate, {CONCURRENT} concurrent callers"),
+        dist(&concurrent),
+        format!("{rate:.0} calls/s"),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- allocate
+
+async fn allocate(table: &mut Table) -> Result<()> {
+    let mut node = Node::new()?;
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules)?;
+    node.backend("static", &static_file(1, 8, ""))?;
+    let native = native_module(&modules)?;
+    node.backend("native", &native_file(&native, "bench.example.com/native", 3_600_000))?;
+    let mut backends = vec![
+        ("static", "bench.example.com/r0".to_owned(), (0..8).map(|d| format!("d-{d}")).collect::<Vec<_>>()),
+        ("native (Rust example, C ABI)", "bench.example.com/native".to_owned(), vec!["rust-0".into(), "rust-1".into()]),
+    ];
+    match wasm_module(&modules) {
+        Some(module) => {
+            node.backend("wasm", &wasm_file(&module, &node.dir.path().join("cache"), "bench.example.com/wasm"))?;
+            backends.push((
+                "WASM (Rust example component)",
+                "bench.example.com/wasm".to_owned(),
+                vec!["wasm-0".into(), "wasm-1".into()],
+            ));
+        }
+        None => table.row("WASM Allocate", "not measured", "component not built"),
+    }
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    node.start()?;
+    let names: Vec<String> = backends.iter().map(|(_, r, _)| r.clone()).collect();
+    all_registered(&kubelet, &names, 1).await?;
+    for (kind, resource, ids) in &backends {
+        kubelet.wait_for_devices(resource, WAIT, |d| d.len() == ids.len()).await?;
+        let client = kubelet.client(resource).await?;
+        let (sequential, concurrent, rate) = allocate_latency(client, ids).await?;
+        table.row(
+            format!("Allocate, {kind}, sequential"),
+            dist(&sequential),
+            format!("{SEQUENTIAL} calls, 1 device each"),
+        );
+        table.row(
+            format!("Allocate, {kind}, {CONCURRENT} concurrent callers"),
+            dist(&concurrent),
+            format!("{} calls, {rate:.0} calls/s", CONCURRENT * PER_CALLER),
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- health
+
+/// A backend whose device list the benchmark publishes at will.
+#[derive(Default)]
+struct Manual {
+    publisher: Mutex<Option<Publisher>>,
+}
+
+impl Backend for Manual {
+    fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
+        publisher
+            .publish("bench.example.com/manual", devices(Health::Healthy))
+            .map_err(|e| BackendError::new(e.to_string()))?;
+        *self.publisher.lock().map_err(|_| BackendError::new("poisoned"))? = Some(publisher);
+        Ok(vec![ResourceSpec {
+            name: "bench.example.com/manual".into(),
+            pre_start_required: false,
+            preferred_allocation: false,
+        }])
+    }
+
+    fn allocate(&self, _: &str, _: &[String]) -> Result<Allocation, BackendError> {
+        Ok(Allocation::default())
+    }
+}
+
+fn devices(last: Health) -> Vec<Device> {
+    (0..8)
+        .map(|i| Device {
+            id: format!("m-{i}"),
+            health: if i == 7 { last } else { Health::Healthy },
+            numa_nodes: vec![],
+        })
+        .collect()
+}
+
+async fn health(table: &mut Table) -> Result<()> {
+    // In-process: the daemon's own pieces (device state, resource server,
+    // ListAndWatch) with a backend that publishes on demand.
+    let dir = tempfile::tempdir()?;
+    let stop = CancellationToken::new();
+    let backend = Arc::new(Manual::default());
+    let handle = BackendHandle::start("manual", backend.clone(), Duration::from_secs(5), stop.clone()).await?;
+    let (spec, state) = handle.resources()[0].clone();
+    let service = DevicePluginService::new(spec, state, handle.clone(), stop.clone());
+    let socket = dir.path().join("manual.sock");
+    let server = ResourceServer::start(&socket, service, stop.clone())?;
+    let mut client = DevicePluginClient::new(devhost::uds::connect(&socket, Duration::from_secs(5)).await?);
+    let mut stream = client.list_and_watch(Empty {}).await?.into_inner();
+    stream.next().await.context("first list")??;
+    let publisher =
+        backend.publisher.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone().context("initialised")?;
+    let mut samples = Vec::new();
+    for i in 0..1_000 {
+        let health = if i % 2 == 0 { Health::Unhealthy } else { Health::Healthy };
+        let started = Instant::now();
+        publisher.publish("bench.example.com/manual", devices(health))?;
+        let list = stream.next().await.context("stream ended")??;
+        samples.push(started.elapsed());
+        if list.devices[7].health != health.as_str() {
+            bail!("the stream showed {:?}, expected {}", list.devices[7].health, health.as_str());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.cancel();
+    server.stop().await;
+    table.row(
+        "health: backend publishes → kubelet side receives the new list",
+        dist(&samples),
+        "1,000 changes; in-process devhost library, ListAndWatch over a Unix socket",
+    );
+
+    // Through the binary: a static device's health_path removed → the
+    // kubelet's stream shows it Unhealthy (includes the 1 ms polling).
+    let mut node = Node::new()?;
+    let state_dir = node.dir.path().join("state");
+    std::fs::create_dir_all(&state_dir)?;
+    let flag = state_dir.join("d-0.ok");
+    std::fs::write(&flag, "")?;
+    let file = format!(
+        "[backend]\nkind = \"static\"\n[config]\nhealth_interval_ms = 1\n[[config.resource]]\nname = \"bench.example.com/h\"\n[[config.resource.device]]\nid = \"d-0\"\nhealth_path = {:?}\n",
+        flag.display().to_string()
+    );
+    node.backend("h", &file)?;
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    node.start()?;
+    kubelet.wait_for_registrations("bench.example.com/h", 1, WAIT).await?;
+    let mut samples = Vec::new();
+    for i in 0..200 {
+        let healthy = i % 2 == 1;
+        let started = Instant::now();
+        if healthy {
+            std::fs::write(&flag, "")?;
+        } else {
+            std::fs::remove_file(&flag)?;
+        }
+        let want = if healthy { "Healthy" } else { "Unhealthy" };
+        kubelet.wait_for_devices("bench.example.com/h", WAIT, |d| d[0].health == want).await?;
+        samples.push(started.elapsed());
+    }
+    table.row(
+        "health: static health_path changed → kubelet side receives (devhost binary)",
+        dist(&samples),
+        "200 changes; includes the 1 ms health_interval_ms polling",
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- restart
+
+async fn restart(table: &mut Table) -> Result<()> {
+    for resources in [1, 10, 50] {
+        let mut node = Node::new()?;
+        node.backend("static", &static_file(resources, 2, ""))?;
+        let names: Vec<String> = (0..resources).map(|r| format!("bench.example.com/r{r}")).collect();
+        let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+        node.start()?;
+        all_registered(&kubelet, &names, 1).await?;
+        let mut samples = Vec::new();
+        for round in 2..=21 {
+            kubelet.restart().await?;
+            let started = Instant::now();
+            all_registered(&kubelet, &names, round).await?;
+            samples.push(started.elapsed());
+        }
+        table.row(
+            format!("kubelet restart → all {resources} resource(s) registered again"),
+            dist(&samples),
+            "20 restarts, from the new kubelet.sock",
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- idle
+
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+async fn idle_figures(pid: u32) -> Result<(f64, f64)> {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(pid)?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cpu = (cpu_ticks(pid)? - before) as f64 / ticks_per_s / started.elapsed().as_secs_f64() * 100.0;
+    Ok((rss_kib(pid)? as f64 / 1024.0, cpu))
+}
+
+async fn idle(table: &mut Table) -> Result<()> {
+    let mut node = Node::new()?;
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules)?;
+    let native = native_module(&modules)?;
+    let names: Vec<String> = (0..3).map(|i| format!("bench.example.com/native{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        node.backend(&format!("native{i}"), &native_file(&native, name, 10_000))?;
+    }
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    let pid = node.start()?;
+    all_registered(&kubelet, &names, 1).await?;
+    let (rss, cpu) = idle_figures(pid).await?;
+    table.row(
+        "idle devhost, 3 native backends",
+        format!("RSS {rss:.1} MiB, CPU {cpu:.2} %"),
+        "registered, kubelet streams open; 10 s sample; each flips a device every 10 s",
+    );
+    drop(node);
+
+    let mut node = Node::new()?;
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules)?;
+    let Some(module) = wasm_module(&modules) else {
+        table.row("idle devhost, 1 WASM backend", "not measured", "component not built");
+        return Ok(());
+    };
+    node.backend("wasm", &wasm_file(&module, &node.dir.path().join("cache"), "bench.example.com/wasm"))?;
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    let pid = node.start()?;
+    kubelet.wait_for_registrations("bench.example.com/wasm", 1, WAIT).await?;
+    let (rss, cpu) = idle_figures(pid).await?;
+    table.row(
+        "idle devhost, 1 WASM backend",
+        format!("RSS {rss:.1} MiB, CPU {cpu:.2} %"),
+        "registered; polled for devices every 1 s (default); 10 s sample",
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- scale
+
+async fn scale(table: &mut Table) -> Result<()> {
+    const DEVICES: usize = 10_000;
+    let mut node = Node::new()?;
+    node.backend("big", &static_file(1, DEVICES, ""))?;
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    let started = Instant::now();
+    let pid = node.start()?;
+    kubelet.wait_for_devices("bench.example.com/r0", WAIT, |d| d.len() == DEVICES).await?;
+    let ready = started.elapsed();
+    let mut client = kubelet.client("bench.example.com/r0").await?;
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..50 {
+        let t = Instant::now();
+        let mut stream = client.list_and_watch(Empty {}).await?.into_inner();
+        let list = stream.next().await.context("first list")??;
+        times.push(t.elapsed());
+        size = list.encoded_len();
+    }
+    table.row(
+        format!("{DEVICES} devices: ListAndWatch first message"),
+        dist(&times),
+        format!("{:.0} KiB per message; start → full list at the kubelet {}", size as f64 / 1024.0, ms(ready)),
+    );
+    let ids: Vec<String> = (0..DEVICES).step_by(97).map(|d| format!("d-{d}")).collect();
+    let mut samples = Vec::new();
+    for i in 0..1_000 {
+        let t = Instant::now();
+        client.allocate(allocate_request(&ids[i % ids.len()])).await?;
+        samples.push(t.elapsed());
+    }
+    table.row(
+        format!("{DEVICES} devices: Allocate, sequential"),
+        dist(&samples),
+        format!("RSS {:.1} MiB", rss_kib(pid)? as f64 / 1024.0),
+    );
+    drop(node);
+
+    let mut node = Node::new()?;
+    node.backend("many", &static_file(50, 2, ""))?;
+    let names: Vec<String> = (0..50).map(|r| format!("bench.example.com/r{r}")).collect();
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    let started = Instant::now();
+    let pid = node.start()?;
+    all_registered(&kubelet, &names, 1).await?;
+    let registered = started.elapsed();
+    let mut clients = Vec::new();
+    for name in &names {
+        clients.push(kubelet.client(name).await?);
+    }
+    let mut samples = Vec::new();
+    for i in 0..2_000 {
+        let t = Instant::now();
+        let n = clients.len();
+        clients[i % n].allocate(allocate_request(&format!("d-{}", i % 2))).await?;
+        samples.push(t.elapsed());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    table.row(
+        "50 resources in one process: Allocate, sequential, round-robin",
+        dist(&samples),
+        format!("start → all 50 registered {}; RSS {:.1} MiB", ms(registered), rss_kib(pid)? as f64 / 1024.0),
+    );
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The WASM adapter's checks on module files: mutated components (the
+//! example and the hostile fixture, when built) and core modules through
+//! `devhost::wasm::load` (header, compile, world and version checks). The
+//! checks on data a component returns at run time go through the
+//! canonical ABI's typed values and are not reached from here.
+//!
+//! Invariants: nothing panics; a refusal names the module's path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devhost::wasm::{SandboxConfig, WasmModule};
+
+use crate::Target;
+
+/// The target, with a scratch file.
+pub struct Wasm {
+    dir: tempfile::TempDir,
+}
+
+impl Wasm {
+    /// Creates the scratch directory.
+    pub fn new() -> Result<Self, String> {
+        let dir = tempfile::Builder::new().prefix("devhost-fuzz-wasm-").tempdir().map_err(|e| e.to_string())?;
+        Ok(Wasm { dir })
+    }
+}
+
+fn built(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    target.join("wasm32-wasip2/release").join(format!("{name}.wasm"))
+}
+
+impl Target for Wasm {
+    fn name(&self) -> &'static str {
+        "wasm"
+    }
+
+    fn seeds(&self) -> Vec<Vec<u8>> {
+        let mut seeds = vec![
+            b"\0asm\x01\0\0\0".to_vec(),
+            b"\0asm\x0d\0\x01\0".to_vec(),
+            // An empty component.
+            vec![0, 0x61, 0x73, 0x6d, 0x0d, 0, 0x01, 0],
+        ];
+        for name in ["devhost_example_wasm_rust", "devhost_fixture_wasm_hostile"] {
+            if let Ok(bytes) = std::fs::read(built(name)) {
+                seeds.push(bytes);
+            }
+        }
+        seeds
+    }
+
+    fn dictionary(&self) -> &'static [&'static str] {
+        &[
+            "\0asm",
+            "\x0d\0\x01\0",
+            "\x01\0\0\0",
+            "devhost:backend/api@1.0.0",
+            "devhost:backend/api@2.0.0",
+            "wasi:cli/run@0.2.0",
+        ]
+    }
+
+    fn run(&mut self, data: &[u8]) -> Result<(), String> {
+        let path = self.dir.path().join("fuzz.wasm");
+        std::fs::write(&path, data).map_err(|e| e.to_string())?;
+        let module = WasmModule {
+            name: "fuzz".into(),
+            path: path.clone(),
+            sha256: None,
+            config_json: "{}".into(),
+            sandbox: SandboxConfig { memory_bytes: 16 << 20, cache_dir: None, ..SandboxConfig::default() },
+            call_timeout: Duration::from_secs(1),
+        };
+        match devhost::wasm::load(module) {
+            Ok(_) => Ok(()),
+            Err(error) if error.to_string().contains(&path.display().to_string()) => Ok(()),
+            Err(error) => Err(format!("the refusal does not name the module: {error}")),
+        }
+    }
+}

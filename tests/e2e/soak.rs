@@ -1,0 +1,752 @@
+//! Soak and fault suite (issue 8): the real `devhost` binary under load
+//! while the kubelet restarts, devhost itself is SIGKILLed, backends
+//! misbehave and `backends.d/` churns. Every Allocate is counted and
+//! classified; nothing is assumed.
+//!
+//! The CI runs these with small counts. `scripts/soak` runs them long
+//! (`DEVHOST_SOAK=long`: 200 kubelet restarts, minutes of faults) and
+//! collects the report each test writes to `target/soak/<test>.md`.
+//!
+//! What counts as "lost" (must stay zero): a resource that did not register
+//! again, a device missing from the kubelet's list after a recovery, an
+//! Allocate on a healthy resource that did not succeed with the right
+//! answer, and an Allocate answered with a wrong status (anything but a
+//! transport error or the kubelet's own refusal while a plugin is
+//! disconnected).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use devhost::fake_kubelet::{FakeKubelet, FakeKubeletError};
+use devhost::proto::v1beta1::AllocateResponse;
+use nix::sys::signal::Signal;
+use tokio::task::JoinHandle;
+
+use crate::harness::{Node, WAIT, http_get, static_backend};
+use crate::native_loader::{compile_c, rust_module};
+
+/// How much of everything: small in CI, large under `scripts/soak`.
+struct Scale {
+    long: bool,
+    kubelet_restarts: usize,
+    kills: usize,
+    fault_run: Duration,
+    churn_rounds: usize,
+    callers: usize,
+}
+
+fn scale() -> Scale {
+    if std::env::var("DEVHOST_SOAK").is_ok_and(|v| v == "long") {
+        Scale {
+            long: true,
+            kubelet_restarts: 200,
+            kills: 20,
+            fault_run: Duration::from_secs(120),
+            churn_rounds: 30,
+            callers: 8,
+        }
+    } else {
+        Scale {
+            long: false,
+            kubelet_restarts: 20,
+            kills: 3,
+            fault_run: Duration::from_secs(6),
+            churn_rounds: 3,
+            callers: 3,
+        }
+    }
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from)
+}
+
+/// A WASM component `scripts/test` built, copied into `dir`; `None` when it
+/// was not built (the WASM parts are then skipped and the report says so).
+fn component(name: &str, dir: &Path) -> Option<PathBuf> {
+    let built = target().join("wasm32-wasip2/release").join(format!("{name}.wasm"));
+    if !built.is_file() {
+        return None;
+    }
+    let copy = dir.join(format!("{name}.wasm"));
+    std::fs::copy(&built, &copy).expect("copy the component");
+    Some(copy)
+}
+
+fn module_file(module: &Path, timeout_ms: u64, config: &str) -> String {
+    format!(
+        "[backend]\nmodule = {:?}\ncall_timeout_ms = {timeout_ms}\n[config]\n{config}\n",
+        module.display().to_string()
+    )
+}
+
+fn wasm_file(module: &Path, cache: &Path, sandbox: &str, config: &str) -> String {
+    format!(
+        "[backend]\nmodule = {:?}\ncall_timeout_ms = 2000\n[sandbox]\ncache_dir = {:?}\n{sandbox}\n[config]\n{config}\n",
+        module.display().to_string(),
+        cache.display().to_string(),
+    )
+}
+
+/// p50 / p99 / max of `samples`, in milliseconds.
+fn distribution(samples: &[Duration]) -> String {
+    if samples.is_empty() {
+        return "no samples".to_owned();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let at = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n = {})",
+        ms(at(0.50)),
+        ms(at(0.99)),
+        ms(sorted[sorted.len() - 1]),
+        sorted.len()
+    )
+}
+
+/// One test's section of the soak report: printed, and written to
+/// `target/soak/<name>.md` for `scripts/soak` to collect.
+struct Report {
+    name: &'static str,
+    title: &'static str,
+    rows: Vec<(String, String)>,
+    lost: Vec<String>,
+}
+
+impl Report {
+    fn new(name: &'static str, title: &'static str) -> Self {
+        Report { name, title, rows: Vec::new(), lost: Vec::new() }
+    }
+
+    fn row(&mut self, what: impl Into<String>, value: impl ToString) {
+        self.rows.push((what.into(), value.to_string()));
+    }
+
+    /// Records something lost; the test fails at [`Report::finish`].
+    fn lost(&mut self, what: impl Into<String>) {
+        let what = what.into();
+        eprintln!("soak: LOST: {what}");
+        self.lost.push(what);
+    }
+
+    fn finish(self) {
+        let mut text = format!("### {}\n\n| | |\n|---|---|\n", self.title);
+        for (what, value) in &self.rows {
+            text += &format!("| {what} | {value} |\n");
+        }
+        let lost = if self.lost.is_empty() { "nothing".to_owned() } else { self.lost.join("; ") };
+        text += &format!("| **lost** | **{lost}** |\n\n");
+        println!("{text}");
+        let dir = target().join("soak");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let _ = std::fs::write(dir.join(format!("{}.md", self.name)), &text);
+        }
+        assert!(self.lost.is_empty(), "{}: lost {:?}", self.name, self.lost);
+    }
+}
+
+/// How Allocate calls ended, by kind.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    /// Transport errors (the kubelet side went away mid-call) and the
+    /// kubelet's own refusal while the plugin is disconnected.
+    interrupted: AtomicU64,
+    /// Any other answer: a wrong status or a wrong body.
+    wrong: AtomicU64,
+    /// Per status code, for faulty backends.
+    codes: std::sync::Mutex<BTreeMap<String, u64>>,
+    first_wrong: std::sync::Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn total(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed) + self.interrupted.load(Ordering::Relaxed) + self.wrong.load(Ordering::Relaxed)
+    }
+
+    fn code(&self, code: String) {
+        *self.codes.lock().expect("tally").entry(code).or_default() += 1;
+    }
+
+    fn wrong(&self, what: String) {
+        self.wrong.fetch_add(1, Ordering::Relaxed);
+        self.first_wrong.lock().expect("tally").get_or_insert(what);
+    }
+
+    fn codes(&self) -> String {
+        let codes = self.codes.lock().expect("tally");
+        codes.iter().map(|(code, n)| format!("{code}: {n}")).collect::<Vec<_>>().join(", ")
+    }
+
+    fn summary(&self) -> String {
+        let wrong = self.wrong.load(Ordering::Relaxed);
+        let first =
+            self.first_wrong.lock().expect("tally").clone().map(|w| format!(" (first: {w})")).unwrap_or_default();
+        format!(
+            "{} calls: {} ok, {} interrupted by the kubelet restart, {wrong} wrong{first}",
+            self.total(),
+            self.ok.load(Ordering::Relaxed),
+            self.interrupted.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Checks that an answer is for exactly the one requested device: the
+/// static backends of this suite echo the IDs in `IDS`, the native example
+/// in `EXAMPLE_DEVICES`, the WASM example in its device specs.
+fn answer_is_right(answer: &AllocateResponse, id: &str) -> bool {
+    let [container] = answer.container_responses.as_slice() else { return false };
+    match (container.envs.get("IDS"), container.envs.get("EXAMPLE_DEVICES")) {
+        (Some(ids), _) | (None, Some(ids)) => ids == id,
+        (None, None) => !container.devices.is_empty() || !container.cdi_devices.is_empty(),
+    }
+}
+
+/// One Allocate of `id`, classified into `tally`. `disruptive`: transport
+/// errors and the kubelet's refusals are expected (a restart may be under
+/// way); otherwise they count as wrong.
+async fn allocate_counted(kubelet: &FakeKubelet, resource: &str, id: &str, tally: &Tally, disruptive: bool) {
+    match kubelet.allocate(resource, &[id]).await {
+        Ok(answer) if answer_is_right(&answer, id) => {
+            tally.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(answer) => tally.wrong(format!("{resource}/{id}: wrong answer {answer:?}")),
+        Err(FakeKubeletError::EndpointStopped { .. } | FakeKubeletError::NotRegistered { .. }) if disruptive => {
+            tally.interrupted.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Err(FakeKubeletError::Rpc { status, .. })
+            if disruptive
+                && matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                ) =>
+        {
+            tally.interrupted.fetch_add(1, Ordering::Relaxed);
+            // Like the kubelet, which does not retry in a tight loop.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Err(error) => tally.wrong(format!("{resource}/{id}: {error}")),
+    }
+}
+
+/// Callers that Allocate round-robin over `targets` until `stop`.
+fn load(
+    kubelet: &Arc<FakeKubelet>,
+    targets: Vec<(String, Vec<String>)>,
+    callers: usize,
+    tally: &Arc<Tally>,
+    stop: &Arc<AtomicBool>,
+    disruptive: bool,
+) -> Vec<JoinHandle<()>> {
+    (0..callers)
+        .map(|caller| {
+            let (kubelet, targets, tally, stop) = (kubelet.clone(), targets.clone(), tally.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = caller;
+                while !stop.load(Ordering::Relaxed) {
+                    let (resource, ids) = &targets[n % targets.len()];
+                    let id = &ids[(n / targets.len()) % ids.len()];
+                    allocate_counted(&kubelet, resource, id, &tally, disruptive).await;
+                    n += 1;
+                    if disruptive {
+                        // Keeps the restarting side from starving on 2 cores.
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn stop_load(stop: &AtomicBool, tasks: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("a load task");
+    }
+}
+
+/// Waits until every resource has `count` accepted registrations; returns
+/// when each got there, measured from `since`.
+async fn registered(kubelet: &FakeKubelet, resources: &[String], count: usize, since: Instant) -> Vec<Duration> {
+    let waits = resources.iter().map(|resource| async move {
+        kubelet
+            .wait_for_registrations(resource, count, WAIT)
+            .await
+            .map(|_| since.elapsed())
+            .map_err(|error| error.to_string())
+    });
+    futures_util::future::join_all(waits).await.into_iter().map(|r| r.unwrap_or(WAIT)).collect()
+}
+
+/// Whether the kubelet's latest list for `resource` is exactly `ids`, all
+/// Healthy; waits for it.
+async fn devices_complete(kubelet: &FakeKubelet, resource: &str, ids: &[String]) -> Result<(), String> {
+    let mut want = ids.to_vec();
+    want.sort();
+    kubelet
+        .wait_for_devices(resource, WAIT, |devices| {
+            let mut seen: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+            seen.sort();
+            seen == want && devices.iter().all(|d| d.health == "Healthy")
+        })
+        .await
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The healthy backends most tests serve: two static resources, the native
+/// Rust example (health fixed) and, when built, the WASM example. Returns
+/// each resource with its device IDs.
+fn healthy_backends(node: &Node, report: &mut Report) -> Vec<(String, Vec<String>)> {
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let a = ids("a", 4);
+    let b = ids("b", 2);
+    let a_refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let b_refs: Vec<&str> = b.iter().map(String::as_str).collect();
+    node.backend("static", &static_backend(&[("soak.example.com/a", &a_refs), ("soak.example.com/b", &b_refs)], None));
+    let native = rust_module("devhost_example_native_rust", &modules);
+    node.backend(
+        "native",
+        &module_file(&native, 2000, "resource = \"soak.example.com/native\"\ndevices = 2\nflip_interval_ms = 3600000"),
+    );
+    let mut resources = vec![
+        ("soak.example.com/a".to_owned(), a),
+        ("soak.example.com/b".to_owned(), b),
+        ("soak.example.com/native".to_owned(), ids("rust", 2)),
+    ];
+    match component("devhost_example_wasm_rust", &modules) {
+        Some(module) => {
+            let health = node.dir.path().join("wasm-health");
+            std::fs::create_dir_all(&health).expect("health dir");
+            let sandbox = format!("read = [{:?}]\npoll_interval_ms = 100", health.display().to_string());
+            let config = format!(
+                "resource = \"soak.example.com/wasm\"\ndevices = 2\nhealth_dir = {:?}",
+                health.display().to_string()
+            );
+            node.backend("wasm", &wasm_file(&module, &node.dir.path().join("cache"), &sandbox, &config));
+            resources.push(("soak.example.com/wasm".to_owned(), ids("wasm", 2)));
+            report.row("backends", "static (2 resources), native Rust example, WASM example");
+        }
+        None => report.row("backends", "static (2 resources), native Rust example (WASM example not built: skipped)"),
+    }
+    resources
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_kubelet_restarts_under_allocate_load() {
+    let scale = scale();
+    let mut report = Report::new("kubelet-restarts", "Kubelet restarts under Allocate load");
+    let node = Node::new();
+    let resources = healthy_backends(&node, &mut report);
+    let names: Vec<String> = resources.iter().map(|(name, _)| name.clone()).collect();
+    let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
+    let _devhost = node.start_devhost();
+    registered(&kubelet, &names, 1, Instant::now()).await;
+    for (resource, ids) in &resources {
+        if let Err(error) = devices_complete(&kubelet, resource, ids).await {
+            report.lost(format!("{resource} at start: {error}"));
+        }
+    }
+
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&kubelet, resources.clone(), scale.callers, &tally, &stop, true);
+    let checks = Tally::default();
+    let mut per_resource = Vec::new();
+    let mut all = Vec::new();
+    let started = Instant::now();
+    for restart in 1..=scale.kubelet_restarts {
+        kubelet.restart().await.expect("kubelet restart");
+        // From the new kubelet.sock on: what a real kubelet's restart costs.
+        let since = Instant::now();
+        let times = registered(&kubelet, &names, restart + 1, since).await;
+        for (name, time) in names.iter().zip(&times) {
+            if *time >= WAIT {
+                report.lost(format!("{name} did not register after restart {restart}"));
+            }
+        }
+        all.push(times.iter().copied().max().unwrap_or_default());
+        per_resource.extend(times);
+        // Nothing lost: every device is back, Healthy, and answers.
+        for (resource, ids) in &resources {
+            if let Err(error) = devices_complete(&kubelet, resource, ids).await {
+                report.lost(format!("{resource} after restart {restart}: {error}"));
+            }
+            for id in ids {
+                allocate_counted(&kubelet, resource, id, &checks, false).await;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    stop_load(&stop, callers).await;
+
+    report.row("kubelet restarts (socket cleanup, new kubelet.sock)", scale.kubelet_restarts);
+    report.row("resources re-registered after every restart", format!("{} of {}", names.len(), names.len()));
+    report.row("restart → one resource registered", distribution(&per_resource));
+    report.row("restart → all resources registered", distribution(&all));
+    report.row(
+        format!("background Allocate load ({} callers, {:.1} s)", scale.callers, elapsed.as_secs_f64()),
+        tally.summary(),
+    );
+    report.row("Allocate of every device after each recovery", checks.summary());
+    for (name, tally) in [("background", &*tally), ("after-recovery", &checks)] {
+        if tally.wrong.load(Ordering::Relaxed) > 0 {
+            report.lost(format!("{name} Allocate: {}", tally.summary()));
+        }
+    }
+    if checks.ok.load(Ordering::Relaxed) == 0 || tally.ok.load(Ordering::Relaxed) == 0 {
+        report.lost("no Allocate succeeded at all");
+    }
+    report.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_sigkill_and_start_again() {
+    let scale = scale();
+    let mut report = Report::new("sigkill", "devhost killed with SIGKILL and started again");
+    let node = Node::new();
+    let resources = healthy_backends(&node, &mut report);
+    let names: Vec<String> = resources.iter().map(|(name, _)| name.clone()).collect();
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let checks = Tally::default();
+    let mut stale_found = 0;
+    let mut starts = Vec::new();
+    let mut previous: Vec<String> = Vec::new();
+    for round in 1..=scale.kills + 1 {
+        let since = Instant::now();
+        let mut devhost = node.start_devhost();
+        let times = registered(&kubelet, &names, round, since).await;
+        starts.push(times.iter().copied().max().unwrap_or_default());
+        for (name, time) in names.iter().zip(&times) {
+            if *time >= WAIT {
+                report.lost(format!("{name} did not register after start {round}"));
+            }
+        }
+        for (resource, ids) in &resources {
+            if let Err(error) = devices_complete(&kubelet, resource, ids).await {
+                report.lost(format!("{resource} after start {round}: {error}"));
+            }
+            for id in ids {
+                allocate_counted(&kubelet, resource, id, &checks, false).await;
+            }
+        }
+        // The killed instance's sockets must be gone (removed at start):
+        // only this instance's and kubelet.sock remain.
+        let sockets = node.sockets();
+        if let Some(stale) = previous.iter().find(|s| sockets.contains(s)) {
+            report.lost(format!("stale socket {stale} survived start {round}"));
+        }
+        if round > scale.kills {
+            break;
+        }
+        let status = devhost.stop_with(Signal::SIGKILL).await;
+        assert_eq!(status.code(), None, "killed by a signal");
+        previous = node.sockets().into_iter().filter(|s| s != "kubelet.sock").collect();
+        stale_found += previous.len();
+    }
+    report.row("SIGKILLs", scale.kills);
+    report.row("stale sockets left by the killed processes (all removed at the next start)", stale_found);
+    report.row(
+        "first start → all resources registered (compiles the WASM component: cold cache)",
+        distribution(&starts[..1]),
+    );
+    report.row("start after SIGKILL → all resources registered", distribution(&starts[1..]));
+    report.row("Allocate of every device after each start", checks.summary());
+    if checks.wrong.load(Ordering::Relaxed) > 0 {
+        report.lost(format!("Allocate after start: {}", checks.summary()));
+    }
+    report.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
+    let scale = scale();
+    let mut report = Report::new("faults", "Misbehaving backends beside healthy ones");
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let healthy = healthy_backends(&node, &mut report);
+
+    // Flapping health at a high rate: a static resource whose health files
+    // are toggled every 2 ms (polled every 1 ms), and the native example
+    // flipping every 1 ms.
+    let state = node.dir.path().join("flap");
+    std::fs::create_dir_all(&state).expect("flap dir");
+    let flap = static_backend(&[("soak.example.com/flap", &["f-0", "f-1"])], Some(&state))
+        .replace("health_interval_ms = 20", "health_interval_ms = 1");
+    node.backend("flap", &flap);
+    let native = rust_module("devhost_example_native_rust", &modules);
+    node.backend(
+        "native-flap",
+        &module_file(&native, 2000, "resource = \"soak.example.com/native-flap\"\ndevices = 2\nflip_interval_ms = 1"),
+    );
+
+    // Hostile native modules.
+    let fixtures = repo().join("tests/fixtures/native");
+    let panic = rust_module("devhost_fixture_native_panic", &modules);
+    node.backend("panic", &module_file(&panic, 1000, ""));
+    let hang = compile_c(&fixtures.join("hang.c"), &modules);
+    node.backend("hang", &module_file(&hang, 200, ""));
+    let garbage = compile_c(&fixtures.join("garbage.c"), &modules);
+    node.backend("garbage", &module_file(&garbage, 1000, "garbage = \"alloc-env\""));
+    let mut hostile: Vec<(String, Vec<String>)> = vec![
+        ("fixture.example.com/panic".into(), ids("p", 2)),
+        ("fixture.example.com/hang".into(), vec!["h-0".into()]),
+        ("fixture.example.com/garbage".into(), ids("gpu", 2)),
+    ];
+    let mut faults = vec!["panic (native Rust)", "hang past the deadline (native C)", "garbage in Allocate (native C)"];
+    // Hostile WASM components, when built.
+    if let Some(module) = component("devhost_fixture_wasm_hostile", &modules) {
+        let cache = node.dir.path().join("cache");
+        for mode in ["loop", "memory-bomb", "trap"] {
+            let config = format!("resource = \"hostile.example.com/{mode}\"\nmode = {mode:?}\npath = \"\"");
+            node.backend(mode, &wasm_file(&module, &cache, "memory_mb = 16", &config));
+            hostile.push((format!("hostile.example.com/{mode}"), vec!["h0".into()]));
+        }
+        faults.extend(["endless loop (WASM)", "memory bomb (WASM)", "trap (WASM)"]);
+    }
+    let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
+    let devhost = node.start_devhost();
+    let mut names: Vec<String> = healthy.iter().chain(&hostile).map(|(name, _)| name.clone()).collect();
+    names.extend(["soak.example.com/flap".to_owned(), "soak.example.com/native-flap".to_owned()]);
+    registered(&kubelet, &names, 1, Instant::now()).await;
+    for (resource, ids) in &healthy {
+        if let Err(error) = devices_complete(&kubelet, resource, ids).await {
+            report.lost(format!("{resource} at start: {error}"));
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let toggler = {
+        let (stop, state) = (stop.clone(), state.clone());
+        tokio::spawn(async move {
+            let mut toggles = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for id in ["f-0", "f-1"] {
+                    let file = state.join(format!("{id}.ok"));
+                    if toggles % 2 == 0 {
+                        let _ = std::fs::write(&file, "");
+                    } else {
+                        let _ = std::fs::remove_file(&file);
+                    }
+                }
+                toggles += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            toggles
+        })
+    };
+    // Healthy resources: must all answer; hostile ones: counted by status.
+    let good = Arc::new(Tally::default());
+    let bad = Arc::new(Tally::default());
+    let good_callers = load(&kubelet, healthy.clone(), scale.callers, &good, &stop, false);
+    let bad_callers: Vec<JoinHandle<()>> = hostile
+        .iter()
+        .map(|(resource, ids)| {
+            let (kubelet, bad, stop, resource, id) =
+                (kubelet.clone(), bad.clone(), stop.clone(), resource.clone(), ids[0].clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match kubelet.allocate(&resource, &[&id]).await {
+                        Ok(_) => bad.code(format!("{resource} Ok")),
+                        Err(FakeKubeletError::Rpc { status, .. }) => {
+                            bad.code(format!("{resource} {:?}", status.code()))
+                        }
+                        Err(error) => {
+                            bad.code(format!("{resource} {}", error.to_string().split(':').next().unwrap_or("")))
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    // Healthy resources' lists are sampled: never Unhealthy, never re-registered.
+    let mut samples = 0;
+    let deadline = Instant::now() + scale.fault_run;
+    while Instant::now() < deadline {
+        for (resource, ids) in &healthy {
+            let devices = kubelet.devices(resource).unwrap_or_default();
+            if devices.len() != ids.len() || devices.iter().any(|d| d.health != "Healthy") {
+                report.lost(format!("{resource} showed {devices:?} while others faulted"));
+            }
+        }
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_load(&stop, good_callers).await;
+    stop_load(&stop, bad_callers).await;
+    let toggles = toggler.await.expect("toggler");
+
+    let address = devhost.metrics_address().await;
+    let (_, metrics) = http_get(&address, "/metrics").await;
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for (resource, _) in &healthy {
+        let count = kubelet.registration_count(resource);
+        if count != 1 {
+            report.lost(format!("{resource} re-registered {count} times while others faulted"));
+        }
+    }
+    report.row("faults injected", faults.join(", "));
+    report.row("flapping health", format!(
+        "static: {toggles} toggles of 2 health files, {} ListAndWatch updates; native example flipping every 1 ms: {} updates",
+        kubelet.list_and_watch_messages("soak.example.com/flap"),
+        kubelet.list_and_watch_messages("soak.example.com/native-flap"),
+    ));
+    report.row(
+        format!("healthy resources' Allocate ({} callers, {:.0} s)", scale.callers, scale.fault_run.as_secs_f64()),
+        good.summary(),
+    );
+    report.row("hostile resources' Allocate, by answer", bad.codes());
+    report.row("backend faults recorded (devhost_backend_call_errors_total)", sum("devhost_backend_call_errors_total"));
+    report.row("recoveries (devhost_backend_restarts_total)", sum("devhost_backend_restarts_total"));
+    report.row("healthy device lists sampled (all Healthy, complete)", samples);
+    if good.total() != good.ok.load(Ordering::Relaxed) {
+        report.lost(format!("healthy Allocate: {}", good.summary()));
+    }
+    if good.ok.load(Ordering::Relaxed) == 0 {
+        report.lost("no healthy Allocate ran");
+    }
+    if sum("devhost_backend_restarts_total") < 1.0 {
+        report.lost("no hostile backend was re-initialised");
+    }
+    report.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_config_churn_under_load() {
+    let scale = scale();
+    let mut report = Report::new("config-churn", "backends.d churn under load");
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let native = rust_module("devhost_example_native_rust", &modules);
+    let steady = ("soak.example.com/steady".to_owned(), ids("s", 4));
+    let steady_refs: Vec<&str> = steady.1.iter().map(String::as_str).collect();
+    node.backend("steady", &static_backend(&[(steady.0.as_str(), &steady_refs)], None));
+    let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
+    let devhost = node.start_devhost();
+    kubelet.wait_for_registrations(&steady.0, 1, WAIT).await.expect("steady registers");
+
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&kubelet, vec![steady.clone()], scale.callers, &tally, &stop, false);
+    let churn = "soak.example.com/churn";
+    let churn_native = "soak.example.com/churn-native";
+    let (mut added, mut changed, mut broken, mut removed, mut refused) = (0, 0, 0, 0, 0);
+    let mut applied = Vec::new();
+    let mut registrations = 0;
+    let mut native_registrations = 0;
+    for round in 1..=scale.churn_rounds {
+        // Added: a static and a native backend.
+        let since = Instant::now();
+        let file = node.backend("churn", &static_backend(&[(churn, &["c-0", "c-1"])], None));
+        node.backend(
+            "churn-native",
+            &module_file(
+                &native,
+                2000,
+                &format!("resource = {churn_native:?}\ndevices = 2\nflip_interval_ms = 3600000"),
+            ),
+        );
+        added += 2;
+        registrations += 1;
+        native_registrations += 1;
+        if kubelet.wait_for_registrations(churn, registrations, WAIT).await.is_err()
+            || kubelet.wait_for_registrations(churn_native, native_registrations, WAIT).await.is_err()
+        {
+            report.lost(format!("round {round}: an added backend did not register"));
+        }
+        applied.push(since.elapsed());
+        // Changed: one more device.
+        let since = Instant::now();
+        node.backend("churn", &static_backend(&[(churn, &["c-0", "c-1", "c-2"])], None));
+        changed += 1;
+        registrations += 1;
+        if kubelet.wait_for_registrations(churn, registrations, WAIT).await.is_err()
+            || devices_complete(&kubelet, churn, &ids("c", 3)).await.is_err()
+        {
+            report.lost(format!("round {round}: the changed backend did not serve its new list"));
+        }
+        applied.push(since.elapsed());
+        // Broken: reported; the previous version keeps serving.
+        node.backend("churn", "[backend]\nkind = \"static\"\n[[config.resource]\n");
+        broken += 1;
+        let needle = format!("{}:3:19: ", file.display());
+        let deadline = Instant::now() + WAIT;
+        while devhost.log().matches(&needle).count() < round && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if devhost.log().matches(&needle).count() < round {
+            report.lost(format!("round {round}: the broken file was not reported"));
+        }
+        match kubelet.allocate(churn, &["c-2"]).await {
+            Ok(answer) if answer_is_right(&answer, "c-2") => {}
+            other => report.lost(format!("round {round}: the previous version did not answer: {other:?}")),
+        }
+        // A file claiming the steady resource is refused; steady untouched.
+        node.backend("thief", &static_backend(&[(steady.0.as_str(), &["x-0"])], None));
+        refused += 1;
+        // Removed: its resources stop and their sockets go.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::fs::remove_file(&file).expect("remove churn");
+        std::fs::remove_file(node.backends_dir().join("churn-native.toml")).expect("remove churn-native");
+        std::fs::remove_file(node.backends_dir().join("thief.toml")).expect("remove thief");
+        removed += 3;
+        let since = Instant::now();
+        for resource in [churn, churn_native] {
+            let deadline = Instant::now() + WAIT;
+            while kubelet.connected(resource) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if kubelet.connected(resource) {
+                report.lost(format!("round {round}: removed {resource} is still connected"));
+            }
+        }
+        applied.push(since.elapsed());
+    }
+    stop_load(&stop, callers).await;
+    let steady_count = kubelet.registration_count(&steady.0);
+    if steady_count != 1 || !kubelet.connected(&steady.0) {
+        report.lost(format!("the untouched resource re-registered ({steady_count}) or lost its stream"));
+    }
+    if let Err(error) = devices_complete(&kubelet, &steady.0, &steady.1).await {
+        report.lost(format!("the untouched resource: {error}"));
+    }
+    report.row("rounds", scale.churn_rounds);
+    report.row(
+        "files added / changed / broken / duplicate-claim refused / removed",
+        format!("{added} / {changed} / {broken} / {refused} / {removed}"),
+    );
+    report.row("change on disk → applied (registered, new list, or stream closed)", distribution(&applied));
+    report.row(format!("untouched resource's Allocate ({} callers)", scale.callers), tally.summary());
+    report.row("untouched resource's registrations", steady_count);
+    if tally.total() != tally.ok.load(Ordering::Relaxed) || tally.total() == 0 {
+        report.lost(format!("untouched resource's Allocate: {}", tally.summary()));
+    }
+    if scale.long {
+        report.row("scale", "long");
+    }
+    report.finish();
+}
