@@ -62,10 +62,20 @@ async fn backends_d_changes_apply_without_touching_other_resources() {
         .await
         .expect("the kubelet's stream to the removed resource ended");
 
-    // SIGHUP reloads too (nothing changed, so nothing restarts).
-    devhost.signal(Signal::SIGHUP);
-    devhost.wait_for_log("SIGHUP: reloading backends.d").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SIGHUP reloads too (nothing changed, so nothing restarts), and the
+    // still-broken GPU file is not reported again.
+    let reported = |log: &str| log.matches(&format!("{}:3:19: ", gpu_file.display())).count();
+    let before = reported(&devhost.log());
+    for _ in 0..2 {
+        let reconciled = devhost.log().matches("backends reconciled cause=\"SIGHUP\"").count();
+        devhost.signal(Signal::SIGHUP);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while devhost.log().matches("backends reconciled cause=\"SIGHUP\"").count() == reconciled {
+            assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not reload:\n{}", devhost.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(reported(&devhost.log()), before, "an unchanged config error is reported once");
 
     // The untouched resource kept its socket, registration and stream.
     assert_eq!(kubelet.registration_count(NIC), 1);

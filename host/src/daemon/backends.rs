@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +49,40 @@ pub struct Context<'a> {
 #[derive(Default)]
 pub struct Backends {
     running: BTreeMap<PathBuf, Running>,
+    /// Files whose backend did not start: retried with back-off, or at once
+    /// when the file or its module changes.
+    failed: BTreeMap<PathBuf, Failed>,
+    /// The config error last reported per file: a rescan does not repeat it.
+    reported: BTreeMap<PathBuf, String>,
+}
+
+/// A backend that did not start, and when to try it again.
+struct Failed {
+    config: BackendConfig,
+    module: Option<FileIdentity>,
+    retry: Retry,
+}
+
+/// Back-off for a backend that does not start (a driver not installed yet,
+/// say): the rescan tries it again after `delay`, which doubles up to
+/// [`MAX_RETRY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Retry {
+    delay: Duration,
+    at: Instant,
+}
+
+/// First wait before a failed backend is tried again.
+const FIRST_RETRY: Duration = Duration::from_secs(10);
+/// Longest wait between tries.
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+impl Retry {
+    /// The back-off after a failure at `now`, following `previous`.
+    fn after(previous: Option<Retry>, now: Instant) -> Retry {
+        let delay = previous.map_or(FIRST_RETRY, |retry| (retry.delay * 2).min(MAX_RETRY));
+        Retry { delay, at: now + delay }
+    }
 }
 
 fn module_identity(config: &BackendConfig) -> Option<FileIdentity> {
@@ -61,9 +96,15 @@ impl Backends {
     /// Brings the running set in line with `loaded` (see the module docs).
     pub async fn reconcile(&mut self, loaded: LoadedBackends, context: &Context<'_>) {
         let refused: BTreeSet<PathBuf> = loaded.errors.iter().map(|error| error.file.clone()).collect();
+        self.reported.retain(|file, _| refused.contains(file));
         for error in &loaded.errors {
+            let text = error.to_string();
+            if self.reported.get(&error.file) == Some(&text) {
+                continue;
+            }
             let kept = if self.running.contains_key(&error.file) { "; its previous version keeps serving" } else { "" };
             tracing::error!(%error, "backend config refused{kept}");
+            self.reported.insert(error.file.clone(), text);
         }
         let desired: BTreeMap<PathBuf, BackendConfig> =
             loaded.backends.into_iter().map(|config| (config.file.clone(), config)).collect();
@@ -81,10 +122,17 @@ impl Backends {
             }
         }
 
+        self.failed.retain(|file, _| desired.contains_key(file));
+        let now = Instant::now();
         for (file, config) in desired {
             let module = module_identity(&config);
             let previous = self.running.get(&file);
             if previous.is_some_and(|running| running.config == config && running.module == module) {
+                continue;
+            }
+            // The same failed file, not yet due: wait. A changed one: now.
+            let failed = self.failed.get(&file).filter(|f| f.config == config && f.module == module);
+            if failed.is_some_and(|f| now < f.retry.at) {
                 continue;
             }
             let owners = self.owners(Some(&file));
@@ -92,8 +140,12 @@ impl Backends {
                 if previous.is_some() {
                     tracing::error!(backend = %config.name, file = %file.display(), "the changed backend did not start; its previous version keeps serving");
                 }
+                let retry = Retry::after(failed.map(|f| f.retry), now);
+                tracing::info!(backend = %config.name, file = %file.display(), retry_in = ?retry.delay, "will try the backend again then, or at once when its file or module changes");
+                self.failed.insert(file, Failed { config, module, retry });
                 continue;
             };
+            self.failed.remove(&file);
             if let Some(old) = self.running.remove(&file) {
                 tracing::info!(backend = %config.name, file = %file.display(), "backend changed; replacing it");
                 stop(old).await;
@@ -211,4 +263,23 @@ fn spawn_resources(
         tasks.spawn(task.run().instrument(span));
     }
     Running { config, module, handle, stop, tasks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_ten_seconds_to_five_minutes() {
+        let now = Instant::now();
+        let mut retry = Retry::after(None, now);
+        assert_eq!(retry, Retry { delay: FIRST_RETRY, at: now + FIRST_RETRY });
+        let mut delays = vec![retry.delay.as_secs()];
+        for _ in 0..6 {
+            retry = Retry::after(Some(retry), now);
+            delays.push(retry.delay.as_secs());
+        }
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(retry.at, now + MAX_RETRY);
+    }
 }

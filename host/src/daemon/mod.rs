@@ -85,6 +85,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         while reloads.try_recv().is_ok() {}
         tracing::debug!(cause, "reloading backends");
         backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
+        tracing::debug!(cause, resources = backends.resources().len(), "backends reconciled");
     }
     tracing::info!("shutting down");
     backends.stop_all().await;
