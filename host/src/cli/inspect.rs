@@ -9,23 +9,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::handle::BackendHandle;
-use crate::config::{HostConfig, LoadedBackends, Overrides, load_backends};
-
-/// Resolves a config argument: a `devhost.toml`, or a directory holding one
-/// (or only a `backends.d/`, which then gets the default host settings).
-pub fn host_config(path: &Path) -> Result<HostConfig, crate::config::ConfigError> {
-    let overrides = Overrides::default();
-    if path.is_dir() {
-        let file = path.join("devhost.toml");
-        if file.exists() { HostConfig::load(&file, &overrides) } else { Ok(HostConfig::defaults(path, &overrides)) }
-    } else {
-        HostConfig::load(path, &overrides)
-    }
-}
+use crate::config::{HostConfig, LoadedBackends, load_backends};
 
 /// `devhost config check`: prints every problem; exit 0 only if none.
 pub fn config_check(path: &Path) -> ExitCode {
-    let config = match host_config(path) {
+    let config = match HostConfig::from_path(path) {
         Ok(config) => config,
         Err(error) => {
             println!("error: {error}");
@@ -83,7 +71,7 @@ struct ListedDevice {
 
 /// `devhost list`: starts every backend, prints what it sees, stops it.
 pub async fn list(path: &Path, json: bool) -> ExitCode {
-    let config = match host_config(path) {
+    let config = match HostConfig::from_path(path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("devhost: {error}");

@@ -13,8 +13,6 @@ use crate::config::{HostConfig, LogFormat, Overrides};
 
 mod inspect;
 
-pub use inspect::host_config;
-
 /// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
 #[derive(Debug, Parser)]
 #[command(name = "devhost", version, about)]

@@ -87,6 +87,18 @@ impl HostConfig {
         Self::parse(path, &source, overrides)
     }
 
+    /// Resolves a config argument of the commands: a `devhost.toml`, or a
+    /// directory holding one (or only a `backends.d/`, which then gets the
+    /// default host settings).
+    pub fn from_path(path: &Path) -> Result<Self, ConfigError> {
+        let overrides = Overrides::default();
+        if !path.is_dir() {
+            return Self::load(path, &overrides);
+        }
+        let file = path.join("devhost.toml");
+        if file.exists() { Self::load(&file, &overrides) } else { Ok(Self::defaults(path, &overrides)) }
+    }
+
     /// Validates the host config `source`, read from `path`.
     pub fn parse(path: &Path, source: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
         let raw: RawHost = toml::from_str(source).map_err(|error| ConfigError::from_toml(path, source, &error))?;

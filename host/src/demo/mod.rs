@@ -121,7 +121,7 @@ async fn demo() -> anyhow::Result<()> {
 async fn tour(dir: &std::path::Path) -> anyhow::Result<()> {
     let root = tempfile::Builder::new().prefix("devhost-demo-").tempdir()?;
     let plugin_dir = root.path().join("device-plugins");
-    let mut config = crate::cli::host_config(dir)?;
+    let mut config = HostConfig::from_path(dir)?;
     config.plugin_dir = plugin_dir.clone();
     config.kubelet_socket = plugin_dir.join(crate::proto::KUBELET_SOCKET_NAME);
     config.metrics_address = None;
