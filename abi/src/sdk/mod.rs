@@ -26,6 +26,29 @@ pub mod wasm;
 #[cfg(target_arch = "wasm32")]
 pub use wasm::Host;
 
+pub mod testing;
+
+/// What a backend's own code needs from devhost: publishing device lists
+/// and writing log lines. [`Host`] implements it; write background threads
+/// and helpers against this trait and they can be unit-tested with
+/// [`testing::Recorder`], without devhost.
+pub trait HostApi: Send + Sync {
+    /// Replaces the whole device list of `resource`.
+    fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), PublishError>;
+    /// Writes one line to devhost's log, tagged with the backend.
+    fn log(&self, level: LogLevel, message: &str);
+}
+
+impl HostApi for Host {
+    fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), PublishError> {
+        Host::publish(self, resource, devices)
+    }
+
+    fn log(&self, level: LogLevel, message: &str) {
+        Host::log(self, level, message);
+    }
+}
+
 pub use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, Resource};
 
 /// Severity of a log line.

@@ -21,24 +21,14 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use devhost_abi::sdk::{Allocation, Backend, Device, DeviceSpec, Error, Host, LogLevel, Resource};
+use devhost_abi::sdk::{Allocation, Backend, DeviceSpec, Error, Host, LogLevel, Resource};
 
 use crate::config::Config;
 use crate::state::Listed;
 
-/// Where device lists go: the host in production, a recorder in tests.
-pub trait Sink: Send + Sync + 'static {
-    /// Replaces the device list of `resource`.
-    fn publish(&self, resource: &str, devices: &[Device]);
-}
-
-impl Sink for Host {
-    fn publish(&self, resource: &str, devices: &[Device]) {
-        if let Err(error) = Host::publish(self, resource, devices) {
-            self.log(LogLevel::Warn, &format!("publishing {resource}: {error}"));
-        }
-    }
-}
+/// Where device lists go: the host in production, the SDK's recorder in
+/// tests.
+pub use devhost_abi::sdk::HostApi as Sink;
 
 /// The state shared by the calls and the rescan thread.
 struct Shared {
@@ -69,7 +59,9 @@ impl Shared {
             }
         }
         for (resource, devices) in changed {
-            sink.publish(&resource, &devices);
+            if let Err(error) = sink.publish(&resource, &devices) {
+                sink.log(LogLevel::Warn, &format!("publishing {resource}: {error}"));
+            }
         }
     }
 }

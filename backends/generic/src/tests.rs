@@ -3,37 +3,30 @@
 //! the rescan thread.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devhost_abi::sdk::{Device, DeviceSpec, Health, Mount};
+use devhost_abi::sdk::testing::Recorder;
+use devhost_abi::sdk::{DeviceSpec, Health, Mount};
 
+use crate::Generic;
 use crate::config::Config;
-use crate::{Generic, Sink};
 
-#[derive(Default)]
-struct Recorder {
-    lists: Mutex<Vec<(String, Vec<Device>)>>,
+/// Waits on what the SDK's test host recorded.
+trait Waits {
+    /// Waits until the latest list of `resource` is `expected` (`(id, health)`).
+    fn wait_for(&self, resource: &str, expected: &[(&str, Health)]);
 }
 
-impl Sink for Recorder {
-    fn publish(&self, resource: &str, devices: &[Device]) {
-        self.lists.lock().expect("recorder").push((resource.to_owned(), devices.to_vec()));
-    }
-}
-
-impl Recorder {
-    fn latest(&self, resource: &str) -> Option<Vec<(String, Health)>> {
-        let lists = self.lists.lock().expect("recorder");
-        let (_, devices) = lists.iter().rev().find(|(r, _)| r == resource)?;
-        Some(devices.iter().map(|d| (d.id.clone(), d.health)).collect())
-    }
-
+impl Waits for Recorder {
     fn wait_for(&self, resource: &str, expected: &[(&str, Health)]) {
         let expected: Vec<(String, Health)> = expected.iter().map(|(id, h)| (id.to_string(), *h)).collect();
+        let latest = || -> Option<Vec<(String, Health)>> {
+            Some(self.latest(resource)?.iter().map(|d| (d.id.clone(), d.health)).collect())
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.latest(resource).as_ref() != Some(&expected) {
-            assert!(Instant::now() < deadline, "{resource}: {:?}, expected {expected:?}", self.latest(resource));
+        while latest().as_ref() != Some(&expected) {
+            assert!(Instant::now() < deadline, "{resource}: {:?}, expected {expected:?}", latest());
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -4,9 +4,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use devhost_abi::sdk::{Device, Health, LogLevel};
+use devhost_abi::sdk::Health;
 
-use crate::health::Sink;
 use crate::model::{Event, EventSource, Gpu, GpuSource, Link};
 
 /// A GPU with the given index (also its minor) and NUMA node.
@@ -63,35 +62,18 @@ impl EventSource for FakeEvents<'_> {
     }
 }
 
-/// Records what the backend publishes and logs.
-#[derive(Default)]
-pub struct Recorder {
-    pub published: Mutex<Vec<(String, Vec<Device>)>>,
-    pub logs: Mutex<Vec<(LogLevel, String)>>,
+/// Records what the backend publishes and logs: the SDK's test host.
+pub use devhost_abi::sdk::testing::Recorder;
+
+/// The published lists as `(id, health)` pairs, the view these tests use.
+pub trait Lists {
+    /// Every published list, oldest first.
+    fn lists(&self) -> Vec<Vec<(String, Health)>>;
 }
 
-impl Recorder {
-    /// Every published list as `(id, health)` pairs.
-    pub fn lists(&self) -> Vec<Vec<(String, Health)>> {
-        let published = self.published.lock().map(|p| p.clone()).unwrap_or_default();
-        published.iter().map(|(_, list)| list.iter().map(|d| (d.id.clone(), d.health)).collect()).collect()
-    }
-
-    /// Every log message.
-    pub fn messages(&self) -> Vec<String> {
-        self.logs.lock().map(|l| l.iter().map(|(_, m)| m.clone()).collect()).unwrap_or_default()
-    }
-}
-
-impl Sink for Recorder {
-    fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), String> {
-        self.published.lock().map_err(|_| "poisoned")?.push((resource.to_owned(), devices.to_vec()));
-        Ok(())
-    }
-    fn log(&self, level: LogLevel, message: &str) {
-        if let Ok(mut logs) = self.logs.lock() {
-            logs.push((level, message.to_owned()));
-        }
+impl Lists for Recorder {
+    fn lists(&self) -> Vec<Vec<(String, Health)>> {
+        self.published().iter().map(|(_, list)| list.iter().map(|d| (d.id.clone(), d.health)).collect()).collect()
     }
 }
 

@@ -15,7 +15,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
-use devhost_abi::sdk::{Device, Health, Host, LogLevel};
+use devhost_abi::sdk::{Device, Health, LogLevel};
 
 use crate::model::{Event, EventSource, Gpu, GpuSource};
 use crate::xid::{XidPolicy, describe};
@@ -24,22 +24,7 @@ use crate::xid::{XidPolicy, describe};
 const MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// Where device lists and log lines go: the host, or a recorder in tests.
-pub trait Sink: Send + Sync {
-    /// Replaces the device list of `resource`.
-    fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), String>;
-    /// Writes one log line.
-    fn log(&self, level: LogLevel, message: &str);
-}
-
-impl Sink for Host {
-    fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), String> {
-        Host::publish(self, resource, devices).map_err(|e| e.to_string())
-    }
-
-    fn log(&self, level: LogLevel, message: &str) {
-        Host::log(self, level, message)
-    }
-}
+pub use devhost_abi::sdk::HostApi as Sink;
 
 /// A change of one GPU's health, with its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -104,7 +104,7 @@ impl Nvidia {
         }
         let topology = Topology::new(&gpus, |a, b| source.link(a, b));
         let devices: Vec<_> = gpus.iter().map(|gpu| device(gpu, Health::Healthy)).collect();
-        sink.publish(&config.resource, &devices).map_err(Error::new)?;
+        sink.publish(&config.resource, &devices).map_err(|error| Error::new(error.to_string()))?;
         let gpus = Arc::new(gpus);
         let monitor = config.health.then(|| spawn_monitor(&config, source, sink, gpus.clone()));
         let resource = Resource::new(config.resource.clone()).with_preferred_allocation();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use devhost_abi::sdk::{Backend, Health, PreferredRequest};
 
 use super::*;
-use crate::fakes::{Fake, Recorder, gpu, wait_until};
+use crate::fakes::{Fake, Lists, Recorder, gpu, wait_until};
 
 /// A sysfs tree where GPU index `i` sits at bus `i + 1` with NUMA `numa[i]`.
 fn sysfs(numa: &[&str]) -> tempfile::TempDir {
@@ -48,7 +48,7 @@ fn init_publishes_every_gpu_healthy_with_numa_and_serves_allocate_and_preferred(
         Nvidia::start(config(sys.path(), dev.path(), r#", "cdi": true"#), Arc::new(four_gpus()), sink.clone())
             .expect("starts");
     assert_eq!(resources, [Resource::new("nvidia.com/gpu").with_preferred_allocation()]);
-    let published = sink.published.lock().expect("published")[0].clone();
+    let published = sink.published()[0].clone();
     assert_eq!(published.0, "nvidia.com/gpu");
     let numa: Vec<(&str, Health, &[i64])> =
         published.1.iter().map(|d| (d.id.as_str(), d.health, d.numa_nodes.as_slice())).collect();
@@ -87,7 +87,7 @@ fn xid_events_reach_the_published_list_and_shutdown_stops_the_thread() {
     let fake = Arc::new(four_gpus());
     let sink = Arc::new(Recorder::default());
     let (backend, _) = Nvidia::start(config(sys.path(), dev.path(), ""), fake.clone(), sink.clone()).expect("starts");
-    assert!(sink.published.lock().expect("published")[0].1.iter().all(|d| d.numa_nodes.is_empty()), "-1: no NUMA");
+    assert!(sink.published()[0].1.iter().all(|d| d.numa_nodes.is_empty()), "-1: no NUMA");
 
     fake.broken.lock().expect("broken").push("GPU-1".into());
     fake.events.lock().expect("events").push_back(Event::Xid { uuid: "GPU-1".into(), xid: Some(48) });

@@ -27,19 +27,9 @@ use devhost_abi::sdk::{Allocation, Backend, Device, DeviceSpec, Error, Health, H
 use crate::config::{Config, ResourceConfig};
 use crate::sysfs::Function;
 
-/// Where device lists go: the host in production, a recorder in tests.
-pub trait Sink: Send + Sync + 'static {
-    /// Replaces the device list of `resource`.
-    fn publish(&self, resource: &str, devices: &[Device]);
-}
-
-impl Sink for Host {
-    fn publish(&self, resource: &str, devices: &[Device]) {
-        if let Err(error) = Host::publish(self, resource, devices) {
-            self.log(LogLevel::Warn, &format!("publishing {resource}: {error}"));
-        }
-    }
-}
+/// Where device lists go: the host in production, the SDK's recorder in
+/// tests.
+pub use devhost_abi::sdk::HostApi as Sink;
 
 /// The driver whose functions are handed out as VFIO groups.
 pub const VFIO_DRIVER: &str = "vfio-pci";
@@ -108,7 +98,9 @@ impl Shared {
             }
         }
         for (resource, devices) in changed {
-            sink.publish(&resource, &devices);
+            if let Err(error) = sink.publish(&resource, &devices) {
+                sink.log(LogLevel::Warn, &format!("publishing {resource}: {error}"));
+            }
         }
     }
 }

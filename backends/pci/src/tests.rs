@@ -6,39 +6,38 @@
 mod fixture;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devhost_abi::sdk::testing::Recorder;
 use devhost_abi::sdk::{Device, Health};
 
+use crate::Pci;
 use crate::config::Config;
-use crate::{Pci, Sink};
 
-#[derive(Default)]
-struct Recorder {
-    lists: Mutex<Vec<(String, Vec<Device>)>>,
+/// Views and waits on what the SDK's test host recorded.
+trait Views {
+    /// The latest list of `resource` (empty before the first).
+    fn devices(&self, resource: &str) -> Vec<Device>;
+    /// The IDs in the latest list of `resource`.
+    fn ids(&self, resource: &str) -> Vec<String>;
+    /// Waits until the latest list of `resource` satisfies `ok`.
+    fn wait_for(&self, resource: &str, what: &str, ok: impl Fn(&[Device]) -> bool);
 }
 
-impl Sink for Recorder {
-    fn publish(&self, resource: &str, devices: &[Device]) {
-        self.lists.lock().expect("recorder").push((resource.to_owned(), devices.to_vec()));
-    }
-}
-
-impl Recorder {
-    fn latest(&self, resource: &str) -> Vec<Device> {
-        let lists = self.lists.lock().expect("recorder");
-        lists.iter().rev().find(|(r, _)| r == resource).map(|(_, d)| d.clone()).unwrap_or_default()
+impl Views for Recorder {
+    fn devices(&self, resource: &str) -> Vec<Device> {
+        self.latest(resource).unwrap_or_default()
     }
 
     fn ids(&self, resource: &str) -> Vec<String> {
-        self.latest(resource).into_iter().map(|d| d.id).collect()
+        self.devices(resource).into_iter().map(|d| d.id).collect()
     }
 
     fn wait_for(&self, resource: &str, what: &str, ok: impl Fn(&[Device]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ok(&self.latest(resource)) {
-            assert!(Instant::now() < deadline, "{resource}: never {what}: {:?}", self.latest(resource));
+        while !ok(&self.devices(resource)) {
+            assert!(Instant::now() < deadline, "{resource}: never {what}: {:?}", self.devices(resource));
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -79,7 +78,7 @@ fn every_selector_kind_picks_the_right_functions() {
     assert_eq!(rec.ids("a.io/range"), fixture::PORT0_VFS[2..=4]);
     assert_eq!(rec.ids("a.io/address"), ["0000:3b:02.7", "0000:af:00.0"]);
     assert_eq!(rec.ids("a.io/combined"), ["0000:3b:02.6", "0000:3b:02.7"]);
-    let numa: Vec<Vec<i64>> = rec.latest("a.io/address").into_iter().map(|d| d.numa_nodes).collect();
+    let numa: Vec<Vec<i64>> = rec.devices("a.io/address").into_iter().map(|d| d.numa_nodes).collect();
     assert_eq!(numa, [vec![1], vec![]], "NUMA from sysfs, none where the kernel says -1");
 }
 

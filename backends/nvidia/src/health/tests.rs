@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use super::*;
-use crate::fakes::{Fake, Recorder, gpu, wait_until};
+use crate::fakes::{Fake, Lists, Recorder, gpu, wait_until};
 
 fn tracker(quiet_ms: u64) -> HealthTracker {
     HealthTracker::new(["GPU-a".to_owned(), "GPU-b".to_owned()], XidPolicy::default(), Duration::from_millis(quiet_ms))
