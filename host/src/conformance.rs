@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::handle::BackendHandle;
+use crate::backend::handle::{BackendHandle, StartError};
 use crate::config::{BackendConfig, BackendSource, HostConfig, Overrides, parse_backend};
 use crate::fake_kubelet::FakeKubelet;
 use crate::model::ResourceSpec;
@@ -120,6 +120,12 @@ async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<R
     let stop = CancellationToken::new();
     let handle = match BackendHandle::start(&config.name, backend, config.call_timeout, stop.clone()).await {
         Ok(handle) => handle,
+        // Declared names the kubelet would refuse are their own check.
+        Err(error @ (StartError::ResourceName { .. } | StartError::Resources { .. })) => {
+            report.record("init", started, Ok("returned".into()));
+            report.record("resource names", started, Err(error.to_string()));
+            return None;
+        }
         Err(error) => {
             report.record("init", started, Err(error.to_string()));
             return None;
@@ -130,9 +136,13 @@ async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<R
     report.record("init", started, Ok(format!("declared {}", names.join(", "))));
     report.record("resource names", started, Ok("valid extended resource names, no duplicates".into()));
     let started = Instant::now();
-    handle.shutdown().await;
+    let shutdown = handle.call("shutdown", |b| {
+        b.shutdown();
+        Ok(())
+    });
+    let result = shutdown.await.map(|()| format!("returned within {:?}", config.call_timeout));
     stop.cancel();
-    report.record("shutdown", started, Ok(format!("returned within {:?}", config.call_timeout)));
+    report.record("shutdown", started, result.map_err(|error| error.to_string()));
     Some(specs)
 }
 

@@ -143,21 +143,34 @@ impl ResourceState {
     /// Replaces the device list after validating it; keeps any fault mark.
     pub fn publish(&self, devices: Vec<Device>) -> Result<(), PublishError> {
         self.validate(&devices)?;
-        self.sender.send_modify(|current| {
-            *current = Arc::new(Snapshot::new(devices, current.fault.clone(), current.sharing));
-        });
-        Ok(())
+        self.replace(move |current| Snapshot::new(devices, current.fault.clone(), current.sharing))
     }
 
     /// Shares every device `sharing.replicas` times from now on. Refused if
     /// the advertised list would no longer fit one kubelet message.
     pub fn set_sharing(&self, sharing: Sharing) -> Result<(), PublishError> {
-        let devices = self.snapshot().devices.clone();
-        self.check_size(&devices, sharing)?;
-        self.sender.send_modify(|current| {
-            *current = Arc::new(Snapshot::new(current.devices.clone(), current.fault.clone(), sharing));
+        self.replace(|current| Snapshot::new(current.devices.clone(), current.fault.clone(), sharing))
+    }
+
+    /// Builds the next snapshot from the current one, atomically (a fault
+    /// mark set meanwhile is never lost), and sends it if it fits one
+    /// kubelet message even with every device reported Unhealthy.
+    fn replace(&self, next: impl FnOnce(&Snapshot) -> Snapshot) -> Result<(), PublishError> {
+        let mut result = Ok(());
+        self.sender.send_if_modified(|current| {
+            let candidate = next(current);
+            match self.check_size(&candidate) {
+                Ok(()) => {
+                    *current = Arc::new(candidate);
+                    true
+                }
+                Err(error) => {
+                    result = Err(error);
+                    false
+                }
+            }
         });
-        Ok(())
+        result
     }
 
     /// Marks every device Unhealthy (or lifts the mark with `None`) without
@@ -183,17 +196,18 @@ impl ResourceState {
                 return Err(PublishError::DuplicateId { resource: resource(), id: device.id.clone() });
             }
         }
-        self.check_size(devices, self.snapshot().sharing)
+        Ok(())
     }
 
-    fn check_size(&self, devices: &[Device], sharing: Sharing) -> Result<(), PublishError> {
-        // Worst case: every device reported Unhealthy (a longer string).
-        let bytes = Snapshot::new(devices.to_vec(), Some(String::new()), sharing).response.encoded_len();
+    fn check_size(&self, snapshot: &Snapshot) -> Result<(), PublishError> {
+        // Worst case: every device reported Unhealthy, 2 bytes longer than
+        // Healthy, plus a byte where a length prefix grows.
+        let advertised = snapshot.response.devices.len();
+        let bytes = snapshot.response.encoded_len() + 3 * advertised;
         // Leave room for gRPC framing.
         let limit = MAX_MESSAGE_BYTES - 1024;
         if bytes > limit {
-            let resource = self.name.clone();
-            return Err(PublishError::TooLarge { resource, devices: devices.len() * sharing.replicas, bytes, limit });
+            return Err(PublishError::TooLarge { resource: self.name.clone(), devices: advertised, bytes, limit });
         }
         Ok(())
     }

@@ -60,6 +60,18 @@ fn broken_backends_fail_with_the_check_named() {
     assert_eq!(code, 1, "{text}");
     assert!(line(&text, "load").starts_with("FAIL") && text.contains("not an ELF shared library"), "{text}");
 
+    let bad_name = compile_c(&fixtures.join("bad_name.c"), dir.path());
+    let (code, text) = check(&bad_name, &[]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "resource names");
+    assert!(failed.starts_with("FAIL") && failed.contains("\"Fixture.example.com\""), "{text}");
+
+    let slow = compile_c(&fixtures.join("slow_shutdown.c"), dir.path());
+    let (code, text) = check(&slow, &["--call-timeout-ms", "1000"]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "shutdown");
+    assert!(failed.starts_with("FAIL") && failed.contains("shutdown did not return within its 1s deadline"), "{text}");
+
     let panic = rust_module("devhost_fixture_native_panic", dir.path());
     let (code, text) = check(&panic, &[]);
     assert_eq!(code, 1, "{text}");
