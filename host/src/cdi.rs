@@ -146,8 +146,7 @@ pub async fn maintain(
                 tracing::error!(resource, device_id = %id, "left out of the CDI spec: {message}");
                 continue;
             }
-            let (name, one) = (resource.clone(), vec![id.clone()]);
-            match backend.call("allocate", move |b| b.allocate(&name, &one)).await {
+            match backend.allocate(&resource, vec![id.clone()]).await {
                 Ok(allocation) => {
                     learned.insert(id.clone(), edits(&allocation));
                 }

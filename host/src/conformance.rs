@@ -108,7 +108,7 @@ pub async fn run(target: &Path, call_timeout: Duration) -> Report {
 /// cannot, and returns the resources it declares.
 async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<ResourceSpec>> {
     let started = Instant::now();
-    let backend = match crate::loader::load(config) {
+    let backend = match crate::loader::load(config).await {
         Ok(backend) => backend,
         Err(error) => {
             report.record("load", started, Err(error));
@@ -136,11 +136,7 @@ async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<R
     report.record("init", started, Ok(format!("declared {}", names.join(", "))));
     report.record("resource names", started, Ok("valid extended resource names, no duplicates".into()));
     let started = Instant::now();
-    let shutdown = handle.call("shutdown", |b| {
-        b.shutdown();
-        Ok(())
-    });
-    let result = shutdown.await.map(|()| format!("returned within {:?}", config.call_timeout));
+    let result = handle.try_shutdown().await.map(|()| format!("returned within {:?}", config.call_timeout));
     stop.cancel();
     report.record("shutdown", started, result.map_err(|error| error.to_string()));
     Some(specs)

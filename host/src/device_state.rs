@@ -228,13 +228,27 @@ pub struct BackgroundFault {
     pub operation: &'static str,
     /// What went wrong.
     pub message: String,
-    /// The backend sent data that breaks the contract (as opposed to
-    /// crashing or trapping).
-    pub invalid_data: bool,
+    /// What kind of fault it is.
+    pub kind: FaultKind,
+}
+
+/// Kinds of [`BackgroundFault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The backend sent data that breaks the contract.
+    InvalidData,
+    /// The backend crashed or trapped in-process.
+    Panicked,
+    /// The backend's worker process died; the message says how.
+    Crashed,
 }
 
 /// Called with every background fault after `init`.
 type FaultFn = Arc<dyn Fn(BackgroundFault) + Send + Sync>;
+
+/// Called after every accepted publish with the resource and its devices
+/// as they now stand (a worker process forwards them to devhost).
+pub type ForwardFn = Arc<dyn Fn(&str, &[Device]) + Send + Sync>;
 
 #[derive(Default)]
 struct PublisherInner {
@@ -242,6 +256,7 @@ struct PublisherInner {
     /// Once sealed (after `init`), only declared resources may be published.
     sealed: bool,
     on_fault: Option<FaultFn>,
+    forward: Option<ForwardFn>,
 }
 
 impl std::fmt::Debug for PublisherInner {
@@ -258,13 +273,20 @@ impl Publisher {
     /// re-initialised: its resources keep their states and their streams.
     pub fn for_states(states: &[Arc<ResourceState>]) -> Self {
         let resources = states.iter().map(|state| (state.name.clone(), state.clone())).collect();
-        Publisher { inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true, on_fault: None })) }
+        Publisher {
+            inner: Arc::new(Mutex::new(PublisherInner { resources, sealed: true, on_fault: None, forward: None })),
+        }
     }
 
     /// Sets what happens on a background fault after `init` (the host marks
     /// the backend's devices Unhealthy and re-initialises it).
     pub fn on_fault(&self, hook: FaultFn) {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner).on_fault = Some(hook);
+    }
+
+    /// Sets what happens after each accepted publish.
+    pub fn forward(&self, hook: ForwardFn) {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).forward = Some(hook);
     }
 
     /// Reports a fault found on a backend's own thread (after `init`; during
@@ -282,9 +304,21 @@ impl Publisher {
     /// Replaces the device list of `resource`. A refused list after `init`
     /// is also reported as a fault of the backend.
     pub fn publish(&self, resource: &str, devices: Vec<Device>) -> Result<(), PublishError> {
-        let result = self.state(resource).and_then(|state| state.publish(devices));
-        if let Err(error) = &result {
-            self.report_fault(BackgroundFault { operation: "publish", message: error.to_string(), invalid_data: true });
+        let state = self.state(resource);
+        let result = state.as_ref().map_err(Clone::clone).and_then(|state| state.publish(devices));
+        match (&result, state) {
+            (Ok(()), Ok(state)) => {
+                let forward = self.inner.lock().unwrap_or_else(PoisonError::into_inner).forward.clone();
+                if let Some(forward) = forward {
+                    forward(resource, &state.snapshot().devices);
+                }
+            }
+            (Err(error), _) => self.report_fault(BackgroundFault {
+                operation: "publish",
+                message: error.to_string(),
+                kind: FaultKind::InvalidData,
+            }),
+            (Ok(()), Err(_)) => {}
         }
         result
     }

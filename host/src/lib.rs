@@ -3,7 +3,7 @@
 //!
 //! The parts, in the order data flows through them: [`config`] reads
 //! `devhost.toml` and `backends.d/`; [`loader`] builds each backend
-//! ([`native`] for shared libraries); [`backend`] holds the one trait every
+//! ([`native`] for shared libraries, run in [`worker`] processes); [`backend`] holds the one trait every
 //! backend is adapted to, over the data of [`model`]; [`device_state`] keeps
 //! each resource's latest device list; [`server`] serves one resource on its
 //! own socket; [`registration`] talks to the kubelet and watches the plugin
@@ -33,3 +33,4 @@ pub mod server;
 pub mod telemetry;
 pub mod uds;
 pub mod wasm;
+pub mod worker;

@@ -1,25 +1,29 @@
-//! Turns a validated backend file into a running [`Backend`]: the built-in
+//! Turns a validated backend file into a running backend: the built-in
 //! kinds, or a module loaded by the adapter for its kind (a native library
-//! through [`crate::native`], a WASM component through [`crate::wasm`]).
-//! The only place that knows which kinds exist; everything above it sees
-//! the trait.
+//! through [`crate::native`], in a [`crate::worker`] process unless its
+//! file says `isolation = "none"`; a WASM component through
+//! [`crate::wasm`]). The only place that knows which kinds exist;
+//! everything above it sees a [`Runner`].
 
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use crate::backend::handle::Runner;
 use crate::backend::static_backend::StaticBackend;
-use crate::config::{BackendConfig, BackendSource};
+use crate::config::{BackendConfig, BackendSource, Isolation};
+use crate::worker::{WorkerBackend, WorkerSpec};
 
 /// Builds the backend `config` describes. The error says what failed, in
-/// the adapter's words (each names the module file).
-pub fn load(config: &BackendConfig) -> Result<Arc<dyn Backend>, String> {
+/// the adapter's words (each names the module file). A native module in a
+/// worker is loaded in its worker now, so it is refused with the same
+/// message as in-process.
+pub async fn load(config: &BackendConfig) -> Result<Runner, String> {
     match &config.source {
-        BackendSource::Static(static_config) => Ok(Arc::new(StaticBackend::new(static_config.clone()))),
-        BackendSource::Module { path, sha256, wasm } => {
+        BackendSource::Static(static_config) => Ok(Arc::new(StaticBackend::new(static_config.clone())).into()),
+        BackendSource::Module { path, sha256, wasm, isolation } => {
             let settings = serde_json::to_string(&config.settings)
                 .map_err(|error| format!("cannot pass [config] to the module as JSON: {error}"))?;
-            match wasm {
-                Some(sandbox) => crate::wasm::load(crate::wasm::WasmModule {
+            match (wasm, isolation) {
+                (Some(sandbox), _) => crate::wasm::load(crate::wasm::WasmModule {
                     name: config.name.clone(),
                     path: path.clone(),
                     sha256: sha256.clone(),
@@ -27,10 +31,23 @@ pub fn load(config: &BackendConfig) -> Result<Arc<dyn Backend>, String> {
                     sandbox: sandbox.clone(),
                     call_timeout: config.call_timeout,
                 })
+                .map(Runner::from)
                 .map_err(|error| error.to_string()),
-                None => crate::native::load(path, sha256.as_deref(), settings)
-                    .map(|backend| backend as Arc<dyn Backend>)
-                    .map_err(|error| error.to_string()),
+                (None, Isolation::Process { memory_mb }) => WorkerBackend::prepare(WorkerSpec {
+                    backend: config.name.clone(),
+                    module: path.clone(),
+                    sha256: sha256.clone(),
+                    config_json: settings,
+                    memory_mb: *memory_mb,
+                    timeout: config.call_timeout,
+                })
+                .await
+                .map(Runner::from),
+                (None, Isolation::None) => {
+                    let (backend, loaded) = crate::native::load_with_digest(path, sha256.as_deref(), settings)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Runner::InProcess { backend, sha256: Some(loaded) })
+                }
             }
         }
     }

@@ -78,3 +78,29 @@ fn broken_backends_fail_with_the_check_named() {
     let failed = line(&text, "fixture.example.com/panic: allocate");
     assert!(failed.starts_with("FAIL") && failed.contains("panicked"), "{text}");
 }
+
+#[test]
+fn a_crashing_module_fails_the_check_it_crashed_in_naming_the_signal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo().join("tests/fixtures/native");
+
+    let segv_init = compile_c(&fixtures.join("segv_init.c"), dir.path());
+    let (code, text) = check(&segv_init, &[]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "init");
+    assert!(failed.starts_with("FAIL") && failed.contains("worker killed by SIGSEGV during init"), "{text}");
+
+    let segv = compile_c(&fixtures.join("segv_allocate.c"), dir.path());
+    let (code, text) = check(&segv, &[]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "fixture.example.com/segv-allocate: allocate");
+    assert!(failed.starts_with("FAIL") && failed.contains("worker killed by SIGSEGV during allocate"), "{text}");
+    // The checker itself survived the crash and finished every check.
+    assert!(line(&text, "clean stop").starts_with("PASS"), "{text}");
+
+    let abort = compile_c(&fixtures.join("abort_allocate.c"), dir.path());
+    let (code, text) = check(&abort, &[]);
+    assert_eq!(code, 1, "{text}");
+    let failed = line(&text, "fixture.example.com/abort-allocate: allocate");
+    assert!(failed.starts_with("FAIL") && failed.contains("worker killed by SIGABRT during allocate"), "{text}");
+}

@@ -7,6 +7,7 @@ mod deploy;
 mod generic;
 mod harness;
 mod host;
+mod module_race;
 mod native;
 mod native_loader;
 mod nvidia;

@@ -117,7 +117,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn allocate(handle: &BackendHandle, ids: &[&str]) -> Result<devhost::backend::Allocation, CallError> {
     let resource = handle.resources()[0].0.name.clone();
     let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
-    handle.call("allocate", move |backend| backend.allocate(&resource, &ids)).await
+    handle.allocate(&resource, ids).await
 }
 
 /// Checks an example's answer, its health flips and its shutdown.
@@ -167,7 +167,7 @@ async fn rust_example_serves_and_pushes_health_from_its_thread() {
     );
     let request = PreferredRequest { available: vec!["rust-0".into(), "rust-1".into()], must_include: vec![], size: 1 };
     let resource = spec.name.clone();
-    let preferred = handle.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &request)).await;
+    let preferred = handle.preferred_allocation(&resource, request).await;
     assert_eq!(preferred, Ok(Some(vec!["rust-1".to_owned()])));
     exercise_example(&handle, "rust").await;
 }
@@ -184,10 +184,10 @@ async fn c_example_serves_and_pushes_health_from_its_thread() {
     );
     let resource = spec.name.clone();
     let request = PreferredRequest { available: vec!["c-0".into()], must_include: vec![], size: 1 };
-    let preferred = handle.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &request)).await;
+    let preferred = handle.preferred_allocation(&resource, request).await;
     assert_eq!(preferred, Ok(None), "no preferred_allocation: the host's default policy");
     let resource = spec.name.clone();
-    let pre_start = handle.call("pre_start", move |b| b.pre_start(&resource, &["c-0".to_owned()])).await;
+    let pre_start = handle.pre_start(&resource, vec!["c-0".to_owned()]).await;
     assert_eq!(pre_start, Ok(()));
     exercise_example(&handle, "c").await;
 }

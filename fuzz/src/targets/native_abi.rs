@@ -264,21 +264,19 @@ async fn check_started(
             return Err(format!("published {devices:?}, the host holds {seen:?}"));
         }
     }
-    let resource = spec.name.clone();
-    let answer = handle.call("allocate", move |b| b.allocate(&resource, &[])).await;
+    let answer = handle.allocate(&spec.name, vec![]).await;
     match (answer, expected) {
         (Ok(got), Some(want)) if got != want => Err(format!("allocate answered {got:?}, the backend sent {want:?}")),
         (Ok(got), None) => Err(format!("allocate broke the contract or failed, yet the host answered {got:?}")),
         (Err(error), Some(want)) => Err(format!("a valid allocate answer {want:?} was refused: {error}")),
         _ => {
-            let resource = spec.name.clone();
             let request = devhost::backend::PreferredRequest {
                 available: vec!["a".into(), "b".into()],
                 must_include: vec![],
                 size: 1,
             };
             // Any answer but a panic is fine here: the server checks it.
-            let _ = handle.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &request)).await;
+            let _ = handle.preferred_allocation(&spec.name, request).await;
             Ok(())
         }
     }

@@ -1,24 +1,36 @@
-//! Running a backend safely: every call goes to a blocking thread with a
-//! deadline, a panic is caught, and a fault (panic, missed deadline, invalid
-//! data) marks only this backend's devices Unhealthy and re-initialises it
-//! with exponential back-off. Other backends never notice.
+//! Running a backend safely. Every call has a deadline; a panic, a missed
+//! deadline, invalid data or a crashed worker marks only this backend's
+//! devices Unhealthy and re-initialises it with exponential back-off. Other
+//! backends never notice.
+//!
+//! Each backend is a bulkhead: it may have at most
+//! [`MAX_CALLS_IN_FLIGHT`] calls running at once. An in-process backend's
+//! call runs on a blocking thread that keeps its slot until the call really
+//! returns, even after its deadline, so a backend whose calls hang uses up
+//! its own slots (further calls are refused at once as busy) and never the
+//! threads another backend needs. A backend in a worker process
+//! ([`crate::worker`]) is killed when a call misses its deadline, which ends
+//! the call and frees its slot.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, ResourceSpec};
-use crate::device_state::{BackgroundFault, Publisher, ResourceState};
+use super::{Allocation, Backend, PreferredRequest, ResourceSpec};
+use crate::device_state::{BackgroundFault, FaultKind, Publisher, ResourceState};
 use crate::resource_name::{self, ResourceNameError};
+use crate::worker::WorkerBackend;
 
 /// First back-off before re-initialising a faulted backend.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest back-off between re-initialisations.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Calls one backend may have running at once; more are refused at once.
+pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 
 /// How a call into a backend failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -63,23 +75,52 @@ pub enum CallError {
         /// What was wrong.
         message: String,
     },
+    /// The backend's worker process died (a signal or an exit), during a
+    /// call or while idle (`operation` is then `idle`).
+    #[error("backend {backend:?}: worker {cause} {}", during(operation))]
+    Crashed {
+        /// Backend name.
+        backend: String,
+        /// The call in flight, or `idle`.
+        operation: &'static str,
+        /// How it died, e.g. `killed by SIGSEGV`.
+        cause: String,
+    },
+    /// The backend is not running right now (its worker is being
+    /// restarted after a fault); the call was not attempted.
+    #[error("backend {backend:?}: {operation} refused: {reason}")]
+    Unavailable {
+        /// Backend name.
+        backend: String,
+        /// The call.
+        operation: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn during(operation: &str) -> String {
+    if operation == "idle" { "while idle".to_owned() } else { format!("during {operation}") }
 }
 
 impl CallError {
-    /// A short label for metrics: `failed`, `panicked`, `timed_out`, `invalid`.
+    /// A short label for metrics: `failed`, `panicked`, `timed_out`,
+    /// `invalid`, `crashed`, `unavailable`.
     pub fn kind(&self) -> &'static str {
         match self {
             CallError::Failed { .. } => "failed",
             CallError::Panicked { .. } => "panicked",
             CallError::TimedOut { .. } => "timed_out",
             CallError::Invalid { .. } => "invalid",
+            CallError::Crashed { .. } => "crashed",
+            CallError::Unavailable { .. } => "unavailable",
         }
     }
 
     /// Whether this error means the backend itself is broken (as opposed to
-    /// declining one request).
+    /// declining one request, or being busy).
     pub fn is_fault(&self) -> bool {
-        !matches!(self, CallError::Failed { .. })
+        !matches!(self, CallError::Failed { .. } | CallError::Unavailable { .. })
     }
 }
 
@@ -107,19 +148,54 @@ pub enum StartError {
     },
 }
 
+/// Where a backend's code runs.
+#[derive(Clone)]
+pub enum Runner {
+    /// In devhost's own process (built-in, WASM, or a native module with
+    /// `isolation = "none"`, whose `sha256` is that of the code loaded).
+    InProcess {
+        /// The backend.
+        backend: Arc<dyn Backend>,
+        /// For a native module: the SHA-256 of the bytes loaded.
+        sha256: Option<String>,
+    },
+    /// A native module in its own worker process.
+    Worker(Arc<WorkerBackend>),
+}
+
+impl<B: Backend> From<Arc<B>> for Runner {
+    fn from(backend: Arc<B>) -> Self {
+        Runner::InProcess { backend, sha256: None }
+    }
+}
+
+impl From<Arc<dyn Backend>> for Runner {
+    fn from(backend: Arc<dyn Backend>) -> Self {
+        Runner::InProcess { backend, sha256: None }
+    }
+}
+
+impl From<Arc<WorkerBackend>> for Runner {
+    fn from(worker: Arc<WorkerBackend>) -> Self {
+        Runner::Worker(worker)
+    }
+}
+
 /// A started backend, shared by the servers of its resources.
 pub struct BackendHandle {
     name: String,
-    backend: Arc<dyn Backend>,
+    runner: Runner,
     timeout: Duration,
+    slots: Arc<Semaphore>,
     resources: Vec<(ResourceSpec, Arc<ResourceState>)>,
     faulted: Notify,
     faults: FaultHook,
 }
 
 /// Turns a fault on the backend's own thread (a refused device list, a
-/// failed poll) into a fault of the backend, as if a call had failed.
-/// Holds the handle weakly: the handle owns the publisher.
+/// failed poll, a worker that died while idle) into a fault of the
+/// backend, as if a call had failed. Holds the handle weakly: the handle
+/// owns the publisher.
 #[derive(Clone, Default)]
 struct FaultHook(Arc<std::sync::OnceLock<std::sync::Weak<BackendHandle>>>);
 
@@ -132,10 +208,10 @@ impl FaultHook {
         Arc::new(move |fault: BackgroundFault| {
             if let Some(handle) = self.0.get().and_then(std::sync::Weak::upgrade) {
                 let (backend, operation, message) = (handle.name.clone(), fault.operation, fault.message);
-                let error = if fault.invalid_data {
-                    CallError::Invalid { backend, operation, message }
-                } else {
-                    CallError::Panicked { backend, operation, message }
+                let error = match fault.kind {
+                    FaultKind::InvalidData => CallError::Invalid { backend, operation, message },
+                    FaultKind::Panicked => CallError::Panicked { backend, operation, message },
+                    FaultKind::Crashed => CallError::Crashed { backend, operation, cause: message },
                 };
                 crate::telemetry::global().backend_error(&handle.name, operation, error.kind());
                 handle.report_fault(&error);
@@ -151,28 +227,30 @@ impl std::fmt::Debug for BackendHandle {
 }
 
 impl BackendHandle {
-    /// Initialises `backend` (with the deadline `timeout`), checks the
+    /// Initialises the backend (with the deadline `timeout`), checks the
     /// resources it declares, and starts its supervisor, which re-initialises
     /// it after faults until `cancel` fires.
     pub async fn start(
         name: impl Into<String>,
-        backend: Arc<dyn Backend>,
+        runner: impl Into<Runner>,
         timeout: Duration,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, StartError> {
         let name = name.into();
+        let runner = runner.into();
+        let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
         let publisher = Publisher::default();
         let faults = FaultHook::default();
         publisher.on_fault(faults.clone().into_fn());
-        let init_publisher = publisher.clone();
-        let specs = run_blocking(&name, "init", timeout, backend.clone(), move |b| b.init(init_publisher)).await?;
+        let specs = init(&name, &runner, &slots, timeout, publisher.clone()).await?;
         check_resources(&name, &specs)?;
         let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
         let states = publisher.seal(&names);
         let handle = Arc::new(BackendHandle {
             name,
-            backend,
+            runner,
             timeout,
+            slots,
             resources: specs.into_iter().zip(states).collect(),
             faulted: Notify::new(),
             faults: faults.clone(),
@@ -192,14 +270,98 @@ impl BackendHandle {
         &self.resources
     }
 
-    /// Runs one call with the deadline. A fault marks the backend's devices
-    /// Unhealthy and schedules a re-initialisation.
-    pub async fn call<T, F>(&self, operation: &'static str, f: F) -> Result<T, CallError>
+    /// The SHA-256 of the module code running now, for a native module in
+    /// a worker process.
+    pub fn running_sha256(&self) -> Option<String> {
+        match &self.runner {
+            Runner::Worker(worker) => worker.running_sha256(),
+            Runner::InProcess { sha256, .. } => sha256.clone(),
+        }
+    }
+
+    /// Where the backend's code runs: `process` (a worker) or `none`.
+    pub fn isolation(&self) -> &'static str {
+        match &self.runner {
+            Runner::Worker(_) => "process",
+            Runner::InProcess { .. } => "none",
+        }
+    }
+
+    /// Publishes which module code runs now (`devhost_backend_info`).
+    pub fn announce(&self) {
+        if let Some(sha256) = self.running_sha256() {
+            crate::telemetry::global().backend_loaded(&self.name, self.isolation(), &sha256);
+        }
+    }
+
+    /// Answers an `Allocate` for one container.
+    pub async fn allocate(&self, resource: &str, ids: Vec<String>) -> Result<Allocation, CallError> {
+        let operation = "allocate";
+        let result = match &self.runner {
+            Runner::InProcess { backend, .. } => {
+                let resource = resource.to_owned();
+                self.in_process(operation, backend, move |b| b.allocate(&resource, &ids)).await
+            }
+            Runner::Worker(worker) => match self.slot(operation) {
+                Ok(_slot) => worker.allocate(resource, ids).await,
+                Err(error) => Err(error),
+            },
+        };
+        self.settle(operation, result)
+    }
+
+    /// Answers `GetPreferredAllocation`, or `None` for the default policy.
+    pub async fn preferred_allocation(
+        &self,
+        resource: &str,
+        request: PreferredRequest,
+    ) -> Result<Option<Vec<String>>, CallError> {
+        let operation = "preferred_allocation";
+        let result = match &self.runner {
+            Runner::InProcess { backend, .. } => {
+                let resource = resource.to_owned();
+                self.in_process(operation, backend, move |b| b.preferred_allocation(&resource, &request)).await
+            }
+            Runner::Worker(worker) => match self.slot(operation) {
+                Ok(_slot) => worker.preferred_allocation(resource, &request).await,
+                Err(error) => Err(error),
+            },
+        };
+        self.settle(operation, result)
+    }
+
+    /// Runs `PreStartContainer`.
+    pub async fn pre_start(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
+        let operation = "pre_start";
+        let result = match &self.runner {
+            Runner::InProcess { backend, .. } => {
+                let resource = resource.to_owned();
+                self.in_process(operation, backend, move |b| b.pre_start(&resource, &ids)).await
+            }
+            Runner::Worker(worker) => match self.slot(operation) {
+                Ok(_slot) => worker.pre_start(resource, ids).await,
+                Err(error) => Err(error),
+            },
+        };
+        self.settle(operation, result)
+    }
+
+    /// A call slot, or `Unavailable` when every slot is taken.
+    fn slot(&self, operation: &'static str) -> Result<OwnedSemaphorePermit, CallError> {
+        take_slot(&self.name, operation, &self.slots)
+    }
+
+    async fn in_process<T, F>(&self, operation: &'static str, backend: &Arc<dyn Backend>, f: F) -> Result<T, CallError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Backend) -> Result<T, super::BackendError> + Send + 'static,
     {
-        let result = run_blocking(&self.name, operation, self.timeout, self.backend.clone(), f).await;
+        let slot = self.slot(operation)?;
+        run_blocking(&self.name, operation, self.timeout, backend.clone(), slot, f).await
+    }
+
+    /// Counts an error and turns a fault into Unhealthy devices.
+    fn settle<T>(&self, operation: &'static str, result: Result<T, CallError>) -> Result<T, CallError> {
         if let Err(error) = &result {
             crate::telemetry::global().backend_error(&self.name, operation, error.kind());
             if error.is_fault() {
@@ -219,16 +381,19 @@ impl BackendHandle {
         self.faulted.notify_one();
     }
 
-    /// Calls the backend's `shutdown` (with the deadline).
+    /// Calls the backend's `shutdown` (with the deadline) and reports how
+    /// it went. A backend whose every call slot is held by a hung call is
+    /// abandoned at once rather than waited for.
+    pub async fn try_shutdown(&self) -> Result<(), CallError> {
+        shutdown(&self.name, &self.runner, &self.slots, self.timeout).await
+    }
+
+    /// Like [`try_shutdown`](Self::try_shutdown), logging a failure: the
+    /// backend is then abandoned (its worker killed, or its hung thread
+    /// left behind) and devhost carries on.
     pub async fn shutdown(&self) {
-        if let Err(error) = self
-            .call("shutdown", |b| {
-                b.shutdown();
-                Ok(())
-            })
-            .await
-        {
-            tracing::warn!(backend = %self.name, %error, "backend shutdown failed");
+        if let Err(error) = self.try_shutdown().await {
+            tracing::warn!(backend = %self.name, %error, "backend did not shut down cleanly; abandoned");
         }
     }
 }
@@ -251,6 +416,7 @@ async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
                 Ok(()) => {
                     tracing::info!(backend = %handle.name, "backend re-initialised; its devices report their own health again");
                     crate::telemetry::global().backend_restarted(&handle.name);
+                    handle.announce();
                     for (_, state) in &handle.resources {
                         state.set_fault(None);
                     }
@@ -266,16 +432,11 @@ async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
 }
 
 async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
-    let timeout = handle.timeout;
-    run_blocking(&handle.name, "shutdown", timeout, handle.backend.clone(), |b| {
-        b.shutdown();
-        Ok(())
-    })
-    .await?;
+    shutdown(&handle.name, &handle.runner, &handle.slots, handle.timeout).await?;
     let states: Vec<Arc<ResourceState>> = handle.resources.iter().map(|(_, state)| state.clone()).collect();
     let publisher = Publisher::for_states(&states);
     publisher.on_fault(handle.faults.clone().into_fn());
-    let specs = run_blocking(&handle.name, "init", timeout, handle.backend.clone(), move |b| b.init(publisher)).await?;
+    let specs = init(&handle.name, &handle.runner, &handle.slots, handle.timeout, publisher).await?;
     let expected: Vec<&ResourceSpec> = handle.resources.iter().map(|(spec, _)| spec).collect();
     if specs.iter().collect::<Vec<_>>() != expected {
         return Err(StartError::Resources {
@@ -284,6 +445,46 @@ async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
         });
     }
     Ok(())
+}
+
+async fn init(
+    name: &str,
+    runner: &Runner,
+    slots: &Arc<Semaphore>,
+    timeout: Duration,
+    publisher: Publisher,
+) -> Result<Vec<ResourceSpec>, CallError> {
+    let slot = take_slot(name, "init", slots)?;
+    match runner {
+        Runner::InProcess { backend, .. } => {
+            run_blocking(name, "init", timeout, backend.clone(), slot, move |b| b.init(publisher)).await
+        }
+        Runner::Worker(worker) => worker.init(publisher).await,
+    }
+}
+
+async fn shutdown(name: &str, runner: &Runner, slots: &Arc<Semaphore>, timeout: Duration) -> Result<(), CallError> {
+    match runner {
+        // A worker is stopped (and killed if it must be) whatever its
+        // slots say: that ends its hung calls too.
+        Runner::Worker(worker) => worker.shutdown().await,
+        Runner::InProcess { backend, .. } => {
+            let slot = take_slot(name, "shutdown", slots)?;
+            run_blocking(name, "shutdown", timeout, backend.clone(), slot, |b| {
+                b.shutdown();
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+fn take_slot(name: &str, operation: &'static str, slots: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, CallError> {
+    slots.clone().try_acquire_owned().map_err(|_| CallError::Unavailable {
+        backend: name.to_owned(),
+        operation,
+        reason: format!("{MAX_CALLS_IN_FLIGHT} calls are already in flight (its calls hang or it is overloaded)"),
+    })
 }
 
 fn check_resources(backend: &str, specs: &[ResourceSpec]) -> Result<(), StartError> {
@@ -304,13 +505,15 @@ fn check_resources(backend: &str, specs: &[ResourceSpec]) -> Result<(), StartErr
 }
 
 /// Runs `f` on the blocking pool with a deadline, turning a panic into
-/// [`CallError::Panicked`]. A call that misses its deadline keeps its thread
-/// (a blocked FFI call cannot be cancelled) but no longer holds anyone up.
+/// [`CallError::Panicked`]. A call that misses its deadline keeps its
+/// thread (a blocked FFI call cannot be cancelled) and its `slot` until it
+/// returns, so one backend's hung calls are bounded by its own slots.
 async fn run_blocking<T, F>(
     backend_name: &str,
     operation: &'static str,
     timeout: Duration,
     backend: Arc<dyn Backend>,
+    slot: OwnedSemaphorePermit,
     f: F,
 ) -> Result<T, CallError>
 where
@@ -319,7 +522,9 @@ where
 {
     let backend_name = backend_name.to_owned();
     let task = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(AssertUnwindSafe(|| f(backend.as_ref()))).map_err(panic_message)
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(backend.as_ref()))).map_err(panic_message);
+        drop(slot);
+        result
     });
     match tokio::time::timeout(timeout, task).await {
         Err(_) => Err(CallError::TimedOut { backend: backend_name, operation, timeout }),
@@ -390,10 +595,10 @@ mod tests {
             .await
             .expect("starts");
         let state = handle.resources()[0].1.clone();
-        let busy = handle.call("allocate", |b| b.allocate("t.io/x", &["busy".into()])).await.expect_err("declined");
+        let busy = handle.allocate("t.io/x", vec!["busy".into()]).await.expect_err("declined");
         assert!(!busy.is_fault());
         assert_eq!(state.snapshot().fault, None, "declining a request leaves the devices healthy");
-        let garbage = handle.call("allocate", |b| b.allocate("t.io/x", &["garbage".into()])).await.expect_err("fault");
+        let garbage = handle.allocate("t.io/x", vec!["garbage".into()]).await.expect_err("fault");
         assert_eq!(
             garbage.to_string(),
             "backend \"keeper\": allocate returned invalid data: returned a mount without a path"

@@ -51,6 +51,12 @@ struct ListedBackend {
     backend: String,
     file: PathBuf,
     error: Option<String>,
+    /// For a module: where it ran (`process` or `none`) and the SHA-256 of
+    /// the code actually loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    isolation: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
     resources: Vec<ListedResource>,
 }
 
@@ -86,6 +92,8 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
             backend: error.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             file: error.file.clone(),
             error: Some(error.to_string()),
+            isolation: None,
+            sha256: None,
             resources: Vec::new(),
         })
         .collect();
@@ -106,9 +114,15 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
 }
 
 async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
-    let mut listed =
-        ListedBackend { backend: config.name.clone(), file: config.file.clone(), error: None, resources: Vec::new() };
-    let backend = match crate::loader::load(config) {
+    let mut listed = ListedBackend {
+        backend: config.name.clone(),
+        file: config.file.clone(),
+        error: None,
+        isolation: None,
+        sha256: None,
+        resources: Vec::new(),
+    };
+    let backend = match crate::loader::load(config).await {
         Ok(backend) => backend,
         Err(error) => {
             listed.error = Some(error);
@@ -118,6 +132,8 @@ async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
     let stop = CancellationToken::new();
     match BackendHandle::start(&config.name, backend, config.call_timeout, stop.clone()).await {
         Ok(handle) => {
+            listed.sha256 = handle.running_sha256();
+            listed.isolation = listed.sha256.is_some().then(|| handle.isolation());
             for (spec, state) in handle.resources() {
                 let snapshot = state.snapshot();
                 listed.resources.push(ListedResource {
@@ -150,6 +166,9 @@ fn print_table(listed: &[ListedBackend]) {
         if let Some(error) = &backend.error {
             println!("{:<16} error: {error}", backend.backend);
             continue;
+        }
+        if let (Some(isolation), Some(sha256)) = (backend.isolation, &backend.sha256) {
+            println!("{:<16} module sha256 {sha256} (isolation: {isolation})", backend.backend);
         }
         for resource in &backend.resources {
             if resource.devices.is_empty() {

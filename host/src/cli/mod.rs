@@ -85,6 +85,11 @@ enum ConfigCommand {
 
 /// Parses the arguments, runs the command, and returns its exit code.
 pub fn main() -> ExitCode {
+    // A worker process (devhost re-executed to run one native backend):
+    // before anything else, so it starts with nothing but its socket.
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == crate::worker::WORKER_SUBCOMMAND) {
+        return crate::worker::child::main();
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -93,7 +98,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Run { config, plugin_dir, kubelet_socket } => {
             let overrides = Overrides { plugin_dir, kubelet_socket };
             let config = match HostConfig::load(&config, &overrides) {
@@ -122,8 +127,15 @@ pub fn main() -> ExitCode {
             crate::conformance::print(&report);
             if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
-    }
+    };
+    // A backend call stuck in native code (isolation = "none") holds a
+    // blocking thread that cannot be cancelled; do not wait for it.
+    runtime.shutdown_timeout(ABANDON_AFTER);
+    code
 }
+
+/// How long exit waits for blocking threads still inside a backend.
+const ABANDON_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn run(config: HostConfig) -> ExitCode {
     tracing::info!(

@@ -34,7 +34,24 @@ pub enum BackendSource {
         /// `Some` for a WASM component (a `.wasm` file): its sandbox.
         /// `None` for a native library.
         wasm: Option<SandboxConfig>,
+        /// Where a native library runs; WASM components always run in
+        /// their sandbox in devhost's process ([`Isolation::None`]).
+        isolation: Isolation,
     },
+}
+
+/// Where a native module's code runs (`[backend] isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a worker process of its own (the default for native modules): a
+    /// crash or hang costs only this backend.
+    Process {
+        /// Address-space limit of the worker (`[backend] memory_mb`).
+        memory_mb: Option<u64>,
+    },
+    /// In devhost's own process: no per-call cost, but a crash in the
+    /// module takes devhost down.
+    None,
 }
 
 /// One validated backend file.
@@ -94,6 +111,8 @@ struct RawBackend {
     module: Option<Spanned<PathBuf>>,
     sha256: Option<Spanned<String>>,
     call_timeout_ms: Option<Spanned<u64>>,
+    isolation: Option<Spanned<String>>,
+    memory_mb: Option<Spanned<u64>>,
 }
 
 /// Built-in backend kinds.
@@ -194,6 +213,18 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
             if let Some(sandbox) = raw.sandbox {
                 return Err(at(sandbox.span(), "[sandbox] applies to WASM modules (.wasm) only".into()));
             }
+            if let Some(isolation) = raw.backend.isolation {
+                return Err(at(
+                    isolation.span(),
+                    "isolation applies to native modules; a built-in kind has none".into(),
+                ));
+            }
+            if let Some(mb) = raw.backend.memory_mb {
+                return Err(at(
+                    mb.span(),
+                    "memory_mb limits a native module's worker; a built-in kind has none".into(),
+                ));
+            }
             BackendSource::Static(StaticConfig::parse(file, source)?)
         }
         (None, Some(module)) => {
@@ -216,7 +247,8 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                 None if is_wasm => Some(SandboxConfig::default()),
                 None => None,
             };
-            BackendSource::Module { path: base.join(module.get_ref()), sha256, wasm }
+            let isolation = parse_isolation(raw.backend.isolation, raw.backend.memory_mb, is_wasm, &at)?;
+            BackendSource::Module { path: base.join(module.get_ref()), sha256, wasm, isolation }
         }
         (Some(kind), Some(_)) => {
             return Err(at(
@@ -233,6 +265,45 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
     };
     let resources = super::resource_settings::parse(file, source, raw.resources)?;
     Ok(BackendConfig { name, file: file.to_owned(), source: backend_source, call_timeout, settings, resources })
+}
+
+/// `isolation` and `memory_mb` of a module: process isolation by default
+/// for native modules; neither key for WASM (its sandbox is its isolation).
+fn parse_isolation(
+    isolation: Option<Spanned<String>>,
+    memory_mb: Option<Spanned<u64>>,
+    is_wasm: bool,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<Isolation, ConfigError> {
+    if is_wasm {
+        if let Some(isolation) = isolation {
+            return Err(at(
+                isolation.span(),
+                "isolation applies to native modules; a WASM component runs in its [sandbox]".into(),
+            ));
+        }
+        if let Some(mb) = memory_mb {
+            return Err(at(mb.span(), "a WASM component's memory is limited by [sandbox] memory_mb".into()));
+        }
+        return Ok(Isolation::None);
+    }
+    if let Some(mb) = &memory_mb
+        && *mb.get_ref() < 16
+    {
+        return Err(at(mb.span(), "memory_mb must be at least 16 (the worker itself needs some)".into()));
+    }
+    let memory_mb = memory_mb.map(Spanned::into_inner);
+    match isolation {
+        None => Ok(Isolation::Process { memory_mb }),
+        Some(value) => match value.get_ref().as_str() {
+            "process" => Ok(Isolation::Process { memory_mb }),
+            "none" if memory_mb.is_some() => {
+                Err(at(value.span(), "memory_mb needs isolation = \"process\" (it limits the worker)".into()))
+            }
+            "none" => Ok(Isolation::None),
+            other => Err(at(value.span(), format!("isolation must be \"process\" or \"none\", not {other:?}"))),
+        },
+    }
 }
 
 fn parse_sandbox(
@@ -355,7 +426,12 @@ id = "a0"
         .expect("valid");
         assert_eq!(
             config.source,
-            BackendSource::Module { path: "/etc/devhost/backends.d/libgpu.so".into(), sha256: None, wasm: None }
+            BackendSource::Module {
+                path: "/etc/devhost/backends.d/libgpu.so".into(),
+                sha256: None,
+                wasm: None,
+                isolation: Isolation::Process { memory_mb: None }
+            }
         );
         assert_eq!(config.call_timeout, Duration::from_millis(250));
         assert_eq!(config.settings.get("x"), Some(&toml::Value::Integer(1)));
@@ -375,6 +451,49 @@ id = "a0"
     }
 
     #[test]
+    fn native_modules_run_in_a_worker_unless_isolation_is_none() {
+        let file = Path::new("/etc/devhost/backends.d/gpu.toml");
+        let parse = |text: &str| parse_backend(file, text, Duration::from_secs(1));
+        let isolation = |text: &str| match parse(text).expect("valid").source {
+            BackendSource::Module { isolation, .. } => isolation,
+            other => panic!("not a module: {other:?}"),
+        };
+        assert_eq!(isolation("[backend]\nmodule = \"g.so\"\n"), Isolation::Process { memory_mb: None });
+        assert_eq!(
+            isolation("[backend]\nmodule = \"g.so\"\nisolation = \"process\"\nmemory_mb = 64\n"),
+            Isolation::Process { memory_mb: Some(64) }
+        );
+        assert_eq!(isolation("[backend]\nmodule = \"g.so\"\nisolation = \"none\"\n"), Isolation::None);
+        assert_eq!(isolation("[backend]\nmodule = \"n.wasm\"\n"), Isolation::None);
+        let refused = [
+            (
+                "[backend]\nmodule = \"g.so\"\nisolation = \"thread\"\n",
+                "3:13: isolation must be \"process\" or \"none\", not \"thread\"",
+            ),
+            (
+                "[backend]\nmodule = \"g.so\"\nisolation = \"none\"\nmemory_mb = 64\n",
+                "3:13: memory_mb needs isolation = \"process\" (it limits the worker)",
+            ),
+            (
+                "[backend]\nmodule = \"g.so\"\nmemory_mb = 8\n",
+                "3:13: memory_mb must be at least 16 (the worker itself needs some)",
+            ),
+            (
+                "[backend]\nmodule = \"n.wasm\"\nisolation = \"process\"\n",
+                "3:13: isolation applies to native modules; a WASM component runs in its [sandbox]",
+            ),
+            (
+                "[backend]\nkind = \"static\"\nisolation = \"none\"\n",
+                "3:13: isolation applies to native modules; a built-in kind has none",
+            ),
+        ];
+        for (text, expected) in refused {
+            let error = parse(text).expect_err(text);
+            assert_eq!(error.to_string(), format!("{}:{expected}", file.display()), "{text}");
+        }
+    }
+
+    #[test]
     fn wasm_modules_get_a_sandbox_with_safe_defaults() {
         let file = Path::new("/etc/devhost/backends.d/nic.toml");
         let config = parse_backend(file, "[backend]\nmodule = \"nic.wasm\"\n", Duration::from_secs(1)).expect("valid");
@@ -384,6 +503,7 @@ id = "a0"
                 path: "/etc/devhost/backends.d/nic.wasm".into(),
                 sha256: None,
                 wasm: Some(SandboxConfig::default()),
+                isolation: Isolation::None,
             }
         );
         let source = "[backend]\nmodule = \"nic.wasm\"\n[sandbox]\nread = [\"/sys/bus/pci\", \"/dev\"]\n\

@@ -150,6 +150,7 @@ impl Backends {
                 tracing::info!(backend = %config.name, file = %file.display(), "backend changed; replacing it");
                 stop(old).await;
             }
+            handle.announce();
             let running = spawn_resources(config, module, handle, backend_stop, context);
             self.running.insert(file, running);
         }
@@ -169,11 +170,11 @@ impl Backends {
             .collect()
     }
 
-    /// Stops every backend: streams end, sockets are removed.
+    /// Stops every backend at once (each within its own deadline, so one
+    /// that hangs delays no other): streams end, sockets are removed.
     pub async fn stop_all(&mut self) {
-        for (_, running) in std::mem::take(&mut self.running) {
-            stop(running).await;
-        }
+        let stopping = std::mem::take(&mut self.running).into_values().map(stop);
+        futures_util::future::join_all(stopping).await;
     }
 }
 
@@ -182,6 +183,7 @@ async fn stop(running: Running) {
     running.tasks.close();
     running.tasks.wait().await;
     running.handle.shutdown().await;
+    telemetry::global().backend_stopped(running.handle.name());
     for (spec, _) in running.handle.resources() {
         telemetry::global().forget_resource(&spec.name);
     }
@@ -194,7 +196,7 @@ async fn start_backend(
     owners: &HashMap<String, String>,
 ) -> Option<(Arc<BackendHandle>, CancellationToken)> {
     let file = config.file.display().to_string();
-    let backend = match crate::loader::load(config) {
+    let backend = match crate::loader::load(config).await {
         Ok(backend) => backend,
         Err(error) => {
             tracing::error!(backend = %config.name, file, %error, "backend not loaded");

@@ -1,15 +1,19 @@
 //! Native backends: shared libraries speaking the C ABI v1 of `devhost-abi`.
 //!
-//! [`load`] checks the module file ([`checks`]), loads it with `libloading`
-//! (and never unloads it), finds `devhost_backend_entry`, negotiates the ABI
-//! version and checks the backend's table, then returns the module adapted to
-//! the host's [`Backend`] trait ([`adapter`]). The host's callbacks live in
-//! [`callbacks`], the copying and checking of backend data in [`read`].
+//! [`load`] checks the module file and its directories and copies the
+//! checked bytes into a sealed memfd ([`checks`]), loads that copy with
+//! `libloading` (and never unloads it), finds `devhost_backend_entry`,
+//! negotiates the ABI version and checks the backend's table, then returns
+//! the module adapted to the host's [`Backend`] trait ([`adapter`]). The
+//! host's callbacks live in [`callbacks`], the copying and checking of
+//! backend data in [`read`].
 //! Deadlines, fault marking and re-initialisation are the
 //! [`handle`](crate::backend::handle)'s job; nothing here spawns threads.
 
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devhost_abi::ffi::*;
 use thiserror::Error;
@@ -65,6 +69,48 @@ pub enum AbiError {
         owner: u32,
         /// devhost's effective uid.
         euid: u32,
+    },
+    /// A directory on the module's canonical path belongs to someone other
+    /// than root or devhost's user: they could replace the module.
+    #[error(
+        "native backend {}: module directory {} is owned by uid {owner} (expected root or devhost's own uid {euid})",
+        module.display(),
+        directory.display()
+    )]
+    DirectoryOwner {
+        /// The module path.
+        module: PathBuf,
+        /// The directory, on the module's canonical path.
+        directory: PathBuf,
+        /// The directory's owner.
+        owner: u32,
+        /// devhost's effective uid.
+        euid: u32,
+    },
+    /// Group or others may write a directory on the module's canonical path
+    /// (and it is not a sticky directory owned by root): they could replace
+    /// the module.
+    #[error(
+        "native backend {}: module directory {} is writable by group or others (mode {mode:04o}; expected no group/other write permission, e.g. 0755, or a sticky directory owned by root like /tmp)",
+        module.display(),
+        directory.display()
+    )]
+    DirectoryWritable {
+        /// The module path.
+        module: PathBuf,
+        /// The directory, on the module's canonical path.
+        directory: PathBuf,
+        /// The directory's permission bits.
+        mode: u32,
+    },
+    /// The sealed in-memory copy the module is loaded from could not be
+    /// made (devhost never falls back to loading the path itself).
+    #[error("native backend {}: cannot make the sealed in-memory copy it is loaded from: {message}", module.display())]
+    Memfd {
+        /// The module path.
+        module: PathBuf,
+        /// The step that failed and the operating system's error.
+        message: String,
     },
     /// The configured pin is not a SHA-256 in hex.
     #[error("native backend {}: sha256 pin {pin:?} is not 64 hexadecimal digits", module.display())]
@@ -169,21 +215,25 @@ fn show(version: u32) -> String {
     format!("{}.{}", version_major(version), version_minor(version))
 }
 
-/// Loads the native backend `module`, checking the file first (and its
-/// SHA-256 against `sha256`, if pinned), and adapts it to the host's
-/// [`Backend`] trait. `config_json` is the backend's `[config]` table as a
-/// JSON object, handed to every `init`. The library stays loaded for the
-/// life of the process, even when this fails after loading it.
+/// Loads the native backend `module`, checking the file and its directories
+/// first (and its SHA-256 against `sha256`, if pinned), and adapts it to the
+/// host's [`Backend`] trait. `config_json` is the backend's `[config]` table
+/// as a JSON object, handed to every `init`. The library stays loaded for
+/// the life of the process, even when this fails after loading it.
 pub fn load(module: &Path, sha256: Option<&str>, config_json: String) -> Result<Arc<dyn Backend>, AbiError> {
-    checks::check_file(module, sha256)?;
-    let load_error =
-        |error: libloading::Error| AbiError::Load { module: module.to_owned(), message: error.to_string() };
-    // SAFETY: loading runs the module's initialisers. The file passed the
-    // checks above (owned by root or us, not writable by others, pinned if
-    // configured): running its code is what the operator asked for.
-    let library = unsafe { libloading::Library::new(module) }.map_err(load_error)?;
-    // Never unloaded: its symbols and threads borrow it for good.
-    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    load_with_digest(module, sha256, config_json).map(|(backend, _)| backend)
+}
+
+/// [`load`], also returning the lower-case hex SHA-256 of the code actually
+/// loaded: the bytes that were checked, copied into a sealed memfd and
+/// loaded from there, whatever happens to the file afterwards.
+pub fn load_with_digest(
+    module: &Path,
+    sha256: Option<&str>,
+    config_json: String,
+) -> Result<(Arc<dyn Backend>, String), AbiError> {
+    let checked = checks::check_module(module, sha256)?;
+    let library = open_image(module, checked.image, &checked.sha256)?;
     let symbol = format!("{DEVHOST_BACKEND_ENTRY_SYMBOL}\0");
     // SAFETY: the symbol has the ABI's entry type (it is what the name
     // promises); the library is never unloaded, so the pointer stays valid.
@@ -194,8 +244,52 @@ pub fn load(module: &Path, sha256: Option<&str>, config_json: String) -> Result<
     let table = unsafe { entry(&callbacks::HOST_API) };
     // SAFETY: a non-NULL table is static in the module, per the ABI.
     let fns = unsafe { negotiate(module, table)? };
-    tracing::info!(backend = %module.display(), "loaded native backend");
-    Ok(Arc::new(adapter::NativeBackend::new(module.to_owned(), fns, config_json)))
+    tracing::info!(backend = %module.display(), sha256 = %checked.sha256, "loaded native backend");
+    Ok((Arc::new(adapter::NativeBackend::new(module.to_owned(), fns, config_json)), checked.sha256))
+}
+
+/// The libraries loaded so far, by the SHA-256 of their bytes. Loading the
+/// same bytes again reuses the library, as loading one file twice always
+/// did (so reloads and repeated loads do not pile up copies); different
+/// bytes load anew, even from the same path.
+static LOADED: Mutex<BTreeMap<String, &'static libloading::Library>> = Mutex::new(BTreeMap::new());
+
+/// Loads the sealed `image` of `module`, whose bytes have the SHA-256
+/// `sha256`, through `/proc/self/fd`, for good.
+fn open_image(module: &Path, image: OwnedFd, sha256: &str) -> Result<&'static libloading::Library, AbiError> {
+    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    // Held while loading, so that the same bytes are never loaded twice.
+    let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(library) = loaded.get(sha256) {
+        return Ok(library);
+    }
+    let path = format!("/proc/self/fd/{}", image.as_raw_fd());
+    // SAFETY: loading runs the module's initialisers. The image holds
+    // exactly the bytes that passed the checks (owned by root or us, in
+    // directories only root or we can change, not writable by others,
+    // pinned if configured) and is sealed against writes: running its code
+    // is what the operator asked for.
+    match unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_LOCAL) } {
+        Ok(library) => {
+            // The descriptor stays open for the life of the process: glibc
+            // hands back an already loaded object whose name matches, so no
+            // later load may reuse this `/proc/self/fd/N` name.
+            let _ = image.into_raw_fd();
+            // Never unloaded: its symbols and threads borrow it for good.
+            let library: &'static libloading::Library = Box::leak(Box::new(libloading::Library::from(library)));
+            loaded.insert(sha256.to_owned(), library);
+            Ok(library)
+        }
+        Err(error) if std::fs::metadata(&path).is_err() => Err(AbiError::Memfd {
+            module: module.to_owned(),
+            message: format!("the loader cannot open it as {path} (is /proc mounted?): {error}"),
+        }),
+        Err(error) => {
+            // The loader names what it opened; name the module instead.
+            let message = error.to_string().replace(&format!("{path}:"), &format!("{}:", module.display()));
+            Err(AbiError::Load { module: module.to_owned(), message })
+        }
+    }
 }
 
 /// Checks the backend's table: version first (its first 8 bytes are the

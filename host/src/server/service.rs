@@ -102,8 +102,7 @@ impl DevicePluginService {
         }
         let resource = self.spec.name.clone();
         let asked = question.clone();
-        let answer =
-            self.backend.call("preferred_allocation", move |b| b.preferred_allocation(&resource, &asked)).await?;
+        let answer = self.backend.preferred_allocation(&resource, asked).await?;
         let devices = &snapshot.devices;
         match answer {
             None => Ok(preferred::choose(devices, &question)),
@@ -225,7 +224,7 @@ impl DevicePlugin for DevicePluginService {
                 } else {
                     Vec::new()
                 };
-                let mut allocation = self.backend.call("allocate", move |b| b.allocate(&resource, &ids)).await?;
+                let mut allocation = self.backend.allocate(&resource, ids).await?;
                 if self.cdi {
                     // The runtime applies the edits from the spec file; sending
                     // them here as well would apply them twice.
@@ -249,7 +248,7 @@ impl DevicePlugin for DevicePluginService {
         self.timed("PreStartContainer", async {
             let ids = self.real_ids(&request.into_inner().devices_ids)?;
             let resource = self.spec.name.clone();
-            self.backend.call("pre_start", move |b| b.pre_start(&resource, &ids)).await?;
+            self.backend.pre_start(&resource, ids).await?;
             Ok(Response::new(v1beta1::PreStartContainerResponse {}))
         })
         .await

@@ -38,6 +38,7 @@ impl From<CallError> for Status {
             CallError::Failed { .. } => Status::failed_precondition(message),
             CallError::TimedOut { .. } => Status::deadline_exceeded(message),
             CallError::Panicked { .. } | CallError::Invalid { .. } => Status::internal(message),
+            CallError::Crashed { .. } | CallError::Unavailable { .. } => Status::unavailable(message),
         }
     }
 }

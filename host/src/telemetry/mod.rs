@@ -57,6 +57,13 @@ struct BackendLabel {
     backend: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendInfoLabels {
+    backend: String,
+    isolation: String,
+    sha256: String,
+}
+
 /// The process's metrics and resource readiness.
 pub struct Telemetry {
     registry: Registry,
@@ -65,6 +72,9 @@ pub struct Telemetry {
     rpc_seconds: Family<RpcLabels, Histogram>,
     backend_errors: Family<BackendCallLabels, Counter>,
     backend_restarts: Family<BackendLabel, Counter>,
+    backend_info: Family<BackendInfoLabels, Gauge>,
+    /// The one `backend_info` series of each backend.
+    backend_info_labels: Mutex<BTreeMap<String, BackendInfoLabels>>,
     registrations: Family<ResourceLabel, Counter>,
     kubelet_restarts: Family<ResourceLabel, Counter>,
     streams: Family<ResourceLabel, Gauge>,
@@ -118,11 +128,17 @@ impl Telemetry {
         let backend_errors = Family::<BackendCallLabels, Counter>::default();
         registry.register(
             "backend_call_errors",
-            "Failed calls into backends, by kind: failed, panicked, timed_out, invalid",
+            "Failed calls into backends, by kind: failed, panicked, timed_out, invalid, crashed, unavailable",
             backend_errors.clone(),
         );
         let backend_restarts = Family::<BackendLabel, Counter>::default();
         registry.register("backend_restarts", "Backends re-initialised after a fault", backend_restarts.clone());
+        let backend_info = Family::<BackendInfoLabels, Gauge>::default();
+        registry.register(
+            "backend_info",
+            "1 per running module backend: where it runs and the SHA-256 of the code actually loaded",
+            backend_info.clone(),
+        );
         let registrations = Family::<ResourceLabel, Counter>::default();
         registry.register("registrations", "Successful Register calls to the kubelet", registrations.clone());
         let kubelet_restarts = Family::<ResourceLabel, Counter>::default();
@@ -149,6 +165,8 @@ impl Telemetry {
             rpc_seconds,
             backend_errors,
             backend_restarts,
+            backend_info,
+            backend_info_labels: Mutex::default(),
             registrations,
             kubelet_restarts,
             streams,
@@ -222,6 +240,29 @@ impl Telemetry {
     /// A backend re-initialised after a fault.
     pub fn backend_restarted(&self, backend: &str) {
         self.backend_restarts.get_or_create(&BackendLabel { backend: backend.to_owned() }).inc();
+    }
+
+    /// The module code a backend runs now (`isolation` is `process` or
+    /// `none`); replaces what was said of it before.
+    pub fn backend_loaded(&self, backend: &str, isolation: &str, sha256: &str) {
+        let labels = BackendInfoLabels {
+            backend: backend.to_owned(),
+            isolation: isolation.to_owned(),
+            sha256: sha256.to_owned(),
+        };
+        let mut current = self.backend_info_labels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(previous) = current.insert(backend.to_owned(), labels.clone()) {
+            self.backend_info.remove(&previous);
+        }
+        self.backend_info.get_or_create(&labels).set(1);
+    }
+
+    /// A backend stopped: its `backend_info` series goes.
+    pub fn backend_stopped(&self, backend: &str) {
+        let mut current = self.backend_info_labels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(previous) = current.remove(backend) {
+            self.backend_info.remove(&previous);
+        }
     }
 
     /// Whether every served resource is registered, and which are not.

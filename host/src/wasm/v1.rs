@@ -272,7 +272,7 @@ impl Polling {
                     self.publisher.report_fault(BackgroundFault {
                         operation: "list-devices",
                         message: fault,
-                        invalid_data: false,
+                        kind: crate::device_state::FaultKind::Panicked,
                     });
                     return;
                 }

@@ -1,0 +1,272 @@
+//! The worker process: devhost re-executed as `devhost __worker <backend>`.
+//! It loads one native module exactly as an in-process devhost would
+//! ([`crate::native`], with the same checks) and serves the protocol of
+//! [`super::protocol`] on the socket devhost handed it, until devhost closes
+//! the socket (or dies: the kernel then kills the worker).
+//!
+//! Calls run on a small pool of threads that grows to the number of calls
+//! in flight (bounded by devhost's per-backend limit), so one slow call
+//! does not hold up another, as in-process. Device lists the backend
+//! publishes are validated here with the host's own rules (so the module
+//! gets the same status codes as in-process) and forwarded; so are log
+//! lines and faults on the backend's own threads.
+
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
+use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use super::protocol::{
+    Answer, Call, Empty, Failure, FailureKind, Fault, LogLine, PROTOCOL_VERSION, PreferredAnswer, Publish, Reply,
+    Request, Resources, read_frame, write_frame,
+};
+use crate::backend::{Backend, BackendError};
+use crate::device_state::{FaultKind, Publisher};
+
+/// The writing half of the socket, shared by every thread that answers.
+#[derive(Clone)]
+struct Sender(Arc<Mutex<UnixStream>>);
+
+impl Sender {
+    fn send(&self, id: u64, answer: Answer) {
+        let mut stream = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // A failed write means devhost is gone; the read loop ends too.
+        let _ = write_frame(&mut *stream, &Reply { id, answer: Some(answer) });
+    }
+
+    fn event(&self, answer: Answer) {
+        self.send(0, answer);
+    }
+}
+
+/// Runs the worker; the exit code is for devhost's log only.
+pub fn main() -> ExitCode {
+    let stream = match super::sys::take_socket() {
+        Ok(stream) => stream,
+        Err(error) => {
+            eprintln!("devhost worker: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(writer) = stream.try_clone() else { return ExitCode::FAILURE };
+    let sender = Sender(Arc::new(Mutex::new(writer)));
+    forward_logs(sender.clone());
+    match serve(stream, &sender) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("worker stopped: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(mut stream: UnixStream, sender: &Sender) -> std::io::Result<()> {
+    let Some(first) = read_frame::<Request>(&mut stream)? else { return Ok(()) };
+    let Some(Call::Load(load)) = first.call else {
+        sender.send(first.id, failure(FailureKind::Protocol, "the first request must load a module".into()));
+        return Ok(());
+    };
+    if load.protocol != PROTOCOL_VERSION {
+        let message = format!("devhost speaks worker protocol {}, this worker {PROTOCOL_VERSION}", load.protocol);
+        sender.send(first.id, failure(FailureKind::Protocol, message));
+        return Ok(());
+    }
+    if load.memory_mb > 0
+        && let Err(error) = super::sys::limit_address_space(load.memory_mb)
+    {
+        let message = format!("cannot limit the worker to {} MiB: {error}", load.memory_mb);
+        sender.send(first.id, failure(FailureKind::Load, message));
+        return Ok(());
+    }
+    let module = std::path::PathBuf::from(&load.module);
+    let backend = match crate::native::load_with_digest(&module, load.sha256.as_deref(), load.config_json) {
+        Ok((backend, sha256)) => {
+            sender.send(first.id, Answer::Loaded(sha256));
+            backend
+        }
+        Err(error) => {
+            sender.send(first.id, failure(FailureKind::Load, error.to_string()));
+            return Ok(());
+        }
+    };
+    let pool = Pool::new(backend, sender.clone());
+    while let Some(request) = read_frame::<Request>(&mut stream)? {
+        pool.submit(request);
+    }
+    // devhost closed the socket (after `shutdown`, or to stop us).
+    Ok(())
+}
+
+fn failure(kind: FailureKind, message: String) -> Answer {
+    Answer::Failed(Failure { kind: kind as i32, message })
+}
+
+/// Answers one request on a pool thread.
+fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match call {
+        Call::Init(_) => {
+            let publisher = Publisher::default();
+            let forward = sender.clone();
+            publisher.forward(Arc::new(move |resource, devices| {
+                let devices = devices.iter().map(Into::into).collect();
+                forward.event(Answer::Publish(Publish { resource: resource.to_owned(), devices }));
+            }));
+            let faults = sender.clone();
+            publisher.on_fault(Arc::new(move |fault| {
+                let (operation, message) = (fault.operation.to_owned(), fault.message);
+                // Only invalid lists reach here: a backend's own thread
+                // cannot panic into the publisher.
+                debug_assert_eq!(fault.kind, FaultKind::InvalidData);
+                faults.event(Answer::Fault(Fault { operation, message }));
+            }));
+            backend.init(publisher.clone()).map(|specs| {
+                let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+                publisher.seal(&names);
+                Answer::Resources(Resources { resources: specs.iter().map(Into::into).collect() })
+            })
+        }
+        Call::Allocate(call) => backend.allocate(&call.resource, &call.ids).map(|a| Answer::Allocation(a.into())),
+        Call::Preferred(call) => backend
+            .preferred_allocation(&call.resource, &call.request())
+            .map(|ids| Answer::Preferred(PreferredAnswer { answered: ids.is_some(), ids: ids.unwrap_or_default() })),
+        Call::PreStart(call) => backend.pre_start(&call.resource, &call.ids).map(|()| Answer::Done(Empty {})),
+        Call::Shutdown(_) => {
+            backend.shutdown();
+            Ok(Answer::Done(Empty {}))
+        }
+        Call::Load(_) => Err(BackendError::new("the module is already loaded")),
+    }));
+    match outcome {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) if error.fault => failure(FailureKind::Invalid, error.message),
+        Ok(Err(error)) => failure(FailureKind::Declined, error.message),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic with a non-string payload".to_owned());
+            failure(FailureKind::Panicked, message)
+        }
+    }
+}
+
+/// Threads that answer requests; a new one is started whenever every
+/// thread is busy, so calls in flight never wait for each other.
+struct Pool {
+    shared: Arc<PoolShared>,
+}
+
+struct PoolShared {
+    backend: Arc<dyn Backend>,
+    sender: Sender,
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    requests: VecDeque<Request>,
+    idle: usize,
+}
+
+impl Pool {
+    fn new(backend: Arc<dyn Backend>, sender: Sender) -> Self {
+        let shared = PoolShared { backend, sender, queue: Mutex::default(), ready: Condvar::new() };
+        Pool { shared: Arc::new(shared) }
+    }
+
+    fn submit(&self, request: Request) {
+        let mut queue = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.requests.push_back(request);
+        // Enough idle threads for every queued request: wake one.
+        if queue.idle >= queue.requests.len() {
+            self.shared.ready.notify_one();
+            return;
+        }
+        drop(queue);
+        let shared = self.shared.clone();
+        std::thread::spawn(move || shared.work());
+    }
+}
+
+impl PoolShared {
+    fn work(&self) {
+        loop {
+            let request = {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(request) = queue.requests.pop_front() {
+                        break request;
+                    }
+                    queue.idle += 1;
+                    queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                    queue.idle -= 1;
+                }
+            };
+            let Some(call) = request.call else {
+                self.sender.send(request.id, failure(FailureKind::Protocol, "empty request".into()));
+                continue;
+            };
+            let answer = answer(self.backend.as_ref(), &self.sender, call);
+            self.sender.send(request.id, answer);
+        }
+    }
+}
+
+/// Sends every log event of this process (the module's, through the host
+/// callback, and the loader's) to devhost, which logs it under the
+/// backend's name.
+fn forward_logs(sender: Sender) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber = tracing_subscriber::registry().with(LogForwarder(sender));
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+struct LogForwarder(Sender);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogForwarder {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => 0,
+            tracing::Level::WARN => 1,
+            tracing::Level::INFO => 2,
+            _ => 3,
+        };
+        let mut text = TextVisitor::default();
+        event.record(&mut text);
+        self.0.event(Answer::Log(LogLine { level, text: text.finish() }));
+    }
+}
+
+/// The event's message, then its other fields as `key=value`.
+#[derive(Default)]
+struct TextVisitor {
+    message: String,
+    fields: Vec<String>,
+}
+
+impl TextVisitor {
+    fn finish(self) -> String {
+        if self.fields.is_empty() { self.message } else { format!("{} {}", self.message, self.fields.join(" ")) }
+    }
+}
+
+impl tracing::field::Visit for TextVisitor {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else if field.name() != "backend" {
+            self.fields.push(format!("{}={value:?}", field.name()));
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else if field.name() != "backend" {
+            self.fields.push(format!("{}={value}", field.name()));
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! The host ↔ worker protocol: length-prefixed protobuf frames over one
+//! `socketpair`, carrying the backend model both ways.
+//!
+//! A frame is a little-endian `u32` byte count followed by that many bytes
+//! of one message: [`Request`] from the host, [`Reply`] from the worker. A
+//! reply carries the `id` of the request it answers; id 0 marks an event the
+//! worker sends on its own (a device list published, a log line, a fault
+//! seen on a backend thread). The first request is always [`Load`], which
+//! carries [`PROTOCOL_VERSION`]; a worker that speaks another version says
+//! so and exits. Both ends are the same binary, so a mismatch means a
+//! broken installation, not a normal upgrade path.
+//!
+//! The messages are plain `prost` structs (no `.proto` file): the protocol
+//! is private to one binary and never seen by the kubelet.
+
+use std::io::{Read, Write};
+
+use prost::Message;
+
+use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
+
+/// Version of this protocol; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts: a device list may be up to the
+/// kubelet's 4 MiB message limit; leave room.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// One call from the host.
+#[derive(Clone, PartialEq, Message)]
+pub struct Request {
+    /// Non-zero; echoed in the reply.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// What to do.
+    #[prost(oneof = "Call", tags = "2, 3, 4, 5, 6, 7")]
+    pub call: Option<Call>,
+}
+
+/// The calls: the `Backend` trait, plus loading the module.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Call {
+    /// Load the module (always the first request).
+    #[prost(message, tag = "2")]
+    Load(Load),
+    /// `init`: answered with [`Answer::Resources`].
+    #[prost(message, tag = "3")]
+    Init(Empty),
+    /// `allocate`: answered with [`Answer::Allocation`].
+    #[prost(message, tag = "4")]
+    Allocate(DevicesCall),
+    /// `preferred_allocation`: answered with [`Answer::Preferred`].
+    #[prost(message, tag = "5")]
+    Preferred(PreferredCall),
+    /// `pre_start`: answered with [`Answer::Done`].
+    #[prost(message, tag = "6")]
+    PreStart(DevicesCall),
+    /// `shutdown`: answered with [`Answer::Done`]; the worker then waits
+    /// for the host to close the socket, and exits.
+    #[prost(message, tag = "7")]
+    Shutdown(Empty),
+}
+
+/// No fields.
+#[derive(Clone, PartialEq, Message)]
+pub struct Empty {}
+
+/// Which module to load, and how.
+#[derive(Clone, PartialEq, Message)]
+pub struct Load {
+    /// [`PROTOCOL_VERSION`] of the host.
+    #[prost(uint32, tag = "1")]
+    pub protocol: u32,
+    /// The backend's name, for log lines.
+    #[prost(string, tag = "2")]
+    pub backend: String,
+    /// Path of the module file.
+    #[prost(string, tag = "3")]
+    pub module: String,
+    /// Optional SHA-256 pin.
+    #[prost(string, optional, tag = "4")]
+    pub sha256: Option<String>,
+    /// The backend's `[config]` as JSON.
+    #[prost(string, tag = "5")]
+    pub config_json: String,
+    /// Address-space limit in MiB, 0 for none.
+    #[prost(uint64, tag = "6")]
+    pub memory_mb: u64,
+}
+
+/// `allocate` / `pre_start` arguments.
+#[derive(Clone, PartialEq, Message)]
+pub struct DevicesCall {
+    /// The resource.
+    #[prost(string, tag = "1")]
+    pub resource: String,
+    /// Device IDs.
+    #[prost(string, repeated, tag = "2")]
+    pub ids: Vec<String>,
+}
+
+/// `preferred_allocation` arguments.
+#[derive(Clone, PartialEq, Message)]
+pub struct PreferredCall {
+    /// The resource.
+    #[prost(string, tag = "1")]
+    pub resource: String,
+    /// Devices to choose from.
+    #[prost(string, repeated, tag = "2")]
+    pub available: Vec<String>,
+    /// Devices the answer must contain.
+    #[prost(string, repeated, tag = "3")]
+    pub must_include: Vec<String>,
+    /// How many to choose.
+    #[prost(uint64, tag = "4")]
+    pub size: u64,
+}
+
+/// One message from the worker: an answer (`id` > 0) or an event (`id` 0).
+#[derive(Clone, PartialEq, Message)]
+pub struct Reply {
+    /// The request answered, or 0 for an event.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The answer or event.
+    #[prost(oneof = "Answer", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    pub answer: Option<Answer>,
+}
+
+/// What the worker says.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Answer {
+    /// The module is loaded; its SHA-256 (of the bytes actually loaded).
+    #[prost(string, tag = "2")]
+    Loaded(String),
+    /// The call failed.
+    #[prost(message, tag = "3")]
+    Failed(Failure),
+    /// `init` succeeded with these resources.
+    #[prost(message, tag = "4")]
+    Resources(Resources),
+    /// `allocate` succeeded.
+    #[prost(message, tag = "5")]
+    Allocation(WireAllocation),
+    /// `preferred_allocation` answered (`None` list: use the default).
+    #[prost(message, tag = "6")]
+    Preferred(PreferredAnswer),
+    /// `pre_start` or `shutdown` returned.
+    #[prost(message, tag = "7")]
+    Done(Empty),
+    /// Event: a device list the backend published (already validated).
+    #[prost(message, tag = "8")]
+    Publish(Publish),
+    /// Event: a log line.
+    #[prost(message, tag = "9")]
+    Log(LogLine),
+    /// Event: a fault on a backend thread (an invalid publish).
+    #[prost(message, tag = "10")]
+    Fault(Fault),
+}
+
+/// How a call failed.
+#[derive(Clone, PartialEq, Message)]
+pub struct Failure {
+    /// See [`FailureKind`].
+    #[prost(enumeration = "FailureKind", tag = "1")]
+    pub kind: i32,
+    /// The message, in the backend's or the loader's words.
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// Kinds of [`Failure`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum FailureKind {
+    /// The backend declined the request; not a fault.
+    Declined = 0,
+    /// The backend broke the contract (invalid data).
+    Invalid = 1,
+    /// The backend reported a fault (`DEVHOST_FAULT`) or panicked.
+    Panicked = 2,
+    /// The module could not be loaded (the loader's message).
+    Load = 3,
+    /// The request itself was not understood (protocol mismatch).
+    Protocol = 4,
+}
+
+/// Resources declared by `init`.
+#[derive(Clone, PartialEq, Message)]
+pub struct Resources {
+    /// In declaration order.
+    #[prost(message, repeated, tag = "1")]
+    pub resources: Vec<WireResource>,
+}
+
+/// One declared resource.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireResource {
+    /// Resource name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Wants `pre_start`.
+    #[prost(bool, tag = "2")]
+    pub pre_start_required: bool,
+    /// Answers `preferred_allocation`.
+    #[prost(bool, tag = "3")]
+    pub preferred_allocation: bool,
+}
+
+/// An allocation.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireAllocation {
+    /// Environment variables.
+    #[prost(btree_map = "string, string", tag = "1")]
+    pub envs: std::collections::BTreeMap<String, String>,
+    /// Mounts.
+    #[prost(message, repeated, tag = "2")]
+    pub mounts: Vec<WireMount>,
+    /// Device nodes.
+    #[prost(message, repeated, tag = "3")]
+    pub device_specs: Vec<WireDeviceSpec>,
+    /// Annotations.
+    #[prost(btree_map = "string, string", tag = "4")]
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// CDI device names.
+    #[prost(string, repeated, tag = "5")]
+    pub cdi_devices: Vec<String>,
+}
+
+/// A mount.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireMount {
+    /// Container path.
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    /// Host path.
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    /// Read-only.
+    #[prost(bool, tag = "3")]
+    pub read_only: bool,
+}
+
+/// A device node.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireDeviceSpec {
+    /// Container path.
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    /// Host path.
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    /// cgroup permissions.
+    #[prost(string, tag = "3")]
+    pub permissions: String,
+}
+
+/// A preferred-allocation answer.
+#[derive(Clone, PartialEq, Message)]
+pub struct PreferredAnswer {
+    /// False: the backend left the choice to the host's default policy.
+    #[prost(bool, tag = "1")]
+    pub answered: bool,
+    /// The chosen IDs, when answered.
+    #[prost(string, repeated, tag = "2")]
+    pub ids: Vec<String>,
+}
+
+/// A published device list.
+#[derive(Clone, PartialEq, Message)]
+pub struct Publish {
+    /// The resource.
+    #[prost(string, tag = "1")]
+    pub resource: String,
+    /// Its devices.
+    #[prost(message, repeated, tag = "2")]
+    pub devices: Vec<WireDevice>,
+}
+
+/// One device.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireDevice {
+    /// ID.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Healthy.
+    #[prost(bool, tag = "2")]
+    pub healthy: bool,
+    /// NUMA nodes.
+    #[prost(int64, repeated, tag = "3")]
+    pub numa_nodes: Vec<i64>,
+}
+
+/// A log line from the module or the worker.
+#[derive(Clone, PartialEq, Message)]
+pub struct LogLine {
+    /// 0 error, 1 warn, 2 info, 3 debug.
+    #[prost(uint32, tag = "1")]
+    pub level: u32,
+    /// The text.
+    #[prost(string, tag = "2")]
+    pub text: String,
+}
+
+/// A fault seen on a backend thread.
+#[derive(Clone, PartialEq, Message)]
+pub struct Fault {
+    /// What the thread was doing (`publish`).
+    #[prost(string, tag = "1")]
+    pub operation: String,
+    /// What went wrong.
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// Encodes `message` as one frame.
+pub fn frame(message: &impl Message) -> Vec<u8> {
+    let len = message.encoded_len();
+    let mut buffer = Vec::with_capacity(4 + len);
+    buffer.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    // Cannot fail: the buffer has room (Vec grows).
+    let _ = message.encode(&mut buffer);
+    buffer
+}
+
+/// Parses a frame's length prefix, refusing frames over [`MAX_FRAME`].
+pub fn frame_len(prefix: [u8; 4]) -> std::io::Result<usize> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    Ok(len)
+}
+
+/// Reads one frame (blocking). `Ok(None)` at a clean end of stream.
+pub fn read_frame<M: Message + Default>(reader: &mut impl Read) -> std::io::Result<Option<M>> {
+    let mut prefix = [0; 4];
+    match reader.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let mut body = vec![0; frame_len(prefix)?];
+    reader.read_exact(&mut body)?;
+    M::decode(body.as_slice()).map(Some).map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+}
+
+/// Writes one frame (blocking) in a single `write_all`.
+pub fn write_frame(writer: &mut impl Write, message: &impl Message) -> std::io::Result<()> {
+    writer.write_all(&frame(message))
+}
+
+impl From<&Device> for WireDevice {
+    fn from(device: &Device) -> Self {
+        WireDevice {
+            id: device.id.clone(),
+            healthy: device.health == Health::Healthy,
+            numa_nodes: device.numa_nodes.clone(),
+        }
+    }
+}
+
+impl From<WireDevice> for Device {
+    fn from(device: WireDevice) -> Self {
+        let health = if device.healthy { Health::Healthy } else { Health::Unhealthy };
+        Device { id: device.id, health, numa_nodes: device.numa_nodes }
+    }
+}
+
+impl From<&ResourceSpec> for WireResource {
+    fn from(spec: &ResourceSpec) -> Self {
+        WireResource {
+            name: spec.name.clone(),
+            pre_start_required: spec.pre_start_required,
+            preferred_allocation: spec.preferred_allocation,
+        }
+    }
+}
+
+impl From<WireResource> for ResourceSpec {
+    fn from(spec: WireResource) -> Self {
+        ResourceSpec {
+            name: spec.name,
+            pre_start_required: spec.pre_start_required,
+            preferred_allocation: spec.preferred_allocation,
+        }
+    }
+}
+
+impl From<Allocation> for WireAllocation {
+    fn from(allocation: Allocation) -> Self {
+        WireAllocation {
+            envs: allocation.envs,
+            mounts: allocation
+                .mounts
+                .into_iter()
+                .map(|m| WireMount { container_path: m.container_path, host_path: m.host_path, read_only: m.read_only })
+                .collect(),
+            device_specs: allocation
+                .device_specs
+                .into_iter()
+                .map(|d| WireDeviceSpec {
+                    container_path: d.container_path,
+                    host_path: d.host_path,
+                    permissions: d.permissions,
+                })
+                .collect(),
+            annotations: allocation.annotations,
+            cdi_devices: allocation.cdi_devices,
+        }
+    }
+}
+
+impl From<WireAllocation> for Allocation {
+    fn from(allocation: WireAllocation) -> Self {
+        Allocation {
+            envs: allocation.envs,
+            mounts: allocation
+                .mounts
+                .into_iter()
+                .map(|m| Mount { container_path: m.container_path, host_path: m.host_path, read_only: m.read_only })
+                .collect(),
+            device_specs: allocation
+                .device_specs
+                .into_iter()
+                .map(|d| DeviceSpec {
+                    container_path: d.container_path,
+                    host_path: d.host_path,
+                    permissions: d.permissions,
+                })
+                .collect(),
+            annotations: allocation.annotations,
+            cdi_devices: allocation.cdi_devices,
+        }
+    }
+}
+
+impl PreferredCall {
+    /// The call for `request` on `resource`.
+    pub fn new(resource: &str, request: &PreferredRequest) -> Self {
+        PreferredCall {
+            resource: resource.to_owned(),
+            available: request.available.clone(),
+            must_include: request.must_include.clone(),
+            size: request.size as u64,
+        }
+    }
+
+    /// The request it carries.
+    pub fn request(&self) -> PreferredRequest {
+        PreferredRequest {
+            available: self.available.clone(),
+            must_include: self.must_include.clone(),
+            size: usize::try_from(self.size).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversized_frames_are_refused() {
+        let request = Request {
+            id: 7,
+            call: Some(Call::Allocate(DevicesCall { resource: "a.io/x".into(), ids: vec!["d0".into(), "d1".into()] })),
+        };
+        let bytes = frame(&request);
+        assert_eq!(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize, bytes.len() - 4);
+        let back: Request = read_frame(&mut bytes.as_slice()).expect("reads").expect("one frame");
+        assert_eq!(back, request);
+        assert_eq!(read_frame::<Request>(&mut [].as_slice()).expect("clean end"), None);
+        let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        let error = read_frame::<Request>(&mut huge.as_slice()).expect_err("too big");
+        assert!(error.to_string().contains("over the 16777216-byte limit"), "{error}");
+    }
+
+    #[test]
+    fn the_model_survives_the_wire() {
+        let device = Device { id: "g0".into(), health: Health::Unhealthy, numa_nodes: vec![1, 3] };
+        assert_eq!(Device::from(WireDevice::from(&device)), device);
+        let mut allocation = Allocation::default();
+        allocation.envs.insert("A".into(), "1".into());
+        allocation.annotations.insert("k".into(), "v".into());
+        allocation.mounts.push(Mount { container_path: "/c".into(), host_path: "/h".into(), read_only: true });
+        allocation.device_specs.push(DeviceSpec {
+            container_path: "/dev/c".into(),
+            host_path: "/dev/h".into(),
+            permissions: "rw".into(),
+        });
+        allocation.cdi_devices.push("a.io/x=g0".into());
+        assert_eq!(Allocation::from(WireAllocation::from(allocation.clone())), allocation);
+        let request = PreferredRequest { available: vec!["a".into()], must_include: vec![], size: 1 };
+        assert_eq!(PreferredCall::new("r", &request).request(), request);
+    }
+}
