@@ -57,6 +57,35 @@ fn list_shows_what_each_backend_sees_without_a_kubelet() {
 }
 
 #[test]
+fn list_names_where_a_module_runs_and_the_sha256_of_the_code_loaded() {
+    use sha2::Digest;
+    let node = Node::new();
+    let module = crate::native_loader::compile_c(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/native-c/example.c"),
+        node.dir.path(),
+    );
+    let expected: String =
+        sha2::Sha256::digest(std::fs::read(&module).expect("read module")).iter().map(|b| format!("{b:02x}")).collect();
+    let file = |isolation: &str| {
+        format!("[backend]\nmodule = {:?}\nisolation = \"{isolation}\"\n", module.display().to_string())
+    };
+    node.backend("in-worker", &file("process"));
+    let config_dir = node.dir.path().join("config").display().to_string();
+    let (code, text) = devhost(&["list", "--config", &config_dir, "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let listed: serde_json::Value = serde_json::from_str(&text).expect("JSON output");
+    assert_eq!(listed[0]["isolation"], "process", "{text}");
+    assert_eq!(listed[0]["sha256"], expected.as_str(), "{text}");
+    assert_eq!(listed[0]["resources"][0]["name"], "example.com/native-c", "{text}");
+
+    std::fs::remove_file(node.backends_dir().join("in-worker.toml")).expect("remove");
+    node.backend("in-process", &file("none"));
+    let (code, text) = devhost(&["list", "--config", &config_dir]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("in-process       module sha256 {expected} (isolation: none)")), "{text}");
+}
+
+#[test]
 fn the_demo_shows_registration_health_change_and_allocate_then_exits_cleanly() {
     let (code, text) = devhost(&["demo"]);
     assert_eq!(code, 0, "{text}");

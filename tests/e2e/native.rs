@@ -187,3 +187,56 @@ async fn a_panicking_backend_goes_unhealthy_and_recovers_while_its_neighbour_ser
         .expect("re-initialised with back-off, healthy again");
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// The process (not a zombie) `pid` exists.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+#[tokio::test]
+async fn a_module_replaced_on_disk_serves_its_new_code_from_a_new_worker() {
+    use sha2::Digest;
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let fixtures = repo().join("tests/fixtures/native");
+    let old = compile_c(&fixtures.join("pid_report.c"), &modules);
+    let new = compile_c(&repo().join("examples/native-c/example.c"), &modules);
+    let module = modules.join("libvendor.so");
+    std::fs::copy(&old, &module).expect("install the first version");
+    node.backend("vendor", &module_file(&module, ""));
+    node.backend("static", &static_backend(&[("example.com/good", &["g-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    kubelet.wait_for_registrations("fixture.example.com/pid-report", 1, WAIT).await.expect("first version");
+    let answer = kubelet.allocate("fixture.example.com/pid-report", &["pid-0"]).await.expect("allocate");
+    let old_worker: i32 =
+        answer.container_responses[0].envs["FIXTURE_PID"].parse().expect("the fixture reports its worker's pid");
+    assert!(alive(old_worker), "the first worker runs");
+
+    // Replace the module the way an upgrade does: a new file renamed over
+    // it (noticed by the periodic rescan, which compares module files).
+    let staged = modules.join(".libvendor.so.new");
+    std::fs::copy(&new, &staged).expect("stage");
+    std::fs::rename(&staged, &module).expect("replace");
+    let sha256: String =
+        sha2::Sha256::digest(std::fs::read(&module).expect("read")).iter().map(|b| format!("{b:02x}")).collect();
+
+    kubelet.wait_for_registrations(C, 1, WAIT).await.expect("the new code's resource registers");
+    let answer = kubelet.allocate(C, &["c-0"]).await.expect("the new code answers");
+    assert_eq!(answer.container_responses[0].envs.get("EXAMPLE_DEVICES").map(String::as_str), Some("c-0"));
+    let deadline = std::time::Instant::now() + WAIT;
+    while alive(old_worker) {
+        assert!(std::time::Instant::now() < deadline, "the old worker {old_worker} still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let address = devhost.metrics_address().await;
+    let (_, metrics) = crate::harness::http_get(&address, "/metrics").await;
+    let info = metrics.lines().find(|l| l.starts_with("devhost_backend_info{") && l.contains("backend=\"vendor\""));
+    let info = info.unwrap_or_else(|| panic!("no devhost_backend_info for vendor:\n{metrics}"));
+    assert!(info.contains(&format!("sha256=\"{sha256}\"")) && info.contains("isolation=\"process\""), "{info}");
+    let series = metrics.lines().filter(|l| l.starts_with("devhost_backend_info{") && l.contains("backend=\"vendor\""));
+    assert_eq!(series.count(), 1, "the old module's series is gone:\n{metrics}");
+    assert!(devhost.log().contains("backend changed; replacing it"), "{}", devhost.log());
+}

@@ -588,6 +588,61 @@ mod tests {
         }
     }
 
+    /// Its allocate blocks until the test opens the gate.
+    struct Wedged {
+        gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Backend for Wedged {
+        fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
+            publisher.publish("t.io/w", vec![Device::healthy("w0")]).map_err(|e| BackendError::new(e.to_string()))?;
+            Ok(vec![ResourceSpec { name: "t.io/w".into(), pre_start_required: false, preferred_allocation: false }])
+        }
+
+        fn allocate(&self, _: &str, _: &[String]) -> Result<Allocation, BackendError> {
+            let (open, changed) = &*self.gate;
+            let mut open = open.lock().expect("lock");
+            while !*open {
+                open = changed.wait(open).expect("wait");
+            }
+            Ok(Allocation::default())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hung_calls_use_up_only_their_own_backends_slots() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let wedged = Arc::new(Wedged { gate: gate.clone() });
+        let cancel = CancellationToken::new();
+        let hung = BackendHandle::start("wedged", wedged, Duration::from_millis(20), cancel.clone()).await.expect("starts");
+        let keeper = BackendHandle::start("keeper", Arc::new(Keeper::default()), Duration::from_secs(5), cancel.clone())
+            .await
+            .expect("starts");
+        for _ in 0..MAX_CALLS_IN_FLIGHT {
+            let error = hung.allocate("t.io/w", vec!["w0".into()]).await.expect_err("hangs past its deadline");
+            assert_eq!(error.kind(), "timed_out", "{error}");
+        }
+        // Every slot is held by a thread still stuck in the backend: the
+        // next call is refused at once, without taking another thread.
+        let refused = hung.allocate("t.io/w", vec!["w0".into()]).await.expect_err("no slot left");
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "backend \"wedged\": allocate refused: {MAX_CALLS_IN_FLIGHT} calls are already in flight (its calls hang or it is overloaded)"
+            )
+        );
+        assert!(!refused.is_fault(), "busy is not a fault");
+        // Its neighbour is untouched, for many calls in a row.
+        for _ in 0..200 {
+            keeper.allocate("t.io/x", vec!["x0".into()]).await.expect("the neighbour answers");
+        }
+        // Released, the stuck calls return and their slots come back.
+        *gate.0.lock().expect("lock") = true;
+        gate.1.notify_all();
+        eventually(|| hung.slots.available_permits() == MAX_CALLS_IN_FLIGHT).await;
+        cancel.cancel();
+    }
+
     #[tokio::test]
     async fn a_declined_request_is_not_a_fault_but_invalid_data_is() {
         let keeper = Arc::new(Keeper::default());
