@@ -42,6 +42,7 @@ impl Sender {
 
 /// Runs the worker; the exit code is for devhost's log only.
 pub fn main() -> ExitCode {
+    super::sys::default_fault_signals();
     let stream = match super::sys::take_socket() {
         Ok(stream) => stream,
         Err(error) => {

@@ -99,6 +99,20 @@ fn close_strays() {
     }
 }
 
+/// Gives SIGSEGV and SIGBUS back to the kernel's default action. Rust's
+/// runtime installs handlers that turn a stack overflow on its threads into
+/// `abort()` (SIGABRT); a module's stack overflow must show as the SIGSEGV
+/// it is, not as a module calling `abort()`.
+pub fn default_fault_signals() {
+    for signal in [libc::SIGSEGV, libc::SIGBUS] {
+        // SAFETY: setting a standard signal to SIG_DFL has no preconditions;
+        // nothing in this process relies on these handlers.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+    }
+}
+
 /// Limits this process's address space to `megabytes` MiB.
 pub fn limit_address_space(megabytes: u64) -> std::io::Result<()> {
     let bytes = megabytes.saturating_mul(1024 * 1024);
