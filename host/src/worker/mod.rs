@@ -523,13 +523,22 @@ impl Worker {
 
 async fn read_reply(reader: &mut OwnedReadHalf) -> std::io::Result<Option<Reply>> {
     let mut prefix = [0; 4];
+    // A worker that dies with requests unread in its socket resets the
+    // connection: that is an end like any other, not a broken frame.
+    let ended = |error: &std::io::Error| {
+        matches!(error.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset)
+    };
     match reader.read_exact(&mut prefix).await {
         Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) if ended(&error) => return Ok(None),
         Err(error) => return Err(error),
     }
     let mut body = vec![0; protocol::frame_len(prefix)?];
-    reader.read_exact(&mut body).await?;
+    match reader.read_exact(&mut body).await {
+        Ok(_) => {}
+        Err(error) if ended(&error) => return Ok(None),
+        Err(error) => return Err(error),
+    }
     prost::Message::decode(body.as_slice())
         .map(Some)
         .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
