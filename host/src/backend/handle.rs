@@ -614,10 +614,12 @@ mod tests {
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let wedged = Arc::new(Wedged { gate: gate.clone() });
         let cancel = CancellationToken::new();
-        let hung = BackendHandle::start("wedged", wedged, Duration::from_millis(20), cancel.clone()).await.expect("starts");
-        let keeper = BackendHandle::start("keeper", Arc::new(Keeper::default()), Duration::from_secs(5), cancel.clone())
-            .await
-            .expect("starts");
+        let hung =
+            BackendHandle::start("wedged", wedged, Duration::from_millis(20), cancel.clone()).await.expect("starts");
+        let keeper =
+            BackendHandle::start("keeper", Arc::new(Keeper::default()), Duration::from_secs(5), cancel.clone())
+                .await
+                .expect("starts");
         for _ in 0..MAX_CALLS_IN_FLIGHT {
             let error = hung.allocate("t.io/w", vec!["w0".into()]).await.expect_err("hangs past its deadline");
             assert_eq!(error.kind(), "timed_out", "{error}");
