@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --bin devhost -p devhost-example-native-rust -p devhost-bench
 //! cargo build --release --target wasm32-wasip2 -p devhost-example-wasm-rust
-//! target/release/devhost-bench all        # or: floor allocate health restart idle scale
+//! target/release/devhost-bench all        # or: floor allocate health restart idle scale isolation
 //! ```
 //!
 //! The `devhost` binary runs as a child process (the one next to this
@@ -44,7 +44,7 @@ fn main() -> Result<()> {
         return tokio::runtime::Runtime::new()?.block_on(floor_server(Path::new(socket)));
     }
     let which: Vec<&str> = match args.first().map(String::as_str) {
-        None | Some("all") => vec!["floor", "allocate", "health", "restart", "idle", "scale"],
+        None | Some("all") => vec!["floor", "allocate", "health", "restart", "idle", "scale", "isolation"],
         Some(_) => args.iter().map(String::as_str).collect(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -59,7 +59,10 @@ fn main() -> Result<()> {
                 "restart" => restart(&mut table).await,
                 "idle" => idle(&mut table).await,
                 "scale" => scale(&mut table).await,
-                other => bail!("unknown benchmark {other}; known: floor allocate health restart idle scale"),
+                "isolation" => isolation(&mut table).await,
+                other => {
+                    bail!("unknown benchmark {other}; known: floor allocate health restart idle scale isolation")
+                }
             }
         })?;
     }
@@ -681,4 +684,455 @@ async fn scale(table: &mut Table) -> Result<()> {
         format!("start → all 50 registered {}; RSS {:.1} MiB", ms(registered), rss_kib(pid)? as f64 / 1024.0),
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------- isolation
+
+/// Rounds of [`SEQUENTIAL`] calls per isolation mode; the mode that goes
+/// first alternates, so drift on a shared machine hits both alike.
+const ISOLATION_ROUNDS: usize = 3;
+/// Calls per mode before measuring.
+const WARM_UP: usize = 500;
+/// Backend starts measured per mode.
+const STARTS: usize = 20;
+
+/// The `q` quantile of `samples` (nearest rank).
+fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted
+        .get(((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// `p50 A vs B (+Δ µs), p99 …` for samples of the isolated (`a`) and the
+/// in-process (`b`) path.
+fn versus(a: &[Duration], b: &[Duration]) -> String {
+    let (a50, b50, a99, b99) = (quantile(a, 0.5), quantile(b, 0.5), quantile(a, 0.99), quantile(b, 0.99));
+    format!(
+        "p50 {:.1} vs {:.1} µs (**{:+.1} µs**); p99 {:.1} vs {:.1} µs ({:+.1} µs)",
+        us(a50),
+        us(b50),
+        us(a50) - us(b50),
+        us(a99),
+        us(b99),
+        us(a99) - us(b99)
+    )
+}
+
+/// The Rust example with a given `isolation` and resource name.
+fn isolated_file(module: &Path, resource: &str, isolation: &str) -> String {
+    format!(
+        "[backend]\nmodule = {:?}\nisolation = {isolation:?}\n[config]\nresource = {resource:?}\ndevices = 2\nflip_interval_ms = 3600000\n",
+        module.display().to_string()
+    )
+}
+
+/// A copy of the Rust example module in its own directory `dir`.
+fn module_copy(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    native_module(dir)
+}
+
+async fn sequential_allocates(
+    client: &mut DevicePluginClient<Channel>,
+    ids: &[String],
+    calls: usize,
+) -> Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let started = Instant::now();
+        client.allocate(allocate_request(&ids[i % ids.len()])).await?;
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+/// A process's memory in KiB: resident (all), resident anonymous (its own
+/// heap and stacks), resident file-backed (mostly the binary and libraries,
+/// shared with every other process that maps them); from `smaps_rollup`
+/// when readable, its proportional share (`Pss`: shared pages divided among
+/// their users) and its unique set (`Private_*`: what ending it frees).
+struct Memory {
+    rss: u64,
+    anon: u64,
+    file: u64,
+    pss: Option<u64>,
+    uss: Option<u64>,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Result<Self> {
+        let field = |text: &str, name: &str| -> Option<u64> {
+            text.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let status_field = |name: &str| field(&status, name).with_context(|| format!("{name} of process {pid}"));
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        Ok(Memory {
+            rss: status_field("VmRSS:")?,
+            anon: status_field("RssAnon:")?,
+            file: status_field("RssFile:")?,
+            pss: field(&rollup, "Pss:"),
+            uss: field(&rollup, "Private_Clean:").zip(field(&rollup, "Private_Dirty:")).map(|(c, d)| c + d),
+        })
+    }
+
+    fn render(&self) -> String {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let pss = self.pss.map(|pss| format!(", PSS {:.1} MiB", mib(pss))).unwrap_or_default();
+        let uss = self.uss.map(|uss| format!(", private (USS) {:.1} MiB", mib(uss))).unwrap_or_default();
+        format!(
+            "RSS {:.1} MiB (anonymous {:.1} MiB, file-backed {:.1} MiB){pss}{uss}",
+            mib(self.rss),
+            mib(self.anon),
+            mib(self.file)
+        )
+    }
+}
+
+/// The child processes of `pid`, with their command lines.
+fn children(pid: u32) -> Result<Vec<(u32, String)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(child) = entry?.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let parent = stat.rsplit_once(')').and_then(|(_, after)| after.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(pid) {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            found.push((child, String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_owned()));
+        }
+    }
+    Ok(found)
+}
+
+/// The cost of process isolation, same module, same code path, same
+/// devhost: the Rust example served twice by one devhost, once in a worker
+/// process and once in-process, Allocate through the kubelet's client; the
+/// workers' memory; and, in this process through the library, what
+/// starting a backend in a worker costs and where an Allocate's time goes.
+async fn isolation(table: &mut Table) -> Result<()> {
+    let mut node = Node::new()?;
+    let modules = node.dir.path().join("modules");
+    let (isolated, in_process) = ("bench.example.com/isolated", "bench.example.com/in-process");
+    node.backend("isolated", &isolated_file(&module_copy(&modules.join("a"))?, isolated, "process"))?;
+    node.backend("in-process", &isolated_file(&module_copy(&modules.join("b"))?, in_process, "none"))?;
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    let started = Instant::now();
+    let pid = node.start()?;
+    all_registered(&kubelet, &[isolated.to_owned(), in_process.to_owned()], 1).await?;
+    let registered = started.elapsed();
+    let ids: Vec<String> = vec!["rust-0".into(), "rust-1".into()];
+    for resource in [isolated, in_process] {
+        kubelet.wait_for_devices(resource, WAIT, |d| d.len() == ids.len()).await?;
+    }
+    let mut isolated_client = kubelet.client(isolated).await?;
+    let mut in_process_client = kubelet.client(in_process).await?;
+    sequential_allocates(&mut isolated_client, &ids, WARM_UP).await?;
+    sequential_allocates(&mut in_process_client, &ids, WARM_UP).await?;
+    let (mut a, mut b, mut rounds) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ISOLATION_ROUNDS {
+        let (ra, rb) = if round % 2 == 0 {
+            let ra = sequential_allocates(&mut isolated_client, &ids, SEQUENTIAL).await?;
+            (ra, sequential_allocates(&mut in_process_client, &ids, SEQUENTIAL).await?)
+        } else {
+            let rb = sequential_allocates(&mut in_process_client, &ids, SEQUENTIAL).await?;
+            (sequential_allocates(&mut isolated_client, &ids, SEQUENTIAL).await?, rb)
+        };
+        rounds.push(format!("{:+.1}", us(quantile(&ra, 0.5)) - us(quantile(&rb, 0.5))));
+        a.extend(ra);
+        b.extend(rb);
+    }
+    table.row(
+        "isolation: Allocate through the kubelet client, worker process vs in-process",
+        versus(&a, &b),
+        format!(
+            "same Rust example module (two copies), one devhost; {ISOLATION_ROUNDS} alternating rounds × {SEQUENTIAL} sequential calls each after {WARM_UP} warm-up; p50 Δ per round: {} µs",
+            rounds.join(" / ")
+        ),
+    );
+    table.row("isolation: Allocate, worker process", dist(&a), format!("{} calls", a.len()));
+    table.row("isolation: Allocate, in-process (isolation = \"none\")", dist(&b), format!("{} calls", b.len()));
+
+    let workers: Vec<(u32, String)> =
+        children(pid)?.into_iter().filter(|(_, cmdline)| cmdline.contains(" __worker ")).collect();
+    let [(worker, cmdline)] = workers.as_slice() else {
+        bail!("expected one worker process of devhost {pid}, found {workers:?}");
+    };
+    table.row(
+        "isolation: memory of one worker process (Rust example)",
+        Memory::of(*worker)?.render(),
+        format!("`{cmdline}`, after the Allocate runs; file-backed pages are the devhost binary, shared"),
+    );
+    table.row(
+        "isolation: memory of devhost itself (2 backends, one in-process)",
+        Memory::of(pid)?.render(),
+        format!("start → both resources registered {}", ms(registered)),
+    );
+    drop(node);
+    isolation_in_library(table).await
+}
+
+/// Through the library in this process: backend start (spawn + load +
+/// init) in a worker vs in-process, the handle's own Allocate (no gRPC) in
+/// both, and the floor of a round trip over a socketpair.
+async fn isolation_in_library(table: &mut Table) -> Result<()> {
+    use devhost::backend::handle::Runner;
+    // This binary is not devhost: workers are the devhost binary.
+    devhost::worker::set_executable(devhost_bin()?);
+    let dir = tempfile::Builder::new().prefix("devhost-bench-").tempdir()?;
+    let mut handles = Vec::new();
+    for (mode, resource) in
+        [("process", "bench.example.com/lib-isolated"), ("none", "bench.example.com/lib-in-process")]
+    {
+        let module = module_copy(&dir.path().join(mode))?;
+        let file = dir.path().join(format!("{mode}.toml"));
+        let config = devhost::config::parse_backend(&file, &isolated_file(&module, resource, mode), WAIT)?;
+        let (mut loads, mut inits, mut shutdowns, mut pids) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for i in 0..=STARTS {
+            let stop = CancellationToken::new();
+            let started = Instant::now();
+            let runner = devhost::loader::load(&config).await.map_err(anyhow::Error::msg)?;
+            let loaded = started.elapsed();
+            if let Runner::Worker(_) = &runner {
+                pids += 1;
+            }
+            let handle = BackendHandle::start(&config.name, runner, Duration::from_secs(5), stop.clone()).await?;
+            let initialised = started.elapsed() - loaded;
+            if i == STARTS {
+                // The last one stays up for the Allocate figures below.
+                handles.push((mode, resource, handle, stop));
+                break;
+            }
+            let t = Instant::now();
+            handle.shutdown().await;
+            shutdowns.push(t.elapsed());
+            stop.cancel();
+            // The first start pays for cold caches: not counted.
+            if i > 0 {
+                loads.push(loaded);
+                inits.push(initialised);
+            }
+        }
+        let what = if mode == "process" { "in a worker process" } else { "in-process (isolation = \"none\")" };
+        let load_what = if pids > 0 { "spawn + exec + dlopen + checks (`loader::load`)" } else { "dlopen + checks" };
+        let total: Vec<Duration> = loads.iter().zip(&inits).map(|(l, i)| *l + *i).collect();
+        table.row(format!("isolation: backend start {what}, load + init"), dist(&total), format!("{STARTS} starts"));
+        table.row(format!("isolation: backend start {what}, load part"), dist(&loads), load_what);
+        table.row(format!("isolation: backend start {what}, init part"), dist(&inits), "`BackendHandle::start`");
+        table.row(format!("isolation: backend shutdown {what}"), dist(&shutdowns), "`BackendHandle::shutdown`");
+    }
+    // The handle's Allocate, no gRPC: the worker's protocol round trip vs
+    // the in-process call on the blocking pool.
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
+    for round in 0..=ISOLATION_ROUNDS {
+        for k in 0..2 {
+            let k = if round % 2 == 0 { k } else { 1 - k };
+            let (_, resource, handle, _) = &handles[k];
+            let calls = if round == 0 { WARM_UP } else { SEQUENTIAL };
+            for i in 0..calls {
+                let started = Instant::now();
+                handle.allocate(resource, vec![format!("rust-{}", i % 2)]).await?;
+                if round > 0 {
+                    samples[k].push(started.elapsed());
+                }
+            }
+        }
+    }
+    table.row(
+        "isolation: `BackendHandle::allocate` in this process (no gRPC), worker vs in-process",
+        versus(&samples[0], &samples[1]),
+        format!("{ISOLATION_ROUNDS} alternating rounds × {SEQUENTIAL} calls; same module"),
+    );
+    for (_, _, handle, stop) in handles {
+        handle.shutdown().await;
+        stop.cancel();
+    }
+    // Where a worker call's time goes: the floors of its hops. A worker
+    // call wakes the worker's reading thread, which hands the request to a
+    // pool thread, whose answer wakes devhost's reactor; in-process, a call
+    // wakes a blocking-pool thread whose result wakes the caller.
+    table.row(
+        "isolation floor: one round trip over a socketpair between two threads, blocking reads",
+        dist(&socketpair_round_trips(SEQUENTIAL, Echo::Blocking)?),
+        format!(
+            "{SEQUENTIAL} round trips of a 200-byte frame: the caller and the echo thread each sleep and are woken"
+        ),
+    );
+    table.row(
+        "isolation floor: the same, the reading thread handing each frame to a second thread (Condvar)",
+        dist(&socketpair_round_trips(SEQUENTIAL, Echo::HandOff)?),
+        "the worker's structure (reader → pool thread → answer): one more wake-up per round trip",
+    );
+    table.row(
+        "isolation floor: the same hand-off, devhost's side async (tokio socket, reader task, oneshot)",
+        dist(&async_round_trips(SEQUENTIAL).await?),
+        "a worker call's round trip without protobuf, the module or the handle",
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if cpus >= 2 {
+        table.row(
+            "isolation floor: the same as the first, busy-polling reads",
+            dist(&socketpair_round_trips(SEQUENTIAL, Echo::Spin)?),
+            "no thread sleeps: the system calls and copies alone; the difference to blocking is the cost of waking threads",
+        );
+    } else {
+        table.row("isolation floor: busy-polling reads", "not measured", "this process may use only one CPU");
+    }
+    Ok(())
+}
+
+/// How the echo side of [`socketpair_round_trips`] answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    /// Blocking reads and writes on one thread.
+    Blocking,
+    /// Blocking reads; each frame handed over a `Mutex` + `Condvar` to a
+    /// second thread, which writes it back.
+    HandOff,
+    /// Both sides poll non-blocking sockets instead of sleeping.
+    Spin,
+}
+
+type Frame = [u8; 200];
+
+/// Reads one frame; `false` at the end of the stream. Spins on a
+/// non-blocking socket.
+fn read_frame(stream: &mut std::os::unix::net::UnixStream, frame: &mut Frame) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut filled = 0;
+    while filled < frame.len() {
+        match stream.read(&mut frame[filled..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(true)
+}
+
+/// Starts the echo side on `theirs`; its threads end when the other end
+/// closes.
+fn spawn_echo(
+    mut theirs: std::os::unix::net::UnixStream,
+    echo: Echo,
+) -> Result<Vec<std::thread::JoinHandle<Result<()>>>> {
+    use std::io::Write;
+    use std::sync::Condvar;
+    theirs.set_nonblocking(echo == Echo::Spin)?;
+    // For `HandOff`: the frame in hand (`Some(None)` at the end).
+    let handed = Arc::new((Mutex::new(Option::<Option<Frame>>::None), Condvar::new()));
+    let mut threads = Vec::new();
+    if echo == Echo::HandOff {
+        let (handed, mut stream) = (handed.clone(), theirs.try_clone()?);
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            let (slot, ready) = &*handed;
+            loop {
+                let mut guard = slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                while guard.is_none() {
+                    guard = ready.wait(guard).map_err(|_| anyhow::anyhow!("poisoned"))?;
+                }
+                let Some(frame) = guard.take().flatten() else { return Ok(()) };
+                drop(guard);
+                stream.write_all(&frame)?;
+            }
+        }));
+    }
+    threads.push(std::thread::spawn(move || -> Result<()> {
+        let mut frame = [0u8; 200];
+        let (slot, ready) = &*handed;
+        let hand = |frame: Option<Frame>| -> Result<()> {
+            *slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(frame);
+            ready.notify_one();
+            Ok(())
+        };
+        while read_frame(&mut theirs, &mut frame)? {
+            if echo == Echo::HandOff {
+                hand(Some(frame))?;
+            } else {
+                theirs.write_all(&frame)?;
+            }
+        }
+        if echo == Echo::HandOff {
+            hand(None)?;
+        }
+        Ok(())
+    }));
+    Ok(threads)
+}
+
+fn join_echo(threads: Vec<std::thread::JoinHandle<Result<()>>>) -> Result<()> {
+    for thread in threads {
+        thread.join().map_err(|_| anyhow::anyhow!("an echo thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// Round trips of a 200-byte frame over a Unix socketpair to an echo.
+fn socketpair_round_trips(count: usize, echo: Echo) -> Result<Vec<Duration>> {
+    use std::io::Write;
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(echo == Echo::Spin)?;
+    let threads = spawn_echo(theirs, echo)?;
+    let mut frame = [7u8; 200];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..WARM_UP + count {
+        let started = Instant::now();
+        ours.write_all(&frame)?;
+        if !read_frame(&mut ours, &mut frame)? {
+            bail!("the echo closed its end");
+        }
+        if i >= WARM_UP {
+            samples.push(started.elapsed());
+        }
+    }
+    drop(ours);
+    join_echo(threads).map(|()| samples)
+}
+
+/// The same round trip as devhost's side of a worker call makes it: the
+/// frame written on an async socket, the answer read by a reader task and
+/// handed to the caller through a oneshot; the echo hands each frame to a
+/// second thread, as the worker does. No protobuf, no module.
+async fn async_round_trips(count: usize) -> Result<Vec<Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    type Waiter = Arc<Mutex<Option<tokio::sync::oneshot::Sender<Frame>>>>;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let threads = spawn_echo(theirs, Echo::HandOff)?;
+    ours.set_nonblocking(true)?;
+    let (mut reader, mut writer) = tokio::net::UnixStream::from_std(ours)?.into_split();
+    let waiter: Waiter = Arc::default();
+    let read_loop = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let mut frame = [0u8; 200];
+            while reader.read_exact(&mut frame).await.is_ok() {
+                if let Some(sender) = waiter.lock().ok().and_then(|mut w| w.take()) {
+                    let _ = sender.send(frame);
+                }
+            }
+        })
+    };
+    let frame = [7u8; 200];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..WARM_UP + count {
+        let started = Instant::now();
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        *waiter.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(sender);
+        writer.write_all(&frame).await?;
+        receiver.await?;
+        if i >= WARM_UP {
+            samples.push(started.elapsed());
+        }
+    }
+    drop(writer);
+    read_loop.await?;
+    join_echo(threads)?;
+    Ok(samples)
 }

@@ -25,7 +25,7 @@ use devhost::proto::v1beta1::AllocateResponse;
 use nix::sys::signal::Signal;
 use tokio::task::JoinHandle;
 
-use crate::harness::{Node, WAIT, http_get, static_backend};
+use crate::harness::{Devhost, Node, WAIT, http_get, static_backend};
 use crate::native_loader::{compile_c, rust_module};
 
 /// How much of everything: small in CI, large under `scripts/soak`.
@@ -473,6 +473,110 @@ async fn soak_sigkill_and_start_again() {
     report.finish();
 }
 
+/// The crash-loop backend of the faults test (`segv_thread.c`) and how
+/// long each of its workers lives.
+const CRASH_LOOP: &str = "segv-thread";
+const CRASH_AFTER_MS: u64 = 1000;
+
+/// The children of process `parent`: PID, state (`S`, `R`, `Z`…) and
+/// command line (arguments joined by spaces; empty for a zombie).
+fn children_of(parent: u32) -> Vec<(u32, char, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            let ppid: u32 = fields.next()?.parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_owned();
+            (ppid == parent).then_some((pid, state, cmdline))
+        })
+        .collect()
+}
+
+/// The PID of the devhost process serving `node` (a child of this test).
+fn devhost_pid(node: &Node) -> u32 {
+    let config = node.config_file().display().to_string();
+    let children = children_of(std::process::id());
+    let found = children.iter().find(|(_, _, cmdline)| cmdline.contains(" run ") && cmdline.contains(&config));
+    found.map(|(pid, _, _)| *pid).unwrap_or_else(|| panic!("no devhost child serving {config}: {children:?}"))
+}
+
+/// Live (not zombie) worker processes of the crash-loop backend.
+fn crash_loop_workers(devhost: u32) -> usize {
+    let needle = format!("__worker {CRASH_LOOP}");
+    children_of(devhost).iter().filter(|(_, state, cmdline)| *state != 'Z' && cmdline.ends_with(&needle)).count()
+}
+
+/// Checks and reports the crash loop of the faults test: it really looped
+/// (at least two crashes with no call in flight), and afterwards at most
+/// one worker of it lives and devhost has no unreaped child.
+async fn crash_loop_figures(report: &mut Report, devhost: &Devhost, pid: u32, metrics: &str, most_workers: usize) {
+    let log = devhost.log();
+    let ours = |line: &&str| line.contains(&format!("backend={CRASH_LOOP}"));
+    let idle_crashes =
+        log.lines().filter(ours).filter(|line| line.contains("worker killed by SIGSEGV while idle")).count();
+    let started = log.lines().filter(ours).filter(|line| line.contains("worker started; module loaded")).count();
+    let errors: Vec<String> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("devhost_backend_call_errors_total{")
+                && line.contains(&format!("backend=\"{CRASH_LOOP}\""))
+        })
+        .filter_map(|line| {
+            let operation = line.split("operation=\"").nth(1)?.split('"').next()?;
+            let kind = line.split("kind=\"").nth(1)?.split('"').next()?;
+            Some(format!("{operation}/{kind}: {}", line.rsplit(' ').next()?))
+        })
+        .collect();
+    let restarts = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("devhost_backend_restarts_total{") && line.contains(&format!("backend=\"{CRASH_LOOP}\""))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .unwrap_or("0")
+        .to_owned();
+    // The last crash may be seconds old or a moment ago: give devhost a
+    // moment to reap it and start the next worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (live, zombies) = loop {
+        let zombies: Vec<u32> =
+            children_of(pid).iter().filter(|(_, state, _)| *state == 'Z').map(|(pid, _, _)| *pid).collect();
+        let live = crash_loop_workers(pid);
+        if (live <= 1 && zombies.is_empty()) || Instant::now() > deadline {
+            break (live, zombies);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    report.row(
+        format!("crash loop ({CRASH_LOOP}, crash_after_ms = {CRASH_AFTER_MS})"),
+        format!(
+            "{idle_crashes} crashes while idle (log), {started} workers started, {restarts} recoveries; call errors by operation/kind: {}",
+            if errors.is_empty() { "none".to_owned() } else { errors.join(", ") }
+        ),
+    );
+    report.row(
+        "crash loop: its live workers",
+        format!(
+            "at most {most_workers} at once during the run (sampled every 50 ms); {live} after it; zombie children of devhost: {}",
+            zombies.len()
+        ),
+    );
+    if idle_crashes < 2 {
+        report.lost(format!("the crash loop did not loop: {idle_crashes} crash(es) while idle seen in the log"));
+    }
+    if live > 1 {
+        report.lost(format!("{live} workers of {CRASH_LOOP} alive after the run"));
+    }
+    if !zombies.is_empty() {
+        report.lost(format!("devhost left unreaped children {zombies:?}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
     let scale = scale();
@@ -504,12 +608,24 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
     node.backend("hang", &module_file(&hang, 200, ""));
     let garbage = compile_c(&fixtures.join("garbage.c"), &modules);
     node.backend("garbage", &module_file(&garbage, 1000, "garbage = \"alloc-env\""));
+    // A crash loop: the worker's own thread segfaults CRASH_AFTER_MS after
+    // every (re)start, with no call in flight, for the whole run.
+    let segv = compile_c(&fixtures.join("segv_thread.c"), &modules);
+    node.backend(CRASH_LOOP, &module_file(&segv, 1000, &format!("crash_after_ms = {CRASH_AFTER_MS}")));
     let mut hostile: Vec<(String, Vec<String>)> = vec![
         ("fixture.example.com/panic".into(), ids("p", 2)),
         ("fixture.example.com/hang".into(), vec!["h-0".into()]),
         ("fixture.example.com/garbage".into(), ids("gpu", 2)),
+        ("fixture.example.com/segv-thread".into(), ids("st", 2)),
     ];
-    let mut faults = vec!["panic (native Rust)", "hang past the deadline (native C)", "garbage in Allocate (native C)"];
+    let crash_loop =
+        format!("SIGSEGV on its own thread {CRASH_AFTER_MS} ms after every (re)start: a crash loop (native C)");
+    let mut faults = vec![
+        "panic (native Rust)",
+        "hang past the deadline (native C)",
+        "garbage in Allocate (native C)",
+        crash_loop.as_str(),
+    ];
     // Hostile WASM components, when built.
     if let Some(module) = component("devhost_fixture_wasm_hostile", &modules) {
         let cache = node.dir.path().join("cache");
@@ -522,6 +638,7 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
     }
     let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
     let devhost = node.start_devhost();
+    let devhost_pid = devhost_pid(&node);
     let mut names: Vec<String> = healthy.iter().chain(&hostile).map(|(name, _)| name.clone()).collect();
     names.extend(["soak.example.com/flap".to_owned(), "soak.example.com/native-flap".to_owned()]);
     registered(&kubelet, &names, 1, Instant::now()).await;
@@ -578,6 +695,7 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
         .collect();
     // Healthy resources' lists are sampled: never Unhealthy, never re-registered.
     let mut samples = 0;
+    let mut most_workers = 0;
     let deadline = Instant::now() + scale.fault_run;
     while Instant::now() < deadline {
         for (resource, ids) in &healthy {
@@ -586,6 +704,7 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
                 report.lost(format!("{resource} showed {devices:?} while others faulted"));
             }
         }
+        most_workers = most_workers.max(crash_loop_workers(devhost_pid));
         samples += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -622,6 +741,7 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
     report.row("backend faults recorded (devhost_backend_call_errors_total)", sum("devhost_backend_call_errors_total"));
     report.row("recoveries (devhost_backend_restarts_total)", sum("devhost_backend_restarts_total"));
     report.row("healthy device lists sampled (all Healthy, complete)", samples);
+    crash_loop_figures(&mut report, &devhost, devhost_pid, &metrics, most_workers).await;
     if good.total() != good.ok.load(Ordering::Relaxed) {
         report.lost(format!("healthy Allocate: {}", good.summary()));
     }
