@@ -893,15 +893,13 @@ async fn isolation_in_library(table: &mut Table) -> Result<()> {
         let module = module_copy(&dir.path().join(mode))?;
         let file = dir.path().join(format!("{mode}.toml"));
         let config = devhost::config::parse_backend(&file, &isolated_file(&module, resource, mode), WAIT)?;
-        let (mut loads, mut inits, mut shutdowns, mut pids) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let (mut loads, mut inits, mut shutdowns, mut in_worker) = (Vec::new(), Vec::new(), Vec::new(), false);
         for i in 0..=STARTS {
             let stop = CancellationToken::new();
             let started = Instant::now();
             let runner = devhost::loader::load(&config).await.map_err(anyhow::Error::msg)?;
             let loaded = started.elapsed();
-            if let Runner::Worker(_) = &runner {
-                pids += 1;
-            }
+            in_worker = matches!(runner, Runner::Worker(_));
             let handle = BackendHandle::start(&config.name, runner, Duration::from_secs(5), stop.clone()).await?;
             let initialised = started.elapsed() - loaded;
             if i == STARTS {
@@ -920,7 +918,8 @@ async fn isolation_in_library(table: &mut Table) -> Result<()> {
             }
         }
         let what = if mode == "process" { "in a worker process" } else { "in-process (isolation = \"none\")" };
-        let load_what = if pids > 0 { "spawn + exec + dlopen + checks (`loader::load`)" } else { "dlopen + checks" };
+        let load_what =
+            if in_worker { "spawn + exec + dlopen + checks in the worker (`loader::load`)" } else { "dlopen + checks" };
         let total: Vec<Duration> = loads.iter().zip(&inits).map(|(l, i)| *l + *i).collect();
         table.row(format!("isolation: backend start {what}, load + init"), dist(&total), format!("{STARTS} starts"));
         table.row(format!("isolation: backend start {what}, load part"), dist(&loads), load_what);
