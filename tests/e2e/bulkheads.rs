@@ -798,6 +798,10 @@ async fn a_native_module_runs_in_a_child_process_unless_isolation_is_none() {
     assert_ne!(pid, bed.pid, "the module runs outside devhost");
     assert_eq!(ppid, bed.pid, "its process is devhost's child");
     assert_eq!(bed.worker("pid-report"), pid, "the module's process is the `__worker pid-report` child");
+    let worker = process(pid).expect("the worker's /proc entry");
+    assert_eq!(worker.args, ["devhost", "__worker", "pid-report"], "ps shows what the worker is");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("the worker's comm");
+    assert_eq!(comm.trim_end(), "devhost-worker", "top and ps -e name the worker");
     assert_eq!(pdeathsig, Signal::SIGKILL as i32, "the worker is killed when devhost dies");
     // stdin (/dev/null), stdout and stderr (the log), the socket to devhost
     // (twice: a reader and a writer) and the module's verified bytes (a

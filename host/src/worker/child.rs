@@ -6,16 +6,18 @@
 //!
 //! Calls run on a small pool of threads that grows to the number of calls
 //! in flight (bounded by devhost's per-backend limit), so one slow call
-//! does not hold up another, as in-process. Device lists the backend
+//! does not hold up another, as in-process. The threads take turns reading
+//! the socket, and the thread that read a request answers it: no hand-off
+//! between threads on a call's path. Device lists the backend
 //! publishes are validated here with the host's own rules (so the module
 //! gets the same status codes as in-process) and forwarded; so are log
 //! lines and faults on the backend's own threads.
 
-use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::protocol::{
     Answer, Call, Empty, Failure, FailureKind, Fault, LogLine, PROTOCOL_VERSION, PreferredAnswer, Publish, Reply,
@@ -43,6 +45,8 @@ impl Sender {
 /// Runs the worker; the exit code is for devhost's log only.
 pub fn main() -> ExitCode {
     super::sys::default_fault_signals();
+    // The process name (`comm`) was `exe`, from `/proc/self/exe`.
+    let _ = nix::sys::prctl::set_name(c"devhost-worker");
     let stream = match super::sys::take_socket() {
         Ok(stream) => stream,
         Err(error) => {
@@ -91,12 +95,9 @@ fn serve(mut stream: UnixStream, sender: &Sender) -> std::io::Result<()> {
             return Ok(());
         }
     };
-    let pool = Pool::new(backend, sender.clone());
-    while let Some(request) = read_frame::<Request>(&mut stream)? {
-        pool.submit(request);
-    }
-    // devhost closed the socket (after `shutdown`, or to stop us).
-    Ok(())
+    // devhost closing the socket (after `shutdown`, or to stop us) ends
+    // the worker.
+    Pool::serve(backend, sender.clone(), stream)
 }
 
 fn failure(kind: FailureKind, message: String) -> Answer {
@@ -153,65 +154,71 @@ fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
     }
 }
 
-/// Threads that answer requests; a new one is started whenever every
-/// thread is busy, so calls in flight never wait for each other.
+/// Threads that answer requests, leader/follower style: one thread at a
+/// time reads the socket; having read a request it lets the next thread
+/// read, and answers the request itself. A thread is added whenever none
+/// is left to read, so calls in flight never wait for each other.
 struct Pool {
-    shared: Arc<PoolShared>,
-}
-
-struct PoolShared {
     backend: Arc<dyn Backend>,
     sender: Sender,
-    queue: Mutex<Queue>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct Queue {
-    requests: VecDeque<Request>,
-    idle: usize,
+    reader: Mutex<UnixStream>,
+    /// Threads not running a call (reading, or waiting to read).
+    idle: AtomicUsize,
+    /// Where the thread that meets the end of the stream says so.
+    ended: Mutex<std::sync::mpsc::Sender<std::io::Result<()>>>,
 }
 
 impl Pool {
-    fn new(backend: Arc<dyn Backend>, sender: Sender) -> Self {
-        let shared = PoolShared { backend, sender, queue: Mutex::default(), ready: Condvar::new() };
-        Pool { shared: Arc::new(shared) }
+    /// Serves requests until the stream ends; returns how it ended.
+    fn serve(backend: Arc<dyn Backend>, sender: Sender, stream: UnixStream) -> std::io::Result<()> {
+        let (ended, end) = std::sync::mpsc::channel();
+        let pool = Arc::new(Pool {
+            backend,
+            sender,
+            reader: Mutex::new(stream),
+            idle: AtomicUsize::new(0),
+            ended: Mutex::new(ended),
+        });
+        pool.add_thread();
+        // Every pool thread holds a sender, so this waits for an end.
+        end.recv().unwrap_or(Ok(()))
     }
 
-    fn submit(&self, request: Request) {
-        let mut queue = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        queue.requests.push_back(request);
-        // Enough idle threads for every queued request: wake one.
-        if queue.idle >= queue.requests.len() {
-            self.shared.ready.notify_one();
-            return;
+    fn add_thread(self: &Arc<Self>) {
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        let pool = self.clone();
+        if let Err(error) = std::thread::Builder::new().name("devhost-call".into()).spawn(move || pool.work()) {
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+            self.end(Err(error));
         }
-        drop(queue);
-        let shared = self.shared.clone();
-        std::thread::spawn(move || shared.work());
     }
-}
 
-impl PoolShared {
-    fn work(&self) {
+    fn end(&self, how: std::io::Result<()>) {
+        let _ = self.ended.lock().unwrap_or_else(PoisonError::into_inner).send(how);
+    }
+
+    fn work(self: Arc<Self>) {
         loop {
-            let request = {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                loop {
-                    if let Some(request) = queue.requests.pop_front() {
-                        break request;
-                    }
-                    queue.idle += 1;
-                    queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
-                    queue.idle -= 1;
-                }
+            let read = {
+                let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+                read_frame::<Request>(&mut *reader)
             };
-            let Some(call) = request.call else {
-                self.sender.send(request.id, failure(FailureKind::Protocol, "empty request".into()));
-                continue;
+            let request = match read {
+                Ok(Some(request)) => request,
+                Ok(None) => return self.end(Ok(())),
+                Err(error) => return self.end(Err(error)),
             };
-            let answer = answer(self.backend.as_ref(), &self.sender, call);
+            // The last idle thread is about to be busy: start the next
+            // reader before answering.
+            if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.add_thread();
+            }
+            let answer = match request.call {
+                Some(call) => answer(self.backend.as_ref(), &self.sender, call),
+                None => failure(FailureKind::Protocol, "empty request".into()),
+            };
             self.sender.send(request.id, answer);
+            self.idle.fetch_add(1, Ordering::SeqCst);
         }
     }
 }

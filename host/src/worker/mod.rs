@@ -18,7 +18,7 @@
 //!   never holds a thread or a slot for longer than the deadline.
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -215,10 +215,12 @@ impl Drop for WorkerBackend {
     }
 }
 
-/// Waiters for answers, by request id; once the worker is dead, how it died.
+/// Waiters for answers, by request id; whether the worker's stream has
+/// ended, and once it is reaped, how it died.
 #[derive(Default)]
 struct Pending {
     waiting: HashMap<u64, oneshot::Sender<Result<Answer, String>>>,
+    ended: bool,
     died: Option<String>,
 }
 
@@ -248,7 +250,8 @@ impl Worker {
         let (host, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|error| format!("cannot create the worker's socket: {error}"))?;
         let mut command = Command::new(executable());
-        command.arg(WORKER_SUBCOMMAND).arg(&spec.backend).stdin(Stdio::null());
+        // `ps` shows `devhost __worker <backend>`, not `/proc/self/exe …`.
+        command.arg0("devhost").arg(WORKER_SUBCOMMAND).arg(&spec.backend).stdin(Stdio::null());
         // The module's stdout goes to devhost's stderr (the log), never to
         // devhost's stdout.
         if let Ok(stderr) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
@@ -307,8 +310,10 @@ impl Worker {
         let (sender, receiver) = oneshot::channel();
         {
             let mut pending = lock(&self.pending);
-            if let Some(cause) = &pending.died {
-                // Already reported by the call it died in (or as idle).
+            if pending.ended {
+                // Reported by the calls it died in (or as idle), not by
+                // calls that came after.
+                let cause = pending.died.as_deref().unwrap_or("has ended");
                 return Err(CallError::Unavailable {
                     backend: self.backend.clone(),
                     operation,
@@ -368,7 +373,7 @@ impl Worker {
     }
 
     fn is_dead(&self) -> bool {
-        lock(&self.pending).died.is_some()
+        lock(&self.pending).ended
     }
 
     /// Kills the worker now (SIGKILL); its read loop reaps it.
@@ -407,6 +412,13 @@ impl Worker {
                 Err(error) => break Some(error),
             }
         };
+        // The calls in flight now are the ones it died in; later calls are
+        // refused while it is reaped.
+        let waiting = {
+            let mut pending = lock(&self.pending);
+            pending.ended = true;
+            std::mem::take(&mut pending.waiting)
+        };
         let worker = self.clone();
         let mut cause = tokio::task::spawn_blocking(move || worker.reap())
             .await
@@ -414,11 +426,7 @@ impl Worker {
         if let Some(error) = ended {
             cause = format!("{cause} (after a broken frame: {error})");
         }
-        let waiting = {
-            let mut pending = lock(&self.pending);
-            pending.died = Some(cause.clone());
-            std::mem::take(&mut pending.waiting)
-        };
+        lock(&self.pending).died = Some(cause.clone());
         let idle = waiting.is_empty();
         for (_, waiter) in waiting {
             let _ = waiter.send(Err(cause.clone()));
