@@ -73,6 +73,9 @@ pub struct Snapshot {
     pub sharing: Sharing,
     /// The message every `ListAndWatch` stream sends for this state.
     pub response: v1beta1::ListAndWatchResponse,
+    /// Position of each device by ID, built at the first lookup (a state
+    /// nobody looks up in costs nothing more to publish).
+    index: std::sync::OnceLock<std::collections::HashMap<String, usize>>,
 }
 
 impl Snapshot {
@@ -91,12 +94,15 @@ impl Snapshot {
             }
         }
         let response = v1beta1::ListAndWatchResponse { devices: advertised };
-        Snapshot { devices, fault, sharing, response }
+        Snapshot { devices, fault, sharing, response, index: std::sync::OnceLock::new() }
     }
 
     /// The device with this (real) ID, if the resource has it.
     pub fn device(&self, id: &str) -> Option<&Device> {
-        self.devices.iter().find(|device| device.id == id)
+        let index = self.index.get_or_init(|| {
+            self.devices.iter().enumerate().map(|(position, device)| (device.id.clone(), position)).collect()
+        });
+        index.get(id).map(|&position| &self.devices[position])
     }
 
     /// The real device behind an ID the kubelet uses (a replica ID when the

@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// The repository's root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Generous: CI machines are small and shared.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -127,6 +132,21 @@ impl Devhost {
         let deadline = Instant::now() + WAIT;
         while !self.log().contains(needle) {
             assert!(Instant::now() < deadline, "devhost never logged {needle:?}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGHUP and waits until devhost has reconciled `backends.d`
+    /// for it (alone or with other causes that queued up meanwhile).
+    pub async fn reload(&self) {
+        let reconciled = |log: &str| {
+            log.lines().filter(|l| l.contains("backends reconciled cause=") && l.contains("SIGHUP")).count()
+        };
+        let before = reconciled(&self.log());
+        self.signal(Signal::SIGHUP);
+        let deadline = Instant::now() + WAIT;
+        while reconciled(&self.log()) == before {
+            assert!(Instant::now() < deadline, "SIGHUP did not reload:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

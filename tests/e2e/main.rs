@@ -8,6 +8,7 @@ mod deploy;
 mod generic;
 mod harness;
 mod host;
+mod hostile_world;
 mod module_race;
 mod native;
 mod native_loader;

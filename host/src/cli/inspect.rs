@@ -20,7 +20,7 @@ pub fn config_check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let LoadedBackends { backends, errors } = load_backends(&config.backends_dir, config.call_timeout);
+    let LoadedBackends { backends, errors, .. } = load_backends(&config.backends_dir, config.call_timeout);
     for error in &errors {
         println!("error: {error}");
     }

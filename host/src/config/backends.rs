@@ -78,6 +78,10 @@ pub struct LoadedBackends {
     pub backends: Vec<BackendConfig>,
     /// One error per file that did not.
     pub errors: Vec<ConfigError>,
+    /// Whether the directory itself was listed. When it was not (renamed
+    /// away, out of descriptors, a network filesystem's hiccup), the result
+    /// says nothing about which backends exist: the daemon changes nothing.
+    pub listed: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +134,7 @@ pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
             return loaded;
         }
     };
+    loaded.listed = true;
     let mut claimed: HashMap<String, String> = HashMap::new();
     for file in files {
         let result = std::fs::read_to_string(&file)
@@ -155,15 +160,17 @@ pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
     loaded
 }
 
+/// The `*.toml` files of `dir`, in name order. An error reading any entry
+/// fails the whole listing: a partial list would read as removed files.
 fn backend_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            !name.starts_with('.') && path.extension().is_some_and(|ext| ext == "toml") && path.is_file()
-        })
-        .collect();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !name.starts_with('.') && path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
     files.sort();
     Ok(files)
 }

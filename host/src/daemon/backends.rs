@@ -102,9 +102,19 @@ impl Backends {
             if self.reported.get(&error.file) == Some(&text) {
                 continue;
             }
-            let kept = if self.running.contains_key(&error.file) { "; its previous version keeps serving" } else { "" };
+            let kept = if !loaded.listed {
+                "; every backend keeps serving as it was"
+            } else if self.running.contains_key(&error.file) {
+                "; its previous version keeps serving"
+            } else {
+                ""
+            };
             tracing::error!(%error, "backend config refused{kept}");
             self.reported.insert(error.file.clone(), text);
+        }
+        if !loaded.listed {
+            // Not knowing which files exist is not knowing that any went.
+            return;
         }
         let desired: BTreeMap<PathBuf, BackendConfig> =
             loaded.backends.into_iter().map(|config| (config.file.clone(), config)).collect();

@@ -71,6 +71,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
 
     let mut backends = Backends::default();
     backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
+    crate::telemetry::global().mark_started();
     if backends.resources().is_empty() {
         tracing::warn!(dir = %config.backends_dir.display(), "no backend is serving; add or fix files there");
     }
@@ -80,9 +81,17 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
             Some(cause) = reloads.recv() => cause,
             () = tokio::time::sleep(RESCAN_INTERVAL) => "periodic rescan",
         };
-        // Let a burst of file events settle, then drop what queued up.
+        // Let a burst of file events settle; one reload serves every cause
+        // that queued up meanwhile (and the log names them all).
         tokio::time::sleep(RELOAD_SETTLE).await;
-        while reloads.try_recv().is_ok() {}
+        let mut causes = vec![cause];
+        while let Ok(more) = reloads.try_recv() {
+            if !causes.contains(&more) {
+                causes.push(more);
+            }
+        }
+        let cause = causes.join(", ");
+        let cause = cause.as_str();
         tracing::debug!(cause, "reloading backends");
         backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
         tracing::debug!(cause, resources = backends.resources().len(), "backends reconciled");

@@ -4,36 +4,46 @@
 //! `size` IDs (or all available if fewer), and use as few NUMA nodes as
 //! possible.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use crate::device_state::Snapshot;
 use crate::model::{Device, PreferredRequest, ReplicaPolicy};
 
-/// Chooses devices for `request` among `devices` (the resource's current list).
-pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
-    let available: BTreeSet<&str> = request.available.iter().map(String::as_str).collect();
+/// The `must_include` IDs that are available, each once, up to `size`:
+/// every policy starts from these. With the set of available IDs, the IDs
+/// still free to choose from, in `available` order without repeats.
+fn start<'a>(request: &'a PreferredRequest) -> (Vec<String>, Vec<&'a str>) {
+    let available: HashSet<&str> = request.available.iter().map(String::as_str).collect();
     // `size` comes from the wire: never reserve by it.
     let mut chosen: Vec<String> = Vec::with_capacity(request.size.min(request.available.len()));
+    let mut taken: HashSet<&str> = HashSet::new();
     for id in &request.must_include {
-        if available.contains(id.as_str()) && !chosen.contains(id) && chosen.len() < request.size {
+        if chosen.len() < request.size && available.contains(id.as_str()) && taken.insert(id) {
             chosen.push(id.clone());
         }
     }
-    let numa_of = |id: &str| -> Vec<i64> {
-        devices.iter().find(|d| d.id == id).map(|d| d.numa_nodes.clone()).unwrap_or_default()
-    };
-    // Candidates grouped by their first NUMA node (-1: no affinity).
+    let free = request.available.iter().map(String::as_str).filter(|id| taken.insert(id)).collect();
+    (chosen, free)
+}
+
+/// Chooses devices for `request` among `devices` (the resource's current
+/// list). O(n log n) in the number of IDs.
+pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
+    let (mut chosen, free) = start(request);
+    let numa: HashMap<&str, &[i64]> = devices.iter().map(|d| (d.id.as_str(), d.numa_nodes.as_slice())).collect();
+    let numa_of = |id: &str| numa.get(id).copied().unwrap_or_default();
+    // Candidates grouped by their first NUMA node (-1: no affinity), each
+    // group in ID order.
     let mut groups: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
-    for &id in &available {
-        if !chosen.iter().any(|c| c == id) {
-            groups.entry(numa_of(id).first().copied().unwrap_or(-1)).or_default().push(id);
-        }
+    for id in free {
+        groups.entry(numa_of(id).first().copied().unwrap_or(-1)).or_default().push(id);
     }
-    let used: BTreeSet<i64> = chosen.iter().flat_map(|id| numa_of(id)).collect();
+    let used: BTreeSet<i64> = chosen.iter().flat_map(|id| numa_of(id).iter().copied()).collect();
     // Nodes already used by must-include devices first, then the largest
     // groups (fewest nodes to fill the request), devices without affinity last.
     let mut order: Vec<(i64, Vec<&str>)> = groups.into_iter().collect();
-    order.sort_by_key(|(node, ids)| (*node < 0, !used.contains(node), std::cmp::Reverse(ids.len()), *node));
+    order.sort_by_key(|(node, ids)| (*node < 0, !used.contains(node), Reverse(ids.len()), *node));
     let needed = request.size.saturating_sub(chosen.len());
     // A single group that fits the rest beats splitting across nodes.
     if let Some(position) = order.iter().position(|(node, ids)| *node >= 0 && ids.len() >= needed)
@@ -42,7 +52,8 @@ pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
         let group = order.remove(position);
         order.insert(0, group);
     }
-    for (_, ids) in order {
+    for (_, mut ids) in order {
+        ids.sort_unstable();
         for id in ids {
             if chosen.len() == request.size {
                 return chosen;
@@ -56,44 +67,53 @@ pub fn choose(devices: &[Device], request: &PreferredRequest) -> Vec<String> {
 /// Chooses replicas of a shared resource: `must_include` first, then by
 /// policy: `Spread` takes replicas of the least used real devices (one per
 /// device before doubling up), `Pack` fills the most used devices first so
-/// others stay whole.
+/// others stay whole. O(n log n): a heap of real devices keyed by policy.
 pub fn choose_replicas(snapshot: &Snapshot, request: &PreferredRequest) -> Vec<String> {
-    let available: BTreeSet<&str> = request.available.iter().map(String::as_str).collect();
-    // `size` comes from the wire: never reserve by it.
-    let mut chosen: Vec<String> = Vec::with_capacity(request.size.min(request.available.len()));
-    for id in &request.must_include {
-        if available.contains(id.as_str()) && !chosen.contains(id) && chosen.len() < request.size {
-            chosen.push(id.clone());
-        }
-    }
+    let (mut chosen, free_ids) = start(request);
     // Free replicas per real device; how many of each this answer holds.
     let mut free: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    let mut taken: BTreeMap<&str, usize> = BTreeMap::new();
-    for &id in &available {
-        let Some(real) = snapshot.real_device(id) else { continue };
-        if chosen.iter().any(|c| c == id) {
+    let mut taken: HashMap<&str, usize> = HashMap::new();
+    for id in &chosen {
+        if let Some(real) = snapshot.real_device(id) {
             *taken.entry(real.id.as_str()).or_default() += 1;
-        } else {
+        }
+    }
+    for id in free_ids {
+        if let Some(real) = snapshot.real_device(id) {
             free.entry(real.id.as_str()).or_default().push(id);
         }
     }
+    for ids in free.values_mut() {
+        // Taken from the end: the highest replica ID first.
+        ids.sort_unstable();
+    }
     let replicas = snapshot.sharing.replicas;
+    let policy = snapshot.sharing.policy;
+    // The heap's top is the device to take a replica of next. Only the key
+    // of the device just taken from changes, so it is pushed back anew.
+    let key = |real, in_answer: usize, free_left: usize| {
+        let used = replicas.saturating_sub(free_left);
+        match policy {
+            // Fewest in this answer, then least used elsewhere.
+            ReplicaPolicy::Spread => Reverse((in_answer, used, real)),
+            // Most in this answer, then most used elsewhere.
+            ReplicaPolicy::Pack => Reverse((usize::MAX - in_answer, replicas - used, real)),
+        }
+    };
+    let mut heap: BinaryHeap<_> = free
+        .iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(&real, ids)| key(real, taken.get(real).copied().unwrap_or(0), ids.len()))
+        .collect();
     while chosen.len() < request.size {
-        let pick = free.iter().filter(|(_, ids)| !ids.is_empty()).min_by_key(|(real, ids)| {
-            let in_answer = taken.get(*real).copied().unwrap_or(0);
-            let used = replicas.saturating_sub(ids.len());
-            match snapshot.sharing.policy {
-                // Fewest in this answer, then least used elsewhere.
-                ReplicaPolicy::Spread => (in_answer, used, *real),
-                // Most in this answer, then most used elsewhere.
-                ReplicaPolicy::Pack => (usize::MAX - in_answer, replicas - used, *real),
-            }
-        });
-        let Some((&real, _)) = pick else { break };
-        let id = free.get_mut(real).and_then(|ids| ids.pop()).map(str::to_owned);
-        if let Some(id) = id {
-            chosen.push(id);
-            *taken.entry(real).or_default() += 1;
+        let Some(Reverse((_, _, real))) = heap.pop() else { break };
+        let Some(ids) = free.get_mut(real) else { continue };
+        let Some(id) = ids.pop() else { continue };
+        chosen.push(id.to_owned());
+        let in_answer = taken.entry(real).or_default();
+        *in_answer += 1;
+        if !ids.is_empty() {
+            heap.push(key(real, *in_answer, ids.len()));
         }
     }
     chosen

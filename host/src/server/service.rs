@@ -2,6 +2,7 @@
 //! state and its backend. IDs are checked against the current device list
 //! before the backend sees them.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::preferred;
-use super::status::RequestError;
+use super::status::{MAX_REQUEST_IDS, RequestError, echo};
 use crate::backend::handle::{BackendHandle, CallError};
 use crate::backend::{Allocation, PreferredRequest, ResourceSpec};
 use crate::device_state::ResourceState;
@@ -69,17 +70,27 @@ impl DevicePluginService {
     /// The real devices behind the IDs the kubelet sent (replica IDs when
     /// shared), each once, in request order; an unknown ID is refused.
     fn real_ids(&self, ids: &[String]) -> Result<Vec<String>, RequestError> {
+        self.bounded("devicesIDs", ids.len())?;
         let snapshot = self.state.snapshot();
+        let mut seen = HashSet::with_capacity(ids.len());
         let mut real: Vec<String> = Vec::with_capacity(ids.len());
         for id in ids {
             let device = snapshot
                 .real_device(id)
                 .ok_or_else(|| RequestError::UnknownDevice { resource: self.spec.name.clone(), id: id.clone() })?;
-            if !real.contains(&device.id) {
+            if seen.insert(device.id.as_str()) {
                 real.push(device.id.clone());
             }
         }
         Ok(real)
+    }
+
+    /// Refuses a list of the request longer than [`MAX_REQUEST_IDS`].
+    fn bounded(&self, list: &'static str, count: usize) -> Result<(), RequestError> {
+        if count > MAX_REQUEST_IDS {
+            return Err(RequestError::TooLarge { resource: self.spec.name.clone(), list, count });
+        }
+        Ok(())
     }
 
     async fn preferred_for(
@@ -90,6 +101,8 @@ impl DevicePluginService {
             resource: self.spec.name.clone(),
             size: request.allocation_size,
         })?;
+        self.bounded("available_deviceIDs", request.available_device_i_ds.len())?;
+        self.bounded("must_include_deviceIDs", request.must_include_device_i_ds.len())?;
         let question = PreferredRequest {
             available: request.available_device_i_ds,
             must_include: request.must_include_device_i_ds,
@@ -98,42 +111,67 @@ impl DevicePluginService {
         let snapshot = self.state.snapshot();
         if snapshot.sharing.replicas > 1 {
             // Backends know real devices, not replicas: the host chooses.
-            return Ok(preferred::choose_replicas(&snapshot, &question));
+            return Ok(off_async_threads(question.available.len(), move || {
+                preferred::choose_replicas(&snapshot, &question)
+            })
+            .await);
         }
         let resource = self.spec.name.clone();
         let asked = question.clone();
         let answer = self.backend.preferred_allocation(&resource, asked).await?;
-        let devices = &snapshot.devices;
-        match answer {
-            None => Ok(preferred::choose(devices, &question)),
+        let checked = off_async_threads(question.available.len(), move || match answer {
+            None => Ok(preferred::choose(&snapshot.devices, &question)),
             Some(ids) => match check_preferred(&question, &ids) {
                 Ok(()) => Ok(ids),
-                Err(message) => {
-                    // Garbage from the backend is a fault; the kubelet still
-                    // gets a correct answer from the default policy.
-                    self.backend.report_fault(&CallError::Invalid {
-                        backend: self.backend.name().to_owned(),
-                        operation: "preferred_allocation",
-                        message,
-                    });
-                    Ok(preferred::choose(devices, &question))
-                }
+                // The kubelet still gets a correct answer from the default
+                // policy; the garbage is reported as a fault below.
+                Err(message) => Err((message, preferred::choose(&snapshot.devices, &question))),
             },
-        }
+        })
+        .await;
+        checked.or_else(|(message, ids)| {
+            self.backend.report_fault(&CallError::Invalid {
+                backend: self.backend.name().to_owned(),
+                operation: "preferred_allocation",
+                message,
+            });
+            Ok(ids)
+        })
+    }
+}
+
+/// Lists longer than this are worked on off the async threads, so a large
+/// request never stalls another resource's calls.
+const INLINE_IDS: usize = 1024;
+
+/// Runs `work` (on `ids` IDs) inline when small, on the blocking pool when
+/// large.
+async fn off_async_threads<T: Send + 'static>(ids: usize, work: impl FnOnce() -> T + Send + 'static) -> T {
+    if ids <= INLINE_IDS {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        // The work panicked: a bug in the host's own policy; keep its message.
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
     }
 }
 
 /// The preferred-allocation contract: only available IDs, no repeats, every
 /// must-include ID, and exactly `size` IDs (or every available one if fewer).
 pub fn check_preferred(request: &PreferredRequest, ids: &[String]) -> Result<(), String> {
-    if let Some(id) = ids.iter().find(|id| !request.available.contains(id)) {
-        return Err(format!("chose {id:?}, which is not among the available devices"));
+    let available: HashSet<&str> = request.available.iter().map(String::as_str).collect();
+    if let Some(id) = ids.iter().find(|id| !available.contains(id.as_str())) {
+        return Err(format!("chose {}, which is not among the available devices", echo(id)));
     }
-    if let Some((i, id)) = ids.iter().enumerate().find(|(i, id)| ids[..*i].contains(id)) {
-        return Err(format!("chose {id:?} twice (at position {i})"));
+    let mut chosen = HashSet::with_capacity(ids.len());
+    if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| !chosen.insert(id.as_str())) {
+        return Err(format!("chose {} twice (at position {i})", echo(id)));
     }
-    if let Some(id) = request.must_include.iter().find(|id| request.available.contains(id) && !ids.contains(id)) {
-        return Err(format!("left out {id:?}, which must be included"));
+    if let Some(id) =
+        request.must_include.iter().find(|id| available.contains(id.as_str()) && !chosen.contains(id.as_str()))
+    {
+        return Err(format!("left out {}, which must be included", echo(id)));
     }
     let expected = request.size.min(request.available.len());
     if ids.len() != expected {
@@ -200,8 +238,10 @@ impl DevicePlugin for DevicePluginService {
         request: Request<v1beta1::PreferredAllocationRequest>,
     ) -> Result<Response<v1beta1::PreferredAllocationResponse>, Status> {
         self.timed("GetPreferredAllocation", async {
+            let containers = request.into_inner().container_requests;
+            self.bounded("container_requests", containers.len())?;
             let mut container_responses = Vec::new();
-            for container in request.into_inner().container_requests {
+            for container in containers {
                 let device_i_ds = self.preferred_for(container).await?;
                 container_responses.push(v1beta1::ContainerPreferredAllocationResponse { device_i_ds });
             }
@@ -215,8 +255,10 @@ impl DevicePlugin for DevicePluginService {
         request: Request<v1beta1::AllocateRequest>,
     ) -> Result<Response<v1beta1::AllocateResponse>, Status> {
         self.timed("Allocate", async {
+            let containers = request.into_inner().container_requests;
+            self.bounded("container_requests", containers.len())?;
             let mut container_responses = Vec::new();
-            for container in request.into_inner().container_requests {
+            for container in containers {
                 let ids = self.real_ids(&container.devices_ids)?;
                 let resource = self.spec.name.clone();
                 let cdi_names: Vec<String> = if self.cdi {

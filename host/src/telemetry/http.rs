@@ -35,7 +35,7 @@ async fn metrics() -> impl IntoResponse {
 
 async fn readyz() -> impl IntoResponse {
     match super::global().readiness() {
-        (true, _) => (StatusCode::OK, "ready\n".to_owned()),
-        (false, missing) => (StatusCode::SERVICE_UNAVAILABLE, format!("not registered: {}\n", missing.join(", "))),
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }

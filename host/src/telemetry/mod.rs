@@ -80,6 +80,8 @@ pub struct Telemetry {
     streams: Family<ResourceLabel, Gauge>,
     registered: Family<ResourceLabel, Gauge>,
     resources: Mutex<Resources>,
+    /// Every backend file has been tried once (started or refused).
+    started: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -172,6 +174,7 @@ impl Telemetry {
             streams,
             registered,
             resources: Mutex::new(Resources::default()),
+            started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -265,12 +268,26 @@ impl Telemetry {
         }
     }
 
-    /// Whether every served resource is registered, and which are not.
-    pub fn readiness(&self) -> (bool, Vec<String>) {
+    /// Says that every backend file has been tried: from now on readiness
+    /// depends on registration alone.
+    pub fn mark_started(&self) {
+        self.started.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Ready once every backend file has been tried and every resource
+    /// served is registered with the kubelet; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("starting: backends are still loading".to_owned());
+        }
         let resources = self.resources();
-        let missing: Vec<String> =
-            resources.configured.keys().filter(|name| !resources.registered.contains(*name)).cloned().collect();
-        (missing.is_empty(), missing)
+        let missing: Vec<&str> = resources
+            .configured
+            .keys()
+            .filter(|name| !resources.registered.contains(*name))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() { Ok(()) } else { Err(format!("not registered: {}", missing.join(", "))) }
     }
 
     /// The metrics in Prometheus text format.
