@@ -50,11 +50,24 @@ impl Node {
 
     /// Starts `devhost run` on this node.
     pub fn start_devhost(&self) -> Devhost {
+        self.write_host_config();
+        Devhost::start(&self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
+    }
+
+    /// Starts `devhost run` on this node with at most `limit` open
+    /// descriptors (soft and hard, so devhost cannot raise it).
+    pub fn start_devhost_with_descriptors(&self, limit: u64) -> Devhost {
+        self.write_host_config();
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(env!("CARGO_BIN_EXE_devhost"));
+        Devhost::spawn(command, &self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
+    }
+
+    fn write_host_config(&self) {
         if !self.config_file().exists() {
             std::fs::write(self.config_file(), "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\n")
                 .expect("write host config");
         }
-        Devhost::start(&self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
     }
 
     /// The socket files in the plugin directory, by name.
@@ -105,8 +118,14 @@ pub struct Devhost {
 
 impl Devhost {
     pub fn start(config: &Path, plugin_dir: &Path, log: &Path) -> Self {
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_devhost")), config, plugin_dir, log)
+    }
+
+    /// Runs `devhost run` through `command` (devhost itself, or a program
+    /// that execs it with the arguments that follow).
+    fn spawn(mut command: Command, config: &Path, plugin_dir: &Path, log: &Path) -> Self {
         let log_file = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_devhost"))
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -165,7 +184,8 @@ impl Devhost {
         kill(self.pid(), signal).expect("signal devhost");
     }
 
-    fn pid(&self) -> Pid {
+    /// devhost's process ID.
+    pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
 

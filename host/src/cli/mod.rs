@@ -138,11 +138,16 @@ pub fn main() -> ExitCode {
 const ABANDON_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn run(config: HostConfig) -> ExitCode {
+    // Every resource socket, stream, worker and module holds descriptors:
+    // take what the operator allows rather than the 1,024 of a default
+    // soft limit.
+    let descriptor_limit = crate::server::accept::raise_descriptor_limit();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         plugin_dir = %config.plugin_dir.display(),
         kubelet_socket = %config.kubelet_socket.display(),
         backends_dir = %config.backends_dir.display(),
+        descriptor_limit,
         "devhost starting"
     );
     let shutdown = CancellationToken::new();

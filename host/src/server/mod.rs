@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
+pub mod accept;
 pub mod preferred;
 pub mod service;
 pub mod socket;
@@ -41,10 +41,11 @@ impl ResourceServer {
     pub fn start(socket: &Path, service: DevicePluginService, stop: CancellationToken) -> std::io::Result<Self> {
         let (listener, identity) = socket::bind(socket)?;
         let shutdown = stop.clone().cancelled_owned();
+        let name = socket.file_name().map_or_else(String::new, |name| name.to_string_lossy().into_owned());
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(DevicePluginServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown),
+                .serve_with_incoming_shutdown(accept::unix_incoming(listener, name), shutdown),
         );
         Ok(ResourceServer { socket: socket.to_owned(), identity, stop, task })
     }

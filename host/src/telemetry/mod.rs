@@ -58,6 +58,12 @@ struct BackendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendInfoLabels {
     backend: String,
     isolation: String,
@@ -79,6 +85,9 @@ pub struct Telemetry {
     kubelet_restarts: Family<ResourceLabel, Counter>,
     streams: Family<ResourceLabel, Gauge>,
     registered: Family<ResourceLabel, Gauge>,
+    refused: Family<RefusedLabels, Counter>,
+    open_descriptors: Gauge,
+    descriptor_limit: Gauge,
     resources: Mutex<Resources>,
     /// Every backend file has been tried once (started or refused).
     started: std::sync::atomic::AtomicBool,
@@ -157,6 +166,20 @@ impl Telemetry {
             "1 while the resource is registered with the kubelet",
             registered.clone(),
         );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections not served, by listener (resource, metrics) and reason: descriptors (out of descriptors or memory; accepting backs off) or cap (the metrics server's connection cap)",
+            refused.clone(),
+        );
+        let open_descriptors = Gauge::default();
+        registry.register("open_descriptors", "File descriptors devhost has open", open_descriptors.clone());
+        let descriptor_limit = Gauge::default();
+        registry.register(
+            "descriptor_limit",
+            "devhost's soft limit on open file descriptors",
+            descriptor_limit.clone(),
+        );
         let build = Family::<Vec<(String, String)>, Gauge>::default();
         build.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
         registry.register("build_info", "devhost's version", build);
@@ -173,6 +196,9 @@ impl Telemetry {
             kubelet_restarts,
             streams,
             registered,
+            refused,
+            open_descriptors,
+            descriptor_limit,
             resources: Mutex::new(Resources::default()),
             started: std::sync::atomic::AtomicBool::new(false),
         }
@@ -180,6 +206,21 @@ impl Telemetry {
 
     fn resources(&self) -> std::sync::MutexGuard<'_, Resources> {
         self.resources.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An accept on a `listener` of this kind failed for lack of
+    /// descriptors (or memory).
+    pub fn accept_refused(&self, listener: &str) {
+        self.refuse(listener, "descriptors");
+    }
+
+    /// A connection to the metrics server closed at once: at its cap.
+    pub fn metrics_connection_capped(&self) {
+        self.refuse("metrics", "cap");
+    }
+
+    fn refuse(&self, listener: &str, reason: &str) {
+        self.refused.get_or_create(&RefusedLabels { listener: listener.to_owned(), reason: reason.to_owned() }).inc();
     }
 
     /// A resource now served, with its device state.
@@ -293,11 +334,21 @@ impl Telemetry {
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
         self.refresh_devices();
+        self.refresh_descriptors();
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!(%error, "cannot encode metrics");
         }
         text
+    }
+
+    fn refresh_descriptors(&self) {
+        let (open, limit) = crate::server::accept::descriptor_use();
+        for (gauge, value) in [(&self.open_descriptors, open), (&self.descriptor_limit, limit)] {
+            if let Some(value) = value {
+                gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     fn refresh_devices(&self) {
