@@ -6,10 +6,28 @@
 //!
 //! A device's edits are what the backend's `allocate` answers for that one
 //! device (envs, device nodes, mounts), learned once per device ID.
+//!
+//! Two devhost instances may serve the same resource for a while (the old
+//! and the new pod of a rolling update), and CDI refuses a device that two
+//! spec files describe, so they share one spec file. Each instance holds a
+//! shared `flock` on a lock file beside it (`.devhost-….lock`, which CDI
+//! ignores) while it serves; the one that stops last, the only one that can
+//! take the lock exclusively, removes the spec. The kernel drops the locks
+//! of a killed instance.
+//!
+//! A device the spec on disk does not describe (its write failed, its edits
+//! are not learned yet, its ID is not a CDI name) is reported Unhealthy
+//! with the reason, so the kubelet never hands out a CDI name a runtime
+//! cannot resolve; failed writes are retried with back-off, and the file is
+//! checked now and then and rewritten if someone removed or changed it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -123,7 +141,47 @@ pub fn spec_path(dir: &Path, backend: &str, resource: &str) -> PathBuf {
     dir.join(format!("devhost-{}-{}.json", sanitise(backend), sanitise(resource)))
 }
 
-/// Keeps the spec file of one resource current until `stop`, then removes it.
+/// First wait before a failed spec write is tried again.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Longest wait between tries of a failed write.
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How often a written spec is read back to see that it is still there.
+const VERIFY_EVERY: Duration = Duration::from_secs(30);
+
+/// The lock file beside `spec` (hidden, not `.json`: CDI ignores it).
+fn lock_path(spec: &Path) -> PathBuf {
+    let name = spec.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    spec.with_file_name(format!(".{}.lock", name.trim_end_matches(".json")))
+}
+
+/// This instance's share in a spec file: a shared lock on its lock file.
+struct Share(Flock<std::fs::File>);
+
+impl Share {
+    /// Takes a shared lock, waiting while another instance holds it
+    /// exclusively (it is removing the spec).
+    async fn take(spec: &Path) -> std::io::Result<Share> {
+        let lock = lock_path(spec);
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = lock.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock)?;
+            Flock::lock(file, FlockArg::LockShared).map(Share).map_err(|(_, errno)| errno.into())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Whether this instance is the last one holding the spec (then it
+    /// holds the lock exclusively until dropped).
+    fn last(&self) -> bool {
+        self.0.relock(FlockArg::LockExclusiveNonblock).is_ok()
+    }
+}
+
+/// Keeps the spec file of one resource current until `stop`, then removes
+/// it unless another instance still serves it.
 pub async fn maintain(
     dir: PathBuf,
     resource: String,
@@ -132,18 +190,21 @@ pub async fn maintain(
     stop: CancellationToken,
 ) {
     let path = spec_path(&dir, backend.name(), &resource);
+    let mut writer = SpecWriter::new(path.clone(), resource.clone());
+    let share = writer.share().await;
     let mut learned: BTreeMap<String, ContainerEdits> = BTreeMap::new();
-    let mut written: Option<Spec> = None;
     let mut changes = state.subscribe();
     loop {
         let ids: Vec<String> = changes.borrow_and_update().devices.iter().map(|d| d.id.clone()).collect();
         learned.retain(|id, _| ids.contains(id));
+        let mut withheld = HashMap::new();
         for id in &ids {
             if learned.contains_key(id) {
                 continue;
             }
             if let Err(message) = check_names(&resource, Some(id)) {
                 tracing::error!(resource, device_id = %id, "left out of the CDI spec: {message}");
+                withheld.insert(id.clone(), format!("not in the CDI spec: {message}"));
                 continue;
             }
             match backend.allocate(&resource, vec![id.clone()]).await {
@@ -151,7 +212,8 @@ pub async fn maintain(
                     learned.insert(id.clone(), edits(&allocation));
                 }
                 Err(error) => {
-                    tracing::warn!(resource, device_id = %id, %error, "cannot learn the device's CDI edits yet")
+                    tracing::warn!(resource, device_id = %id, %error, "cannot learn the device's CDI edits yet");
+                    withheld.insert(id.clone(), format!("its CDI edits are not known yet: {error}"));
                 }
             }
         }
@@ -164,35 +226,139 @@ pub async fn maintain(
                 .map(|(id, edits)| SpecDevice { name: id.clone(), container_edits: edits.clone() })
                 .collect(),
         };
-        if written.as_ref() != Some(&spec) {
-            match write_atomically(&path, &spec) {
-                Ok(()) => {
-                    tracing::info!(resource, file = %path.display(), devices = spec.devices.len(), "CDI spec written")
-                }
-                Err(error) => tracing::error!(resource, file = %path.display(), %error, "cannot write the CDI spec"),
+        if let Err(reason) = writer.keep(&spec) {
+            for id in &ids {
+                withheld.entry(id.clone()).or_insert_with(|| reason.clone());
             }
-            written = Some(spec);
         }
+        state.set_withheld(withheld);
         tokio::select! {
             () = stop.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(writer.next_check()) => {}
         }
     }
-    match std::fs::remove_file(&path) {
-        Ok(()) => tracing::info!(resource, file = %path.display(), "CDI spec removed"),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => tracing::warn!(resource, file = %path.display(), %error, "cannot remove the CDI spec"),
+    writer.remove(share);
+}
+
+/// Writes one spec file and keeps it written: retries failed writes with
+/// back-off and rewrites a file someone removed or changed.
+struct SpecWriter {
+    path: PathBuf,
+    resource: String,
+    /// The bytes on disk, as far as this instance knows.
+    written: Option<Vec<u8>>,
+    /// While writes fail: the last error and the back-off.
+    failing: Option<(String, Duration)>,
+    /// When the file was last read back.
+    verified: Instant,
+}
+
+impl SpecWriter {
+    fn new(path: PathBuf, resource: String) -> Self {
+        SpecWriter { path, resource, written: None, failing: None, verified: Instant::now() }
+    }
+
+    /// This instance's share in the file; `None` (logged) if the lock file
+    /// cannot be made: then the spec is written but never removed.
+    async fn share(&self) -> Option<Share> {
+        match Share::take(&self.path).await {
+            Ok(share) => Some(share),
+            Err(error) => {
+                let lock = lock_path(&self.path);
+                tracing::error!(resource = %self.resource, file = %lock.display(), %error, "cannot lock the CDI spec; it will be left in place when devhost stops");
+                None
+            }
+        }
+    }
+
+    /// Makes the file hold `spec`; the error says why the devices cannot
+    /// be handed out.
+    fn keep(&mut self, spec: &Spec) -> Result<(), String> {
+        let text = serde_json::to_vec_pretty(spec).map_err(|error| format!("cannot encode the CDI spec: {error}"))?;
+        let due = self.verified.elapsed() >= VERIFY_EVERY;
+        if self.written.as_ref() == Some(&text) && !due {
+            return Ok(());
+        }
+        if due {
+            self.verified = Instant::now();
+            if self.written.as_ref() == Some(&text) && std::fs::read(&self.path).ok().as_ref() == Some(&text) {
+                return Ok(());
+            }
+            if self.written.is_some() {
+                tracing::warn!(resource = %self.resource, file = %self.path.display(), "the CDI spec was removed or changed by someone else; writing it again");
+            }
+        }
+        match write_atomically(&self.path, &text) {
+            Ok(()) => {
+                if let Some((error, _)) = self.failing.take() {
+                    tracing::info!(resource = %self.resource, file = %self.path.display(), "CDI spec written after earlier failures ({error})");
+                } else {
+                    tracing::info!(resource = %self.resource, file = %self.path.display(), devices = spec.devices.len(), "CDI spec written");
+                }
+                self.written = Some(text);
+                Ok(())
+            }
+            Err(error) => {
+                let error = error.to_string();
+                let retry = match &self.failing {
+                    Some((previous, retry)) => {
+                        if *previous != error {
+                            tracing::error!(resource = %self.resource, file = %self.path.display(), %error, "cannot write the CDI spec; its devices stay Unhealthy until it is written");
+                        }
+                        (*retry * 2).min(MAX_RETRY)
+                    }
+                    None => {
+                        tracing::error!(resource = %self.resource, file = %self.path.display(), %error, "cannot write the CDI spec; its devices stay Unhealthy until it is written");
+                        FIRST_RETRY
+                    }
+                };
+                self.failing = Some((error.clone(), retry));
+                self.written = None;
+                Err(format!("cannot write its CDI spec {}: {error}", self.path.display()))
+            }
+        }
+    }
+
+    /// How long until the file needs looking at again.
+    fn next_check(&self) -> Duration {
+        match &self.failing {
+            Some((_, retry)) => *retry,
+            None => VERIFY_EVERY.saturating_sub(self.verified.elapsed()),
+        }
+    }
+
+    /// Removes the file if this instance is the last one serving it.
+    fn remove(self, share: Option<Share>) {
+        let Some(share) = share else { return };
+        if !share.last() {
+            tracing::info!(resource = %self.resource, file = %self.path.display(), "CDI spec left in place: another devhost still serves it");
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => tracing::info!(resource = %self.resource, file = %self.path.display(), "CDI spec removed"),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(resource = %self.resource, file = %self.path.display(), %error, "cannot remove the CDI spec")
+            }
+        }
+        drop(share);
     }
 }
 
 /// Writes through a temporary file and a rename, so a runtime never reads
 /// half a spec.
-fn write_atomically(path: &Path, spec: &Spec) -> std::io::Result<()> {
+fn write_atomically(path: &Path, text: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let text = serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)?;
+        // Runtimes read it whatever devhost's umask.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut file, &text)?;
+    std::io::Write::write_all(&mut file, text)?;
+    // Readable by the container runtime whatever devhost's umask.
+    file.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
     file.persist(path).map_err(|error| error.error)?;
     Ok(())
 }

@@ -71,6 +71,10 @@ pub struct Snapshot {
     /// How the devices are shared; with replicas, the kubelet sees each
     /// device that many times.
     pub sharing: Sharing,
+    /// Devices the host cannot hand out although the backend says they are
+    /// Healthy (their CDI spec could not be written, say), each with why:
+    /// reported Unhealthy while listed here.
+    pub withheld: Arc<HashMap<String, String>>,
     /// The message every `ListAndWatch` stream sends for this state.
     pub response: v1beta1::ListAndWatchResponse,
     /// Position of each device by ID, built at the first lookup (a state
@@ -79,10 +83,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(devices: Vec<Device>, fault: Option<String>, sharing: Sharing) -> Self {
+    fn new(
+        devices: Vec<Device>,
+        fault: Option<String>,
+        sharing: Sharing,
+        withheld: Arc<HashMap<String, String>>,
+    ) -> Self {
         let mut advertised = Vec::with_capacity(devices.len() * sharing.replicas);
         for device in &devices {
-            let health = if fault.is_some() { Health::Unhealthy } else { device.health }.as_str();
+            let out = fault.is_some() || withheld.contains_key(&device.id);
+            let health = if out { Health::Unhealthy } else { device.health }.as_str();
             let topology = (!device.numa_nodes.is_empty()).then(|| v1beta1::TopologyInfo {
                 nodes: device.numa_nodes.iter().map(|&id| v1beta1::NumaNode { id }).collect(),
             });
@@ -94,7 +104,7 @@ impl Snapshot {
             }
         }
         let response = v1beta1::ListAndWatchResponse { devices: advertised };
-        Snapshot { devices, fault, sharing, response, index: std::sync::OnceLock::new() }
+        Snapshot { devices, fault, sharing, withheld, response, index: std::sync::OnceLock::new() }
     }
 
     /// The device with this (real) ID, if the resource has it.
@@ -149,13 +159,17 @@ impl ResourceState {
     /// Replaces the device list after validating it; keeps any fault mark.
     pub fn publish(&self, devices: Vec<Device>) -> Result<(), PublishError> {
         self.validate(&devices)?;
-        self.replace(move |current| Snapshot::new(devices, current.fault.clone(), current.sharing))
+        self.replace(move |current| {
+            Snapshot::new(devices, current.fault.clone(), current.sharing, current.withheld.clone())
+        })
     }
 
     /// Shares every device `sharing.replicas` times from now on. Refused if
     /// the advertised list would no longer fit one kubelet message.
     pub fn set_sharing(&self, sharing: Sharing) -> Result<(), PublishError> {
-        self.replace(|current| Snapshot::new(current.devices.clone(), current.fault.clone(), sharing))
+        self.replace(|current| {
+            Snapshot::new(current.devices.clone(), current.fault.clone(), sharing, current.withheld.clone())
+        })
     }
 
     /// Builds the next snapshot from the current one, atomically (a fault
@@ -186,7 +200,21 @@ impl ResourceState {
             if current.fault == fault {
                 return false;
             }
-            *current = Arc::new(Snapshot::new(current.devices.clone(), fault, current.sharing));
+            *current =
+                Arc::new(Snapshot::new(current.devices.clone(), fault, current.sharing, current.withheld.clone()));
+            true
+        });
+    }
+
+    /// Reports the devices in `withheld` Unhealthy (each with why), and
+    /// every other device with its own health, until the next call.
+    pub fn set_withheld(&self, withheld: HashMap<String, String>) {
+        self.sender.send_if_modified(|current| {
+            if *current.withheld == withheld {
+                return false;
+            }
+            let (devices, fault) = (current.devices.clone(), current.fault.clone());
+            *current = Arc::new(Snapshot::new(devices, fault, current.sharing, Arc::new(withheld)));
             true
         });
     }

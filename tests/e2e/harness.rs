@@ -54,6 +54,13 @@ impl Node {
         Devhost::start(&self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
     }
 
+    /// Starts a second `devhost run` on this node (the new pod of a rolling
+    /// update), logging to `log` in the node's directory.
+    pub fn start_another_devhost(&self, log: &str) -> Devhost {
+        self.write_host_config();
+        Devhost::start(&self.config_file(), &self.plugin_dir(), &self.dir.path().join(log))
+    }
+
     /// Starts `devhost run` on this node with at most `limit` open
     /// descriptors (soft and hard, so devhost cannot raise it).
     pub fn start_devhost_with_descriptors(&self, limit: u64) -> Devhost {

@@ -377,3 +377,102 @@ async fn out_of_descriptors_devhost_backs_off_and_loses_nothing() {
         assert_eq!(kubelet.registration_count(resource), 1, "{resource} never re-registered");
     }
 }
+
+/// A host config with CDI specs in `cdi_dir`, and a GPU backend with two
+/// devices served through CDI.
+fn cdi_node(cdi_dir: &std::path::Path) -> Node {
+    let node = Node::new();
+    std::fs::write(
+        node.config_file(),
+        format!("metrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n", cdi_dir.display().to_string()),
+    )
+    .expect("host config");
+    let backend = static_backend(&[(GPU, &["gpu-0", "gpu-1"])], None);
+    node.backend("gpu", &format!("{backend}\n[resources.\"{GPU}\"]\ncdi = true\n"));
+    node
+}
+
+/// The device names a CDI spec file describes, if it can be read.
+fn spec_devices(path: &std::path::Path) -> Option<Vec<String>> {
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Some(spec["devices"].as_array()?.iter().filter_map(|d| Some(d["name"].as_str()?.to_owned())).collect())
+}
+
+/// Item 4: in a rolling update two instances serve the same resource from
+/// one CDI directory; when the old one stops, the spec the new one serves
+/// stays, and every CDI name the new one answers resolves in it. The last
+/// one to stop removes it. Before the fix the old instance deleted the
+/// shared spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_keeps_the_cdi_spec_the_new_instance_serves() {
+    let cdi = tempfile::tempdir().expect("cdi dir");
+    let node = cdi_node(cdi.path());
+    let spec = cdi.path().join("devhost-gpu-example.com_gpu.json");
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let mut old = node.start_devhost();
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("the old instance registers");
+    let mut new = node.start_another_devhost("devhost-new.log");
+    kubelet.wait_for_registrations(GPU, 2, WAIT).await.expect("the new instance registers");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spec_devices(&spec).map(|d| d.len()) != Some(2) {
+        assert!(tokio::time::Instant::now() < deadline, "no spec with two devices");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assert!(old.stop_with(nix::sys::signal::Signal::SIGTERM).await.success(), "the old instance stops cleanly");
+    assert!(old.log().contains("CDI spec left in place: another devhost still serves it"), "{}", old.log());
+    let described = spec_devices(&spec).expect("the spec the new instance serves is still there");
+    for id in ["gpu-0", "gpu-1"] {
+        let answer = kubelet.allocate(GPU, &[id]).await.expect("the new instance allocates");
+        for name in &answer.container_responses[0].cdi_devices {
+            let (kind, device) = name.name.split_once('=').expect("a qualified CDI name");
+            assert_eq!(kind, GPU);
+            assert!(described.iter().any(|d| d == device), "{} does not resolve in {described:?}", name.name);
+        }
+    }
+    // Still there a moment later (nobody removes it behind the new one).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(spec.exists(), "the spec stays while the new instance serves");
+
+    assert!(new.stop_with(nix::sys::signal::Signal::SIGTERM).await.success(), "the new instance stops cleanly");
+    assert!(!spec.exists(), "the last instance to stop removes the spec:\n{}", new.log());
+}
+
+/// Item 4: a spec that cannot be written (its directory's parent is a
+/// file here; read-only or full alike) keeps the devices Unhealthy, with
+/// Allocate refused naming the reason, is retried with back-off and logged
+/// once, and once it can be written the devices come back. Before the fix
+/// the devices stayed Healthy and the write was never retried.
+#[tokio::test]
+async fn a_cdi_spec_that_cannot_be_written_keeps_its_devices_out_of_service_until_it_is_written() {
+    let base = tempfile::tempdir().expect("base dir");
+    let blocker = base.path().join("blocker");
+    std::fs::write(&blocker, "a file where the CDI directory's parent should be").expect("blocker");
+    let cdi = blocker.join("cdi");
+    let node = cdi_node(&cdi);
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    kubelet
+        .wait_for_devices(GPU, WAIT, |d| d.len() == 2 && d.iter().all(|d| d.health == "Unhealthy"))
+        .await
+        .expect("devices without a spec are Unhealthy");
+    let error = kubelet.allocate(GPU, &["gpu-0"]).await.expect_err("no CDI name that cannot resolve");
+    assert!(error.to_string().contains("cannot write its CDI spec"), "{error}");
+
+    std::fs::remove_file(&blocker).expect("remove the blocker");
+    kubelet
+        .wait_for_devices(GPU, WAIT, |d| d.len() == 2 && d.iter().all(|d| d.health == "Healthy"))
+        .await
+        .expect("the devices come back once the spec is written");
+    let spec = cdi.join("devhost-gpu-example.com_gpu.json");
+    assert_eq!(spec_devices(&spec), Some(vec!["gpu-0".to_owned(), "gpu-1".to_owned()]));
+    let answer = kubelet.allocate(GPU, &["gpu-1"]).await.expect("allocate");
+    assert_eq!(answer.container_responses[0].cdi_devices[0].name, format!("{GPU}=gpu-1"));
+    let log = devhost.log();
+    assert_eq!(log.matches("cannot write the CDI spec;").count(), 1, "the same error is logged once:\n{log}");
+    assert!(log.contains("CDI spec written after earlier failures"), "{log}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cdi).expect("the CDI dir").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755, "the CDI directory devhost creates is readable by runtimes");
+}
