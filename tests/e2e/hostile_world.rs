@@ -476,3 +476,72 @@ async fn a_cdi_spec_that_cannot_be_written_keeps_its_devices_out_of_service_unti
     let mode = std::fs::metadata(&cdi).expect("the CDI dir").permissions().mode() & 0o777;
     assert_eq!(mode, 0o755, "the CDI directory devhost creates is readable by runtimes");
 }
+
+/// Item 5: the kubelet completes a registration (it dialled devhost and
+/// holds a live stream) but devhost sees `Register` fail, as after its
+/// deadline. Retrying on the same socket is refused for ever by 1.37's
+/// duplicate check (the fake kubelet has it); devhost must start a new
+/// server generation first, which ends the old connection. Before the fix
+/// it retried on the same socket and was never ready.
+#[tokio::test]
+async fn a_register_whose_answer_is_lost_is_retried_from_a_new_socket() {
+    let node = Node::new();
+    node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
+    node.backend("nic", &static_backend(&[(NIC, &["nic-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    kubelet.lose_register_answers(GPU, 2);
+    let devhost = node.start_devhost();
+    let address = devhost.metrics_address().await;
+    // Two accepted registrations whose answers were lost, then the one
+    // devhost hears back from.
+    kubelet.wait_for_registrations(GPU, 3, WAIT).await.expect("registered from a new generation");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(&address, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready:\n{}", devhost.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = devhost.log();
+    assert_eq!(log.matches("re-creating socket before registering again").count(), 2, "{log}");
+    let endpoints: Vec<String> = kubelet.registrations().iter().map(|r| r.endpoint.clone()).collect();
+    eprintln!("register endpoints in order: {endpoints:?}");
+    kubelet.allocate(GPU, &["gpu-0"]).await.expect("the GPU serves");
+    assert!(kubelet.connected(GPU), "the kubelet's stream to the current generation is open");
+    assert_eq!(kubelet.registration_count(NIC), 1, "the neighbour registered once");
+    let (_, metrics) = http_get(&address, "/metrics").await;
+    let restarts = metric(&metrics, "devhost_kubelet_restarts_seen_total{resource=\"example.com/gpu\"}");
+    assert!(matches!(restarts, None | Some(0.0)), "a lost answer is not a kubelet restart: {restarts:?}");
+}
+
+/// Item 8: the plugin directory deleted and created again (a re-mounted
+/// volume) is watched again: devhost says so, serves from the new
+/// directory as soon as a kubelet is there, and a later kubelet restart is
+/// seen through the new watch (its events reach devhost). Before the fix
+/// the watch was silently lost: recovery took until a periodic check and
+/// every later restart waited for one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_created_plugin_directory_is_watched_again() {
+    let node = Node::new();
+    node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    kubelet.stop().await;
+    drop(kubelet);
+
+    std::fs::remove_dir_all(node.plugin_dir()).expect("remove the plugin dir");
+    devhost.wait_for_log("the plugin directory was removed; waiting for it to come back").await;
+    std::fs::create_dir(node.plugin_dir()).expect("re-create the plugin dir");
+    devhost.wait_for_log("the plugin directory was re-created; watching it again").await;
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("a kubelet in the new directory");
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered in the new directory");
+    kubelet.allocate(GPU, &["gpu-0"]).await.expect("serves from the new directory");
+
+    // A kubelet restart in the new directory reaches devhost as events.
+    let seen = |log: &str| {
+        log.lines().filter(|l| l.contains("plugin directory changed") && l.contains("kubelet.sock")).count()
+    };
+    let before = seen(&devhost.log());
+    kubelet.restart().await.expect("kubelet restart");
+    kubelet.wait_for_registrations(GPU, 2, WAIT).await.expect("re-registered after the restart");
+    assert!(seen(&devhost.log()) > before, "the new directory's events reach devhost:\n{}", devhost.log());
+}

@@ -14,7 +14,7 @@ use crate::backend::ResourceSpec;
 use crate::backend::handle::BackendHandle;
 use crate::device_state::ResourceState;
 use crate::model::ResourceSettings;
-use crate::registration::{self, REGISTER_TIMEOUT};
+use crate::registration::{self, KubeletError, REGISTER_TIMEOUT};
 use crate::server::socket::{self, FileIdentity};
 use crate::server::{DevicePluginService, ResourceServer};
 use crate::telemetry;
@@ -50,13 +50,24 @@ pub struct ResourceTask {
 
 enum Next {
     Shutdown,
+    /// The kubelet restarted: a new server generation registers anew.
     Restart(&'static str),
+    /// `Register` failed after the kubelet may have connected to this
+    /// generation: a 1.37 kubelet refuses the same socket again while that
+    /// connection lives (API facts §2.6), so a new generation (which ends
+    /// it) registers after `delay`.
+    Regenerate {
+        reason: String,
+        delay: Duration,
+    },
 }
 
 impl ResourceTask {
     /// Runs until `shutdown`; leaves no socket behind.
     pub async fn run(mut self) {
         let resource = self.spec.name.clone();
+        // Back-off between failed registrations, across generations.
+        let mut retry = FIRST_RETRY;
         loop {
             let generation = self.shutdown.child_token();
             let service = DevicePluginService::new(
@@ -77,7 +88,7 @@ impl ResourceTask {
                 }
             };
             tracing::info!(resource = %resource, socket = %self.socket.display(), "serving");
-            let next = self.register_and_watch(&server).await;
+            let next = self.register_and_watch(&server, &mut retry).await;
             telemetry::global().unregistered(&resource, matches!(next, Next::Restart(_)));
             server.stop().await;
             match next {
@@ -89,12 +100,18 @@ impl ResourceTask {
                     // The event that led here has already settled (`wait`).
                     tracing::info!(resource = %resource, reason, "re-creating socket and registering again");
                 }
+                Next::Regenerate { reason, delay } => {
+                    tracing::info!(resource = %resource, reason, retry_in = ?delay, "re-creating socket before registering again");
+                    if self.wait(delay).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }
 
-    async fn register_and_watch(&mut self, server: &ResourceServer) -> Next {
-        let kubelet = match self.register(server).await {
+    async fn register_and_watch(&mut self, server: &ResourceServer, retry: &mut Duration) -> Next {
+        let kubelet = match self.register(server, retry).await {
             Ok(identity) => identity,
             Err(next) => return next,
         };
@@ -113,11 +130,10 @@ impl ResourceTask {
         }
     }
 
-    /// Registers, retrying with back-off; returns the identity of the
-    /// kubelet socket it registered with.
-    async fn register(&mut self, server: &ResourceServer) -> Result<FileIdentity, Next> {
+    /// Registers, retrying with back-off (`retry`, reset on success);
+    /// returns the identity of the kubelet socket it registered with.
+    async fn register(&mut self, server: &ResourceServer, retry: &mut Duration) -> Result<FileIdentity, Next> {
         let endpoint = server.socket().file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        let mut retry = FIRST_RETRY;
         let mut waiting_logged = false;
         loop {
             if server.socket_lost() {
@@ -138,12 +154,20 @@ impl ResourceTask {
                 () = self.shutdown.cancelled() => return Err(Next::Shutdown),
                 result = attempt => result,
             };
+            let delay = *retry;
             match result {
-                Ok(()) => return Ok(kubelet),
+                Ok(()) => {
+                    *retry = FIRST_RETRY;
+                    return Ok(kubelet);
+                }
                 Err(error) => {
-                    tracing::warn!(resource = %self.spec.name, %error, retry_in = ?retry, "registration failed");
-                    self.wait(retry).await.map_err(|()| Next::Shutdown)?;
-                    retry = (retry * 2).min(MAX_RETRY);
+                    tracing::warn!(resource = %self.spec.name, %error, retry_in = ?delay, "registration failed");
+                    *retry = (delay * 2).min(MAX_RETRY);
+                    if !matches!(error, KubeletError::Connect { .. }) {
+                        // The kubelet got far enough to dial us, perhaps.
+                        return Err(Next::Regenerate { reason: error.to_string(), delay });
+                    }
+                    self.wait(delay).await.map_err(|()| Next::Shutdown)?;
                 }
             }
         }

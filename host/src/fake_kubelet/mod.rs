@@ -181,6 +181,14 @@ impl FakeKubelet {
         }
     }
 
+    /// Makes the next `count` accepted registrations of `resource` answer
+    /// `DeadlineExceeded` although the kubelet connected and keeps the
+    /// plugin registered: what a plugin sees when its `Register` deadline
+    /// passes while a slow kubelet still completes the registration.
+    pub fn lose_register_answers(&self, resource: &str, count: usize) {
+        self.shared.lock().lost_answers.insert(resource.to_owned(), count);
+    }
+
     /// Number of accepted registrations for `resource`.
     pub fn registration_count(&self, resource: &str) -> usize {
         self.with_resource(resource, |r| r.accepted).unwrap_or(0)

@@ -46,6 +46,12 @@ impl Registration for RegistrationService {
         let request = request.into_inner();
         let index = self.shared.received(request.clone());
         match self.connect(&request).await {
+            Ok(()) if self.shared.take_lost_answer(&request.resource_name) => {
+                // Connected and registered on the kubelet's side; the plugin
+                // sees a failure, as when its Register deadline passed.
+                tracing::info!(resource = %request.resource_name, "registration accepted; its answer is lost (injected)");
+                Err(Status::deadline_exceeded("the answer to Register was lost (injected by the test)"))
+            }
             Ok(()) => Ok(Response::new(Empty {})),
             Err(status) => {
                 tracing::info!(resource = %request.resource_name, error = %status.message(), "registration refused");

@@ -31,6 +31,9 @@ pub(super) struct State {
     pub(super) requests: Vec<(RegisterRequest, Option<String>)>,
     pub(super) resources: HashMap<String, ResourceState>,
     next_connection_id: u64,
+    /// Per resource, how many more accepted registrations get an error
+    /// answer instead of success (a lost answer, as after a timeout).
+    pub(super) lost_answers: HashMap<String, usize>,
 }
 
 /// One resource, across all its registrations.
@@ -107,6 +110,19 @@ impl Shared {
         drop(state);
         self.notify();
         index
+    }
+
+    /// Whether the answer to this accepted registration of `resource` is
+    /// to be lost (one fewer to lose from now on).
+    pub(super) fn take_lost_answer(&self, resource: &str) -> bool {
+        let mut state = self.lock();
+        match state.lost_answers.get_mut(resource) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Marks request `index` as refused with `message`.
