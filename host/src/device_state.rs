@@ -127,18 +127,32 @@ impl Snapshot {
     }
 }
 
+/// `ListAndWatch` streams one resource serves at once. The kubelet keeps
+/// one (two while it replaces a connection); each stream an unread client
+/// holds buffers up to a flow-control window of device lists, so the cap
+/// bounds the memory and the encoding work a misbehaving client can cost.
+pub const MAX_STREAMS: usize = 8;
+
 /// The live state of one resource.
 #[derive(Debug)]
 pub struct ResourceState {
     name: String,
     sender: watch::Sender<Arc<Snapshot>>,
+    /// One permit per open `ListAndWatch` stream, across server generations.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl ResourceState {
     /// A resource with no devices yet.
     pub fn new(name: impl Into<String>) -> Self {
         let (sender, _) = watch::channel(Arc::new(Snapshot::default()));
-        ResourceState { name: name.into(), sender }
+        ResourceState { name: name.into(), sender, streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)) }
+    }
+
+    /// A place for one more `ListAndWatch` stream, held until it ends;
+    /// `None` at [`MAX_STREAMS`].
+    pub fn open_stream(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.streams.clone().try_acquire_owned().ok()
     }
 
     /// The resource name.

@@ -545,3 +545,85 @@ async fn a_re_created_plugin_directory_is_watched_again() {
     kubelet.wait_for_registrations(GPU, 2, WAIT).await.expect("re-registered after the restart");
     assert!(seen(&devhost.log()) > before, "the new directory's events reach devhost:\n{}", devhost.log());
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Item 6: 2,000 ListAndWatch streams opened on 100 connections and never
+/// read: at most `MAX_STREAMS` are served at once (the kubelet's among
+/// them), the rest are refused with `ResourceExhausted`; the kubelet's
+/// stream keeps receiving every change of a 1,000-device list, a
+/// neighbour answers throughout, memory stays flat, and places free up
+/// when streams end. Before the fix every stream was served and buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_list_and_watch_streams_are_capped() {
+    let node = Node::new();
+    let state = node.dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let ids: Vec<String> = (0..1_000).map(|i| format!("d-{i}")).collect();
+    for id in &ids {
+        std::fs::write(state.join(format!("{id}.ok")), "").expect("health file");
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    node.backend("gpu", &static_backend(&[(GPU, &id_refs)], Some(&state)));
+    node.backend("nic", &static_backend(&[(NIC, &["nic-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    let registration = kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    kubelet.wait_for_registrations(NIC, 1, WAIT).await.expect("registered");
+    kubelet.wait_for_devices(GPU, WAIT, |d| d.len() == 1_000).await.expect("1,000 devices");
+    let rss_before = rss_kib(devhost.pid());
+
+    let socket = node.plugin_dir().join(&registration.endpoint);
+    let (mut served, mut refused, mut held) = (0, 0, Vec::new());
+    for _ in 0..100 {
+        let channel = devhost::uds::connect(&socket, WAIT).await.expect("connect");
+        let mut client = v1beta1::device_plugin_client::DevicePluginClient::new(channel);
+        for _ in 0..20 {
+            match client.list_and_watch(v1beta1::Empty {}).await {
+                Ok(stream) => {
+                    served += 1;
+                    held.push(stream.into_inner());
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    let cap = devhost::device_state::MAX_STREAMS;
+    assert_eq!(served, cap - 1, "the kubelet's stream and {} more", cap - 1);
+    assert_eq!(refused, 2_000 - served);
+
+    // Every change still reaches the kubelet, and the neighbour answers.
+    for round in 0..10 {
+        let id = &ids[round];
+        std::fs::remove_file(state.join(format!("{id}.ok"))).expect("make a device unhealthy");
+        kubelet
+            .wait_for_devices(GPU, WAIT, |d| d.iter().any(|d| d.id == *id && d.health == "Unhealthy"))
+            .await
+            .expect("the kubelet sees the change");
+        kubelet.allocate(NIC, &["nic-0"]).await.expect("the neighbour answers");
+    }
+    let rss_after = rss_kib(devhost.pid());
+    eprintln!("unread streams: {served} served, {refused} refused; devhost RSS {rss_before} → {rss_after} KiB");
+    assert!(rss_after < rss_before + 32 * 1024, "memory grew from {rss_before} to {rss_after} KiB");
+
+    // Places free up when streams end.
+    drop(held);
+    let channel = devhost::uds::connect(&socket, WAIT).await.expect("connect");
+    let mut client = v1beta1::device_plugin_client::DevicePluginClient::new(channel);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.list_and_watch(v1beta1::Empty {}).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no place for a stream after the others ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

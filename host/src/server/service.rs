@@ -17,7 +17,7 @@ use super::preferred;
 use super::status::{MAX_REQUEST_IDS, RequestError, echo};
 use crate::backend::handle::{BackendHandle, CallError};
 use crate::backend::{Allocation, PreferredRequest, ResourceSpec};
-use crate::device_state::ResourceState;
+use crate::device_state::{MAX_STREAMS, ResourceState};
 use crate::proto::v1beta1::{self, device_plugin_server::DevicePlugin};
 
 /// Serves one resource.
@@ -220,8 +220,19 @@ impl DevicePlugin for DevicePluginService {
     type ListAndWatchStream = ListAndWatchStream;
 
     async fn list_and_watch(&self, _: Request<v1beta1::Empty>) -> Result<Response<Self::ListAndWatchStream>, Status> {
+        let Some(place) = self.state.open_stream() else {
+            tracing::warn!(resource = %self.spec.name, "ListAndWatch refused: {MAX_STREAMS} streams are open already");
+            return self
+                .timed("ListAndWatch", async {
+                    Err(Status::resource_exhausted(format!(
+                        "resource {:?} already serves {MAX_STREAMS} ListAndWatch streams; close one first",
+                        self.spec.name
+                    )))
+                })
+                .await;
+        };
         tracing::debug!(resource = %self.spec.name, "ListAndWatch stream opened");
-        let open = crate::telemetry::global().stream_opened(&self.spec.name);
+        let open = (crate::telemetry::global().stream_opened(&self.spec.name), place);
         // WatchStream yields the current snapshot at once, then the latest
         // one after each change: bursts coalesce per stream.
         let stream = WatchStream::new(self.state.subscribe())
