@@ -123,3 +123,67 @@ fn the_demo_tours_the_generic_example_config() {
     assert!(text.contains("null::1  Healthy"), "replicas from [resources]: {text}");
     assert!(text.contains("devhost stopped; 0 socket(s) left."), "{text}");
 }
+
+/// Issue 12 item 10 and 13: configuration that used to be accepted but was
+/// wrong is refused with the file, line and column; what cannot be checked
+/// without starting a module is said.
+#[test]
+fn config_check_refuses_what_used_to_pass_silently() {
+    let node = Node::new();
+    let host = node.config_file();
+    std::fs::write(&host, "[log]\nlevel = \"inof\"\n").expect("host config");
+    let config_dir = node.dir.path().join("config").display().to_string();
+    let (code, text) = devhost(&["config", "check", &config_dir]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(&format!(
+            "error: {}:2:9: log level \"inof\" is not a level: use one of off, error, warn, info, debug, trace",
+            host.display()
+        )),
+        "{text}"
+    );
+    std::fs::write(&host, "[log]\nlevel = \"devhost=debug,info\"\n").expect("host config");
+
+    let misnamed = node.backend(
+        "misnamed",
+        &format!(
+            "{}\n[resources.\"example.com/other\"]\ncdi = true\n",
+            static_backend(&[("example.com/gpu", &["g"])], None)
+        ),
+    );
+    let missing = node.backend("missing", "[backend]\nmodule = \"/nonexistent/libgpu.so\"\n");
+    let widened =
+        node.backend("widened", "[backend]\nmodule = \"/nonexistent/x.wasm\"\n[sandbox]\nread = [\"/tmp/..\"]\n");
+    let module = node.dir.path().join("libreal.so");
+    std::fs::write(&module, "not checked by config check").expect("module file");
+    node.backend(
+        "unchecked",
+        &format!(
+            "[backend]\nmodule = {:?}\n[resources.\"example.com/fpga\"]\ncdi = true\n",
+            module.display().to_string()
+        ),
+    );
+    let huge = node.backend("huge", &format!("# {}\n", "x".repeat(4 << 20)));
+    // Where the misnamed table's name starts: the line of its header, the
+    // column after `[resources.`.
+    let misnamed_text = std::fs::read_to_string(&misnamed).expect("read back");
+    let misnamed_line = 1 + misnamed_text.lines().position(|l| l.starts_with("[resources.")).expect("the table");
+    let (code, text) = devhost(&["config", "check", &config_dir]);
+    assert_eq!(code, 1, "{text}");
+    for expected in [
+        format!(
+            "error: {}:{misnamed_line}:{}: [resources.\"example.com/other\"] names no resource of this backend (it declares: example.com/gpu)",
+            misnamed.display(),
+            "[resources.".len() + 1
+        ),
+        format!("error: {}:2:10: module /nonexistent/libgpu.so does not exist", missing.display()),
+        format!("error: {}:4:9: read: \"/tmp/..\" must be a normalised path (no `.`, `..` or `//`)", widened.display()),
+        format!("error: {}: the file is larger than 4 MiB; a config file this large is refused", huge.display()),
+        format!(
+            "unchecked: {}: [resources.\"example.com/fpga\"] (a module's resources are known only once it starts",
+            node.backends_dir().join("unchecked.toml").display()
+        ),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+}

@@ -627,3 +627,120 @@ async fn unread_list_and_watch_streams_are_capped() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How a test treats the pipe devhost logs into.
+#[derive(Debug, Clone, Copy)]
+enum Reader {
+    /// Closed at once: every write fails with `EPIPE`.
+    Gone,
+    /// Open and never read: the pipe fills and writes would block.
+    Asleep,
+}
+
+/// Item 9: with stdout and stderr on a pipe whose reader is gone or never
+/// reads, devhost starts, serves, registers, and on SIGTERM exits 0 and
+/// removes its sockets. Before the fix it exited 101 at start (a panic
+/// reporting the failed write on the broken stderr) or ignored SIGTERM
+/// with a full pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_or_blocked_log_pipe_never_stops_the_daemon() {
+    for reader in [Reader::Gone, Reader::Asleep] {
+        let node = Node::new();
+        node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
+        std::fs::write(node.config_file(), "metrics_address = \"\"\n").expect("host config");
+        let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+            .args(["run", "--config"])
+            .arg(node.config_file())
+            .arg("--plugin-dir")
+            .arg(node.plugin_dir())
+            // Plenty of lines, to fill a 64 KiB pipe at once.
+            .env("RUST_LOG", "trace")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write_end.try_clone().expect("dup")))
+            .stderr(std::process::Stdio::from(write_end))
+            .spawn()
+            .expect("spawn devhost");
+        let kept = match reader {
+            Reader::Gone => {
+                drop(read_end);
+                None
+            }
+            Reader::Asleep => Some(read_end),
+        };
+        kubelet
+            .wait_for_registrations(GPU, 1, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{reader:?}: devhost registers: {e} (status {:?})", child.try_wait()));
+        kubelet.allocate(GPU, &["gpu-0"]).await.unwrap_or_else(|e| panic!("{reader:?}: serves: {e}"));
+        assert!(child.try_wait().expect("wait").is_none(), "{reader:?}: devhost is still running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .expect("SIGTERM");
+        let deadline = std::time::Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{reader:?}: devhost ignored SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(status.success(), "{reader:?}: devhost exited with {status}");
+        assert_eq!(node.sockets(), ["kubelet.sock"], "{reader:?}: devhost removed its sockets");
+        drop(kept);
+    }
+}
+
+/// Item 9: logs written to a file carry no ANSI colour codes.
+#[tokio::test]
+async fn logs_to_a_file_carry_no_colour_codes() {
+    let node = Node::new();
+    node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
+    std::fs::write(node.config_file(), "metrics_address = \"\"\n").expect("host config");
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let log = node.dir.path().join("plain.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["run", "--config"])
+        .arg(node.config_file())
+        .arg("--plugin-dir")
+        .arg(node.plugin_dir())
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn devhost");
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    assert!(child.wait().expect("wait").success());
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(text.contains("registered with the kubelet"), "{text}");
+    assert!(!text.contains('\u{1b}'), "escape codes in a file:\n{text}");
+}
+
+/// Item 10: two files claiming one resource: the file that sorts first
+/// wins, whether it was there at start or added while the other served.
+/// Before the fix a hot-added earlier file lost to the running one, and
+/// won after a restart.
+#[tokio::test]
+async fn the_file_that_sorts_first_wins_a_resource_after_a_hot_add_and_a_restart() {
+    let node = Node::new();
+    node.backend("b", &static_backend(&[(GPU, &["b-0"])], None));
+    node.backend("nic", &static_backend(&[(NIC, &["nic-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let mut devhost = node.start_devhost();
+    kubelet.wait_for_devices(GPU, WAIT, |d| d.len() == 1 && d[0].id == "b-0").await.expect("b serves");
+
+    node.backend("a", &static_backend(&[(GPU, &["a-0"])], None));
+    kubelet.wait_for_devices(GPU, WAIT, |d| d.len() == 1 && d[0].id == "a-0").await.expect("a wins after a hot add");
+    devhost.wait_for_log("stopping the backend: a file that sorts before it claims one of its resources").await;
+    kubelet.allocate(GPU, &["a-0"]).await.expect("a serves");
+    assert_eq!(kubelet.registration_count(NIC), 1, "the neighbour is untouched");
+
+    assert!(devhost.stop_with(nix::sys::signal::Signal::SIGTERM).await.success());
+    let before = kubelet.registration_count(GPU);
+    let _devhost = node.start_devhost();
+    kubelet.wait_for_registrations(GPU, before + 1, WAIT).await.expect("registered again");
+    let devices = kubelet.wait_for_devices(GPU, WAIT, |d| !d.is_empty()).await.expect("devices");
+    assert_eq!(devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a-0"], "a wins after a restart too");
+}

@@ -93,7 +93,18 @@ async fn metrics_and_probes_follow_the_resources() {
     let address = devhost.metrics_address().await;
 
     assert_eq!(http_get(&address, "/healthz").await, (200, "ok\n".to_owned()));
-    let (status, body) = http_get(&address, "/readyz").await;
+    // Not ready while the backends load, then not ready for want of a
+    // kubelet: 503 throughout, saying why.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (status, body) = loop {
+        let (status, body) = http_get(&address, "/readyz").await;
+        if !body.starts_with("starting: ") {
+            break (status, body);
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "the backends never finished loading");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!((status, body.as_str()), (503, "not registered: example.com/gpu\n"), "no kubelet yet");
 
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");

@@ -165,21 +165,31 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
     for (resource, expected) in [
         (
             "hostile.example.com/loop",
-            "backend \"loop\": allocate panicked: allocate was interrupted at its epoch deadline (1.6s, 80% of call_timeout_ms 2000)",
+            // The epoch interruption at 80 % of the deadline, or, on a
+            // machine too loaded to run the epoch ticker in time, the
+            // host's own deadline: either stops the call.
+            &[
+                "backend \"loop\": allocate panicked: allocate was interrupted at its epoch deadline (1.6s, 80% of call_timeout_ms 2000)",
+                "backend \"loop\": allocate did not return within its 2s deadline",
+            ][..],
         ),
         (
             "hostile.example.com/memory-bomb",
-            "backend \"bomb\": allocate panicked: allocate exceeded its memory cap of 16 MiB (it asked to grow its memory to 17 MiB)",
+            &[
+                "backend \"bomb\": allocate panicked: allocate exceeded its memory cap of 16 MiB (it asked to grow its memory to 17 MiB)",
+            ],
         ),
         (
             "hostile.example.com/trap",
-            "backend \"trap\": allocate panicked: allocate trapped: wasm trap: wasm `unreachable` instruction executed",
+            &[
+                "backend \"trap\": allocate panicked: allocate trapped: wasm trap: wasm `unreachable` instruction executed",
+            ],
         ),
     ] {
         kubelet.wait_for_registrations(resource, 1, WAIT).await.expect("registered");
         let status = kubelet.allocate(resource, &["h0"]).await.expect_err("faults");
         let status = status.status().expect("an RPC status");
-        assert_eq!(status.message(), expected, "{resource}");
+        assert!(expected.contains(&status.message()), "{resource}: {:?} is none of {expected:?}", status.message());
         kubelet
             .wait_for_devices(resource, WAIT, |d| d.iter().all(|d| d.health == "Unhealthy"))
             .await

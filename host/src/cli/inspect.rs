@@ -26,6 +26,14 @@ pub fn config_check(path: &Path) -> ExitCode {
     }
     for backend in &backends {
         println!("ok: {} ({})", backend.file.display(), describe(&backend.source));
+        if matches!(backend.source, crate::config::BackendSource::Module { .. }) {
+            for name in backend.resources.keys() {
+                println!(
+                    "unchecked: {}: [resources.{name:?}] (a module's resources are known only once it starts: `devhost list` starts it)",
+                    backend.file.display()
+                );
+            }
+        }
     }
     println!(
         "{} backend file(s) valid, {} refused, in {}",

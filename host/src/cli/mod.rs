@@ -98,6 +98,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Holds the log writer's thread; dropped last, it flushes what is
+    // queued (for a bounded time).
+    let mut _log: Option<tracing_appender::non_blocking::WorkerGuard> = None;
     let code = match cli.command {
         Command::Run { config, plugin_dir, kubelet_socket } => {
             let overrides = Overrides { plugin_dir, kubelet_socket };
@@ -108,20 +111,20 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(config.log_format, &config.log_level);
+            _log = init_logging(config.log_format, &config.log_level);
             runtime.block_on(run(config))
         }
         Command::Demo { config } => {
-            init_logging(LogFormat::Text, "warn");
+            _log = init_logging(LogFormat::Text, "warn");
             runtime.block_on(crate::demo::run(config.as_deref()))
         }
         Command::List { config, json } => {
-            init_logging(LogFormat::Text, "warn");
+            _log = init_logging(LogFormat::Text, "warn");
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
         Command::Check { target, call_timeout_ms } => {
-            init_logging(LogFormat::Text, "error");
+            _log = init_logging(LogFormat::Text, "error");
             let report =
                 runtime.block_on(crate::conformance::run(&target, std::time::Duration::from_millis(call_timeout_ms)));
             crate::conformance::print(&report);
@@ -191,17 +194,34 @@ fn stop_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the configured level.
-fn init_logging(format: LogFormat, level: &str) {
+///
+/// Logging must never stop the daemon: lines go through a bounded queue to
+/// a writer thread, and are dropped (not waited for) when stderr is slow
+/// or blocked (a full pipe); a closed stderr (`EPIPE`) is ignored rather
+/// than reported on stderr, which would panic. Colours only on a terminal
+/// (and never with `NO_COLOR`).
+fn init_logging(format: LogFormat, level: &str) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("devhost-log")
+        .finish(std::io::stderr());
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(colour)
+        .log_internal_errors(false);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-    if let Err(error) = result {
-        eprintln!("devhost: logging already initialised: {error}");
+    match result {
+        Ok(()) => Some(guard),
+        Err(_) => None,
     }
 }

@@ -78,6 +78,10 @@ pub struct LoadedBackends {
     pub backends: Vec<BackendConfig>,
     /// One error per file that did not.
     pub errors: Vec<ConfigError>,
+    /// Files refused because a file that sorts before them claims one of
+    /// their resources: whatever ran for them stops (the file that sorts
+    /// first wins, after a restart and a hot add alike).
+    pub superseded: Vec<PathBuf>,
     /// Whether the directory itself was listed. When it was not (renamed
     /// away, out of descriptors, a network filesystem's hiccup), the result
     /// says nothing about which backends exist: the daemon changes nothing.
@@ -137,13 +141,12 @@ pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
     loaded.listed = true;
     let mut claimed: HashMap<String, String> = HashMap::new();
     for file in files {
-        let result = std::fs::read_to_string(&file)
-            .map_err(|error| ConfigError::file(&file, format!("cannot read: {error}")))
-            .and_then(|source| {
-                let backend = parse_backend(&file, &source, default_timeout)?;
-                claim_resources(&backend, &source, &claimed)?;
-                Ok((backend, source))
-            });
+        let result = read_config_file(&file).and_then(|source| {
+            let backend = parse_backend(&file, &source, default_timeout)?;
+            check_module_exists(&backend, &source)?;
+            claim_resources(&backend, &source, &claimed).inspect_err(|_| loaded.superseded.push(file.clone()))?;
+            Ok((backend, source))
+        });
         match result {
             Ok((backend, source)) => {
                 if let BackendSource::Static(config) = &backend.source {
@@ -173,6 +176,51 @@ fn backend_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// The largest config file devhost reads: far above any real one, and
+/// small enough that a runaway file is not parsed on every rescan.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads a config file of at most [`MAX_CONFIG_BYTES`].
+pub fn read_config_file(file: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let opened = std::fs::File::open(file).map_err(|error| ConfigError::file(file, format!("cannot read: {error}")))?;
+    let mut source = String::new();
+    // One byte more than allowed tells a file that is too large.
+    opened
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut source)
+        .map_err(|error| ConfigError::file(file, format!("cannot read: {error}")))?;
+    if source.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::file(
+            file,
+            format!("the file is larger than {} MiB; a config file this large is refused", MAX_CONFIG_BYTES >> 20),
+        ));
+    }
+    Ok(source)
+}
+
+/// A module file that is not there is a config error at its `module` key
+/// (checked apart from [`parse_backend`], which reads no other file).
+fn check_module_exists(backend: &BackendConfig, source: &str) -> Result<(), ConfigError> {
+    let BackendSource::Module { path, .. } = &backend.source else { return Ok(()) };
+    if path.exists() {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Key {
+        backend: ModuleKey,
+    }
+    #[derive(Deserialize)]
+    struct ModuleKey {
+        module: Spanned<PathBuf>,
+    }
+    let message = format!("module {} does not exist", path.display());
+    Err(match toml::from_str::<Key>(source) {
+        Ok(key) => ConfigError::at(&backend.file, source, key.backend.module.span(), message),
+        Err(_) => ConfigError::file(&backend.file, message),
+    })
 }
 
 fn claim_resources(
@@ -270,6 +318,19 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
             ));
         }
     };
+    if let BackendSource::Static(config) = &backend_source {
+        let declared: Vec<&str> = config.resource_names().map(|(name, _)| name).collect();
+        if let Some(name) = raw.resources.keys().find(|name| !declared.contains(&name.get_ref().as_str())) {
+            return Err(at(
+                name.span(),
+                format!(
+                    "[resources.{:?}] names no resource of this backend (it declares: {})",
+                    name.get_ref(),
+                    declared.join(", ")
+                ),
+            ));
+        }
+    }
     let resources = super::resource_settings::parse(file, source, raw.resources)?;
     Ok(BackendConfig { name, file: file.to_owned(), source: backend_source, call_timeout, settings, resources })
 }
@@ -319,17 +380,11 @@ fn parse_sandbox(
     at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
 ) -> Result<SandboxConfig, ConfigError> {
     let mut sandbox = SandboxConfig::default();
-    for dir in raw.read {
-        if !dir.get_ref().is_absolute() {
-            return Err(at(dir.span(), format!("read: {:?} must be an absolute path", dir.get_ref())));
+    for (key, dirs, granted) in [("read", raw.read, &mut sandbox.read), ("write", raw.write, &mut sandbox.write)] {
+        for dir in dirs {
+            check_grant(dir.get_ref()).map_err(|why| at(dir.span(), format!("{key}: {:?} {why}", dir.get_ref())))?;
+            granted.push(dir.into_inner());
         }
-        sandbox.read.push(dir.into_inner());
-    }
-    for dir in raw.write {
-        if !dir.get_ref().is_absolute() {
-            return Err(at(dir.span(), format!("write: {:?} must be an absolute path", dir.get_ref())));
-        }
-        sandbox.write.push(dir.into_inner());
     }
     if let Some(mb) = raw.memory_mb {
         if !(1..=4096).contains(mb.get_ref()) {
@@ -358,6 +413,25 @@ fn parse_sandbox(
     Ok(sandbox)
 }
 
+/// A sandbox grant must say plainly what it grants: an absolute path with
+/// no `.` or `..` (`/grant/..` would silently widen to `/`), naming a
+/// directory if it exists.
+fn check_grant(dir: &Path) -> Result<(), &'static str> {
+    if !dir.is_absolute() {
+        return Err("must be an absolute path");
+    }
+    // By bytes: `Path::components` hides `.` and `//`.
+    let bytes = dir.as_os_str().as_encoded_bytes();
+    let inner = bytes.strip_suffix(b"/").filter(|rest| !rest.is_empty()).unwrap_or(bytes);
+    if inner.split(|&b| b == b'/').skip(1).any(|part| matches!(part, b"" | b"." | b"..")) && inner != b"/" {
+        return Err("must be a normalised path (no `.`, `..` or `//`)");
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err("must be a directory");
+    }
+    Ok(())
+}
+
 fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -365,6 +439,22 @@ fn is_sha256_hex(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grants_must_be_absolute_normalised_directories() {
+        for good in ["/", "/sys/bus/pci", "/sys/bus/pci/", "/no/such/dir"] {
+            assert_eq!(check_grant(Path::new(good)), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("grant", "must be an absolute path"),
+            ("/grant/..", "must be a normalised path (no `.`, `..` or `//`)"),
+            ("/grant/./x", "must be a normalised path (no `.`, `..` or `//`)"),
+            ("/grant//x", "must be a normalised path (no `.`, `..` or `//`)"),
+            ("/etc/hostname", "must be a directory"),
+        ] {
+            assert_eq!(check_grant(Path::new(bad)), Err(why), "{bad}");
+        }
+    }
 
     const GOOD: &str = r#"
 [backend]

@@ -75,15 +75,41 @@ struct RawHost {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     format: Option<LogFormat>,
-    level: Option<String>,
+    level: Option<toml::Spanned<String>>,
+}
+
+/// The levels a log filter may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log filter: a level, or comma-separated directives, each a
+/// level or `target=level` (a typo such as `inof` would otherwise be read
+/// as a target name and silence every log line).
+fn check_log_level(filter: &str) -> Result<(), String> {
+    let is_level = |text: &str| LEVELS.contains(&text.to_ascii_lowercase().as_str());
+    let is_target = |text: &str| {
+        !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    for directive in filter.split(',') {
+        let directive = directive.trim();
+        let ok = match directive.split_once('=') {
+            Some((target, level)) => is_target(target) && is_level(level),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(format!(
+                "log level {directive:?} is not a level: use one of {} or directives like \"devhost=debug,info\"",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl HostConfig {
     /// Reads and validates `path`; relative paths in it are relative to the
     /// file's directory.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let source = std::fs::read_to_string(path)
-            .map_err(|error| ConfigError::file(path, format!("cannot read the host config: {error}")))?;
+        let source = super::backends::read_config_file(path)?;
         Self::parse(path, &source, overrides)
     }
 
@@ -124,6 +150,9 @@ impl HostConfig {
                 )
             })?),
         };
+        if let Some(level) = &raw.log.level {
+            check_log_level(level.get_ref()).map_err(|message| ConfigError::at(path, source, level.span(), message))?;
+        }
         let mut config =
             Self::resolve(base, raw.plugin_dir, raw.kubelet_socket, raw.backends_dir, call_timeout, raw.log, overrides);
         config.metrics_address = metrics_address;
@@ -167,7 +196,7 @@ impl HostConfig {
             kubelet_socket,
             call_timeout,
             log_format: log.format.unwrap_or_default(),
-            log_level: log.level.unwrap_or_else(|| "info".to_owned()),
+            log_level: log.level.map_or_else(|| "info".to_owned(), toml::Spanned::into_inner),
             metrics_address: Some(default_metrics_address()),
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
         }
@@ -181,6 +210,16 @@ fn default_metrics_address() -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_are_levels_or_target_directives() {
+        for good in ["info", "WARN", "off", "devhost=debug,info", "devhost::daemon=trace, warn"] {
+            assert_eq!(check_log_level(good), Ok(()), "{good}");
+        }
+        for bad in ["inof", "", "devhost=", "=debug", "devhost=verbose", "info,,debug", "devhost debug"] {
+            assert!(check_log_level(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     fn parse(source: &str) -> Result<HostConfig, ConfigError> {
         HostConfig::parse(Path::new("/etc/devhost/devhost.toml"), source, &Overrides::default())

@@ -4,7 +4,7 @@
 //! parse or load is reported and whatever ran for it before keeps running.
 //! Every other backend, with its sockets and open streams, is untouched.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,6 +104,8 @@ impl Backends {
             }
             let kept = if !loaded.listed {
                 "; every backend keeps serving as it was"
+            } else if loaded.superseded.contains(&error.file) {
+                ""
             } else if self.running.contains_key(&error.file) {
                 "; its previous version keeps serving"
             } else {
@@ -115,6 +117,12 @@ impl Backends {
         if !loaded.listed {
             // Not knowing which files exist is not knowing that any went.
             return;
+        }
+        for file in &loaded.superseded {
+            if let Some(running) = self.running.remove(file) {
+                tracing::info!(backend = %running.config.name, file = %file.display(), "stopping the backend: a file that sorts before it claims one of its resources");
+                stop(running).await;
+            }
         }
         let desired: BTreeMap<PathBuf, BackendConfig> =
             loaded.backends.into_iter().map(|config| (config.file.clone(), config)).collect();
@@ -140,17 +148,21 @@ impl Backends {
             if previous.is_some_and(|running| running.config == config && running.module == module) {
                 continue;
             }
+            let previous = previous.is_some();
             // The same failed file, not yet due: wait. A changed one: now.
-            let failed = self.failed.get(&file).filter(|f| f.config == config && f.module == module);
-            if failed.is_some_and(|f| now < f.retry.at) {
+            let failed = self.failed.get(&file).filter(|f| f.config == config && f.module == module).map(|f| f.retry);
+            if failed.is_some_and(|retry| now < retry.at) {
                 continue;
             }
-            let owners = self.owners(Some(&file));
-            let Some((handle, backend_stop)) = start_backend(&config, &owners).await else {
-                if previous.is_some() {
+            let started = match start_backend(&config).await {
+                Some((handle, backend_stop)) => self.claim(&file, &config, handle, backend_stop).await,
+                None => None,
+            };
+            let Some((handle, backend_stop)) = started else {
+                if previous {
                     tracing::error!(backend = %config.name, file = %file.display(), "the changed backend did not start; its previous version keeps serving");
                 }
-                let retry = Retry::after(failed.map(|f| f.retry), now);
+                let retry = Retry::after(failed, now);
                 tracing::info!(backend = %config.name, file = %file.display(), retry_in = ?retry.delay, "will try the backend again then, or at once when its file or module changes");
                 self.failed.insert(file, Failed { config, module, retry });
                 continue;
@@ -171,13 +183,45 @@ impl Backends {
         self.running.values().flat_map(|r| r.handle.resources().iter().map(|(spec, _)| spec.name.clone())).collect()
     }
 
-    /// Which backend serves each resource, leaving out the one from `except`.
-    fn owners(&self, except: Option<&PathBuf>) -> HashMap<String, String> {
-        self.running
-            .iter()
-            .filter(|(file, _)| Some(*file) != except)
-            .flat_map(|(_, r)| r.handle.resources().iter().map(|(spec, _)| (spec.name.clone(), r.config.name.clone())))
-            .collect()
+    /// Settles the resources a just-started backend declares against the
+    /// running ones: the file that sorts first wins, whichever started
+    /// first, so the winner is the same after a restart and after a hot
+    /// add. A running backend from a later file gives way (stopped, and
+    /// retried with back-off); one from an earlier file keeps its resource
+    /// and the new backend is stopped (`None`).
+    async fn claim(
+        &mut self,
+        file: &PathBuf,
+        config: &BackendConfig,
+        handle: Arc<BackendHandle>,
+        backend_stop: CancellationToken,
+    ) -> Option<(Arc<BackendHandle>, CancellationToken)> {
+        let mut later = BTreeSet::new();
+        for (spec, _) in handle.resources() {
+            let owner = self
+                .running
+                .iter()
+                .filter(|(owner, _)| *owner != file)
+                .find(|(_, running)| running.handle.resources().iter().any(|(theirs, _)| theirs.name == spec.name));
+            let Some((owner_file, owner)) = owner else { continue };
+            if owner_file < file {
+                tracing::error!(backend = %config.name, file = %file.display(), resource = %spec.name, "resource {:?} is already served by backend {:?} from {}, which sorts first; backend not started", spec.name, owner.config.name, owner_file.display());
+                handle.shutdown().await;
+                backend_stop.cancel();
+                return None;
+            }
+            later.insert(owner_file.clone());
+        }
+        let now = Instant::now();
+        for owner_file in later {
+            if let Some(owner) = self.running.remove(&owner_file) {
+                tracing::info!(backend = %owner.config.name, file = %owner_file.display(), claimed_by = %file.display(), "stopping the backend: a file that sorts before it claims one of its resources");
+                let (config, module) = (owner.config.clone(), owner.module);
+                stop(owner).await;
+                self.failed.insert(owner_file, Failed { config, module, retry: Retry::after(None, now) });
+            }
+        }
+        Some((handle, backend_stop))
     }
 
     /// Stops every backend at once (each within its own deadline, so one
@@ -200,11 +244,8 @@ async fn stop(running: Running) {
 }
 
 /// Builds and initialises one backend; `None` (after logging why) if it
-/// cannot serve. A resource another backend already serves is refused.
-async fn start_backend(
-    config: &BackendConfig,
-    owners: &HashMap<String, String>,
-) -> Option<(Arc<BackendHandle>, CancellationToken)> {
+/// cannot serve.
+async fn start_backend(config: &BackendConfig) -> Option<(Arc<BackendHandle>, CancellationToken)> {
     let file = config.file.display().to_string();
     let backend = match crate::loader::load(config).await {
         Ok(backend) => backend,
@@ -221,14 +262,6 @@ async fn start_backend(
             return None;
         }
     };
-    if let Some((spec, owner)) =
-        handle.resources().iter().find_map(|(spec, _)| owners.get(&spec.name).map(|owner| (spec, owner)))
-    {
-        tracing::error!(backend = %config.name, file, resource = %spec.name, "resource {:?} is already served by backend {owner:?}; backend not started", spec.name);
-        handle.shutdown().await;
-        stop.cancel();
-        return None;
-    }
     tracing::info!(backend = %config.name, resources = handle.resources().len(), "backend started");
     Some((handle, stop))
 }
@@ -242,7 +275,7 @@ fn spawn_resources(
 ) -> Running {
     let tasks = TaskTracker::new();
     for name in config.resources.keys().filter(|name| !handle.resources().iter().any(|(spec, _)| &spec.name == *name)) {
-        tracing::warn!(backend = %config.name, resource = %name, "[resources.{name:?}] names no resource of this backend; ignored");
+        tracing::error!(backend = %config.name, file = %config.file.display(), resource = %name, "[resources.{name:?}] names no resource of this backend; ignored");
     }
     for (spec, state) in handle.resources() {
         let mut settings = config.resources.get(&spec.name).copied().unwrap_or_default();

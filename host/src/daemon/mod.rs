@@ -52,8 +52,14 @@ pub enum DaemonError {
 
 /// Serves every backend in `config` until `shutdown` fires.
 pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&config.plugin_dir)
-        .map_err(|source| DaemonError::PluginDir { dir: config.plugin_dir.clone(), source })?;
+    if !config.plugin_dir.is_dir() {
+        // Only devhost and the kubelet (root) need it, whatever the umask.
+        std::fs::create_dir_all(&config.plugin_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&config.plugin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o750))
+            })
+            .map_err(|source| DaemonError::PluginDir { dir: config.plugin_dir.clone(), source })?;
+    }
     let watcher = PluginDirWatcher::start(&config.plugin_dir)
         .map_err(|source| DaemonError::Watch { dir: config.plugin_dir.clone(), source })?;
     let instance = socket::instance_id();
