@@ -1,6 +1,6 @@
 //! Soak and fault suite (issue 8): the real `devhost` binary under load
 //! while the kubelet restarts, devhost itself is SIGKILLed, backends
-//! misbehave and `backends.d/` churns. Every Allocate is counted and
+//! misbehave, `backends.d/` churns, and the world turns hostile (issue 12). Every Allocate is counted and
 //! classified; nothing is assumed.
 //!
 //! The CI runs these with small counts. `scripts/soak` runs them long
@@ -868,5 +868,164 @@ async fn soak_config_churn_under_load() {
     if scale.long {
         report.row("scale", "long");
     }
+    report.finish();
+}
+
+/// Raises this test process's soft descriptor limit to its hard limit: the
+/// metrics flood holds more than the usual 1,024.
+fn raise_own_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// The hostile world of issue 12, under counted Allocate load on the
+/// healthy backends: a flood of idle metrics connections, a `backends.d`
+/// that vanishes and returns, 2,000 abandoned ListAndWatch streams; then a
+/// kubelet whose Register answers are lost (1.37 duplicate check on), and
+/// a rolling update with two instances sharing a CDI directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_hostile_world_under_load() {
+    raise_own_descriptor_limit();
+    let scale = scale();
+    let rounds = if scale.long { 10 } else { 1 };
+    let mut report = Report::new("hostile-world", "A hostile world under Allocate load");
+    let node = Node::new();
+    let resources = healthy_backends(&node, &mut report);
+    let names: Vec<String> = resources.iter().map(|(name, _)| name.clone()).collect();
+    let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
+    let devhost = node.start_devhost();
+    let address = devhost.metrics_address().await;
+    registered(&kubelet, &names, 1, Instant::now()).await;
+
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&kubelet, resources.clone(), scale.callers, &tally, &stop, false);
+    let (mut floods, mut vanished, mut abandoned) = (0, 0, 0);
+    for round in 1..=rounds {
+        // 1,100 idle connections to the metrics port, held a moment.
+        let mut flood = Vec::new();
+        for _ in 0..1_100 {
+            match tokio::net::TcpStream::connect(&address).await {
+                Ok(stream) => flood.push(stream),
+                Err(error) => {
+                    report.lost(format!("round {round}: the metrics port refused a connection: {error}"));
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(flood);
+        floods += 1;
+        // backends.d renamed away, a reload, and back.
+        let dir = node.backends_dir();
+        let away = dir.with_file_name("backends.d.away");
+        std::fs::rename(&dir, &away).expect("rename backends.d away");
+        devhost.reload().await;
+        std::fs::rename(&away, &dir).expect("rename backends.d back");
+        devhost.reload().await;
+        vanished += 1;
+        // 2,000 ListAndWatch streams opened and dropped unread.
+        let registration = kubelet.wait_for_registrations(&names[0], 1, WAIT).await.expect("registered");
+        let socket = node.plugin_dir().join(&registration.endpoint);
+        for _ in 0..20 {
+            let Ok(channel) = devhost::uds::connect(&socket, WAIT).await else { continue };
+            let mut client = devhost::proto::v1beta1::device_plugin_client::DevicePluginClient::new(channel);
+            for _ in 0..100 {
+                let _ = client.list_and_watch(devhost::proto::v1beta1::Empty {}).await;
+                abandoned += 1;
+            }
+        }
+    }
+    stop_load(&stop, callers).await;
+    for resource in &names {
+        let count = kubelet.registration_count(resource);
+        if count != 1 || !kubelet.connected(resource) {
+            report.lost(format!("{resource} re-registered ({count}) or lost its stream"));
+        }
+    }
+    for (resource, ids) in &resources {
+        if let Err(error) = devices_complete(&kubelet, resource, ids).await {
+            report.lost(format!("{resource}: {error}"));
+        }
+    }
+    report.row(
+        "metrics floods (1,100 idle connections) / backends.d vanished / ListAndWatch streams abandoned",
+        format!("{floods} / {vanished} / {abandoned}"),
+    );
+    report.row(format!("Allocate load meanwhile ({} callers)", scale.callers), tally.summary());
+    if tally.total() != tally.ok.load(Ordering::Relaxed) || tally.total() == 0 {
+        report.lost(format!("Allocate during the hostile rounds: {}", tally.summary()));
+    }
+
+    // Register answers lost after a kubelet restart: each resource must
+    // register from a new generation.
+    let mut recovered = Vec::new();
+    for round in 1..=rounds {
+        let before: Vec<usize> = names.iter().map(|name| kubelet.registration_count(name)).collect();
+        for name in &names {
+            kubelet.lose_register_answers(name, 1);
+        }
+        let since = Instant::now();
+        kubelet.restart().await.expect("kubelet restart");
+        for (name, before) in names.iter().zip(before) {
+            // The registration whose answer was lost, then the one heard.
+            if kubelet.wait_for_registrations(name, before + 2, WAIT).await.is_err() {
+                report.lost(format!("round {round}: {name} never registered after a lost Register answer"));
+            }
+        }
+        recovered.push(since.elapsed());
+        for (resource, ids) in &resources {
+            allocate_counted(&kubelet, resource, &ids[0], &tally, false).await;
+        }
+    }
+    report.row("kubelet restart with every Register answer lost → all registered", distribution(&recovered));
+
+    // A rolling update: a second instance on the same node and CDI dir.
+    let cdi = node.dir.path().join("cdi");
+    let cdi_node = Node::new();
+    std::fs::write(
+        cdi_node.config_file(),
+        format!("metrics_address = \"\"\ncdi_dir = {:?}\n", cdi.display().to_string()),
+    )
+    .expect("host config");
+    let gpu = "soak.example.com/cdi";
+    cdi_node.backend(
+        "gpu",
+        &format!("{}\n[resources.\"{gpu}\"]\ncdi = true\n", static_backend(&[(gpu, &["g-0", "g-1"])], None)),
+    );
+    let cdi_kubelet = FakeKubelet::start(&cdi_node.plugin_dir()).await.expect("kubelet");
+    let spec = cdi.join("devhost-gpu-soak.example.com_cdi.json");
+    let mut old = cdi_node.start_devhost();
+    let mut updates = 0;
+    cdi_kubelet.wait_for_registrations(gpu, 1, WAIT).await.expect("the first instance registers");
+    for round in 1..=rounds {
+        let before = cdi_kubelet.registration_count(gpu);
+        let mut new = cdi_node.start_another_devhost(&format!("devhost-{round}.log"));
+        cdi_kubelet.wait_for_registrations(gpu, before + 1, WAIT).await.expect("the new instance registers");
+        if !old.stop_with(Signal::SIGTERM).await.success() {
+            report.lost(format!("round {round}: the old instance did not stop cleanly"));
+        }
+        match cdi_kubelet.allocate(gpu, &["g-1"]).await {
+            Ok(answer) => {
+                let names: Vec<&str> =
+                    answer.container_responses[0].cdi_devices.iter().map(|c| c.name.as_str()).collect();
+                let text = std::fs::read_to_string(&spec).unwrap_or_default();
+                if names != [format!("{gpu}=g-1")] || !text.contains("\"name\": \"g-1\"") {
+                    report.lost(format!("round {round}: CDI name {names:?} does not resolve in the spec on disk"));
+                }
+            }
+            Err(error) => report.lost(format!("round {round}: the new instance did not allocate: {error}")),
+        }
+        updates += 1;
+        std::mem::swap(&mut old, &mut new);
+        drop(new);
+    }
+    let _ = old.stop_with(Signal::SIGTERM).await;
+    if spec.exists() {
+        report.lost("the last instance to stop left the CDI spec behind");
+    }
+    report.row("rolling updates sharing a CDI directory, spec kept for the new instance", updates);
     report.finish();
 }
