@@ -146,7 +146,7 @@ impl Bed {
         let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
         let started = Instant::now();
         let devhost = node.start_devhost();
-        let pid = devhost_pid(&node);
+        let pid = devhost.pid().as_raw();
         for resource in [STATIC, RUST] {
             kubelet.wait_for_registrations(resource, 1, WAIT).await.expect("the neighbour registers");
             kubelet
@@ -210,16 +210,6 @@ impl Bed {
         assert_eq!(self.node.sockets(), ["kubelet.sock"], "{}: devhost removed its sockets", self.backend);
         eprintln!("{}: SIGTERM → exit 0 in {} ms", self.backend, took.as_millis());
     }
-}
-
-/// The PID of the devhost started on `node`: the test process's child whose
-/// command line names the node's config file.
-fn devhost_pid(node: &Node) -> i32 {
-    let config = node.config_file().display().to_string();
-    let me = std::process::id() as i32;
-    let found: Vec<i32> = children(me).into_iter().filter(|c| c.args.contains(&config)).map(|c| c.pid).collect();
-    assert_eq!(found.len(), 1, "one devhost process for {config}: {found:?}");
-    found[0]
 }
 
 /// A process as /proc shows it.

@@ -497,14 +497,6 @@ fn children_of(parent: u32) -> Vec<(u32, char, String)> {
         .collect()
 }
 
-/// The PID of the devhost process serving `node` (a child of this test).
-fn devhost_pid(node: &Node) -> u32 {
-    let config = node.config_file().display().to_string();
-    let children = children_of(std::process::id());
-    let found = children.iter().find(|(_, _, cmdline)| cmdline.contains(" run ") && cmdline.contains(&config));
-    found.map(|(pid, _, _)| *pid).unwrap_or_else(|| panic!("no devhost child serving {config}: {children:?}"))
-}
-
 /// Live (not zombie) worker processes of the crash-loop backend.
 fn crash_loop_workers(devhost: u32) -> usize {
     let needle = format!("__worker {CRASH_LOOP}");
@@ -638,7 +630,7 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
     }
     let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
     let devhost = node.start_devhost();
-    let devhost_pid = devhost_pid(&node);
+    let devhost_pid = devhost.pid().as_raw() as u32;
     let mut names: Vec<String> = healthy.iter().chain(&hostile).map(|(name, _)| name.clone()).collect();
     names.extend(["soak.example.com/flap".to_owned(), "soak.example.com/native-flap".to_owned()]);
     registered(&kubelet, &names, 1, Instant::now()).await;
