@@ -104,7 +104,7 @@ fn the_demo_shows_registration_health_change_and_allocate_then_exits_cleanly() {
 #[test]
 fn the_demo_tours_the_generic_example_config() {
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("skipped: /dev/fuse is missing on this machine");
+        crate::harness::skip(crate::harness::Missing::Machine, "/dev/fuse is missing on this machine");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

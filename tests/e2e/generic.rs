@@ -146,7 +146,7 @@ async fn real_dev_nodes_serve_with_host_replicas() {
         ("example.com/kvm", "/dev/kvm", "kvm"),
     ] {
         if !Path::new(path).exists() {
-            eprintln!("skipping {path}: this machine has no {path}");
+            crate::harness::skip(crate::harness::Missing::Machine, &format!("this machine has no {path}"));
             continue;
         }
         config += &format!("[[config.group]]\nresource = {resource:?}\npaths = [{path:?}]\n");
@@ -201,7 +201,10 @@ async fn the_example_config_directory_serves() {
     {
         kubelet.wait_for_registrations(resource, 1, WAIT).await.expect("registered");
         if !Path::new(path).exists() {
-            eprintln!("skipping the {path} allocation: this machine has no {path}");
+            crate::harness::skip(
+                crate::harness::Missing::Machine,
+                &format!("the {path} allocation: this machine has no {path}"),
+            );
             continue;
         }
         health_of(&kubelet, resource, &[(id, "Healthy")]).await;

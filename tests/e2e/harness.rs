@@ -13,6 +13,40 @@ pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Why a test (or part of one) did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// Hardware or a privilege this machine does not have (a device node,
+    /// root, a NIC): an honest skip, listed in the summary.
+    Machine,
+    /// Something the project's own setup provides (a built component, a
+    /// compiler): `scripts/test` fails the run if this happens.
+    Setup,
+}
+
+/// Records a skip so that `scripts/test` can list it (the test harness
+/// captures stderr, so a printed skip alone looks like a pass): one line
+/// in `target/test-skips/`, named after the test.
+pub fn skip(missing: Missing, reason: &str) {
+    let test = std::thread::current().name().unwrap_or("unnamed").to_owned();
+    let kind = match missing {
+        Missing::Machine => "machine",
+        Missing::Setup => "setup",
+    };
+    eprintln!("SKIP ({kind}): {test}: {reason}");
+    let dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from).join("test-skips");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let file = dir.join(format!("{}.txt", test.replace("::", "__")));
+        let line = format!("{kind}\t{test}\t{reason}\n");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    }
+}
+
 /// Generous: CI machines are small and shared.
 pub const WAIT: Duration = Duration::from_secs(30);
 

@@ -99,7 +99,10 @@ impl Drop for Attacker {
 #[test]
 fn a_module_in_a_directory_another_user_controls_is_refused_while_they_swap_it() {
     if !is_root() {
-        eprintln!("SKIP: needs root to hand a directory to uid {NOBODY} and run an attacker as that uid");
+        crate::harness::skip(
+            crate::harness::Missing::Machine,
+            &format!("needs root to hand a directory to uid {NOBODY} and run an attacker as that uid"),
+        );
         return;
     }
     let (_base, base) = open_tempdir();

@@ -28,7 +28,10 @@ fn nvml_present() -> bool {
 #[tokio::test]
 async fn without_nvml_init_fails_with_one_message_and_nothing_registers() {
     if nvml_present() {
-        eprintln!("skipped: NVML is installed here; this test covers nodes without it");
+        crate::harness::skip(
+            crate::harness::Missing::Machine,
+            "NVML is installed here; this test covers nodes without it",
+        );
         return;
     }
     let node = Node::new();

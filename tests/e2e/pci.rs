@@ -206,7 +206,10 @@ async fn real_sys_network_controller_native_and_wasm() {
         })
     });
     let Some(nic) = nic else {
-        eprintln!("skipping: this machine's /sys/bus/pci has no network controller (class 0x02xxxx)");
+        crate::harness::skip(
+            crate::harness::Missing::Machine,
+            "this machine's /sys/bus/pci has no network controller (class 0x02xxxx)",
+        );
         return;
     };
     let node = Node::new();

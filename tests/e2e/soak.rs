@@ -342,7 +342,13 @@ fn healthy_backends(node: &Node, report: &mut Report) -> Vec<(String, Vec<String
             resources.push(("soak.example.com/wasm".to_owned(), ids("wasm", 2)));
             report.row("backends", "static (2 resources), native Rust example, WASM example");
         }
-        None => report.row("backends", "static (2 resources), native Rust example (WASM example not built: skipped)"),
+        None => {
+            crate::harness::skip(
+                crate::harness::Missing::Setup,
+                "the WASM example component is not built (scripts/test builds it)",
+            );
+            report.row("backends", "static (2 resources), native Rust example (WASM example not built: skipped)");
+        }
     }
     resources
 }
@@ -627,6 +633,11 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
             hostile.push((format!("hostile.example.com/{mode}"), vec!["h0".into()]));
         }
         faults.extend(["endless loop (WASM)", "memory bomb (WASM)", "trap (WASM)"]);
+    } else {
+        crate::harness::skip(
+            crate::harness::Missing::Setup,
+            "the hostile WASM fixture is not built (scripts/test builds it)",
+        );
     }
     let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
     let devhost = node.start_devhost();
