@@ -1,5 +1,5 @@
 //! The wire contract of `proto/deviceplugin/v1beta1/api.proto`, checked
-//! against API_FACTS §1 (1.1 file options, 1.2 services and RPCs, 1.3
+//! against `docs/device-plugin-api.md` §1 (the project's API facts) (1.1 file options, 1.2 services and RPCs, 1.3
 //! messages). The expected contract is transcribed below as tables, so a
 //! change on either side fails here. Every mismatch is reported at once.
 

@@ -18,6 +18,7 @@
 
 mod calls;
 mod error;
+mod names;
 mod registration;
 mod state;
 #[cfg(test)]

@@ -72,7 +72,7 @@ impl RegistrationService {
             )));
         }
         let resource = &request.resource_name;
-        if crate::resource_name::validate(resource).is_err() {
+        if !super::names::is_extended_resource_name(resource) {
             return Err(Status::unknown(format!("the ResourceName {resource:?} is invalid")));
         }
         let socket = join_endpoint(&self.shared.plugin_dir, &request.endpoint);
