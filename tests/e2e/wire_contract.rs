@@ -1,6 +1,6 @@
 //! The wire contract of `proto/deviceplugin/v1beta1/api.proto`, checked
-//! against `docs/device-plugin-api.md` §1 (the project's API facts) (1.1 file options, 1.2 services and RPCs, 1.3
-//! messages). The expected contract is transcribed below as tables, so a
+//! against the project's API facts, `docs/device-plugin-api.md` §1 (1.1
+//! file options, 1.2 services and RPCs, 1.3 messages). The expected contract is transcribed below as tables, so a
 //! change on either side fails here. Every mismatch is reported at once.
 
 use prost::Message as _;
