@@ -36,6 +36,15 @@ async fn backends_d_changes_apply_without_touching_other_resources() {
     let fpga = node.backend("fpga", &static_backend(&[(FPGA, &["fpga-0"])], None));
     let added = kubelet.wait_for_registrations(FPGA, 1, WAIT).await.expect("added backend registers");
     assert!(node.plugin_dir().join(&added.endpoint).exists());
+    // Applied because inotify saw the file, not by the 10 s rescan: the
+    // reload that started it names that cause.
+    let log = devhost.log();
+    let started = log.find("backend started backend=fpga").expect("the fpga backend started");
+    let cause = log[..started].rfind("reloading backends cause=").map(|at| &log[at..started]);
+    assert!(
+        cause.is_some_and(|c| c.starts_with("reloading backends cause=\"backends.d changed")),
+        "the added file was applied by {cause:?}, not by inotify"
+    );
 
     // Changed file: just that backend is replaced and re-registers.
     node.backend("gpu", &static_backend(&[(GPU, &["gpu-0", "gpu-1"])], None));
