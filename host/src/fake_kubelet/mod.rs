@@ -209,8 +209,10 @@ impl FakeKubelet {
         self.with_resource(resource, |r| r.devices.clone()).flatten()
     }
 
-    /// Waits until the latest device list satisfies `pred`; returns it. Error
-    /// on timeout says what was last seen.
+    /// Waits until a device list satisfies `pred`: the latest one, or any
+    /// received while waiting (a state that lasted only until the next
+    /// message is not missed); returns it. Error on timeout says what was
+    /// last seen.
     pub async fn wait_for_devices(
         &self,
         resource: &str,
@@ -219,12 +221,25 @@ impl FakeKubelet {
     ) -> Result<Vec<Device>, FakeKubeletError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.shared.subscribe();
+        // Lists received from now on, by their position in the history.
+        let mut seen = self.with_resource(resource, |r| r.history_base + r.history.len()).unwrap_or(0);
         loop {
             let devices = self.devices(resource);
             if let Some(devices) = devices.as_deref()
                 && pred(devices)
             {
                 return Ok(devices.to_vec());
+            }
+            let missed = self.with_resource(resource, |r| {
+                let first = seen.max(r.history_base) - r.history_base;
+                let found = r.history.iter().skip(first).find(|list| pred(list)).cloned();
+                (found, r.history_base + r.history.len())
+            });
+            if let Some((found, end)) = missed {
+                if let Some(found) = found {
+                    return Ok(found);
+                }
+                seen = end;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(FakeKubeletError::DevicesTimeout {

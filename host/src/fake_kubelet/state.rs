@@ -16,6 +16,9 @@ use tonic::transport::Channel;
 
 use crate::proto::v1beta1::{Device, DevicePluginOptions, RegisterRequest};
 
+/// Device lists kept per resource for waiters.
+pub(super) const MAX_HISTORY: usize = 4096;
+
 /// State shared by the public handle, the registration service and the
 /// ListAndWatch tasks.
 pub(super) struct Shared {
@@ -44,6 +47,11 @@ pub(super) struct ResourceState {
     pub(super) latest: Option<RegisterRequest>,
     pub(super) options: Option<DevicePluginOptions>,
     pub(super) devices: Option<Vec<Device>>,
+    /// Every list the current connections delivered, oldest first (the
+    /// latest [`MAX_HISTORY`]), so a waiter sees a state that lasted only
+    /// until the next message; `history_base` counts those dropped.
+    pub(super) history: std::collections::VecDeque<Vec<Device>>,
+    pub(super) history_base: usize,
     /// Oldest first; the last one is the current connection. Closed
     /// connections other than the current one are dropped.
     pub(super) connections: Vec<Connection>,
@@ -184,6 +192,11 @@ impl Shared {
             conn.messages += 1;
         }
         if current {
+            if res.history.len() == MAX_HISTORY {
+                res.history.pop_front();
+                res.history_base += 1;
+            }
+            res.history.push_back(devices.clone());
             res.devices = Some(devices);
         }
         drop(state);
