@@ -189,13 +189,21 @@ async fn check_resource(kubelet: &FakeKubelet, spec: &ResourceSpec, deadline: Du
     let resource = &spec.name;
     let started = Instant::now();
     let registered = kubelet.wait_for_registrations(resource, 1, REGISTER_WAIT).await;
+    // Judged from the wire (what the fake kubelet received) against what
+    // the backend declared, not with the daemon's own code.
     let registered = registered.map_err(|e| e.to_string()).and_then(|request| {
         let options = kubelet.options(resource).unwrap_or_default();
-        let expected = crate::server::DevicePluginService::options(spec);
-        if request.version == crate::proto::API_VERSION && options == expected {
-            Ok(format!("registered {resource} on {}", request.endpoint))
+        let declared = (spec.pre_start_required, spec.preferred_allocation);
+        let sent = (options.pre_start_required, options.get_preferred_allocation_available);
+        if request.version != "v1beta1" {
+            Err(format!("{resource}: Register carried version {:?}, the kubelet accepts \"v1beta1\"", request.version))
+        } else if sent != declared {
+            Err(format!(
+                "{resource}: GetDevicePluginOptions answered pre_start_required = {}, get_preferred_allocation_available = {}; the backend declared {} and {}",
+                sent.0, sent.1, declared.0, declared.1
+            ))
         } else {
-            Err(format!("{resource}: registration or options differ from what the backend declared: {options:?}"))
+            Ok(format!("registered {resource} on {}", request.endpoint))
         }
     });
     if !report.record(&format!("{resource}: registration"), started, registered) {
@@ -209,14 +217,17 @@ async fn check_resource(kubelet: &FakeKubelet, spec: &ResourceSpec, deadline: Du
     report.record(&format!("{resource}: device IDs"), started, detail.map_err(Clone::clone));
     let Ok(devices) = devices else { return };
 
-    // Health transitions: watch the stream for a moment; every message must
-    // still be a valid full list.
+    // Health transitions: watch the stream for a moment; every message
+    // received must be a valid full list.
     let started = Instant::now();
-    let before = kubelet.list_and_watch_messages(resource);
+    let mark = kubelet.device_list_count(resource);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let now = kubelet.devices(resource).unwrap_or_default();
-    let seen = kubelet.list_and_watch_messages(resource) - before;
-    let health = check_device_list(&now).map(|()| format!("{seen} update(s) in 1 s, each a valid full list"));
+    let lists = kubelet.device_lists_since(resource, mark);
+    let health = lists
+        .iter()
+        .enumerate()
+        .try_for_each(|(n, list)| check_device_list(list).map_err(|e| format!("update {}: {e}", n + 1)))
+        .map(|()| format!("{} update(s) in 1 s, each a valid full list", lists.len()));
     report.record(&format!("{resource}: health updates"), started, health);
 
     let started = Instant::now();
@@ -284,16 +295,38 @@ async fn check_preferred(kubelet: &FakeKubelet, resource: &str, devices: &[v1bet
             .preferred_allocation(resource, &available, &must, i32::try_from(size).unwrap_or(1))
             .await
             .map_err(|e| e.to_string())?;
-        let ids = answer.container_responses.first().map(|c| c.device_i_ds.clone()).unwrap_or_default();
-        let request = crate::model::PreferredRequest {
-            available: available.iter().map(|s| (*s).to_owned()).collect(),
-            must_include: must.iter().map(|s| (*s).to_owned()).collect(),
-            size,
+        let [container] = answer.container_responses.as_slice() else {
+            return Err(format!(
+                "size {size}: {} container responses to one container request",
+                answer.container_responses.len()
+            ));
         };
-        crate::server::service::check_preferred(&request, &ids).map_err(|e| format!("size {size}: {e}"))?;
+        preferred_contract(&available, &must, size, &container.device_i_ds).map_err(|e| format!("size {size}: {e}"))?;
         asked += 1;
     }
     Ok(format!("{asked} request(s): only available IDs, must-include honoured, exact size"))
+}
+
+/// The kubelet's contract for a preferred allocation (API facts §2.10),
+/// checked here on its own: only available IDs, none twice, every
+/// must-include ID, and exactly `size` IDs.
+fn preferred_contract(available: &[&str], must: &[&str], size: usize, chosen: &[String]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for id in chosen {
+        if !available.contains(&id.as_str()) {
+            return Err(format!("chose {id:?}, which is not available"));
+        }
+        if !seen.insert(id.as_str()) {
+            return Err(format!("chose {id:?} twice"));
+        }
+    }
+    if let Some(missing) = must.iter().find(|id| !seen.contains(**id)) {
+        return Err(format!("left out {missing:?}, which must be included"));
+    }
+    if chosen.len() != size {
+        return Err(format!("chose {} devices where {size} were asked for", chosen.len()));
+    }
+    Ok(())
 }
 
 /// Prints the report as a table.
@@ -304,4 +337,29 @@ pub fn print(report: &Report) {
     }
     let failed = report.outcomes.iter().filter(|o| !o.passed).count();
     println!("{} checks, {failed} failed", report.outcomes.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preferred_contract_refuses_each_kind_of_bad_answer() {
+        let available = ["a", "b", "c"];
+        let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(preferred_contract(&available, &["c"], 2, &ids(&["c", "a"])), Ok(()));
+        assert_eq!(
+            preferred_contract(&available, &["c"], 2, &ids(&["c", "z"])),
+            Err("chose \"z\", which is not available".into())
+        );
+        assert_eq!(preferred_contract(&available, &["c"], 2, &ids(&["c", "c"])), Err("chose \"c\" twice".into()));
+        assert_eq!(
+            preferred_contract(&available, &["c"], 2, &ids(&["a", "b"])),
+            Err("left out \"c\", which must be included".into())
+        );
+        assert_eq!(
+            preferred_contract(&available, &["c"], 2, &ids(&["c"])),
+            Err("chose 1 devices where 2 were asked for".into())
+        );
+    }
 }

@@ -36,6 +36,17 @@ fn the_example_backends_pass() {
         assert_eq!(code, 0, "{}:\n{text}", target.display());
         assert!(!text.contains("FAIL"), "{text}");
         assert!(text.contains(": allocate") && text.contains("clean stop"), "{text}");
+        // Each check ran and says what it saw.
+        for (check, saw) in [
+            (": registration", "registered "),
+            (": device IDs", "unique non-empty IDs, exact health strings"),
+            (": health updates", "each a valid full list"),
+            (": allocate", "every healthy device allocates"),
+        ] {
+            let found =
+                text.lines().find(|l| l.contains(check)).unwrap_or_else(|| panic!("no {check:?} line:\n{text}"));
+            assert!(found.starts_with("PASS") && found.contains(saw), "{check}: {found}");
+        }
     }
 }
 

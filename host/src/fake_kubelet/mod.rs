@@ -209,6 +209,22 @@ impl FakeKubelet {
         self.with_resource(resource, |r| r.devices.clone()).flatten()
     }
 
+    /// How many device lists `resource`'s current connections have
+    /// delivered so far: a mark for [`FakeKubelet::device_lists_since`].
+    pub fn device_list_count(&self, resource: &str) -> usize {
+        self.with_resource(resource, |r| r.history_base + r.history.len()).unwrap_or(0)
+    }
+
+    /// Every device list received for `resource` after `mark` (as far as
+    /// the kept history reaches), oldest first.
+    pub fn device_lists_since(&self, resource: &str, mark: usize) -> Vec<Vec<Device>> {
+        self.with_resource(resource, |r| {
+            let first = mark.max(r.history_base) - r.history_base;
+            r.history.iter().skip(first).cloned().collect()
+        })
+        .unwrap_or_default()
+    }
+
     /// Waits until a device list satisfies `pred`: the latest one, or any
     /// received while waiting (a state that lasted only until the next
     /// message is not missed); returns it. Error on timeout says what was
