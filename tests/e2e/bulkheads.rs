@@ -468,6 +468,15 @@ async fn crash_in_allocate(fixture: &'static str, id: &str, cause: &str) {
     let second_worker = bed.worker(&backend);
     assert_ne!(first_worker, second_worker, "{backend}: re-initialised in a new worker process");
     assert!(process(first_worker).is_none(), "{backend}: the crashed worker {first_worker} was reaped");
+    // Counted where operators look: one crashed allocate, one restart.
+    let (_, metrics) = crate::harness::http_get(&bed.devhost.metrics_address().await, "/metrics").await;
+    for series in [
+        format!("devhost_backend_call_errors_total{{backend=\"{backend}\",operation=\"allocate\",kind=\"crashed\"}} 1"),
+        format!("devhost_backend_restarts_total{{backend=\"{backend}\"}} 1"),
+        format!("devhost_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(metrics.lines().any(|line| line == series), "{backend}: no {series:?} in:\n{metrics}");
+    }
     neighbours.finish(&bed).await;
     bed.stop().await;
 }
