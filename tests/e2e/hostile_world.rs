@@ -413,6 +413,10 @@ async fn a_rolling_update_keeps_the_cdi_spec_the_new_instance_serves() {
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("the old instance registers");
     let mut new = node.start_another_devhost("devhost-new.log");
     kubelet.wait_for_registrations(GPU, 2, WAIT).await.expect("the new instance registers");
+    // Two processes, two socket names (1.37 tells instances apart by path).
+    let endpoints: Vec<String> = kubelet.registrations().iter().map(|r| r.endpoint.clone()).collect();
+    assert_eq!(endpoints.len(), 2, "{endpoints:?}");
+    assert_ne!(endpoints[0], endpoints[1], "each devhost process names its sockets apart");
     let deadline = tokio::time::Instant::now() + WAIT;
     while spec_devices(&spec).map(|d| d.len()) != Some(2) {
         assert!(tokio::time::Instant::now() < deadline, "no spec with two devices");
