@@ -83,9 +83,16 @@ mod tests {
         compile(&engine, &bytes, "abc", Some(&cache)).expect("compiles");
         let path = entry(&engine, "abc", &cache);
         assert!(trusted(&path), "the entry is private to this user");
-        let written = std::fs::metadata(&path).expect("entry").modified().expect("mtime");
+        // A rewrite is a new file renamed into place: a new inode.
+        let inode = |path: &Path| std::fs::metadata(path).expect("entry").ino();
+        let written = inode(&path);
         compile(&engine, &bytes, "abc", Some(&cache)).expect("from the cache");
-        assert_eq!(std::fs::metadata(&path).expect("entry").modified().expect("mtime"), written);
+        assert_eq!(inode(&path), written, "the second load used the entry, not a new compilation");
+        // And the entry is really read: a corrupt one is replaced.
+        std::fs::write(&path, b"not a compiled component").expect("corrupt the entry");
+        let corrupted = inode(&path);
+        compile(&engine, &bytes, "abc", Some(&cache)).expect("compiled again");
+        assert_ne!(inode(&path), corrupted, "a bad entry is compiled afresh and stored anew");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
         assert!(!trusted(&path), "a world-writable entry is not loaded");
     }
