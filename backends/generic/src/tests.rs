@@ -114,7 +114,7 @@ fn hot_plug_advertises_new_nodes_and_keeps_vanished_ones_unhealthy_for_the_grace
     let (generic, _) = Generic::start(config, recorder.clone()).expect("start");
     recorder.wait_for("example.com/serial", &[("usb-0403-6001-AAA-if00", Health::Healthy)]);
 
-    // Re-plugged on another port, it comes back as ttyUSB1: same ID.
+    // A second adapter (serial BBB) appears on another port.
     usb_serial(root.path(), "ttyUSB1", "1-2", ("0403", "6001"), Some("BBB"), 0);
     recorder.wait_for(
         "example.com/serial",
@@ -129,6 +129,16 @@ fn hot_plug_advertises_new_nodes_and_keeps_vanished_ones_unhealthy_for_the_grace
     assert!(error.to_string().contains("is gone"), "{error}");
     recorder.wait_for("example.com/serial", &[("usb-0403-6001-BBB-if00", Health::Healthy)]);
     generic.answer("example.com/serial", &["usb-0403-6001-BBB-if00".into()]).expect("still served");
+
+    // The first adapter re-plugged on a third port, as ttyUSB2: its ID is
+    // its serial's, so it comes back as the same device.
+    usb_serial(root.path(), "ttyUSB2", "1-3", ("0403", "6001"), Some("AAA"), 0);
+    recorder.wait_for(
+        "example.com/serial",
+        &[("usb-0403-6001-AAA-if00", Health::Healthy), ("usb-0403-6001-BBB-if00", Health::Healthy)],
+    );
+    let answer = generic.answer("example.com/serial", &["usb-0403-6001-AAA-if00".into()]).expect("served again");
+    assert_eq!(answer.device_specs[0].container_path, "/dev/ttyUSB2", "the same ID now names the new node");
 }
 
 #[test]
