@@ -239,4 +239,8 @@ async fn a_module_replaced_on_disk_serves_its_new_code_from_a_new_worker() {
     let series = metrics.lines().filter(|l| l.starts_with("devhost_backend_info{") && l.contains("backend=\"vendor\""));
     assert_eq!(series.count(), 1, "the old module's series is gone:\n{metrics}");
     assert!(devhost.log().contains("backend changed; replacing it"), "{}", devhost.log());
+    // Just that backend: the static neighbour kept its registration and stream.
+    assert_eq!(kubelet.registration_count("example.com/good"), 1, "the neighbour never re-registered");
+    assert!(kubelet.connected("example.com/good"), "the neighbour's stream stayed open");
+    kubelet.allocate("example.com/good", &["g-0"]).await.expect("the neighbour answers");
 }
