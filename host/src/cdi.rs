@@ -16,7 +16,8 @@
 //! of a killed instance.
 //!
 //! A device the spec on disk does not describe (its write failed, its edits
-//! are not learned yet, its ID is not a CDI name) is reported Unhealthy
+//! are not learned yet or are ones CDI would refuse, its ID is not a CDI
+//! name) is reported Unhealthy
 //! with the reason, so the kubelet never hands out a CDI name a runtime
 //! cannot resolve; failed writes are retried with back-off, and the file is
 //! checked now and then and rewritten if someone removed or changed it.
@@ -136,9 +137,50 @@ fn edits(allocation: &Allocation) -> ContainerEdits {
     }
 }
 
-/// The spec file of `resource` served by `backend` in `dir`.
-pub fn spec_path(dir: &Path, backend: &str, resource: &str) -> PathBuf {
-    dir.join(format!("devhost-{}-{}.json", sanitise(backend), sanitise(resource)))
+/// The longest file name the kernel accepts.
+const MAX_FILE_NAME: usize = 255;
+
+/// The spec file of `resource` in `dir`: `devhost-<resource, / as _>.json`.
+/// A resource is served by one backend at a time, so the resource alone
+/// names the file (instances of a rolling update share it, whichever
+/// backend file serves it); sanitising is one-to-one on valid resource
+/// names (`_` cannot occur in the domain). A name too long for the kernel
+/// is cut, with a hash of the whole resource name to keep it unique.
+pub fn spec_path(dir: &Path, resource: &str) -> PathBuf {
+    let sanitised = sanitise(resource);
+    let name = format!("devhost-{sanitised}.json");
+    if name.len() <= MAX_FILE_NAME {
+        return dir.join(name);
+    }
+    let hash = resource.bytes().fold(0x811c_9dc5_u32, |hash, b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let room = MAX_FILE_NAME - "devhost--12345678.json".len();
+    dir.join(format!("devhost-{}-{hash:08x}.json", &sanitised[..room]))
+}
+
+/// Why CDI would refuse a device with these edits (the CDI project's
+/// `Device::validate`: edits present, env entries `NAME=value` with a
+/// name, device node and mount paths present, permissions of `r`, `w`,
+/// `m`); a spec holding such a device would be refused whole.
+fn invalid_edits(edits: &ContainerEdits) -> Option<String> {
+    if edits.env.is_empty() && edits.device_nodes.is_empty() && edits.mounts.is_empty() {
+        return Some("its Allocate answer has no environment, device node or mount for CDI to apply".into());
+    }
+    if let Some(env) = edits.env.iter().find(|env| env.split_once('=').is_none_or(|(name, _)| name.is_empty())) {
+        return Some(format!("environment entry {env:?} has no variable name"));
+    }
+    if let Some(node) = edits.device_nodes.iter().find(|node| node.path.is_empty() || node.host_path.is_empty()) {
+        return Some(format!("device node {:?} → {:?} has an empty path", node.host_path, node.path));
+    }
+    if let Some(node) =
+        edits.device_nodes.iter().find(|node| !node.permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm')))
+    {
+        return Some(format!("device node {:?} has permissions {:?}, not of r, w, m", node.path, node.permissions));
+    }
+    if let Some(mount) = edits.mounts.iter().find(|mount| mount.host_path.is_empty() || mount.container_path.is_empty())
+    {
+        return Some(format!("mount {:?} → {:?} has an empty path", mount.host_path, mount.container_path));
+    }
+    None
 }
 
 /// First wait before a failed spec write is tried again.
@@ -189,7 +231,7 @@ pub async fn maintain(
     backend: Arc<BackendHandle>,
     stop: CancellationToken,
 ) {
-    let path = spec_path(&dir, backend.name(), &resource);
+    let path = spec_path(&dir, &resource);
     let mut writer = SpecWriter::new(path.clone(), resource.clone());
     let share = writer.share().await;
     let mut learned: BTreeMap<String, ContainerEdits> = BTreeMap::new();
@@ -209,7 +251,13 @@ pub async fn maintain(
             }
             match backend.allocate(&resource, vec![id.clone()]).await {
                 Ok(allocation) => {
-                    learned.insert(id.clone(), edits(&allocation));
+                    let edits = edits(&allocation);
+                    if let Some(why) = invalid_edits(&edits) {
+                        tracing::error!(resource, device_id = %id, "left out of the CDI spec: {why}");
+                        withheld.insert(id.clone(), format!("not in the CDI spec: {why}"));
+                    } else {
+                        learned.insert(id.clone(), edits);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(resource, device_id = %id, %error, "cannot learn the device's CDI edits yet");
@@ -275,6 +323,11 @@ impl SpecWriter {
     /// Makes the file hold `spec`; the error says why the devices cannot
     /// be handed out.
     fn keep(&mut self, spec: &Spec) -> Result<(), String> {
+        if spec.devices.is_empty() {
+            // CDI refuses a spec without devices; each device is withheld
+            // with its own reason already.
+            return Ok(());
+        }
         let text = serde_json::to_vec_pretty(spec).map_err(|error| format!("cannot encode the CDI spec: {error}"))?;
         let due = self.verified.elapsed() >= VERIFY_EVERY;
         if self.written.as_ref() == Some(&text) && !due {
@@ -376,8 +429,32 @@ mod tests {
         assert!(check_names("example.com/gpu", Some("a/b")).is_err());
         assert_eq!(device_name("example.com/gpu", "gpu-0"), "example.com/gpu=gpu-0");
         assert_eq!(
-            spec_path(Path::new("/var/run/cdi"), "gpu", "example.com/gpu"),
-            Path::new("/var/run/cdi/devhost-gpu-example.com_gpu.json")
+            spec_path(Path::new("/var/run/cdi"), "example.com/gpu"),
+            Path::new("/var/run/cdi/devhost-example.com_gpu.json")
         );
+        let long = format!("{}.example.com/{}", "d".repeat(240), "n".repeat(63));
+        let other = format!("{}.example.com/{}m", "d".repeat(240), "n".repeat(62));
+        let (a, b) = (spec_path(Path::new("/x"), &long), spec_path(Path::new("/x"), &other));
+        let name = a.file_name().expect("a file name").len();
+        assert!(name <= MAX_FILE_NAME, "{name}");
+        assert_ne!(a, b, "cut names stay apart");
+    }
+
+    #[test]
+    fn edits_cdi_would_refuse_are_named() {
+        let node = |path: &str, permissions: &str| DeviceNode {
+            path: path.into(),
+            host_path: "/dev/null".into(),
+            permissions: permissions.into(),
+        };
+        let ok = ContainerEdits { env: vec!["A=1".into()], ..ContainerEdits::default() };
+        assert_eq!(invalid_edits(&ok), None);
+        assert!(invalid_edits(&ContainerEdits::default()).is_some_and(|w| w.contains("no environment")));
+        let bad_env = ContainerEdits { env: vec!["=1".into()], ..ContainerEdits::default() };
+        assert!(invalid_edits(&bad_env).is_some_and(|w| w.contains("no variable name")));
+        let bad_node = ContainerEdits { device_nodes: vec![node("", "rw")], ..ContainerEdits::default() };
+        assert!(invalid_edits(&bad_node).is_some_and(|w| w.contains("empty path")));
+        let bad_perm = ContainerEdits { device_nodes: vec![node("/dev/x", "rwx")], ..ContainerEdits::default() };
+        assert!(invalid_edits(&bad_perm).is_some_and(|w| w.contains("not of r, w, m")));
     }
 }

@@ -407,7 +407,7 @@ fn spec_devices(path: &std::path::Path) -> Option<Vec<String>> {
 async fn a_rolling_update_keeps_the_cdi_spec_the_new_instance_serves() {
     let cdi = tempfile::tempdir().expect("cdi dir");
     let node = cdi_node(cdi.path());
-    let spec = cdi.path().join("devhost-gpu-example.com_gpu.json");
+    let spec = cdi.path().join("devhost-example.com_gpu.json");
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let mut old = node.start_devhost();
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("the old instance registers");
@@ -469,7 +469,7 @@ async fn a_cdi_spec_that_cannot_be_written_keeps_its_devices_out_of_service_unti
         .wait_for_devices(GPU, WAIT, |d| d.len() == 2 && d.iter().all(|d| d.health == "Healthy"))
         .await
         .expect("the devices come back once the spec is written");
-    let spec = cdi.join("devhost-gpu-example.com_gpu.json");
+    let spec = cdi.join("devhost-example.com_gpu.json");
     assert_eq!(spec_devices(&spec), Some(vec!["gpu-0".to_owned(), "gpu-1".to_owned()]));
     let answer = kubelet.allocate(GPU, &["gpu-1"]).await.expect("allocate");
     assert_eq!(answer.container_responses[0].cdi_devices[0].name, format!("{GPU}=gpu-1"));
@@ -747,4 +747,43 @@ async fn the_file_that_sorts_first_wins_a_resource_after_a_hot_add_and_a_restart
     kubelet.wait_for_registrations(GPU, before + 1, WAIT).await.expect("registered again");
     let devices = kubelet.wait_for_devices(GPU, WAIT, |d| !d.is_empty()).await.expect("devices");
     assert_eq!(devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a-0"], "a wins after a restart too");
+}
+
+/// Item 4 (found by the `cdi` fuzz target): a device whose Allocate answer
+/// holds nothing CDI can apply would make the CDI project refuse the whole
+/// spec; such a device is left out, reported Unhealthy with the reason, and
+/// refused by Allocate, while its neighbours are described and served.
+#[tokio::test]
+async fn a_device_cdi_would_refuse_is_withheld_not_written() {
+    let cdi = tempfile::tempdir().expect("cdi dir");
+    let node = Node::new();
+    std::fs::write(
+        node.config_file(),
+        format!("metrics_address = \"\"\ncdi_dir = {:?}\n", cdi.path().display().to_string()),
+    )
+    .expect("host config");
+    node.backend(
+        "gpu",
+        &format!(
+            "[backend]\nkind = \"static\"\n[[config.resource]]\nname = \"{GPU}\"\n\
+             [[config.resource.device]]\nid = \"empty\"\n\
+             [[config.resource.device]]\nid = \"real\"\n\
+             device_spec = [{{ host_path = \"/dev/null\", container_path = \"/dev/real\", permissions = \"rw\" }}]\n\
+             [resources.\"{GPU}\"]\ncdi = true\n"
+        ),
+    );
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let _devhost = node.start_devhost();
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    let health = |devices: &[v1beta1::Device], id: &str| devices.iter().find(|d| d.id == id).map(|d| d.health.clone());
+    kubelet
+        .wait_for_devices(GPU, WAIT, |d| {
+            health(d, "empty").as_deref() == Some("Unhealthy") && health(d, "real").as_deref() == Some("Healthy")
+        })
+        .await
+        .expect("the empty device is withheld, the real one served");
+    assert_eq!(spec_devices(&cdi.path().join("devhost-example.com_gpu.json")), Some(vec!["real".to_owned()]));
+    let error = kubelet.allocate(GPU, &["empty"]).await.expect_err("refused");
+    assert!(error.to_string().contains("no environment, device node or mount for CDI to apply"), "{error}");
+    kubelet.allocate(GPU, &["real"]).await.expect("the described device allocates");
 }

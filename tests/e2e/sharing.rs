@@ -121,7 +121,7 @@ async fn cdi_specs_are_valid_kept_current_and_removed() {
     let _devhost = node.start_devhost();
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
 
-    let spec_file = cdi_dir.join("devhost-gpu-example.com_gpu.json");
+    let spec_file = cdi_dir.join("devhost-example.com_gpu.json");
     let spec = wait_for_spec(&spec_file, 2).await;
     assert_valid_cdi(&spec);
     assert_eq!(spec["kind"], GPU);

@@ -1026,7 +1026,7 @@ async fn soak_hostile_world_under_load() {
         &format!("{}\n[resources.\"{gpu}\"]\ncdi = true\n", static_backend(&[(gpu, &["g-0", "g-1"])], None)),
     );
     let cdi_kubelet = FakeKubelet::start(&cdi_node.plugin_dir()).await.expect("kubelet");
-    let spec = cdi.join("devhost-gpu-soak.example.com_cdi.json");
+    let spec = cdi.join("devhost-soak.example.com_cdi.json");
     let mut old = cdi_node.start_devhost();
     let mut updates = 0;
     cdi_kubelet.wait_for_registrations(gpu, 1, WAIT).await.expect("the first instance registers");
