@@ -168,8 +168,8 @@ fn invalid_edits(edits: &ContainerEdits) -> Option<String> {
     if let Some(env) = edits.env.iter().find(|env| env.split_once('=').is_none_or(|(name, _)| name.is_empty())) {
         return Some(format!("environment entry {env:?} has no variable name"));
     }
-    if let Some(node) = edits.device_nodes.iter().find(|node| node.path.is_empty() || node.host_path.is_empty()) {
-        return Some(format!("device node {:?} → {:?} has an empty path", node.host_path, node.path));
+    if let Some(node) = edits.device_nodes.iter().find(|node| node.path.is_empty()) {
+        return Some(format!("device node {:?} has no path in the container", node.host_path));
     }
     if let Some(node) =
         edits.device_nodes.iter().find(|node| !node.permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm')))
@@ -252,7 +252,11 @@ pub async fn maintain(
             match backend.allocate(&resource, vec![id.clone()]).await {
                 Ok(allocation) => {
                     let edits = edits(&allocation);
-                    if let Some(why) = invalid_edits(&edits) {
+                    let renamed = allocation.envs.keys().find(|name| name.contains('='));
+                    let refused = renamed
+                        .map(|name| format!("environment variable {name:?} has '=' in its name"))
+                        .or_else(|| invalid_edits(&edits));
+                    if let Some(why) = refused {
                         tracing::error!(resource, device_id = %id, "left out of the CDI spec: {why}");
                         withheld.insert(id.clone(), format!("not in the CDI spec: {why}"));
                     } else {
@@ -325,7 +329,11 @@ impl SpecWriter {
     fn keep(&mut self, spec: &Spec) -> Result<(), String> {
         if spec.devices.is_empty() {
             // CDI refuses a spec without devices; each device is withheld
-            // with its own reason already.
+            // with its own reason already. One written before goes: it
+            // describes devices no longer served.
+            if self.written.take().is_some() {
+                let _ = std::fs::remove_file(&self.path);
+            }
             return Ok(());
         }
         let text = serde_json::to_vec_pretty(spec).map_err(|error| format!("cannot encode the CDI spec: {error}"))?;
@@ -453,7 +461,7 @@ mod tests {
         let bad_env = ContainerEdits { env: vec!["=1".into()], ..ContainerEdits::default() };
         assert!(invalid_edits(&bad_env).is_some_and(|w| w.contains("no variable name")));
         let bad_node = ContainerEdits { device_nodes: vec![node("", "rw")], ..ContainerEdits::default() };
-        assert!(invalid_edits(&bad_node).is_some_and(|w| w.contains("empty path")));
+        assert!(invalid_edits(&bad_node).is_some_and(|w| w.contains("no path in the container")));
         let bad_perm = ContainerEdits { device_nodes: vec![node("/dev/x", "rwx")], ..ContainerEdits::default() };
         assert!(invalid_edits(&bad_perm).is_some_and(|w| w.contains("not of r, w, m")));
     }

@@ -99,8 +99,10 @@ impl Follow {
     }
 
     fn handle(&mut self, event: &notify::Event) {
-        // Creations and removals are what a kubelet restart does.
-        if !(event.kind.is_create() || event.kind.is_remove()) {
+        // Creations and removals are what a kubelet restart does; a rename
+        // into, out of or within the directory makes and unmakes names too.
+        let renamed = matches!(event.kind, notify::EventKind::Modify(notify::event::ModifyKind::Name(_)));
+        if !(event.kind.is_create() || event.kind.is_remove() || renamed) {
             return;
         }
         let about_dir = event.paths.iter().any(|path| *path == self.dir);

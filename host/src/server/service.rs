@@ -168,12 +168,18 @@ pub fn check_preferred(request: &PreferredRequest, ids: &[String]) -> Result<(),
     if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| !chosen.insert(id.as_str())) {
         return Err(format!("chose {} twice (at position {i})", echo(id)));
     }
+    // A must-include ID may be left out only for another must-include ID
+    // (when more are required than the size allows).
+    let required: HashSet<&str> =
+        request.must_include.iter().map(String::as_str).filter(|id| available.contains(id)).collect();
     if let Some(id) =
-        request.must_include.iter().find(|id| available.contains(id.as_str()) && !chosen.contains(id.as_str()))
+        request.must_include.iter().find(|id| required.contains(id.as_str()) && !chosen.contains(id.as_str()))
+        && chosen.iter().any(|id| !required.contains(id))
     {
         return Err(format!("left out {}, which must be included", echo(id)));
     }
-    let expected = request.size.min(request.available.len());
+    // `available` may repeat an ID: count each once.
+    let expected = request.size.min(available.len());
     if ids.len() != expected {
         return Err(format!("chose {} devices where {expected} were asked for", ids.len()));
     }
@@ -314,5 +320,30 @@ impl DevicePlugin for DevicePluginService {
             Ok(Response::new(v1beta1::PreStartContainerResponse {}))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(available: &[&str], must: &[&str], size: usize) -> PreferredRequest {
+        let strings = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect();
+        PreferredRequest { available: strings(available), must_include: strings(must), size }
+    }
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn check_preferred_accepts_every_answer_that_keeps_the_contract() {
+        // `available` repeating an ID counts it once.
+        assert_eq!(check_preferred(&request(&["a", "a", "b"], &[], 3), &ids(&["a", "b"])), Ok(()));
+        // More must-include IDs than the size: any of them will do.
+        assert_eq!(check_preferred(&request(&["a", "b", "c"], &["a", "b"], 1), &ids(&["b"])), Ok(()));
+        assert!(check_preferred(&request(&["a", "b", "c"], &["a", "b"], 1), &ids(&["c"])).is_err());
+        assert!(check_preferred(&request(&["a", "b", "c"], &["a"], 2), &ids(&["b", "c"])).is_err());
+        assert!(check_preferred(&request(&["a", "b"], &[], 1), &ids(&["a", "a"])).is_err());
     }
 }

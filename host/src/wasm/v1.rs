@@ -330,6 +330,10 @@ fn convert_lists(lists: Vec<wit::DeviceList>, specs: &[ResourceSpec]) -> Result<
 
 /// An allocation in the host's types; repeated env names or annotation
 /// keys break the contract.
+/// The component's answer in the host's model, refused by the rules the C
+/// ABI enforces on a native module's answer (unique and non-empty env
+/// names and annotation keys, device-spec permissions of `r`, `w`, `m`,
+/// non-empty CDI names), so both kinds of backend meet one contract.
 fn convert_allocation(answer: wit::Allocation) -> Result<Allocation, String> {
     fn unique(pairs: Vec<(String, String)>, what: &str) -> Result<BTreeMap<String, String>, String> {
         let mut map = BTreeMap::new();
@@ -338,7 +342,23 @@ fn convert_allocation(answer: wit::Allocation) -> Result<Allocation, String> {
                 return Err(format!("allocate returned the {what} {key:?} twice"));
             }
         }
+        if map.contains_key("") {
+            return Err(format!("allocate returned an {what} with an empty name"));
+        }
         Ok(map)
+    }
+    if let Some(spec) = answer
+        .device_specs
+        .iter()
+        .find(|d| d.permissions.is_empty() || !d.permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm')))
+    {
+        return Err(format!(
+            "device spec {:?} has permissions {:?} (expected a combination of r, w, m)",
+            spec.container_path, spec.permissions
+        ));
+    }
+    if answer.cdi_devices.iter().any(String::is_empty) {
+        return Err("allocate returned an empty CDI device name".to_owned());
     }
     Ok(Allocation {
         envs: unique(answer.envs, "environment variable")?,

@@ -336,13 +336,25 @@ pub fn frame_len(prefix: [u8; 4]) -> std::io::Result<usize> {
     Ok(len)
 }
 
-/// Reads one frame (blocking). `Ok(None)` at a clean end of stream.
+/// Reads one frame (blocking). `Ok(None)` at a clean end of stream, that
+/// is between frames; a stream that ends inside a frame, its length prefix
+/// included, is an error.
 pub fn read_frame<M: Message + Default>(reader: &mut impl Read) -> std::io::Result<Option<M>> {
     let mut prefix = [0; 4];
-    match reader.read_exact(&mut prefix) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(error) => return Err(error),
+    let mut got = 0;
+    while got < prefix.len() {
+        match reader.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the stream ended {got} bytes into a frame's length prefix"),
+                ));
+            }
+            Ok(read) => got += read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
     }
     let mut body = vec![0; frame_len(prefix)?];
     reader.read_exact(&mut body)?;
@@ -463,6 +475,18 @@ impl PreferredCall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_cut_inside_a_length_prefix_is_an_error_not_an_end() {
+        let frame = frame(&Request { id: 7, call: Some(Call::Shutdown(Empty {})) });
+        assert!(read_frame::<Request>(&mut &[][..]).expect("clean end").is_none());
+        for cut in 1..4 {
+            let error = read_frame::<Request>(&mut &frame[..cut]).expect_err("cut inside the prefix");
+            assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{cut}: {error}");
+        }
+        let whole = read_frame::<Request>(&mut &frame[..]).expect("whole").expect("a request");
+        assert_eq!(whole.id, 7);
+    }
 
     #[test]
     fn frames_round_trip_and_oversized_frames_are_refused() {
