@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Exit code 0: no invariant broke; 1: a failure (its input is saved under
-//! `target/fuzz/<target>/`); 2: bad usage.
+//! `target/fuzz/<target>/`); 2: bad usage. `DEVHOST_FUZZ_STRICT=1` adds the
+//! checks of known, open findings (see `fuzz/README.md`).
 
 use std::time::Duration;
 
@@ -16,7 +17,8 @@ use devhost_fuzz::targets::{NAMES, by_name};
 use devhost_fuzz::{Budget, run, run_one};
 
 const USAGE: &str = "usage: devhost-fuzz <target|all> [--seconds N] [--iterations N] [--seed N] [--replay FILE]\n\
-                     targets: resource-name, config, native-abi, wasm, grpc";
+                     targets: resource-name, config, native-abi, native-read, wasm, wasm-data, grpc, \
+                     worker-protocol, cdi, plugin-watch";
 
 fn main() {
     match real_main() {

@@ -1,6 +1,7 @@
 //! The CI's short fuzz run: every target for a few seconds with a fixed
-//! seed (the same inputs on every run), plus the committed corpus.
-//! `cargo run --release -p devhost-fuzz -- all --seconds 600` runs longer.
+//! seed (the same inputs on every run), plus the committed corpus (without
+//! `crash-*` files). `cargo run --release -p devhost-fuzz -- all --seconds
+//! 600` runs longer; `scripts/fuzz` runs the same targets under libFuzzer.
 
 use std::time::Duration;
 
@@ -41,4 +42,38 @@ fn wasm() {
 #[test]
 fn grpc() {
     short("grpc", 3);
+}
+
+#[test]
+fn native_read() {
+    short("native-read", 3);
+}
+
+#[test]
+fn wasm_data() {
+    short("wasm-data", 3);
+}
+
+#[test]
+fn worker_protocol() {
+    short("worker-protocol", 3);
+}
+
+#[test]
+fn cdi() {
+    short("cdi", 3);
+}
+
+#[test]
+fn plugin_watch() {
+    short("plugin-watch", 3);
+}
+
+/// Every target the library knows has a short run here.
+#[test]
+fn every_target_has_a_short_run() {
+    let this = include_str!("short.rs");
+    for name in devhost_fuzz::targets::NAMES {
+        assert!(this.contains(&format!("short(\"{name}\"")), "no short run for {name}");
+    }
 }

@@ -116,6 +116,12 @@ const NAMES: &[&str] = &[
     "é",
 ];
 
+/// One input, for libFuzzer (`fuzz/libfuzzer/`): panics on a broken
+/// invariant.
+pub fn run(data: &[u8]) {
+    crate::fuzz_input(Config::new, data);
+}
+
 impl Target for Config {
     fn name(&self) -> &'static str {
         "config"
@@ -151,7 +157,12 @@ impl Target for Config {
 fn assemble(u: &mut Unstructured<'_>) -> String {
     let mut text = String::new();
     // An exhausted input yields the lower bound forever: stop when empty.
-    while !u.is_empty() {
+    // At most 256 lines: every key and table fits many times over, and
+    // libFuzzer's 4 KiB inputs would otherwise make 60 KiB files whose
+    // parsing is all the time an input takes.
+    let mut lines = 0;
+    while !u.is_empty() && lines < 256 {
+        lines += 1;
         let Ok(choice) = u.int_in_range(0..=LINES.len() + 1) else { break };
         match choice {
             n if n < LINES.len() => text += LINES[n],

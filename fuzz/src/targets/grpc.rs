@@ -157,6 +157,12 @@ fn unique(ids: &[String]) -> Vec<String> {
     out
 }
 
+/// One input, for libFuzzer (`fuzz/libfuzzer/`): panics on a broken
+/// invariant.
+pub fn run(data: &[u8]) {
+    crate::fuzz_input(Grpc::new, data);
+}
+
 impl Target for Grpc {
     fn name(&self) -> &'static str {
         "grpc"

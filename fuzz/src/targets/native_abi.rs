@@ -207,6 +207,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// One input, for libFuzzer (`fuzz/libfuzzer/`): panics on a broken
+/// invariant.
+pub fn run(data: &[u8]) {
+    crate::fuzz_input(NativeAbi::new, data);
+}
+
 impl Target for NativeAbi {
     fn name(&self) -> &'static str {
         "native-abi"

@@ -39,6 +39,12 @@ const PIECES: &[&str] = &[
     "//",
 ];
 
+/// One input, for libFuzzer (`fuzz/libfuzzer/`): panics on a broken
+/// invariant.
+pub fn run(data: &[u8]) {
+    crate::fuzz_input(|| Ok(ResourceName), data);
+}
+
 impl Target for ResourceName {
     fn name(&self) -> &'static str {
         "resource-name"

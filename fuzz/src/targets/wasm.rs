@@ -32,6 +32,12 @@ fn built(name: &str) -> PathBuf {
     target.join("wasm32-wasip2/release").join(format!("{name}.wasm"))
 }
 
+/// One input, for libFuzzer (`fuzz/libfuzzer/`): panics on a broken
+/// invariant.
+pub fn run(data: &[u8]) {
+    crate::fuzz_input(Wasm::new, data);
+}
+
 impl Target for Wasm {
     fn name(&self) -> &'static str {
         "wasm"
