@@ -787,3 +787,31 @@ async fn a_device_cdi_would_refuse_is_withheld_not_written() {
     assert!(error.to_string().contains("no environment, device node or mount for CDI to apply"), "{error}");
     kubelet.allocate(GPU, &["real"]).await.expect("the described device allocates");
 }
+
+/// Item 3 and 1 together: a `backends.d` that cannot be listed at start (a
+/// wrong mount) means no backend file has been tried, so devhost is not
+/// ready (a rolling update must not replace a working pod with it); once
+/// the directory can be listed and its resources register, it is. Before
+/// the fix it answered "ready" with nothing served.
+#[tokio::test]
+async fn an_unreadable_backends_directory_at_start_is_not_ready() {
+    let node = Node::new();
+    std::fs::remove_dir(node.backends_dir()).expect("no backends.d");
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    let address = devhost.metrics_address().await;
+    devhost.wait_for_log("cannot read the backends directory").await;
+    devhost.reload().await;
+    let (status, body) = http_get(&address, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "starting: backends are still loading\n"), "no listing, not ready");
+
+    std::fs::create_dir(node.backends_dir()).expect("backends.d appears");
+    node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
+    devhost.reload().await;
+    kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(&address, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready:\n{}", devhost.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -76,8 +76,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
     reload_on_sighup(reload.clone());
 
     let mut backends = Backends::default();
-    backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
-    crate::telemetry::global().mark_started();
+    reconcile(&mut backends, config, &context).await;
     if backends.resources().is_empty() {
         tracing::warn!(dir = %config.backends_dir.display(), "no backend is serving; add or fix files there");
     }
@@ -99,12 +98,25 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         let cause = causes.join(", ");
         let cause = cause.as_str();
         tracing::debug!(cause, "reloading backends");
-        backends.reconcile(load_backends(&config.backends_dir, config.call_timeout), &context).await;
+        reconcile(&mut backends, config, &context).await;
         tracing::debug!(cause, resources = backends.resources().len(), "backends reconciled");
     }
     tracing::info!("shutting down");
     backends.stop_all().await;
     Ok(())
+}
+
+/// Reads `backends.d` and brings the backends in line with it. Readiness
+/// waits for the first listing that succeeds: a pod whose `backends.d`
+/// cannot be read (a wrong mount) has tried no backend file and is not
+/// ready, so a rolling update does not replace a working pod with it.
+async fn reconcile(backends: &mut Backends, config: &HostConfig, context: &backends::Context<'_>) {
+    let loaded = load_backends(&config.backends_dir, config.call_timeout);
+    let listed = loaded.listed;
+    backends.reconcile(loaded, context).await;
+    if listed {
+        crate::telemetry::global().mark_started();
+    }
 }
 
 /// Watches `dir` for changes; `None` (with a warning) if it cannot, in
