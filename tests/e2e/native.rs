@@ -244,3 +244,33 @@ async fn a_module_replaced_on_disk_serves_its_new_code_from_a_new_worker() {
     assert!(kubelet.connected("example.com/good"), "the neighbour's stream stayed open");
     kubelet.allocate("example.com/good", &["g-0"]).await.expect("the neighbour answers");
 }
+
+/// A backend that failed to start waits out its back-off (10 s at first),
+/// unless its module changes: then the next reload starts it at once.
+#[tokio::test]
+async fn a_failed_backend_whose_module_changes_is_tried_at_once() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let failing = compile_c(&repo().join("tests/fixtures/native/init_error.c"), &modules);
+    let good = compile_c(&repo().join("examples/native-c/example.c"), &modules);
+    let module = modules.join("libvendor.so");
+    std::fs::copy(&failing, &module).expect("install the failing version");
+    node.backend("vendor", &module_file(&module, ""));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    devhost.wait_for_log("will try the backend again then, or at once when its file or module changes").await;
+
+    // Fixed module, renamed into place; a reload (as the periodic rescan
+    // would do) starts it without waiting for the back-off.
+    let staged = modules.join(".libvendor.so.new");
+    std::fs::copy(&good, &staged).expect("stage");
+    std::fs::rename(&staged, &module).expect("replace");
+    devhost.reload().await;
+    let log = devhost.log();
+    let reconciled = log.rfind("backends reconciled cause=").expect("the reload's reconcile");
+    let started = log.rfind("backend started backend=vendor").unwrap_or_else(|| panic!("not started:\n{log}"));
+    assert!(started < reconciled, "started by that reload, not later:\n{log}");
+    assert_eq!(log.matches("backend started backend=vendor").count(), 1, "{log}");
+    kubelet.wait_for_registrations(C, 1, WAIT).await.expect("the fixed module's resource registers");
+}
