@@ -10,8 +10,9 @@
 //! `allocation_size` is `InvalidArgument`; a preferred answer holds only
 //! available IDs, no repeats, every must-include ID that fits, and exactly
 //! `allocation_size` IDs (plain resource, or all available if fewer); an
-//! undecodable frame is `Internal`; after any request the server still
-//! answers.
+//! body its request type cannot decode is `Internal`, one that decodes is
+//! judged as the same request sent typed and its answer decodes; an unknown
+//! method is `Unimplemented`; after any request the server still answers.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -26,10 +27,12 @@ use devhost::config::StaticConfig;
 use devhost::model::{ReplicaPolicy, Sharing};
 use devhost::proto::v1beta1::device_plugin_client::DevicePluginClient;
 use devhost::proto::v1beta1::{
-    AllocateRequest, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Empty, PreStartContainerRequest,
-    PreferredAllocationRequest,
+    AllocateRequest, AllocateResponse, ContainerAllocateRequest, ContainerPreferredAllocationRequest,
+    DevicePluginOptions, Empty, PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
+    PreferredAllocationResponse,
 };
 use devhost::server::{DevicePluginService, ResourceServer};
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -179,7 +182,7 @@ impl Target for Grpc {
                 0 => allocate(&mut client, &mut u, shared).await?,
                 1 => preferred(&mut client, &mut u, shared).await?,
                 2 => pre_start(&mut client, &mut u, shared).await?,
-                _ => raw(channel, &mut u).await?,
+                _ => raw(channel, &mut u, shared).await?,
             }
             client
                 .get_device_plugin_options(Empty {})
@@ -203,10 +206,21 @@ async fn allocate(
             .map(|ids| ContainerAllocateRequest { devices_ids: ids.clone() })
             .collect(),
     };
-    let all_known = containers.iter().flatten().all(|id| known(shared, id).is_some());
-    match client.allocate(request.clone()).await {
+    let result = client.allocate(request.clone()).await.map(tonic::Response::into_inner);
+    judge_allocate(&request, shared, result)
+}
+
+/// Unknown IDs are `InvalidArgument`; otherwise one answer per container,
+/// each naming exactly the real devices asked for.
+fn judge_allocate(
+    request: &AllocateRequest,
+    shared: bool,
+    result: Result<AllocateResponse, tonic::Status>,
+) -> Result<(), String> {
+    let containers: Vec<&Vec<String>> = request.container_requests.iter().map(|c| &c.devices_ids).collect();
+    let all_known = containers.iter().copied().flatten().all(|id| known(shared, id).is_some());
+    match result {
         Ok(answer) => {
-            let answer = answer.into_inner();
             if !all_known {
                 return Err(format!("{request:?}: an unknown ID was accepted: {answer:?}"));
             }
@@ -245,11 +259,22 @@ async fn preferred(
             }
         })
         .collect();
-    let request = PreferredAllocationRequest { container_requests: containers.clone() };
+    let request = PreferredAllocationRequest { container_requests: containers };
+    let result = client.get_preferred_allocation(request.clone()).await.map(tonic::Response::into_inner);
+    judge_preferred(&request, shared, result)
+}
+
+/// A negative size is `InvalidArgument`; otherwise one answer per
+/// container, each keeping the preferred-allocation contract.
+fn judge_preferred(
+    request: &PreferredAllocationRequest,
+    shared: bool,
+    result: Result<PreferredAllocationResponse, tonic::Status>,
+) -> Result<(), String> {
+    let containers = &request.container_requests;
     let negative = containers.iter().any(|c| c.allocation_size < 0);
-    match client.get_preferred_allocation(request.clone()).await {
+    match result {
         Ok(answer) => {
-            let answer = answer.into_inner();
             if negative {
                 return Err(format!("{request:?}: a negative size was accepted"));
             }
@@ -297,39 +322,85 @@ async fn pre_start(
     shared: bool,
 ) -> Result<(), String> {
     let ids = ids(u).unwrap_or_default();
-    let all_known = ids.iter().all(|id| known(shared, id).is_some());
     let request = PreStartContainerRequest { devices_ids: ids };
-    match (client.pre_start_container(request.clone()).await, all_known) {
+    let result = client.pre_start_container(request.clone()).await.map(tonic::Response::into_inner);
+    judge_pre_start(&request, shared, result)
+}
+
+/// Known IDs are `Ok`, unknown ones `InvalidArgument`.
+fn judge_pre_start(
+    request: &PreStartContainerRequest,
+    shared: bool,
+    result: Result<PreStartContainerResponse, tonic::Status>,
+) -> Result<(), String> {
+    let all_known = request.devices_ids.iter().all(|id| known(shared, id).is_some());
+    match (result, all_known) {
         (Ok(_), true) => Ok(()),
         (Err(status), false) if status.code() == Code::InvalidArgument => Ok(()),
         (result, _) => Err(format!("{request:?}: {result:?}")),
     }
 }
 
-/// Raw bytes as the body of a call: anything prost cannot decode must be
-/// `Internal`; what it can decode is answered normally.
-async fn raw(channel: Channel, u: &mut Unstructured<'_>) -> Result<(), String> {
-    let methods = [
-        "/v1beta1.DevicePlugin/Allocate",
-        "/v1beta1.DevicePlugin/GetPreferredAllocation",
-        "/v1beta1.DevicePlugin/PreStartContainer",
-        "/v1beta1.DevicePlugin/GetDevicePluginOptions",
-        "/v1beta1.DevicePlugin/Nope",
-    ];
+/// Raw bytes as the body of a call. A body that the method's request type
+/// cannot decode (decided here by prost) must be `Internal`; one that
+/// decodes must be judged exactly as the same request sent typed, and its
+/// answer must decode as the method's response type. An unknown method is
+/// `Unimplemented`.
+async fn raw(channel: Channel, u: &mut Unstructured<'_>, shared: bool) -> Result<(), String> {
+    let methods = ["Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions", "Nope"];
     let method = methods[u.int_in_range(0..=methods.len() - 1).unwrap_or(0)];
     let body: Vec<u8> = u.arbitrary().unwrap_or_default();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| format!("not ready: {e}"))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-    match grpc.unary(tonic::Request::new(body.clone()), path, RawCodec).await {
-        Ok(_) => Ok(()),
-        Err(status)
-            if matches!(status.code(), Code::Internal | Code::InvalidArgument)
-                || (status.code() == Code::Unimplemented && method.ends_with("Nope")) =>
-        {
-            Ok(())
-        }
-        Err(status) => Err(format!("{method} with {body:02x?}: {status:?}")),
+    let path = match method {
+        "Allocate" => "/v1beta1.DevicePlugin/Allocate",
+        "GetPreferredAllocation" => "/v1beta1.DevicePlugin/GetPreferredAllocation",
+        "PreStartContainer" => "/v1beta1.DevicePlugin/PreStartContainer",
+        "GetDevicePluginOptions" => "/v1beta1.DevicePlugin/GetDevicePluginOptions",
+        _ => "/v1beta1.DevicePlugin/Nope",
+    };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let reply = grpc.unary(tonic::Request::new(body.clone()), path, RawCodec).await.map(tonic::Response::into_inner);
+    let context = |e: String| format!("{method} with {body:02x?}: {e}");
+    match method {
+        "Allocate" => match AllocateRequest::decode(body.as_slice()) {
+            Ok(request) => judge_allocate(&request, shared, decoded(reply)?),
+            Err(_) => undecodable(reply),
+        },
+        "GetPreferredAllocation" => match PreferredAllocationRequest::decode(body.as_slice()) {
+            Ok(request) => judge_preferred(&request, shared, decoded(reply)?),
+            Err(_) => undecodable(reply),
+        },
+        "PreStartContainer" => match PreStartContainerRequest::decode(body.as_slice()) {
+            Ok(request) => judge_pre_start(&request, shared, decoded(reply)?),
+            Err(_) => undecodable(reply),
+        },
+        "GetDevicePluginOptions" => match Empty::decode(body.as_slice()) {
+            Ok(_) => decoded::<DevicePluginOptions>(reply)?.map(|_| ()).map_err(|status| format!("{status:?}")),
+            Err(_) => undecodable(reply),
+        },
+        _ => match reply {
+            Err(status) if status.code() == Code::Unimplemented => Ok(()),
+            other => Err(format!("an unknown method answered {other:?}")),
+        },
+    }
+    .map_err(context)
+}
+
+/// The answer to a body prost cannot decode: `Internal`, nothing else.
+fn undecodable(reply: Result<Vec<u8>, tonic::Status>) -> Result<(), String> {
+    match reply {
+        Err(status) if status.code() == Code::Internal => Ok(()),
+        other => Err(format!("an undecodable body was answered {other:?}; expected Internal")),
+    }
+}
+
+/// A raw answer as the method's response type; an answer that does not
+/// decode breaks the invariant.
+fn decoded<T: Message + Default>(reply: Result<Vec<u8>, tonic::Status>) -> Result<Result<T, tonic::Status>, String> {
+    match reply {
+        Ok(bytes) => T::decode(bytes.as_slice()).map(Ok).map_err(|e| format!("the answer does not decode: {e}")),
+        Err(status) => Ok(Err(status)),
     }
 }
 

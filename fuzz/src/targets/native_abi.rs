@@ -11,7 +11,9 @@
 //! UTF-8, NULL with a length, empty or duplicate ID, unknown health, short
 //! or uneven struct sizes) fails `init`; an accepted list reaches the
 //! device state exactly as sent; an Allocate answer breaking the contract
-//! is an error, and a valid one arrives exactly as sent.
+//! is an error, and a valid one arrives exactly as sent; after such an
+//! Allocate, a preferred answer breaking the contract (or an error) is an
+//! error, and a valid one (or "use the default") arrives exactly as sent.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
@@ -233,6 +235,7 @@ impl Target for NativeAbi {
     fn run(&mut self, data: &[u8]) -> Result<(), String> {
         let prediction = predict(data);
         let expected_allocation = predict_allocation(data, prediction.allocate_at);
+        let expected_preferred = predict_preferred(data, prediction.allocate_at);
         let config = format!("{{\"script\":\"{}\"}}", hex(data));
         let backend: Arc<dyn Backend> = devhost::native::load(&self.module, None, config)
             .map_err(|error| format!("the fixture did not load: {error}"))?;
@@ -247,7 +250,7 @@ impl Target for NativeAbi {
                 Ok(_) if prediction.refused => return Err("a device list breaking the contract was accepted".into()),
                 Ok(handle) => handle,
             };
-            let result = check_started(&handle, &prediction, expected_allocation).await;
+            let result = check_started(&handle, &prediction, expected_allocation, expected_preferred).await;
             handle.shutdown().await;
             cancel.cancel();
             result
@@ -259,6 +262,7 @@ async fn check_started(
     handle: &BackendHandle,
     prediction: &Prediction,
     expected: Option<Allocation>,
+    expected_preferred: Option<Option<Vec<String>>>,
 ) -> Result<(), String> {
     let Some((spec, state)) = handle.resources().first() else {
         return Err("a started backend without resources".into());
@@ -271,19 +275,47 @@ async fn check_started(
         }
     }
     let answer = handle.allocate(&spec.name, vec![]).await;
-    match (answer, expected) {
-        (Ok(got), Some(want)) if got != want => Err(format!("allocate answered {got:?}, the backend sent {want:?}")),
-        (Ok(got), None) => Err(format!("allocate broke the contract or failed, yet the host answered {got:?}")),
-        (Err(error), Some(want)) => Err(format!("a valid allocate answer {want:?} was refused: {error}")),
-        _ => {
-            let request = devhost::backend::PreferredRequest {
-                available: vec!["a".into(), "b".into()],
-                must_include: vec![],
-                size: 1,
-            };
-            // Any answer but a panic is fine here: the server checks it.
-            let _ = handle.preferred_allocation(&spec.name, request).await;
-            Ok(())
+    let allocated = match (answer, expected) {
+        (Ok(got), Some(want)) if got != want => {
+            return Err(format!("allocate answered {got:?}, the backend sent {want:?}"));
         }
+        (Ok(got), None) => return Err(format!("allocate broke the contract or failed, yet the host answered {got:?}")),
+        (Err(error), Some(want)) => return Err(format!("a valid allocate answer {want:?} was refused: {error}")),
+        (Ok(_), Some(_)) => true,
+        (Err(_), None) => false,
+    };
+    let request =
+        devhost::backend::PreferredRequest { available: vec!["a".into(), "b".into()], must_include: vec![], size: 1 };
+    let answer = handle.preferred_allocation(&spec.name, request).await;
+    // After a refused Allocate the backend may be re-initialising (a fault
+    // or garbage does that), so its preferred answer is judged only when
+    // the Allocate went through.
+    if !allocated {
+        return Ok(());
+    }
+    // The host passes the backend's answer on as sent, or refuses it; the
+    // server (not this target) then checks it against the request.
+    match (answer, expected_preferred) {
+        (Ok(got), Some(want)) if got != want => Err(format!("preferred answered {got:?}, the backend sent {want:?}")),
+        (Ok(got), None) => Err(format!("a preferred answer breaking the contract or failing was passed on: {got:?}")),
+        (Err(error), Some(want)) => Err(format!("a valid preferred answer {want:?} was refused: {error}")),
+        _ => Ok(()),
+    }
+}
+
+/// What `preferred` of the fixture answers, read from the script as the
+/// fixture reads it (from the allocate part): `Some(Some(ids))` for
+/// `DEVHOST_OK`, `Some(None)` for `DEVHOST_USE_DEFAULT`, `None` when the
+/// host must refuse it (an ID that is not UTF-8 or NULL with a length, or
+/// `DEVHOST_ERROR` / `DEVHOST_FAULT`).
+fn predict_preferred(bytes: &[u8], at: usize) -> Option<Option<Vec<String>>> {
+    let mut s = Script { bytes, pos: at };
+    let count = s.next() % 5;
+    let ids: Option<Vec<String>> = (0..count).map(|_| text(&s.str())).collect();
+    let ids = ids?;
+    match s.next() % 4 {
+        0 => Some(Some(ids)),
+        3 => Some(None),
+        _ => None,
     }
 }

@@ -102,7 +102,7 @@ fn candidates(data: &[u8]) -> Vec<String> {
 }
 
 /// `IsExtendedResourceName`, as written in `pkg/apis/core/v1/helper`.
-fn is_extended_resource_name(name: &str) -> bool {
+pub(crate) fn is_extended_resource_name(name: &str) -> bool {
     !is_native_resource(name) && !name.starts_with("requests.") && is_qualified_name(&format!("requests.{name}"))
 }
 

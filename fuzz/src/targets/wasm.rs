@@ -4,7 +4,9 @@
 //! checks on data a component returns at run time go through the
 //! canonical ABI's typed values and are not reached from here.
 //!
-//! Invariants: nothing panics; a refusal names the module's path.
+//! Invariants: nothing panics; a refusal names the module's path; only a
+//! component (by its preamble) that names `devhost:backend/api@` is
+//! accepted; the example component as built is accepted.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,13 +18,21 @@ use crate::Target;
 /// The target, with a scratch file.
 pub struct Wasm {
     dir: tempfile::TempDir,
+    /// The example component as built, when it is: it must load.
+    example: Option<Vec<u8>>,
 }
+
+/// `\0asm`, version 0x0d, layer 1: the header of a component.
+const COMPONENT_PREAMBLE: &[u8] = b"\0asm\x0d\0\x01\0";
+/// The interface a backend component exports, as its name appears in the
+/// binary.
+const INTERFACE: &[u8] = b"devhost:backend/api@";
 
 impl Wasm {
     /// Creates the scratch directory.
     pub fn new() -> Result<Self, String> {
         let dir = tempfile::Builder::new().prefix("devhost-fuzz-wasm-").tempdir().map_err(|e| e.to_string())?;
-        Ok(Wasm { dir })
+        Ok(Wasm { dir, example: std::fs::read(built("devhost_example_wasm_rust")).ok() })
     }
 }
 
@@ -80,8 +90,16 @@ impl Target for Wasm {
             sandbox: SandboxConfig { memory_bytes: 16 << 20, cache_dir: None, ..SandboxConfig::default() },
             call_timeout: Duration::from_secs(1),
         };
+        let example = self.example.as_deref() == Some(data);
         match devhost::wasm::load(module) {
+            // Only a component (its preamble: magic, version 0x0d, layer 1)
+            // that names devhost's interface can be a backend.
+            Ok(_) if !data.starts_with(COMPONENT_PREAMBLE) => Err("accepted a file that is not a component".into()),
+            Ok(_) if !data.windows(INTERFACE.len()).any(|w| w == INTERFACE) => {
+                Err("accepted a component that never names devhost:backend/api".into())
+            }
             Ok(_) => Ok(()),
+            Err(error) if example => Err(format!("the unchanged example component was refused: {error}")),
             Err(error) if error.to_string().contains(&path.display().to_string()) => Ok(()),
             Err(error) => Err(format!("the refusal does not name the module: {error}")),
         }

@@ -526,18 +526,23 @@ fn health(byte: u8) -> Health {
 }
 
 /// The model's allocation, or the fault it is.
-fn allocation(a: &WAllocation) -> Result<Allocation, String> {
-    let unique = |pairs: &[(Str, Str)], what: &str| -> Result<BTreeMap<String, String>, String> {
+/// The component's allocation as devhost would pass it on (a repeated key:
+/// the last value), with the refusal devhost names for each repeated key.
+fn allocation(a: &WAllocation) -> (Allocation, Vec<String>) {
+    let mut repeated = Vec::new();
+    let mut unique = |pairs: &[(Str, Str)], what: &str| -> BTreeMap<String, String> {
         let mut map = BTreeMap::new();
         for (k, v) in pairs {
             if map.insert(utf8(k), utf8(v)).is_some() {
-                return Err(format!("allocate returned the {what} {:?} twice", utf8(k)));
+                repeated.push(format!("allocate returned the {what} {:?} twice", utf8(k)));
             }
         }
-        Ok(map)
+        map
     };
-    Ok(Allocation {
-        envs: unique(&a.envs, "environment variable")?,
+    let envs = unique(&a.envs, "environment variable");
+    let annotations = unique(&a.annotations, "annotation");
+    let allocation = Allocation {
+        envs,
         mounts: a
             .mounts
             .iter()
@@ -548,9 +553,10 @@ fn allocation(a: &WAllocation) -> Result<Allocation, String> {
             .iter()
             .map(|(c, h, p)| DeviceSpec { container_path: utf8(c), host_path: utf8(h), permissions: utf8(p) })
             .collect(),
-        annotations: unique(&a.annotations, "annotation")?,
+        annotations,
         cdi_devices: a.cdi_devices.iter().map(utf8).collect(),
-    })
+    };
+    (allocation, repeated)
 }
 
 /// What the native adapter refuses in an allocation (F5).
@@ -811,20 +817,27 @@ fn check_call(step: &Step, answers: &Answers, got: Outcome<Answer>) -> Result<()
     let want = match step {
         Step::Allocate => match &answers.allocate {
             Err(message) => Outcome::Declined(utf8(message)),
-            Ok(a) => match allocation(a) {
-                Ok(allocation) => {
-                    if crate::strict("F5")
-                        && let Some(what) = native_refuses(&allocation)
-                    {
-                        return match got {
-                            Outcome::Fault(_) => Ok(()),
-                            got => Err(format!("F5: an allocation with {what} was not refused: {got:?}")),
-                        };
-                    }
-                    Outcome::Ok(Answer::Allocation(allocation))
+            Ok(a) => {
+                // An answer may break several rules; devhost must refuse it
+                // for one of them (which one it checks first is its own
+                // business).
+                let (allocation, repeated) = allocation(a);
+                if crate::strict("F5")
+                    && let Some(what) = native_refuses(&allocation)
+                {
+                    return match got {
+                        Outcome::Fault(_) => Ok(()),
+                        got => Err(format!("F5: an allocation with {what} was not refused: {got:?}")),
+                    };
                 }
-                Err(fault) => Outcome::Fault(fault),
-            },
+                if !repeated.is_empty() {
+                    return match got {
+                        Outcome::Fault(message) if repeated.contains(&message) => Ok(()),
+                        got => Err(format!("ended {got:?}, expected a fault naming one of {repeated:?}")),
+                    };
+                }
+                Outcome::Ok(Answer::Allocation(allocation))
+            }
         },
         Step::Preferred(request) => match &answers.preferred {
             Err(message) => Outcome::Declined(utf8(message)),
