@@ -166,7 +166,7 @@ async fn check_with_kubelet(
         async move { crate::daemon::run(&host, shutdown).await }
     });
     for spec in specs {
-        check_resource(&kubelet, spec, config.call_timeout, report).await;
+        check_resource(&kubelet, &config.name, spec, config.call_timeout, report).await;
     }
     shutdown.cancel();
     let started = Instant::now();
@@ -185,27 +185,21 @@ async fn check_with_kubelet(
     Ok(())
 }
 
-async fn check_resource(kubelet: &FakeKubelet, spec: &ResourceSpec, deadline: Duration, report: &mut Report) {
+async fn check_resource(
+    kubelet: &FakeKubelet,
+    backend: &str,
+    spec: &ResourceSpec,
+    deadline: Duration,
+    report: &mut Report,
+) {
     let resource = &spec.name;
     let started = Instant::now();
     let registered = kubelet.wait_for_registrations(resource, 1, REGISTER_WAIT).await;
     // Judged from the wire (what the fake kubelet received) against what
     // the backend declared, not with the daemon's own code.
-    let registered = registered.map_err(|e| e.to_string()).and_then(|request| {
-        let options = kubelet.options(resource).unwrap_or_default();
-        let declared = (spec.pre_start_required, spec.preferred_allocation);
-        let sent = (options.pre_start_required, options.get_preferred_allocation_available);
-        if request.version != "v1beta1" {
-            Err(format!("{resource}: Register carried version {:?}, the kubelet accepts \"v1beta1\"", request.version))
-        } else if sent != declared {
-            Err(format!(
-                "{resource}: GetDevicePluginOptions answered pre_start_required = {}, get_preferred_allocation_available = {}; the backend declared {} and {}",
-                sent.0, sent.1, declared.0, declared.1
-            ))
-        } else {
-            Ok(format!("registered {resource} on {}", request.endpoint))
-        }
-    });
+    let registered = registered
+        .map_err(|e| e.to_string())
+        .and_then(|request| judge_registration(spec, &request, &kubelet.options(resource).unwrap_or_default()));
     if !report.record(&format!("{resource}: registration"), started, registered) {
         return;
     }
@@ -253,7 +247,9 @@ async fn check_resource(kubelet: &FakeKubelet, spec: &ResourceSpec, deadline: Du
 
     if spec.preferred_allocation {
         let started = Instant::now();
+        let before = crate::telemetry::global().backend_errors(backend, "preferred_allocation");
         let result = check_preferred(kubelet, resource, &devices).await;
+        let result = without_faults(backend, "preferred_allocation", before, result);
         report.record(&format!("{resource}: preferred allocation"), started, result);
     }
     if spec.pre_start_required {
@@ -261,6 +257,55 @@ async fn check_resource(kubelet: &FakeKubelet, spec: &ResourceSpec, deadline: Du
         let ids: Vec<&str> = devices.iter().take(1).map(|d| d.id.as_str()).collect();
         let result = kubelet.pre_start(resource, &ids).await.map(|_| "answered".to_owned()).map_err(|e| e.to_string());
         report.record(&format!("{resource}: pre-start"), started, result);
+    }
+}
+
+/// A step whose answers looked right to the kubelet may still have broken
+/// the contract: devhost answers for a backend whose answer it refused (a
+/// preferred allocation falls back to the default policy) and marks its
+/// devices Unhealthy. So a step passes only if the backend's `operation`
+/// failed no call while it ran (counted by devhost's own metrics, which
+/// this in-process check shares).
+fn without_faults(
+    backend: &str,
+    operation: &str,
+    before: u64,
+    result: Result<String, String>,
+) -> Result<String, String> {
+    let detail = result?;
+    let errors = crate::telemetry::global().backend_errors(backend, operation) - before;
+    if errors == 0 {
+        Ok(detail)
+    } else {
+        Err(format!(
+            "the kubelet got answers, but devhost refused {errors} of the backend's {operation} answer(s) \
+             (the reason is logged above) and marked its devices Unhealthy"
+        ))
+    }
+}
+
+/// A registration as the kubelet received it, against what the backend
+/// declared: the API version the kubelet accepts, and the options the
+/// kubelet was told.
+fn judge_registration(
+    spec: &ResourceSpec,
+    request: &v1beta1::RegisterRequest,
+    options: &v1beta1::DevicePluginOptions,
+) -> Result<String, String> {
+    let resource = &spec.name;
+    let declared = (spec.pre_start_required, spec.preferred_allocation);
+    let sent = (options.pre_start_required, options.get_preferred_allocation_available);
+    if request.version != "v1beta1" {
+        Err(format!("{resource}: Register carried version {:?}, the kubelet accepts \"v1beta1\"", request.version))
+    } else if request.resource_name != *resource {
+        Err(format!("{resource}: Register named {:?}", request.resource_name))
+    } else if sent != declared {
+        Err(format!(
+            "{resource}: GetDevicePluginOptions answered pre_start_required = {}, get_preferred_allocation_available = {}; the backend declared {} and {}",
+            sent.0, sent.1, declared.0, declared.1
+        ))
+    } else {
+        Ok(format!("registered {resource} on {}", request.endpoint))
     }
 }
 
@@ -361,5 +406,47 @@ mod tests {
             preferred_contract(&available, &["c"], 2, &ids(&["c"])),
             Err("chose 1 devices where 2 were asked for".into())
         );
+    }
+
+    fn device(id: &str, health: &str) -> v1beta1::Device {
+        v1beta1::Device { id: id.into(), health: health.into(), topology: None }
+    }
+
+    #[test]
+    fn device_lists_breaking_the_contract_fail_the_check() {
+        assert_eq!(check_device_list(&[device("a", HEALTHY), device("b", UNHEALTHY)]), Ok(()));
+        assert_eq!(
+            check_device_list(&[device("a", HEALTHY), device("", HEALTHY)]),
+            Err("a device has an empty ID".into())
+        );
+        assert_eq!(
+            check_device_list(&[device("a", HEALTHY), device("a", UNHEALTHY)]),
+            Err("device ID \"a\" appears twice".into())
+        );
+        assert_eq!(check_device_list(&[device("a", "healthy")]), Err("device \"a\" has health \"healthy\"".into()));
+    }
+
+    #[test]
+    fn registrations_are_judged_from_what_the_kubelet_received() {
+        let spec =
+            ResourceSpec { name: "example.com/gpu".into(), pre_start_required: true, preferred_allocation: false };
+        let request = v1beta1::RegisterRequest {
+            version: "v1beta1".into(),
+            endpoint: "devhost-gpu.sock".into(),
+            resource_name: "example.com/gpu".into(),
+            options: None,
+        };
+        let options =
+            v1beta1::DevicePluginOptions { pre_start_required: true, get_preferred_allocation_available: false };
+        assert_eq!(
+            judge_registration(&spec, &request, &options),
+            Ok("registered example.com/gpu on devhost-gpu.sock".into())
+        );
+        let old = v1beta1::RegisterRequest { version: "v1alpha".into(), ..request.clone() };
+        assert!(judge_registration(&spec, &old, &options).is_err_and(|e| e.contains("version \"v1alpha\"")));
+        let renamed = v1beta1::RegisterRequest { resource_name: "example.com/nic".into(), ..request.clone() };
+        assert!(judge_registration(&spec, &renamed, &options).is_err_and(|e| e.contains("Register named")));
+        let told = v1beta1::DevicePluginOptions { pre_start_required: false, ..options };
+        assert!(judge_registration(&spec, &request, &told).is_err_and(|e| e.contains("pre_start_required = false")));
     }
 }

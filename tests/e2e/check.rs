@@ -115,3 +115,55 @@ fn a_crashing_module_fails_the_check_it_crashed_in_naming_the_signal() {
     let failed = line(&text, "fixture.example.com/abort-allocate: allocate");
     assert!(failed.starts_with("FAIL") && failed.contains("worker killed by SIGABRT during allocate"), "{text}");
 }
+
+/// A `backends.d` file for `module` with `breaks = "<what>"`.
+fn breaker_file(dir: &Path, module: &Path, breaks: &str) -> std::path::PathBuf {
+    let file = dir.join(format!("breaks-{breaks}.toml"));
+    let text = format!("[backend]\nmodule = {:?}\n[config]\nbreaks = {breaks:?}\n", module.display().to_string());
+    std::fs::write(&file, text).expect("write the backend file");
+    file
+}
+
+/// Each check a backend (or its file) can break fails alone, naming what
+/// broke, while the others pass: the fixture keeps every other contract, and
+/// with nothing broken it passes every check.
+#[test]
+fn each_check_fails_alone_on_a_backend_made_to_break_it() {
+    const RESOURCE: &str = "fixture.example.com/contract-breaker";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let module = compile_c(&repo().join("tests/fixtures/native/contract_breaker.c"), dir.path());
+    let failed = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .map(|l| l[6..].split("  ").next().unwrap_or("").to_owned())
+            .collect()
+    };
+
+    let (code, text) = check(&breaker_file(dir.path(), &module, "nothing"), &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(failed(&text).is_empty(), "{text}");
+    for step in ["preferred allocation", "pre-start"] {
+        assert!(line(&text, &format!("{RESOURCE}: {step}")).starts_with("PASS"), "{text}");
+    }
+
+    let (code, text) = check(&breaker_file(dir.path(), &module, "preferred"), &[]);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(failed(&text), [format!("{RESOURCE}: preferred allocation")], "{text}");
+    // The kubelet got devhost's default answer; the check still sees that
+    // the backend's own answer was refused, and the log says why.
+    let failure = line(&text, &format!("{RESOURCE}: preferred allocation"));
+    assert!(failure.contains("devhost refused") && failure.contains("preferred_allocation"), "{failure}");
+    assert!(text.contains("chose \"cb-9\", which is not among the available devices"), "{text}");
+
+    let (code, text) = check(&breaker_file(dir.path(), &module, "pre-start"), &[]);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(failed(&text), [format!("{RESOURCE}: pre-start")], "{text}");
+    assert!(line(&text, &format!("{RESOURCE}: pre-start")).contains("cannot reset cb-0"), "{text}");
+
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[backend]\nmodule = \"x.so\"\n[config\n").expect("write");
+    let (code, text) = check(&broken, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(failed(&text), ["config"], "{text}");
+    assert!(line(&text, "config").contains(&format!("{}:3:", broken.display())), "the position is named: {text}");
+}

@@ -104,6 +104,19 @@ fn during(operation: &str) -> String {
 }
 
 impl CallError {
+    /// The call that failed, e.g. `allocate` (`idle` for a crash between
+    /// calls).
+    pub fn operation(&self) -> &'static str {
+        match self {
+            CallError::Failed { operation, .. }
+            | CallError::Panicked { operation, .. }
+            | CallError::TimedOut { operation, .. }
+            | CallError::Invalid { operation, .. }
+            | CallError::Crashed { operation, .. }
+            | CallError::Unavailable { operation, .. } => operation,
+        }
+    }
+
     /// A short label for metrics: `failed`, `panicked`, `timed_out`,
     /// `invalid`, `crashed`, `unavailable`.
     pub fn kind(&self) -> &'static str {
@@ -213,7 +226,6 @@ impl FaultHook {
                     FaultKind::Panicked => CallError::Panicked { backend, operation, message },
                     FaultKind::Crashed => CallError::Crashed { backend, operation, cause: message },
                 };
-                crate::telemetry::global().backend_error(&handle.name, operation, error.kind());
                 handle.report_fault(&error);
             }
         })
@@ -362,18 +374,18 @@ impl BackendHandle {
 
     /// Counts an error and turns a fault into Unhealthy devices.
     fn settle<T>(&self, operation: &'static str, result: Result<T, CallError>) -> Result<T, CallError> {
-        if let Err(error) = &result {
-            crate::telemetry::global().backend_error(&self.name, operation, error.kind());
-            if error.is_fault() {
-                self.report_fault(error);
-            }
+        match &result {
+            Err(error) if error.is_fault() => self.report_fault(error),
+            Err(error) => crate::telemetry::global().backend_error(&self.name, operation, error.kind()),
+            Ok(_) => {}
         }
         result
     }
 
-    /// Marks every device of this backend Unhealthy with `error` as the
-    /// reason, and wakes the supervisor to re-initialise it.
+    /// Counts the fault, marks every device of this backend Unhealthy with
+    /// `error` as the reason, and wakes the supervisor to re-initialise it.
     pub fn report_fault(&self, error: &CallError) {
+        crate::telemetry::global().backend_error(&self.name, error.operation(), error.kind());
         tracing::error!(backend = %self.name, %error, "backend faulted; its devices are now Unhealthy");
         for (_, state) in &self.resources {
             state.set_fault(Some(error.to_string()));

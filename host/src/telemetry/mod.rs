@@ -281,6 +281,24 @@ impl Telemetry {
         self.backend_errors.get_or_create(&labels).inc();
     }
 
+    /// Failed calls into `backend` for `operation` so far, of every kind
+    /// (`devhost check` uses it to see a fault that devhost hid from the
+    /// kubelet by answering for the backend).
+    pub fn backend_errors(&self, backend: &str, operation: &str) -> u64 {
+        const KINDS: [&str; 6] = ["failed", "panicked", "timed_out", "invalid", "crashed", "unavailable"];
+        KINDS
+            .iter()
+            .filter_map(|kind| {
+                let labels = BackendCallLabels {
+                    backend: backend.to_owned(),
+                    operation: operation.to_owned(),
+                    kind: (*kind).to_owned(),
+                };
+                self.backend_errors.get(&labels).map(|counter| counter.get())
+            })
+            .sum()
+    }
+
     /// A backend re-initialised after a fault.
     pub fn backend_restarted(&self, backend: &str) {
         self.backend_restarts.get_or_create(&BackendLabel { backend: backend.to_owned() }).inc();
