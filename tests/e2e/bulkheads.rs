@@ -562,8 +562,13 @@ async fn segv_in_init_never_starts_the_backend_while_neighbours_serve() {
         bed.started.elapsed().as_millis()
     );
     assert!(detection < DETECTION_BOUND.as_secs_f64(), "{backend}: the crash in init took {detection:.3} s to notice");
-    // Keep the load on for a while with the backend down.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Keep the load on until the retry (after its back-off) crashed too:
+    // the backend had a second chance to register.
+    let deadline = Instant::now() + WAIT;
+    while bed.devhost.log().matches(&expected).count() < 2 {
+        assert!(Instant::now() < deadline, "{backend}: init was never retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(bed.kubelet.registration_count(&bed.resource), 0, "{backend}: never registered");
     assert!(bed.workers(&backend).is_empty(), "{backend}: no worker left: {:?}", bed.workers(&backend));
     assert!(children(bed.pid).iter().all(|c| c.state != 'Z'), "{backend}: no zombie: {:?}", children(bed.pid));

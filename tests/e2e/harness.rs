@@ -220,6 +220,18 @@ impl Devhost {
         log[start..].split_whitespace().next().expect("an address").to_owned()
     }
 
+    /// Waits until `/readyz` answers 200: every backend file has been tried
+    /// and every resource of every started backend is registered. A
+    /// resource that should not exist would have registered by then.
+    pub async fn wait_until_ready(&self) {
+        let address = self.metrics_address().await;
+        let deadline = Instant::now() + WAIT;
+        while http_get(&address, "/readyz").await.0 != 200 {
+            assert!(Instant::now() < deadline, "devhost never became ready; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends `signal` without waiting.
     pub fn signal(&self, signal: Signal) {
         kill(self.pid(), signal).expect("signal devhost");
@@ -264,4 +276,36 @@ impl Drop for Devhost {
             let _ = child.wait();
         }
     }
+}
+
+/// Proves that a ListAndWatch stream stayed quiet, without a fixed window
+/// a loaded machine could miss: makes `id` Unhealthy (removes
+/// `<state>/<id>.ok`, so its static backend needs a state dir) and requires
+/// the very next message to be the one showing that change. Anything sent
+/// before it (a re-sent list, a restart's list) would arrive first.
+pub async fn assert_quiet_until_health_change(
+    stream: &mut tonic::Streaming<devhost::proto::v1beta1::ListAndWatchResponse>,
+    state: &Path,
+    id: &str,
+) {
+    use tokio_stream::StreamExt;
+    std::fs::remove_file(state.join(format!("{id}.ok"))).expect("make the device unhealthy");
+    let next = tokio::time::timeout(WAIT, stream.next()).await;
+    let Ok(Some(Ok(list))) = next else { panic!("the stream ended or stayed silent: {next:?}") };
+    let health: Vec<(&str, &str)> = list.devices.iter().map(|d| (d.id.as_str(), d.health.as_str())).collect();
+    assert!(
+        health.iter().any(|&(d, h)| d == id && h == "Unhealthy")
+            && health.iter().filter(|&&(d, _)| d != id).all(|&(_, h)| h == "Healthy"),
+        "the next message must be the health change alone, but it was {health:?}"
+    );
+}
+
+/// A state dir for [`static_backend`] with every one of `ids` Healthy.
+pub fn healthy_state(dir: &Path, ids: &[&str]) -> PathBuf {
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    for id in ids {
+        std::fs::write(state.join(format!("{id}.ok")), "").expect("health file");
+    }
+    state
 }

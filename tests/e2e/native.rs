@@ -185,7 +185,6 @@ async fn a_panicking_backend_goes_unhealthy_and_recovers_while_its_neighbour_ser
         .wait_for_devices(resource, WAIT, |d| d.iter().all(|d| d.health == "Healthy"))
         .await
         .expect("re-initialised with back-off, healthy again");
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 /// The process (not a zombie) `pid` exists.
@@ -273,4 +272,51 @@ async fn a_failed_backend_whose_module_changes_is_tried_at_once() {
     assert!(started < reconciled, "started by that reload, not later:\n{log}");
     assert_eq!(log.matches("backend started backend=vendor").count(), 1, "{log}");
     kubelet.wait_for_registrations(C, 1, WAIT).await.expect("the fixed module's resource registers");
+}
+
+/// Garbage from one backend (item 7 of issue 17): the precise message is
+/// logged or returned, and in the same daemon, at the same time, a good
+/// backend keeps serving without a flicker: one registration, one open
+/// stream, no new device list, every Allocate answered.
+#[tokio::test]
+async fn garbage_from_one_backend_is_refused_precisely_while_its_neighbour_serves() {
+    const GOOD: &str = "example.com/good";
+    const GARBAGE: &str = "fixture.example.com/garbage";
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let garbage = compile_c(&repo().join("tests/fixtures/native/garbage.c"), &modules);
+    node.backend("garbage", &module_file(&garbage, "garbage = \"duplicate\""));
+    node.backend("good", &static_backend(&[(GOOD, &["g-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    kubelet.wait_for_registrations(GOOD, 1, WAIT).await.expect("the neighbour serves");
+    devhost
+        .wait_for_log(&format!(
+            "backend \"garbage\": init failed: published an invalid device list: resource \"{GARBAGE}\": device ID \"gpu-0\" appears more than once"
+        ))
+        .await;
+    assert_eq!(kubelet.registration_count(GARBAGE), 0, "a backend whose init failed serves nothing");
+    kubelet.wait_for_devices(GOOD, WAIT, |d| !d.is_empty()).await.expect("the neighbour's first list");
+    let lists = kubelet.device_list_count(GOOD);
+
+    // Now garbage in Allocate, from a backend that started well.
+    node.backend("garbage", &module_file(&garbage, "garbage = \"alloc-env\""));
+    devhost.reload().await;
+    kubelet.wait_for_registrations(GARBAGE, 1, WAIT).await.expect("the garbage backend starts");
+    for _ in 0..5 {
+        let error = kubelet.allocate(GARBAGE, &["gpu-0"]).await.expect_err("garbage is never passed on");
+        let status = error.status().expect("an RPC status");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "backend \"garbage\": allocate returned invalid data: an env name is not valid UTF-8 (byte 0xc3 at offset 3; lossy: \"BAD\u{fffd}\")"
+        );
+        let answer = kubelet.allocate(GOOD, &["g-0"]).await.expect("the neighbour answers between the faults");
+        assert_eq!(answer.container_responses.len(), 1);
+    }
+    assert_eq!(kubelet.registration_count(GOOD), 1, "the neighbour never re-registered");
+    assert!(kubelet.connected(GOOD), "the neighbour's stream stayed open");
+    assert_eq!(kubelet.device_list_count(GOOD), lists, "the neighbour's devices never changed");
+    assert_eq!(kubelet.devices(GOOD).map(|d| d[0].health.clone()).as_deref(), Some("Healthy"));
 }

@@ -5,7 +5,6 @@
 //! instead, so the test skips there with a message.
 
 use std::path::Path;
-use std::time::Duration;
 
 use devhost::fake_kubelet::FakeKubelet;
 
@@ -49,8 +48,8 @@ async fn without_nvml_init_fails_with_one_message_and_nothing_registers() {
             "NVML is not available: libnvidia-ml.so.1 could not be loaded (libnvidia-ml.so.1: cannot open shared object file: No such file or directory); is the NVIDIA driver installed and the library mounted into the container?",
         )
         .await;
-    // Give a wrongly registered resource time to show up before checking.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Ready: every backend file tried, every started resource registered.
+    devhost.wait_until_ready().await;
     let registered: Vec<String> = kubelet.registrations().into_iter().map(|r| r.resource_name).collect();
     assert_eq!(registered, ["example.com/good"], "nvidia.com/gpu must not register without NVML");
     assert!(kubelet.devices("nvidia.com/gpu").is_none(), "no device list for nvidia.com/gpu");

@@ -7,7 +7,7 @@ use devhost::fake_kubelet::FakeKubelet;
 use devhost::proto::v1beta1;
 use tokio_stream::StreamExt;
 
-use crate::harness::{Node, WAIT, http_get, static_backend};
+use crate::harness::{Node, WAIT, assert_quiet_until_health_change, healthy_state, http_get, static_backend};
 
 const GPU: &str = "example.com/gpu";
 const NIC: &str = "example.com/nic";
@@ -22,7 +22,8 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
 async fn backends_d_changes_apply_without_touching_other_resources() {
     let node = Node::new();
     node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
-    node.backend("nic", &static_backend(&[(NIC, &["nic-0"])], None));
+    let nic_state = healthy_state(&node.dir.path().join("nic"), &["nic-0"]);
+    node.backend("nic", &static_backend(&[(NIC, &["nic-0"])], Some(&nic_state)));
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let devhost = node.start_devhost();
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("gpu");
@@ -83,20 +84,13 @@ async fn backends_d_changes_apply_without_touching_other_resources() {
     assert_eq!(kubelet.registration_count(NIC), 1);
     assert!(node.plugin_dir().join(&nic.endpoint).exists());
     assert!(kubelet.connected(NIC));
-    match tokio::time::timeout(Duration::from_millis(300), nic_stream.next()).await {
-        Err(_) => {}
-        Ok(item) => panic!("the untouched stream saw {item:?}; it must stay open and quiet"),
-    }
+    assert_quiet_until_health_change(&mut nic_stream, &nic_state, "nic-0").await;
 }
 
 #[tokio::test]
 async fn metrics_and_probes_follow_the_resources() {
     let node = Node::new();
-    let state = node.dir.path().join("state");
-    std::fs::create_dir_all(&state).expect("state");
-    for id in ["gpu-0", "gpu-1"] {
-        std::fs::write(state.join(format!("{id}.ok")), "").expect("health file");
-    }
+    let state = healthy_state(node.dir.path(), &["gpu-0", "gpu-1"]);
     node.backend("gpu", &static_backend(&[(GPU, &["gpu-0", "gpu-1"])], Some(&state)));
     let devhost = node.start_devhost();
     let address = devhost.metrics_address().await;
