@@ -23,10 +23,9 @@ use crate::telemetry;
 const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// First and longest wait between failed registrations.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
+/// First retry after the kubelet socket refused a connection.
+const FIRST_CONNECT_RETRY: Duration = Duration::from_millis(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
-/// A kubelet restart is a burst of deletions and one creation: let it settle.
-const SETTLE: Duration = Duration::from_millis(50);
-
 /// Everything one resource's task needs.
 #[derive(Debug)]
 pub struct ResourceTask {
@@ -97,7 +96,6 @@ impl ResourceTask {
                     return;
                 }
                 Next::Restart(reason) => {
-                    // The event that led here has already settled (`wait`).
                     tracing::info!(resource = %resource, reason, "re-creating socket and registering again");
                 }
                 Next::Regenerate { reason, delay } => {
@@ -135,6 +133,11 @@ impl ResourceTask {
     async fn register(&mut self, server: &ResourceServer, retry: &mut Duration) -> Result<FileIdentity, Next> {
         let endpoint = server.socket().file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
         let mut waiting_logged = false;
+        // A kubelet socket that refuses connections belongs to a kubelet
+        // between bind and listen (microseconds: its creation event has
+        // already been seen) or to a dead one: try again soon, backing off
+        // to the normal delay.
+        let mut refused_delay = FIRST_CONNECT_RETRY;
         loop {
             if server.socket_lost() {
                 return Err(Next::Restart("our socket was deleted before registration"));
@@ -160,6 +163,12 @@ impl ResourceTask {
                     *retry = FIRST_RETRY;
                     return Ok(kubelet);
                 }
+                Err(error @ KubeletError::Connect { .. }) if refused_delay < delay => {
+                    tracing::debug!(resource = %self.spec.name, %error, retry_in = ?refused_delay, "registration failed");
+                    let soon = refused_delay;
+                    refused_delay *= 2;
+                    self.wait(soon).await.map_err(|()| Next::Shutdown)?;
+                }
                 Err(error) => {
                     tracing::warn!(resource = %self.spec.name, %error, retry_in = ?delay, "registration failed");
                     *retry = (delay * 2).min(MAX_RETRY);
@@ -174,6 +183,10 @@ impl ResourceTask {
     }
 
     /// Waits for a plugin-directory event or `timeout`; `Err` on shutdown.
+    /// The callers' checks are level-triggered (they look at the files
+    /// themselves), so an event is acted on at once: a kubelet restart's
+    /// burst (every socket deleted, then `kubelet.sock` created) wakes
+    /// them once per step, each time re-checking, with no settling delay.
     async fn wait(&mut self, timeout: Duration) -> Result<(), ()> {
         let events = &mut self.dir_events;
         let event = async {
@@ -187,12 +200,8 @@ impl ResourceTask {
             () = event => {}
             () = tokio::time::sleep(timeout) => return Ok(()),
         }
-        // Let a burst (delete every socket, create kubelet.sock) land, then
-        // drop what queued up: the caller re-reads the files themselves.
-        tokio::select! {
-            () = self.shutdown.cancelled() => return Err(()),
-            () = tokio::time::sleep(SETTLE) => {}
-        }
+        // Events already queued are about the state the caller is about to
+        // read anyway: one check covers them.
         while let Ok(()) | Err(broadcast::error::TryRecvError::Lagged(_)) = self.dir_events.try_recv() {}
         Ok(())
     }
