@@ -368,6 +368,10 @@ impl BackendHandle {
         T: Send + 'static,
         F: FnOnce(&dyn Backend) -> Result<T, super::BackendError> + Send + 'static,
     {
+        if backend.answers_at_once() {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(backend.as_ref()))).map_err(panic_message);
+            return outcome(&self.name, operation, result);
+        }
         let slot = self.slot(operation)?;
         run_blocking(&self.name, operation, self.timeout, backend.clone(), slot, f).await
     }
@@ -543,12 +547,23 @@ where
         Ok(Err(join_error)) => {
             Err(CallError::Panicked { backend: backend_name, operation, message: join_error.to_string() })
         }
-        Ok(Ok(Err(message))) => Err(CallError::Panicked { backend: backend_name, operation, message }),
-        Ok(Ok(Ok(Err(error)))) if error.fault => {
-            Err(CallError::Invalid { backend: backend_name, operation, message: error.message })
-        }
-        Ok(Ok(Ok(Err(error)))) => Err(CallError::Failed { backend: backend_name, operation, message: error.message }),
-        Ok(Ok(Ok(Ok(value)))) => Ok(value),
+        Ok(Ok(result)) => outcome(&backend_name, operation, result),
+    }
+}
+
+/// What a finished in-process call means: its value, a panic (`Err` of
+/// the outer result), a refusal or a fault.
+fn outcome<T>(
+    backend_name: &str,
+    operation: &'static str,
+    result: Result<Result<T, super::BackendError>, String>,
+) -> Result<T, CallError> {
+    let backend = backend_name.to_owned();
+    match result {
+        Err(message) => Err(CallError::Panicked { backend, operation, message }),
+        Ok(Err(error)) if error.fault => Err(CallError::Invalid { backend, operation, message: error.message }),
+        Ok(Err(error)) => Err(CallError::Failed { backend, operation, message: error.message }),
+        Ok(Ok(value)) => Ok(value),
     }
 }
 

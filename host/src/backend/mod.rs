@@ -4,7 +4,9 @@
 //! nothing here knows about gRPC.
 //!
 //! Calls are synchronous: the host runs them on a blocking thread with a
-//! deadline (see [`handle`]), which suits FFI and wasmtime alike. A backend
+//! deadline (see [`handle`]), which suits FFI and wasmtime alike; only a
+//! backend that [answers at once](Backend::answers_at_once) (the built-in
+//! static one) is called inline. A backend
 //! pushes device lists through the [`Publisher`] it is given at `init`, from
 //! any thread, at any time until `shutdown`.
 
@@ -50,4 +52,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Stops the backend: background threads end, nothing is published after.
     fn shutdown(&self) {}
+
+    /// Whether `allocate`, `preferred_allocation` and `pre_start` are
+    /// quick, bounded in-memory work that never blocks (devhost's own
+    /// static backend). The host then runs them on the calling task, without
+    /// the blocking-thread hop and the deadline timer that guard every
+    /// other backend. Module backends (native, WASM) never say so.
+    fn answers_at_once(&self) -> bool {
+        false
+    }
 }

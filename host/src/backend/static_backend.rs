@@ -7,7 +7,8 @@
 //! The paths are checked every `health_interval_ms` on a backend thread, and
 //! only changes are published.
 
-use std::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{Arc, mpsc};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,7 +18,10 @@ use crate::config::static_backend::{IDS_PLACEHOLDER, StaticConfig, StaticResourc
 
 /// The running static backend.
 pub struct StaticBackend {
-    config: StaticConfig,
+    config: Arc<StaticConfig>,
+    /// Per resource (in config order), each device's position by ID: an
+    /// Allocate among 10,000 devices is a lookup, not a scan.
+    positions: Vec<HashMap<String, usize>>,
     watcher: Mutex<Option<HealthWatcher>>,
 }
 
@@ -28,15 +32,23 @@ struct HealthWatcher {
 
 impl StaticBackend {
     /// A backend serving `config`.
-    pub fn new(config: StaticConfig) -> Self {
-        StaticBackend { config, watcher: Mutex::new(None) }
+    pub fn new(config: impl Into<Arc<StaticConfig>>) -> Self {
+        let config = config.into();
+        let positions = config
+            .resources
+            .iter()
+            .map(|r| r.devices.iter().enumerate().map(|(at, d)| (d.device.id.clone(), at)).collect())
+            .collect();
+        StaticBackend { config, positions, watcher: Mutex::new(None) }
     }
 
-    fn resource(&self, name: &str) -> Result<&StaticResource, BackendError> {
+    /// The resource called `name`, with its device positions.
+    fn resource(&self, name: &str) -> Result<(&StaticResource, &HashMap<String, usize>), BackendError> {
         self.config
             .resources
             .iter()
-            .find(|r| r.spec.name == name)
+            .zip(&self.positions)
+            .find(|(r, _)| r.spec.name == name)
             .ok_or_else(|| BackendError::new(format!("resource {name:?} is not served by this backend")))
     }
 }
@@ -57,6 +69,11 @@ fn current_devices(resource: &StaticResource) -> Vec<Device> {
 }
 
 impl Backend for StaticBackend {
+    /// Its answers are lookups in its own config: nothing to wait for.
+    fn answers_at_once(&self) -> bool {
+        true
+    }
+
     fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
         let mut last: Vec<Vec<Device>> = Vec::new();
         for resource in &self.config.resources {
@@ -79,13 +96,12 @@ impl Backend for StaticBackend {
     }
 
     fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError> {
-        let resource = self.resource(resource)?;
+        let (resource, positions) = self.resource(resource)?;
         let mut allocation = Allocation::default();
         for id in device_ids {
-            let device = resource
-                .devices
-                .iter()
-                .find(|d| &d.device.id == id)
+            let device = positions
+                .get(id)
+                .map(|&at| &resource.devices[at])
                 .ok_or_else(|| BackendError::new(format!("unknown device ID {id:?}")))?;
             let own = &device.allocation;
             allocation.envs.extend(own.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
