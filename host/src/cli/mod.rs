@@ -200,6 +200,9 @@ fn stop_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 /// or blocked (a full pipe); a closed stderr (`EPIPE`) is ignored rather
 /// than reported on stderr, which would panic. Colours only on a terminal
 /// (and never with `NO_COLOR`).
+/// Log lines buffered for the writer thread before new ones are dropped.
+const LOG_LINES_IN_FLIGHT: usize = 8_192;
+
 fn init_logging(format: LogFormat, level: &str) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
@@ -207,6 +210,10 @@ fn init_logging(format: LogFormat, level: &str) -> Option<tracing_appender::non_
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // 8,192 lines in flight (not the default 128,000, which reserves
+        // 4 MiB up front): far more than a healthy daemon logs between two
+        // writes, and a log that cannot keep up drops lines either way.
+        .buffered_lines_limit(LOG_LINES_IN_FLIGHT)
         .lossy(true)
         .thread_name("devhost-log")
         .finish(std::io::stderr());

@@ -23,8 +23,10 @@ pub use crate::wasm::SandboxConfig;
 /// Where a backend's code comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendSource {
-    /// The built-in `static` backend with its parsed config.
-    Static(StaticConfig),
+    /// The built-in `static` backend with its parsed config (shared: the
+    /// parse cache, the running backend and the daemon's bookkeeping hold
+    /// one copy of a 10,000-device config, not three).
+    Static(std::sync::Arc<StaticConfig>),
     /// A module file: a native `.so`, or a WASM component (`.wasm`).
     Module {
         /// Absolute path of the module.
@@ -92,11 +94,23 @@ pub struct LoadedBackends {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     backend: RawBackend,
-    #[serde(default)]
-    config: Option<toml::Table>,
+    /// Skipped here: a static backend's `[config]` (which can hold 10,000
+    /// devices) is parsed once, by `StaticConfig`, and a module's by
+    /// [`ModuleSettings`]. Building a `toml::Table` of it here as well
+    /// doubled the memory a big file takes to load.
+    #[serde(default, rename = "config")]
+    _config: Option<serde::de::IgnoredAny>,
     sandbox: Option<Spanned<RawSandbox>>,
     #[serde(default)]
     resources: std::collections::BTreeMap<Spanned<String>, Spanned<super::resource_settings::RawResourceSettings>>,
+}
+
+/// A module backend's `[config]` table (the rest of the file is checked
+/// by [`RawFile`]).
+#[derive(Debug, Deserialize)]
+struct ModuleSettings {
+    #[serde(default)]
+    config: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +144,74 @@ const KINDS: &[&str] = &["static"];
 /// known resource names must be unique across files: a later file that
 /// claims a taken name is refused, naming the file that has it.
 pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
+    load_backends_cached(dir, default_timeout, &mut ParseCache::default())
+}
+
+/// Parsed files by path, each with the SHA-256 of the text it was parsed
+/// from: the daemon's periodic rescan re-reads every file but parses only
+/// the ones whose text changed (a 10,000-device static file takes tens of
+/// MiB and milliseconds to parse).
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    entries: HashMap<PathBuf, ([u8; 32], Duration, Result<BackendConfig, ConfigError>)>,
+    /// Files parsed (not found in the cache) by the latest load.
+    parsed: usize,
+}
+
+impl ParseCache {
+    /// How many files the latest load had to parse.
+    pub fn parsed(&self) -> usize {
+        self.parsed
+    }
+
+    fn parse(&mut self, file: &Path, source: &str, default_timeout: Duration) -> Result<BackendConfig, ConfigError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(source.as_bytes()).into();
+        if let Some((seen, timeout, result)) = self.entries.get(file)
+            && *seen == digest
+            && *timeout == default_timeout
+        {
+            return result.clone();
+        }
+        self.parsed += 1;
+        let result = parse_apart(file, source, default_timeout);
+        self.entries.insert(file.to_owned(), (digest, default_timeout, result.clone()));
+        result
+    }
+}
+
+/// [`parse_backend`] on a thread of its own, keeping a copy of the result
+/// made back on the caller's thread. Parsing a 10,000-device file takes
+/// tens of MiB of short-lived TOML values, interleaved with the config it
+/// builds; on its own thread all of that lands in an allocator arena the
+/// copy does not use, so once the thread ends and the original is dropped
+/// the whole arena is free and can be returned to the system (see
+/// `daemon::memory`). Parsed in place, the long-lived config would pin the
+/// freed pages around it for the life of the process.
+fn parse_apart(file: &Path, source: &str, default_timeout: Duration) -> Result<BackendConfig, ConfigError> {
+    let parsed = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("devhost-parse".into())
+            .spawn_scoped(scope, || parse_backend(file, source, default_timeout))
+            .map(|thread| thread.join())
+    });
+    match parsed {
+        Ok(Ok(result)) => result.map(|mut config| {
+            if let BackendSource::Static(static_config) = &mut config.source {
+                *static_config = std::sync::Arc::new(StaticConfig::clone(static_config));
+            }
+            config
+        }),
+        // No thread to spare, or the parser panicked: parse here (a panic
+        // then propagates as it would have).
+        _ => parse_backend(file, source, default_timeout),
+    }
+}
+
+/// [`load_backends`], parsing only the files whose text differs from what
+/// `cache` holds for them; the cache then holds exactly the files listed.
+pub fn load_backends_cached(dir: &Path, default_timeout: Duration, cache: &mut ParseCache) -> LoadedBackends {
+    cache.parsed = 0;
     let mut loaded = LoadedBackends::default();
     let files = match backend_files(dir) {
         Ok(files) => files,
@@ -139,10 +221,11 @@ pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
         }
     };
     loaded.listed = true;
+    cache.entries.retain(|file, _| files.contains(file));
     let mut claimed: HashMap<String, String> = HashMap::new();
     for file in files {
         let result = read_config_file(&file).and_then(|source| {
-            let backend = parse_backend(&file, &source, default_timeout)?;
+            let backend = cache.parse(&file, &source, default_timeout)?;
             check_module_exists(&backend, &source)?;
             claim_resources(&backend, &source, &claimed).inspect_err(|_| loaded.superseded.push(file.clone()))?;
             Ok((backend, source))
@@ -253,7 +336,16 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
         Some(ms) => Duration::from_millis(*ms.get_ref()),
         None => default_timeout,
     };
-    let settings = raw.config.unwrap_or_default();
+    // Only module backends are handed their `[config]`; a static backend's
+    // is parsed into its `StaticConfig` below, and keeping the table too
+    // would hold a second copy of every device (tens of MiB for 10,000).
+    let settings = match raw.backend.module {
+        Some(_) => toml::from_str::<ModuleSettings>(source)
+            .map_err(|error| ConfigError::from_toml(file, source, &error))?
+            .config
+            .unwrap_or_default(),
+        None => toml::Table::new(),
+    };
     let backend_source = match (raw.backend.kind, raw.backend.module) {
         (Some(kind), None) => {
             if kind.get_ref() != "static" {
@@ -280,7 +372,7 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                     "memory_mb limits a native module's worker; a built-in kind has none".into(),
                 ));
             }
-            BackendSource::Static(StaticConfig::parse(file, source)?)
+            BackendSource::Static(std::sync::Arc::new(StaticConfig::parse(file, source)?))
         }
         (None, Some(module)) => {
             let sha256 = match raw.backend.sha256 {
@@ -491,6 +583,33 @@ id = "a0"
             )),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_cache_parses_only_changed_files_and_gives_the_same_result() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.toml", GOOD);
+        write(dir.path(), "b.toml", "[backend]\nkind = \"static\"\nfrobnicate = true\n");
+        let mut cache = ParseCache::default();
+        let first = load_backends_cached(dir.path(), Duration::from_secs(1), &mut cache);
+        assert_eq!(cache.parsed(), 2);
+        let again = load_backends_cached(dir.path(), Duration::from_secs(1), &mut cache);
+        assert_eq!(cache.parsed(), 0, "nothing changed, nothing parsed");
+        assert_eq!((again.backends, again.errors), (first.backends, first.errors));
+        write(dir.path(), "a.toml", &GOOD.replace("a0", "a1"));
+        let changed = load_backends_cached(dir.path(), Duration::from_secs(1), &mut cache);
+        assert_eq!(cache.parsed(), 1, "only the changed file");
+        assert_eq!(changed.backends, load_backends(dir.path(), Duration::from_secs(1)).backends);
+        std::fs::remove_file(dir.path().join("b.toml")).expect("remove");
+        load_backends_cached(dir.path(), Duration::from_secs(1), &mut cache);
+        assert_eq!(cache.entries.len(), 1, "a removed file leaves the cache");
+    }
+
+    #[test]
+    fn a_static_backend_keeps_no_copy_of_its_config_table() {
+        let config = parse_backend(Path::new("/x/a.toml"), GOOD, Duration::from_secs(1)).expect("valid");
+        assert!(matches!(config.source, BackendSource::Static(_)));
+        assert!(config.settings.is_empty(), "{:?}", config.settings);
     }
 
     #[test]

@@ -14,7 +14,10 @@ mod host;
 mod resource_settings;
 pub mod static_backend;
 
-pub use backends::{BackendConfig, BackendSource, Isolation, LoadedBackends, load_backends, parse_backend};
+pub use backends::{
+    BackendConfig, BackendSource, Isolation, LoadedBackends, ParseCache, load_backends, load_backends_cached,
+    parse_backend,
+};
 pub use error::{ConfigError, line_column};
 pub use host::{HostConfig, LogFormat, Overrides};
 pub use static_backend::StaticConfig;

@@ -12,11 +12,13 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HostConfig, load_backends};
+use crate::config::{HostConfig, ParseCache, load_backends_cached};
 use crate::registration::PluginDirWatcher;
 use crate::server::socket;
 
 mod backends;
+#[allow(unsafe_code)]
+mod memory;
 mod resource;
 
 pub use backends::Backends;
@@ -76,7 +78,8 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
     reload_on_sighup(reload.clone());
 
     let mut backends = Backends::default();
-    reconcile(&mut backends, config, &context).await;
+    let mut parsed = ParseCache::default();
+    reconcile(&mut backends, &mut parsed, config, &context).await;
     if backends.resources().is_empty() {
         tracing::warn!(dir = %config.backends_dir.display(), "no backend is serving; add or fix files there");
     }
@@ -98,7 +101,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         let cause = causes.join(", ");
         let cause = cause.as_str();
         tracing::debug!(cause, "reloading backends");
-        reconcile(&mut backends, config, &context).await;
+        reconcile(&mut backends, &mut parsed, config, &context).await;
         tracing::debug!(cause, resources = backends.resources().len(), "backends reconciled");
     }
     tracing::info!("shutting down");
@@ -110,13 +113,21 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
 /// waits for the first listing that succeeds: a pod whose `backends.d`
 /// cannot be read (a wrong mount) has tried no backend file and is not
 /// ready, so a rolling update does not replace a working pod with it.
-async fn reconcile(backends: &mut Backends, config: &HostConfig, context: &backends::Context<'_>) {
-    let loaded = load_backends(&config.backends_dir, config.call_timeout);
+async fn reconcile(
+    backends: &mut Backends,
+    parsed: &mut ParseCache,
+    config: &HostConfig,
+    context: &backends::Context<'_>,
+) {
+    let loaded = load_backends_cached(&config.backends_dir, config.call_timeout, parsed);
     let listed = loaded.listed;
     backends.reconcile(loaded, context).await;
     if listed {
         crate::telemetry::global().mark_started();
     }
+    // Parsing a big file leaves tens of MiB of freed heap behind, and even
+    // re-reading one leaves its text's buffer: give both back.
+    memory::release_free_heap();
 }
 
 /// Watches `dir` for changes; `None` (with a warning) if it cannot, in
