@@ -44,7 +44,7 @@ fn main() -> Result<()> {
         return tokio::runtime::Runtime::new()?.block_on(floor_server(Path::new(socket)));
     }
     let which: Vec<&str> = match args.first().map(String::as_str) {
-        None | Some("all") => vec!["floor", "allocate", "health", "restart", "idle", "scale", "isolation"],
+        None | Some("all") => vec!["floor", "allocate", "health", "start", "restart", "idle", "scale", "isolation"],
         Some(_) => args.iter().map(String::as_str).collect(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -56,12 +56,13 @@ fn main() -> Result<()> {
                 "floor" => floor(&mut table).await,
                 "allocate" => allocate(&mut table).await,
                 "health" => health(&mut table).await,
+                "start" => start(&mut table).await,
                 "restart" => restart(&mut table).await,
                 "idle" => idle(&mut table).await,
                 "scale" => scale(&mut table).await,
                 "isolation" => isolation(&mut table).await,
                 other => {
-                    bail!("unknown benchmark {other}; known: floor allocate health restart idle scale isolation")
+                    bail!("unknown benchmark {other}; known: floor allocate health start restart idle scale isolation")
                 }
             }
         })?;
@@ -425,12 +426,14 @@ async fn allocate(table: &mut Table) -> Result<()> {
 #[derive(Default)]
 struct Manual {
     publisher: Mutex<Option<Publisher>>,
+    /// How many devices it serves.
+    count: usize,
 }
 
 impl Backend for Manual {
     fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
         publisher
-            .publish("bench.example.com/manual", devices(Health::Healthy))
+            .publish("bench.example.com/manual", devices(self.count, Health::Healthy))
             .map_err(|e| BackendError::new(e.to_string()))?;
         *self.publisher.lock().map_err(|_| BackendError::new("poisoned"))? = Some(publisher);
         Ok(vec![ResourceSpec {
@@ -445,22 +448,25 @@ impl Backend for Manual {
     }
 }
 
-fn devices(last: Health) -> Vec<Device> {
-    (0..8)
+/// `count` devices on two NUMA nodes, all Healthy but the last one.
+fn devices(count: usize, last: Health) -> Vec<Device> {
+    (0..count)
         .map(|i| Device {
             id: format!("m-{i}"),
-            health: if i == 7 { last } else { Health::Healthy },
-            numa_nodes: vec![],
+            health: if i + 1 == count { last } else { Health::Healthy },
+            numa_nodes: vec![i64::from(i % 2 == 1)],
         })
         .collect()
 }
 
-async fn health(table: &mut Table) -> Result<()> {
-    // In-process: the daemon's own pieces (device state, resource server,
-    // ListAndWatch) with a backend that publishes on demand.
+/// In-process: the daemon's own pieces (device state, resource server,
+/// ListAndWatch over a Unix socket) with a backend of `count` devices that
+/// publishes on demand; `changes` times the last device's health flips and
+/// the time until the client has decoded the new list is sampled.
+async fn publish_to_stream(count: usize, changes: usize) -> Result<Vec<Duration>> {
     let dir = tempfile::tempdir()?;
     let stop = CancellationToken::new();
-    let backend = Arc::new(Manual::default());
+    let backend = Arc::new(Manual { count, ..Manual::default() });
     let handle = BackendHandle::start("manual", backend.clone(), Duration::from_secs(5), stop.clone()).await?;
     let (spec, state) = handle.resources()[0].clone();
     let service = DevicePluginService::new(spec, state, handle.clone(), stop.clone());
@@ -472,23 +478,33 @@ async fn health(table: &mut Table) -> Result<()> {
     let publisher =
         backend.publisher.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone().context("initialised")?;
     let mut samples = Vec::new();
-    for i in 0..1_000 {
+    for i in 0..changes {
         let health = if i % 2 == 0 { Health::Unhealthy } else { Health::Healthy };
+        let list = devices(count, health);
         let started = Instant::now();
-        publisher.publish("bench.example.com/manual", devices(health))?;
+        publisher.publish("bench.example.com/manual", list)?;
         let list = stream.next().await.context("stream ended")??;
         samples.push(started.elapsed());
-        if list.devices[7].health != health.as_str() {
-            bail!("the stream showed {:?}, expected {}", list.devices[7].health, health.as_str());
+        if list.devices[count - 1].health != health.as_str() {
+            bail!("the stream showed {:?}, expected {}", list.devices[count - 1].health, health.as_str());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     stop.cancel();
     server.stop().await;
+    Ok(samples)
+}
+
+async fn health(table: &mut Table) -> Result<()> {
     table.row(
         "health: backend publishes → kubelet side receives the new list",
-        dist(&samples),
-        "1,000 changes; in-process devhost library, ListAndWatch over a Unix socket",
+        dist(&publish_to_stream(8, 1_000).await?),
+        "8 devices, 1,000 changes; in-process devhost library, ListAndWatch over a Unix socket",
+    );
+    table.row(
+        "10,000 devices: one health change → kubelet side has the new list",
+        dist(&publish_to_stream(10_000, 100).await?),
+        "100 changes; the whole list is re-sent (the API has no deltas) and decoded",
     );
 
     // Through the binary: a static device's health_path removed → the
@@ -529,6 +545,35 @@ async fn health(table: &mut Table) -> Result<()> {
 
 // ---------------------------------------------------------------- restart
 
+/// Process start → every resource of `examples/config` registered with a
+/// kubelet that is already running (the example's own backend file, in a
+/// temporary node; metrics off).
+async fn start(table: &mut Table) -> Result<()> {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/backends.d/example.toml");
+    let text = std::fs::read_to_string(&example).with_context(|| example.display().to_string())?;
+    let names: Vec<String> =
+        text.lines().filter_map(|l| l.trim().strip_prefix("name = \"")?.split('"').next().map(str::to_owned)).collect();
+    let mut samples = Vec::new();
+    for _ in 0..STARTS {
+        let mut node = Node::new()?;
+        node.backend("example", &text)?;
+        let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+        let started = Instant::now();
+        node.start()?;
+        all_registered(&kubelet, &names, 1).await?;
+        samples.push(started.elapsed());
+    }
+    table.row(
+        format!("process start → every resource of examples/config registered ({})", names.join(", ")),
+        dist(&samples),
+        format!("{STARTS} starts, from spawning devhost"),
+    );
+    Ok(())
+}
+
+/// Kubelet restarts per resource count.
+const RESTARTS: usize = 50;
+
 async fn restart(table: &mut Table) -> Result<()> {
     for resources in [1, 10, 50] {
         let mut node = Node::new()?;
@@ -538,7 +583,7 @@ async fn restart(table: &mut Table) -> Result<()> {
         node.start()?;
         all_registered(&kubelet, &names, 1).await?;
         let mut samples = Vec::new();
-        for round in 2..=21 {
+        for round in 2..=RESTARTS + 1 {
             kubelet.restart().await?;
             let started = Instant::now();
             all_registered(&kubelet, &names, round).await?;
@@ -547,7 +592,7 @@ async fn restart(table: &mut Table) -> Result<()> {
         table.row(
             format!("kubelet restart → all {resources} resource(s) registered again"),
             dist(&samples),
-            "20 restarts, from the new kubelet.sock",
+            format!("{RESTARTS} restarts, from the new kubelet.sock"),
         );
     }
     Ok(())
