@@ -473,9 +473,10 @@ async fn a_cdi_spec_that_cannot_be_written_keeps_its_devices_out_of_service_unti
     assert_eq!(spec_devices(&spec), Some(vec!["gpu-0".to_owned(), "gpu-1".to_owned()]));
     let answer = kubelet.allocate(GPU, &["gpu-1"]).await.expect("allocate");
     assert_eq!(answer.container_responses[0].cdi_devices[0].name, format!("{GPU}=gpu-1"));
+    // The log is written by its own thread: wait for the line, then count.
+    devhost.wait_for_log("CDI spec written after earlier failures").await;
     let log = devhost.log();
     assert_eq!(log.matches("cannot write the CDI spec;").count(), 1, "the same error is logged once:\n{log}");
-    assert!(log.contains("CDI spec written after earlier failures"), "{log}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&cdi).expect("the CDI dir").permissions().mode() & 0o777;
     assert_eq!(mode, 0o755, "the CDI directory devhost creates is readable by runtimes");

@@ -233,14 +233,40 @@ async fn allocate_counted(kubelet: &FakeKubelet, resource: &str, id: &str, tally
         // Unavailable or Cancelled. Any other status (Unknown included)
         // is an answer, and counts as wrong.
         Err(FakeKubeletError::Rpc { status, .. })
-            if disruptive && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled) =>
+            if disruptive
+                && (matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                    || refused_by_goaway(&status)) =>
         {
             tally.interrupted.fetch_add(1, Ordering::Relaxed);
             // Like the kubelet, which does not retry in a tight loop.
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Err(error) => tally.wrong(format!("{resource}/{id}: {error}")),
+        Err(error) => {
+            let mut chain = Vec::new();
+            let mut cause = std::error::Error::source(&error);
+            while let Some(e) = cause {
+                chain.push(format!("{e:?}"));
+                cause = e.source();
+            }
+            tally.wrong(format!("{resource}/{id}: {error} (caused by {chain:?})"))
+        }
     }
+}
+
+/// A call the server refused with HTTP/2 GOAWAY while it stopped: it was
+/// never served. grpc-go (the kubelet's client) reports that as
+/// Unavailable; tonic as Internal ("h2 protocol error"), so the transport
+/// error itself is checked, never the code or the message.
+fn refused_by_goaway(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let mut cause = status.source();
+    while let Some(error) = cause {
+        if error.downcast_ref::<h2::Error>().is_some_and(h2::Error::is_go_away) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Callers that Allocate round-robin over `targets` until `stop`.
