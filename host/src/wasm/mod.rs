@@ -213,7 +213,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The process's one engine: epoch interruption on, and a thread that
-/// advances the epoch every [`EPOCH_TICK`] for as long as devhost lives.
+/// advances the epoch every [`EPOCH_TICK`] while guest code runs (see
+/// [`Running`]) and sleeps otherwise.
 fn engine() -> Result<&'static Engine, WasmError> {
     static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
     ENGINE
@@ -227,6 +228,7 @@ fn engine() -> Result<&'static Engine, WasmError> {
                 .name("devhost-wasm-epoch".into())
                 .spawn(move || {
                     loop {
+                        Running::wait_for_a_call();
                         std::thread::sleep(EPOCH_TICK);
                         ticker.increment_epoch();
                     }
@@ -236,6 +238,41 @@ fn engine() -> Result<&'static Engine, WasmError> {
         })
         .as_ref()
         .map_err(|error| WasmError::Engine(error.clone()))
+}
+
+/// Guest code running now, held for the length of each call into a
+/// component. The epoch only has to advance while one runs (a deadline
+/// counts ticks from the call's start), so an idle devhost does not wake
+/// every 10 ms for nothing.
+pub(crate) struct Running(());
+
+/// How many calls are running, and the epoch thread's wake-up.
+static CALLS: (std::sync::Mutex<usize>, std::sync::Condvar) = (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+impl Running {
+    /// Marks a call as running until the value is dropped.
+    pub(crate) fn start() -> Self {
+        let (count, wake) = &CALLS;
+        *count.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        wake.notify_one();
+        Running(())
+    }
+
+    /// Blocks the epoch thread while no call runs.
+    fn wait_for_a_call() {
+        let (count, wake) = &CALLS;
+        let mut running = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *running == 0 {
+            running = wake.wait(running).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let (count, _) = &CALLS;
+        *count.lock().unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+    }
 }
 
 /// Epoch ticks for a call deadline: 80% of the host's deadline, so the

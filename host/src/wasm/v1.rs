@@ -117,6 +117,7 @@ impl WasmBackend {
         store.limiter(|state| state);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.timeout));
+        let _running = super::Running::start();
         let exports =
             self.pre.instantiate(&mut store).map_err(|error| describe_trap(&error, "instantiation", self.timeout))?;
         Ok(Live { store, exports, broken: None })
@@ -137,7 +138,10 @@ impl WasmBackend {
         }
         live.store.set_epoch_deadline(deadline_ticks(timeout));
         let api = live.exports.devhost_backend_api();
-        f(api, &mut live.store).map_err(|error| {
+        let running = super::Running::start();
+        let result = f(api, &mut live.store);
+        drop(running);
+        result.map_err(|error| {
             let description = describe_trap(&error, operation, timeout);
             live.broken = Some(description.clone());
             description
@@ -236,6 +240,7 @@ impl Backend for WasmBackend {
             && live.broken.is_none()
         {
             live.store.set_epoch_deadline(deadline_ticks(self.timeout));
+            let _running = super::Running::start();
             if let Err(error) = live.exports.devhost_backend_api().call_shutdown(&mut live.store) {
                 tracing::warn!(backend = %self.name, "{}", describe_trap(&error, "shutdown", self.timeout));
             }
