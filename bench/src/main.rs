@@ -33,6 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// `DEVHOST_BENCH_SMOKE=1`: every loop runs a twentieth of its calls (at
+/// least two). For CI, which runs the benchmarks only to keep them working:
+/// its figures mean nothing.
+fn scaled(calls: usize) -> usize {
+    static SMOKE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let smoke = *SMOKE.get_or_init(|| std::env::var_os("DEVHOST_BENCH_SMOKE").is_some_and(|v| v == "1"));
+    if smoke { (calls / 20).max(2) } else { calls }
+}
 const SEQUENTIAL: usize = 2_000;
 const CONCURRENT: usize = 64;
 const PER_CALLER: usize = 100;
@@ -259,9 +268,9 @@ async fn allocate_latency(
     client: DevicePluginClient<Channel>,
     ids: &[String],
 ) -> Result<(Vec<Duration>, Vec<Duration>, f64)> {
-    let mut sequential = Vec::with_capacity(SEQUENTIAL);
+    let mut sequential = Vec::with_capacity(scaled(SEQUENTIAL));
     let mut c = client.clone();
-    for i in 0..SEQUENTIAL + 100 {
+    for i in 0..scaled(SEQUENTIAL) + 100 {
         let started = Instant::now();
         c.allocate(allocate_request(&ids[i % ids.len()])).await?;
         if i >= 100 {
@@ -274,8 +283,8 @@ async fn allocate_latency(
             let mut c = client.clone();
             let ids = ids.to_vec();
             tokio::spawn(async move {
-                let mut samples = Vec::with_capacity(PER_CALLER);
-                for i in 0..PER_CALLER {
+                let mut samples = Vec::with_capacity(scaled(PER_CALLER));
+                for i in 0..scaled(PER_CALLER) {
                     let t = Instant::now();
                     c.allocate(allocate_request(&ids[(caller + i) % ids.len()])).await?;
                     samples.push(t.elapsed());
@@ -498,12 +507,12 @@ async fn publish_to_stream(count: usize, changes: usize) -> Result<Vec<Duration>
 async fn health(table: &mut Table) -> Result<()> {
     table.row(
         "health: backend publishes → kubelet side receives the new list",
-        dist(&publish_to_stream(8, 1_000).await?),
+        dist(&publish_to_stream(8, scaled(1_000)).await?),
         "8 devices, 1,000 changes; in-process devhost library, ListAndWatch over a Unix socket",
     );
     table.row(
         "10,000 devices: one health change → kubelet side has the new list",
-        dist(&publish_to_stream(10_000, 100).await?),
+        dist(&publish_to_stream(10_000, scaled(100)).await?),
         "100 changes; the whole list is re-sent (the API has no deltas) and decoded",
     );
 
@@ -523,7 +532,7 @@ async fn health(table: &mut Table) -> Result<()> {
     node.start()?;
     kubelet.wait_for_registrations("bench.example.com/h", 1, WAIT).await?;
     let mut samples = Vec::new();
-    for i in 0..200 {
+    for i in 0..scaled(200) {
         let healthy = i % 2 == 1;
         let started = Instant::now();
         if healthy {
@@ -554,7 +563,7 @@ async fn start(table: &mut Table) -> Result<()> {
     let names: Vec<String> =
         text.lines().filter_map(|l| l.trim().strip_prefix("name = \"")?.split('"').next().map(str::to_owned)).collect();
     let mut samples = Vec::new();
-    for _ in 0..STARTS {
+    for _ in 0..scaled(STARTS) {
         let mut node = Node::new()?;
         node.backend("example", &text)?;
         let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
@@ -583,7 +592,7 @@ async fn restart(table: &mut Table) -> Result<()> {
         node.start()?;
         all_registered(&kubelet, &names, 1).await?;
         let mut samples = Vec::new();
-        for round in 2..=RESTARTS + 1 {
+        for round in 2..=scaled(RESTARTS) + 1 {
             kubelet.restart().await?;
             let started = Instant::now();
             all_registered(&kubelet, &names, round).await?;
