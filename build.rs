@@ -12,6 +12,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("deviceplugin_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
 
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    // `ListAndWatchResponse` is written by hand (`host/src/proto/list.rs`)
+    // so that a device list is encoded once and shared by every stream.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .extern_path(".v1beta1.ListAndWatchResponse", "crate::proto::v1beta1::ListAndWatchResponse")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -80,6 +80,8 @@ pub struct Snapshot {
     /// Position of each device by ID, built at the first lookup (a state
     /// nobody looks up in costs nothing more to publish).
     index: std::sync::OnceLock<std::collections::HashMap<String, usize>>,
+    /// `response`, encoded once for every stream.
+    wire: std::sync::OnceLock<prost::bytes::Bytes>,
 }
 
 impl Snapshot {
@@ -103,8 +105,23 @@ impl Snapshot {
                 advertised.push(entry(device.id.clone()));
             }
         }
-        let response = v1beta1::ListAndWatchResponse { devices: advertised };
-        Snapshot { devices, fault, sharing, withheld, response, index: std::sync::OnceLock::new() }
+        let response = v1beta1::ListAndWatchResponse::new(advertised);
+        Snapshot {
+            devices,
+            fault,
+            sharing,
+            withheld,
+            response,
+            index: std::sync::OnceLock::new(),
+            wire: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The message to send on a `ListAndWatch` stream: [`Snapshot::response`]
+    /// encoded at the first send and shared by every stream after.
+    pub fn message(&self) -> v1beta1::ListAndWatchResponse {
+        let encoded = self.wire.get_or_init(|| self.response.encode_devices());
+        v1beta1::ListAndWatchResponse::pre_encoded(encoded.clone())
     }
 
     /// The device with this (real) ID, if the resource has it.

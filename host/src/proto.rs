@@ -8,7 +8,10 @@
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1beta1 {
     tonic::include_proto!("v1beta1");
+    pub use super::list::ListAndWatchResponse;
 }
+
+mod list;
 
 /// The compiled `FileDescriptorSet` of the proto, for wire-contract tests.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/deviceplugin_descriptor.bin"));

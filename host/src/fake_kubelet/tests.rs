@@ -50,7 +50,7 @@ impl DevicePlugin for TestPlugin {
         tokio::spawn(async move {
             loop {
                 let snapshot = devices.borrow_and_update().clone();
-                if tx.send(Ok(ListAndWatchResponse { devices: snapshot })).await.is_err() {
+                if tx.send(Ok(ListAndWatchResponse::new(snapshot))).await.is_err() {
                     return;
                 }
                 tokio::select! {

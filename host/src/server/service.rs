@@ -244,7 +244,7 @@ impl DevicePlugin for DevicePluginService {
         let stream = WatchStream::new(self.state.subscribe())
             .map(move |snapshot| {
                 let _counted_while_open = &open;
-                Ok(snapshot.response.clone())
+                Ok(snapshot.message())
             })
             .take_until(self.stop.clone().cancelled_owned());
         self.timed("ListAndWatch", async { Ok(Response::new(Box::pin(stream) as Self::ListAndWatchStream)) }).await
