@@ -37,7 +37,15 @@ pub struct Outcome {
 pub struct Report {
     /// The outcomes.
     pub outcomes: Vec<Outcome>,
+    /// What the checks saw besides pass or fail: each health transition,
+    /// with its time.
+    pub notes: Vec<String>,
 }
+
+/// How long to watch each resource's health, unless told (`--watch`):
+/// long enough for a backend that flips a device every second (the
+/// examples) to show a change, short enough for a quick check.
+pub const DEFAULT_WATCH: Duration = Duration::from_secs(3);
 
 impl Report {
     fn record(&mut self, check: &str, started: Instant, result: Result<String, String>) -> bool {
@@ -84,8 +92,9 @@ fn private_copy(config: &BackendConfig, target: &Path) -> Result<String, String>
     toml::to_string(&table).map_err(|e| e.to_string())
 }
 
-/// Runs every check against `target` (a backend TOML file or a module).
-pub async fn run(target: &Path, call_timeout: Duration) -> Report {
+/// Runs every check against `target` (a backend TOML file or a module),
+/// watching each resource's health for `watch`.
+pub async fn run(target: &Path, call_timeout: Duration, watch: Duration) -> Report {
     let mut report = Report::default();
     let started = Instant::now();
     let config = match backend_config(target, call_timeout) {
@@ -98,7 +107,7 @@ pub async fn run(target: &Path, call_timeout: Duration) -> Report {
     report.record("config", started, Ok(format!("{} parses", target.display())));
 
     let Some(specs) = check_init(&config, &mut report).await else { return report };
-    if let Err(error) = check_with_kubelet(&config, target, &specs, &mut report).await {
+    if let Err(error) = check_with_kubelet(&config, target, &specs, watch, &mut report).await {
         report.record("sandbox", Instant::now(), Err(error));
     }
     report
@@ -146,6 +155,7 @@ async fn check_with_kubelet(
     config: &BackendConfig,
     target: &Path,
     specs: &[ResourceSpec],
+    watch: Duration,
     report: &mut Report,
 ) -> Result<(), String> {
     let root = tempfile::Builder::new().prefix("devhost-check-").tempdir().map_err(|e| e.to_string())?;
@@ -166,7 +176,7 @@ async fn check_with_kubelet(
         async move { crate::daemon::run(&host, shutdown).await }
     });
     for spec in specs {
-        check_resource(&kubelet, &config.name, spec, config.call_timeout, report).await;
+        check_resource(&kubelet, &config.name, spec, (config.call_timeout, watch), report).await;
     }
     shutdown.cancel();
     let started = Instant::now();
@@ -189,7 +199,7 @@ async fn check_resource(
     kubelet: &FakeKubelet,
     backend: &str,
     spec: &ResourceSpec,
-    deadline: Duration,
+    (deadline, watch): (Duration, Duration),
     report: &mut Report,
 ) {
     let resource = &spec.name;
@@ -211,17 +221,27 @@ async fn check_resource(
     report.record(&format!("{resource}: device IDs"), started, detail.map_err(Clone::clone));
     let Ok(devices) = devices else { return };
 
-    // Health transitions: watch the stream for a moment; every message
-    // received must be a valid full list.
+    // Health over time: every message the kubelet receives while watching
+    // must be a valid full list; each change is noted with its time.
     let started = Instant::now();
-    let mark = kubelet.device_list_count(resource);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let lists = kubelet.device_lists_since(resource, mark);
+    let lists = watch_lists(kubelet, resource, watch).await;
     let health = lists
         .iter()
         .enumerate()
-        .try_for_each(|(n, list)| check_device_list(list).map_err(|e| format!("update {}: {e}", n + 1)))
-        .map(|()| format!("{} update(s) in 1 s, each a valid full list", lists.len()));
+        .try_for_each(|(n, (_, list))| check_device_list(list).map_err(|e| format!("update {}: {e}", n + 1)))
+        .map(|()| match lists.len() {
+            0 => format!(
+                "no update in {watch:?}: health did not change (a backend that changes it less often: --watch SECONDS)"
+            ),
+            n => format!("{n} update(s) in {watch:?}, each a valid full list"),
+        });
+    let mut previous = devices.clone();
+    for (at, list) in &lists {
+        for change in transitions(&previous, list) {
+            report.notes.push(format!("{resource}: +{:.2}s {change}", at.as_secs_f64()));
+        }
+        previous.clone_from(list);
+    }
     report.record(&format!("{resource}: health updates"), started, health);
 
     let started = Instant::now();
@@ -309,6 +329,43 @@ fn judge_registration(
     }
 }
 
+/// Every device list the kubelet receives for `resource` during `watch`,
+/// each with how long after the start it arrived (to within 5 ms).
+async fn watch_lists(kubelet: &FakeKubelet, resource: &str, watch: Duration) -> Vec<(Duration, Vec<v1beta1::Device>)> {
+    let started = Instant::now();
+    let mut seen = kubelet.device_list_count(resource);
+    let mut lists = Vec::new();
+    while started.elapsed() < watch {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = kubelet.device_list_count(resource);
+        if now != seen {
+            let at = started.elapsed();
+            lists.extend(kubelet.device_lists_since(resource, seen).into_iter().map(|list| (at, list)));
+            seen = now;
+        }
+    }
+    lists
+}
+
+/// What changed from one device list to the next, one line per device:
+/// `id: Healthy → Unhealthy`, `id: added (Healthy)`, `id: removed`.
+fn transitions(before: &[v1beta1::Device], after: &[v1beta1::Device]) -> Vec<String> {
+    let mut changes = Vec::new();
+    for device in after {
+        match before.iter().find(|d| d.id == device.id) {
+            Some(old) if old.health != device.health => {
+                changes.push(format!("{}: {} → {}", device.id, old.health, device.health));
+            }
+            Some(_) => {}
+            None => changes.push(format!("{}: added ({})", device.id, device.health)),
+        }
+    }
+    for device in before.iter().filter(|d| !after.iter().any(|a| a.id == d.id)) {
+        changes.push(format!("{}: removed", device.id));
+    }
+    changes
+}
+
 fn prost_len(answer: &v1beta1::AllocateResponse) -> usize {
     prost::Message::encoded_len(answer)
 }
@@ -380,6 +437,12 @@ pub fn print(report: &Report) {
         let verdict = if outcome.passed { "PASS" } else { "FAIL" };
         println!("{verdict}  {:<44} {:>9.1?}  {}", outcome.check, outcome.elapsed, outcome.detail);
     }
+    if !report.notes.is_empty() {
+        println!("health changes seen:");
+        for note in &report.notes {
+            println!("  {note}");
+        }
+    }
     let failed = report.outcomes.iter().filter(|o| !o.passed).count();
     println!("{} checks, {failed} failed", report.outcomes.len());
 }
@@ -424,6 +487,14 @@ mod tests {
             Err("device ID \"a\" appears twice".into())
         );
         assert_eq!(check_device_list(&[device("a", "healthy")]), Err("device \"a\" has health \"healthy\"".into()));
+    }
+
+    #[test]
+    fn transitions_name_each_change() {
+        let before = [device("a", HEALTHY), device("b", HEALTHY)];
+        let after = [device("a", UNHEALTHY), device("c", HEALTHY)];
+        assert_eq!(transitions(&before, &after), ["a: Healthy → Unhealthy", "c: added (Healthy)", "b: removed"]);
+        assert!(transitions(&before, &before).is_empty());
     }
 
     #[test]

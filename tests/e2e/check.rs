@@ -40,7 +40,7 @@ fn the_example_backends_pass() {
         for (check, saw) in [
             (": registration", "registered "),
             (": device IDs", "unique non-empty IDs, exact health strings"),
-            (": health updates", "each a valid full list"),
+            (": health updates", " in 3s"),
             (": allocate", "every healthy device allocates"),
         ] {
             let found =
@@ -166,4 +166,21 @@ fn each_check_fails_alone_on_a_backend_made_to_break_it() {
     assert_eq!(code, 1, "{text}");
     assert_eq!(failed(&text), ["config"], "{text}");
     assert!(line(&text, "config").contains(&format!("{}:3:", broken.display())), "the position is named: {text}");
+}
+
+/// `--watch` lists every health change with its time: the Rust example
+/// flips `rust-1` every second, so five seconds show both directions.
+#[test]
+fn watching_lists_every_health_change_with_its_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rust = rust_module("devhost_example_native_rust", dir.path());
+    let (code, text) = check(&rust, &["--watch", "5"]);
+    assert_eq!(code, 0, "{text}");
+    let health = line(&text, "example.com/native-rust: health updates");
+    assert!(health.starts_with("PASS") && health.contains("update(s) in 5s, each a valid full list"), "{health}");
+    let notes: Vec<&str> =
+        text.lines().skip_while(|l| *l != "health changes seen:").skip(1).take_while(|l| l.starts_with("  ")).collect();
+    assert!(notes.iter().any(|n| n.ends_with("rust-1: Healthy → Unhealthy")), "{text}");
+    assert!(notes.iter().any(|n| n.ends_with("rust-1: Unhealthy → Healthy")), "{text}");
+    assert!(notes.iter().all(|n| n.starts_with("  example.com/native-rust: +")), "{notes:?}");
 }

@@ -65,6 +65,10 @@ enum Command {
         /// the backend file sets its own.
         #[arg(long, default_value_t = 5000)]
         call_timeout_ms: u64,
+        /// How long to watch each resource's health, in seconds; every
+        /// change is listed with its time.
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::conformance::DEFAULT_WATCH.as_secs())]
+        watch: u64,
     },
     /// Work with configuration files.
     Config {
@@ -123,10 +127,11 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
-        Command::Check { target, call_timeout_ms } => {
+        Command::Check { target, call_timeout_ms, watch } => {
             _log = init_logging(LogFormat::Text, "error");
-            let report =
-                runtime.block_on(crate::conformance::run(&target, std::time::Duration::from_millis(call_timeout_ms)));
+            let (timeout, watch) =
+                (std::time::Duration::from_millis(call_timeout_ms), std::time::Duration::from_secs(watch));
+            let report = runtime.block_on(crate::conformance::run(&target, timeout, watch));
             crate::conformance::print(&report);
             if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
