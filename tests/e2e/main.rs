@@ -17,5 +17,6 @@ mod operate;
 mod pci;
 mod sharing;
 mod soak;
+mod vendor_crate;
 mod wasm;
 mod wire_contract;
