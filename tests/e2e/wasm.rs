@@ -182,7 +182,8 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
         (
             "hostile.example.com/trap",
             &[
-                "backend \"trap\": allocate panicked: allocate trapped: wasm trap: wasm `unreachable` instruction executed",
+                // A Rust panic traps; what it printed says why and where.
+                "backend \"trap\": allocate panicked: allocate trapped: wasm trap: wasm `unreachable` instruction executed; its stderr: thread '<unnamed>' (1) panicked at tests/fixtures/wasm/hostile/src/lib.rs:68:23: | deliberate trap in allocate",
             ],
         ),
     ] {
@@ -209,7 +210,7 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
         .await
         .expect("a trap while polled marks its devices Unhealthy");
     devhost
-        .wait_for_log("backend \"poll-trap\": list-devices panicked: list-devices trapped: wasm trap: wasm `unreachable` instruction executed")
+        .wait_for_log("backend \"poll-trap\": list-devices panicked: list-devices trapped: wasm trap: wasm `unreachable` instruction executed; its stderr: thread '<unnamed>' (1) panicked at tests/fixtures/wasm/hostile/src/lib.rs:42:13: | deliberate trap while polled")
         .await;
     devhost.wait_for_log("backend re-initialised; its devices report their own health again backend=poll-trap").await;
     kubelet.allocate(EXAMPLE, &["wasm-0"]).await.expect("the good component keeps answering");

@@ -290,15 +290,18 @@ pub(crate) struct StoreState {
     memory_cap: usize,
     /// The backend's name, to tag its log lines.
     pub(crate) backend: Arc<str>,
+    /// The last lines the component wrote to stderr.
+    pub(crate) stderr: stdio::Recent,
 }
 
 impl StoreState {
     /// A fresh sandbox: only `sandbox.read` is visible (read-only, at the
     /// same paths), stdout/stderr go to the log, nothing else is granted.
     pub(crate) fn new(backend: &Arc<str>, sandbox: &SandboxConfig) -> Result<Self, String> {
+        let stderr = stdio::Recent::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(stdio::LogStream::new(backend.clone(), "stdout"))
-            .stderr(stdio::LogStream::new(backend.clone(), "stderr"))
+            .stderr(stdio::LogStream::keeping(backend.clone(), "stderr", stderr.clone()))
             .allow_blocking_current_thread(true);
         for dir in &sandbox.read {
             let guest = dir.to_str().ok_or_else(|| format!("read: {dir:?} is not UTF-8"))?;
@@ -315,6 +318,7 @@ impl StoreState {
             table: ResourceTable::new(),
             memory_cap: usize::try_from(sandbox.memory_bytes).unwrap_or(usize::MAX),
             backend: backend.clone(),
+            stderr,
         })
     }
 }
@@ -350,6 +354,21 @@ impl ResourceLimiter for StoreState {
 
 /// Describes a failed call into a component in words for the log and the
 /// kubelet: a deadline interrupt, a memory-cap hit, or a trap.
+/// [`describe_trap`], followed by what the component wrote to stderr during
+/// the call (a Rust panic's message and place, say), if anything.
+pub(crate) fn describe_fault(
+    error: &wasmtime::Error,
+    operation: &str,
+    timeout: Duration,
+    stderr: &stdio::Recent,
+) -> String {
+    let description = describe_trap(error, operation, timeout);
+    match stderr.text() {
+        Some(said) => format!("{description}; its stderr: {said}"),
+        None => description,
+    }
+}
+
 pub(crate) fn describe_trap(error: &wasmtime::Error, operation: &str, timeout: Duration) -> String {
     if let Some(hit) = error.downcast_ref::<MemoryCapHit>() {
         return format!("{operation} {hit}");

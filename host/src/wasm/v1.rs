@@ -19,7 +19,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
 
-use super::{SandboxConfig, StoreState, WasmError, WasmModule, deadline_ticks, describe_trap};
+use super::{SandboxConfig, StoreState, WasmError, WasmModule, deadline_ticks, describe_fault, describe_trap};
 use crate::backend::{
     Allocation, Backend, BackendError, Device, DeviceSpec, Health, Mount, PreferredRequest, Publisher, ResourceSpec,
 };
@@ -118,8 +118,11 @@ impl WasmBackend {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.timeout));
         let _running = super::Running::start();
-        let exports =
-            self.pre.instantiate(&mut store).map_err(|error| describe_trap(&error, "instantiation", self.timeout))?;
+        let stderr = store.data().stderr.clone();
+        let exports = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|error| describe_fault(&error, "instantiation", self.timeout, &stderr))?;
         Ok(Live { store, exports, broken: None })
     }
 
@@ -138,11 +141,13 @@ impl WasmBackend {
         }
         live.store.set_epoch_deadline(deadline_ticks(timeout));
         let api = live.exports.devhost_backend_api();
+        let stderr = live.store.data().stderr.clone();
+        stderr.clear();
         let running = super::Running::start();
         let result = f(api, &mut live.store);
         drop(running);
         result.map_err(|error| {
-            let description = describe_trap(&error, operation, timeout);
+            let description = describe_fault(&error, operation, timeout, &stderr);
             live.broken = Some(description.clone());
             description
         })
