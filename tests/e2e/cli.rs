@@ -90,15 +90,36 @@ fn the_demo_shows_registration_health_change_and_allocate_then_exits_cleanly() {
     let (code, text) = devhost(&["demo"]);
     assert_eq!(code, 0, "{text}");
     for expected in [
-        "Register{version: \"v1beta1\"",
-        "gpu-1    Unhealthy",
-        "preferred: [\"gpu-0\"]",
-        "cdi_devices: [\"example.com/gpu=gpu-0\"]",
-        "refused: ",
-        "0 socket(s) left in the plugin directory",
+        "example.com/gpu      socket devhost-example.com_gpu-",
+        ", pre-start: yes, suggests devices: yes",
+        "   gpu-1    Unhealthy  NUMA node 1",
+        "   devhost suggests: gpu-0",
+        "   environment  EXAMPLE_VISIBLE_DEVICES=gpu-0",
+        "   CDI device   example.com/gpu=gpu-0 ",
+        "   InvalidArgument: resource \"example.com/gpu\" has no device \"gpu-9\"",
+        "0 socket(s) left in the plugin",
     ] {
         assert!(text.contains(expected), "the demo lacks {expected:?}:\n{text}");
     }
+    // Plain words, not Rust: no Debug structs, no config dump.
+    for rust in ["DevicePluginOptions {", "[(\"", "[[config.resource]]"] {
+        assert!(!text.contains(rust), "the demo prints {rust:?}:\n{text}");
+    }
+    // Every command it suggests names files that exist in the repository.
+    assert!(text.contains("devhost demo --config examples/config "), "{text}");
+    assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/devhost.toml").is_file());
+}
+
+/// The tour the demo suggests next, as typed (from the repository root).
+#[test]
+fn the_suggested_tour_of_the_example_config_runs() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config");
+    let (code, text) = devhost(&["demo", "--config", &example.display().to_string()]);
+    assert_eq!(code, 0, "{text}");
+    for resource in ["example.com/accelerator", "example.com/fuse"] {
+        assert!(text.contains(&format!("{resource}: registered on ")), "{text}");
+    }
+    assert!(text.contains("devhost stopped; 0 socket(s) left."), "{text}");
 }
 
 #[test]
@@ -119,7 +140,7 @@ fn the_demo_tours_the_generic_example_config() {
     let (code, text) = devhost(&["demo", "--config", &dir.path().display().to_string()]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("devhost.example.com/fuse: registered"), "{text}");
-    assert!(text.contains("device:      /dev/fuse -> /dev/fuse (rwm)"), "{text}");
+    assert!(text.contains("device node  /dev/fuse, seen in the container as /dev/fuse (rwm)"), "{text}");
     assert!(text.contains("null::1  Healthy"), "replicas from [resources]: {text}");
     assert!(text.contains("devhost stopped; 0 socket(s) left."), "{text}");
 }

@@ -1,7 +1,8 @@
 //! `devhost demo`: the daemon with a `static` demo backend and the fake
-//! kubelet in one process, in a temporary directory. It prints what a
-//! newcomer needs to see (registration, the device list, a health change
-//! arriving over ListAndWatch, an Allocate answer) and exits 0.
+//! kubelet in one process, in a temporary directory. It tells, in plain
+//! words, what a newcomer to device plugins needs to see (registration,
+//! the device list, a health change arriving over ListAndWatch, a
+//! preferred allocation, an Allocate answer) and exits 0.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -49,8 +50,10 @@ async fn demo() -> anyhow::Result<()> {
     let backend_text = DEMO_BACKEND.replace("@STATE@", &state_dir.display().to_string());
     std::fs::write(&backend_file, &backend_text)?;
 
-    println!("devhost demo: a fake kubelet and devhost in one process, under {}\n", root.path().display());
-    println!("backend config ({}):\n{}", backend_file.display(), indent(backend_text.trim_end()));
+    println!("devhost demo: devhost and a fake kubelet in one process, under {}.", root.path().display());
+    println!("Nothing here touches this machine's kubelet or devices.\n");
+    println!("The backend is devhost's built-in `static` one, from one file ({}):", backend_file.display());
+    println!("{GPU} (gpu-0 on NUMA node 0, gpu-1 on node 1) and {LICENSE} (two seats).");
 
     let kubelet = FakeKubelet::start(&plugin_dir).await?;
     let config =
@@ -61,58 +64,117 @@ async fn demo() -> anyhow::Result<()> {
         async move { crate::daemon::run(&config, shutdown).await }
     });
 
-    println!("1. registration (devhost serves first, then calls Register on kubelet.sock):");
+    step(
+        1,
+        "Registration",
+        "a device plugin serves gRPC on a socket of its own, then tells the kubelet about it on kubelet.sock. \
+         devhost does this once per resource:",
+    );
     for resource in [GPU, LICENSE] {
         let request = kubelet.wait_for_registrations(resource, 1, WAIT).await?;
+        let options = kubelet.options(resource).unwrap_or_default();
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
         println!(
-            "   Register{{version: {:?}, endpoint: {:?}, resource_name: {:?}, options: {:?}}}",
-            request.version,
+            "   {resource:<20} socket {}, pre-start: {}, suggests devices: {}",
             request.endpoint,
-            request.resource_name,
-            kubelet.options(resource).unwrap_or_default()
+            yes_no(options.pre_start_required),
+            yes_no(options.get_preferred_allocation_available)
         );
     }
 
-    println!("\n2. device list, first ListAndWatch message for {GPU}:");
+    step(
+        2,
+        "The device list",
+        "the kubelet opens ListAndWatch and keeps it open. The first message lists every device and its \
+         health; the node's capacity is the number of Healthy ones.",
+    );
     let devices = kubelet.wait_for_devices(GPU, WAIT, |devices| devices.len() == 2).await?;
     print_devices(&devices);
 
-    println!("\n3. health change: removing {} makes gpu-1 Unhealthy", state_dir.join("gpu-1.ok").display());
+    step(
+        3,
+        "A health change",
+        "the demo removes gpu-1's health file. devhost sends the new list on the open stream at once, and the \
+         kubelet gives gpu-1 to no new pod:",
+    );
     std::fs::remove_file(state_dir.join("gpu-1.ok"))?;
     let devices =
         kubelet.wait_for_devices(GPU, WAIT, |d| d.iter().any(|d| d.id == "gpu-1" && d.health == "Unhealthy")).await?;
     print_devices(&devices);
 
-    println!("\n4. GetPreferredAllocation(available: [gpu-0, gpu-1], size: 1):");
+    step(
+        4,
+        "A preferred allocation",
+        "before it picks, the kubelet may ask which of the available devices the plugin would rather give \
+         (here: one of gpu-0 and gpu-1):",
+    );
     let preferred = kubelet.preferred_allocation(GPU, &["gpu-0", "gpu-1"], &[], 1).await?;
     for container in &preferred.container_responses {
-        println!("   preferred: {:?}", container.device_i_ds);
+        println!("   devhost suggests: {}", container.device_i_ds.join(", "));
     }
 
-    println!("\n5. Allocate([gpu-0]) answer:");
+    step(
+        5,
+        "Allocate",
+        "when a pod asking for example.com/gpu: 1 is admitted, the kubelet asks what its container needs \
+         to use gpu-0:",
+    );
     let answer = kubelet.allocate(GPU, &["gpu-0"]).await?;
     for container in &answer.container_responses {
         print_allocation(container);
     }
     kubelet.pre_start(GPU, &["gpu-0"]).await?;
-    println!("   PreStartContainer([gpu-0]): ok");
+    println!("   PreStartContainer(gpu-0): ok (called before the container starts, as the resource asked)");
 
-    println!("\n6. Allocate([gpu-9]) for a device that does not exist:");
+    step(6, "A wrong request", "Allocate of gpu-9, which does not exist, is refused:");
     match kubelet.allocate(GPU, &["gpu-9"]).await {
         Ok(_) => anyhow::bail!("devhost accepted an unknown device ID"),
-        Err(error) => println!("   refused: {error}"),
+        Err(error) => println!(
+            "   {}",
+            error.status().map_or_else(|| error.to_string(), |s| format!("{:?}: {}", s.code(), s.message()))
+        ),
     }
 
     shutdown.cancel();
     daemon.await??;
     kubelet.stop().await;
     let left = std::fs::read_dir(&plugin_dir)?.count();
-    println!("\n7. shutdown: devhost stopped; {left} socket(s) left in the plugin directory.");
-    anyhow::ensure!(left == 0, "sockets left behind in {}", plugin_dir.display());
-    println!(
-        "\nNext: `devhost run --config examples/config/devhost.toml --plugin-dir <dir>` serves the example config."
+    step(
+        7,
+        "Shutdown",
+        &format!("devhost stopped and removed its sockets: {left} socket(s) left in the plugin directory."),
     );
+    anyhow::ensure!(left == 0, "sockets left behind in {}", plugin_dir.display());
+    println!("\nNext (put `cargo run --` in front if devhost is not on your PATH, as in the quick start):");
+    println!("   devhost demo --config examples/config          the same tour over the example config directory");
+    println!("   devhost run --config examples/config/devhost.toml --plugin-dir /tmp/devhost-plugins");
+    println!("                                                  devhost serving, as on a node (Ctrl-C stops it)");
     Ok(())
+}
+
+/// A numbered step of the tour: its title and what happens, wrapped.
+fn step(number: u32, title: &str, what: &str) {
+    println!("\n{number}. {title}");
+    for line in wrap(what, 76) {
+        println!("   {line}");
+    }
+}
+
+/// `text` in lines of at most `width` characters, cut at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let line = lines.last_mut().expect("one line at least");
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(word.to_owned());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
 }
 
 /// The tour over a config directory's backends: each resource's
@@ -165,28 +227,34 @@ async fn tour(dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn print_devices(devices: &[v1beta1::Device]) {
     for device in devices {
-        let numa: Vec<i64> = device.topology.iter().flat_map(|t| t.nodes.iter().map(|n| n.id)).collect();
-        println!("   {:<8} {:<10} numa={numa:?}", device.id, device.health);
+        let numa: Vec<String> = device.topology.iter().flat_map(|t| t.nodes.iter().map(|n| n.id.to_string())).collect();
+        let place = if numa.is_empty() { String::new() } else { format!("NUMA node {}", numa.join(", ")) };
+        println!("{}", format!("   {:<8} {:<10} {place}", device.id, device.health).trim_end());
     }
 }
 
 fn print_allocation(container: &v1beta1::ContainerAllocateResponse) {
     let mut envs: Vec<_> = container.envs.iter().collect();
     envs.sort();
-    println!("   envs:        {envs:?}");
+    for (name, value) in envs {
+        println!("   environment  {name}={value}");
+    }
     for spec in &container.devices {
-        println!("   device:      {} -> {} ({})", spec.host_path, spec.container_path, spec.permissions);
+        println!(
+            "   device node  {}, seen in the container as {} ({})",
+            spec.host_path, spec.container_path, spec.permissions
+        );
     }
     for mount in &container.mounts {
-        println!("   mount:       {} -> {} (read_only: {})", mount.host_path, mount.container_path, mount.read_only);
+        let mode = if mount.read_only { "read-only" } else { "read-write" };
+        println!("   mount        {}, at {} in the container ({mode})", mount.host_path, mount.container_path);
     }
     let mut annotations: Vec<_> = container.annotations.iter().collect();
     annotations.sort();
-    println!("   annotations: {annotations:?}");
-    let cdi: Vec<&str> = container.cdi_devices.iter().map(|c| c.name.as_str()).collect();
-    println!("   cdi_devices: {cdi:?}");
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|line| format!("   | {line}\n")).collect()
+    for (key, value) in annotations {
+        println!("   annotation   {key}={value}");
+    }
+    for cdi in &container.cdi_devices {
+        println!("   CDI device   {} (the container runtime finds its edits in a CDI spec file)", cdi.name);
+    }
 }
