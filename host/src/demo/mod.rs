@@ -188,11 +188,13 @@ async fn tour(dir: &std::path::Path) -> anyhow::Result<()> {
     config.kubelet_socket = plugin_dir.join(crate::proto::KUBELET_SOCKET_NAME);
     config.metrics_address = None;
     config.cdi_dir = root.path().join("cdi");
+    let shown = config.backends_dir.clone();
+    config.backends_dir = with_local_modules(&shown, &root.path().join("backends.d"))?;
     let loaded = crate::config::load_backends(&config.backends_dir, config.call_timeout);
     for error in &loaded.errors {
         println!("refused: {error}");
     }
-    println!("devhost demo over {}: a fake kubelet in {}\n", config.backends_dir.display(), plugin_dir.display());
+    println!("devhost demo over {}: a fake kubelet in {}\n", shown.display(), plugin_dir.display());
     let kubelet = FakeKubelet::start(&plugin_dir).await?;
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn({
@@ -223,6 +225,49 @@ async fn tour(dir: &std::path::Path) -> anyhow::Result<()> {
     kubelet.stop().await;
     println!("devhost stopped; {} socket(s) left.", std::fs::read_dir(&plugin_dir)?.count());
     Ok(())
+}
+
+/// A copy of `backends` in `copy` in which a module that is not where its
+/// file says (an example config names the installed path, under
+/// `/usr/lib/devhost/backends`) but that this build made (a library of the
+/// same name beside the devhost binary, as `cargo build` leaves it) is
+/// taken from the build instead, and said so. So an example config tours
+/// from a fresh clone, without root and without copying files. Relative
+/// module paths are made absolute (the copy lives elsewhere).
+fn with_local_modules(backends: &std::path::Path, copy: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let built = std::env::current_exe()?.parent().map(std::path::Path::to_owned);
+    std::fs::create_dir_all(copy)?;
+    for entry in std::fs::read_dir(backends)? {
+        let file = entry?.path();
+        if file.extension().is_none_or(|ext| ext != "toml") {
+            continue;
+        }
+        let mut text = std::fs::read_to_string(&file)?;
+        let module = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|table| table.get("backend")?.get("module")?.as_str().map(std::path::PathBuf::from));
+        if let Some(module) = module {
+            let named = backends.join(&module);
+            let local = built.as_ref().zip(module.file_name()).map(|(dir, name)| dir.join(name));
+            let used = match local {
+                Some(local) if !named.exists() && local.is_file() => {
+                    println!(
+                        "{}: {} is not installed; using {} from this build",
+                        file.display(),
+                        module.display(),
+                        local.display()
+                    );
+                    local
+                }
+                _ => named,
+            };
+            text = text
+                .replace(&format!("{:?}", module.display().to_string()), &format!("{:?}", used.display().to_string()));
+        }
+        std::fs::write(copy.join(file.file_name().unwrap_or_default()), text)?;
+    }
+    Ok(copy.to_owned())
 }
 
 fn print_devices(devices: &[v1beta1::Device]) {
