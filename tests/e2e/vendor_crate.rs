@@ -102,3 +102,71 @@ fn the_sdk_manifest_stays_in_step_with_the_workspace() {
     assert_eq!(abi.get("lints").and_then(|l| l.get("rust")), workspace["workspace"]["lints"].get("rust"));
     assert_eq!(abi.get("lints").and_then(|l| l.get("clippy")), workspace["workspace"]["lints"].get("clippy"));
 }
+
+/// Runs `program` with `args` in `dir`; panics with its output on failure.
+fn run_in(dir: &Path, program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        // The project's own target directory, as its README assumes.
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} in {} failed:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `devhost check` on `target`; panics unless every check passes.
+fn check_passes(target: &Path) {
+    let output = Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .arg("check")
+        .arg(target)
+        .args(["--watch", "1"])
+        .output()
+        .expect("run devhost check");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}: {text}{}", target.display(), String::from_utf8_lossy(&output.stderr));
+    assert!(text.contains("0 failed"), "{text}");
+}
+
+/// `devhost new-backend` (issue 14 item 4): each project builds with the
+/// commands its README gives, outside this repository, and passes the
+/// check; the Rust one also as a WASM component.
+#[test]
+fn new_backend_projects_build_as_written_and_pass_the_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let new = |name: &str, lang: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_devhost"))
+            .args(["new-backend", name, "--lang", lang, "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run devhost new-backend");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        dir.path().join(name)
+    };
+
+    let c = new("acme-c", "c");
+    let readme = std::fs::read_to_string(c.join("README.md")).expect("README");
+    assert!(readme.contains("```sh\nmake\n```"), "{readme}");
+    run_in(&c, "make", &[]);
+    check_passes(&c.join("backends.d/acme-c.toml"));
+
+    let rust = new("acme-rust", "rust");
+    let readme = std::fs::read_to_string(rust.join("README.md")).expect("README");
+    assert!(readme.contains("cargo build --release\ncargo build --release --target wasm32-wasip2"), "{readme}");
+    run_in(&rust, &cargo, &["build", "--release", "--offline", "--quiet"]);
+    check_passes(&rust.join("backends.d/acme-rust.toml"));
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip2")) {
+        crate::harness::skip(crate::harness::Missing::Setup, "the wasm32-wasip2 target is not installed");
+        return;
+    }
+    run_in(&rust, &cargo, &["build", "--release", "--offline", "--quiet", "--target", "wasm32-wasip2"]);
+    check_passes(&rust.join("target/wasm32-wasip2/release/acme_rust.wasm"));
+}

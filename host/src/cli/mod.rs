@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HostConfig, LogFormat, Overrides};
 
 mod inspect;
+mod new_backend;
 
 /// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
 #[derive(Debug, Parser)]
@@ -70,6 +71,19 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = crate::conformance::DEFAULT_WATCH.as_secs())]
         watch: u64,
     },
+    /// Write a minimal backend project (code, build file, a backends.d
+    /// file, a README) outside devhost's tree; it builds as it is and
+    /// passes `devhost check`.
+    NewBackend {
+        /// The project's name: lower-case letters, digits and '-'.
+        name: String,
+        /// Its language.
+        #[arg(long, value_enum)]
+        lang: new_backend::Lang,
+        /// Where to create the NAME directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -127,6 +141,16 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
+        Command::NewBackend { name, lang, dir } => match new_backend::write(&name, lang, &dir) {
+            Ok(root) => {
+                println!("wrote {}; its README says how to build and check it", root.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("devhost new-backend: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { target, call_timeout_ms, watch } => {
             _log = init_logging(LogFormat::Text, "error");
             let (timeout, watch) =
