@@ -211,3 +211,58 @@ fn config_check_refuses_what_used_to_pass_silently() {
         assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
     }
 }
+
+/// `devhost kubelet` (issue 14 item 1): beside `devhost run`, it shows the
+/// registration and the device lists as they arrive (JSON lines here) and
+/// answers commands typed on its stdin with the plugin's answers.
+#[test]
+fn devhost_kubelet_shows_a_running_devhost_live_and_allocates_on_request() {
+    use std::io::{BufRead, Write};
+    let node = Node::new();
+    let state = crate::harness::healthy_state(node.dir.path(), &["gpu-0", "gpu-1"]);
+    node.backend("gpu", &static_backend(&[("example.com/gpu", &["gpu-0", "gpu-1"])], Some(&state)));
+    let mut kubelet = Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["kubelet", "--json", "--dir"])
+        .arg(node.plugin_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start devhost kubelet");
+    let mut input = kubelet.stdin.take().expect("stdin");
+    let (lines, events) = std::sync::mpsc::channel::<serde_json::Value>();
+    let output = kubelet.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines().map_while(Result::ok) {
+            let _ = lines.send(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+        }
+    });
+    let next = |kind: &str, matches: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let deadline = std::time::Instant::now() + crate::harness::WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let event = events.recv_timeout(left).unwrap_or_else(|_| panic!("no {kind:?} event"));
+            if event["event"] == kind && matches(&event) {
+                return event;
+            }
+        }
+    };
+    next("listening", &|_| true);
+    let _devhost = node.start_devhost();
+    let registered = next("registered", &|e| e["resource"] == "example.com/gpu");
+    assert_eq!(registered["version"], "v1beta1");
+    next("devices", &|e| {
+        e["devices"].as_array().is_some_and(|d| d.len() == 2 && d.iter().all(|d| d["health"] == "Healthy"))
+    });
+    std::fs::remove_file(state.join("gpu-1.ok")).expect("make gpu-1 unhealthy");
+    next("devices", &|e| e["devices"][1]["health"] == "Unhealthy");
+
+    writeln!(input, "allocate example.com/gpu gpu-0").expect("write a command");
+    let answer = next("answer", &|_| true);
+    assert_eq!(answer["containers"][0]["envs"]["IDS"], "gpu-0", "{answer}");
+    writeln!(input, "allocate example.com/gpu gpu-9").expect("write a command");
+    let refused = next("error", &|_| true);
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("InvalidArgument")), "{refused}");
+    writeln!(input, "quit").expect("write quit");
+    let status = kubelet.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}

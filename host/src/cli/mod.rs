@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HostConfig, LogFormat, Overrides};
 
 mod inspect;
+mod kubelet;
 mod new_backend;
 
 /// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
@@ -44,6 +45,18 @@ enum Command {
         /// demo backend (e.g. examples/config-generic).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// The fake kubelet, to watch a backend live: serves kubelet.sock in
+    /// DIR, prints every registration and device list as it arrives, and
+    /// takes commands on stdin (allocate, preferred, prestart, quit).
+    Kubelet {
+        /// The plugin directory to serve (give devhost the same one with
+        /// --plugin-dir).
+        #[arg(long)]
+        dir: PathBuf,
+        /// One JSON object per line, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Start every configured backend, show the devices it sees, stop it.
     /// No kubelet needed. Exit 1 if a backend fails.
@@ -141,6 +154,10 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
+        Command::Kubelet { dir, json } => {
+            _log = init_logging(LogFormat::Text, "warn");
+            runtime.block_on(kubelet::run(&dir, json))
+        }
         Command::NewBackend { name, lang, dir } => match new_backend::write(&name, lang, &dir) {
             Ok(root) => {
                 println!("wrote {}; its README says how to build and check it", root.display());
