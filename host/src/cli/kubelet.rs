@@ -138,12 +138,13 @@ async fn command(kubelet: &FakeKubelet, out: &Printer, line: &str) {
                     })
                 })
                 .collect();
-            (json!({"resource": resource, "containers": containers}), format!("Allocate {resource} {ids:?}: {containers:?}"))
+            let text = format!("Allocate {resource} {}: {}", ids.join(" "), serde_json::Value::from(containers.clone()));
+            (json!({"resource": resource, "containers": containers}), text)
         }),
         ["preferred", resource, size, available @ ..] => match size.parse::<i32>() {
             Ok(size) => kubelet.preferred_allocation(resource, available, &[], size).await.map(|answer| {
                 let ids: Vec<String> = answer.container_responses.iter().flat_map(|c| c.device_i_ds.clone()).collect();
-                (json!({"resource": resource, "preferred": ids}), format!("GetPreferredAllocation {resource}: {ids:?}"))
+                (json!({"resource": resource, "preferred": ids}), format!("GetPreferredAllocation {resource}: {}", ids.join(" ")))
             }),
             Err(_) => {
                 out.event("error", json!({"message": format!("{size:?} is not a size")}), &format!("{size:?} is not a size"));
@@ -153,7 +154,7 @@ async fn command(kubelet: &FakeKubelet, out: &Printer, line: &str) {
         ["prestart", resource, ids @ ..] if !ids.is_empty() => kubelet
             .pre_start(resource, ids)
             .await
-            .map(|_| (json!({"resource": resource, "prestart": "ok"}), format!("PreStartContainer {resource} {ids:?}: ok"))),
+            .map(|_| (json!({"resource": resource, "prestart": "ok"}), format!("PreStartContainer {resource} {}: ok", ids.join(" ")))),
         _ => {
             let message = "commands: allocate RESOURCE ID…, preferred RESOURCE SIZE ID…, prestart RESOURCE ID…, quit";
             out.event("error", json!({"message": message}), message);
