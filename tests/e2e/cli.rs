@@ -266,3 +266,40 @@ fn devhost_kubelet_shows_a_running_devhost_live_and_allocates_on_request() {
     let status = kubelet.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// Every `devhost …` command in a fenced block of the README and the
+/// guides names a subcommand and flags this devhost has: each is run with
+/// `--help` appended, which clap answers only after accepting what comes
+/// before it (a renamed flag or subcommand fails here).
+#[test]
+fn every_devhost_command_in_the_docs_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut commands = Vec::new();
+    for doc in ["README.md", "docs/vendor-guide.md", "docs/operator-guide.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).expect("read the doc");
+        let mut fenced = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with("```") {
+                fenced = !fenced;
+                continue;
+            }
+            let line = line.strip_prefix("$ ").unwrap_or(line);
+            let line = line.strip_prefix("cargo run -- ").map_or(line.to_owned(), |rest| format!("devhost {rest}"));
+            if fenced && line.starts_with("devhost ") {
+                let command = line.split(" #").next().unwrap_or(&line).trim().to_owned();
+                commands.push((doc, command));
+            }
+        }
+    }
+    assert!(commands.len() >= 5, "the docs' commands were not found: {commands:?}");
+    for (doc, command) in &commands {
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let output = Command::new(env!("CARGO_BIN_EXE_devhost")).args(&args).arg("--help").output().expect("run");
+        assert!(
+            output.status.success(),
+            "{doc}: `{command}` is not a command this devhost knows:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
