@@ -220,7 +220,13 @@ fn answer_is_right(answer: &AllocateResponse, id: &str) -> bool {
 /// errors and the kubelet's refusals are expected (a restart may be under
 /// way); otherwise they count as wrong.
 async fn allocate_counted(kubelet: &FakeKubelet, resource: &str, id: &str, tally: &Tally, disruptive: bool) {
-    match kubelet.allocate(resource, &[id]).await {
+    // No call may hang the suite: one unanswered for CALL_LIMIT is wrong,
+    // and says which resource did not answer.
+    let Ok(result) = tokio::time::timeout(CALL_LIMIT, kubelet.allocate(resource, &[id])).await else {
+        tally.wrong(format!("{resource}/{id}: no answer within {CALL_LIMIT:?}"));
+        return;
+    };
+    match result {
         Ok(answer) if answer_is_right(&answer, id) => {
             tally.ok.fetch_add(1, Ordering::Relaxed);
         }
@@ -301,9 +307,14 @@ fn load(
 async fn stop_load(stop: &AtomicBool, tasks: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
-        task.await.expect("a load task");
+        // Each caller ends within one call (bounded by CALL_LIMIT).
+        tokio::time::timeout(CALL_LIMIT * 2, task).await.expect("a load task did not stop").expect("a load task");
     }
 }
+
+/// The longest any one Allocate may take in the soak before it counts as
+/// unanswered: far above every deadline in these tests (2–10 s).
+const CALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// Waits until every resource has `count` accepted registrations; returns
 /// when each got there, measured from `since`.
@@ -411,7 +422,10 @@ async fn soak_kubelet_restarts_under_allocate_load() {
     let mut all = Vec::new();
     let started = Instant::now();
     for restart in 1..=scale.kubelet_restarts {
-        kubelet.restart().await.expect("kubelet restart");
+        tokio::time::timeout(WAIT, kubelet.restart())
+            .await
+            .expect("the fake kubelet restarted in time")
+            .expect("kubelet restart");
         // From the new kubelet.sock on: what a real kubelet's restart costs.
         let since = Instant::now();
         let times = registered(&kubelet, &names, restart + 1, since).await;
@@ -1024,7 +1038,10 @@ async fn soak_hostile_world_under_load() {
             kubelet.lose_register_answers(name, 1);
         }
         let since = Instant::now();
-        kubelet.restart().await.expect("kubelet restart");
+        tokio::time::timeout(WAIT, kubelet.restart())
+            .await
+            .expect("the fake kubelet restarted in time")
+            .expect("kubelet restart");
         for (name, before) in names.iter().zip(before) {
             // The registration whose answer was lost, then the one heard.
             if kubelet.wait_for_registrations(name, before + 2, WAIT).await.is_err() {
