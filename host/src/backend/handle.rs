@@ -104,6 +104,9 @@ fn during(operation: &str) -> String {
 }
 
 impl CallError {
+    /// Every label [`CallError::kind`] gives.
+    pub const KINDS: [&'static str; 6] = ["failed", "panicked", "timed_out", "invalid", "crashed", "unavailable"];
+
     /// The call that failed, e.g. `allocate` (`idle` for a crash between
     /// calls).
     pub fn operation(&self) -> &'static str {
@@ -580,6 +583,21 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    #[test]
+    fn every_kind_is_listed() {
+        let (backend, operation) = (String::new(), "allocate");
+        let errors = [
+            CallError::Failed { backend: backend.clone(), operation, message: String::new() },
+            CallError::Panicked { backend: backend.clone(), operation, message: String::new() },
+            CallError::TimedOut { backend: backend.clone(), operation, timeout: Duration::ZERO },
+            CallError::Invalid { backend: backend.clone(), operation, message: String::new() },
+            CallError::Crashed { backend: backend.clone(), operation, cause: String::new() },
+            CallError::Unavailable { backend, operation, reason: String::new() },
+        ];
+        let kinds: Vec<&str> = errors.iter().map(CallError::kind).collect();
+        assert_eq!(kinds, CallError::KINDS);
+    }
     use crate::backend::{Allocation, BackendError, Device};
 
     /// Publishes one healthy device at init and keeps its publisher, so the

@@ -285,8 +285,7 @@ impl Telemetry {
     /// (`devhost check` uses it to see a fault that devhost hid from the
     /// kubelet by answering for the backend).
     pub fn backend_errors(&self, backend: &str, operation: &str) -> u64 {
-        const KINDS: [&str; 6] = ["failed", "panicked", "timed_out", "invalid", "crashed", "unavailable"];
-        KINDS
+        crate::backend::handle::CallError::KINDS
             .iter()
             .filter_map(|kind| {
                 let labels = BackendCallLabels {
