@@ -3,13 +3,17 @@
 //! must agree with devhost's defaults and be accepted by devhost's own
 //! config parser.
 //!
-//! Limits, said plainly: there is no container engine and no `helm` binary
-//! here. The Dockerfile is read as text (its ENTRYPOINT and `install`
-//! destinations), not built. The chart is not rendered by Helm: these tests
-//! check that every `.Values` reference resolves in `values.yaml`, render
-//! only the `devhost.hostConfig` helper (plain `.Values` substitutions with
-//! `quote`/`int`) with a small stand-in, and check the backends in the
-//! default values with devhost's parser.
+//! The manifests are checked as the cluster gets them: the chart rendered by
+//! Helm itself (Helm 4 as a library, `helm-python-sdk`, offline, with its
+//! values schema), the kustomization by `kubectl kustomize`, and every
+//! object validated against the strict OpenAPI schemas of Kubernetes 1.29
+//! to 1.37 (`kubernetes-validate`). scripts/setup installs both Python
+//! packages (scripts/deploy-tools.txt); `scripts/deploy-check` drives them.
+//!
+//! Limits, said plainly: there is no container engine here. The Dockerfile
+//! is read as text (its ENTRYPOINT and `install` destinations), not built.
+//! kubectl is not installed by scripts/setup (no registry here carries it):
+//! where it is missing, the kustomize renders are skipped and say so.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +21,8 @@ use std::path::{Path, PathBuf};
 use devhost::config::{BackendSource, HostConfig, Overrides, load_backends};
 use serde::Deserialize;
 use serde_norway::Value;
+
+use crate::harness::{Missing, skip};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -122,103 +128,248 @@ fn string_map(value: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-struct Manifests {
-    daemonset: Value,
-    config_maps: BTreeMap<String, Value>,
+/// The Python of the virtual environment scripts/setup makes for the
+/// deploy tools (scripts/deploy-tools.txt); `None` (a setup skip) without it.
+fn deploy_python() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo("target"), PathBuf::from);
+    let python = target.join("deploy-tools/venv/bin/python");
+    if python.exists() {
+        return Some(python);
+    }
+    skip(
+        Missing::Setup,
+        &format!("{} is missing: scripts/setup installs the deploy tools (scripts/deploy-tools.txt)", python.display()),
+    );
+    None
 }
 
-fn manifests() -> Manifests {
-    let kustomization = &yaml_documents("deploy/kubernetes/kustomization.yaml")[0];
-    let namespace = text(kustomization, &["namespace"]);
-    let mut daemonset = None;
-    let mut config_maps = BTreeMap::new();
-    let mut service_accounts = Vec::new();
-    for file in list(kustomization, &["resources"]) {
-        let file = format!("deploy/kubernetes/{}", file.as_str().expect("a file name"));
-        for doc in yaml_documents(&file) {
-            let kind = text(&doc, &["kind"]);
-            let name = text(&doc, &["metadata", "name"]);
-            if kind != "Namespace" {
-                assert_eq!(text(&doc, &["metadata", "namespace"]), namespace, "{file}: {kind} {name}");
-            }
-            match kind.as_str() {
-                "DaemonSet" => daemonset = Some(doc),
-                "ConfigMap" => {
-                    config_maps.insert(name, doc);
-                }
-                "ServiceAccount" => service_accounts.push(name),
-                _ => {}
-            }
+/// Every document of a multi-document YAML text.
+fn documents(what: &str, text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|error| panic!("{what}: invalid YAML: {error}\n{text}")))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// A set of rendered manifests: the YAML text as `kubectl apply` would get
+/// it, and its documents.
+struct Rendered {
+    what: String,
+    text: String,
+    docs: Vec<Value>,
+    /// Helm's NOTES.txt, printed after an install.
+    notes: String,
+}
+
+impl Rendered {
+    fn new(what: &str, text: String, notes: String) -> Rendered {
+        let docs = documents(what, &text);
+        Rendered { what: what.to_owned(), text, docs, notes }
+    }
+
+    fn all(&self, kind: &str) -> Vec<&Value> {
+        self.docs.iter().filter(|doc| doc.get("kind").and_then(Value::as_str) == Some(kind)).collect()
+    }
+
+    fn one(&self, kind: &str) -> &Value {
+        let found = self.all(kind);
+        assert_eq!(found.len(), 1, "{}: {} {kind} objects, want one", self.what, found.len());
+        found[0]
+    }
+
+    fn named(&self, kind: &str, name: &str) -> &Value {
+        self.all(kind)
+            .into_iter()
+            .find(|doc| doc.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("{}: no {kind} named {name}", self.what))
+    }
+}
+
+/// `kubectl kustomize DIR`: the manifests exactly as `kubectl apply -k DIR`
+/// sends them. `None` (a machine skip) where kubectl is not installed.
+fn kustomize(dir: &Path) -> Option<Rendered> {
+    let output = match std::process::Command::new("kubectl").arg("kustomize").arg(dir).output() {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            skip(Missing::Machine, "kubectl is not installed: the kustomization is not rendered");
+            return None;
+        }
+        Err(error) => panic!("cannot run kubectl: {error}"),
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kubectl kustomize {} failed: {stderr}", dir.display());
+    let text = String::from_utf8(output.stdout).expect("UTF-8 manifests");
+    Some(Rendered::new(&format!("kustomize {}", dir.display()), text, String::new()))
+}
+
+/// The chart rendered by Helm (`helm template devhost deploy/helm/devhost
+/// -n devhost -f FILE...`), or Helm's error message.
+fn helm(python: &Path, values: &[&Path]) -> Result<Rendered, String> {
+    let output = std::process::Command::new(python)
+        .arg(repo("scripts/deploy-check"))
+        .args(["render-helm", repo("deploy/helm/devhost").to_str().expect("UTF-8"), "devhost", "devhost"])
+        .args(values)
+        .output()
+        .expect("run scripts/deploy-check");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    match output.status.code() {
+        Some(0) => {}
+        Some(2) => return Err(stderr),
+        _ => panic!("scripts/deploy-check render-helm failed: {stderr}"),
+    }
+    #[derive(Deserialize)]
+    struct Output {
+        manifests: BTreeMap<String, String>,
+    }
+    let Output { manifests } = serde_json::from_slice(&output.stdout).expect("deploy-check prints JSON");
+    let notes = manifests.get("devhost/templates/NOTES.txt").cloned().unwrap_or_default();
+    let text = manifests
+        .iter()
+        .filter(|(name, _)| name.ends_with(".yaml"))
+        .map(|(_, text)| format!("---\n{text}\n"))
+        .collect::<String>();
+    let label = values.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(" ");
+    Ok(Rendered::new(&format!("helm -f {label}"), text, notes))
+}
+
+/// A values file with `text` in a temporary directory.
+fn values_file(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write values");
+    path
+}
+
+/// The one value an install must set.
+const IMAGE_VALUES: &str = "image:\n  repository: registry.example.com/devhost\n";
+
+/// The Python to run Helm with, a temporary directory for values files,
+/// and in it the file that sets the required image.
+fn chart_inputs() -> Option<(PathBuf, tempfile::TempDir, PathBuf)> {
+    let python = deploy_python()?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = values_file(&dir, "image.yaml", IMAGE_VALUES);
+    Some((python, dir, image))
+}
+
+/// The chart with its defaults and the required image.
+fn helm_defaults(python: &Path, dir: &tempfile::TempDir) -> Rendered {
+    helm(python, &[&values_file(dir, "image.yaml", IMAGE_VALUES)]).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// The chart with every value set (deploy/helm/devhost/ci/full-values.yaml).
+fn helm_full(python: &Path) -> Rendered {
+    helm(python, &[&repo("deploy/helm/devhost/ci/full-values.yaml")]).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// `kubernetes-validate --strict` for every minor version 1.29..1.37; the
+/// kinds it has no schema for (custom resources), or every failure.
+fn validate(python: &Path, rendered: &Rendered) -> Result<Vec<String>, String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("manifests.yaml");
+    std::fs::write(&file, &rendered.text).expect("write manifests");
+    let output = std::process::Command::new(python)
+        .arg(repo("scripts/deploy-check"))
+        .args(["validate", "1.29", "1.37"])
+        .arg(&file)
+        .output()
+        .expect("run scripts/deploy-check");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    match output.status.code() {
+        Some(0) => Ok(stdout.lines().filter_map(|line| line.strip_prefix("no-schema ")).map(str::to_owned).collect()),
+        Some(1) => Err(stdout),
+        _ => panic!("scripts/deploy-check validate failed: {stdout}{stderr}"),
+    }
+}
+
+/// `value` as a map of strings (labels, annotations, a ConfigMap's data).
+fn labels(value: Option<&Value>) -> BTreeMap<String, String> {
+    value.map(string_map).unwrap_or_default()
+}
+
+/// Every `selector` label is among `labels`.
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(key, value)| labels.get(key) == Some(value))
+}
+
+/// What a render must agree on with devhost's code, whatever the values:
+/// the config devhost reads (through its own parser), the mounts it needs,
+/// the probes and metrics port, the Service and ServiceMonitor that point
+/// at the pods. Returns the parsed host settings for further checks.
+fn check_against_code(rendered: &Rendered) -> HostConfig {
+    let what = &rendered.what;
+    let daemonset = rendered.one("DaemonSet");
+    let namespace = text(daemonset, &["metadata", "namespace"]);
+    for doc in &rendered.docs {
+        let kind = text(doc, &["kind"]);
+        if kind != "Namespace" {
+            assert_eq!(text(doc, &["metadata", "namespace"]), namespace, "{what}: {kind} in another namespace");
         }
     }
-    let daemonset = daemonset.expect("a DaemonSet");
-    let account = text(&daemonset, &["spec", "template", "spec", "serviceAccountName"]);
-    assert!(service_accounts.contains(&account), "ServiceAccount {account} is not in the manifests");
-    Manifests { daemonset, config_maps }
-}
+    let pod = at(daemonset, &["spec", "template", "spec"]);
+    let pod_labels = labels(at(daemonset, &["spec", "template", "metadata"]).get("labels"));
+    let selector = labels(Some(at(daemonset, &["spec", "selector", "matchLabels"])));
+    assert!(selects(&selector, &pod_labels), "{what}: the DaemonSet's selector does not select its pods");
+    let account = text(pod, &["serviceAccountName"]);
+    rendered.named("ServiceAccount", &account);
+    assert_eq!(pod.get("automountServiceAccountToken").and_then(Value::as_bool), Some(false));
 
-#[test]
-fn the_daemonset_mounts_probes_and_config_match_the_code() {
-    let Manifests { daemonset, config_maps } = manifests();
-    let pod = at(&daemonset, &["spec", "template", "spec"]);
-    assert_eq!(text(pod, &["priorityClassName"]), "system-node-critical");
     let container = &list(pod, &["containers"])[0];
     assert!(
         container.get("command").is_none() && container.get("args").is_none(),
-        "the DaemonSet runs the image's ENTRYPOINT"
+        "{what}: the DaemonSet runs the image's ENTRYPOINT"
     );
-    assert_eq!(at(container, &["securityContext", "privileged"]).as_bool(), Some(true));
+    assert!(!text(container, &["image"]).is_empty(), "{what}: no image");
     let volumes = list(pod, &["volumes"]);
     let mounts = list(container, &["volumeMounts"]);
     let mount_at = |path: &str| named(mounts, "mountPath", path);
     let volume_of = |mount: &Value| named(volumes, "name", &text(mount, &["name"])).clone();
 
-    // The kubelet's plugin directory: same path on the host and inside.
-    let plugin_dir = devhost::proto::DEFAULT_PLUGIN_DIR;
-    let mount = mount_at(plugin_dir);
-    assert_ne!(mount.get("readOnly").and_then(Value::as_bool), Some(true), "devhost creates sockets there");
-    assert_eq!(text(&volume_of(mount), &["hostPath", "path"]), plugin_dir);
-    // /dev at the host's paths; /sys read only.
-    assert_eq!(text(&volume_of(mount_at("/dev")), &["hostPath", "path"]), "/dev");
-    let sys = mount_at("/sys");
-    assert_eq!(sys.get("readOnly").and_then(Value::as_bool), Some(true), "/sys must be read only");
-    assert_eq!(text(&volume_of(sys), &["hostPath", "path"]), "/sys");
-
     // devhost.toml where the ENTRYPOINT reads it, from a ConfigMap that
     // devhost's own parser accepts and that agrees with the mounts.
     let config_path = image_config_path();
     let config_mount = mount_at(config_path.to_str().expect("UTF-8"));
-    let config_map = &config_maps[&text(&volume_of(config_mount), &["configMap", "name"])];
+    let config_map = rendered.named("ConfigMap", &text(&volume_of(config_mount), &["configMap", "name"]));
     let key = text(config_mount, &["subPath"]);
     let source = text(config_map, &["data", &key]);
     let host = HostConfig::parse(&config_path, &source, &Overrides::default())
-        .unwrap_or_else(|error| panic!("devhost refuses the ConfigMap's {key}: {error}"));
-    assert_eq!(host.plugin_dir, Path::new(plugin_dir));
-    let port = host.metrics_address.expect("metrics on: the probes need them").port();
-    assert_eq!(port, default_metrics_port());
+        .unwrap_or_else(|error| panic!("{what}: devhost refuses the ConfigMap's {key}: {error}"));
+
+    // The kubelet's plugin directory: the same path on the host and inside.
+    let plugin_dir = host.plugin_dir.to_str().expect("UTF-8");
+    let mount = mount_at(plugin_dir);
+    assert_ne!(mount.get("readOnly").and_then(Value::as_bool), Some(true), "{what}: devhost creates sockets there");
+    assert_eq!(text(&volume_of(mount), &["hostPath", "path"]), plugin_dir, "{what}");
+    // /dev at the host's paths; /sys read only.
+    assert_eq!(text(&volume_of(mount_at("/dev")), &["hostPath", "path"]), "/dev");
+    let sys = mount_at("/sys");
+    assert_eq!(sys.get("readOnly").and_then(Value::as_bool), Some(true), "{what}: /sys must be read only");
+    assert_eq!(text(&volume_of(sys), &["hostPath", "path"]), "/sys");
 
     // backends.d as its own ConfigMap volume, where devhost.toml says.
     let backends_mount = mount_at(host.backends_dir.to_str().expect("UTF-8"));
-    let backends_map = &config_maps[&text(&volume_of(backends_mount), &["configMap", "name"])];
-    let files = string_map(at(backends_map, &["data"]));
-    assert!(files.keys().all(|name| name.ends_with(".toml")), "{files:?}");
+    let backends_map = rendered.named("ConfigMap", &text(&volume_of(backends_mount), &["configMap", "name"]));
+    let files = labels(backends_map.get("data"));
+    assert!(files.keys().all(|name| name.ends_with(".toml")), "{what}: {files:?}");
     check_backends(&files);
 
     // The WASM compile cache is writable (the root file system is not).
     let cache = Path::new(devhost::wasm::DEFAULT_WASM_CACHE_DIR);
     assert!(
         mounts.iter().any(|m| cache.starts_with(text(m, &["mountPath"])) && m.get("readOnly").is_none()),
-        "no writable mount holds {}",
+        "{what}: no writable mount holds {}",
         cache.display()
     );
-
     // CDI specs go where devhost.toml says, on the host's CDI directory.
     let cdi_mount = mount_at(host.cdi_dir.to_str().expect("UTF-8"));
-    assert!(cdi_mount.get("readOnly").is_none(), "devhost writes CDI specs");
+    assert!(cdi_mount.get("readOnly").is_none(), "{what}: devhost writes CDI specs");
     assert_eq!(text(&volume_of(cdi_mount), &["hostPath", "path"]), host.cdi_dir.display().to_string());
 
     // Probes on devhost's endpoints, on the port devhost serves them.
+    let port = host.metrics_address.expect("metrics on: the probes need them").port();
     let ports = list(container, &["ports"]);
+    let metrics_port = named(ports, "name", "metrics");
+    assert_eq!(at(metrics_port, &["containerPort"]).as_u64(), Some(u64::from(port)), "{what}");
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(text(container, &[probe, "httpGet", "path"]), path);
         let port_ref = at(container, &[probe, "httpGet", "port"]);
@@ -226,14 +377,134 @@ fn the_daemonset_mounts_probes_and_config_match_the_code() {
             Some(name) => at(named(ports, "name", name), &["containerPort"]).as_u64(),
             None => port_ref.as_u64(),
         };
-        assert_eq!(probe_port, Some(u64::from(port)), "{probe}");
+        assert_eq!(probe_port, Some(u64::from(port)), "{what}: {probe}");
     }
-    let annotations = at(&daemonset, &["spec", "template", "metadata", "annotations"]);
-    assert_eq!(text(annotations, &["prometheus.io/port"]), port.to_string());
-    assert_eq!(text(annotations, &["prometheus.io/path"]), "/metrics");
+    let annotations = labels(at(daemonset, &["spec", "template", "metadata"]).get("annotations"));
+    if let Some(scrape_port) = annotations.get("prometheus.io/port") {
+        assert_eq!(scrape_port, &port.to_string(), "{what}");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    }
     for (kind, resource) in [("requests", "memory"), ("requests", "cpu"), ("limits", "memory")] {
         at(container, &["resources", kind, resource]);
     }
+
+    // The metrics Service reaches every pod's metrics port, and a
+    // ServiceMonitor (if any) selects that Service and port.
+    let service = rendered.one("Service");
+    assert_eq!(text(service, &["spec", "clusterIP"]), "None", "{what}: headless, one endpoint per node");
+    assert!(selects(&labels(Some(at(service, &["spec", "selector"]))), &pod_labels), "{what}: Service selector");
+    let service_port = &list(service, &["spec", "ports"])[0];
+    assert_eq!(text(service_port, &["targetPort"]), "metrics");
+    assert_eq!(at(service_port, &["port"]).as_u64(), Some(u64::from(port)));
+    for monitor in rendered.all("ServiceMonitor") {
+        let service_labels = labels(at(service, &["metadata"]).get("labels"));
+        assert!(selects(&labels(Some(at(monitor, &["spec", "selector", "matchLabels"]))), &service_labels));
+        assert!(
+            list(monitor, &["spec", "namespaceSelector", "matchNames"]).iter().any(|n| n.as_str() == Some(&namespace))
+        );
+        let endpoint = &list(monitor, &["spec", "endpoints"])[0];
+        assert_eq!(text(endpoint, &["port"]), text(service_port, &["name"]), "{what}: ServiceMonitor port");
+        assert_eq!(text(endpoint, &["path"]), "/metrics");
+    }
+    host
+}
+
+/// A container image reference as the container runtime parses it: only a
+/// lowercase repository path can be pulled.
+fn pullable(image: &str) -> bool {
+    let repository = image.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(image, |(repo, _)| repo);
+    let path = repository.split_once('/').filter(|(host, _)| host.contains(['.', ':'])).map_or(repository, |(_, p)| p);
+    !path.is_empty() && path.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c))
+}
+
+/// A render with default settings: agrees with the code, and with devhost's
+/// own defaults for the plugin directory, the metrics port, the priority
+/// class and seccomp.
+fn check_defaults(rendered: &Rendered) {
+    let host = check_against_code(rendered);
+    assert_eq!(host.plugin_dir, Path::new(devhost::proto::DEFAULT_PLUGIN_DIR));
+    assert_eq!(host.metrics_address.map(|a| a.port()), Some(default_metrics_port()));
+    let pod = at(rendered.one("DaemonSet"), &["spec", "template", "spec"]);
+    assert_eq!(text(pod, &["priorityClassName"]), "system-node-critical");
+    assert_eq!(text(pod, &["securityContext", "seccompProfile", "type"]), "RuntimeDefault");
+}
+
+#[test]
+fn the_kustomization_renders_what_devhost_needs_and_nothing_pulls_until_the_image_is_set() {
+    let Some(rendered) = kustomize(&repo("deploy/kubernetes")) else { return };
+    check_defaults(&rendered);
+    let daemonset = rendered.one("DaemonSet");
+    let pod = at(daemonset, &["spec", "template", "spec"]);
+    let namespace = rendered.one("Namespace");
+    assert_eq!(text(namespace, &["metadata", "labels", "pod-security.kubernetes.io/enforce"]), "privileged");
+    assert_eq!(text(namespace, &["metadata", "name"]), text(daemonset, &["metadata", "namespace"]));
+
+    // The placeholder image cannot be pulled from anywhere.
+    let image = text(&list(pod, &["containers"])[0], &["image"]);
+    assert!(!pullable(&image), "the unset image {image} must not be a pullable reference");
+    assert!(image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))), "{image}");
+
+    // Set in one place, the image is the one an operator pushed: an overlay
+    // with `images:`, as the operator guide says.
+    let overlay = tempfile::tempdir().expect("temp dir");
+    // Kustomize takes a base only by a relative path.
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let base = format!("{up}{}", repo("deploy/kubernetes").display().to_string().trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {base}\nimages:\n  - name: SET-YOUR-REGISTRY/devhost\n    newName: registry.example.com/devhost\n"
+        ),
+    )
+    .expect("write overlay");
+    let Some(overlaid) = kustomize(overlay.path()) else { return };
+    let pod = at(overlaid.one("DaemonSet"), &["spec", "template", "spec"]);
+    let image = text(&list(pod, &["containers"])[0], &["image"]);
+    assert_eq!(image, format!("registry.example.com/devhost:{}", env!("CARGO_PKG_VERSION")));
+    assert!(pullable(&image));
+}
+
+#[test]
+fn pullable_accepts_real_references_and_refuses_the_placeholder() {
+    for image in ["registry.example.com/devhost:0.1.0", "localhost:5000/a/b", "devhost", "ghcr.io/x/y:1.2-rc"] {
+        assert!(pullable(image), "{image}");
+    }
+    for image in ["SET-YOUR-REGISTRY/devhost:0.1.0", "registry.example.com/Devhost", ""] {
+        assert!(!pullable(image), "{image}");
+    }
+}
+
+/// The kustomization's backends.d files, as devhost would read them.
+fn kustomize_backends() -> BTreeMap<String, String> {
+    let dir = repo("deploy/kubernetes/backends.d");
+    std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes/backends.d")
+        .map(|entry| {
+            let path = entry.expect("entry").path();
+            (path.file_name().expect("name").to_string_lossy().into_owned(), read_path(&path))
+        })
+        .collect()
+}
+
+#[test]
+fn the_kustomizations_files_are_what_devhost_config_check_accepts() {
+    // `devhost config check deploy/kubernetes`, as the operator guide says
+    // to run before applying: the very files the ConfigMaps are made of.
+    let kustomization = &yaml_documents("deploy/kubernetes/kustomization.yaml")[0];
+    let generated: Vec<&Value> = list(kustomization, &["configMapGenerator"]).iter().collect();
+    let files_of = |name: &str| -> Vec<String> {
+        let generator = generated.iter().find(|g| text(g, &["name"]) == name).expect("a generator");
+        list(generator, &["files"]).iter().map(|f| f.as_str().expect("a file").to_owned()).collect()
+    };
+    assert_eq!(files_of("devhost-config"), ["devhost.toml"]);
+    let listed: Vec<String> = files_of("devhost-backends");
+    let present: Vec<String> = kustomize_backends().keys().map(|name| format!("backends.d/{name}")).collect();
+    assert_eq!(listed, present, "every backends.d file, and only those, is in the ConfigMap");
+    let config_path = repo("deploy/kubernetes/devhost.toml");
+    let host = HostConfig::parse(&config_path, &read("deploy/kubernetes/devhost.toml"), &Overrides::default())
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(host.backends_dir, repo("deploy/kubernetes/backends.d"));
+    check_backends(&kustomize_backends());
 }
 
 #[test]
@@ -291,6 +562,13 @@ fn the_image_installs_what_the_shipped_backend_files_name() {
         assert!(dockerfile.contains(&format!("-p {package}")), "the image does not build {package}");
         assert!(dockerfile.contains(&format!("{artifact} /out/")), "the image does not install {artifact}");
     }
+    // Built natively for whatever platform buildx asks for: no stage, base
+    // image or step names a CPU.
+    for line in dockerfile.lines().filter(|line| !line.trim_start().starts_with('#')) {
+        for pinned in ["--platform", "amd64", "arm64", "x86_64", "aarch64"] {
+            assert!(!line.contains(pinned), "deploy/Dockerfile pins a platform: {line}");
+        }
+    }
     let makefile = read("examples/native-c/Makefile");
     assert!(makefile.lines().any(|line| line.starts_with("libdevhost_example_native_c.so:")));
     assert!(dockerfile.contains("examples/native-c/libdevhost_example_native_c.so /out/"));
@@ -312,125 +590,233 @@ fn values_references(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// A stand-in for Helm that renders one `define` block made only of text
-/// and `{{ .Values.x }}` actions piped through `quote` or `int`.
-fn render_define(helpers: &str, name: &str, values: &Value) -> String {
-    let open = format!("{{{{- define \"{name}\" -}}}}");
-    let body = &helpers[helpers.find(&open).expect("the define") + open.len()..];
-    let body = body[..body.find("{{- end }}").expect("its end")].trim_start();
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let end = start + rest[start..].find("}}").expect("closed action");
-        let mut stages = rest[start + 2..end].split('|').map(str::trim);
-        let path = stages.next().and_then(|s| s.strip_prefix(".Values.")).expect("only .Values actions");
-        let value = value_at(values, path).unwrap_or_else(|| panic!("{path} is not in values.yaml"));
-        let mut rendered = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            other => panic!("{path}: cannot render {other:?}"),
-        };
-        for stage in stages {
-            rendered = match stage {
-                "quote" => serde_json::to_string(&rendered).expect("a string"),
-                "int" => rendered.parse::<f64>().map(|f| (f as i64).to_string()).expect("a number"),
-                other => panic!("the stand-in renderer does not know `{other}`"),
-            };
-        }
-        out.push_str(&rendered);
-        rest = &rest[end + 2..];
-    }
-    out.push_str(rest);
-    out
+fn read_path(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
 }
 
+/// Helm renders a missing value as empty without a word: every `.Values`
+/// reference must exist in values.yaml.
 #[test]
-fn the_helm_chart_values_back_its_templates_and_devhost_accepts_what_they_render() {
+fn every_value_a_template_uses_is_in_values_yaml() {
     let chart = &yaml_documents("deploy/helm/devhost/Chart.yaml")[0];
     assert_eq!(text(chart, &["appVersion"]), env!("CARGO_PKG_VERSION"), "chart appVersion = devhost's version");
     let kustomization = &yaml_documents("deploy/kubernetes/kustomization.yaml")[0];
     assert_eq!(text(&list(kustomization, &["images"])[0], &["newTag"]), env!("CARGO_PKG_VERSION"));
-
     let values = &yaml_documents("deploy/helm/devhost/values.yaml")[0];
-    let templates = repo("deploy/helm/devhost/templates");
-    let mut sources = BTreeMap::new();
-    for entry in std::fs::read_dir(&templates).expect("templates/") {
+    for entry in std::fs::read_dir(repo("deploy/helm/devhost/templates")).expect("templates/") {
         let path = entry.expect("entry").path();
-        sources.insert(path.file_name().expect("name").to_string_lossy().into_owned(), read_path(&path));
-    }
-    for (file, source) in &sources {
-        for reference in values_references(source) {
-            assert!(value_at(values, &reference).is_some(), "{file}: .Values.{reference} is not in values.yaml");
+        for reference in values_references(&read_path(&path)) {
+            assert!(
+                value_at(values, &reference).is_some(),
+                "{}: .Values.{reference} is not in values.yaml",
+                path.display()
+            );
         }
     }
-
-    // The defaults agree with the code.
-    assert_eq!(text(values, &["pluginDir"]), devhost::proto::DEFAULT_PLUGIN_DIR);
-    assert_eq!(at(values, &["metrics", "port"]).as_u64(), Some(u64::from(default_metrics_port())));
-    assert_eq!(text(values, &["priorityClassName"]), "system-node-critical");
-
-    // devhost.toml as the chart renders it, through devhost's parser.
-    let config_path = image_config_path();
-    let rendered = render_define(&sources["_helpers.tpl"], "devhost.hostConfig", values);
-    let host = HostConfig::parse(&config_path, &rendered, &Overrides::default())
-        .unwrap_or_else(|error| panic!("devhost refuses the chart's devhost.toml:\n{rendered}\n{error}"));
-    assert_eq!(host.plugin_dir, Path::new(devhost::proto::DEFAULT_PLUGIN_DIR));
-    assert_eq!(host.metrics_address.map(|a| a.port()), Some(default_metrics_port()));
-    assert_eq!(host.backends_dir, config_path.with_file_name("backends.d"));
-
-    // The default backends pass devhost's parser, and are the plain
-    // manifests' backends.
-    let backends: BTreeMap<String, String> =
-        string_map(at(values, &["backends"])).into_iter().map(|(name, toml)| (format!("{name}.toml"), toml)).collect();
-    check_backends(&backends);
-    let Manifests { config_maps, .. } = manifests();
-    assert_eq!(string_map(at(&config_maps["devhost-backends"], &["data"])), backends);
-
-    // The DaemonSet template mounts and probes what the plain manifest does
-    // (checked as text: Helm cannot run here).
-    let daemonset = &sources["daemonset.yaml"];
-    for line in [
-        "mountPath: {{ .Values.pluginDir }}",
-        "path: {{ .Values.pluginDir }}",
-        "containerPort: {{ .Values.metrics.port }}",
-        "path: /healthz",
-        "path: /readyz",
-        "port: metrics",
-        "subPath: devhost.toml",
-        "path: /dev",
-        "path: /sys",
-    ] {
-        assert!(daemonset.contains(line), "templates/daemonset.yaml lacks `{line}`");
-    }
-    for path in [config_path.to_str().expect("UTF-8"), "/etc/devhost/backends.d", "/var/cache/devhost"] {
-        assert!(daemonset.contains(&format!("mountPath: {path}\n")), "templates/daemonset.yaml does not mount {path}");
-    }
-    assert!(daemonset.contains("mountPath: /sys\n              readOnly: true"), "/sys must be read only");
 }
 
-fn read_path(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
+#[test]
+fn the_charts_defaults_render_what_devhost_needs_and_match_the_plain_manifests() {
+    let Some(python) = deploy_python() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rendered = helm_defaults(&python, &dir);
+    check_defaults(&rendered);
+    let daemonset = rendered.one("DaemonSet");
+    let pod = at(daemonset, &["spec", "template", "spec"]);
+    let container = &list(pod, &["containers"])[0];
+    assert_eq!(text(container, &["image"]), format!("registry.example.com/devhost:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(at(container, &["securityContext", "privileged"]).as_bool(), Some(true));
+    assert!(rendered.all("ServiceMonitor").is_empty(), "a ServiceMonitor needs its CRD: off by default");
+
+    // The same backends as the kustomization's backends.d.
+    let backends = rendered.named("ConfigMap", "devhost-backends");
+    assert_eq!(labels(backends.get("data")), kustomize_backends());
+    // The notes tell how to label the namespace if pods are refused.
+    assert!(rendered.notes.contains("pod-security.kubernetes.io/enforce=privileged"), "{}", rendered.notes);
+}
+
+#[test]
+fn every_value_in_the_full_values_file_reaches_the_objects() {
+    let Some(python) = deploy_python() else { return };
+    let rendered = helm_full(&python);
+    let host = check_against_code(&rendered);
+    let values = &yaml_documents("deploy/helm/devhost/ci/full-values.yaml")[0];
+    assert_eq!(host.plugin_dir, Path::new(&text(values, &["pluginDir"])));
+    assert_eq!(host.metrics_address.map(|a| u64::from(a.port())), at(values, &["metrics", "port"]).as_u64());
+    assert_eq!(Some(host.call_timeout.as_millis() as u64), at(values, &["callTimeoutMs"]).as_u64());
+
+    let daemonset = rendered.one("DaemonSet");
+    assert_eq!(text(daemonset, &["metadata", "name"]), text(values, &["fullnameOverride"]));
+    let template = at(daemonset, &["spec", "template"]);
+    let pod = at(template, &["spec"]);
+    let container = &list(pod, &["containers"])[0];
+    let image = format!("{}:{}", text(values, &["image", "repository"]), text(values, &["image", "tag"]));
+    assert_eq!(text(container, &["image"]), image);
+    assert_eq!(text(container, &["imagePullPolicy"]), text(values, &["image", "pullPolicy"]));
+    assert_eq!(at(pod, &["imagePullSecrets"]), at(values, &["imagePullSecrets"]));
+    assert_eq!(text(pod, &["serviceAccountName"]), text(values, &["serviceAccount", "name"]));
+    assert!(pod.get("priorityClassName").is_none(), "priorityClassName \"\" leaves it out");
+    assert_eq!(text(pod, &["runtimeClassName"]), text(values, &["runtimeClassName"]));
+    for (pod_key, values_key) in [
+        ("securityContext", "podSecurityContext"),
+        ("nodeSelector", "nodeSelector"),
+        ("tolerations", "tolerations"),
+        ("affinity", "affinity"),
+    ] {
+        assert_eq!(at(pod, &[pod_key]), at(values, &[values_key]), "{pod_key}");
+    }
+    assert_eq!(at(container, &["securityContext"]), at(values, &["securityContext"]));
+    assert_eq!(at(container, &["resources"]), at(values, &["resources"]));
+    assert_eq!(at(container, &["env"]), at(values, &["extraEnv"]));
+    assert_eq!(at(daemonset, &["spec", "updateStrategy"]), at(values, &["updateStrategy"]));
+    let volume = &list(values, &["extraVolumes"])[0];
+    assert!(list(pod, &["volumes"]).contains(volume));
+    let mount = &list(values, &["extraVolumeMounts"])[0];
+    assert!(list(container, &["volumeMounts"]).contains(mount));
+    let pod_labels = labels(at(template, &["metadata"]).get("labels"));
+    assert!(selects(&labels(values.get("podLabels")), &pod_labels));
+    let annotations = labels(at(template, &["metadata"]).get("annotations"));
+    assert!(selects(&labels(values.get("podAnnotations")), &annotations));
+    assert!(!annotations.contains_key("prometheus.io/scrape"), "scrapeAnnotations: false");
+
+    // backends: `fuse: null` drops the default; the others are the files.
+    let files = labels(rendered.named("ConfigMap", "node-accelerators-backends").get("data"));
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["gpu.toml", "pci-nics.toml"]);
+    assert_eq!(files["gpu.toml"], text(values, &["backends", "gpu"]));
+
+    let monitor = rendered.one("ServiceMonitor");
+    assert!(selects(
+        &labels(at(values, &["metrics", "serviceMonitor"]).get("labels")),
+        &labels(at(monitor, &["metadata"]).get("labels"))
+    ));
+    let endpoint = &list(monitor, &["spec", "endpoints"])[0];
+    assert_eq!(text(endpoint, &["interval"]), text(values, &["metrics", "serviceMonitor", "interval"]));
+    assert_eq!(text(endpoint, &["scrapeTimeout"]), text(values, &["metrics", "serviceMonitor", "scrapeTimeout"]));
+}
+
+#[test]
+fn every_rendered_manifest_is_valid_for_kubernetes_1_29_to_1_37() {
+    let Some(python) = deploy_python() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut renders = vec![helm_defaults(&python, &dir), helm_full(&python)];
+    renders.extend(kustomize(&repo("deploy/kubernetes")));
+    for rendered in &renders {
+        let unknown = validate(&python, rendered).unwrap_or_else(|failures| panic!("{}:\n{failures}", rendered.what));
+        let expected: Vec<String> = rendered
+            .all("ServiceMonitor")
+            .iter()
+            .map(|_| "monitoring.coreos.com/v1 ServiceMonitor".to_owned())
+            .collect();
+        assert_eq!(unknown, expected, "{}: kinds without a Kubernetes schema", rendered.what);
+    }
+
+    // The validator can fail: a misspelt field (strict) and a wrong type
+    // are each refused for every version.
+    for (from, to, named) in [
+        ("imagePullPolicy:", "imagePullPolicyy:", "imagePullPolicyy"),
+        ("failureThreshold: 3", "failureThreshold: three", "failureThreshold"),
+    ] {
+        assert!(renders[0].text.contains(from), "{from}");
+        let broken = Rendered::new("broken", renders[0].text.replacen(from, to, 1), String::new());
+        let failures = validate(&python, &broken).expect_err("refused");
+        for minor in 29..=37 {
+            assert!(failures.contains(&format!("Kubernetes 1.{minor}: ")), "1.{minor} not checked:\n{failures}");
+        }
+        assert!(failures.contains(named), "{failures}");
+    }
+}
+
+#[test]
+fn the_chart_refuses_bad_values_naming_the_value() {
+    let Some((python, dir, image)) = chart_inputs() else { return };
+    let refused = |name: &str, text: &str| -> String {
+        let file = values_file(&dir, name, text);
+        match helm(&python, &[&image, &file]) {
+            Ok(_) => panic!("Helm accepted {name}:\n{text}"),
+            Err(message) => message,
+        }
+    };
+    // The image is required, and the message says what to do.
+    let message = helm(&python, &[]).err().expect("no image: refused");
+    for words in ["image.repository is required", "deploy/Dockerfile", "docs/operator-guide.md"] {
+        assert!(message.contains(words), "{message}");
+    }
+    // values.schema.json: types, ranges, enums, misspelt keys.
+    for (name, text, names) in [
+        ("port.yaml", "metrics:\n  port: \"9477\"\n", "/metrics/port"),
+        ("range.yaml", "metrics:\n  port: 70000\n", "/metrics/port"),
+        ("typo.yaml", "imge:\n  repository: x\n", "imge"),
+        ("nested-typo.yaml", "metrics:\n  servicemonitor:\n    enabled: true\n", "servicemonitor"),
+        ("format.yaml", "log:\n  format: yaml\n", "/log/format"),
+        ("structured.yaml", "backends:\n  gpu:\n    backend:\n      module: x.so\n", "/backends/gpu"),
+        ("file-name.yaml", "backends:\n  \"../etc\": \"x\"\n", "../etc"),
+        ("relative.yaml", "pluginDir: var/lib/kubelet\n", "/pluginDir"),
+    ] {
+        let message = refused(name, text);
+        assert!(message.contains(names), "{name}: the message does not name {names}:\n{message}");
+    }
+}
+
+#[test]
+fn host_settings_roll_the_pods_and_backend_changes_reach_them_in_place() {
+    let Some((python, dir, image)) = chart_inputs() else { return };
+    let checksum = |extra: Option<&str>| -> String {
+        let mut files = vec![image.clone()];
+        files.extend(extra.map(|text| values_file(&dir, "extra.yaml", text)));
+        let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let rendered = helm(&python, &files).unwrap_or_else(|error| panic!("{error}"));
+        text(rendered.one("DaemonSet"), &["spec", "template", "metadata", "annotations", "checksum/config"])
+    };
+    let base = checksum(None);
+    assert_ne!(checksum(Some("log:\n  level: debug\n")), base, "a host setting must roll the pods");
+    assert_ne!(checksum(Some("callTimeoutMs: 2000\n")), base, "a host setting must roll the pods");
+    assert_eq!(checksum(Some("backends:\n  extra: |\n    [backend]\n    kind = \"static\"\n")), base);
+
+    // Kustomize: devhost-config's name carries a hash of devhost.toml, so
+    // the DaemonSet changes with it; devhost-backends keeps its name.
+    let copy = tempfile::tempdir().expect("temp dir");
+    copy_dir(&repo("deploy/kubernetes"), copy.path());
+    let Some(before) = kustomize(copy.path()) else { return };
+    let toml = copy.path().join("devhost.toml");
+    let changed = read_path(&toml).replace("level = \"info\"", "level = \"debug\"");
+    std::fs::write(&toml, changed).expect("write");
+    std::fs::write(copy.path().join("backends.d/fuse.toml"), "# changed\n").expect("write");
+    let Some(after) = kustomize(copy.path()) else { return };
+    let volume = |rendered: &Rendered, name: &str| -> String {
+        let pod = at(rendered.one("DaemonSet"), &["spec", "template", "spec"]);
+        text(named(list(pod, &["volumes"]), "name", name), &["configMap", "name"])
+    };
+    assert_ne!(volume(&before, "config"), volume(&after, "config"), "devhost.toml changed: the pods must roll");
+    assert!(volume(&after, "config").starts_with("devhost-config-"));
+    assert_eq!(volume(&before, "backends"), "devhost-backends");
+    assert_eq!(volume(&after, "backends"), "devhost-backends", "backends.d is reloaded in place");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
 }
 
 /// The NetworkPolicy example selects the DaemonSet's pods and the port
 /// devhost serves metrics on, in the same namespace.
 #[test]
 fn the_network_policy_example_guards_the_metrics_port_of_devhost_pods() {
-    let manifests = manifests();
+    let daemonset = &yaml_documents("deploy/kubernetes/daemonset.yaml")[0];
     let policy = &yaml_documents("deploy/kubernetes/networkpolicy-example.yaml")[0];
     assert_eq!(text(policy, &["kind"]), "NetworkPolicy");
-    assert_eq!(
-        text(policy, &["metadata", "namespace"]),
-        text(&manifests.daemonset, &["metadata", "namespace"]),
-        "same namespace as the DaemonSet"
-    );
+    let kustomization = &yaml_documents("deploy/kubernetes/kustomization.yaml")[0];
+    assert_eq!(text(policy, &["metadata", "namespace"]), text(kustomization, &["namespace"]), "devhost's namespace");
     let selected = string_map(at(policy, &["spec", "podSelector", "matchLabels"]));
-    let pod_labels = string_map(at(&manifests.daemonset, &["spec", "template", "metadata", "labels"]));
-    for (key, value) in &selected {
-        assert_eq!(pod_labels.get(key), Some(value), "the policy selects devhost's pods by {key}");
-    }
+    let pod_labels = string_map(at(daemonset, &["spec", "template", "metadata", "labels"]));
+    assert!(selects(&selected, &pod_labels), "the policy selects devhost's pods");
     let ports = list(&list(policy, &["spec", "ingress"])[0], &["ports"]);
     let port = ports[0].get("port").and_then(Value::as_u64).expect("a port number");
     assert_eq!(port, u64::from(default_metrics_port()), "the policy guards devhost's metrics port");

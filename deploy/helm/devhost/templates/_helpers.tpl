@@ -30,6 +30,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: device-plugin
 {{- end }}
 
+{{/* The image: no default, because none is published. */}}
+{{- define "devhost.image" -}}
+{{- $repository := required "image.repository is required: no devhost image is published. Build deploy/Dockerfile, push it where your nodes pull from, and set image.repository (e.g. --set image.repository=registry.example.com/devhost); see docs/operator-guide.md, \"Build the image\"" .Values.image.repository -}}
+{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end }}
+
 {{- define "devhost.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "devhost.fullname" .) .Values.serviceAccount.name }}
@@ -39,10 +45,8 @@ app.kubernetes.io/component: device-plugin
 {{- end }}
 
 {{/*
-devhost.toml. Keep this block to plain Values substitutions piped
-through `quote` or `int`: tests/e2e/deploy.rs renders it with a small
-stand-in for Helm that knows only those, and feeds the result to devhost's
-own config parser.
+devhost.toml. tests/e2e/deploy.rs renders the chart with Helm and feeds
+the result to devhost's own config parser.
 */}}
 {{- define "devhost.hostConfig" -}}
 # Host settings, rendered from the chart's values (README, "Configuration").
