@@ -25,6 +25,32 @@ impl Health {
     }
 }
 
+/// The value of one typed device attribute (ABI 1.1), one of the four
+/// kinds a DRA `ResourceSlice` publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AttributeValue {
+    /// A signed 64-bit integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A string of at most 64 bytes.
+    String(String),
+    /// A semantic version (semver 2.0, e.g. `12.4.0`), at most 64 bytes.
+    Version(String),
+}
+
+impl AttributeValue {
+    /// The kind's name as DRA spells it: `int`, `bool`, `string`, `version`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AttributeValue::Int(_) => "int",
+            AttributeValue::Bool(_) => "bool",
+            AttributeValue::String(_) => "string",
+            AttributeValue::Version(_) => "version",
+        }
+    }
+}
+
 /// One device of a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -34,17 +60,49 @@ pub struct Device {
     pub health: Health,
     /// NUMA nodes the device is attached to; empty means no preference.
     pub numa_nodes: Vec<i64>,
+    /// What the device is (ABI 1.1): qualified name (`example.com/model`,
+    /// or a bare identifier) to typed value. Empty from 1.0 backends.
+    pub attributes: BTreeMap<String, AttributeValue>,
+    /// How much of something the device has (ABI 1.1): qualified name to a
+    /// Kubernetes quantity (`80Gi`, `1500m`). Empty from 1.0 backends.
+    /// Attributes and capacities together: at most 32 per device.
+    pub capacities: BTreeMap<String, String>,
 }
 
 impl Device {
     /// A device with the given health and no NUMA affinity.
     pub fn new(id: impl Into<String>, health: Health) -> Self {
-        Device { id: id.into(), health, numa_nodes: Vec::new() }
+        Device {
+            id: id.into(),
+            health,
+            numa_nodes: Vec::new(),
+            attributes: BTreeMap::new(),
+            capacities: BTreeMap::new(),
+        }
     }
 
     /// A healthy device without NUMA affinity.
     pub fn healthy(id: impl Into<String>) -> Self {
         Device::new(id, Health::Healthy)
+    }
+
+    /// The same device attached to these NUMA nodes.
+    pub fn with_numa_nodes(mut self, numa_nodes: Vec<i64>) -> Self {
+        self.numa_nodes = numa_nodes;
+        self
+    }
+
+    /// The same device with one more attribute (ABI 1.1).
+    pub fn with_attribute(mut self, name: impl Into<String>, value: AttributeValue) -> Self {
+        self.attributes.insert(name.into(), value);
+        self
+    }
+
+    /// The same device with one more capacity (ABI 1.1), a Kubernetes
+    /// quantity such as `80Gi`.
+    pub fn with_capacity(mut self, name: impl Into<String>, quantity: impl Into<String>) -> Self {
+        self.capacities.insert(name.into(), quantity.into());
+        self
     }
 }
 

@@ -460,10 +460,9 @@ impl Backend for Manual {
 /// `count` devices on two NUMA nodes, all Healthy but the last one.
 fn devices(count: usize, last: Health) -> Vec<Device> {
     (0..count)
-        .map(|i| Device {
-            id: format!("m-{i}"),
-            health: if i + 1 == count { last } else { Health::Healthy },
-            numa_nodes: vec![i64::from(i % 2 == 1)],
+        .map(|i| {
+            Device::new(format!("m-{i}"), if i + 1 == count { last } else { Health::Healthy })
+                .with_numa_nodes(vec![i64::from(i % 2 == 1)])
         })
         .collect()
 }

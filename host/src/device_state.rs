@@ -44,6 +44,17 @@ pub enum PublishError {
         /// The repeated ID.
         id: String,
     },
+    /// A device's attributes or capacities broke DRA's rules
+    /// ([`crate::device_info`]).
+    #[error("resource {resource:?}: device {id:?}: {why}")]
+    BadDeviceInfo {
+        /// The resource.
+        resource: String,
+        /// The device.
+        id: String,
+        /// The broken rule, with the name and value.
+        why: String,
+    },
     /// The list would not fit in one kubelet message.
     #[error(
         "resource {resource:?}: {devices} devices encode to {bytes} bytes, over the kubelet's {limit}-byte message limit"
@@ -260,6 +271,11 @@ impl ResourceState {
             if !seen.insert(device.id.as_str()) {
                 return Err(PublishError::DuplicateId { resource: resource(), id: device.id.clone() });
             }
+            crate::device_info::check(device).map_err(|why| PublishError::BadDeviceInfo {
+                resource: resource(),
+                id: device.id.clone(),
+                why,
+            })?;
         }
         Ok(())
     }
@@ -427,7 +443,7 @@ mod tests {
     use super::*;
 
     fn device(id: &str, health: Health, numa: &[i64]) -> Device {
-        Device { id: id.to_owned(), health, numa_nodes: numa.to_vec() }
+        Device::new(id.to_owned(), health).with_numa_nodes(numa.to_vec())
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod config;
 pub mod conformance;
 pub mod daemon;
 pub mod demo;
+pub mod device_info;
 pub mod device_state;
 pub mod fake_kubelet;
 pub mod loader;

@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-pub use devhost_abi::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest};
+pub use devhost_abi::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, PreferredRequest};
 
 /// A resource a backend serves, with the options the kubelet is told (the
 /// SDK calls it `Resource`).

@@ -46,7 +46,23 @@ fn list_shows_what_each_backend_sees_without_a_kubelet() {
     let listed: serde_json::Value = serde_json::from_str(&text).expect("JSON output");
     let resources = &listed[0]["resources"];
     assert_eq!(resources[0]["name"], "example.com/accelerator");
-    assert_eq!(resources[0]["devices"][0], serde_json::json!({"id": "acc-0", "health": "Healthy", "numa_nodes": [0]}));
+    // Attributes and capacities as the example file types them, in the
+    // shape a DRA ResourceSlice gives them ({"<kind>": value}).
+    assert_eq!(
+        resources[0]["devices"][0],
+        serde_json::json!({
+            "id": "acc-0",
+            "health": "Healthy",
+            "numa_nodes": [0],
+            "attributes": {
+                "example.com/model": {"string": "acc-9000"},
+                "example.com/driverVersion": {"version": "2.1.0"},
+                "example.com/lanes": {"int": 16},
+            },
+            "capacities": {"example.com/memory": "16Gi"},
+        })
+    );
+    assert_eq!(resources[0]["devices"][1], serde_json::json!({"id": "acc-1", "health": "Healthy", "numa_nodes": [0]}));
     assert_eq!(resources[0]["preferred_allocation"], true);
     assert_eq!(resources[1]["name"], "example.com/fuse");
 
@@ -54,6 +70,10 @@ fn list_shows_what_each_backend_sees_without_a_kubelet() {
     assert_eq!(code, 0, "{text}");
     let row = text.lines().find(|line| line.contains("acc-1")).expect("a row for acc-1");
     assert!(row.starts_with("example") && row.contains("example.com/accelerator") && row.contains("Healthy"), "{row}");
+    let lines: Vec<&str> = text.lines().collect();
+    let acc0 = lines.iter().position(|line| line.contains("acc-0")).expect("a row for acc-0");
+    assert!(lines[acc0 + 1].trim_start().starts_with("example.com/driverVersion=2.1.0 "), "{text}");
+    assert!(lines[acc0 + 1].ends_with(" example.com/memory=16Gi"), "{text}");
 }
 
 #[test]

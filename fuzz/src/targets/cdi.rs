@@ -414,7 +414,7 @@ async fn spec_file(dir: &Path, u: &mut Unstructured<'_>) -> Result<(), String> {
     let mut result = Ok(());
     for ids in &lists {
         let devices: Vec<Device> =
-            ids.iter().map(|id| Device { id: id.clone(), health: Health::Healthy, numa_nodes: vec![] }).collect();
+            ids.iter().map(|id| Device::new(id.clone(), Health::Healthy).with_numa_nodes(vec![])).collect();
         if let Err(error) = state.publish(devices) {
             result = Err(format!("a valid list was refused: {error}"));
             break;

@@ -249,7 +249,7 @@ impl RawList {
                 RawNuma::Null(0) => Vec::new(),
                 RawNuma::Null(_) | RawNuma::Huge => return None,
             };
-            out.push(Device { id, health, numa_nodes });
+            out.push(Device::new(id, health).with_numa_nodes(numa_nodes));
         }
         Some(out)
     }

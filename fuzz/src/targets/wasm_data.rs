@@ -790,7 +790,7 @@ fn check_init(answers: &Answers, publisher: &Publisher, got: Outcome<Vec<Resourc
         }
         let devices = devices
             .iter()
-            .map(|d| Device { id: utf8(&d.id), health: health(d.health), numa_nodes: d.numa.clone() })
+            .map(|d| Device::new(utf8(&d.id), health(d.health)).with_numa_nodes(d.numa.clone()))
             .collect();
         want_lists.insert(utf8(resource), devices);
     }

@@ -28,10 +28,11 @@ use std::io::ErrorKind;
 
 use arbitrary::{Result as AResult, Unstructured};
 use devhost::backend::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
+use devhost::model::AttributeValue;
 use devhost::worker::protocol::{
     Answer, Call, DevicesCall, Empty, Failure, FailureKind, Fault, Load, LogLine, MAX_FRAME, PreferredAnswer,
-    PreferredCall, Publish, Reply, Request, Resources, WireAllocation, WireDevice, WireDeviceSpec, WireMount,
-    WireResource, frame, frame_len, read_frame, write_frame,
+    PreferredCall, Publish, Reply, Request, Resources, WireAllocation, WireAttribute, WireAttributeValue, WireDevice,
+    WireDeviceSpec, WireMount, WireResource, frame, frame_len, read_frame, write_frame,
 };
 use prost::Message;
 
@@ -75,7 +76,12 @@ impl Target for WorkerProtocol {
             id: 0,
             answer: Some(Answer::Publish(Publish {
                 resource: "example.com/gpu".into(),
-                devices: vec![WireDevice { id: "g0".into(), healthy: true, numa_nodes: vec![0] }],
+                devices: vec![WireDevice {
+                    id: "g0".into(),
+                    healthy: true,
+                    numa_nodes: vec![0],
+                    ..WireDevice::default()
+                }],
             })),
         };
         let mut raw = vec![1, 1];
@@ -139,7 +145,25 @@ fn wire_allocation(u: &mut Unstructured<'_>) -> AResult<WireAllocation> {
 }
 
 fn wire_device(u: &mut Unstructured<'_>) -> AResult<WireDevice> {
-    Ok(WireDevice { id: string(u)?, healthy: u.arbitrary()?, numa_nodes: u.arbitrary()? })
+    let attributes = (0..u.int_in_range(0..=2)?)
+        .map(|_| {
+            let value = match u.int_in_range(0..=4)? {
+                0 => None,
+                1 => Some(WireAttributeValue::Int(u.arbitrary()?)),
+                2 => Some(WireAttributeValue::Bool(u.arbitrary()?)),
+                3 => Some(WireAttributeValue::String(string(u)?)),
+                _ => Some(WireAttributeValue::Version(string(u)?)),
+            };
+            Ok(WireAttribute { name: string(u)?, value })
+        })
+        .collect::<AResult<_>>()?;
+    Ok(WireDevice {
+        id: string(u)?,
+        healthy: u.arbitrary()?,
+        numa_nodes: u.arbitrary()?,
+        attributes,
+        capacities: pairs(u)?.into_iter().collect(),
+    })
 }
 
 fn request(u: &mut Unstructured<'_>) -> AResult<Request> {
@@ -366,13 +390,16 @@ fn lengths(u: &mut Unstructured<'_>) -> Result<(), String> {
 
 /// The model through the wire types and back.
 fn model(u: &mut Unstructured<'_>) -> Result<(), String> {
-    let device = Device {
-        id: string(u).unwrap_or_default(),
-        health: if u.arbitrary().unwrap_or(true) { Health::Healthy } else { Health::Unhealthy },
-        numa_nodes: u.arbitrary().unwrap_or_default(),
-    };
+    let device = Device::new(
+        string(u).unwrap_or_default(),
+        if u.arbitrary().unwrap_or(true) { Health::Healthy } else { Health::Unhealthy },
+    )
+    .with_numa_nodes(u.arbitrary().unwrap_or_default())
+    .with_attribute(string(u).unwrap_or_default(), AttributeValue::Int(u.arbitrary().unwrap_or_default()))
+    .with_attribute(string(u).unwrap_or_default(), AttributeValue::Version(string(u).unwrap_or_default()))
+    .with_capacity(string(u).unwrap_or_default(), string(u).unwrap_or_default());
     let wire = WireDevice::from(&device);
-    let back = Device::from(decoded(&wire)?);
+    let back = Device::try_from(decoded(&wire)?).map_err(|error| format!("{device:?} refused: {error}"))?;
     if back != device {
         return Err(format!("{device:?} came back as {back:?}"));
     }

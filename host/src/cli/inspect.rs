@@ -2,6 +2,7 @@
 //! (validate only, start nothing) and `devhost list` (start each backend,
 //! show what it sees, stop it; no kubelet needed).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::handle::BackendHandle;
 use crate::config::{HostConfig, LoadedBackends, load_backends};
+use crate::model::{AttributeValue, Device, REPLICA_SEPARATOR};
 
 /// `devhost config check`: prints every problem; exit 0 only if none.
 pub fn config_check(path: &Path) -> ExitCode {
@@ -81,6 +83,49 @@ struct ListedDevice {
     id: String,
     health: String,
     numa_nodes: Vec<i64>,
+    /// ABI 1.1: name → `{"<kind>": value}`, as a DRA ResourceSlice writes
+    /// an attribute (`{"version": "550.54.15"}`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    attributes: BTreeMap<String, serde_json::Value>,
+    /// ABI 1.1: name → quantity.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    capacities: BTreeMap<String, String>,
+}
+
+impl ListedDevice {
+    /// One advertised device, with what its backend said about it (a
+    /// shared device's replicas each show their device's attributes).
+    fn new(advertised: &crate::proto::v1beta1::Device, published: &BTreeMap<&str, &Device>) -> Self {
+        let base = advertised.id.split_once(REPLICA_SEPARATOR).map_or(advertised.id.as_str(), |(base, _)| base);
+        let device = published.get(advertised.id.as_str()).or_else(|| published.get(base));
+        ListedDevice {
+            id: advertised.id.clone(),
+            health: advertised.health.clone(),
+            numa_nodes: advertised.topology.iter().flat_map(|t| t.nodes.iter().map(|n| n.id)).collect(),
+            attributes: device
+                .map(|d| d.attributes.iter().map(|(name, value)| (name.clone(), attribute_json(value))).collect())
+                .unwrap_or_default(),
+            capacities: device.map(|d| d.capacities.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+fn attribute_json(value: &AttributeValue) -> serde_json::Value {
+    let inner = match value {
+        AttributeValue::Int(n) => serde_json::Value::from(*n),
+        AttributeValue::Bool(b) => serde_json::Value::from(*b),
+        AttributeValue::String(text) | AttributeValue::Version(text) => serde_json::Value::from(text.as_str()),
+    };
+    serde_json::json!({ value.kind(): inner })
+}
+
+/// An attribute as the table shows it: `name=value`.
+fn attribute_text(value: &serde_json::Value) -> String {
+    match value.as_object().and_then(|kind| kind.values().next()) {
+        Some(serde_json::Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => value.to_string(),
+    }
 }
 
 /// `devhost list`: starts every backend, prints what it sees, stops it.
@@ -144,20 +189,13 @@ async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
             listed.isolation = listed.sha256.is_some().then(|| handle.isolation());
             for (spec, state) in handle.resources() {
                 let snapshot = state.snapshot();
+                let published: BTreeMap<&str, &Device> =
+                    snapshot.devices.iter().map(|device| (device.id.as_str(), device)).collect();
                 listed.resources.push(ListedResource {
                     name: spec.name.clone(),
                     pre_start_required: spec.pre_start_required,
                     preferred_allocation: spec.preferred_allocation,
-                    devices: snapshot
-                        .response
-                        .devices
-                        .iter()
-                        .map(|d| ListedDevice {
-                            id: d.id.clone(),
-                            health: d.health.clone(),
-                            numa_nodes: d.topology.iter().flat_map(|t| t.nodes.iter().map(|n| n.id)).collect(),
-                        })
-                        .collect(),
+                    devices: snapshot.response.devices.iter().map(|d| ListedDevice::new(d, &published)).collect(),
                 });
             }
             handle.shutdown().await;
@@ -192,6 +230,15 @@ fn print_table(listed: &[ListedBackend]) {
                     "{:<16} {:<32} {:<24} {:<10} {numa}",
                     backend.backend, resource.name, device.id, device.health
                 );
+                let info: Vec<String> = device
+                    .attributes
+                    .iter()
+                    .map(|(name, value)| format!("{name}={}", attribute_text(value)))
+                    .chain(device.capacities.iter().map(|(name, quantity)| format!("{name}={quantity}")))
+                    .collect();
+                if !info.is_empty() {
+                    println!("{:<16} {:<32} {:<24} {}", "", "", "", info.join(" "));
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, ResourceSpec};
+use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, ResourceSpec};
 use crate::resource_name;
 
 /// The placeholder in `env` values replaced by the allocated IDs, comma-separated.
@@ -106,6 +106,31 @@ struct RawDevice {
     device_spec: Vec<RawDeviceSpec>,
     #[serde(default)]
     mount: Vec<RawMount>,
+    /// Typed attributes: an integer, a boolean, a string, or
+    /// `{ version = "1.2.3" }`.
+    attributes: Option<Spanned<BTreeMap<String, RawAttribute>>>,
+    /// Capacities: name → Kubernetes quantity.
+    capacities: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawAttribute {
+    Int(i64),
+    Bool(bool),
+    String(String),
+    Version { version: String },
+}
+
+impl From<RawAttribute> for AttributeValue {
+    fn from(raw: RawAttribute) -> Self {
+        match raw {
+            RawAttribute::Int(n) => AttributeValue::Int(n),
+            RawAttribute::Bool(b) => AttributeValue::Bool(b),
+            RawAttribute::String(text) => AttributeValue::String(text),
+            RawAttribute::Version { version } => AttributeValue::Version(version),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -237,8 +262,24 @@ fn parse_device(
         let container_path = absolute(mount.container_path, at)?;
         mounts.push(Mount { container_path, host_path: mount.host_path, read_only: mount.read_only });
     }
+    // A broken attribute is reported at its table (or the device's ID).
+    let span = [raw.attributes.as_ref().map(Spanned::span), raw.capacities.as_ref().map(Spanned::span)]
+        .into_iter()
+        .flatten()
+        .next()
+        .unwrap_or_else(|| raw.id.span());
+    let mut device = Device::new(id, health).with_numa_nodes(numa_nodes);
+    if let Some(attributes) = raw.attributes {
+        device.attributes = attributes.into_inner().into_iter().map(|(name, value)| (name, value.into())).collect();
+    }
+    if let Some(capacities) = raw.capacities {
+        device.capacities = capacities.into_inner();
+    }
+    if let Err(why) = crate::device_info::check(&device) {
+        return Err(at(span, format!("device {:?}: {why}", device.id)));
+    }
     Ok(StaticDevice {
-        device: Device { id, health, numa_nodes },
+        device,
         health_path: raw.health_path,
         allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
     })

@@ -120,7 +120,7 @@ pub(super) unsafe fn read_devices(
             // SAFETY: a non-NULL list of `len` entries, valid during the call.
             (len, false) => unsafe { std::slice::from_raw_parts(raw.numa_nodes, len) }.to_vec(),
         };
-        out.push(Device { id, health, numa_nodes });
+        out.push(Device::new(id, health).with_numa_nodes(numa_nodes));
     }
     Ok(out)
 }

@@ -125,7 +125,7 @@ mod tests {
     use crate::backend::Health;
 
     fn device(id: &str, numa: &[i64]) -> Device {
-        Device { id: id.into(), health: Health::Healthy, numa_nodes: numa.to_vec() }
+        Device::new(id, Health::Healthy).with_numa_nodes(numa.to_vec())
     }
 
     fn request(available: &[&str], must: &[&str], size: usize) -> PreferredRequest {

@@ -311,13 +311,12 @@ impl Polling {
 fn convert_devices(devices: Vec<wit::Device>) -> Vec<Device> {
     devices
         .into_iter()
-        .map(|d| Device {
-            id: d.id,
-            health: match d.health {
+        .map(|d| {
+            let health = match d.health {
                 wit::Health::Healthy => Health::Healthy,
                 wit::Health::Unhealthy => Health::Unhealthy,
-            },
-            numa_nodes: d.numa_nodes,
+            };
+            Device::new(d.id, health).with_numa_nodes(d.numa_nodes)
         })
         .collect()
 }

@@ -453,9 +453,16 @@ impl Worker {
         match answer {
             Answer::Publish(publish) => {
                 if let Some(publisher) = publisher {
-                    let devices = publish.devices.into_iter().map(Into::into).collect();
-                    // A refused list is reported as a fault by the publisher.
-                    let _ = publisher.publish(&publish.resource, devices);
+                    match publish.devices.into_iter().map(crate::model::Device::try_from).collect::<Result<Vec<_>, _>>()
+                    {
+                        // A refused list is reported as a fault by the publisher.
+                        Ok(devices) => drop(publisher.publish(&publish.resource, devices)),
+                        Err(message) => publisher.report_fault(BackgroundFault {
+                            operation: "publish",
+                            message: format!("resource {:?}: {message}", publish.resource),
+                            kind: FaultKind::InvalidData,
+                        }),
+                    }
                 }
             }
             Answer::Fault(fault) => {

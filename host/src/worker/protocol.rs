@@ -13,11 +13,12 @@
 //! The messages are plain `prost` structs (no `.proto` file): the protocol
 //! is private to one binary and never seen by the kubelet.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use prost::Message;
 
-use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
+use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
 
 /// Version of this protocol; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -290,6 +291,40 @@ pub struct WireDevice {
     /// NUMA nodes.
     #[prost(int64, repeated, tag = "3")]
     pub numa_nodes: Vec<i64>,
+    /// Typed attributes (ABI 1.1).
+    #[prost(message, repeated, tag = "4")]
+    pub attributes: Vec<WireAttribute>,
+    /// Capacities (ABI 1.1): name → quantity.
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub capacities: BTreeMap<String, String>,
+}
+
+/// One typed attribute.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireAttribute {
+    /// Qualified name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The value; a missing one is a protocol error.
+    #[prost(oneof = "WireAttributeValue", tags = "2, 3, 4, 5")]
+    pub value: Option<WireAttributeValue>,
+}
+
+/// The value of a [`WireAttribute`].
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum WireAttributeValue {
+    /// `int`.
+    #[prost(int64, tag = "2")]
+    Int(i64),
+    /// `bool`.
+    #[prost(bool, tag = "3")]
+    Bool(bool),
+    /// `string`.
+    #[prost(string, tag = "4")]
+    String(String),
+    /// `version`.
+    #[prost(string, tag = "5")]
+    Version(String),
 }
 
 /// A log line from the module or the worker.
@@ -368,18 +403,50 @@ pub fn write_frame(writer: &mut impl Write, message: &impl Message) -> std::io::
 
 impl From<&Device> for WireDevice {
     fn from(device: &Device) -> Self {
+        let attributes = device
+            .attributes
+            .iter()
+            .map(|(name, value)| WireAttribute {
+                name: name.clone(),
+                value: Some(match value {
+                    AttributeValue::Int(n) => WireAttributeValue::Int(*n),
+                    AttributeValue::Bool(b) => WireAttributeValue::Bool(*b),
+                    AttributeValue::String(text) => WireAttributeValue::String(text.clone()),
+                    AttributeValue::Version(text) => WireAttributeValue::Version(text.clone()),
+                }),
+            })
+            .collect();
         WireDevice {
             id: device.id.clone(),
             healthy: device.health == Health::Healthy,
             numa_nodes: device.numa_nodes.clone(),
+            attributes,
+            capacities: device.capacities.clone(),
         }
     }
 }
 
-impl From<WireDevice> for Device {
-    fn from(device: WireDevice) -> Self {
-        let health = if device.healthy { Health::Healthy } else { Health::Unhealthy };
-        Device { id: device.id, health, numa_nodes: device.numa_nodes }
+impl TryFrom<WireDevice> for Device {
+    type Error = String;
+
+    /// The device, or why the worker's message is malformed.
+    fn try_from(wire: WireDevice) -> Result<Self, String> {
+        let health = if wire.healthy { Health::Healthy } else { Health::Unhealthy };
+        let mut device = Device::new(wire.id, health).with_numa_nodes(wire.numa_nodes);
+        for attribute in wire.attributes {
+            let value = match attribute.value {
+                Some(WireAttributeValue::Int(n)) => AttributeValue::Int(n),
+                Some(WireAttributeValue::Bool(b)) => AttributeValue::Bool(b),
+                Some(WireAttributeValue::String(text)) => AttributeValue::String(text),
+                Some(WireAttributeValue::Version(text)) => AttributeValue::Version(text),
+                None => return Err(format!("device {:?}: attribute {:?} has no value", device.id, attribute.name)),
+            };
+            if device.attributes.insert(attribute.name.clone(), value).is_some() {
+                return Err(format!("device {:?}: attribute {:?} appears twice", device.id, attribute.name));
+            }
+        }
+        device.capacities = wire.capacities;
+        Ok(device)
     }
 }
 
@@ -506,8 +573,18 @@ mod tests {
 
     #[test]
     fn the_model_survives_the_wire() {
-        let device = Device { id: "g0".into(), health: Health::Unhealthy, numa_nodes: vec![1, 3] };
-        assert_eq!(Device::from(WireDevice::from(&device)), device);
+        let device = Device::new("g0", Health::Unhealthy).with_numa_nodes(vec![1, 3]);
+        assert_eq!(Device::try_from(WireDevice::from(&device)), Ok(device.clone()));
+        let described = device
+            .with_attribute("model", AttributeValue::String("A100".into()))
+            .with_attribute("cores", AttributeValue::Int(-7))
+            .with_attribute("mig", AttributeValue::Bool(true))
+            .with_attribute("driver", AttributeValue::Version("550.54.15".into()))
+            .with_capacity("memory", "80Gi");
+        assert_eq!(Device::try_from(WireDevice::from(&described)), Ok(described.clone()));
+        let mut twice = WireDevice::from(&described);
+        twice.attributes.push(twice.attributes[0].clone());
+        assert_eq!(Device::try_from(twice), Err("device \"g0\": attribute \"cores\" appears twice".to_owned()));
         let mut allocation = Allocation::default();
         allocation.envs.insert("A".into(), "1".into());
         allocation.annotations.insert("k".into(), "v".into());

@@ -51,3 +51,42 @@ fn duplicate_resource_in_one_file_is_refused() {
     let error = parse(&source).expect_err("duplicate").to_string();
     assert!(error.ends_with("resource \"example.com/gpu\" is declared twice in this file"), "{error}");
 }
+
+#[test]
+fn attributes_and_capacities_are_typed_and_checked_where_written() {
+    let with = |text: &str| TWO_GPUS.replace("numa = [0]", &format!("numa = [0]\n{text}"));
+    let config = parse(&with(
+        "attributes = { model = \"A100\", \"example.com/lanes\" = 16, mig = false, driver = { version = \"550.54.15\" } }\ncapacities = { memory = \"80Gi\" }",
+    ))
+    .expect("valid");
+    let device = &config.resources[0].devices[0].device;
+    let expected: BTreeMap<String, AttributeValue> = [
+        ("model", AttributeValue::String("A100".into())),
+        ("example.com/lanes", AttributeValue::Int(16)),
+        ("mig", AttributeValue::Bool(false)),
+        ("driver", AttributeValue::Version("550.54.15".into())),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect();
+    assert_eq!(device.attributes, expected);
+    assert_eq!(device.capacities["memory"], "80Gi");
+
+    for (text, expected) in [
+        (
+            "attributes = { \"bad-name\" = 1 }",
+            "15:14: device \"gpu-0\": attribute \"bad-name\": \"bad-name\" is not a C identifier",
+        ),
+        (
+            "attributes = { v = { version = \"1.2\" } }",
+            "15:14: device \"gpu-0\": attribute \"v\": version \"1.2\" is not a semantic version",
+        ),
+        (
+            "capacities = { memory = \"80GB\" }",
+            "15:14: device \"gpu-0\": capacity \"memory\": \"80GB\" is not a Kubernetes quantity",
+        ),
+    ] {
+        let error = parse(&with(text)).expect_err(expected).to_string();
+        assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
+    }
+}
