@@ -1,5 +1,5 @@
 /*
- * devhost_backend.h - the devhost native backend ABI, version 1.0.
+ * devhost_backend.h - the devhost native backend ABI, version 1.1.
  *
  * A native backend is a shared library exporting one symbol,
  *     const DevhostBackendApi *devhost_backend_entry(const DevhostHostApi *host);
@@ -26,6 +26,13 @@
  *        set_error, add_resource, add_env, add_mount, add_device_spec,
  *        add_annotation, add_cdi_device, add_device_id), backend functions
  *        (init, allocate, preferred_allocation, pre_start, shutdown).
+ *   1.1  Appended: DevhostDevice.attributes/capacities (typed attributes
+ *        and quantities, DEVHOST_ATTRIBUTE_*; DevhostAttribute,
+ *        DevhostCapacity), DevhostBackendApi.release (with the resource
+ *        flag DEVHOST_RESOURCE_RELEASE) and DevhostBackendApi.poll; the
+ *        1.0 sizes DEVHOST_DEVICE_SIZE_1_0 and DEVHOST_BACKEND_API_SIZE_1_0.
+ *        A 1.0 backend loads unchanged: its smaller structs read as having
+ *        no attributes, no release and no poll.
  */
 
 #ifndef DEVHOST_BACKEND_H
@@ -43,7 +50,7 @@
 
 // Minor version of the ABI described here. Minors only append fields,
 // callbacks and constants; both sides read what the other's sizes cover.
-#define DEVHOST_ABI_VERSION_MINOR 0
+#define DEVHOST_ABI_VERSION_MINOR 1
 
 // The packed version `(major << 16) | minor` of this ABI.
 #define DEVHOST_ABI_VERSION ((DEVHOST_ABI_VERSION_MAJOR << 16) | DEVHOST_ABI_VERSION_MINOR)
@@ -93,6 +100,33 @@
 // `DevhostResource::flags`: the backend answers `preferred_allocation`.
 #define DEVHOST_RESOURCE_PREFERRED_ALLOCATION 2
 
+// `DevhostResource::flags` (ABI 1.1): the host calls `release` for this
+// resource's devices once no container holds them. Needs a non-NULL
+// `DevhostBackendApi::release`.
+#define DEVHOST_RESOURCE_RELEASE 4
+
+// `DevhostAttribute::kind` (ABI 1.1): a signed integer in `int_value`.
+#define DEVHOST_ATTRIBUTE_INT 1
+
+// `DevhostAttribute::kind` (ABI 1.1): a boolean, `int_value` 0 or 1.
+#define DEVHOST_ATTRIBUTE_BOOL 2
+
+// `DevhostAttribute::kind` (ABI 1.1): a string of at most 64 bytes in
+// `text`.
+#define DEVHOST_ATTRIBUTE_STRING 3
+
+// `DevhostAttribute::kind` (ABI 1.1): a semantic version (semver 2.0) of
+// at most 64 bytes in `text`.
+#define DEVHOST_ATTRIBUTE_VERSION 4
+
+// `sizeof(DevhostDevice)` in ABI 1.0 (64-bit): the smallest device the
+// host accepts. A 1.0 device has no attributes and no capacities.
+#define DEVHOST_DEVICE_SIZE_1_0 40
+
+// `sizeof(DevhostBackendApi)` in ABI 1.0 (64-bit): the smallest table the
+// host accepts. A 1.0 table has no `release` and no `poll`.
+#define DEVHOST_BACKEND_API_SIZE_1_0 48
+
 // Log level: something failed.
 #define DEVHOST_LOG_ERROR 1
 
@@ -126,6 +160,35 @@ typedef struct DevhostStr {
   size_t len;
 } DevhostStr;
 
+// ABI 1.1: one typed attribute of a device. The rules are DRA's: `name`
+// is `domain/identifier` or a bare C identifier of at most 32 characters.
+typedef struct DevhostAttribute {
+  // `sizeof(DevhostAttribute)` as the backend compiled it. Every element
+  // of one array has the same size, which is also the array's stride.
+  uint32_t struct_size;
+  // `DEVHOST_ATTRIBUTE_*`: which of the fields below holds the value.
+  uint32_t kind;
+  // Qualified name, e.g. `example.com/model`.
+  struct DevhostStr name;
+  // The value of an `INT` attribute, or 0/1 for a `BOOL` one.
+  int64_t int_value;
+  // The value of a `STRING` or `VERSION` attribute.
+  struct DevhostStr text;
+} DevhostAttribute;
+
+// ABI 1.1: one capacity of a device.
+typedef struct DevhostCapacity {
+  // `sizeof(DevhostCapacity)` as the backend compiled it. Every element
+  // of one array has the same size, which is also the array's stride.
+  uint32_t struct_size;
+  // Zero.
+  uint32_t reserved;
+  // Qualified name, e.g. `example.com/memory`.
+  struct DevhostStr name;
+  // A Kubernetes quantity, e.g. `80Gi`.
+  struct DevhostStr quantity;
+} DevhostCapacity;
+
 // One device in a `publish` list.
 typedef struct DevhostDevice {
   // `sizeof(DevhostDevice)` as the backend compiled it. Every element of
@@ -139,6 +202,17 @@ typedef struct DevhostDevice {
   const int64_t *numa_nodes;
   // Number of entries in `numa_nodes`; 0 means no NUMA preference.
   size_t numa_nodes_len;
+  // ABI 1.1: what the device is, as typed attributes (may be NULL when
+  // the count is 0). Names are unique within the device.
+  const struct DevhostAttribute *attributes;
+  // ABI 1.1: number of entries in `attributes`.
+  size_t attributes_len;
+  // ABI 1.1: how much of something the device has (may be NULL when the
+  // count is 0). Names are unique within the device; attributes and
+  // capacities together at most 32.
+  const struct DevhostCapacity *capacities;
+  // ABI 1.1: number of entries in `capacities`.
+  size_t capacities_len;
 } DevhostDevice;
 
 // Publishes the full device list of `resource` (replacing the previous
@@ -303,6 +377,13 @@ typedef int32_t (*DevhostPreferredFn)(void *instance,
 // it returns.
 typedef void (*DevhostShutdownFn)(void *instance);
 
+// ABI 1.1: re-checks the devices and publishes what changed (through
+// `publish`, during the call). Called by the host every
+// `poll_interval_ms` of the backend's file, never concurrently with
+// itself, with the call deadline. `DEVHOST_ERROR` is logged;
+// `DEVHOST_FAULT` re-initialises the backend.
+typedef int32_t (*DevhostPollFn)(void *instance, struct DevhostCall *call);
+
 // The backend's function table, returned by the entry point. Must stay
 // valid for the life of the process (a `static`). The host reads a field
 // only when `struct_size` covers it.
@@ -321,6 +402,14 @@ typedef struct DevhostBackendApi {
   DevhostDevicesCallFn pre_start;
   // Required. See [`DevhostShutdownFn`].
   DevhostShutdownFn shutdown;
+  // ABI 1.1, optional (NULL: nothing to do). Called once devices are no
+  // longer held by any container, to scrub or reset them before the next
+  // tenant; a [`DevhostDevicesCallFn`] with no results. While it runs, and
+  // after it fails, the devices are advertised Unhealthy.
+  DevhostDevicesCallFn release;
+  // ABI 1.1, optional (NULL: the backend publishes from its own threads
+  // only). See [`DevhostPollFn`].
+  DevhostPollFn poll;
 } DevhostBackendApi;
 
 // The type of the exported `devhost_backend_entry` symbol: negotiates the

@@ -18,7 +18,7 @@ use std::marker::{PhantomData, PhantomPinned};
 pub const DEVHOST_ABI_VERSION_MAJOR: u32 = 1;
 /// Minor version of the ABI described here. Minors only append fields,
 /// callbacks and constants; both sides read what the other's sizes cover.
-pub const DEVHOST_ABI_VERSION_MINOR: u32 = 0;
+pub const DEVHOST_ABI_VERSION_MINOR: u32 = 1;
 /// The packed version `(major << 16) | minor` of this ABI.
 pub const DEVHOST_ABI_VERSION: u32 = (DEVHOST_ABI_VERSION_MAJOR << 16) | DEVHOST_ABI_VERSION_MINOR;
 
@@ -61,6 +61,28 @@ pub const DEVHOST_HEALTH_UNHEALTHY: u32 = 2;
 pub const DEVHOST_RESOURCE_PRE_START_REQUIRED: u32 = 1;
 /// `DevhostResource::flags`: the backend answers `preferred_allocation`.
 pub const DEVHOST_RESOURCE_PREFERRED_ALLOCATION: u32 = 2;
+/// `DevhostResource::flags` (ABI 1.1): the host calls `release` for this
+/// resource's devices once no container holds them. Needs a non-NULL
+/// `DevhostBackendApi::release`.
+pub const DEVHOST_RESOURCE_RELEASE: u32 = 4;
+
+/// `DevhostAttribute::kind` (ABI 1.1): a signed integer in `int_value`.
+pub const DEVHOST_ATTRIBUTE_INT: u32 = 1;
+/// `DevhostAttribute::kind` (ABI 1.1): a boolean, `int_value` 0 or 1.
+pub const DEVHOST_ATTRIBUTE_BOOL: u32 = 2;
+/// `DevhostAttribute::kind` (ABI 1.1): a string of at most 64 bytes in
+/// `text`.
+pub const DEVHOST_ATTRIBUTE_STRING: u32 = 3;
+/// `DevhostAttribute::kind` (ABI 1.1): a semantic version (semver 2.0) of
+/// at most 64 bytes in `text`.
+pub const DEVHOST_ATTRIBUTE_VERSION: u32 = 4;
+
+/// `sizeof(DevhostDevice)` in ABI 1.0 (64-bit): the smallest device the
+/// host accepts. A 1.0 device has no attributes and no capacities.
+pub const DEVHOST_DEVICE_SIZE_1_0: u32 = 40;
+/// `sizeof(DevhostBackendApi)` in ABI 1.0 (64-bit): the smallest table the
+/// host accepts. A 1.0 table has no `release` and no `poll`.
+pub const DEVHOST_BACKEND_API_SIZE_1_0: u32 = 48;
 
 /// Log level: something failed.
 pub const DEVHOST_LOG_ERROR: u32 = 1;
@@ -115,6 +137,50 @@ pub struct DevhostDevice {
     pub numa_nodes: *const i64,
     /// Number of entries in `numa_nodes`; 0 means no NUMA preference.
     pub numa_nodes_len: usize,
+    /// ABI 1.1: what the device is, as typed attributes (may be NULL when
+    /// the count is 0). Names are unique within the device.
+    pub attributes: *const DevhostAttribute,
+    /// ABI 1.1: number of entries in `attributes`.
+    pub attributes_len: usize,
+    /// ABI 1.1: how much of something the device has (may be NULL when the
+    /// count is 0). Names are unique within the device; attributes and
+    /// capacities together at most 32.
+    pub capacities: *const DevhostCapacity,
+    /// ABI 1.1: number of entries in `capacities`.
+    pub capacities_len: usize,
+}
+
+/// ABI 1.1: one typed attribute of a device. The rules are DRA's: `name`
+/// is `domain/identifier` or a bare C identifier of at most 32 characters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostAttribute {
+    /// `sizeof(DevhostAttribute)` as the backend compiled it. Every element
+    /// of one array has the same size, which is also the array's stride.
+    pub struct_size: u32,
+    /// `DEVHOST_ATTRIBUTE_*`: which of the fields below holds the value.
+    pub kind: u32,
+    /// Qualified name, e.g. `example.com/model`.
+    pub name: DevhostStr,
+    /// The value of an `INT` attribute, or 0/1 for a `BOOL` one.
+    pub int_value: i64,
+    /// The value of a `STRING` or `VERSION` attribute.
+    pub text: DevhostStr,
+}
+
+/// ABI 1.1: one capacity of a device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostCapacity {
+    /// `sizeof(DevhostCapacity)` as the backend compiled it. Every element
+    /// of one array has the same size, which is also the array's stride.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Qualified name, e.g. `example.com/memory`.
+    pub name: DevhostStr,
+    /// A Kubernetes quantity, e.g. `80Gi`.
+    pub quantity: DevhostStr,
 }
 
 /// A resource the backend serves, declared with `add_resource` during `init`.
@@ -282,6 +348,12 @@ pub type DevhostPreferredFn = Option<
         request: *const DevhostPreferredRequest,
     ) -> i32,
 >;
+/// ABI 1.1: re-checks the devices and publishes what changed (through
+/// `publish`, during the call). Called by the host every
+/// `poll_interval_ms` of the backend's file, never concurrently with
+/// itself, with the call deadline. `DEVHOST_ERROR` is logged;
+/// `DEVHOST_FAULT` re-initialises the backend.
+pub type DevhostPollFn = Option<unsafe extern "C" fn(instance: *mut c_void, call: *mut DevhostCall) -> i32>;
 /// Stops the instance: joins its threads, frees what it allocated. No call
 /// on the instance is in flight or follows; nothing may be published after
 /// it returns.
@@ -307,6 +379,14 @@ pub struct DevhostBackendApi {
     pub pre_start: DevhostDevicesCallFn,
     /// Required. See [`DevhostShutdownFn`].
     pub shutdown: DevhostShutdownFn,
+    /// ABI 1.1, optional (NULL: nothing to do). Called once devices are no
+    /// longer held by any container, to scrub or reset them before the next
+    /// tenant; a [`DevhostDevicesCallFn`] with no results. While it runs, and
+    /// after it fails, the devices are advertised Unhealthy.
+    pub release: DevhostDevicesCallFn,
+    /// ABI 1.1, optional (NULL: the backend publishes from its own threads
+    /// only). See [`DevhostPollFn`].
+    pub poll: DevhostPollFn,
 }
 
 /// The type of the exported `devhost_backend_entry` symbol: negotiates the
@@ -351,26 +431,36 @@ mod tests {
     use super::*;
 
     /// ABI 1.0's layout on 64-bit targets, frozen: a change here breaks every
-    /// backend built against 1.0.
+    /// backend built against 1.0. 1.1 only appended.
     #[test]
     fn v1_layout_is_frozen() {
         assert_eq!(size_of::<DevhostStr>(), 16);
-        assert_eq!(size_of::<DevhostDevice>(), 40);
+        assert_eq!(offset_of!(DevhostDevice, attributes), DEVHOST_DEVICE_SIZE_1_0 as usize);
+        assert_eq!(offset_of!(DevhostBackendApi, release), DEVHOST_BACKEND_API_SIZE_1_0 as usize);
         assert_eq!(size_of::<DevhostResource>(), 24);
         assert_eq!(size_of::<DevhostMount>(), 40);
         assert_eq!(size_of::<DevhostDeviceSpec>(), 56);
         assert_eq!(size_of::<DevhostPreferredRequest>(), 48);
         assert_eq!(size_of::<DevhostInitArgs>(), 40);
         assert_eq!(size_of::<DevhostHostApi>(), 88);
-        assert_eq!(size_of::<DevhostBackendApi>(), 48);
         assert_eq!(offset_of!(DevhostHostApi, add_device_id), 80);
         assert_eq!(offset_of!(DevhostBackendApi, shutdown), 40);
         assert_eq!(offset_of!(DevhostInitArgs, config_json), 24);
     }
 
+    /// ABI 1.1's layout on 64-bit targets, frozen from its release.
+    #[test]
+    fn v1_1_layout_is_frozen() {
+        assert_eq!(size_of::<DevhostDevice>(), 72);
+        assert_eq!(size_of::<DevhostAttribute>(), 48);
+        assert_eq!(size_of::<DevhostCapacity>(), 40);
+        assert_eq!(size_of::<DevhostBackendApi>(), 64);
+        assert_eq!(offset_of!(DevhostBackendApi, poll), 56);
+    }
+
     #[test]
     fn versions_pack_major_and_minor() {
-        assert_eq!(DEVHOST_ABI_VERSION, version(1, 0));
+        assert_eq!(DEVHOST_ABI_VERSION, version(1, 1));
         assert_eq!((version_major(version(2, 3)), version_minor(version(2, 3))), (2, 3));
     }
 }

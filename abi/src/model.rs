@@ -115,12 +115,15 @@ pub struct Resource {
     pub pre_start_required: bool,
     /// The kubelet may call `preferred_allocation`.
     pub preferred_allocation: bool,
+    /// ABI 1.1: the host calls `release` for devices no longer held by any
+    /// container, and advertises them Unhealthy until it succeeds.
+    pub release_required: bool,
 }
 
 impl Resource {
     /// A resource with neither optional call.
     pub fn new(name: impl Into<String>) -> Self {
-        Resource { name: name.into(), pre_start_required: false, preferred_allocation: false }
+        Resource { name: name.into(), pre_start_required: false, preferred_allocation: false, release_required: false }
     }
 
     /// Asks the kubelet to call `pre_start` before each container start.
@@ -132,6 +135,13 @@ impl Resource {
     /// Tells the kubelet that `preferred_allocation` is answered.
     pub fn with_preferred_allocation(mut self) -> Self {
         self.preferred_allocation = true;
+        self
+    }
+
+    /// Asks the host to call `release` once devices are free again
+    /// (ABI 1.1).
+    pub fn with_release(mut self) -> Self {
+        self.release_required = true;
         self
     }
 }

@@ -449,6 +449,7 @@ impl Backend for Manual {
             name: "bench.example.com/manual".into(),
             pre_start_required: false,
             preferred_allocation: false,
+            release_required: false,
         }])
     }
 

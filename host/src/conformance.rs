@@ -144,11 +144,28 @@ async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<R
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     report.record("init", started, Ok(format!("declared {}", names.join(", "))));
     report.record("resource names", started, Ok("valid extended resource names, no duplicates".into()));
+    check_release(&handle, config.call_timeout, report).await;
     let started = Instant::now();
     let result = handle.try_shutdown().await.map(|()| format!("returned within {:?}", config.call_timeout));
     stop.cancel();
     report.record("shutdown", started, result.map_err(|error| error.to_string()));
     Some(specs)
+}
+
+/// Calls `release` (ABI 1.1) with every device of each resource that asks
+/// for it, as devhost does once no container holds them.
+async fn check_release(handle: &BackendHandle, deadline: Duration, report: &mut Report) {
+    for (spec, state) in handle.resources() {
+        if !spec.release_required {
+            continue;
+        }
+        let ids: Vec<String> = state.snapshot().devices.iter().map(|device| device.id.clone()).collect();
+        let started = Instant::now();
+        let count = ids.len();
+        let result = handle.release(&spec.name, ids).await;
+        let result = result.map(|()| format!("{count} device(s) released within {deadline:?}"));
+        report.record(&format!("{}: release", spec.name), started, result.map_err(|error| error.to_string()));
+    }
 }
 
 async fn check_with_kubelet(
@@ -499,8 +516,12 @@ mod tests {
 
     #[test]
     fn registrations_are_judged_from_what_the_kubelet_received() {
-        let spec =
-            ResourceSpec { name: "example.com/gpu".into(), pre_start_required: true, preferred_allocation: false };
+        let spec = ResourceSpec {
+            name: "example.com/gpu".into(),
+            pre_start_required: true,
+            preferred_allocation: false,
+            release_required: false,
+        };
         let request = v1beta1::RegisterRequest {
             version: "v1beta1".into(),
             endpoint: "devhost-gpu.sock".into(),

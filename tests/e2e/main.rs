@@ -1,6 +1,7 @@
 //! The end-to-end test binary: the real `devhost` process against the fake
 //! kubelet, one module per area.
 
+mod abi_1_1;
 mod bulkheads;
 mod check;
 mod cli;

@@ -43,10 +43,17 @@ pub(crate) fn rust_module(name: &str, dir: &Path) -> PathBuf {
 /// Compiles one C source against `abi/include` into `dir`, mode 0755.
 pub(crate) fn compile_c(source: &Path, dir: &Path) -> PathBuf {
     let stem = source.file_stem().and_then(|s| s.to_str()).expect("a source file name");
-    let out = dir.join(format!("lib{stem}.so"));
+    compile_c_with(source, &dir.join(format!("lib{stem}.so")), &repo().join("abi/include"), &[])
+}
+
+/// `compile_c` into `out`, against the header in `include`, with extra
+/// compiler flags (`-DNAME`).
+pub(crate) fn compile_c_with(source: &Path, out: &Path, include: &Path, flags: &[&str]) -> PathBuf {
+    let out = out.to_owned();
     let output = Command::new("cc")
         .args(["-shared", "-fPIC", "-pthread", "-I"])
-        .arg(repo().join("abi/include"))
+        .arg(include)
+        .args(flags)
         .arg("-o")
         .arg(&out)
         .arg(source)
@@ -176,7 +183,25 @@ async fn rust_example_serves_and_pushes_health_from_its_thread() {
 async fn c_example_serves_and_pushes_health_from_its_thread() {
     let dir = tempfile::tempdir().expect("temp dir");
     let module = compile_c(&repo().join("examples/native-c/example.c"), dir.path());
-    let handle = start("native-c", load(&module, r#"{"flip_interval_ms": 50}"#)).await;
+    c_example_serves(&module).await;
+}
+
+/// The append-only promise: the C example built against the header of ABI
+/// 1.0, as released (a frozen copy in the fixtures), is a 1.0 module with
+/// 1.0's smaller structs, and serves exactly as the one built today.
+#[tokio::test(flavor = "multi_thread")]
+async fn c_example_built_against_the_1_0_header_serves_as_before() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let header = fixture("abi-1.0");
+    let text = std::fs::read_to_string(header.join("devhost_backend.h")).expect("the 1.0 header");
+    assert!(text.contains("#define DEVHOST_ABI_VERSION_MINOR 0"), "the frozen header is 1.0's");
+    let out = dir.path().join("libexample_1_0.so");
+    let module = compile_c_with(&repo().join("examples/native-c/example.c"), &out, &header, &[]);
+    c_example_serves(&module).await;
+}
+
+async fn c_example_serves(module: &Path) {
+    let handle = start("native-c", load(module, r#"{"flip_interval_ms": 50}"#)).await;
     let spec = &handle.resources()[0].0;
     assert_eq!(
         (spec.name.as_str(), spec.preferred_allocation, spec.pre_start_required),
@@ -215,7 +240,7 @@ fn hostile_module_files_are_refused_with_exact_errors() {
     assert_eq!(
         load_error(&future, None),
         format!(
-            "native backend {d}/libfuture_major.so: implements backend ABI 2.3, but this devhost implements ABI 1.0 (expected major 1)"
+            "native backend {d}/libfuture_major.so: implements backend ABI 2.3, but this devhost implements ABI 1.1 (expected major 1)"
         )
     );
     let small = compile_c(&fixture("small_struct.c"), dir.path());
@@ -366,9 +391,9 @@ async fn a_call_hanging_past_its_deadline_faults_only_that_backend_which_then_re
 
 #[test]
 fn abi_errors_name_both_versions() {
-    let error = AbiError::MajorMismatch { module: "/m.so".into(), backend: "0.9".into(), host: "1.0".into(), major: 1 };
+    let error = AbiError::MajorMismatch { module: "/m.so".into(), backend: "0.9".into(), host: "1.1".into(), major: 1 };
     assert_eq!(
         error.to_string(),
-        "native backend /m.so: implements backend ABI 0.9, but this devhost implements ABI 1.0 (expected major 1)"
+        "native backend /m.so: implements backend ABI 0.9, but this devhost implements ABI 1.1 (expected major 1)"
     );
 }

@@ -9,28 +9,14 @@ use std::process::Command;
 
 use crate::harness::repo;
 
-/// A backend as a vendor would write it from the vendor guide.
-const VENDOR_LIB: &str = r#"
-use devhost_abi::sdk::{Allocation, Backend, Device, Error, Health, Host, Resource};
-
-struct Acme;
-
-impl Backend for Acme {
-    fn init(_config: &str, host: Host) -> Result<(Self, Vec<Resource>), Error> {
-        let devices = [Device::new("acme-0", Health::Healthy), Device::new("acme-1", Health::Healthy)];
-        host.publish("acme.example.com/accel", &devices).map_err(|e| e.to_string())?;
-        Ok((Acme, vec![Resource::new("acme.example.com/accel")]))
-    }
-
-    fn allocate(&self, _resource: &str, ids: &[String]) -> Result<Allocation, Error> {
-        let mut answer = Allocation::default();
-        answer.envs.insert("ACME_DEVICES".into(), ids.join(","));
-        Ok(answer)
-    }
+/// The vendor guide's Rust example, exactly as printed: the first
+/// ` ```rust ` block of `docs/vendor-guide.md`.
+fn guide_example() -> String {
+    let guide = std::fs::read_to_string(repo().join("docs/vendor-guide.md")).expect("read the vendor guide");
+    let (_, rest) = guide.split_once("```rust\n").expect("the guide has a Rust block");
+    let (code, _) = rest.split_once("```").expect("the Rust block ends");
+    code.to_owned()
 }
-
-devhost_abi::export_backend!(Acme);
-"#;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create dir");
@@ -53,10 +39,16 @@ fn a_vendor_crate_outside_the_repository_builds_on_a_copy_of_the_sdk_and_passes_
     std::fs::write(
         acme.join("Cargo.toml"),
         "[package]\nname = \"acme-backend\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
-         [dependencies]\ndevhost-abi = { path = \"../devhost-abi\" }\n\n[workspace]\n",
+         [dependencies]\ndevhost-abi = { path = \"../devhost-abi\" }\n\
+         serde = { version = \"1\", features = [\"derive\"] }\n\n[workspace]\n",
     )
     .expect("Cargo.toml");
-    std::fs::write(acme.join("src/lib.rs"), VENDOR_LIB).expect("lib.rs");
+    std::fs::write(acme.join("src/lib.rs"), guide_example()).expect("lib.rs");
+    // The guide's example reads `devices` from its `[config]` table.
+    let file = acme.join("acme.toml");
+    let module = dir.path().join("target/debug/libacme_backend.so");
+    std::fs::write(&file, format!("[backend]\nmodule = {:?}\n\n[config]\ndevices = 2\n", module.display().to_string()))
+        .expect("acme.toml");
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
@@ -68,16 +60,17 @@ fn a_vendor_crate_outside_the_repository_builds_on_a_copy_of_the_sdk_and_passes_
         .expect("run cargo");
     assert!(output.status.success(), "the vendor crate does not build:\n{}", String::from_utf8_lossy(&output.stderr));
 
-    let module = dir.path().join("target/debug/libacme_backend.so");
     let output = Command::new(env!("CARGO_BIN_EXE_devhost"))
         .arg("check")
-        .arg(&module)
+        .arg(&file)
         .args(["--watch", "1"])
         .output()
         .expect("run devhost check");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(text.contains("PASS  acme.example.com/accel: allocate"), "{text}");
+    for step in ["allocate", "release"] {
+        assert!(text.contains(&format!("PASS  acme.example.com/card: {step}")), "{text}");
+    }
 }
 
 /// The values `abi/Cargo.toml` writes out are the workspace's.

@@ -49,7 +49,7 @@ impl HostApi for Host {
     }
 }
 
-pub use crate::model::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, Resource};
+pub use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, PreferredRequest, Resource};
 
 /// Severity of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,10 +161,22 @@ pub trait Backend: Sized + Send + Sync + 'static {
         Ok(())
     }
 
-    /// Re-checks the devices and publishes what changed. Only the WASM
-    /// packaging calls it, right before each of devhost's device-list polls
-    /// (a component has no threads of its own); a native backend publishes
-    /// from its own threads instead and never gets this call.
+    /// Frees devices for the next tenant (ABI 1.1): scrub memory, reset a
+    /// function. Called only for resources declared
+    /// [`with_release`](Resource::with_release), once no container holds
+    /// these devices any more; until it returns `Ok`, they are advertised
+    /// Unhealthy, so the kubelet cannot hand out a half-scrubbed device.
+    fn release(&self, resource: &str, device_ids: &[String]) -> Result<(), Error> {
+        let _ = (resource, device_ids);
+        Ok(())
+    }
+
+    /// Re-checks the devices and publishes what changed. devhost calls it
+    /// on an interval, on both packagings alike (ABI 1.1): natively every
+    /// `poll_interval_ms` of the backend file's `[backend]` table (default
+    /// 1000), in a component right before each device-list poll. Write
+    /// health monitoring here once instead of on a thread of your own
+    /// (a component cannot start threads). Never concurrent with itself.
     fn poll(&self) {}
 
     /// Stops the instance: background threads end, nothing is published

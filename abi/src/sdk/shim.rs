@@ -9,7 +9,9 @@
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use super::{Allocation, Backend, Device, Error, Health, LogLevel, PreferredRequest, PublishError, Resource};
+use super::{
+    Allocation, AttributeValue, Backend, Device, Error, Health, LogLevel, PreferredRequest, PublishError, Resource,
+};
 use crate::ffi::*;
 
 /// The backend's handle on the host: publishes device lists and writes log
@@ -37,9 +39,12 @@ impl std::fmt::Debug for Host {
 impl Host {
     /// Replaces the device list of `resource`.
     pub fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), PublishError> {
+        // Each device's attribute and capacity arrays, borrowed by `raw`.
+        let details: Vec<(Vec<DevhostAttribute>, Vec<DevhostCapacity>)> = devices.iter().map(details).collect();
         let raw: Vec<DevhostDevice> = devices
             .iter()
-            .map(|device| DevhostDevice {
+            .zip(&details)
+            .map(|(device, (attributes, capacities))| DevhostDevice {
                 struct_size: size_of_u32::<DevhostDevice>(),
                 health: match device.health {
                     Health::Healthy => DEVHOST_HEALTH_HEALTHY,
@@ -48,10 +53,15 @@ impl Host {
                 id: DevhostStr::new(&device.id),
                 numa_nodes: device.numa_nodes.as_ptr(),
                 numa_nodes_len: device.numa_nodes.len(),
+                attributes: attributes.as_ptr(),
+                attributes_len: attributes.len(),
+                capacities: capacities.as_ptr(),
+                capacities_len: capacities.len(),
             })
             .collect();
-        // SAFETY: `ctx` came from the host for this purpose; `raw` and the
-        // strings it borrows outlive the call, which copies them.
+        // SAFETY: `ctx` came from the host for this purpose; `raw`, the
+        // arrays in `details` and the strings they borrow outlive the call,
+        // which copies them.
         let code = unsafe { (self.api.publish)(self.ctx, DevhostStr::new(resource), raw.as_ptr(), raw.len()) };
         match code {
             DEVHOST_OK => Ok(()),
@@ -75,6 +85,41 @@ impl Host {
     }
 }
 
+/// A device's attributes and capacities as ABI 1.1 arrays, borrowing the
+/// device's strings.
+fn details(device: &Device) -> (Vec<DevhostAttribute>, Vec<DevhostCapacity>) {
+    let attributes = device
+        .attributes
+        .iter()
+        .map(|(name, value)| {
+            let (kind, int_value, text) = match value {
+                AttributeValue::Int(n) => (DEVHOST_ATTRIBUTE_INT, *n, DevhostStr::EMPTY),
+                AttributeValue::Bool(b) => (DEVHOST_ATTRIBUTE_BOOL, i64::from(*b), DevhostStr::EMPTY),
+                AttributeValue::String(text) => (DEVHOST_ATTRIBUTE_STRING, 0, DevhostStr::new(text)),
+                AttributeValue::Version(text) => (DEVHOST_ATTRIBUTE_VERSION, 0, DevhostStr::new(text)),
+            };
+            DevhostAttribute {
+                struct_size: size_of_u32::<DevhostAttribute>(),
+                kind,
+                name: DevhostStr::new(name),
+                int_value,
+                text,
+            }
+        })
+        .collect();
+    let capacities = device
+        .capacities
+        .iter()
+        .map(|(name, quantity)| DevhostCapacity {
+            struct_size: size_of_u32::<DevhostCapacity>(),
+            reserved: 0,
+            name: DevhostStr::new(name),
+            quantity: DevhostStr::new(quantity),
+        })
+        .collect();
+    (attributes, capacities)
+}
+
 /// One live backend instance: what `init` hands the host as `void *`.
 struct Instance<B> {
     backend: B,
@@ -91,6 +136,8 @@ pub const fn table<B: Backend>() -> DevhostBackendApi {
         preferred_allocation: Some(preferred_allocation::<B>),
         pre_start: Some(pre_start::<B>),
         shutdown: Some(shutdown::<B>),
+        release: Some(release::<B>),
+        poll: Some(poll::<B>),
     }
 }
 
@@ -220,6 +267,9 @@ fn declare(api: &DevhostHostApi, call: *mut DevhostCall, resource: &Resource) ->
     if resource.preferred_allocation {
         flags |= DEVHOST_RESOURCE_PREFERRED_ALLOCATION;
     }
+    if resource.release_required {
+        flags |= DEVHOST_RESOURCE_RELEASE;
+    }
     let raw =
         DevhostResource { struct_size: size_of_u32::<DevhostResource>(), flags, name: DevhostStr::new(&resource.name) };
     // SAFETY: `call` is live during `init`; `raw` outlives the call.
@@ -337,12 +387,50 @@ unsafe extern "C" fn pre_start<B: Backend>(
     device_ids: *const DevhostStr,
     count: usize,
 ) -> i32 {
+    // SAFETY: the host's arguments, passed on as they came.
+    unsafe { devices_call::<B>(raw, call, resource, device_ids, count, B::pre_start) }
+}
+
+unsafe extern "C" fn release<B: Backend>(
+    raw: *mut c_void,
+    call: *mut DevhostCall,
+    resource: DevhostStr,
+    device_ids: *const DevhostStr,
+    count: usize,
+) -> i32 {
+    // SAFETY: the host's arguments, passed on as they came.
+    unsafe { devices_call::<B>(raw, call, resource, device_ids, count, B::release) }
+}
+
+/// The body of `pre_start` and `release`: a resource and device IDs in,
+/// nothing but success or an error out.
+///
+/// # Safety
+///
+/// The arguments are the host's, valid for the duration of the call.
+unsafe fn devices_call<B: Backend>(
+    raw: *mut c_void,
+    call: *mut DevhostCall,
+    resource: DevhostStr,
+    device_ids: *const DevhostStr,
+    count: usize,
+    method: fn(&B, &str, &[String]) -> Result<(), Error>,
+) -> i32 {
     // SAFETY: the host passes the pointer `init` returned.
     let Some(this) = (unsafe { instance::<B>(raw) }) else { return DEVHOST_FAULT };
     guarded(this.host.api, call, || {
         // SAFETY: the host's arguments are valid during the call.
         let (resource, ids) = unsafe { (string(resource, "resource")?, strings(device_ids, count, "device ID")?) };
-        this.backend.pre_start(&resource, &ids)?;
+        method(&this.backend, &resource, &ids)?;
+        Ok(DEVHOST_OK)
+    })
+}
+
+unsafe extern "C" fn poll<B: Backend>(raw: *mut c_void, call: *mut DevhostCall) -> i32 {
+    // SAFETY: the host passes the pointer `init` returned.
+    let Some(this) = (unsafe { instance::<B>(raw) }) else { return DEVHOST_FAULT };
+    guarded(this.host.api, call, || {
+        this.backend.poll();
         Ok(DEVHOST_OK)
     })
 }
@@ -428,7 +516,7 @@ mod tests {
         assert!(unsafe { entry(&host(version(1, 0), 8), &TABLE) }.is_null(), "a truncated host table");
         // SAFETY: NULL is allowed.
         assert!(unsafe { entry(std::ptr::null(), &TABLE) }.is_null());
-        assert_eq!(TABLE.struct_size, 48);
+        assert_eq!(TABLE.struct_size, 64);
         assert_eq!(TABLE.abi_version, DEVHOST_ABI_VERSION);
     }
 

@@ -129,6 +129,18 @@ enum RawNuma {
     Huge,
 }
 
+/// `DevhostDevice` as ABI 1.0 laid it out: this target publishes 1.0
+/// devices (attributes are checked by the host's model rules, not here).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DeviceV1_0 {
+    struct_size: u32,
+    health: u32,
+    id: DevhostStr,
+    numa_nodes: *const i64,
+    numa_nodes_len: usize,
+}
+
 /// One device of a published array.
 #[derive(Debug, Clone)]
 struct RawDevice {
@@ -153,7 +165,7 @@ struct RawList {
 
 impl RawList {
     fn arbitrary(u: &mut Unstructured<'_>) -> AResult<RawList> {
-        let base = size_of_u32::<DevhostDevice>();
+        let base = DEVHOST_DEVICE_SIZE_1_0;
         let stride = match u.int_in_range(0..=7u8)? {
             0..=4 => base,
             5 => u.int_in_range(4..=base - 1)?,
@@ -194,7 +206,7 @@ impl RawList {
         for (index, device) in self.devices.iter().enumerate() {
             // Device 0's size is the stride, by definition.
             let size = if index == 0 { self.stride } else { device.size.unwrap_or(self.stride) };
-            if stride < size_of::<DevhostDevice>() {
+            if stride < DEVHOST_DEVICE_SIZE_1_0 as usize {
                 if index == 0 {
                     bytes[..4].copy_from_slice(&size.to_le_bytes());
                 }
@@ -207,16 +219,17 @@ impl RawList {
                 RawNuma::Null(len) => (std::ptr::null(), *len),
                 RawNuma::Huge => (std::ptr::NonNull::<i64>::dangling().as_ptr().cast_const(), usize::MAX / 4),
             };
-            let raw = DevhostDevice {
+            let raw = DeviceV1_0 {
                 struct_size: size,
                 health: device.health,
                 id: device.id.raw(),
                 numa_nodes,
                 numa_nodes_len,
             };
-            // SAFETY: the element's `stride` (>= size_of DevhostDevice) bytes lie
-            // within `bytes`; unaligned writes are allowed.
-            unsafe { bytes.as_mut_ptr().add(index * stride).cast::<DevhostDevice>().write_unaligned(raw) };
+            // SAFETY: the element's `stride` (>= the 1.0 size) bytes lie
+            // within `bytes`; unaligned writes are allowed. A larger stride
+            // leaves the 1.1 fields zero: no attributes, no capacities.
+            unsafe { bytes.as_mut_ptr().add(index * stride).cast::<DeviceV1_0>().write_unaligned(raw) };
         }
         let count = if self.overflow { usize::MAX / stride.max(1) + 1 } else { count };
         (bytes, count)
@@ -230,7 +243,7 @@ impl RawList {
         if self.devices.is_empty() {
             return Some(Vec::new());
         }
-        if (self.stride as usize) < size_of::<DevhostDevice>() || self.overflow {
+        if (self.stride as usize) < DEVHOST_DEVICE_SIZE_1_0 as usize || self.overflow {
             return None;
         }
         let mut out = Vec::new();
@@ -768,13 +781,16 @@ impl Model {
                 violation(c, DEVHOST_E_WRONG_CALL)
             }
             Action::AddResource { size, flags, name, null } => {
-                let known = DEVHOST_RESOURCE_PRE_START_REQUIRED | DEVHOST_RESOURCE_PREFERRED_ALLOCATION;
+                let known = DEVHOST_RESOURCE_PRE_START_REQUIRED
+                    | DEVHOST_RESOURCE_PREFERRED_ALLOCATION
+                    | DEVHOST_RESOURCE_RELEASE;
                 match text_of(name) {
                     Some(name) if !null && *size >= size_of_u32::<DevhostResource>() && flags & !known == 0 => {
                         c.resources.push(ResourceSpec {
                             name,
                             pre_start_required: flags & DEVHOST_RESOURCE_PRE_START_REQUIRED != 0,
                             preferred_allocation: flags & DEVHOST_RESOURCE_PREFERRED_ALLOCATION != 0,
+                            release_required: flags & DEVHOST_RESOURCE_RELEASE != 0,
                         });
                         DEVHOST_OK
                     }
@@ -914,6 +930,8 @@ impl Target for NativeRead {
             preferred_allocation: with_preferred.then_some(module_preferred as _),
             pre_start: with_pre_start.then_some(module_devices as _),
             shutdown: module_shutdown,
+            release: None,
+            poll: None,
         };
         let backend = Arc::new(adapter::NativeBackend::new("fuzz.so".into(), fns, "{}".into()));
         let result = drive(&backend, &steps, with_preferred, with_pre_start);

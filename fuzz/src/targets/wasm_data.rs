@@ -769,6 +769,7 @@ fn check_init(answers: &Answers, publisher: &Publisher, got: Outcome<Vec<Resourc
             name: utf8(name),
             pre_start_required: *a != 0,
             preferred_allocation: *b != 0,
+            release_required: false,
         })
         .collect();
     // The lists, in order: an undeclared resource, an empty or repeated

@@ -207,9 +207,11 @@ fn reply(u: &mut Unstructured<'_>) -> AResult<Reply> {
                         name: string(u)?,
                         pre_start_required: u.arbitrary()?,
                         preferred_allocation: u.arbitrary()?,
+                        release_required: u.arbitrary()?,
                     })
                 })
                 .collect::<AResult<_>>()?,
+            polls: u.arbitrary()?,
         }),
         3 => Answer::Allocation(wire_allocation(u)?),
         4 => Answer::Preferred(PreferredAnswer { answered: u.arbitrary()?, ids: strings(u)? }),
@@ -426,6 +428,7 @@ fn model(u: &mut Unstructured<'_>) -> Result<(), String> {
         name: string(u).unwrap_or_default(),
         pre_start_required: u.arbitrary().unwrap_or(false),
         preferred_allocation: u.arbitrary().unwrap_or(false),
+        release_required: u.arbitrary().unwrap_or(false),
     };
     let back = ResourceSpec::from(decoded(&WireResource::from(&spec))?);
     if back != spec {

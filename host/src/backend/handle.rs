@@ -361,6 +361,73 @@ impl BackendHandle {
         self.settle(operation, result)
     }
 
+    /// Frees devices no container holds any more (ABI 1.1 `release`).
+    pub async fn release(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
+        let operation = "release";
+        let result = match &self.runner {
+            Runner::InProcess { backend, .. } => {
+                let resource = resource.to_owned();
+                self.in_process(operation, backend, move |b| b.release(&resource, &ids)).await
+            }
+            Runner::Worker(worker) => match self.slot(operation) {
+                Ok(_slot) => worker.release(resource, ids).await,
+                Err(error) => Err(error),
+            },
+        };
+        self.settle(operation, result)
+    }
+
+    /// Whether the backend wants [`poll`](Self::poll) called (a native
+    /// module with ABI 1.1's `poll`).
+    pub fn polls(&self) -> bool {
+        match &self.runner {
+            Runner::InProcess { backend, .. } => backend.polls(),
+            Runner::Worker(worker) => worker.polls(),
+        }
+    }
+
+    /// Asks the backend to re-check its devices and publish what changed
+    /// (ABI 1.1 `poll`), with the deadline; a fault re-initialises it.
+    pub async fn poll(&self) -> Result<(), CallError> {
+        let operation = "poll";
+        let result = match &self.runner {
+            Runner::InProcess { backend, .. } => self.in_process(operation, backend, |b| b.poll()).await,
+            Runner::Worker(worker) => match self.slot(operation) {
+                Ok(_slot) => worker.poll().await,
+                Err(error) => Err(error),
+            },
+        };
+        self.settle(operation, result)
+    }
+
+    /// Calls [`poll`](Self::poll) every `interval` until `cancel` fires or
+    /// the handle is dropped, if the backend [`polls`](Self::polls). One
+    /// poll at a time: a slow poll delays the next, it never piles up.
+    /// While the backend is faulted (being re-initialised) polls fail
+    /// quietly and the loop carries on.
+    pub fn start_polling(self: &Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        if !self.polls() {
+            return;
+        }
+        let handle = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let Some(handle) = handle.upgrade() else { return };
+                if let Err(error) = handle.poll().await
+                    && !error.is_fault()
+                {
+                    tracing::debug!(backend = %handle.name, %error, "poll declined");
+                }
+            }
+        });
+    }
+
     /// A call slot, or `Unavailable` when every slot is taken.
     fn slot(&self, operation: &'static str) -> Result<OwnedSemaphorePermit, CallError> {
         take_slot(&self.name, operation, &self.slots)
@@ -613,7 +680,12 @@ mod tests {
             self.inits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             publisher.publish("t.io/x", vec![Device::healthy("x0")]).map_err(|e| BackendError::new(e.to_string()))?;
             *self.publisher.lock().expect("lock") = Some(publisher);
-            Ok(vec![ResourceSpec { name: "t.io/x".into(), pre_start_required: false, preferred_allocation: false }])
+            Ok(vec![ResourceSpec {
+                name: "t.io/x".into(),
+                pre_start_required: false,
+                preferred_allocation: false,
+                release_required: false,
+            }])
         }
 
         fn allocate(&self, _: &str, ids: &[String]) -> Result<Allocation, BackendError> {
@@ -641,7 +713,12 @@ mod tests {
     impl Backend for Wedged {
         fn init(&self, publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
             publisher.publish("t.io/w", vec![Device::healthy("w0")]).map_err(|e| BackendError::new(e.to_string()))?;
-            Ok(vec![ResourceSpec { name: "t.io/w".into(), pre_start_required: false, preferred_allocation: false }])
+            Ok(vec![ResourceSpec {
+                name: "t.io/w".into(),
+                pre_start_required: false,
+                preferred_allocation: false,
+                release_required: false,
+            }])
         }
 
         fn allocate(&self, _: &str, _: &[String]) -> Result<Allocation, BackendError> {

@@ -15,7 +15,9 @@ pub use crate::device_state::{PublishError, Publisher};
 pub mod handle;
 pub mod static_backend;
 
-pub use crate::model::{Allocation, BackendError, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
+pub use crate::model::{
+    Allocation, AttributeValue, BackendError, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec,
+};
 
 /// A source of devices for one or more resources.
 ///
@@ -47,6 +49,25 @@ pub trait Backend: Send + Sync + 'static {
     /// spec sets `pre_start_required`).
     fn pre_start(&self, resource: &str, device_ids: &[String]) -> Result<(), BackendError> {
         let _ = (resource, device_ids);
+        Ok(())
+    }
+
+    /// Frees devices no container holds any more (ABI 1.1 `release`), for
+    /// resources whose spec sets `release_required`.
+    fn release(&self, resource: &str, device_ids: &[String]) -> Result<(), BackendError> {
+        let _ = (resource, device_ids);
+        Ok(())
+    }
+
+    /// Whether the host should call [`poll`](Backend::poll) on the
+    /// backend file's `poll_interval_ms` (a native module with ABI 1.1's
+    /// `poll`). WASM components are polled by their own poller instead.
+    fn polls(&self) -> bool {
+        false
+    }
+
+    /// Re-checks the devices and publishes what changed (ABI 1.1 `poll`).
+    fn poll(&self) -> Result<(), BackendError> {
         Ok(())
     }
 

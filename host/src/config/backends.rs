@@ -67,6 +67,9 @@ pub struct BackendConfig {
     pub source: BackendSource,
     /// Deadline of one call into it.
     pub call_timeout: Duration,
+    /// How often a native module with ABI 1.1's `poll` is polled
+    /// (`[backend] poll_interval_ms`, default 1000).
+    pub poll_interval: Duration,
     /// Its own `[config]` table, handed to module backends at init.
     pub settings: toml::Table,
     /// Host-side settings per resource (`[resources."<name>"]`).
@@ -133,9 +136,15 @@ struct RawBackend {
     module: Option<Spanned<PathBuf>>,
     sha256: Option<Spanned<String>>,
     call_timeout_ms: Option<Spanned<u64>>,
+    poll_interval_ms: Option<Spanned<u64>>,
     isolation: Option<Spanned<String>>,
     memory_mb: Option<Spanned<u64>>,
 }
+
+/// How often a native module's ABI 1.1 `poll` is called by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest `poll_interval_ms`: polling faster only burns CPU.
+pub const MIN_POLL_INTERVAL_MS: u64 = 10;
 
 /// Built-in backend kinds.
 const KINDS: &[&str] = &["static"];
@@ -336,6 +345,13 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
         Some(ms) => Duration::from_millis(*ms.get_ref()),
         None => default_timeout,
     };
+    let poll_interval = match raw.backend.poll_interval_ms {
+        Some(ms) if *ms.get_ref() < MIN_POLL_INTERVAL_MS => {
+            return Err(at(ms.span(), format!("poll_interval_ms must be at least {MIN_POLL_INTERVAL_MS}")));
+        }
+        Some(ms) => Duration::from_millis(*ms.get_ref()),
+        None => DEFAULT_POLL_INTERVAL,
+    };
     // Only module backends are handed their `[config]`; a static backend's
     // is parsed into its `StaticConfig` below, and keeping the table too
     // would hold a second copy of every device (tens of MiB for 10,000).
@@ -424,7 +440,15 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
         }
     }
     let resources = super::resource_settings::parse(file, source, raw.resources)?;
-    Ok(BackendConfig { name, file: file.to_owned(), source: backend_source, call_timeout, settings, resources })
+    Ok(BackendConfig {
+        name,
+        file: file.to_owned(),
+        source: backend_source,
+        call_timeout,
+        poll_interval,
+        settings,
+        resources,
+    })
 }
 
 /// `isolation` and `memory_mb` of a module: process isolation by default

@@ -199,6 +199,8 @@ impl StaticConfig {
                     name: name.clone(),
                     pre_start_required: raw.pre_start,
                     preferred_allocation: raw.preferred_allocation,
+                    // Devices described in a file have no code to scrub them.
+                    release_required: false,
                 },
                 name_span: raw.name.span(),
                 env: raw.env,

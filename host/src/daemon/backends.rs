@@ -263,6 +263,7 @@ async fn start_backend(config: &BackendConfig) -> Option<(Arc<BackendHandle>, Ca
         }
     };
     tracing::info!(backend = %config.name, resources = handle.resources().len(), "backend started");
+    handle.start_polling(config.poll_interval, stop.clone());
     Some((handle, stop))
 }
 

@@ -29,6 +29,8 @@ type DevicesFn = unsafe extern "C" fn(*mut c_void, *mut DevhostCall, DevhostStr,
 /// `DevhostPreferredFn` without its NULL.
 type PreferredFn =
     unsafe extern "C" fn(*mut c_void, *mut DevhostCall, DevhostStr, *const DevhostPreferredRequest) -> i32;
+/// `DevhostPollFn` without its NULL.
+type PollFn = unsafe extern "C" fn(*mut c_void, *mut DevhostCall) -> i32;
 /// `DevhostShutdownFn` without its NULL.
 type ShutdownFn = unsafe extern "C" fn(*mut c_void);
 
@@ -40,6 +42,10 @@ pub(super) struct BackendFns {
     pub preferred_allocation: Option<PreferredFn>,
     pub pre_start: Option<DevicesFn>,
     pub shutdown: ShutdownFn,
+    /// ABI 1.1; `None` from a 1.0 backend.
+    pub release: Option<DevicesFn>,
+    /// ABI 1.1; `None` from a 1.0 backend.
+    pub poll: Option<PollFn>,
 }
 
 /// A native module behind the host's `Backend` trait.
@@ -116,6 +122,17 @@ impl NativeBackend {
         NativeBackend { module, fns, config_json, current: Mutex::new(None) }
     }
 
+    /// A resource that asks for `release` needs the function.
+    fn check_release(&self, resources: &[ResourceSpec]) -> Result<(), Failure> {
+        match resources.iter().find(|spec| spec.release_required) {
+            Some(spec) if self.fns.release.is_none() => Err(Failure::Invalid(format!(
+                "resource {:?} asks for release (DEVHOST_RESOURCE_RELEASE) but DevhostBackendApi.release is NULL",
+                spec.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn current(&self) -> Result<Arc<Instance>, BackendError> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
         current.ok_or_else(|| BackendError::new("not initialised (no successful init since the last shutdown)"))
@@ -160,8 +177,13 @@ impl Backend for NativeBackend {
         let mut collected = sink.into_inner();
         let outcome = match (settle(status, &mut collected, &[]), publish_error) {
             (Ok(()), Some(message)) => Err(Failure::Error(message)),
+            // The backend's own words, and why devhost refused its list.
+            (Err(Failure::Error(said)), Some(message)) => {
+                Err(Failure::Error(format!("{said} (devhost refused its device list: {message})")))
+            }
             (outcome, _) => outcome,
         };
+        let outcome = outcome.and_then(|()| self.check_release(&collected.resources));
         let instance = Instance { ptr, ctx, shutdown: self.fns.shutdown };
         if let Err(failure) = outcome {
             if status == DEVHOST_OK {
@@ -214,6 +236,26 @@ impl Backend for NativeBackend {
     fn pre_start(&self, resource: &str, device_ids: &[String]) -> Result<(), BackendError> {
         let Some(f) = self.fns.pre_start else { return Ok(()) };
         self.devices_call(f, Phase::PreStart, resource, device_ids).map(drop)
+    }
+
+    fn release(&self, resource: &str, device_ids: &[String]) -> Result<(), BackendError> {
+        let Some(f) = self.fns.release else { return Ok(()) };
+        self.devices_call(f, Phase::Release, resource, device_ids).map(drop)
+    }
+
+    fn polls(&self) -> bool {
+        self.fns.poll.is_some()
+    }
+
+    fn poll(&self) -> Result<(), BackendError> {
+        let Some(f) = self.fns.poll else { return Ok(()) };
+        let instance = self.current()?;
+        let sink = CallSink::new(Phase::Poll);
+        // SAFETY: `instance.ptr` is live (we hold a reference); the sink
+        // outlives the call.
+        let status = unsafe { f(instance.ptr, sink.as_ptr()) };
+        let mut collected = sink.into_inner();
+        settle(status, &mut collected, &[]).map_err(Failure::raise)
     }
 
     fn shutdown(&self) {

@@ -85,6 +85,8 @@ pub(super) enum Phase {
     Allocate,
     PreferredAllocation,
     PreStart,
+    Release,
+    Poll,
 }
 
 impl Phase {
@@ -94,6 +96,8 @@ impl Phase {
             Phase::Allocate => "allocate",
             Phase::PreferredAllocation => "preferred_allocation",
             Phase::PreStart => "pre_start",
+            Phase::Release => "release",
+            Phase::Poll => "poll",
         }
     }
 }
@@ -226,7 +230,7 @@ unsafe extern "C" fn log(host: *mut DevhostHost, level: u32, message: DevhostStr
 }
 
 unsafe extern "C" fn set_error(call: *mut DevhostCall, message: DevhostStr) {
-    let all = [Phase::Init, Phase::Allocate, Phase::PreferredAllocation, Phase::PreStart];
+    let all = [Phase::Init, Phase::Allocate, Phase::PreferredAllocation, Phase::PreStart, Phase::Release, Phase::Poll];
     with_call(call, "set_error", &all, |collected| {
         // SAFETY: the ABI makes `message` valid during the call.
         let text = unsafe { read_str(message, "the error message") }?;
@@ -241,14 +245,16 @@ unsafe extern "C" fn add_resource(call: *mut DevhostCall, resource: *const Devho
         let raw = unsafe { read_struct(resource, "DevhostResource")? };
         // SAFETY: as above, for the string it points to.
         let name = unsafe { read_str(raw.name, "a resource name")? };
-        let known = DEVHOST_RESOURCE_PRE_START_REQUIRED | DEVHOST_RESOURCE_PREFERRED_ALLOCATION;
+        let known =
+            DEVHOST_RESOURCE_PRE_START_REQUIRED | DEVHOST_RESOURCE_PREFERRED_ALLOCATION | DEVHOST_RESOURCE_RELEASE;
         if raw.flags & !known != 0 {
-            return Err(format!("resource {name:?} has unknown flags {:#x} (ABI 1.0 knows {known:#x})", raw.flags));
+            return Err(format!("resource {name:?} has unknown flags {:#x} (ABI 1.1 knows {known:#x})", raw.flags));
         }
         collected.resources.push(ResourceSpec {
             name,
             pre_start_required: raw.flags & DEVHOST_RESOURCE_PRE_START_REQUIRED != 0,
             preferred_allocation: raw.flags & DEVHOST_RESOURCE_PREFERRED_ALLOCATION != 0,
+            release_required: raw.flags & DEVHOST_RESOURCE_RELEASE != 0,
         });
         Ok(())
     })

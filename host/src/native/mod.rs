@@ -185,7 +185,7 @@ pub enum AbiError {
         major: u32,
     },
     /// A struct is smaller than the ABI requires.
-    #[error("native backend {}: {name}.struct_size is {size} bytes, expected at least {minimum} (ABI {host})", module.display())]
+    #[error("native backend {}: {name}.struct_size is {size} bytes, expected at least {minimum} (ABI 1.0)", module.display())]
     StructTooSmall {
         /// The module path.
         module: PathBuf,
@@ -193,10 +193,8 @@ pub enum AbiError {
         name: &'static str,
         /// The size it declares.
         size: u32,
-        /// The size ABI 1.0 defines.
+        /// The size ABI 1.0 defines, the smallest any 1.x host accepts.
         minimum: u32,
-        /// The host's version, `major.minor`.
-        host: String,
     },
     /// A required function pointer is NULL.
     #[error("native backend {}: DevhostBackendApi.{name} is NULL (required by ABI {host})", module.display())]
@@ -316,19 +314,15 @@ unsafe fn negotiate(module: &Path, table: *const DevhostBackendApi) -> Result<ad
             major: DEVHOST_ABI_VERSION_MAJOR,
         });
     }
-    let minimum = size_of_u32::<DevhostBackendApi>();
+    let minimum = DEVHOST_BACKEND_API_SIZE_1_0;
     if size < minimum {
-        return Err(AbiError::StructTooSmall {
-            module: module.to_owned(),
-            name: "DevhostBackendApi",
-            size,
-            minimum,
-            host,
-        });
+        return Err(AbiError::StructTooSmall { module: module.to_owned(), name: "DevhostBackendApi", size, minimum });
     }
-    // SAFETY: the size covers the whole v1 table; it may be unaligned in a
-    // hostile module, so copy it out unaligned.
-    let api = unsafe { table.read_unaligned() };
+    // SAFETY: the size covers at least the 1.0 table; what it covers is
+    // copied (unaligned: a hostile module need not align it), and the
+    // functions a later minor added read as NULL from an older backend.
+    let api = unsafe { read::read_struct_from(table, "DevhostBackendApi", minimum as usize) }
+        .map_err(|message| AbiError::Load { module: module.to_owned(), message })?;
     let missing = |name| AbiError::MissingFunction { module: module.to_owned(), name, host: host.clone() };
     Ok(adapter::BackendFns {
         init: api.init.ok_or_else(|| missing("init"))?,
@@ -336,5 +330,7 @@ unsafe fn negotiate(module: &Path, table: *const DevhostBackendApi) -> Result<ad
         preferred_allocation: api.preferred_allocation,
         pre_start: api.pre_start,
         shutdown: api.shutdown.ok_or_else(|| missing("shutdown"))?,
+        release: api.release,
+        poll: api.poll,
     })
 }

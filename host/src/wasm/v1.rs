@@ -190,6 +190,7 @@ impl Backend for WasmBackend {
                 name: r.name,
                 pre_start_required: r.pre_start_required,
                 preferred_allocation: r.preferred_allocation,
+                release_required: false,
             })
             .collect();
         let lists = self.call("list-devices", |api, store| api.call_list_devices(store));

@@ -125,7 +125,10 @@ fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
             backend.init(publisher.clone()).map(|specs| {
                 let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
                 publisher.seal(&names);
-                Answer::Resources(Resources { resources: specs.iter().map(Into::into).collect() })
+                Answer::Resources(Resources {
+                    resources: specs.iter().map(Into::into).collect(),
+                    polls: backend.polls(),
+                })
             })
         }
         Call::Allocate(call) => backend.allocate(&call.resource, &call.ids).map(|a| Answer::Allocation(a.into())),
@@ -133,6 +136,8 @@ fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
             .preferred_allocation(&call.resource, &call.request())
             .map(|ids| Answer::Preferred(PreferredAnswer { answered: ids.is_some(), ids: ids.unwrap_or_default() })),
         Call::PreStart(call) => backend.pre_start(&call.resource, &call.ids).map(|()| Answer::Done(Empty {})),
+        Call::Release(call) => backend.release(&call.resource, &call.ids).map(|()| Answer::Done(Empty {})),
+        Call::Poll(_) => backend.poll().map(|()| Answer::Done(Empty {})),
         Call::Shutdown(_) => {
             backend.shutdown();
             Ok(Answer::Done(Empty {}))

@@ -85,6 +85,8 @@ pub struct WorkerBackend {
     prepared: Mutex<Option<Arc<Worker>>>,
     /// The worker serving calls since the last successful `init`.
     current: Mutex<Option<Arc<Worker>>>,
+    /// The module has ABI 1.1's `poll` (known after `init`).
+    polls: AtomicBool,
 }
 
 impl std::fmt::Debug for WorkerBackend {
@@ -98,7 +100,12 @@ impl WorkerBackend {
     /// cannot load is refused now, with the loader's own message.
     pub async fn prepare(spec: WorkerSpec) -> Result<Arc<Self>, String> {
         let worker = Worker::start(&spec).await?;
-        Ok(Arc::new(WorkerBackend { spec, prepared: Mutex::new(Some(worker)), current: Mutex::new(None) }))
+        Ok(Arc::new(WorkerBackend {
+            spec,
+            prepared: Mutex::new(Some(worker)),
+            current: Mutex::new(None),
+            polls: AtomicBool::new(false),
+        }))
     }
 
     /// The SHA-256 of the module the current worker loaded.
@@ -130,6 +137,7 @@ impl WorkerBackend {
                 if let Some(previous) = previous {
                     previous.kill("replaced by a new worker");
                 }
+                self.polls.store(resources.polls, Ordering::SeqCst);
                 Ok(resources.resources.into_iter().map(Into::into).collect())
             }
             other => {
@@ -165,11 +173,32 @@ impl WorkerBackend {
 
     /// `pre_start` in the current worker.
     pub async fn pre_start(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
-        let worker = self.current("pre_start")?;
         let call = Call::PreStart(DevicesCall { resource: resource.to_owned(), ids });
-        match worker.request("pre_start", call, self.spec.timeout).await {
+        self.done("pre_start", call).await
+    }
+
+    /// `release` (ABI 1.1) in the current worker.
+    pub async fn release(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
+        let call = Call::Release(DevicesCall { resource: resource.to_owned(), ids });
+        self.done("release", call).await
+    }
+
+    /// Whether the module has ABI 1.1's `poll`.
+    pub fn polls(&self) -> bool {
+        self.polls.load(Ordering::SeqCst)
+    }
+
+    /// `poll` (ABI 1.1) in the current worker.
+    pub async fn poll(&self) -> Result<(), CallError> {
+        self.done("poll", Call::Poll(Empty {})).await
+    }
+
+    /// A call answered with nothing but success.
+    async fn done(&self, operation: &'static str, call: Call) -> Result<(), CallError> {
+        let worker = self.current(operation)?;
+        match worker.request(operation, call, self.spec.timeout).await {
             Ok(Answer::Done(_)) => Ok(()),
-            other => Err(worker.unexpected("pre_start", other)),
+            other => Err(worker.unexpected(operation, other)),
         }
     }
 

@@ -34,7 +34,7 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// What to do.
-    #[prost(oneof = "Call", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "Call", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
     pub call: Option<Call>,
 }
 
@@ -60,6 +60,12 @@ pub enum Call {
     /// for the host to close the socket, and exits.
     #[prost(message, tag = "7")]
     Shutdown(Empty),
+    /// `release` (ABI 1.1): answered with [`Answer::Done`].
+    #[prost(message, tag = "8")]
+    Release(DevicesCall),
+    /// `poll` (ABI 1.1): answered with [`Answer::Done`].
+    #[prost(message, tag = "9")]
+    Poll(Empty),
 }
 
 /// No fields.
@@ -193,6 +199,9 @@ pub struct Resources {
     /// In declaration order.
     #[prost(message, repeated, tag = "1")]
     pub resources: Vec<WireResource>,
+    /// The module has ABI 1.1's `poll`: the host should call it.
+    #[prost(bool, tag = "2")]
+    pub polls: bool,
 }
 
 /// One declared resource.
@@ -207,6 +216,9 @@ pub struct WireResource {
     /// Answers `preferred_allocation`.
     #[prost(bool, tag = "3")]
     pub preferred_allocation: bool,
+    /// Wants `release` (ABI 1.1).
+    #[prost(bool, tag = "4")]
+    pub release_required: bool,
 }
 
 /// An allocation.
@@ -456,6 +468,7 @@ impl From<&ResourceSpec> for WireResource {
             name: spec.name.clone(),
             pre_start_required: spec.pre_start_required,
             preferred_allocation: spec.preferred_allocation,
+            release_required: spec.release_required,
         }
     }
 }
@@ -466,6 +479,7 @@ impl From<WireResource> for ResourceSpec {
             name: spec.name,
             pre_start_required: spec.pre_start_required,
             preferred_allocation: spec.preferred_allocation,
+            release_required: spec.release_required,
         }
     }
 }
