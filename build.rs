@@ -7,6 +7,8 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/deviceplugin/v1beta1/api.proto";
     println!("cargo:rerun-if-changed={proto}");
+    let pod_resources = "proto/podresources/v1/api.proto";
+    println!("cargo:rerun-if-changed={pod_resources}");
 
     let descriptors = protox::compile([proto], ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -19,5 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .extern_path(".v1beta1.ListAndWatchResponse", "crate::proto::v1beta1::ListAndWatchResponse")
         .compile_fds(descriptors)?;
+
+    // The kubelet's PodResources API: devhost is its client; the fake
+    // kubelet serves it.
+    let descriptors = protox::compile([pod_resources], ["proto"])?;
+    std::fs::write(out_dir.join("podresources_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
     Ok(())
 }

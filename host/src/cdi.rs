@@ -283,7 +283,7 @@ pub async fn maintain(
                 withheld.entry(id.clone()).or_insert_with(|| reason.clone());
             }
         }
-        state.set_withheld(withheld);
+        state.set_withheld(crate::device_state::Withholder::Cdi, withheld);
         tokio::select! {
             () = stop.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },

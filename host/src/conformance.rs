@@ -184,6 +184,8 @@ async fn check_with_kubelet(
     let mut host = HostConfig::defaults(root.path(), &overrides);
     host.metrics_address = None;
     host.cdi_dir = root.path().join("cdi");
+    // The fake kubelet has no pods: nothing to learn from a real one.
+    host.pod_resources.socket = None;
     host.call_timeout = config.call_timeout;
 
     let kubelet = FakeKubelet::start(&host.plugin_dir).await.map_err(|e| e.to_string())?;

@@ -161,11 +161,24 @@ impl Snapshot {
 /// bounds the memory and the encoding work a misbehaving client can cost.
 pub const MAX_STREAMS: usize = 8;
 
+/// Who withholds devices from the kubelet (each keeps its own list; the
+/// snapshot reports the union).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Withholder {
+    /// Devices whose CDI spec could not be written.
+    Cdi,
+    /// Devices being released (scrubbed) for their next tenant, or whose
+    /// release failed.
+    Release,
+}
+
 /// The live state of one resource.
 #[derive(Debug)]
 pub struct ResourceState {
     name: String,
     sender: watch::Sender<Arc<Snapshot>>,
+    /// Each withholder's devices and why, merged into every snapshot.
+    withheld_by: std::sync::Mutex<std::collections::BTreeMap<Withholder, HashMap<String, String>>>,
     /// One permit per open `ListAndWatch` stream, across server generations.
     streams: Arc<tokio::sync::Semaphore>,
 }
@@ -174,7 +187,12 @@ impl ResourceState {
     /// A resource with no devices yet.
     pub fn new(name: impl Into<String>) -> Self {
         let (sender, _) = watch::channel(Arc::new(Snapshot::default()));
-        ResourceState { name: name.into(), sender, streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)) }
+        ResourceState {
+            name: name.into(),
+            sender,
+            withheld_by: std::sync::Mutex::default(),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        }
     }
 
     /// A place for one more `ListAndWatch` stream, held until it ends;
@@ -248,9 +266,22 @@ impl ResourceState {
         });
     }
 
-    /// Reports the devices in `withheld` Unhealthy (each with why), and
-    /// every other device with its own health, until the next call.
-    pub fn set_withheld(&self, withheld: HashMap<String, String>) {
+    /// Reports the devices `by` lists in `withheld` Unhealthy (each with
+    /// why), replacing what `by` listed before; devices another withholder
+    /// lists stay withheld.
+    pub fn set_withheld(&self, by: Withholder, withheld: HashMap<String, String>) {
+        // Held across the send, so two withholders never publish stale unions.
+        let mut all = self.withheld_by.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.insert(by, withheld);
+        let mut withheld: HashMap<String, String> = HashMap::new();
+        for reasons in all.values() {
+            for (id, why) in reasons {
+                withheld
+                    .entry(id.clone())
+                    .and_modify(|all| *all = format!("{all}; {why}"))
+                    .or_insert_with(|| why.clone());
+            }
+        }
         self.sender.send_if_modified(|current| {
             if *current.withheld == withheld {
                 return false;

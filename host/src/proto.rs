@@ -13,6 +13,22 @@ pub mod v1beta1 {
 
 mod list;
 
+/// The kubelet's PodResources API (package `v1`), generated from
+/// `proto/podresources/v1/api.proto`; facts in `docs/pod-resources-api.md`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod podresources {
+    tonic::include_proto!("v1");
+}
+
+/// The compiled `FileDescriptorSet` of the PodResources proto.
+pub const POD_RESOURCES_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/podresources_descriptor.bin"));
+/// The kubelet's PodResources socket under its default root directory.
+pub const DEFAULT_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
+/// The receive limit for PodResources answers: a `List` on a big node can
+/// exceed gRPC's 4 MiB default (upstream's own clients use 16 MiB).
+pub const POD_RESOURCES_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// The compiled `FileDescriptorSet` of the proto, for wire-contract tests.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/deviceplugin_descriptor.bin"));
 

@@ -138,7 +138,7 @@ async fn the_host_drives_poll_and_the_kubelet_sees_what_it_publishes() {
     let modules = node.dir.path().join("modules");
     std::fs::create_dir_all(&modules).expect("modules dir");
     let module = compile_c(&fixture("attributes_1_1.c"), &modules);
-    node.backend("gpu", &module_file(&module, "poll_interval_ms = 50", ""));
+    node.backend("gpu", &module_file(&module, "poll_interval_ms = 50", "flip = true"));
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let _devhost = node.start_devhost();
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");

@@ -340,6 +340,12 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     let mount = mount_at(plugin_dir);
     assert_ne!(mount.get("readOnly").and_then(Value::as_bool), Some(true), "{what}: devhost creates sockets there");
     assert_eq!(text(&volume_of(mount), &["hostPath", "path"]), plugin_dir, "{what}");
+    // The PodResources socket's directory, at the host's path (the
+    // directory, so a restarted kubelet's new socket is seen).
+    let socket =
+        host.pod_resources.socket.as_deref().unwrap_or_else(|| panic!("{what}: the PodResources client is off"));
+    let pod_resources = socket.parent().and_then(Path::to_str).expect("a directory");
+    assert_eq!(text(&volume_of(mount_at(pod_resources)), &["hostPath", "path"]), pod_resources, "{what}");
     // /dev at the host's paths; /sys read only.
     assert_eq!(text(&volume_of(mount_at("/dev")), &["hostPath", "path"]), "/dev");
     let sys = mount_at("/sys");
@@ -642,6 +648,8 @@ fn every_value_in_the_full_values_file_reaches_the_objects() {
     let host = check_against_code(&rendered);
     let values = &yaml_documents("deploy/helm/devhost/ci/full-values.yaml")[0];
     assert_eq!(host.plugin_dir, Path::new(&text(values, &["pluginDir"])));
+    let socket = host.pod_resources.socket.clone().expect("the PodResources client is on");
+    assert_eq!(socket.parent(), Some(Path::new(&text(values, &["podResourcesDir"]))));
     assert_eq!(host.metrics_address.map(|a| u64::from(a.port())), at(values, &["metrics", "port"]).as_u64());
     assert_eq!(Some(host.call_timeout.as_millis() as u64), at(values, &["callTimeoutMs"]).as_u64());
 

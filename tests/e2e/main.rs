@@ -16,6 +16,7 @@ mod native_loader;
 mod nvidia;
 mod operate;
 mod pci;
+mod release;
 mod sharing;
 mod soak;
 mod vendor_crate;

@@ -1,7 +1,10 @@
-//! The wire contract of `proto/deviceplugin/v1beta1/api.proto`, checked
+//! The wire contracts of `proto/deviceplugin/v1beta1/api.proto`, checked
 //! against the project's API facts, `docs/device-plugin-api.md` §1 (1.1
-//! file options, 1.2 services and RPCs, 1.3 messages). The expected contract is transcribed below as tables, so a
-//! change on either side fails here. Every mismatch is reported at once.
+//! file options, 1.2 services and RPCs, 1.3 messages), and of
+//! `proto/podresources/v1/api.proto`, checked against
+//! `docs/pod-resources-api.md` §2. The expected contracts are transcribed
+//! below as tables, so a change on either side fails here. Every mismatch
+//! is reported at once.
 
 use prost::Message as _;
 use prost_types::field_descriptor_proto::{Label, Type};
@@ -14,7 +17,8 @@ enum Ty {
     String,
     Int32,
     Int64,
-    /// A message of package `v1beta1`.
+    UInt64,
+    /// A message of the contract's package.
     Msg(&'static str),
     /// `map<string, string>`: a repeated nested entry message, key=1 and
     /// value=2, both strings.
@@ -31,6 +35,116 @@ enum Card {
 use Card::{Repeated, Singular};
 
 struct Field(i32, &'static str, Ty, Card);
+
+/// One proto file's contract.
+struct Contract {
+    package: &'static str,
+    descriptors: &'static [u8],
+    go_package: &'static str,
+    messages: &'static [(&'static str, &'static [Field])],
+    services: &'static [(&'static str, &'static [Rpc])],
+}
+
+const DEVICE_PLUGIN: Contract = Contract {
+    package: "v1beta1",
+    descriptors: devhost::proto::FILE_DESCRIPTOR_SET,
+    go_package: "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1",
+    messages: MESSAGES,
+    services: SERVICES,
+};
+
+const POD_RESOURCES: Contract = Contract {
+    package: "v1",
+    descriptors: devhost::proto::POD_RESOURCES_DESCRIPTOR_SET,
+    go_package: "k8s.io/kubelet/pkg/apis/podresources/v1",
+    messages: POD_RESOURCES_MESSAGES,
+    services: POD_RESOURCES_SERVICES,
+};
+
+/// `docs/pod-resources-api.md` §2.2, in .proto declaration order (ours:
+/// the facts list upstream's order, which the wire does not depend on).
+const POD_RESOURCES_MESSAGES: &[(&str, &[Field])] = &[
+    ("AllocatableResourcesRequest", &[]),
+    (
+        "AllocatableResourcesResponse",
+        &[
+            Field(1, "devices", Ty::Msg("ContainerDevices"), Repeated),
+            Field(2, "cpu_ids", Ty::Int64, Repeated),
+            Field(3, "memory", Ty::Msg("ContainerMemory"), Repeated),
+        ],
+    ),
+    ("ListPodResourcesRequest", &[]),
+    ("ListPodResourcesResponse", &[Field(1, "pod_resources", Ty::Msg("PodResources"), Repeated)]),
+    (
+        "PodResources",
+        &[
+            Field(1, "name", Ty::String, Singular),
+            Field(2, "namespace", Ty::String, Singular),
+            Field(3, "containers", Ty::Msg("ContainerResources"), Repeated),
+        ],
+    ),
+    (
+        "ContainerResources",
+        &[
+            Field(1, "name", Ty::String, Singular),
+            Field(2, "devices", Ty::Msg("ContainerDevices"), Repeated),
+            Field(3, "cpu_ids", Ty::Int64, Repeated),
+            Field(4, "memory", Ty::Msg("ContainerMemory"), Repeated),
+            Field(5, "dynamic_resources", Ty::Msg("DynamicResource"), Repeated),
+        ],
+    ),
+    (
+        "ContainerMemory",
+        &[
+            Field(1, "memory_type", Ty::String, Singular),
+            Field(2, "size", Ty::UInt64, Singular),
+            Field(3, "topology", Ty::Msg("TopologyInfo"), Singular),
+        ],
+    ),
+    (
+        "ContainerDevices",
+        &[
+            Field(1, "resource_name", Ty::String, Singular),
+            Field(2, "device_ids", Ty::String, Repeated),
+            Field(3, "topology", Ty::Msg("TopologyInfo"), Singular),
+        ],
+    ),
+    ("TopologyInfo", &[Field(1, "nodes", Ty::Msg("NUMANode"), Repeated)]),
+    ("NUMANode", &[Field(1, "ID", Ty::Int64, Singular)]),
+    (
+        "DynamicResource",
+        &[
+            Field(2, "claim_name", Ty::String, Singular),
+            Field(3, "claim_namespace", Ty::String, Singular),
+            Field(4, "claim_resources", Ty::Msg("ClaimResource"), Repeated),
+        ],
+    ),
+    (
+        "ClaimResource",
+        &[
+            Field(1, "cdi_devices", Ty::Msg("CDIDevice"), Repeated),
+            Field(2, "driver_name", Ty::String, Singular),
+            Field(3, "pool_name", Ty::String, Singular),
+            Field(4, "device_name", Ty::String, Singular),
+        ],
+    ),
+    ("CDIDevice", &[Field(1, "name", Ty::String, Singular)]),
+    (
+        "GetPodResourcesRequest",
+        &[Field(1, "pod_name", Ty::String, Singular), Field(2, "pod_namespace", Ty::String, Singular)],
+    ),
+    ("GetPodResourcesResponse", &[Field(1, "pod_resources", Ty::Msg("PodResources"), Singular)]),
+];
+
+/// `docs/pod-resources-api.md` §2.1: every RPC unary.
+const POD_RESOURCES_SERVICES: &[(&str, &[Rpc])] = &[(
+    "PodResourcesLister",
+    &[
+        ("List", "ListPodResourcesRequest", "ListPodResourcesResponse", false),
+        ("GetAllocatableResources", "AllocatableResourcesRequest", "AllocatableResourcesResponse", false),
+        ("Get", "GetPodResourcesRequest", "GetPodResourcesResponse", false),
+    ],
+)];
 
 /// §1.3, in .proto declaration order.
 const MESSAGES: &[(&str, &[Field])] = &[
@@ -131,39 +245,59 @@ const SERVICES: &[(&str, &[Rpc])] = &[
     ),
 ];
 
-fn decode() -> FileDescriptorProto {
-    let set = FileDescriptorSet::decode(devhost::proto::FILE_DESCRIPTOR_SET).expect("FILE_DESCRIPTOR_SET decodes");
+fn decode(contract: &Contract) -> FileDescriptorProto {
+    let set = FileDescriptorSet::decode(contract.descriptors).expect("the descriptor set decodes");
     assert_eq!(set.file.len(), 1, "the descriptor set must hold exactly the one api.proto (no imports)");
     set.file.into_iter().next().expect("one file")
 }
 
-fn qualified(name: &str) -> String {
-    format!(".v1beta1.{name}")
+fn qualified(contract: &Contract, name: &str) -> String {
+    format!(".{}.{name}", contract.package)
 }
 
 #[test]
 fn file_level_contract_matches_api_facts_1_1() {
-    let file = decode();
+    check_file(&DEVICE_PLUGIN);
+}
+
+#[test]
+fn services_match_api_facts_1_2() {
+    check_services(&DEVICE_PLUGIN);
+}
+
+#[test]
+fn messages_match_api_facts_1_3() {
+    check_messages(&DEVICE_PLUGIN);
+}
+
+#[test]
+fn pod_resources_contract_matches_its_facts() {
+    check_file(&POD_RESOURCES);
+    check_services(&POD_RESOURCES);
+    check_messages(&POD_RESOURCES);
+}
+
+fn check_file(contract: &Contract) {
+    let file = decode(contract);
     assert_eq!(file.syntax(), "proto3");
-    assert_eq!(file.package(), "v1beta1", "package decides the /v1beta1. method paths");
+    assert_eq!(file.package(), contract.package, "package decides the method paths");
     assert!(file.dependency.is_empty(), "api.proto must import nothing, found {:?}", file.dependency);
     let options = file.options.clone().unwrap_or_default();
-    assert_eq!(options.go_package(), "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1");
+    assert_eq!(options.go_package(), contract.go_package);
     let only_go_package = prost_types::FileOptions { go_package: options.go_package.clone(), ..Default::default() };
     assert_eq!(options, only_go_package, "no file options besides go_package");
     assert!(file.enum_type.is_empty() && file.extension.is_empty(), "no enums or extensions");
 }
 
-#[test]
-fn services_match_api_facts_1_2() {
-    let file = decode();
+fn check_services(contract: &Contract) {
+    let file = decode(contract);
     let mut errors = Vec::new();
     let names: Vec<&str> = file.service.iter().map(|s| s.name()).collect();
-    let expected: Vec<&str> = SERVICES.iter().map(|(s, _)| *s).collect();
+    let expected: Vec<&str> = contract.services.iter().map(|(s, _)| *s).collect();
     if names.len() != expected.len() || expected.iter().any(|e| !names.contains(e)) {
         errors.push(format!("services: expected {expected:?}, found {names:?}"));
     }
-    for (service, rpcs) in SERVICES {
+    for (service, rpcs) in contract.services {
         let Some(found) = file.service.iter().find(|s| s.name() == *service) else {
             continue;
         };
@@ -176,12 +310,13 @@ fn services_match_api_facts_1_2() {
             let Some(m) = found.method.iter().find(|m| m.name() == *rpc) else {
                 continue;
             };
-            let path = format!("/v1beta1.{service}/{rpc}");
-            if m.input_type() != qualified(input) {
-                errors.push(format!("{path}: request {:?}, expected {:?}", m.input_type(), qualified(input)));
+            let path = format!("/{}.{service}/{rpc}", contract.package);
+            let (input, output) = (qualified(contract, input), qualified(contract, output));
+            if m.input_type() != input {
+                errors.push(format!("{path}: request {:?}, expected {input:?}", m.input_type()));
             }
-            if m.output_type() != qualified(output) {
-                errors.push(format!("{path}: response {:?}, expected {:?}", m.output_type(), qualified(output)));
+            if m.output_type() != output {
+                errors.push(format!("{path}: response {:?}, expected {output:?}", m.output_type()));
             }
             if m.client_streaming() {
                 errors.push(format!("{path}: must not be client-streaming"));
@@ -194,25 +329,24 @@ fn services_match_api_facts_1_2() {
     assert!(errors.is_empty(), "service contract drift:\n{}", errors.join("\n"));
 }
 
-#[test]
-fn messages_match_api_facts_1_3() {
-    let file = decode();
+fn check_messages(contract: &Contract) {
+    let file = decode(contract);
     let mut errors = Vec::new();
     let found: Vec<&str> = file.message_type.iter().map(|m| m.name()).collect();
-    let expected: Vec<&str> = MESSAGES.iter().map(|(m, _)| *m).collect();
+    let expected: Vec<&str> = contract.messages.iter().map(|(m, _)| *m).collect();
     if found != expected {
         errors.push(format!("messages: expected {expected:?} in order, found {found:?}"));
     }
-    for (name, fields) in MESSAGES {
+    for (name, fields) in contract.messages {
         match file.message_type.iter().find(|m| m.name() == *name) {
-            Some(message) => check_message(message, fields, &mut errors),
+            Some(message) => check_message(contract, message, fields, &mut errors),
             None => errors.push(format!("{name}: missing")),
         }
     }
     assert!(errors.is_empty(), "message contract drift:\n{}", errors.join("\n"));
 }
 
-fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec<String>) {
+fn check_message(contract: &Contract, message: &DescriptorProto, expected: &[Field], errors: &mut Vec<String>) {
     let name = message.name();
     if !message.oneof_decl.is_empty() || !message.enum_type.is_empty() {
         errors.push(format!("{name}: unexpected oneofs or enums"));
@@ -242,17 +376,18 @@ fn check_message(message: &DescriptorProto, expected: &[Field], errors: &mut Vec
             Ty::StringMap => {
                 let entry = format!("{}Entry", camel(field_name));
                 map_entries.push(entry.clone());
-                check_type(field, Type::Message, &format!(".v1beta1.{name}.{entry}"), &at, errors);
+                check_type(field, Type::Message, &qualified(contract, &format!("{name}.{entry}")), &at, errors);
                 match message.nested_type.iter().find(|n| n.name() == entry) {
                     Some(nested) => check_map_entry(nested, &at, errors),
                     None => errors.push(format!("{at}: map entry message {entry} missing")),
                 }
             }
-            Ty::Msg(target) => check_type(field, Type::Message, &qualified(target), &at, errors),
+            Ty::Msg(target) => check_type(field, Type::Message, &qualified(contract, target), &at, errors),
             Ty::Bool => check_type(field, Type::Bool, "", &at, errors),
             Ty::String => check_type(field, Type::String, "", &at, errors),
             Ty::Int32 => check_type(field, Type::Int32, "", &at, errors),
             Ty::Int64 => check_type(field, Type::Int64, "", &at, errors),
+            Ty::UInt64 => check_type(field, Type::Uint64, "", &at, errors),
         }
     }
     let nested: Vec<&str> = message.nested_type.iter().map(|n| n.name()).collect();

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::handle::BackendHandle;
 use crate::config::{HostConfig, LoadedBackends, load_backends};
+use crate::holders::{Holder, Holdings};
 use crate::model::{AttributeValue, Device, REPLICA_SEPARATOR};
 
 /// `devhost config check`: prints every problem; exit 0 only if none.
@@ -90,12 +91,20 @@ struct ListedDevice {
     /// ABI 1.1: name → quantity.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     capacities: BTreeMap<String, String>,
+    /// The containers holding it (`namespace/pod/container`), as the
+    /// kubelet's PodResources API says; absent when it could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held_by: Option<Vec<String>>,
 }
 
 impl ListedDevice {
     /// One advertised device, with what its backend said about it (a
     /// shared device's replicas each show their device's attributes).
-    fn new(advertised: &crate::proto::v1beta1::Device, published: &BTreeMap<&str, &Device>) -> Self {
+    fn new(
+        advertised: &crate::proto::v1beta1::Device,
+        published: &BTreeMap<&str, &Device>,
+        holders: Option<&BTreeMap<String, Vec<Holder>>>,
+    ) -> Self {
         let base = advertised.id.split_once(REPLICA_SEPARATOR).map_or(advertised.id.as_str(), |(base, _)| base);
         let device = published.get(advertised.id.as_str()).or_else(|| published.get(base));
         ListedDevice {
@@ -106,6 +115,8 @@ impl ListedDevice {
                 .map(|d| d.attributes.iter().map(|(name, value)| (name.clone(), attribute_json(value))).collect())
                 .unwrap_or_default(),
             capacities: device.map(|d| d.capacities.clone()).unwrap_or_default(),
+            held_by: holders
+                .map(|holders| holders.get(&advertised.id).into_iter().flatten().map(ToString::to_string).collect()),
         }
     }
 }
@@ -137,6 +148,7 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let holdings = holdings(&config).await;
     let loaded = load_backends(&config.backends_dir, config.call_timeout);
     let mut listed: Vec<ListedBackend> = loaded
         .errors
@@ -151,7 +163,7 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
         })
         .collect();
     for backend in &loaded.backends {
-        listed.push(list_backend(backend).await);
+        listed.push(list_backend(backend, holdings.as_ref()).await);
     }
     listed.sort_by(|a, b| a.file.cmp(&b.file));
     let failed = listed.iter().any(|b| b.error.is_some());
@@ -166,7 +178,24 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
+/// Who holds which device, if the kubelet's PodResources API answers. Off
+/// a node (no socket) nothing is said; a socket that does not answer is
+/// noted on stderr.
+async fn holdings(config: &HostConfig) -> Option<Holdings> {
+    let socket = config.pod_resources.socket.as_ref().filter(|socket| socket.exists())?;
+    match crate::holders::client::holdings_once(socket, HOLDINGS_TIMEOUT).await {
+        Ok(holdings) => Some(holdings),
+        Err(error) => {
+            eprintln!("devhost: not showing who holds each device: {error}");
+            None
+        }
+    }
+}
+
+/// How long `devhost list` waits for the kubelet to say who holds what.
+const HOLDINGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn list_backend(config: &crate::config::BackendConfig, holdings: Option<&Holdings>) -> ListedBackend {
     let mut listed = ListedBackend {
         backend: config.name.clone(),
         file: config.file.clone(),
@@ -195,7 +224,14 @@ async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
                     name: spec.name.clone(),
                     pre_start_required: spec.pre_start_required,
                     preferred_allocation: spec.preferred_allocation,
-                    devices: snapshot.response.devices.iter().map(|d| ListedDevice::new(d, &published)).collect(),
+                    devices: snapshot
+                        .response
+                        .devices
+                        .iter()
+                        .map(|d| {
+                            ListedDevice::new(d, &published, holdings.map(|h| h.get(&spec.name).unwrap_or(&NOBODY)))
+                        })
+                        .collect(),
                 });
             }
             handle.shutdown().await;
@@ -205,6 +241,9 @@ async fn list_backend(config: &crate::config::BackendConfig) -> ListedBackend {
     stop.cancel();
     listed
 }
+
+/// The holders of a resource nobody holds anything of.
+static NOBODY: BTreeMap<String, Vec<Holder>> = BTreeMap::new();
 
 fn print_table(listed: &[ListedBackend]) {
     println!("{:<16} {:<32} {:<24} {:<10} NUMA", "BACKEND", "RESOURCE", "DEVICE", "HEALTH");
@@ -235,6 +274,7 @@ fn print_table(listed: &[ListedBackend]) {
                     .iter()
                     .map(|(name, value)| format!("{name}={}", attribute_text(value)))
                     .chain(device.capacities.iter().map(|(name, quantity)| format!("{name}={quantity}")))
+                    .chain(device.held_by.iter().flatten().map(|holder| format!("held by {holder}")))
                     .collect();
                 if !info.is_empty() {
                     println!("{:<16} {:<32} {:<24} {}", "", "", "", info.join(" "));

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
+use crate::holders::PodResourcesSettings;
 use crate::proto::{DEFAULT_PLUGIN_DIR, KUBELET_SOCKET_NAME};
 
 /// Where container runtimes look for CDI specs written at run time.
@@ -47,6 +48,8 @@ pub struct HostConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Where CDI spec files are written for resources with `cdi = true`.
     pub cdi_dir: PathBuf,
+    /// How devhost learns who holds which device (`[pod_resources]`).
+    pub pod_resources: PodResourcesSettings,
 }
 
 /// Command-line values that take precedence over the file.
@@ -69,6 +72,16 @@ struct RawHost {
     cdi_dir: Option<PathBuf>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    pod_resources: RawPodResources,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPodResources {
+    socket: Option<PathBuf>,
+    interval_ms: Option<toml::Spanned<u64>>,
+    restart_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +172,23 @@ impl HostConfig {
         if let Some(dir) = raw.cdi_dir {
             config.cdi_dir = base.join(dir);
         }
+        let pod_resources = raw.pod_resources;
+        match pod_resources.socket {
+            // `socket = ""` turns the client off.
+            Some(socket) if socket.as_os_str().is_empty() => config.pod_resources.socket = None,
+            Some(socket) => config.pod_resources.socket = Some(base.join(socket)),
+            None => {}
+        }
+        if let Some(ms) = pod_resources.interval_ms {
+            if *ms.get_ref() < 100 {
+                let message = "pod_resources.interval_ms must be at least 100 (the kubelet allows 100 calls a second for every client together)";
+                return Err(ConfigError::at(path, source, ms.span(), message));
+            }
+            config.pod_resources.interval = Duration::from_millis(*ms.get_ref());
+        }
+        if let Some(ms) = pod_resources.restart_grace_ms {
+            config.pod_resources.restart_grace = Duration::from_millis(ms);
+        }
         Ok(config)
     }
 
@@ -199,6 +229,7 @@ impl HostConfig {
             log_level: log.level.map_or_else(|| "info".to_owned(), toml::Spanned::into_inner),
             metrics_address: Some(default_metrics_address()),
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
+            pod_resources: PodResourcesSettings::default(),
         }
     }
 }
@@ -235,6 +266,28 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.cdi_dir, Path::new("/var/run/cdi"));
         assert_eq!(config.metrics_address, Some(default_metrics_address()));
+        assert_eq!(
+            config.pod_resources.socket.as_deref(),
+            Some(Path::new("/var/lib/kubelet/pod-resources/kubelet.sock"))
+        );
+        assert_eq!(config.pod_resources.interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_pod_resources_client_is_configurable_and_can_be_turned_off() {
+        let config = parse("[pod_resources]\nsocket = \"pr/kubelet.sock\"\ninterval_ms = 250\nrestart_grace_ms = 0\n")
+            .expect("valid");
+        assert_eq!(config.pod_resources.socket.as_deref(), Some(Path::new("/etc/devhost/pr/kubelet.sock")));
+        assert_eq!(config.pod_resources.interval, Duration::from_millis(250));
+        assert_eq!(config.pod_resources.restart_grace, Duration::ZERO);
+        assert_eq!(parse("[pod_resources]\nsocket = \"\"\n").expect("off").pod_resources.socket, None);
+        let error = parse("[pod_resources]\ninterval_ms = 5\n").expect_err("too often");
+        assert!(
+            error
+                .to_string()
+                .starts_with("/etc/devhost/devhost.toml:2:15: pod_resources.interval_ms must be at least 100"),
+            "{error}"
+        );
     }
 
     #[test]

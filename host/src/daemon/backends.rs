@@ -43,6 +43,8 @@ pub struct Context<'a> {
     pub instance: &'a str,
     /// Where CDI specs go.
     pub cdi_dir: &'a Path,
+    /// Who holds which device, from the kubelet.
+    pub assignments: &'a crate::holders::AssignmentsWatch,
 }
 
 /// The set of running backends.
@@ -304,6 +306,14 @@ fn spawn_resources(
             dir_events: context.watcher.subscribe(),
             shutdown: stop.clone(),
         };
+        let usage = crate::holders::release::UsageTask {
+            spec: spec.clone(),
+            state: state.clone(),
+            backend: handle.clone(),
+            assignments: context.assignments.clone(),
+            shutdown: stop.clone(),
+        };
+        tasks.spawn(usage.run().instrument(tracing::info_span!("usage", resource = %spec.name)));
         telemetry::global().add_resource(state);
         let span = tracing::info_span!("resource", resource = %spec.name, backend = %handle.name());
         tasks.spawn(task.run().instrument(span));

@@ -65,12 +65,14 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
     let watcher = PluginDirWatcher::start(&config.plugin_dir)
         .map_err(|source| DaemonError::Watch { dir: config.plugin_dir.clone(), source })?;
     let instance = socket::instance_id();
+    let assignments = crate::holders::follow(&config.pod_resources, shutdown.clone());
     let context = backends::Context {
         plugin_dir: &config.plugin_dir,
         kubelet_socket: &config.kubelet_socket,
         watcher: &watcher,
         instance: &instance,
         cdi_dir: &config.cdi_dir,
+        assignments: &assignments,
     };
 
     let (reload, mut reloads) = mpsc::channel::<&'static str>(1);

@@ -56,8 +56,10 @@ async fn demo() -> anyhow::Result<()> {
     println!("{GPU} (gpu-0 on NUMA node 0, gpu-1 on node 1) and {LICENSE} (two seats).");
 
     let kubelet = FakeKubelet::start(&plugin_dir).await?;
-    let config =
+    let mut config =
         HostConfig::defaults(&config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
+    // Not this machine's kubelet: the demo's pods are imaginary.
+    config.pod_resources.socket = None;
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn({
         let shutdown = shutdown.clone();

@@ -19,6 +19,7 @@
 mod calls;
 mod error;
 mod names;
+mod pod_resources;
 mod registration;
 mod state;
 #[cfg(test)]
@@ -36,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
 pub use self::error::FakeKubeletError;
+pub use self::pod_resources::FakePodResources;
 use self::registration::{Generation, RegistrationService};
 use self::state::{ResourceState, Shared, render_devices};
 use crate::proto::KUBELET_SOCKET_NAME;

@@ -278,14 +278,14 @@ impl DevicePlugin for DevicePluginService {
             for container in containers {
                 let ids = self.real_ids(&container.devices_ids)?;
                 let resource = self.spec.name.clone();
-                if self.cdi {
-                    let snapshot = self.state.snapshot();
-                    if let Some((id, why)) = ids.iter().find_map(|id| Some((id, snapshot.withheld.get(id)?))) {
-                        // Its CDI name would not resolve in the runtime.
-                        return Err(Status::failed_precondition(format!(
-                            "resource {resource:?}: device {id:?} cannot be handed out: {why}"
-                        )));
-                    }
+                // A withheld device is not handed out even if the kubelet's
+                // view lags: its CDI name would not resolve in the runtime,
+                // or it is being scrubbed for its next tenant.
+                let snapshot = self.state.snapshot();
+                if let Some((id, why)) = ids.iter().find_map(|id| Some((id, snapshot.withheld.get(id)?))) {
+                    return Err(Status::failed_precondition(format!(
+                        "resource {resource:?}: device {id:?} cannot be handed out: {why}"
+                    )));
                 }
                 let cdi_names: Vec<String> = if self.cdi {
                     ids.iter().map(|id| crate::cdi::device_name(&resource, id)).collect()

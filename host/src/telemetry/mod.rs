@@ -86,6 +86,11 @@ pub struct Telemetry {
     streams: Family<ResourceLabel, Gauge>,
     registered: Family<ResourceLabel, Gauge>,
     refused: Family<RefusedLabels, Counter>,
+    in_use: Family<ResourceLabel, Gauge>,
+    releases: Family<ResourceLabel, Counter>,
+    release_failures: Family<ResourceLabel, Counter>,
+    release_seconds: Family<ResourceLabel, Histogram>,
+    pod_resources_up: Gauge,
     open_descriptors: Gauge,
     descriptor_limit: Gauge,
     resources: Mutex<Resources>,
@@ -111,6 +116,11 @@ impl std::fmt::Debug for Telemetry {
 pub fn global() -> &'static Telemetry {
     static GLOBAL: OnceLock<Telemetry> = OnceLock::new();
     GLOBAL.get_or_init(Telemetry::new)
+}
+
+fn release_histogram() -> Histogram {
+    // 1 ms to ~65 s: a scrub can take a while.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
 fn rpc_histogram() -> Histogram {
@@ -172,6 +182,38 @@ impl Telemetry {
             "Connections not served, by listener (resource, metrics) and reason: descriptors (out of descriptors or memory; accepting backs off) or cap (the metrics server's connection cap)",
             refused.clone(),
         );
+        let in_use = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "devices_in_use",
+            "Devices of the resource some container holds, as the kubelet's PodResources API says (absent while it cannot be read)",
+            in_use.clone(),
+        );
+        let releases = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "device_releases",
+            "Devices released (ABI 1.1 release) for their next tenant",
+            releases.clone(),
+        );
+        let release_failures = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "device_release_failures",
+            "Devices whose release failed (each stays Unhealthy until a later release succeeds)",
+            release_failures.clone(),
+        );
+        let release_seconds =
+            Family::<ResourceLabel, Histogram>::new_with_constructor(release_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "device_release_duration",
+            "Time one release call took, by resource",
+            Unit::Seconds,
+            release_seconds.clone(),
+        );
+        let pod_resources_up = Gauge::default();
+        registry.register(
+            "pod_resources_up",
+            "1 while the kubelet's PodResources API answers (who holds which device), 0 while it does not",
+            pod_resources_up.clone(),
+        );
         let open_descriptors = Gauge::default();
         registry.register("open_descriptors", "File descriptors devhost has open", open_descriptors.clone());
         let descriptor_limit = Gauge::default();
@@ -197,6 +239,11 @@ impl Telemetry {
             streams,
             registered,
             refused,
+            in_use,
+            releases,
+            release_failures,
+            release_seconds,
+            pod_resources_up,
             open_descriptors,
             descriptor_limit,
             resources: Mutex::new(Resources::default()),
@@ -235,9 +282,37 @@ impl Telemetry {
         resources.registered.remove(resource);
         let label = ResourceLabel { resource: resource.to_owned() };
         self.registered.remove(&label);
+        self.in_use.remove(&label);
         for health in [Health::Healthy, Health::Unhealthy] {
             self.devices.remove(&DeviceLabels { resource: resource.to_owned(), health: health.as_str().to_owned() });
         }
+    }
+
+    /// How many devices of `resource` containers hold; `None` while the
+    /// PodResources API cannot tell (the series is removed, not left stale).
+    pub fn devices_in_use(&self, resource: &str, count: Option<usize>) {
+        let label = ResourceLabel { resource: resource.to_owned() };
+        match count {
+            Some(count) => {
+                self.in_use.get_or_create(&label).set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+            None => {
+                self.in_use.remove(&label);
+            }
+        }
+    }
+
+    /// One `release` call for `devices` devices of `resource` ended.
+    pub fn released(&self, resource: &str, devices: usize, ok: bool, elapsed: Duration) {
+        let label = ResourceLabel { resource: resource.to_owned() };
+        let counter = if ok { &self.releases } else { &self.release_failures };
+        counter.get_or_create(&label).inc_by(u64::try_from(devices).unwrap_or(u64::MAX));
+        self.release_seconds.get_or_create(&label).observe(elapsed.as_secs_f64());
+    }
+
+    /// Whether the kubelet's PodResources API answered the last time.
+    pub fn pod_resources_up(&self, up: bool) {
+        self.pod_resources_up.set(i64::from(up));
     }
 
     /// The resource registered with the kubelet.

@@ -55,6 +55,9 @@ backends_dir = "backends.d"
 call_timeout_ms = {{ .Values.callTimeoutMs | int }}
 metrics_address = "0.0.0.0:{{ .Values.metrics.port | int }}"
 
+[pod_resources]
+socket = "{{ .Values.podResourcesDir }}/kubelet.sock"
+
 [log]
 format = {{ .Values.log.format | quote }}
 level = {{ .Values.log.level | quote }}
