@@ -6,6 +6,7 @@ mod bulkheads;
 mod check;
 mod cli;
 mod deploy;
+mod docs;
 mod generic;
 mod harness;
 mod host;
