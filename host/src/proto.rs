@@ -17,12 +17,46 @@ mod list;
 /// `proto/podresources/v1/api.proto`; facts in `docs/pod-resources-api.md`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod podresources {
-    tonic::include_proto!("v1");
+    include!(concat!(env!("OUT_DIR"), "/podresources/v1.rs"));
 }
 
 /// The compiled `FileDescriptorSet` of the PodResources proto.
 pub const POD_RESOURCES_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/podresources_descriptor.bin"));
+
+/// The kubelet's DRA APIs (`docs/dra-api.md`): `DRAPlugin` in its `v1` and
+/// `v1beta1` packages, `DRAResourceHealth` v1, and the plugin watcher's
+/// `pluginregistration` through which a DRA driver registers.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod dra {
+    /// `k8s.io.kubelet.pkg.apis.dra.v1`.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/dra_v1/k8s.io.kubelet.pkg.apis.dra.v1.rs"));
+    }
+    /// `k8s.io.kubelet.pkg.apis.dra.v1beta1`: the same contract for
+    /// kubelets 1.32 and 1.33.
+    pub mod v1beta1 {
+        include!(concat!(env!("OUT_DIR"), "/dra_v1beta1/k8s.io.kubelet.pkg.apis.dra.v1beta1.rs"));
+    }
+    /// `DRAResourceHealth`, package `v1`.
+    pub mod health {
+        include!(concat!(env!("OUT_DIR"), "/dra_health/v1.rs"));
+    }
+    /// The plugin watcher's `pluginregistration` package.
+    pub mod pluginregistration {
+        include!(concat!(env!("OUT_DIR"), "/pluginregistration/pluginregistration.rs"));
+    }
+
+    /// The compiled descriptor sets, for wire-contract tests.
+    pub const V1_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dra_v1_descriptor.bin"));
+    /// See [`V1_DESCRIPTOR_SET`].
+    pub const V1BETA1_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dra_v1beta1_descriptor.bin"));
+    /// See [`V1_DESCRIPTOR_SET`].
+    pub const HEALTH_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dra_health_descriptor.bin"));
+    /// See [`V1_DESCRIPTOR_SET`].
+    pub const PLUGIN_REGISTRATION_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/pluginregistration_descriptor.bin"));
+}
 /// The kubelet's PodResources socket under its default root directory.
 pub const DEFAULT_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
 /// The receive limit for PodResources answers: a `List` on a big node can

@@ -23,6 +23,11 @@ enum Ty {
     /// `map<string, string>`: a repeated nested entry message, key=1 and
     /// value=2, both strings.
     StringMap,
+    /// `map<string, M>`: as `StringMap`, with a message of the package as
+    /// the value.
+    MsgMap(&'static str),
+    /// An enum of the package.
+    Enum(&'static str),
 }
 
 /// Label column: `repeated` or singular.
@@ -43,6 +48,8 @@ struct Contract {
     go_package: &'static str,
     messages: &'static [(&'static str, &'static [Field])],
     services: &'static [(&'static str, &'static [Rpc])],
+    /// Enum name and its values (name, number), in order.
+    enums: &'static [(&'static str, &'static [(&'static str, i32)])],
 }
 
 const DEVICE_PLUGIN: Contract = Contract {
@@ -51,6 +58,7 @@ const DEVICE_PLUGIN: Contract = Contract {
     go_package: "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1",
     messages: MESSAGES,
     services: SERVICES,
+    enums: &[],
 };
 
 const POD_RESOURCES: Contract = Contract {
@@ -59,6 +67,125 @@ const POD_RESOURCES: Contract = Contract {
     go_package: "k8s.io/kubelet/pkg/apis/podresources/v1",
     messages: POD_RESOURCES_MESSAGES,
     services: POD_RESOURCES_SERVICES,
+    enums: &[],
+};
+
+const DRA_V1: Contract = Contract {
+    package: "k8s.io.kubelet.pkg.apis.dra.v1",
+    descriptors: devhost::proto::dra::V1_DESCRIPTOR_SET,
+    go_package: "k8s.io/kubelet/pkg/apis/dra/v1",
+    messages: DRA_MESSAGES,
+    services: DRA_SERVICES,
+    enums: &[],
+};
+
+const DRA_V1BETA1: Contract = Contract {
+    package: "k8s.io.kubelet.pkg.apis.dra.v1beta1",
+    descriptors: devhost::proto::dra::V1BETA1_DESCRIPTOR_SET,
+    go_package: "k8s.io/kubelet/pkg/apis/dra/v1beta1",
+    messages: DRA_MESSAGES,
+    services: DRA_SERVICES,
+    enums: &[],
+};
+
+/// `docs/dra-api.md` §1 (ours in .proto order: the facts list no order).
+const DRA_MESSAGES: &[(&str, &[Field])] = &[
+    ("NodePrepareResourcesRequest", &[Field(1, "claims", Ty::Msg("Claim"), Repeated)]),
+    ("NodePrepareResourcesResponse", &[Field(1, "claims", Ty::MsgMap("NodePrepareResourceResponse"), Repeated)]),
+    (
+        "NodePrepareResourceResponse",
+        &[Field(1, "devices", Ty::Msg("Device"), Repeated), Field(2, "error", Ty::String, Singular)],
+    ),
+    (
+        "Device",
+        &[
+            Field(1, "request_names", Ty::String, Repeated),
+            Field(2, "pool_name", Ty::String, Singular),
+            Field(3, "device_name", Ty::String, Singular),
+            Field(4, "cdi_device_ids", Ty::String, Repeated),
+        ],
+    ),
+    ("NodeUnprepareResourcesRequest", &[Field(1, "claims", Ty::Msg("Claim"), Repeated)]),
+    ("NodeUnprepareResourcesResponse", &[Field(1, "claims", Ty::MsgMap("NodeUnprepareResourceResponse"), Repeated)]),
+    ("NodeUnprepareResourceResponse", &[Field(1, "error", Ty::String, Singular)]),
+    (
+        "Claim",
+        &[
+            Field(1, "namespace", Ty::String, Singular),
+            Field(2, "uid", Ty::String, Singular),
+            Field(3, "name", Ty::String, Singular),
+        ],
+    ),
+];
+
+const DRA_SERVICES: &[(&str, &[Rpc])] = &[(
+    "DRAPlugin",
+    &[
+        ("NodePrepareResources", "NodePrepareResourcesRequest", "NodePrepareResourcesResponse", false),
+        ("NodeUnprepareResources", "NodeUnprepareResourcesRequest", "NodeUnprepareResourcesResponse", false),
+    ],
+)];
+
+/// `docs/dra-api.md` §3.
+const DRA_HEALTH: Contract = Contract {
+    package: "v1",
+    descriptors: devhost::proto::dra::HEALTH_DESCRIPTOR_SET,
+    go_package: "k8s.io/kubelet/pkg/apis/dra-health/v1",
+    messages: &[
+        ("NodeWatchResourcesRequest", &[]),
+        ("NodeWatchResourcesResponse", &[Field(1, "devices", Ty::Msg("DeviceHealth"), Repeated)]),
+        (
+            "DeviceHealth",
+            &[
+                Field(1, "device", Ty::Msg("DeviceIdentifier"), Singular),
+                Field(2, "health", Ty::Enum("HealthStatus"), Singular),
+                Field(3, "last_updated_time", Ty::Int64, Singular),
+                Field(4, "health_check_timeout_seconds", Ty::Int64, Singular),
+                Field(5, "message", Ty::String, Singular),
+            ],
+        ),
+        (
+            "DeviceIdentifier",
+            &[Field(1, "pool_name", Ty::String, Singular), Field(2, "device_name", Ty::String, Singular)],
+        ),
+    ],
+    services: &[(
+        "DRAResourceHealth",
+        &[("NodeWatchResources", "NodeWatchResourcesRequest", "NodeWatchResourcesResponse", true)],
+    )],
+    enums: &[("HealthStatus", &[("UNKNOWN", 0), ("HEALTHY", 1), ("UNHEALTHY", 2)])],
+};
+
+/// `docs/device-plugin-api.md` §1.6.
+const PLUGIN_REGISTRATION: Contract = Contract {
+    package: "pluginregistration",
+    descriptors: devhost::proto::dra::PLUGIN_REGISTRATION_DESCRIPTOR_SET,
+    go_package: "k8s.io/kubelet/pkg/apis/pluginregistration/v1",
+    messages: &[
+        (
+            "PluginInfo",
+            &[
+                Field(1, "type", Ty::String, Singular),
+                Field(2, "name", Ty::String, Singular),
+                Field(3, "endpoint", Ty::String, Singular),
+                Field(4, "supported_versions", Ty::String, Repeated),
+            ],
+        ),
+        (
+            "RegistrationStatus",
+            &[Field(1, "plugin_registered", Ty::Bool, Singular), Field(2, "error", Ty::String, Singular)],
+        ),
+        ("RegistrationStatusResponse", &[]),
+        ("InfoRequest", &[]),
+    ],
+    services: &[(
+        "Registration",
+        &[
+            ("GetInfo", "InfoRequest", "PluginInfo", false),
+            ("NotifyRegistrationStatus", "RegistrationStatus", "RegistrationStatusResponse", false),
+        ],
+    )],
+    enums: &[],
 };
 
 /// `docs/pod-resources-api.md` §2.2, in .proto declaration order (ours:
@@ -272,9 +399,29 @@ fn messages_match_api_facts_1_3() {
 
 #[test]
 fn pod_resources_contract_matches_its_facts() {
-    check_file(&POD_RESOURCES);
-    check_services(&POD_RESOURCES);
-    check_messages(&POD_RESOURCES);
+    check_all(&POD_RESOURCES);
+}
+
+#[test]
+fn dra_plugin_contract_matches_its_facts_in_both_packages() {
+    check_all(&DRA_V1);
+    check_all(&DRA_V1BETA1);
+}
+
+#[test]
+fn dra_health_contract_matches_its_facts() {
+    check_all(&DRA_HEALTH);
+}
+
+#[test]
+fn plugin_registration_contract_matches_its_facts() {
+    check_all(&PLUGIN_REGISTRATION);
+}
+
+fn check_all(contract: &Contract) {
+    check_file(contract);
+    check_services(contract);
+    check_messages(contract);
 }
 
 fn check_file(contract: &Contract) {
@@ -286,7 +433,12 @@ fn check_file(contract: &Contract) {
     assert_eq!(options.go_package(), contract.go_package);
     let only_go_package = prost_types::FileOptions { go_package: options.go_package.clone(), ..Default::default() };
     assert_eq!(options, only_go_package, "no file options besides go_package");
-    assert!(file.enum_type.is_empty() && file.extension.is_empty(), "no enums or extensions");
+    assert!(file.extension.is_empty(), "no extensions");
+    let enums: Vec<(&str, Vec<(&str, i32)>)> =
+        file.enum_type.iter().map(|e| (e.name(), e.value.iter().map(|v| (v.name(), v.number())).collect())).collect();
+    let expected: Vec<(&str, Vec<(&str, i32)>)> =
+        contract.enums.iter().map(|(name, values)| (*name, values.to_vec())).collect();
+    assert_eq!(enums, expected, "{}: enums and their values", contract.package);
 }
 
 fn check_services(contract: &Contract) {
@@ -373,12 +525,22 @@ fn check_message(contract: &Contract, message: &DescriptorProto, expected: &[Fie
             errors.push(format!("{at}: must be implicit-presence, not `optional` or in a oneof"));
         }
         match ty {
+            Ty::MsgMap(value) => {
+                let entry = format!("{}Entry", camel(field_name));
+                map_entries.push(entry.clone());
+                check_type(field, Type::Message, &qualified(contract, &format!("{name}.{entry}")), &at, errors);
+                match message.nested_type.iter().find(|n| n.name() == entry) {
+                    Some(nested) => check_map_entry(contract, nested, Some(value), &at, errors),
+                    None => errors.push(format!("{at}: map entry message {entry} missing")),
+                }
+            }
+            Ty::Enum(target) => check_type(field, Type::Enum, &qualified(contract, target), &at, errors),
             Ty::StringMap => {
                 let entry = format!("{}Entry", camel(field_name));
                 map_entries.push(entry.clone());
                 check_type(field, Type::Message, &qualified(contract, &format!("{name}.{entry}")), &at, errors);
                 match message.nested_type.iter().find(|n| n.name() == entry) {
-                    Some(nested) => check_map_entry(nested, &at, errors),
+                    Some(nested) => check_map_entry(contract, nested, None, &at, errors),
                     None => errors.push(format!("{at}: map entry message {entry} missing")),
                 }
             }
@@ -405,15 +567,24 @@ fn check_type(field: &FieldDescriptorProto, ty: Type, type_name: &str, at: &str,
     }
 }
 
-/// `map<string, string>`: an entry message marked `map_entry`, with
-/// `string key = 1` and `string value = 2`.
-fn check_map_entry(entry: &DescriptorProto, at: &str, errors: &mut Vec<String>) {
+/// `map<string, V>`: an entry message marked `map_entry`, with
+/// `string key = 1` and `V value = 2` (a string, or the message `value`).
+fn check_map_entry(
+    contract: &Contract,
+    entry: &DescriptorProto,
+    value: Option<&str>,
+    at: &str,
+    errors: &mut Vec<String>,
+) {
     if !entry.options.as_ref().is_some_and(|o| o.map_entry()) {
         errors.push(format!("{at}: {} is not marked map_entry", entry.name()));
     }
-    let found: Vec<(i32, &str, Type, Label)> =
-        entry.field.iter().map(|f| (f.number(), f.name(), f.r#type(), f.label())).collect();
-    let wanted = vec![(1, "key", Type::String, Label::Optional), (2, "value", Type::String, Label::Optional)];
+    let found: Vec<(i32, &str, Type, Label, &str)> =
+        entry.field.iter().map(|f| (f.number(), f.name(), f.r#type(), f.label(), f.type_name())).collect();
+    let value_type = value.map(|v| qualified(contract, v)).unwrap_or_default();
+    let kind = if value.is_some() { Type::Message } else { Type::String };
+    let wanted =
+        vec![(1, "key", Type::String, Label::Optional, ""), (2, "value", kind, Label::Optional, value_type.as_str())];
     if found != wanted {
         errors.push(format!("{at}: map entry fields expected {wanted:?}, found {found:?}"));
     }
