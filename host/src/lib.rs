@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod demo;
 pub mod device_info;
 pub mod device_state;
+pub mod dra;
 pub mod fake_kubelet;
 pub mod holders;
 pub mod loader;

@@ -67,10 +67,14 @@ pub enum ReplicaPolicy {
 pub const REPLICA_SEPARATOR: &str = "::";
 
 /// Host-side settings of one resource, from its backend's file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ResourceSettings {
     /// Sharing of its devices between containers.
     pub sharing: Sharing,
     /// Write a CDI spec for it and answer Allocate with CDI names.
     pub cdi: bool,
+    /// `api = "dra"`: the DRA driver name it is served as, instead of
+    /// through the device plugin API (never both: the DRA scheduler does
+    /// not see device-plugin allocations).
+    pub dra_driver: Option<String>,
 }

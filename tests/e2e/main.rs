@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod deploy;
 mod docs;
+mod dra;
 mod generic;
 mod harness;
 mod host;

@@ -1,7 +1,9 @@
 //! `[resources."<name>"]` in a backend file: host-side settings of one of
 //! the backend's resources, for any kind of backend: `replicas` (share each
-//! device between N containers), `replica_policy` (`spread` or `pack`) and
-//! `cdi` (write a CDI spec and answer Allocate with CDI names).
+//! device between N containers), `replica_policy` (`spread` or `pack`),
+//! `cdi` (write a CDI spec and answer Allocate with CDI names), and `api`
+//! (`"device-plugin"`, the default, or `"dra"`, with an optional `driver`
+//! name).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,6 +27,16 @@ pub(super) struct RawResourceSettings {
     replica_policy: Option<ReplicaPolicy>,
     #[serde(default)]
     cdi: bool,
+    api: Option<Api>,
+    driver: Option<Spanned<String>>,
+}
+
+/// Which Kubernetes API serves the resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Api {
+    DevicePlugin,
+    Dra,
 }
 
 /// Validates every `[resources."<name>"]` table of `file`.
@@ -38,7 +50,7 @@ pub(super) fn parse(
         resource_name::validate(name.get_ref())
             .map_err(|error| ConfigError::at(file, source, name.span(), error.to_string()))?;
         let table = table.into_inner();
-        let replicas = match table.replicas {
+        let replicas = match &table.replicas {
             Some(n) if *n.get_ref() == 0 || *n.get_ref() > MAX_REPLICAS => {
                 return Err(ConfigError::at(
                     file,
@@ -54,8 +66,44 @@ pub(super) fn parse(
             crate::cdi::check_names(name.get_ref(), None)
                 .map_err(|message| ConfigError::at(file, source, name.span(), message))?;
         }
+        let dra_driver = match (table.api, table.driver) {
+            (Some(Api::Dra), Some(driver)) => {
+                if !crate::dra::names::is_dns_subdomain(driver.get_ref()) {
+                    let message = format!(
+                        "driver {:?} is not a DNS subdomain (lower-case letters, digits, '-' and '.', e.g. \"gpu.example.com\")",
+                        driver.get_ref()
+                    );
+                    return Err(ConfigError::at(file, source, driver.span(), message));
+                }
+                Some(driver.into_inner())
+            }
+            (Some(Api::Dra), None) => Some(crate::dra::names::default_driver(name.get_ref()).ok_or_else(|| {
+                let message = format!(
+                    "resource {:?} gives no DNS-subdomain driver name (<name>.<domain>): set driver = \"…\"",
+                    name.get_ref()
+                );
+                ConfigError::at(file, source, name.span(), message)
+            })?),
+            (_, Some(driver)) => {
+                return Err(ConfigError::at(file, source, driver.span(), "driver needs api = \"dra\""));
+            }
+            (_, None) => None,
+        };
+        if dra_driver.is_some() {
+            // DRA shares and names devices through claims and per-claim CDI
+            // specs: these device-plugin settings would silently do nothing.
+            if let Some(n) = table.replicas.as_ref().filter(|n| *n.get_ref() != 1) {
+                let message = "replicas applies to the device plugin API; with api = \"dra\" a claim shares a device";
+                return Err(ConfigError::at(file, source, n.span(), message));
+            }
+            if table.cdi {
+                let message =
+                    "cdi = true applies to the device plugin API; with api = \"dra\" every claim gets a CDI spec";
+                return Err(ConfigError::at(file, source, name.span(), message));
+            }
+        }
         let sharing = Sharing { replicas, policy: table.replica_policy.unwrap_or_default() };
-        settings.insert(name.into_inner(), ResourceSettings { sharing, cdi: table.cdi });
+        settings.insert(name.into_inner(), ResourceSettings { sharing, cdi: table.cdi, dra_driver });
     }
     Ok(settings)
 }
@@ -77,10 +125,21 @@ mod tests {
     #[test]
     fn settings_default_to_unshared_without_cdi() {
         let settings = parse("[resources.\"a.io/gpu\"]\ncdi = true\n").expect("valid");
-        let gpu = settings["a.io/gpu"];
-        assert_eq!(gpu, ResourceSettings { sharing: Sharing::default(), cdi: true });
+        let gpu = &settings["a.io/gpu"];
+        assert_eq!(gpu, &ResourceSettings { sharing: Sharing::default(), cdi: true, dra_driver: None });
         let settings = parse("[resources.\"a.io/gpu\"]\nreplicas = 4\nreplica_policy = \"pack\"\n").expect("valid");
         assert_eq!(settings["a.io/gpu"].sharing, Sharing { replicas: 4, policy: ReplicaPolicy::Pack });
+    }
+
+    #[test]
+    fn a_resource_is_served_through_dra_with_a_driver_name() {
+        let settings = parse("[resources.\"example.com/gpu\"]\napi = \"dra\"\n").expect("valid");
+        assert_eq!(settings["example.com/gpu"].dra_driver.as_deref(), Some("gpu.example.com"), "derived");
+        let settings =
+            parse("[resources.\"example.com/gpu\"]\napi = \"dra\"\ndriver = \"gpu.acme.io\"\n").expect("valid");
+        assert_eq!(settings["example.com/gpu"].dra_driver.as_deref(), Some("gpu.acme.io"));
+        let settings = parse("[resources.\"example.com/gpu\"]\napi = \"device-plugin\"\n").expect("valid");
+        assert_eq!(settings["example.com/gpu"].dra_driver, None);
     }
 
     #[test]
@@ -92,6 +151,24 @@ mod tests {
             ("[resources.\"a.io/gpu\"]\nshare = 2\n", "4:1: unknown field `share`"),
             ("[resources.\"a.io/gpu\"]\nreplica_policy = \"even\"\n", "4:18: unknown variant `even`"),
             ("[resources.\"1a.io/gpu\"]\ncdi = true\n", "3:12: resource \"1a.io/gpu\" cannot be a CDI kind"),
+            ("[resources.\"a.io/gpu\"]\napi = \"csi\"\n", "4:7: unknown variant `csi`"),
+            ("[resources.\"a.io/gpu\"]\ndriver = \"gpu.a.io\"\n", "4:10: driver needs api = \"dra\""),
+            (
+                "[resources.\"a.io/gpu\"]\napi = \"dra\"\ndriver = \"GPU\"\n",
+                "5:10: driver \"GPU\" is not a DNS subdomain",
+            ),
+            (
+                "[resources.\"a.io/my_gpu\"]\napi = \"dra\"\n",
+                "3:12: resource \"a.io/my_gpu\" gives no DNS-subdomain driver",
+            ),
+            (
+                "[resources.\"a.io/gpu\"]\napi = \"dra\"\nreplicas = 2\n",
+                "5:12: replicas applies to the device plugin API",
+            ),
+            (
+                "[resources.\"a.io/gpu\"]\napi = \"dra\"\ncdi = true\n",
+                "3:12: cdi = true applies to the device plugin API",
+            ),
         ];
         for (settings, expected) in cases {
             let error = parse(settings).expect_err(expected).to_string();

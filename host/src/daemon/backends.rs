@@ -281,7 +281,13 @@ fn spawn_resources(
         tracing::error!(backend = %config.name, file = %config.file.display(), resource = %name, "[resources.{name:?}] names no resource of this backend; ignored");
     }
     for (spec, state) in handle.resources() {
-        let mut settings = config.resources.get(&spec.name).copied().unwrap_or_default();
+        let mut settings = config.resources.get(&spec.name).cloned().unwrap_or_default();
+        if let Some(driver) = &settings.dra_driver {
+            // Never served both ways: the DRA scheduler does not see
+            // device-plugin allocations.
+            tracing::error!(backend = %config.name, file = %config.file.display(), resource = %spec.name, driver, "api = \"dra\": this devhost cannot serve DRA drivers yet (the kubelet plugin and claim preparation are not built); the resource is not served, and never through the device plugin API instead");
+            continue;
+        }
         if let Err(error) = state.set_sharing(settings.sharing) {
             tracing::error!(resource = %spec.name, %error, "cannot share this resource's devices; serving them unshared");
             settings.sharing = crate::model::Sharing::default();
