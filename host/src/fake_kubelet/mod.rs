@@ -19,6 +19,7 @@
 mod calls;
 mod error;
 mod names;
+mod plugin_watcher;
 mod pod_resources;
 mod registration;
 mod state;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
 pub use self::error::FakeKubeletError;
+pub use self::plugin_watcher::{DraRegistration, FakePluginWatcher, KUBELET_1_32, KUBELET_1_34};
 pub use self::pod_resources::FakePodResources;
 use self::registration::{Generation, RegistrationService};
 use self::state::{ResourceState, Shared, render_devices};

@@ -1,0 +1,327 @@
+//! The kubelet side of one DRA driver (`docs/dra-api.md` §1–3): a
+//! registration socket in `<root>/plugins_registry/` serving the plugin
+//! watcher's `pluginregistration.Registration`, and the service socket
+//! `<root>/plugins/<driver>/dra.sock` serving `DRAPlugin` in its `v1` and
+//! `v1beta1` packages and `DRAResourceHealth` v1.
+//!
+//! Health is real: the resource's device state feeds `NodeWatchResources`,
+//! every change at once. Preparing claims needs the `ResourceClaim` from
+//! the API server, which this devhost cannot read yet: each claim is
+//! answered with its own error saying so (never a failed batch), and
+//! unpreparing a claim that was never prepared succeeds, as it must.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{Stream, StreamExt};
+use prost::Message;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::names;
+use crate::device_state::{ResourceState, Snapshot};
+use crate::model::Health;
+use crate::proto::dra::health::dra_resource_health_server::{DraResourceHealth, DraResourceHealthServer};
+use crate::proto::dra::health::{
+    DeviceHealth, DeviceIdentifier, HealthStatus, NodeWatchResourcesRequest, NodeWatchResourcesResponse,
+};
+use crate::proto::dra::pluginregistration::registration_server::{Registration, RegistrationServer};
+use crate::proto::dra::pluginregistration::{InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse};
+use crate::proto::dra::{v1, v1beta1};
+use crate::server::accept;
+use crate::server::socket::{self, FileIdentity};
+
+/// `PluginInfo.type` of a DRA driver.
+pub const PLUGIN_TYPE: &str = "DRAPlugin";
+/// The gRPC services devhost offers, newest first: both `DRAPlugin`
+/// packages (kubelets from 1.32 on) and the health stream.
+pub const SUPPORTED_VERSIONS: [&str; 3] = ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1.DRAResourceHealth"];
+/// After this long without an update the kubelet takes a device's health
+/// as Unknown; devhost re-sends the state well within it.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where one driver's sockets go under the kubelet's root directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraPaths {
+    /// `<root>/plugins_registry/<driver>-reg.sock`, watched by the kubelet.
+    pub registration: PathBuf,
+    /// `<root>/plugins/<driver>/dra.sock`, the endpoint it registers.
+    pub service: PathBuf,
+}
+
+impl DraPaths {
+    /// The conventional paths of `driver` under `kubelet_root`.
+    pub fn new(kubelet_root: &Path, driver: &str) -> Self {
+        DraPaths {
+            registration: kubelet_root.join("plugins_registry").join(format!("{driver}-reg.sock")),
+            service: kubelet_root.join("plugins").join(driver).join("dra.sock"),
+        }
+    }
+}
+
+/// A running DRA driver: both sockets served until [`DraPlugin::stop`].
+#[derive(Debug)]
+pub struct DraPlugin {
+    paths: DraPaths,
+    identities: [FileIdentity; 2],
+    registered: Arc<AtomicBool>,
+    stop: CancellationToken,
+    tasks: [JoinHandle<Result<(), tonic::transport::Error>>; 2],
+}
+
+impl DraPlugin {
+    /// Serves `driver` for `state`'s devices in pool `pool` (the node name):
+    /// the service socket first, then the registration socket, whose
+    /// appearance is what the kubelet acts on.
+    pub fn start(
+        driver: &str,
+        pool: &str,
+        paths: &DraPaths,
+        state: Arc<ResourceState>,
+        stop: CancellationToken,
+    ) -> std::io::Result<Self> {
+        for socket in [&paths.service, &paths.registration] {
+            if let Some(dir) = socket.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let registered = Arc::new(AtomicBool::new(false));
+        let (service_listener, service_identity) = socket::bind(&paths.service)?;
+        let service = DraService { driver: driver.to_owned() };
+        let health = HealthService { pool: pool.to_owned(), state, stop: stop.clone() };
+        let service_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::dra_plugin_server::DraPluginServer::new(service.clone()))
+                .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(service))
+                .add_service(DraResourceHealthServer::new(health))
+                .serve_with_incoming_shutdown(
+                    accept::unix_incoming(service_listener, format!("{driver} dra.sock")),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        let (registration_listener, registration_identity) = socket::bind(&paths.registration)?;
+        let registration = RegistrationService {
+            driver: driver.to_owned(),
+            endpoint: paths.service.display().to_string(),
+            registered: registered.clone(),
+        };
+        let registration_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(registration))
+                .serve_with_incoming_shutdown(
+                    accept::unix_incoming(registration_listener, format!("{driver} registration")),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        Ok(DraPlugin {
+            paths: paths.clone(),
+            identities: [service_identity, registration_identity],
+            registered,
+            stop,
+            tasks: [service_task, registration_task],
+        })
+    }
+
+    /// Whether the kubelet said it registered the driver (and has not
+    /// refused it since).
+    pub fn registered(&self) -> bool {
+        self.registered.load(Ordering::SeqCst)
+    }
+
+    /// Whether either socket is gone or replaced (a kubelet or an operator
+    /// removed it): the driver must start again to be reachable.
+    pub fn sockets_lost(&self) -> bool {
+        [&self.paths.service, &self.paths.registration]
+            .iter()
+            .zip(&self.identities)
+            .any(|(path, identity)| FileIdentity::of(path).as_ref() != Some(identity))
+    }
+
+    /// Stops serving and removes both sockets (the registration socket
+    /// first, so the kubelet deregisters before the endpoint goes).
+    pub async fn stop(self) {
+        for (path, identity) in [&self.paths.registration, &self.paths.service].iter().zip(self.identities.iter().rev())
+        {
+            if FileIdentity::of(path).as_ref() == Some(identity) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+struct RegistrationService {
+    driver: String,
+    endpoint: String,
+    registered: Arc<AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl Registration for RegistrationService {
+    async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
+        Ok(Response::new(PluginInfo {
+            r#type: PLUGIN_TYPE.to_owned(),
+            name: self.driver.clone(),
+            endpoint: self.endpoint.clone(),
+            supported_versions: SUPPORTED_VERSIONS.iter().map(|v| (*v).to_owned()).collect(),
+        }))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        request: Request<RegistrationStatus>,
+    ) -> Result<Response<RegistrationStatusResponse>, Status> {
+        let status = request.into_inner();
+        self.registered.store(status.plugin_registered, Ordering::SeqCst);
+        if status.plugin_registered {
+            tracing::info!(driver = %self.driver, endpoint = %self.endpoint, "registered with the kubelet as a DRA driver");
+        } else {
+            tracing::error!(driver = %self.driver, reason = %status.error, "the kubelet refused the DRA driver");
+        }
+        Ok(Response::new(RegistrationStatusResponse {}))
+    }
+}
+
+/// `DRAPlugin`, served in both packages. The two are the same contract on
+/// the wire, so the `v1beta1` messages are re-read as `v1` ones.
+#[derive(Clone)]
+struct DraService {
+    driver: String,
+}
+
+impl DraService {
+    fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
+        let claims = request
+            .claims
+            .into_iter()
+            .map(|claim| {
+                let error = format!(
+                    "claim {}/{} ({}): driver {} cannot prepare claims yet: this devhost does not read ResourceClaims from the API server",
+                    claim.namespace, claim.name, claim.uid, self.driver
+                );
+                (claim.uid, v1::NodePrepareResourceResponse { devices: Vec::new(), error })
+            })
+            .collect();
+        v1::NodePrepareResourcesResponse { claims }
+    }
+
+    fn unprepare(request: v1::NodeUnprepareResourcesRequest) -> v1::NodeUnprepareResourcesResponse {
+        // Nothing was prepared, so there is nothing to undo: success.
+        let claims = request
+            .claims
+            .into_iter()
+            .map(|claim| (claim.uid, v1::NodeUnprepareResourceResponse { error: String::new() }))
+            .collect();
+        v1::NodeUnprepareResourcesResponse { claims }
+    }
+}
+
+/// Re-reads one message as another with the same wire contract.
+fn same_wire<From: Message, To: Message + Default>(message: &From) -> Result<To, Status> {
+    To::decode(message.encode_to_vec().as_slice()).map_err(|error| Status::internal(error.to_string()))
+}
+
+#[tonic::async_trait]
+impl v1::dra_plugin_server::DraPlugin for DraService {
+    async fn node_prepare_resources(
+        &self,
+        request: Request<v1::NodePrepareResourcesRequest>,
+    ) -> Result<Response<v1::NodePrepareResourcesResponse>, Status> {
+        Ok(Response::new(self.prepare(request.into_inner())))
+    }
+
+    async fn node_unprepare_resources(
+        &self,
+        request: Request<v1::NodeUnprepareResourcesRequest>,
+    ) -> Result<Response<v1::NodeUnprepareResourcesResponse>, Status> {
+        Ok(Response::new(Self::unprepare(request.into_inner())))
+    }
+}
+
+#[tonic::async_trait]
+impl v1beta1::dra_plugin_server::DraPlugin for DraService {
+    async fn node_prepare_resources(
+        &self,
+        request: Request<v1beta1::NodePrepareResourcesRequest>,
+    ) -> Result<Response<v1beta1::NodePrepareResourcesResponse>, Status> {
+        let answer = self.prepare(same_wire(&request.into_inner())?);
+        Ok(Response::new(same_wire(&answer)?))
+    }
+
+    async fn node_unprepare_resources(
+        &self,
+        request: Request<v1beta1::NodeUnprepareResourcesRequest>,
+    ) -> Result<Response<v1beta1::NodeUnprepareResourcesResponse>, Status> {
+        let answer = Self::unprepare(same_wire(&request.into_inner())?);
+        Ok(Response::new(same_wire(&answer)?))
+    }
+}
+
+/// `DRAResourceHealth`: the device state, as DRA names and health.
+struct HealthService {
+    pool: String,
+    state: Arc<ResourceState>,
+    stop: CancellationToken,
+}
+
+/// One health message: every device of `snapshot`, with why an Unhealthy
+/// one is (the backend's fault, or why devhost withholds it).
+fn health_message(pool: &str, snapshot: &Snapshot) -> NodeWatchResourcesResponse {
+    let now =
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let timeout = i64::try_from(HEALTH_TIMEOUT.as_secs()).unwrap_or(i64::MAX);
+    let devices = snapshot
+        .devices
+        .iter()
+        .map(|device| {
+            let why = snapshot.fault.clone().or_else(|| snapshot.withheld.get(&device.id).cloned());
+            let healthy = device.health == Health::Healthy && why.is_none();
+            DeviceHealth {
+                device: Some(DeviceIdentifier {
+                    pool_name: pool.to_owned(),
+                    device_name: names::device_name(&device.id),
+                }),
+                health: if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy }.into(),
+                last_updated_time: now,
+                health_check_timeout_seconds: timeout,
+                message: why.unwrap_or_default(),
+            }
+        })
+        .collect();
+    NodeWatchResourcesResponse { devices }
+}
+
+#[tonic::async_trait]
+impl DraResourceHealth for HealthService {
+    type NodeWatchResourcesStream = Pin<Box<dyn Stream<Item = Result<NodeWatchResourcesResponse, Status>> + Send>>;
+
+    async fn node_watch_resources(
+        &self,
+        _: Request<NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        let pool = self.pool.clone();
+        // The current state at once, then every change; and the same state
+        // again well within the kubelet's timeout, so a quiet device never
+        // turns Unknown.
+        let changes = WatchStream::new(self.state.subscribe());
+        let refresh = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(
+            tokio::time::Instant::now() + HEALTH_TIMEOUT / 3,
+            HEALTH_TIMEOUT / 3,
+        ));
+        let state = self.state.clone();
+        let refreshed = refresh.map(move |_| state.snapshot());
+        let stop = self.stop.clone().cancelled_owned();
+        let stream = futures_util::stream::select(changes, refreshed)
+            .map(move |snapshot| Ok(health_message(&pool, &snapshot)))
+            .take_until(stop);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
