@@ -49,6 +49,26 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "no cluster here; deploy.rs renders the chart with Helm with exactly these values and validates the result",
     ),
     (
+        "cargo build --release -p devhost-example-native-rust",
+        "the benchmark's build: scripts/test builds the same crate in the debug profile (a release build would double CI's build time)",
+    ),
+    (
+        "cargo build --release -p devhost --bin devhost",
+        "the benchmark's build: scripts/test builds devhost in the debug profile",
+    ),
+    (
+        "cargo build --release -p devhost-bench",
+        "the benchmark's build: scripts/test builds devhost-bench in the debug profile",
+    ),
+    (
+        "cargo build --release --target wasm32-wasip2 -p devhost-example-wasm-rust",
+        "scripts/test runs this very build (with more components)",
+    ),
+    (
+        "target/release/devhost-bench all",
+        "bench/tests/smoke.rs runs every benchmark on the debug build with a twentieth of the calls (timings are the benchmark's job, not CI's)",
+    ),
+    (
         "devhost check backends.d/acme.toml",
         "vendor_crate.rs new_backend_projects_build_as_written_and_pass_the_check runs it on the project `devhost new-backend` writes",
     ),
