@@ -23,4 +23,5 @@ mod sharing;
 mod soak;
 mod vendor_crate;
 mod wasm;
+mod wasm_1_1;
 mod wire_contract;

@@ -17,7 +17,7 @@ fn repo() -> &'static Path {
 }
 
 /// A component `scripts/test` built (release, `wasm32-wasip2`), copied into `dir`.
-fn component(name: &str, dir: &Path) -> PathBuf {
+pub(crate) fn component(name: &str, dir: &Path) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from);
     let built = target.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
     assert!(
@@ -32,7 +32,7 @@ fn component(name: &str, dir: &Path) -> PathBuf {
 }
 
 /// Assembles one `.wat` fixture into `dir`.
-fn wat_fixture(name: &str, dir: &Path) -> PathBuf {
+pub(crate) fn wat_fixture(name: &str, dir: &Path) -> PathBuf {
     let source = repo().join("tests/fixtures/wasm").join(format!("{name}.wat"));
     let bytes = wat::parse_file(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
     let out = dir.join(format!("{name}.wasm"));
@@ -40,7 +40,7 @@ fn wat_fixture(name: &str, dir: &Path) -> PathBuf {
     out
 }
 
-fn wasm_file(module: &Path, cache: &Path, sandbox: &str, config: &str) -> String {
+pub(crate) fn wasm_file(module: &Path, cache: &Path, sandbox: &str, config: &str) -> String {
     format!(
         "[backend]\nmodule = {:?}\ncall_timeout_ms = 2000\n[sandbox]\ncache_dir = {:?}\n{sandbox}\n[config]\n{config}\n",
         module.display().to_string(),
@@ -183,7 +183,7 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
             "hostile.example.com/trap",
             &[
                 // A Rust panic traps; what it printed says why and where.
-                "backend \"trap\": allocate panicked: allocate trapped: wasm trap: wasm `unreachable` instruction executed; its stderr: thread '<unnamed>' (1) panicked at tests/fixtures/wasm/hostile/src/lib.rs:68:23: | deliberate trap in allocate",
+                "backend \"trap\": allocate panicked: allocate trapped: wasm trap: wasm `unreachable` instruction executed; its stderr: thread '<unnamed>' (1) panicked at tests/fixtures/wasm/hostile/src/lib.rs:86:23: | deliberate trap in allocate",
             ],
         ),
     ] {
@@ -210,7 +210,7 @@ async fn hostile_components_are_stopped_or_refused_while_the_good_one_serves() {
         .await
         .expect("a trap while polled marks its devices Unhealthy");
     devhost
-        .wait_for_log("backend \"poll-trap\": list-devices panicked: list-devices trapped: wasm trap: wasm `unreachable` instruction executed; its stderr: thread '<unnamed>' (1) panicked at tests/fixtures/wasm/hostile/src/lib.rs:42:13: | deliberate trap while polled")
+        .wait_for_log("backend \"poll-trap\": list-devices panicked: list-devices trapped: wasm trap: wasm `unreachable` instruction executed; its stderr: thread '<unnamed>' (1) panicked at tests/fixtures/wasm/hostile/src/lib.rs:49:13: | deliberate trap while polled")
         .await;
     devhost.wait_for_log("backend re-initialised; its devices report their own health again backend=poll-trap").await;
     kubelet.allocate(EXAMPLE, &["wasm-0"]).await.expect("the good component keeps answering");

@@ -6,7 +6,7 @@
 //!
 //! Nothing in this module mentions an FFI type, so the same `impl Backend`
 //! is exported through either transport: built for `wasm32` the macro
-//! exports a WASM component of the world `devhost:backend/backend@1.0.0`
+//! exports a WASM component of the world `devhost:backend/backend@1.1.0`
 //! instead (see the `wasm` module and `abi/README.md`, "WASM backends").
 
 use std::fmt;
@@ -216,7 +216,7 @@ macro_rules! export_backend {
 }
 
 /// Exports a [`Backend`] implementation as a WASM component of the world
-/// `devhost:backend/backend@1.0.0`. Use it once, in a `cdylib` crate built
+/// `devhost:backend/backend@1.1.0`. Use it once, in a `cdylib` crate built
 /// for `wasm32-wasip2`.
 ///
 /// ```ignore
@@ -274,6 +274,13 @@ macro_rules! export_backend {
 
             fn shutdown() {
                 __DEVHOST_BACKEND.shutdown()
+            }
+
+            fn release(
+                resource: ::std::string::String,
+                device_ids: ::std::vec::Vec<::std::string::String>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                __DEVHOST_BACKEND.release(&resource, &device_ids)
             }
         }
 

@@ -1,7 +1,11 @@
 //! The SDK's WASM packaging: the glue [`export_backend!`](crate::export_backend)
 //! expands to when the crate is built for `wasm32` (`wasm32-wasip2`). It
-//! exports the world `devhost:backend/backend@1.0.0` (`abi/wit/`) and
-//! adapts it to the same [`Backend`] trait the native shims use.
+//! exports the world `devhost:backend/backend@1.1.0`
+//! (`abi/wit/devhost-backend-1.1.0/`) and adapts it to the same [`Backend`]
+//! trait the native shims use: device attributes and capacities, a
+//! resource's `release-required` and the `release` export carry what ABI
+//! 1.1 added natively. A devhost that only knows 1.0.0 cannot run such a
+//! component and refuses to load it.
 //!
 //! A component has no threads, so the push model of the native ABI becomes
 //! a poll: [`Host::publish`] only stores the latest list of each resource,
@@ -12,15 +16,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{Allocation, Backend, Device, Health, LogLevel, PreferredRequest, PublishError, Resource};
+use super::{Allocation, AttributeValue, Backend, Device, Health, LogLevel, PreferredRequest, PublishError, Resource};
 
 /// The bindings wit-bindgen generates for the world (guest side).
 #[doc(hidden)]
 #[allow(missing_docs, unsafe_code, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "wit/devhost-backend-1.0.0",
-        world: "devhost:backend/backend@1.0.0",
+        path: "wit/devhost-backend-1.1.0",
+        world: "devhost:backend/backend@1.1.0",
         pub_export_macro: true,
         export_macro_name: "__devhost_export_component",
         default_bindings_module: "devhost_abi::sdk::wasm::bindings",
@@ -154,6 +158,11 @@ impl<B: Backend> Instance<B> {
         self.with(|backend| backend.pre_start(resource, device_ids).map_err(|e| e.to_string()))
     }
 
+    /// `release` of the world (1.1.0).
+    pub fn release(&self, resource: &str, device_ids: &[String]) -> Result<(), String> {
+        self.with(|backend| backend.release(resource, device_ids).map_err(|e| e.to_string()))
+    }
+
     /// `shutdown` of the world.
     pub fn shutdown(&self) {
         let old = self.live.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -178,6 +187,24 @@ fn device_to_wit(device: &Device) -> wit::Device {
             Health::Unhealthy => wit::Health::Unhealthy,
         },
         numa_nodes: device.numa_nodes.clone(),
+        attributes: device
+            .attributes
+            .iter()
+            .map(|(name, value)| wit::Attribute {
+                name: name.clone(),
+                value: match value {
+                    AttributeValue::Int(value) => wit::AttributeValue::Int(*value),
+                    AttributeValue::Bool(value) => wit::AttributeValue::Boolean(*value),
+                    AttributeValue::String(value) => wit::AttributeValue::Text(value.clone()),
+                    AttributeValue::Version(value) => wit::AttributeValue::Version(value.clone()),
+                },
+            })
+            .collect(),
+        capacities: device
+            .capacities
+            .iter()
+            .map(|(name, quantity)| wit::Capacity { name: name.clone(), quantity: quantity.clone() })
+            .collect(),
     }
 }
 
@@ -186,6 +213,7 @@ fn resource_to_wit(resource: Resource) -> wit::Resource {
         name: resource.name,
         pre_start_required: resource.pre_start_required,
         preferred_allocation: resource.preferred_allocation,
+        release_required: resource.release_required,
     }
 }
 

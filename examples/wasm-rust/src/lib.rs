@@ -7,15 +7,24 @@
 //! host's default preferred allocation has something to choose by; the
 //! backend answers `preferred_allocation` itself (lowest IDs first).
 //!
+//! Each device also says what it is (ABI 1.1, world 1.1.0): typed
+//! attributes of every kind (`example.com/model`, `example.com/firmware`,
+//! `example.com/virtual`, and `example.com/releases`, how often `release`
+//! freed it) and a capacity (`example.com/memory`). With `release = true`
+//! the resource asks for `release`, which has nothing to scrub here and
+//! only counts.
+//!
 //! As a component it has no threads: devhost polls it, and [`Backend::poll`]
 //! re-reads the health files then. Built natively, a thread does the same.
 
 #![deny(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devhost_abi::sdk::{
-    Allocation, Backend, Device, DeviceSpec, Error, Health, Host, LogLevel, PreferredRequest, Resource,
+    Allocation, AttributeValue, Backend, Device, DeviceSpec, Error, Health, Host, LogLevel, PreferredRequest, Resource,
 };
 
 #[derive(serde::Deserialize, Clone)]
@@ -26,11 +35,19 @@ struct Config {
     health_dir: Option<PathBuf>,
     /// Native build only: how often its thread re-reads the health files.
     poll_interval_ms: u64,
+    /// Ask devhost to call `release` once no container holds a device.
+    release: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { resource: "example.com/wasm-rust".into(), devices: 2, health_dir: None, poll_interval_ms: 1000 }
+        Config {
+            resource: "example.com/wasm-rust".into(),
+            devices: 2,
+            health_dir: None,
+            poll_interval_ms: 1000,
+            release: false,
+        }
     }
 }
 
@@ -39,6 +56,8 @@ impl Default for Config {
 struct Prober {
     config: Config,
     host: Host,
+    /// How often `release` freed each device.
+    released: Arc<Mutex<BTreeMap<String, i64>>>,
 }
 
 impl Prober {
@@ -48,9 +67,14 @@ impl Prober {
                 let id = format!("wasm-{i}");
                 let flagged =
                     self.config.health_dir.as_ref().is_some_and(|dir| dir.join(format!("{id}.unhealthy")).exists());
-                let mut device = Device::new(id, if flagged { Health::Unhealthy } else { Health::Healthy });
-                device.numa_nodes = vec![(i % 2) as i64];
-                device
+                let released = self.released.lock().unwrap_or_else(PoisonError::into_inner).get(&id).copied();
+                Device::new(id, if flagged { Health::Unhealthy } else { Health::Healthy })
+                    .with_numa_nodes(vec![(i % 2) as i64])
+                    .with_attribute("example.com/model", AttributeValue::String("wasm-example".into()))
+                    .with_attribute("example.com/firmware", AttributeValue::Version("1.2.0".into()))
+                    .with_attribute("example.com/virtual", AttributeValue::Bool(true))
+                    .with_attribute("example.com/releases", AttributeValue::Int(released.unwrap_or(0)))
+                    .with_capacity("example.com/memory", "1Gi")
             })
             .collect()
     }
@@ -71,10 +95,14 @@ struct Example {
 impl Backend for Example {
     fn init(config: &str, host: Host) -> Result<(Self, Vec<Resource>), Error> {
         let config: Config = devhost_abi::sdk::parse_config(config)?;
-        let prober = Prober { config, host };
+        let prober = Prober { config, host, released: Arc::default() };
         prober.publish()?;
         prober.host.log(LogLevel::Info, &format!("serving {} devices", prober.config.devices));
-        let resources = vec![Resource::new(prober.config.resource.clone()).with_preferred_allocation()];
+        let mut resource = Resource::new(prober.config.resource.clone()).with_preferred_allocation();
+        if prober.config.release {
+            resource = resource.with_release();
+        }
+        let resources = vec![resource];
         #[cfg(not(target_arch = "wasm32"))]
         {
             let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -113,6 +141,21 @@ impl Backend for Example {
             answer.cdi_devices.push(format!("example.com/wasm={id}"));
         }
         Ok(answer)
+    }
+
+    fn release(&self, resource: &str, ids: &[String]) -> Result<(), Error> {
+        if resource != self.prober.config.resource {
+            return Err(Error::new(format!("unknown resource {resource:?}")));
+        }
+        // Nothing to scrub: count, so the release shows in the devices'
+        // attributes (a component's list at the next poll).
+        let mut released = self.prober.released.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            *released.entry(id.clone()).or_default() += 1;
+        }
+        drop(released);
+        self.prober.host.log(LogLevel::Info, &format!("released {}", ids.join(", ")));
+        self.prober.publish()
     }
 
     fn preferred_allocation(&self, _resource: &str, request: &PreferredRequest) -> Result<Option<Vec<String>>, Error> {

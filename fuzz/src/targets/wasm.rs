@@ -74,6 +74,8 @@ impl Target for Wasm {
             "\x0d\0\x01\0",
             "\x01\0\0\0",
             "devhost:backend/api@1.0.0",
+            "devhost:backend/api@1.1.0",
+            "devhost:backend/api@1.2.0",
             "devhost:backend/api@2.0.0",
             "wasi:cli/run@0.2.0",
         ]

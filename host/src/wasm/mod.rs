@@ -9,7 +9,8 @@
 //! preopens, a memory cap, an epoch deadline on every call, no network, no
 //! environment, stdout/stderr into the log), and polling each instance for
 //! its device lists. One submodule per supported major version of the world
-//! ([`v1`]); a future 2.0 goes beside it and [`load`] dispatches.
+//! ([`v1`], which runs minors 1.0.0 and 1.1.0 and refuses newer ones); a
+//! future 2.0 goes beside it and [`load`] dispatches.
 //!
 //! What it does not own: deadlines on the host side, fault bookkeeping and
 //! re-initialisation with back-off. Those are the
@@ -140,6 +141,20 @@ pub enum WasmError {
         /// Its major version.
         major: u64,
     },
+    /// devhost's world, in a minor version newer than this devhost runs.
+    #[error(
+        "{path}: implements devhost:backend@{version}, but the newest version this devhost supports is \
+         devhost:backend@{newest} (a newer minor version: upgrade devhost, or build the component against \
+         devhost:backend@{newest})"
+    )]
+    NewerMinor {
+        /// The module.
+        path: PathBuf,
+        /// The version it exports.
+        version: WorldVersion,
+        /// The newest version this devhost runs.
+        newest: WorldVersion,
+    },
     /// wasmtime refused the component, or its imports/exports do not match
     /// the world.
     #[error("{path}: {message}")]
@@ -190,7 +205,11 @@ pub fn load(module: WasmModule) -> Result<Arc<dyn Backend>, WasmError> {
         .map_err(|error| WasmError::Invalid { path: path.clone(), message: format!("cannot compile: {error:#}") })?;
     let version = validate::world(&path, engine, &component)?;
     match version.major {
-        1 => Ok(Arc::new(v1::WasmBackend::new(engine.clone(), &component, module)?)),
+        // Minors are dispatched inside the adapter; one newer than the
+        // adapter knows has exports (and maybe imports) no binding of this
+        // devhost can type-check, so it is refused here by name.
+        1 if version.minor > v1::NEWEST.minor => Err(WasmError::NewerMinor { path, version, newest: v1::NEWEST }),
+        1 => Ok(Arc::new(v1::WasmBackend::new(engine, &component, module, version)?)),
         major => Err(WasmError::UnsupportedVersion { path, version, major }),
     }
 }
