@@ -11,6 +11,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod device_info;
 pub mod ffi;
 pub mod model;
 pub mod sdk;

@@ -1,8 +1,10 @@
 //! The generic backend (`backends/generic`) through the real binary and the
 //! fake kubelet: USB serial adapters and grouped nodes in fixture trees
 //! (hot-plug reaching ListAndWatch, Allocate answers), this machine's real
-//! `/dev` nodes, sharing through the host's `replicas`, and the example
-//! config directory `examples/config-generic/`.
+//! `/dev` nodes, sharing through the host's `replicas`, the example
+//! config directory `examples/config-generic/`, and the devices'
+//! attributes as devhost lists them (so the host's own DRA rules accept
+//! them).
 
 use std::path::{Path, PathBuf};
 
@@ -210,4 +212,55 @@ async fn the_example_config_directory_serves() {
         health_of(&kubelet, resource, &[(id, "Healthy")]).await;
         kubelet.allocate(resource, &[id]).await.expect("allocate");
     }
+}
+
+#[test]
+fn attributes_reach_devhost_list_and_over_long_values_are_left_out() {
+    let node = Node::new();
+    let root = node.dir.path().join("root");
+    usb_serial(&root, "ttyUSB0", "1-1", "0403", "6001", "A50285BI");
+    let long = format!("usb-FTDI_FT232R_USB_UART_{}-if00-port0", "A".repeat(40));
+    write(&root.join("dev/serial/by-id").join(&long), "");
+    let config = format!(
+        "dev_root = {:?}\nsysfs_root = {:?}\n\n[[config.group]]\nresource = \"example.com/ftdi\"\npaths = [\"/dev/ttyUSB*\"]\n\
+         usb = [{{ vendor = \"0403\" }}]\n\n[[config.group]]\nresource = \"example.com/by-id\"\npaths = [\"/dev/serial/by-id/*\"]\n",
+        root.display().to_string(),
+        root.join("sys").display().to_string()
+    );
+    node.backend("generic", &backend_file(&module(&node), "", &config));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["list", "--json", "--config"])
+        .arg(node.dir.path().join("config"))
+        .output()
+        .expect("run devhost list");
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!("devhost list --json printed no JSON ({error}): {}", String::from_utf8_lossy(&output.stderr))
+    });
+    let backend = &listed[0];
+    // The host checks every publish against DRA's rules and refuses the
+    // whole list otherwise: no error means all were accepted.
+    assert_eq!(backend["error"], serde_json::Value::Null, "{backend}");
+    let resource = |name: &str| {
+        backend["resources"].as_array().expect("resources").iter().find(|r| r["name"] == name).expect("listed").clone()
+    };
+    assert_eq!(
+        resource("example.com/ftdi")["devices"][0],
+        serde_json::json!({
+            "id": "usb-0403-6001-A50285BI-if00",
+            "health": "Healthy",
+            "numa_nodes": [],
+            "attributes": {
+                "generic.devhost.io/path": {"string": "/dev/ttyUSB0"},
+                "generic.devhost.io/usbVendor": {"string": "0403"},
+                "generic.devhost.io/usbProduct": {"string": "6001"},
+                "generic.devhost.io/usbSerial": {"string": "A50285BI"},
+            },
+        })
+    );
+    let by_id = &resource("example.com/by-id")["devices"][0];
+    assert_eq!(by_id["id"], format!("serial-by-id-{long}"));
+    assert!(
+        by_id["attributes"].as_object().is_none_or(|a| a.is_empty()),
+        "a path past 64 bytes is left out, and the device still listed: {by_id}"
+    );
 }

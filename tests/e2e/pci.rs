@@ -2,18 +2,21 @@
 //! kubelet, natively and as a WASM component granted read-only access to
 //! the sysfs tree: the standard fixture (dual-port NIC with VFs, VFIO
 //! functions, an FPGA with a DRM node), health changes reaching
-//! ListAndWatch, Allocate for every selector kind, reset on pre-start, and
-//! this machine's real `/sys`.
+//! ListAndWatch, Allocate for every selector kind, reset on pre-start and
+//! on release (a pod that goes away, through the fake PodResources API),
+//! the functions' attributes as devhost lists them (so the host's own DRA
+//! rules accept them), and this machine's real `/sys`.
 
 #[path = "../fixtures/sysfs/pci.rs"]
 mod fixture;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use devhost::fake_kubelet::FakeKubelet;
+use devhost::fake_kubelet::{FakeKubelet, FakePodResources};
 use devhost::proto::v1beta1;
 
-use crate::harness::{Node, WAIT};
+use crate::harness::{Devhost, Node, WAIT, http_get};
 use crate::native_loader::rust_module;
 
 /// Every selector kind, one resource each, over the standard fixture.
@@ -224,5 +227,126 @@ async fn real_sys_network_controller_native_and_wasm() {
         let answer = kubelet.allocate(resource, &[nic.as_str()]).await.expect("allocate");
         let name = format!("PCIDEVICE_{}", resource.to_uppercase().replace(['.', '/', '-'], "_"));
         assert_eq!(env(&answer, &name), Some(nic.as_str()), "{resource}");
+    }
+}
+
+/// `devhost list --json` over the node's config directory (no daemon).
+fn list(node: &Node) -> serde_json::Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["list", "--json", "--config"])
+        .arg(node.dir.path().join("config"))
+        .output()
+        .expect("run devhost list");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!("devhost list --json printed no JSON ({error}): {}", String::from_utf8_lossy(&output.stderr))
+    })
+}
+
+#[test]
+fn attributes_pass_the_hosts_rules_and_are_the_same_native_and_as_a_component() {
+    let node = Node::new();
+    let sys = node.dir.path().join("sys");
+    fixture::standard(&sys);
+    std::fs::write(fixture::function_dir(&sys, "0000:3b:00.0").join("net/ens1f0/speed"), "25000\n").expect("speed");
+    let all = "[[config.resource]]\nname = \"a.io/all\"\nvendors = [\"8086\", \"10de\"]\n";
+    node.backend("native", &backend_file(&node, false, &sys, all, ""));
+    node.backend("wasm", &backend_file(&node, true, &sys, &all.replace("a.io/all", "a.io/all-wasm"), ""));
+    let listed = list(&node);
+    let devices = |name: &str| {
+        let backend = listed.as_array().expect("a list").iter().find(|b| b["backend"] == name).expect("listed");
+        // The host checks every publish against DRA's rules and refuses
+        // the whole list otherwise: no error means all were accepted.
+        assert_eq!(backend["error"], serde_json::Value::Null, "{name}: {backend}");
+        backend["resources"][0]["devices"].as_array().expect("devices").clone()
+    };
+    let (native, wasm) = (devices("native"), devices("wasm"));
+    assert_eq!(native.len(), 14);
+    let pf = native.iter().find(|d| d["id"] == "0000:3b:00.0").expect("the PF");
+    assert_eq!(
+        pf["attributes"],
+        serde_json::json!({
+            "pci.devhost.io/address": {"string": "0000:3b:00.0"},
+            "pci.devhost.io/vendor": {"string": "8086"},
+            "pci.devhost.io/device": {"string": "1592"},
+            "pci.devhost.io/class": {"string": "020000"},
+            "pci.devhost.io/driver": {"string": "ice"},
+            "pci.devhost.io/virtualFunction": {"bool": false},
+            "pci.devhost.io/iommuGroup": {"int": 10},
+            "pci.devhost.io/numaNode": {"int": 1},
+            "pci.devhost.io/netdev": {"string": "ens1f0"},
+            "pci.devhost.io/linkSpeedMbps": {"int": 25000},
+            "resource.kubernetes.io/pcieRoot": {"string": "pci0000:3b"},
+        })
+    );
+    let vf = native.iter().find(|d| d["id"] == "0000:3b:02.5").expect("a VF");
+    assert_eq!(vf["attributes"]["pci.devhost.io/pfAddress"], serde_json::json!({"string": "0000:3b:00.0"}));
+    assert_eq!(vf["attributes"]["pci.devhost.io/vfIndex"], serde_json::json!({"int": 5}));
+    assert_eq!(native, wasm, "the component reads sysfs (links included) as the native build does");
+}
+
+/// Waits until the metric line starting with `series` has `value`.
+async fn metric(devhost: &Devhost, series: &str, value: &str) {
+    let address = devhost.metrics_address().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(&address, "/metrics").await;
+        let found = body.lines().find(|l| l.starts_with(series)).map(|l| l.rsplit(' ').next().unwrap_or("").to_owned());
+        if found.as_deref() == Some(value) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} never {value} (last {found:?}):\n{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the function's `reset` file holds `text`.
+async fn reset_file(path: &Path, text: &str) {
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+        assert!(Instant::now() < deadline, "{} never {text:?}", path.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_on_release_resets_a_function_once_its_pod_is_gone_native_and_wasm() {
+    let node = Node::new();
+    let sys = node.dir.path().join("sys");
+    fixture::standard(&sys);
+    let socket = node.dir.path().join("pod-resources/kubelet.sock");
+    std::fs::write(
+        node.config_file(),
+        format!(
+            "call_timeout_ms = 5000\nmetrics_address = \"127.0.0.1:0\"\n\n[pod_resources]\nsocket = {:?}\ninterval_ms = 100\nrestart_grace_ms = 0\n",
+            socket.display().to_string()
+        ),
+    )
+    .expect("host config");
+    let resources = "[[config.resource]]\nname = \"a.io/fpga\"\ndevices = [\"0b30\"]\nreset_on_release = true\n";
+    node.backend("native", &backend_file(&node, false, &sys, resources, ""));
+    let function = sys.join("bus/pci/devices/0000:af:00.0").display().to_string();
+    let granted = resources.replace("a.io/fpga", "a.io/fpga-wasm");
+    node.backend("wasm", &backend_file(&node, true, &sys, &granted, &format!("write = [{function:?}]")));
+    let pods = FakePodResources::start(&socket).await.expect("pod resources");
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    let reset = fixture::function_dir(&sys, "0000:af:00.0").join("reset");
+
+    for resource in ["a.io/fpga", "a.io/fpga-wasm"] {
+        let registration = kubelet.wait_for_registrations(resource, 1, WAIT).await.expect("registered");
+        assert_eq!(
+            registration.options.map(|o| o.pre_start_required),
+            Some(false),
+            "{resource}: release, not pre-start"
+        );
+        std::fs::write(&reset, "").expect("clear the reset file");
+        kubelet.allocate(resource, &["0000:af:00.0"]).await.expect("allocate");
+        pods.assign("ml", "train", "main", resource, &["0000:af:00.0"]);
+        metric(&devhost, &format!("devhost_devices_in_use{{resource=\"{resource}\"}}"), "1").await;
+        assert_eq!(std::fs::read_to_string(&reset).expect("reset"), "", "{resource}: not reset while held");
+        pods.remove_pod("ml", "train");
+        reset_file(&reset, "1").await;
+        health(&kubelet, resource, "0000:af:00.0", "Healthy").await;
+        metric(&devhost, &format!("devhost_device_releases_total{{resource=\"{resource}\"}}"), "1").await;
     }
 }

@@ -86,8 +86,12 @@ fn the_sdk_manifest_stays_in_step_with_the_workspace() {
         assert_eq!(abi["package"].get(key), shared.get(key), "abi/Cargo.toml's {key}");
     }
     let dependencies = &workspace["workspace"]["dependencies"];
-    for (section, name) in [("dependencies", "serde"), ("dependencies", "serde_json"), ("dev-dependencies", "cbindgen")]
-    {
+    for (section, name) in [
+        ("dependencies", "serde"),
+        ("dependencies", "serde_json"),
+        ("dependencies", "semver"),
+        ("dev-dependencies", "cbindgen"),
+    ] {
         assert_eq!(abi[section].get(name), dependencies.get(name), "abi/Cargo.toml's {name}");
     }
     let wasm = &abi["target"]["cfg(target_arch = \"wasm32\")"]["dependencies"];

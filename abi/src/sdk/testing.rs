@@ -5,6 +5,14 @@ use std::sync::{Mutex, PoisonError};
 
 use super::{Device, HostApi, LogLevel, PublishError};
 
+/// Panics, naming the broken rule, if devhost would refuse `device`'s
+/// attributes or capacities (DRA's rules, [`crate::device_info::check`]).
+pub fn assert_valid_device(device: &Device) {
+    if let Err(why) = crate::device_info::check(device) {
+        panic!("devhost would refuse device {:?}: {why}", device.id);
+    }
+}
+
 /// A [`HostApi`] that records instead of sending anything anywhere.
 #[derive(Debug, Default)]
 pub struct Recorder {

@@ -3,20 +3,24 @@
 //! from sysfs, served as one resource per configured group. A rescan
 //! thread handles hot-plug: new nodes are advertised, vanished ones go
 //! Unhealthy and are dropped after a grace. Allocate answers device specs
-//! (and the group's extra mounts) for exactly the requested devices.
+//! (and the group's extra mounts) for exactly the requested devices. Every
+//! device carries DRA attributes: its path and, for USB devices, vendor,
+//! product and serial number.
 //!
 //! Layout: [`config`] parses and validates `[config]`; [`glob`] expands
-//! patterns; [`scan`] turns matches into stable device IDs; [`state`]
-//! tracks presence over time. This file wires them to the SDK.
+//! patterns; [`scan`] turns matches into stable device IDs; [`attributes`]
+//! describes them; [`state`] tracks presence over time. This file wires
+//! them to the SDK.
 
 #![deny(unsafe_code)]
 
+pub mod attributes;
 pub mod config;
 pub mod glob;
 pub mod scan;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -24,7 +28,7 @@ use std::time::Instant;
 use devhost_abi::sdk::{Allocation, Backend, DeviceSpec, Error, Host, LogLevel, Resource};
 
 use crate::config::Config;
-use crate::state::Listed;
+use crate::state::{Listed, Present};
 
 /// Where device lists go: the host in production, the SDK's recorder in
 /// tests.
@@ -34,6 +38,9 @@ pub use devhost_abi::sdk::HostApi as Sink;
 struct Shared {
     config: Config,
     listed: Mutex<BTreeMap<String, Listed>>,
+    /// Attribute warnings already logged: each is logged once, not at
+    /// every rescan.
+    warned: Mutex<BTreeSet<String>>,
 }
 
 impl Shared {
@@ -48,13 +55,27 @@ impl Shared {
     fn rescan(&self, sink: &dyn Sink, force: bool) {
         let now = Instant::now();
         let mut changed = Vec::new();
+        let mut warnings = Vec::new();
         {
             let mut listed = self.listed();
             for group in &self.config.groups {
-                let found = scan::scan_group(&self.config, group);
+                let mut found = BTreeMap::new();
+                for (id, seen) in scan::scan_group(&self.config, group) {
+                    let (attributes, problems) = attributes::describe(&id, &seen);
+                    warnings.extend(problems.into_iter().map(|p| format!("{}: {p}", group.resource)));
+                    found.insert(id, Present { paths: seen.paths, attributes });
+                }
                 let entry = listed.entry(group.resource.clone()).or_default();
                 if entry.update(found, now, self.config.removal_grace) || force {
                     changed.push((group.resource.clone(), entry.devices()));
+                }
+            }
+        }
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for warning in warnings {
+                if warned.insert(warning.clone()) {
+                    sink.log(LogLevel::Warn, &warning);
                 }
             }
         }
@@ -78,7 +99,8 @@ impl Generic {
     pub fn start(config: Config, sink: Arc<dyn Sink>) -> Result<(Generic, Vec<Resource>), Error> {
         let resources = config.groups.iter().map(|g| Resource::new(g.resource.clone())).collect();
         let interval = config.rescan_interval;
-        let shared = Arc::new(Shared { config, listed: Mutex::new(BTreeMap::new()) });
+        let shared =
+            Arc::new(Shared { config, listed: Mutex::new(BTreeMap::new()), warned: Mutex::new(BTreeSet::new()) });
         shared.rescan(sink.as_ref(), true);
         let (stop, stopped) = mpsc::channel::<()>();
         let thread_shared = Arc::clone(&shared);

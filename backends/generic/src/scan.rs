@@ -2,7 +2,9 @@
 //! the pattern-side paths (`/dev/ttyUSB0`) that make each one up. IDs come
 //! from the path or from the USB device's identity (vendor, product,
 //! serial, interface), never from enumeration order, so they survive
-//! restarts, rescans and re-plugging. It does not track time or health.
+//! restarts, rescans and re-plugging. Each device keeps the USB identity
+//! it was found with, for its attributes. It does not track time or
+//! health.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,8 +12,18 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, Group, Grouping};
 use crate::glob;
 
-/// Devices of one group: ID → paths (pattern-side, sorted).
-pub type Found = BTreeMap<String, Vec<PathBuf>>;
+/// One device as a scan sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Its paths (pattern-side, sorted).
+    pub paths: Vec<PathBuf>,
+    /// The USB device it hangs off, if any (for a device of several paths,
+    /// only when they all hang off the same one).
+    pub usb: Option<UsbInfo>,
+}
+
+/// Devices of one group by ID.
+pub type Found = BTreeMap<String, Seen>;
 
 /// The USB identity of a device node, read from sysfs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +34,9 @@ pub struct UsbInfo {
     pub product: String,
     /// `serial`, or the USB port (`1-1.2`) where the device has none.
     pub serial: String,
+    /// Whether `serial` is the device's own serial number (`false`: the
+    /// port stands in for one).
+    pub has_serial: bool,
     /// `bInterfaceNumber` of the interface the node hangs off, if any.
     pub interface: Option<String>,
 }
@@ -101,11 +116,10 @@ pub fn usb_info(sysfs: &Path, node: &Path) -> Option<UsbInfo> {
         }
         if let Some(vendor) = read_trimmed(&dir.join("idVendor")) {
             let product = read_trimmed(&dir.join("idProduct")).unwrap_or_default();
-            let serial = read_trimmed(&dir.join("serial"))
-                .filter(|s| !s.is_empty())
-                .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_default();
-            return Some(UsbInfo { vendor, product, serial, interface });
+            let own = read_trimmed(&dir.join("serial")).filter(|s| !s.is_empty());
+            let has_serial = own.is_some();
+            let serial = own.or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
+            return Some(UsbInfo { vendor, product, serial, has_serial, interface });
         }
     }
     None
@@ -127,19 +141,20 @@ pub fn scan_group(config: &Config, group: &Group) -> Found {
     let mut found = Found::new();
     match group.grouping {
         Grouping::All => {
-            let usb_ok = per_pattern.iter().flatten().all(|p| wanted(&usb_of(p)));
+            let infos: Vec<Option<UsbInfo>> = per_pattern.iter().flatten().map(|p| usb_of(p)).collect();
+            let usb_ok = infos.iter().all(wanted);
             if per_pattern.iter().all(|matches| !matches.is_empty()) && usb_ok {
                 let mut paths: Vec<PathBuf> = per_pattern.drain(..).flatten().collect();
                 paths.sort();
                 paths.dedup();
-                found.insert(group.id.clone(), paths);
+                found.insert(group.id.clone(), Seen { paths, usb: common_device(infos) });
             }
         }
         Grouping::Each | Grouping::Usb => {
             let mut paths: Vec<PathBuf> = per_pattern.drain(..).flatten().collect();
             paths.sort();
             paths.dedup();
-            let mut named: Vec<(String, PathBuf)> = Vec::new();
+            let mut named: Vec<(String, PathBuf, Option<UsbInfo>)> = Vec::new();
             for path in paths {
                 let info = usb_of(&path);
                 if !wanted(&info) {
@@ -151,23 +166,38 @@ pub fn scan_group(config: &Config, group: &Group) -> Found {
                     (Some(info), _) if !group.usb.is_empty() => info.interface_id(),
                     _ => path_id(&path),
                 };
-                named.push((id, path));
+                named.push((id, path, info));
             }
             // Each: two nodes on one USB interface would share an ID; they
             // fall back to their path IDs (still stable).
             let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-            for (id, _) in &named {
+            for (id, _, _) in &named {
                 *counts.entry(id.as_str()).or_default() += 1;
             }
             let clashing: Vec<String> =
                 counts.into_iter().filter(|(_, n)| *n > 1).map(|(id, _)| id.to_owned()).collect();
-            for (id, path) in named {
+            let mut infos: BTreeMap<String, Vec<Option<UsbInfo>>> = BTreeMap::new();
+            for (id, path, info) in named {
                 let id = if group.grouping == Grouping::Each && clashing.contains(&id) { path_id(&path) } else { id };
-                found.entry(id).or_default().push(path);
+                found.entry(id.clone()).or_default().paths.push(path);
+                infos.entry(id).or_default().push(info);
+            }
+            for (id, infos) in infos {
+                if let Some(seen) = found.get_mut(&id) {
+                    seen.usb = common_device(infos);
+                }
             }
         }
     }
     found
+}
+
+/// The USB device every path hangs off, when they all hang off the same
+/// one (its interfaces may differ: the first path's is kept).
+fn common_device(infos: Vec<Option<UsbInfo>>) -> Option<UsbInfo> {
+    let mut infos = infos.into_iter();
+    let first = infos.next()??;
+    infos.all(|info| info.is_some_and(|info| info.device_id() == first.device_id())).then_some(first)
 }
 
 #[cfg(test)]

@@ -6,10 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use devhost_abi::sdk::testing::Recorder;
-use devhost_abi::sdk::{DeviceSpec, Health, Mount};
+use devhost_abi::sdk::{AttributeValue, Device, DeviceSpec, Health, LogLevel, Mount};
 
 use crate::Generic;
+use crate::attributes as attr;
 use crate::config::Config;
 
 /// Waits on what the SDK's test host recorded.
@@ -61,6 +64,26 @@ pub(crate) fn usb_serial(root: &Path, tty: &str, port: &str, ids: (&str, &str), 
     touch(&root.join("dev").join(tty));
 }
 
+/// The latest published device `id` of `resource`.
+fn device(recorder: &Recorder, resource: &str, id: &str) -> Device {
+    let devices = recorder.latest(resource).unwrap_or_default();
+    devices.into_iter().find(|d| d.id == id).unwrap_or_else(|| panic!("{resource}: no device {id}"))
+}
+
+/// String attributes as a map.
+fn strings(pairs: &[(&str, &str)]) -> BTreeMap<String, AttributeValue> {
+    pairs.iter().map(|(name, value)| (name.to_string(), AttributeValue::String(value.to_string()))).collect()
+}
+
+/// Every published device of every list passes DRA's rules.
+fn all_valid(recorder: &Recorder) {
+    for (_, devices) in recorder.published() {
+        for device in &devices {
+            devhost_abi::sdk::testing::assert_valid_device(device);
+        }
+    }
+}
+
 fn config(root: &Path, groups: &str) -> Config {
     let json = format!(
         r#"{{"dev_root": {:?}, "sysfs_root": {:?}, "rescan_interval_ms": 20, "removal_grace_ms": 300, "group": {groups}}}"#,
@@ -94,6 +117,36 @@ fn usb_serial_adapters_get_ids_from_their_serial_not_their_tty_number() {
         "example.com/any",
         &[("ttyUSB0", Health::Healthy), ("ttyUSB1", Health::Healthy), ("ttyUSB2", Health::Healthy)],
     );
+    let ftdi = device(&recorder, "example.com/ftdi", "usb-0403-6001-A50285BI-if00");
+    assert_eq!(
+        ftdi.attributes,
+        strings(&[
+            (attr::PATH, "/dev/ttyUSB0"),
+            (attr::USB_VENDOR, "0403"),
+            (attr::USB_PRODUCT, "6001"),
+            (attr::USB_SERIAL, "A50285BI"),
+        ])
+    );
+    assert_eq!(
+        device(&recorder, "example.com/ftdi", "usb-0403-6010-1-3-if01").attributes,
+        strings(&[(attr::PATH, "/dev/ttyUSB2"), (attr::USB_VENDOR, "0403"), (attr::USB_PRODUCT, "6010")]),
+        "no serial file: no serial attribute (the port in its ID is not a serial number)"
+    );
+    assert_eq!(
+        device(&recorder, "example.com/cp210x", "usb-10c4-ea60-0001").attributes,
+        strings(&[
+            (attr::PATH, "/dev/ttyUSB1"),
+            (attr::USB_VENDOR, "10c4"),
+            (attr::USB_PRODUCT, "ea60"),
+            (attr::USB_SERIAL, "0001"),
+        ])
+    );
+    assert_eq!(
+        device(&recorder, "example.com/any", "ttyUSB1").attributes,
+        device(&recorder, "example.com/cp210x", "usb-10c4-ea60-0001").attributes,
+        "a USB device's identity is published without a usb filter too"
+    );
+    all_valid(&recorder);
     let answer = generic.answer("example.com/ftdi", &["usb-0403-6001-A50285BI-if00".into()]).expect("allocate");
     let host_path = root.path().join("dev/ttyUSB0").display().to_string();
     assert_eq!(
@@ -139,6 +192,12 @@ fn hot_plug_advertises_new_nodes_and_keeps_vanished_ones_unhealthy_for_the_grace
     );
     let answer = generic.answer("example.com/serial", &["usb-0403-6001-AAA-if00".into()]).expect("served again");
     assert_eq!(answer.device_specs[0].container_path, "/dev/ttyUSB2", "the same ID now names the new node");
+    let replugged = device(&recorder, "example.com/serial", "usb-0403-6001-AAA-if00");
+    assert_eq!(
+        replugged.attributes.get(attr::PATH),
+        Some(&AttributeValue::String("/dev/ttyUSB2".into())),
+        "the path attribute follows the node"
+    );
 }
 
 #[test]
@@ -157,6 +216,13 @@ fn grouped_paths_form_one_device_with_every_path_and_the_mounts() {
     let (generic, _) = Generic::start(config, recorder.clone()).expect("start");
     recorder.wait_for("example.com/sound", &[("sound", Health::Healthy)]);
     recorder.wait_for("example.com/node", &[("fuse", Health::Healthy), ("net-tun", Health::Healthy)]);
+    assert_eq!(
+        device(&recorder, "example.com/sound", "sound").attributes,
+        strings(&[(attr::PATH, "/dev/snd/controlC0")]),
+        "a device of several paths: the first; no USB parent, no USB attributes"
+    );
+    assert_eq!(device(&recorder, "example.com/node", "net-tun").attributes, strings(&[(attr::PATH, "/dev/net/tun")]));
+    all_valid(&recorder);
     let answer = generic.answer("example.com/sound", &["sound".into()]).expect("allocate");
     let paths: Vec<(&str, &str)> =
         answer.device_specs.iter().map(|s| (s.container_path.as_str(), s.permissions.as_str())).collect();
@@ -172,6 +238,50 @@ fn grouped_paths_form_one_device_with_every_path_and_the_mounts() {
 }
 
 #[test]
+fn values_past_dras_limits_are_left_out_and_logged_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // A by-id name longer than DRA's 64 bytes, and a serial number too.
+    let long_name = format!("usb-FTDI_FT232R_USB_UART_{}-if00-port0", "A".repeat(40));
+    touch(&root.path().join("dev/serial/by-id").join(&long_name));
+    usb_serial(root.path(), "ttyUSB0", "1-1", ("0403", "6001"), Some(&"S".repeat(65)), 0);
+    let config = config(
+        root.path(),
+        r#"[{"resource": "example.com/by-id", "paths": ["/dev/serial/by-id/*"]},
+            {"resource": "example.com/ftdi", "paths": ["/dev/ttyUSB*"], "usb": [{"vendor": "0403"}]}]"#,
+    );
+    let recorder = Arc::new(Recorder::default());
+    let (_generic, _) = Generic::start(config, recorder.clone()).expect("start");
+    let by_id = format!("serial-by-id-{long_name}");
+    recorder.wait_for("example.com/by-id", &[(&by_id, Health::Healthy)]);
+    assert!(device(&recorder, "example.com/by-id", &by_id).attributes.is_empty(), "the path is left out, not cut");
+    let id = format!("usb-0403-6001-{}-if00", "S".repeat(65));
+    recorder.wait_for("example.com/ftdi", &[(&id, Health::Healthy)]);
+    assert_eq!(
+        device(&recorder, "example.com/ftdi", &id).attributes,
+        strings(&[(attr::PATH, "/dev/ttyUSB0"), (attr::USB_VENDOR, "0403"), (attr::USB_PRODUCT, "6001")]),
+        "the serial is left out, the rest published"
+    );
+    // Several rescans later, each warning was logged once.
+    std::thread::sleep(Duration::from_millis(150));
+    all_valid(&recorder);
+    let warnings: Vec<String> =
+        recorder.logs().into_iter().filter(|(level, _)| *level == LogLevel::Warn).map(|(_, m)| m).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings.contains(&format!(
+            "example.com/by-id: device {by_id}: attribute generic.devhost.io/path left out: \"/dev/serial/by-id/{long_name}\" is {} bytes, DRA allows 64",
+            "/dev/serial/by-id/".len() + long_name.len()
+        )),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w
+            .starts_with(&format!("example.com/ftdi: device {id}: attribute generic.devhost.io/usbSerial left out: "))),
+        "{warnings:?}"
+    );
+}
+
+#[test]
 fn real_dev_nodes_every_linux_machine_has() {
     let config = Config::parse(
         r#"{"group": [{"resource": "example.com/null", "paths": ["/dev/null", "/dev/zero"]},
@@ -181,6 +291,8 @@ fn real_dev_nodes_every_linux_machine_has() {
     let recorder = Arc::new(Recorder::default());
     let (generic, _) = Generic::start(config, recorder.clone()).expect("start");
     recorder.wait_for("example.com/null", &[("null", Health::Healthy), ("zero", Health::Healthy)]);
+    assert_eq!(device(&recorder, "example.com/null", "null").attributes, strings(&[(attr::PATH, "/dev/null")]));
+    all_valid(&recorder);
     let answer = generic.answer("example.com/null", &["zero".into()]).expect("allocate");
     assert_eq!(
         answer.device_specs,

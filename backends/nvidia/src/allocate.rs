@@ -62,8 +62,9 @@ mod tests {
             bus_id: String::new(),
             numa_node: None,
             memory_bytes: 0,
-            mig_enabled: false,
+            mig_enabled: Some(false),
             name: String::new(),
+            details: Default::default(),
         }
     }
 

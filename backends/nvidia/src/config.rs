@@ -27,6 +27,7 @@ struct Raw {
     health: bool,
     ignored_xids: Vec<u64>,
     probe_interval_ms: u64,
+    reset_on_release: bool,
 }
 
 impl Default for Raw {
@@ -40,6 +41,7 @@ impl Default for Raw {
             health: true,
             ignored_xids: DEFAULT_IGNORED_XIDS.iter().map(|(xid, _)| *xid).collect(),
             probe_interval_ms: 5000,
+            reset_on_release: false,
         }
     }
 }
@@ -65,6 +67,10 @@ pub struct Config {
     /// How often every GPU is probed, and how long an Unhealthy GPU stays
     /// Unhealthy after its last critical XID before a probe may clear it.
     pub probe_interval: Duration,
+    /// Ask devhost for `release` and reset each GPU once no container
+    /// holds it and no process has it open. Off by default: with it off the
+    /// resource does not ask for `release` at all.
+    pub reset_on_release: bool,
 }
 
 impl Config {
@@ -96,6 +102,7 @@ impl Config {
             health: raw.health,
             xids: XidPolicy::new(raw.ignored_xids.into_iter().collect::<BTreeSet<_>>()),
             probe_interval: Duration::from_millis(raw.probe_interval_ms),
+            reset_on_release: raw.reset_on_release,
         })
     }
 }
@@ -116,6 +123,7 @@ mod tests {
             assert_eq!(config.sysfs_root, PathBuf::from("/sys"));
             assert_eq!(config.probe_interval, Duration::from_secs(5));
             assert_eq!(config.xids, XidPolicy::default());
+            assert!(!config.reset_on_release, "no release is asked for unless configured");
         }
     }
 
@@ -123,7 +131,8 @@ mod tests {
     fn every_key_can_be_set() {
         let config = Config::parse(
             r#"{"resource": "acme.com/gpu", "library": "/opt/nvml.so", "cdi": true, "dev_root": "/host/dev",
-                "sysfs_root": "/host/sys", "health": false, "ignored_xids": [13], "probe_interval_ms": 250}"#,
+                "sysfs_root": "/host/sys", "health": false, "ignored_xids": [13], "probe_interval_ms": 250,
+                "reset_on_release": true}"#,
         )
         .expect("valid");
         assert_eq!(config.resource, "acme.com/gpu");
@@ -134,6 +143,7 @@ mod tests {
         assert_eq!(config.probe_interval, Duration::from_millis(250));
         assert!(!config.xids.is_critical(Some(13)));
         assert!(config.xids.is_critical(Some(31)), "the list replaces the default");
+        assert!(config.reset_on_release);
     }
 
     #[test]

@@ -1,4 +1,7 @@
 //! Test doubles: a fake NVML ([`Fake`]) and a recording host ([`Recorder`]).
+//! The fake answers like a current driver (versions, compute capability,
+//! MIG off) and records every GPU reset, so release can be tested without
+//! a GPU.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -6,9 +9,10 @@ use std::time::Duration;
 
 use devhost_abi::sdk::Health;
 
-use crate::model::{Event, EventSource, Gpu, GpuSource, Link};
+use crate::model::{Details, Event, EventSource, Gpu, GpuSource, Link};
 
-/// A GPU with the given index (also its minor) and NUMA node.
+/// A GPU with the given index (also its minor) and NUMA node, described
+/// as NVML describes an 80 GiB GPU on driver 535.104.05 (CUDA 12.2).
 pub fn gpu(uuid: &str, index: u32, numa: Option<i64>) -> Gpu {
     Gpu {
         uuid: uuid.into(),
@@ -17,19 +21,35 @@ pub fn gpu(uuid: &str, index: u32, numa: Option<i64>) -> Gpu {
         bus_id: format!("00000000:{:02X}:00.0", index + 1),
         numa_node: numa,
         memory_bytes: 80 << 30,
-        mig_enabled: false,
+        mig_enabled: Some(false),
         name: "Fake GPU".into(),
+        details: Details {
+            // Not semver as NVML spells it (a leading zero).
+            driver_version: Some("535.104.05".into()),
+            cuda_driver_version: Some(12020),
+            compute_capability: Some((9, 0)),
+            pcie_root: None,
+        },
     }
 }
 
 /// A fake NVML: a GPU list, NVLinks between index pairs, probe failures
-/// per GPU and a queue of events.
+/// per GPU, a queue of events, processes per GPU, and the resets asked
+/// for.
 #[derive(Default)]
 pub struct Fake {
     pub gpus: Vec<Gpu>,
     pub nvlinks: Vec<(u32, u32, u32)>,
     pub broken: Mutex<Vec<String>>,
     pub events: Mutex<VecDeque<Event>>,
+    /// `(uuid, pid)`: processes that have a GPU open.
+    pub processes: Mutex<Vec<(String, u32)>>,
+    /// `Some(why)`: this NVML cannot reset GPUs at all (like the real one).
+    pub cannot_reset: Option<String>,
+    /// GPUs whose reset fails.
+    pub reset_fails: Mutex<Vec<String>>,
+    /// The UUIDs reset so far, in order.
+    pub resets: Mutex<Vec<String>>,
 }
 
 impl GpuSource for Fake {
@@ -47,6 +67,21 @@ impl GpuSource for Fake {
     }
     fn events(&self, _: &[String]) -> Result<(Box<dyn EventSource + '_>, Vec<String>), String> {
         Ok((Box::new(FakeEvents(self)), Vec::new()))
+    }
+    fn processes(&self, uuid: &str) -> Result<Vec<u32>, String> {
+        let processes = self.processes.lock().map_err(|_| "poisoned")?;
+        Ok(processes.iter().filter(|(u, _)| u == uuid).map(|(_, pid)| *pid).collect())
+    }
+    fn can_reset(&self) -> Result<(), String> {
+        self.cannot_reset.clone().map_or(Ok(()), Err)
+    }
+    fn reset(&self, gpu: &Gpu) -> Result<(), String> {
+        self.can_reset()?;
+        if self.reset_fails.lock().map_err(|_| "poisoned")?.contains(&gpu.uuid) {
+            return Err("the GPU did not come back from the reset".into());
+        }
+        self.resets.lock().map_err(|_| "poisoned")?.push(gpu.uuid.clone());
+        Ok(())
     }
 }
 

@@ -122,10 +122,15 @@ impl HealthTracker {
     }
 }
 
-/// One GPU as a device of the resource.
+/// One GPU as a device of the resource, with its attributes and capacity
+/// (the same in every publish: [`crate::attributes::describe`] is
+/// deterministic, and its warnings were logged at `init`).
 pub fn device(gpu: &Gpu, health: Health) -> Device {
+    let described = crate::attributes::describe(gpu);
     let mut device = Device::new(gpu.uuid.clone(), health);
     device.numa_nodes = gpu.numa_node.into_iter().collect();
+    device.attributes = described.attributes;
+    device.capacities = described.capacities;
     device
 }
 

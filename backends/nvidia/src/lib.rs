@@ -5,23 +5,28 @@
 //! sysfs), watches critical XID events and probes GPUs on its own thread
 //! (Unhealthy GPUs come back when NVML reports them usable), answers
 //! Allocate with device nodes, `NVIDIA_VISIBLE_DEVICES` and optional CDI
-//! names, and prefers GPUs on one NUMA node sharing the best links.
+//! names, and prefers GPUs on one NUMA node sharing the best links. Every
+//! device carries DRA attributes (product, versions, PCI address and root,
+//! MIG mode) and its memory as a capacity. With `reset_on_release` it asks
+//! devhost for `release` and resets idle GPUs then.
 //!
 //! Layout: [`model`] is the data layer between NVML and the logic;
 //! [`nvml`] implements it over NVML; [`config`], [`xid`], [`sysfs`],
-//! [`topology`], [`allocate`] and [`health`] are the logic, tested without
-//! a GPU. Where NVML is absent, `init` fails with one message and nothing
-//! is registered.
+//! [`topology`], [`allocate`], [`health`], [`attributes`] and [`release`]
+//! are the logic, tested without a GPU. Where NVML is absent, `init` fails
+//! with one message and nothing is registered.
 
 #![deny(unsafe_code)]
 
 pub mod allocate;
+pub mod attributes;
 pub mod config;
 #[cfg(test)]
 mod fakes;
 pub mod health;
 pub mod model;
 pub mod nvml;
+pub mod release;
 pub mod sysfs;
 pub mod topology;
 pub mod xid;
@@ -37,12 +42,14 @@ use crate::health::{HealthTracker, Monitor, Sink, device, monitor};
 use crate::model::{Event, EventSource, Gpu, GpuSource};
 use crate::topology::Topology;
 
-/// One running instance: the GPUs found at `init`, their topology, and the
-/// health thread.
+/// One running instance: the GPUs found at `init`, their topology, the
+/// health thread, and NVML and the host for `release`.
 pub struct Nvidia {
     config: Config,
     gpus: Arc<Vec<Gpu>>,
     topology: Topology,
+    source: Arc<dyn GpuSource>,
+    sink: Arc<dyn Sink>,
     monitor: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -66,7 +73,11 @@ fn describe(gpu: &Gpu) -> String {
         gpu.minor,
         gpu.bus_id,
         gpu.memory_bytes >> 20,
-        if gpu.mig_enabled { "on" } else { "off" },
+        match gpu.mig_enabled {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown",
+        },
         gpu.name
     )
 }
@@ -79,6 +90,14 @@ impl Nvidia {
         source: Arc<dyn GpuSource>,
         sink: Arc<dyn Sink>,
     ) -> Result<(Self, Vec<Resource>), Error> {
+        if config.reset_on_release {
+            source.can_reset().map_err(|why| {
+                Error::new(format!(
+                    "reset_on_release = true, but this backend cannot reset GPUs here: {why}; set \
+                     reset_on_release = false (released GPUs are then handed on without a reset)"
+                ))
+            })?;
+        }
         let mut gpus = source.gpus().map_err(Error::new)?;
         if gpus.is_empty() {
             return Err(Error::new(format!(
@@ -91,8 +110,13 @@ impl Nvidia {
                 sink.log(LogLevel::Warn, &format!("GPU {}: no NUMA affinity ({error})", gpu.uuid));
                 None
             });
+            gpu.details.pcie_root = sysfs::pcie_root(&config.sysfs_root, &gpu.bus_id);
             sink.log(LogLevel::Info, &describe(gpu));
-            if gpu.mig_enabled {
+            // Once here, not at every publish: the values never change.
+            for warning in attributes::describe(gpu).warnings {
+                sink.log(LogLevel::Warn, &warning);
+            }
+            if gpu.mig_enabled == Some(true) {
                 sink.log(
                     LogLevel::Warn,
                     &format!(
@@ -106,9 +130,10 @@ impl Nvidia {
         let devices: Vec<_> = gpus.iter().map(|gpu| device(gpu, Health::Healthy)).collect();
         sink.publish(&config.resource, &devices).map_err(|error| Error::new(error.to_string()))?;
         let gpus = Arc::new(gpus);
-        let monitor = config.health.then(|| spawn_monitor(&config, source, sink, gpus.clone()));
+        let monitor = config.health.then(|| spawn_monitor(&config, source.clone(), sink.clone(), gpus.clone()));
         let resource = Resource::new(config.resource.clone()).with_preferred_allocation();
-        Ok((Nvidia { config, gpus, topology, monitor }, vec![resource]))
+        let resource = if config.reset_on_release { resource.with_release() } else { resource };
+        Ok((Nvidia { config, gpus, topology, source, sink, monitor }, vec![resource]))
     }
 }
 
@@ -154,6 +179,15 @@ impl Backend for Nvidia {
 
     fn preferred_allocation(&self, _resource: &str, request: &PreferredRequest) -> Result<Option<Vec<String>>, Error> {
         self.topology.preferred(&request.available, &request.must_include, request.size).map(Some).map_err(Error::new)
+    }
+
+    fn release(&self, _resource: &str, device_ids: &[String]) -> Result<(), Error> {
+        // Only a resource that asked for release is released; answer
+        // anything else (a host that calls anyway) with nothing to do.
+        if !self.config.reset_on_release {
+            return Ok(());
+        }
+        release::reset_idle(&*self.source, &*self.sink, &self.gpus, device_ids)
     }
 
     fn shutdown(self) {

@@ -22,10 +22,31 @@ pub struct Gpu {
     pub numa_node: Option<i64>,
     /// Total framebuffer memory in bytes (0 when NVML could not say).
     pub memory_bytes: u64,
-    /// Whether MIG mode is currently enabled.
-    pub mig_enabled: bool,
-    /// The product name, for logs.
+    /// Whether MIG mode is currently enabled; `None` when NVML could not
+    /// say (a GPU without MIG support reads `Some(false)`).
+    pub mig_enabled: Option<bool>,
+    /// The product name (empty when NVML could not say).
     pub name: String,
+    /// What else NVML says about the GPU, published as attributes only.
+    pub details: Details,
+}
+
+/// What the backend publishes about a GPU besides its health and NUMA
+/// node, as NVML (or sysfs) reports it, unconverted: [`crate::attributes`]
+/// turns it into DRA attributes. `None` where NVML could not say (older
+/// drivers, fakes), and the attribute is then left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Details {
+    /// The kernel driver's version as NVML spells it (`550.54.15`).
+    pub driver_version: Option<String>,
+    /// The CUDA version the driver supports, as NVML encodes it
+    /// (`major * 1000 + minor * 10`: 12040 is 12.4).
+    pub cuda_driver_version: Option<i32>,
+    /// The CUDA compute capability (`(9, 0)` for Hopper).
+    pub compute_capability: Option<(i32, i32)>,
+    /// The PCIe root complex from sysfs (`pci0000:3a`); filled in by the
+    /// backend, not by the [`GpuSource`].
+    pub pcie_root: Option<String>,
 }
 
 /// How two GPUs talk to each other, as NVML reports it.
@@ -80,6 +101,19 @@ pub trait GpuSource: Send + Sync + 'static {
     /// Starts listening for critical XID events on these GPUs. Returns the
     /// source and, per GPU that could not be registered, a warning.
     fn events(&self, uuids: &[String]) -> Result<(Box<dyn EventSource + '_>, Vec<String>), String>;
+
+    /// The IDs of the processes that have the GPU open now (compute and
+    /// graphics): a GPU is reset only when this is empty.
+    fn processes(&self, uuid: &str) -> Result<Vec<u32>, String>;
+
+    /// Whether [`GpuSource::reset`] can work at all; `Err` says why not.
+    /// Asked once at `init` when `reset_on_release` is on, so that an
+    /// impossible reset is refused before any GPU is handed out.
+    fn can_reset(&self) -> Result<(), String>;
+
+    /// Resets the GPU (an idle one: the caller checked
+    /// [`GpuSource::processes`]); `Err` says why it failed.
+    fn reset(&self, gpu: &Gpu) -> Result<(), String>;
 }
 
 /// A stream of XID events.

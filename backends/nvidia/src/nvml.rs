@@ -13,11 +13,24 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, EventSet, Nvml};
 
-use crate::model::{Event, EventSource, Gpu, GpuSource, Link};
+use crate::model::{Details, Event, EventSource, Gpu, GpuSource, Link};
 use crate::sysfs::sysfs_names;
 
 /// The most NVLinks one GPU has (NVML_NVLINK_MAX_LINKS in current drivers).
 const MAX_NVLINKS: u32 = 18;
+
+/// Why a GPU cannot be reset here: the answer of [`GpuSource::can_reset`]
+/// and [`GpuSource::reset`].
+///
+/// NVML's public API has no call that resets a GPU: its `Reset` functions
+/// restore clocks and counters only. `nvml-wrapper-sys` binds every public
+/// NVML symbol and none resets a device, so there is no symbol to look up
+/// either; `nvidia-smi --gpu-reset` goes through a private driver
+/// interface. A PCI function-level reset through sysfs is not used in its
+/// place: it would reset the GPU under the bound NVIDIA driver, which
+/// resets GPUs only through its own path.
+pub const NO_RESET: &str = "NVML has no call that resets a GPU (its public API resets clocks and counters \
+only; nvidia-smi --gpu-reset uses a private driver interface)";
 
 /// NVML, initialised.
 pub struct NvmlSource {
@@ -83,6 +96,20 @@ impl NvmlSource {
         let uuid = device.uuid().map_err(|e| what("UUID", e))?;
         let minor = device.minor_number().map_err(|e| what("minor number", e))?;
         let bus_id = device.pci_info().map_err(|e| what("PCI info", e))?.bus_id;
+        let mig_enabled = match device.mig_mode() {
+            Ok(mode) => Some(mode.current == 1),
+            // A GPU without MIG cannot have it on.
+            Err(NvmlError::NotSupported) => Some(false),
+            Err(_) => None,
+        };
+        // What follows is published, not needed: an older driver without
+        // one of these calls just leaves its attribute out.
+        let details = Details {
+            driver_version: self.nvml.sys_driver_version().ok(),
+            cuda_driver_version: self.nvml.sys_cuda_driver_version().ok(),
+            compute_capability: device.cuda_compute_capability().ok().map(|cc| (cc.major, cc.minor)),
+            pcie_root: None,
+        };
         Ok(Gpu {
             uuid,
             index,
@@ -90,8 +117,9 @@ impl NvmlSource {
             bus_id,
             numa_node: None,
             memory_bytes: device.memory_info().map(|m| m.total).unwrap_or(0),
-            mig_enabled: device.mig_mode().is_ok_and(|mode| mode.current == 1),
+            mig_enabled,
             name: device.name().unwrap_or_default(),
+            details,
         })
     }
 }
@@ -169,6 +197,32 @@ impl GpuSource for NvmlSource {
         }
         Ok((Box::new(NvmlEvents { set }), warnings))
     }
+
+    fn processes(&self, uuid: &str) -> Result<Vec<u32>, String> {
+        let device = self.device(uuid)?;
+        let mut pids = Vec::new();
+        let lists =
+            [("compute", device.running_compute_processes()), ("graphics", device.running_graphics_processes())];
+        for (kind, list) in lists {
+            match list {
+                Ok(list) => pids.extend(list.into_iter().map(|p| p.pid)),
+                // A GPU that cannot list one kind has none of that kind.
+                Err(NvmlError::NotSupported) => {}
+                Err(error) => return Err(format!("listing its {kind} processes failed: {error}")),
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    fn can_reset(&self) -> Result<(), String> {
+        Err(NO_RESET.to_owned())
+    }
+
+    fn reset(&self, gpu: &Gpu) -> Result<(), String> {
+        Err(format!("GPU {} ({}) cannot be reset: {NO_RESET}", gpu.uuid, gpu.bus_id))
+    }
 }
 
 /// XID events from an NVML event set.
@@ -224,7 +278,25 @@ mod tests {
             eprintln!("{gpu:?}");
             assert!(gpu.uuid.starts_with("GPU-") || gpu.uuid.starts_with("MIG-"), "{}", gpu.uuid);
             source.probe(&gpu.uuid).expect("a GPU in service probes usable");
+            // Read-only: listing processes changes nothing on the GPU.
+            eprintln!("processes on {}: {:?}", gpu.uuid, source.processes(&gpu.uuid).expect("NVML lists processes"));
+            // The attributes of a real GPU pass DRA's rules, and a current
+            // driver answers every call they come from.
+            let mut gpu = gpu.clone();
+            gpu.details.pcie_root = crate::sysfs::pcie_root(std::path::Path::new("/sys"), &gpu.bus_id);
+            let device = crate::health::device(&gpu, devhost_abi::sdk::Health::Healthy);
+            eprintln!("attributes: {:?}, capacities: {:?}", device.attributes, device.capacities);
+            devhost_abi::sdk::testing::assert_valid_device(&device);
+            for name in [
+                crate::attributes::DRIVER_VERSION,
+                crate::attributes::CUDA_DRIVER_VERSION,
+                crate::attributes::PCIE_ROOT,
+            ] {
+                assert!(device.attributes.contains_key(name), "{name} missing on a real GPU: {:?}", device.attributes);
+            }
+            assert!(device.capacities.contains_key(crate::attributes::MEMORY));
         }
+        assert!(source.can_reset().is_err(), "NVML cannot reset a GPU; and a real GPU is never reset here");
         let uuids: Vec<String> = gpus.iter().map(|g| g.uuid.clone()).collect();
         let (mut events, warnings) = source.events(&uuids).expect("an event set");
         eprintln!("event warnings: {warnings:?}");

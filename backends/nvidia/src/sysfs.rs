@@ -2,7 +2,9 @@
 //! `00000000:3B:00.0` (8-digit upper-case domain); the kernel's directory
 //! is `/sys/bus/pci/devices/0000:3b:00.0` (lower case, at least 4 domain
 //! digits). Its `numa_node` file holds the node, or -1 when the platform
-//! has no NUMA topology for the device.
+//! has no NUMA topology for the device. The entry itself is a link into
+//! `/sys/devices/pci<domain>:<bus>/…`, whose first component names the
+//! device's PCIe root complex.
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +50,29 @@ pub fn numa_node(sysfs_root: &Path, bus_id: &str) -> Result<Option<i64>, String>
     parse_numa_node(&text).map_err(|e| format!("{}: {e}", file.display()))
 }
 
+/// Whether `name` names a PCIe root complex as the kernel does under
+/// `/sys/devices`: `pci<domain>:<bus>` in lower-case hex, at least four
+/// domain digits (`pci0000:00`, `pci10000:e0` for a VMD domain).
+pub fn is_pcie_root(name: &str) -> bool {
+    let hex = |s: &str| s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    name.strip_prefix("pci")
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(domain, bus)| domain.len() >= 4 && bus.len() == 2 && hex(domain) && hex(bus))
+}
+
+/// The PCIe root complex of the PCI device `bus_id` (`pci0000:3a`), the
+/// value of DRA's `resource.kubernetes.io/pcieRoot`: the first
+/// `pci<domain>:<bus>` component of the target of its
+/// `bus/pci/devices/<address>` link (`../../../devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0`).
+/// `None` when there is no such link or no such component.
+pub fn pcie_root(sysfs_root: &Path, bus_id: &str) -> Option<String> {
+    let devices = sysfs_root.join("bus/pci/devices");
+    sysfs_names(bus_id)?.into_iter().find_map(|name| {
+        let target = std::fs::read_link(devices.join(name)).ok()?;
+        target.components().find_map(|c| c.as_os_str().to_str().filter(|c| is_pcie_root(c)).map(str::to_owned))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +104,30 @@ mod tests {
         assert_eq!(numa_node(root.path(), "00000000:AF:00.0"), Ok(Some(0)), "the 8-digit spelling is found too");
         let missing = numa_node(root.path(), "00000000:D8:00.0").expect_err("no such device");
         assert!(missing.starts_with("no directory for PCI device 00000000:D8:00.0 under "), "{missing}");
+    }
+
+    #[test]
+    fn pcie_roots_come_from_the_device_link() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let devices = root.path().join("bus/pci/devices");
+        std::fs::create_dir_all(&devices).expect("bus dir");
+        let real = root.path().join("devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0");
+        std::fs::create_dir_all(&real).expect("device dir");
+        std::os::unix::fs::symlink(
+            "../../../devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0",
+            devices.join("0000:3b:00.0"),
+        )
+        .expect("link");
+        std::fs::create_dir_all(devices.join("0000:5e:00.0")).expect("a directory, not a link");
+        assert_eq!(pcie_root(root.path(), "00000000:3B:00.0").as_deref(), Some("pci0000:3a"));
+        assert_eq!(pcie_root(root.path(), "00000000:5E:00.0"), None, "no link: no root");
+        assert_eq!(pcie_root(root.path(), "00000000:D8:00.0"), None, "no device");
+        for good in ["pci0000:00", "pci0000:3a", "pci10000:e0"] {
+            assert!(is_pcie_root(good), "{good}");
+        }
+        for bad in ["pci", "pci0000", "pci000:00", "pci0000:3A", "pci0000:000", "pcie:00", "0000:3a:00.0"] {
+            assert!(!is_pcie_root(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -166,8 +166,9 @@ mod tests {
             bus_id: format!("00000000:{:02X}:00.0", i + 1),
             numa_node: numa,
             memory_bytes: 0,
-            mig_enabled: false,
+            mig_enabled: Some(false),
             name: "Test GPU".into(),
+            details: Default::default(),
         }
     }
 

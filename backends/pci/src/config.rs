@@ -42,6 +42,8 @@ struct RawResource {
     check_link: bool,
     #[serde(default)]
     reset_on_prestart: bool,
+    #[serde(default)]
+    reset_on_release: bool,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +103,9 @@ pub struct ResourceConfig {
     pub check_link: bool,
     /// Ask for PreStartContainer and reset the functions then.
     pub reset_on_prestart: bool,
+    /// Ask devhost for `release` (ABI 1.1) and reset the functions once no
+    /// container holds them any more.
+    pub reset_on_release: bool,
 }
 
 /// The validated configuration.
@@ -227,6 +232,7 @@ impl Config {
                 device_nodes,
                 check_link: r.check_link,
                 reset_on_prestart: r.reset_on_prestart,
+                reset_on_release: r.reset_on_release,
                 name,
             });
         }

@@ -5,24 +5,29 @@
 //! device ID; NUMA nodes come from sysfs. Allocate gives VFIO group
 //! devices for `vfio-pci` functions, else device nodes mapped from sysfs,
 //! and `PCIDEVICE_<RESOURCE>` with the addresses. Health: still present,
-//! still bound to a selected driver, optionally link up. Optional function
-//! reset before each container.
+//! still bound to a selected driver, optionally link up. Every device
+//! carries DRA attributes (IDs, driver, SR-IOV role, PCIe root, NUMA node,
+//! netdev and link speed). Optional function reset before each container,
+//! or on release once no container holds the function (ABI 1.1).
 //!
 //! It builds natively (a rescan thread) and as a WASM component for
 //! `wasm32-wasip2` (the SDK polls it; see README.md for what the sandbox
-//! allows). Layout: [`sysfs`] reads, [`config`] parses and selects, this
-//! file tracks state and answers.
+//! allows). Layout: [`sysfs`] reads, [`config`] parses and selects,
+//! [`attributes`] describes, this file tracks state and answers.
 
 #![deny(unsafe_code)]
 
+pub mod attributes;
 pub mod config;
 pub mod sysfs;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use devhost_abi::sdk::{Allocation, Backend, Device, DeviceSpec, Error, Health, Host, LogLevel, Resource};
+use devhost_abi::sdk::{
+    Allocation, AttributeValue, Backend, Device, DeviceSpec, Error, Health, Host, LogLevel, Resource,
+};
 
 use crate::config::{Config, ResourceConfig};
 use crate::sysfs::Function;
@@ -38,6 +43,7 @@ pub const VFIO_DRIVER: &str = "vfio-pci";
 #[derive(Debug, Clone)]
 struct Tracked {
     function: Function,
+    attributes: BTreeMap<String, AttributeValue>,
     healthy: bool,
     missing_since: Option<Instant>,
 }
@@ -47,6 +53,7 @@ impl Tracked {
         let health = if self.healthy && self.missing_since.is_none() { Health::Healthy } else { Health::Unhealthy };
         let mut device = Device::new(self.function.address.clone(), health);
         device.numa_nodes = self.function.numa.into_iter().collect();
+        device.attributes = self.attributes.clone();
         device
     }
 }
@@ -56,6 +63,9 @@ type Listed = BTreeMap<String, BTreeMap<String, Tracked>>;
 struct Shared {
     config: Config,
     listed: Mutex<Listed>,
+    /// Attribute warnings already logged: each is logged once, not at
+    /// every rescan.
+    warned: Mutex<BTreeSet<String>>,
 }
 
 fn healthy(resource: &ResourceConfig, f: &Function) -> bool {
@@ -73,6 +83,7 @@ impl Shared {
         let all = sysfs::functions(&self.config.sysfs_root);
         let now = Instant::now();
         let mut changed = Vec::new();
+        let mut warnings = Vec::new();
         {
             let mut listed = self.listed();
             for resource in &self.config.resources {
@@ -88,12 +99,23 @@ impl Shared {
                 let grace = self.config.removal_grace;
                 entry.retain(|_, t| t.missing_since.is_none_or(|since| now.duration_since(since) < grace));
                 for (address, f) in selected {
-                    let tracked = Tracked { function: f.clone(), healthy: healthy(resource, f), missing_since: None };
+                    let (attributes, problems) = attributes::describe(f);
+                    warnings.extend(problems);
+                    let healthy = healthy(resource, f);
+                    let tracked = Tracked { function: f.clone(), attributes, healthy, missing_since: None };
                     entry.insert(address.to_owned(), tracked);
                 }
                 let after: Vec<Device> = entry.values().map(Tracked::device).collect();
                 if force || before != after {
                     changed.push((resource.name.clone(), after));
+                }
+            }
+        }
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for warning in warnings {
+                if warned.insert(warning.clone()) {
+                    sink.log(LogLevel::Warn, &warning);
                 }
             }
         }
@@ -114,13 +136,15 @@ pub fn env_name(resource: &str) -> String {
 }
 
 /// The functions' sysfs `reset` files must exist and open for writing;
-/// says what grant is missing otherwise.
-fn check_reset(resource: &ResourceConfig, functions: &[&Function]) -> Result<(), Error> {
+/// says what grant is missing otherwise. `option` is the key that asked
+/// for resets (`reset_on_prestart`, `reset_on_release`), named in the
+/// message.
+fn check_reset(resource: &ResourceConfig, option: &str, functions: &[&Function]) -> Result<(), Error> {
     for f in functions {
         let path = f.dir.join("reset");
         if !path.exists() {
             return Err(Error::new(format!(
-                "resource {:?}: reset_on_prestart: function {} has no {} (the kernel offers no reset method for it)",
+                "resource {:?}: {option}: function {} has no {} (the kernel offers no reset method for it)",
                 resource.name,
                 f.address,
                 path.display()
@@ -128,9 +152,9 @@ fn check_reset(resource: &ResourceConfig, functions: &[&Function]) -> Result<(),
         }
         if let Err(error) = std::fs::OpenOptions::new().write(true).open(&path) {
             return Err(Error::new(format!(
-                "resource {:?}: reset_on_prestart needs write access to {} ({error}); grant it: for the WASM \
+                "resource {:?}: {option} needs write access to {} ({error}); grant it: for the WASM \
                  build add {:?} to `[sandbox] write` (the native build needs devhost to run as root), or turn \
-                 reset_on_prestart off",
+                 {option} off",
                 resource.name,
                 path.display(),
                 f.dir.display().to_string()
@@ -156,14 +180,20 @@ impl Pci {
         let all = sysfs::functions(&config.sysfs_root);
         let mut resources = Vec::new();
         for resource in &config.resources {
+            let selected: Vec<&Function> = all.iter().filter(|f| resource.selects(f, &all)).collect();
+            let mut declared = Resource::new(resource.name.clone());
             if resource.reset_on_prestart {
-                let selected: Vec<&Function> = all.iter().filter(|f| resource.selects(f, &all)).collect();
-                check_reset(resource, &selected)?;
+                check_reset(resource, "reset_on_prestart", &selected)?;
+                declared = declared.with_pre_start();
             }
-            let declared = Resource::new(resource.name.clone());
-            resources.push(if resource.reset_on_prestart { declared.with_pre_start() } else { declared });
+            if resource.reset_on_release {
+                check_reset(resource, "reset_on_release", &selected)?;
+                declared = declared.with_release();
+            }
+            resources.push(declared);
         }
-        let shared = Arc::new(Shared { config, listed: Mutex::new(BTreeMap::new()) });
+        let shared =
+            Arc::new(Shared { config, listed: Mutex::new(BTreeMap::new()), warned: Mutex::new(BTreeSet::new()) });
         shared.rescan(sink.as_ref(), true);
         #[cfg(not(target_arch = "wasm32"))]
         let rescanner = {
@@ -246,11 +276,27 @@ impl Pci {
         Ok(answer)
     }
 
-    /// Resets each function through its sysfs `reset` file.
+    /// Resets each function before a container starts, when the resource
+    /// has `reset_on_prestart`.
     pub fn reset(&self, resource: &str, ids: &[String]) -> Result<(), Error> {
         if !self.resource(resource)?.reset_on_prestart {
             return Ok(());
         }
+        self.write_reset(resource, ids)
+    }
+
+    /// Resets each released function (no container holds it any more),
+    /// when the resource has `reset_on_release`.
+    pub fn release_functions(&self, resource: &str, ids: &[String]) -> Result<(), Error> {
+        if !self.resource(resource)?.reset_on_release {
+            return Ok(());
+        }
+        self.write_reset(resource, ids)
+    }
+
+    /// Resets each function through its sysfs `reset` file (a function
+    /// level reset, or whatever reset method the kernel chose for it).
+    fn write_reset(&self, resource: &str, ids: &[String]) -> Result<(), Error> {
         for f in self.functions(resource, ids)? {
             let path = f.dir.join("reset");
             std::fs::write(&path, "1").map_err(|error| {
@@ -286,6 +332,10 @@ impl Backend for Pci {
 
     fn pre_start(&self, resource: &str, device_ids: &[String]) -> Result<(), Error> {
         self.reset(resource, device_ids)
+    }
+
+    fn release(&self, resource: &str, device_ids: &[String]) -> Result<(), Error> {
+        self.release_functions(resource, device_ids)
     }
 
     fn poll(&self) {

@@ -1,6 +1,7 @@
 //! Reads PCI functions from sysfs (`<root>/bus/pci/devices/*`): IDs,
-//! class, bound driver, IOMMU group, NUMA node, netdevs, and the SR-IOV
-//! relations (`physfn`, `virtfn<N>`). Only relative links inside the sysfs
+//! class, bound driver, IOMMU group, NUMA node, netdevs and their link
+//! speed, the SR-IOV relations (`physfn`, `virtfn<N>`), and the PCIe root
+//! complex the function hangs off. Only relative links inside the sysfs
 //! root are followed, which is what the kernel writes, so this also works
 //! inside a WASM sandbox granted just the root. It owns reading, not
 //! selecting.
@@ -32,6 +33,12 @@ pub struct Function {
     pub vf_of: Option<(String, u32)>,
     /// For a PF: how many `virtfn<N>` links it has.
     pub vf_count: usize,
+    /// The PCIe root complex (`pci0000:3a`): the first `pci<domain>:<bus>`
+    /// component of the target of the function's `bus/pci/devices` link.
+    pub pcie_root: Option<String>,
+    /// The first netdev's link speed in Mb/s, where the kernel knows it
+    /// (`net/<name>/speed`; a link that is down reads -1 or fails).
+    pub link_speed: Option<i64>,
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -56,6 +63,24 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Whether `name` names a PCIe root complex as the kernel does under
+/// `/sys/devices`: `pci<domain>:<bus>` in lower-case hex, at least four
+/// domain digits (`pci0000:00`, `pci10000:e0` for a VMD domain).
+pub fn is_pcie_root(name: &str) -> bool {
+    let hex = |s: &str| s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    name.strip_prefix("pci")
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(domain, bus)| domain.len() >= 4 && bus.len() == 2 && hex(domain) && hex(bus))
+}
+
+/// The PCIe root complex of the function at `dir`, from the text of its
+/// link (`../../../devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0`): read,
+/// not followed, so it works inside a sandbox that sees only the bus.
+fn pcie_root(dir: &Path) -> Option<String> {
+    let target = std::fs::read_link(dir).ok()?;
+    target.components().find_map(|c| c.as_os_str().to_str().filter(|c| is_pcie_root(c)).map(str::to_owned))
+}
+
 /// Reads one function at `dir` (a `bus/pci/devices/<address>` path).
 pub fn read_function(dir: &Path) -> Option<Function> {
     let address = dir.file_name()?.to_string_lossy().into_owned();
@@ -77,6 +102,9 @@ pub fn read_function(dir: &Path) -> Option<Function> {
     });
     let vf_count =
         names(dir).iter().filter(|n| n.strip_prefix("virtfn").is_some_and(|i| i.parse::<u32>().is_ok())).count();
+    let link_speed = netdevs.first().and_then(|netdev| {
+        netdev_file(dir, netdev, "speed").and_then(|s| s.parse::<i64>().ok()).filter(|speed| *speed > 0)
+    });
     Some(Function {
         dir: dir.to_owned(),
         vendor,
@@ -88,6 +116,8 @@ pub fn read_function(dir: &Path) -> Option<Function> {
         netdevs,
         vf_of,
         vf_count,
+        pcie_root: pcie_root(dir),
+        link_speed,
         address,
     })
 }
@@ -98,14 +128,20 @@ pub fn functions(root: &Path) -> Vec<Function> {
     names(&bus).into_iter().filter_map(|address| read_function(&bus.join(address))).collect()
 }
 
-/// The `operstate` of `netdev` of the function, if readable.
-pub fn operstate(function: &Function, netdev: &str) -> Option<String> {
-    read(&function.dir.join("net").join(netdev).join("operstate")).or_else(|| {
-        names(&function.dir)
+/// The file `name` of `netdev` of the function at `dir` (`net/<netdev>/`,
+/// or under a `virtio*` child for virtio-net), trimmed, if readable.
+fn netdev_file(dir: &Path, netdev: &str, name: &str) -> Option<String> {
+    read(&dir.join("net").join(netdev).join(name)).or_else(|| {
+        names(dir)
             .into_iter()
             .filter(|n| n.starts_with("virtio"))
-            .find_map(|child| read(&function.dir.join(child).join("net").join(netdev).join("operstate")))
+            .find_map(|child| read(&dir.join(child).join("net").join(netdev).join(name)))
     })
+}
+
+/// The `operstate` of `netdev` of the function, if readable.
+pub fn operstate(function: &Function, netdev: &str) -> Option<String> {
+    netdev_file(&function.dir, netdev, "operstate")
 }
 
 /// A simple one-component glob (`renderD*`, `card?`).

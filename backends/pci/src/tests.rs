@@ -9,10 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use devhost_abi::sdk::testing::Recorder;
-use devhost_abi::sdk::{Device, Health};
+use devhost_abi::sdk::{AttributeValue, Backend, Device, Health, LogLevel};
 
 use crate::Pci;
+use crate::attributes as attr;
 use crate::config::Config;
 
 /// Views and waits on what the SDK's test host recorded.
@@ -154,6 +157,169 @@ fn reset_on_prestart_writes_the_reset_file_and_validation_names_the_missing_gran
     assert!(error.to_string().contains("needs write access to"), "{error}");
 }
 
+/// `(name, value)` pairs as an attribute map.
+fn attributes(pairs: &[(&str, AttributeValue)]) -> BTreeMap<String, AttributeValue> {
+    pairs.iter().map(|(name, value)| (name.to_string(), value.clone())).collect()
+}
+
+fn string(value: &str) -> AttributeValue {
+    AttributeValue::String(value.into())
+}
+
+#[test]
+fn every_function_carries_its_attributes_and_they_pass_dras_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path();
+    fixture::standard(sys);
+    // The shared fixture has no link speeds: the PF's link is up at 25
+    // Gb/s, VF 3's is down (the kernel reads -1).
+    std::fs::write(fixture::function_dir(sys, "0000:3b:00.0").join("net/ens1f0/speed"), "25000\n").expect("speed");
+    std::fs::write(fixture::function_dir(sys, "0000:3b:02.3").join("net/ens1f0v3/speed"), "-1\n").expect("speed");
+    let (_pci, rec) = start(sys, r#"[{"name": "a.io/all", "vendors": ["8086", "10de"]}]"#);
+    let devices = rec.devices("a.io/all");
+    assert_eq!(devices.len(), 14);
+    for device in &devices {
+        devhost_abi::sdk::testing::assert_valid_device(device);
+    }
+    let of = |id: &str| devices.iter().find(|d| d.id == id).map(|d| d.attributes.clone()).unwrap_or_default();
+    assert_eq!(
+        of("0000:3b:00.0"),
+        attributes(&[
+            (attr::ADDRESS, string("0000:3b:00.0")),
+            (attr::VENDOR, string("8086")),
+            (attr::DEVICE, string("1592")),
+            (attr::CLASS, string("020000")),
+            (attr::DRIVER, string("ice")),
+            (attr::VIRTUAL_FUNCTION, AttributeValue::Bool(false)),
+            (attr::IOMMU_GROUP, AttributeValue::Int(10)),
+            (attr::NUMA_NODE, AttributeValue::Int(1)),
+            (attr::PCIE_ROOT, string("pci0000:3b")),
+            (attr::NETDEV, string("ens1f0")),
+            (attr::LINK_SPEED, AttributeValue::Int(25_000)),
+        ])
+    );
+    assert_eq!(
+        of("0000:3b:02.3"),
+        attributes(&[
+            (attr::ADDRESS, string("0000:3b:02.3")),
+            (attr::VENDOR, string("8086")),
+            (attr::DEVICE, string("1889")),
+            (attr::CLASS, string("020000")),
+            (attr::DRIVER, string("iavf")),
+            (attr::VIRTUAL_FUNCTION, AttributeValue::Bool(true)),
+            (attr::PF_ADDRESS, string("0000:3b:00.0")),
+            (attr::VF_INDEX, AttributeValue::Int(3)),
+            (attr::IOMMU_GROUP, AttributeValue::Int(53)),
+            (attr::NUMA_NODE, AttributeValue::Int(1)),
+            (attr::PCIE_ROOT, string("pci0000:3b")),
+            (attr::NETDEV, string("ens1f0v3")),
+        ]),
+        "a link that is down has no speed"
+    );
+    let vfio_vf = of("0000:3b:0a.1");
+    assert_eq!(vfio_vf.get(attr::PF_ADDRESS), Some(&string("0000:3b:00.1")));
+    assert_eq!(vfio_vf.get(attr::VF_INDEX), Some(&AttributeValue::Int(1)));
+    assert_eq!(vfio_vf.get(attr::DRIVER), Some(&string("vfio-pci")));
+    assert!(!vfio_vf.contains_key(attr::NETDEV), "a VFIO-bound VF has no netdev");
+    assert_eq!(
+        of("0000:af:00.0"),
+        attributes(&[
+            (attr::ADDRESS, string("0000:af:00.0")),
+            (attr::VENDOR, string("8086")),
+            (attr::DEVICE, string("0b30")),
+            (attr::CLASS, string("120000")),
+            (attr::DRIVER, string("dfl-pci")),
+            (attr::VIRTUAL_FUNCTION, AttributeValue::Bool(false)),
+            (attr::IOMMU_GROUP, AttributeValue::Int(90)),
+            (attr::PCIE_ROOT, string("pci0000:af")),
+        ]),
+        "no NUMA node where the kernel says -1, no netdev"
+    );
+    assert_eq!(of("0000:5e:00.0").get(attr::PCIE_ROOT), Some(&string("pci0000:5e")));
+}
+
+#[test]
+fn attribute_changes_are_republished_and_bad_values_left_out_and_logged_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path();
+    fixture::standard(sys);
+    let (_pci, rec) = start(sys, r#"[{"name": "a.io/pf", "addresses": ["0000:3b:00.0", "0000:af:00.0"]}]"#);
+    let speed = |d: &[Device]| d[0].attributes.get(attr::LINK_SPEED).cloned();
+    assert_eq!(speed(&rec.devices("a.io/pf")), None, "no speed file");
+    let speed_file = fixture::function_dir(sys, "0000:3b:00.0").join("net/ens1f0/speed");
+    std::fs::write(&speed_file, "10000\n").expect("link up");
+    rec.wait_for("a.io/pf", "at 10 Gb/s", |d| speed(d) == Some(AttributeValue::Int(10_000)));
+    std::fs::write(&speed_file, "100000\n").expect("renegotiated");
+    rec.wait_for("a.io/pf", "at 100 Gb/s", |d| speed(d) == Some(AttributeValue::Int(100_000)));
+
+    // A driver name past DRA's 64 bytes: the attribute is left out, the
+    // rest is still published, and the warning is logged once however
+    // many rescans see it.
+    let long = "d".repeat(70);
+    fixture::bind(sys, "0000:af:00.0", Some(&long));
+    rec.wait_for("a.io/pf", "without the driver", |d| !d[1].attributes.contains_key(attr::DRIVER));
+    std::thread::sleep(Duration::from_millis(100));
+    let devices = rec.devices("a.io/pf");
+    assert_eq!(devices[1].attributes.get(attr::VENDOR), Some(&string("8086")));
+    for device in &devices {
+        devhost_abi::sdk::testing::assert_valid_device(device);
+    }
+    let warnings: Vec<String> =
+        rec.logs().into_iter().filter(|(level, _)| *level == LogLevel::Warn).map(|(_, m)| m).collect();
+    assert_eq!(
+        warnings,
+        [format!(
+            "PCI function 0000:af:00.0: attribute pci.devhost.io/driver left out: {long:?} is 70 bytes, DRA allows 64"
+        )]
+    );
+}
+
+#[test]
+fn reset_on_release_asks_for_release_and_writes_the_reset_file_then() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fixture::standard(dir.path());
+    let json = format!(
+        r#"{{"sysfs_root": {:?}, "resource": [
+            {{"name": "a.io/released", "devices": ["0b30"], "reset_on_release": true}},
+            {{"name": "a.io/vfio", "addresses": ["0000:5e:00.0"]}}]}}"#,
+        dir.path().display().to_string()
+    );
+    let (pci, resources) =
+        Pci::start(Config::parse(&json).expect("valid"), Arc::new(Recorder::default())).expect("start");
+    assert_eq!(
+        resources,
+        [devhost_abi::sdk::Resource::new("a.io/released").with_release(), devhost_abi::sdk::Resource::new("a.io/vfio"),],
+        "release only where asked, and no pre-start for it"
+    );
+    let reset = fixture::function_dir(dir.path(), "0000:af:00.0").join("reset");
+    pci.pre_start("a.io/released", &ids(&["0000:af:00.0"])).expect("nothing to do before a container");
+    assert_eq!(std::fs::read_to_string(&reset).expect("reset file"), "\n", "not reset on pre-start");
+    pci.release("a.io/released", &ids(&["0000:af:00.0"])).expect("release");
+    assert_eq!(std::fs::read_to_string(&reset).expect("reset file"), "1", "reset on release");
+
+    let other = fixture::function_dir(dir.path(), "0000:5e:00.0").join("reset");
+    pci.release("a.io/vfio", &ids(&["0000:5e:00.0"])).expect("nothing to release");
+    assert_eq!(std::fs::read_to_string(&other).expect("reset file"), "\n", "reset_on_release off: untouched");
+    let error = pci.release("a.io/released", &ids(&["0000:3b:00.0"])).expect_err("not its device");
+    assert_eq!(error.to_string(), "a.io/released: unknown device \"0000:3b:00.0\"");
+
+    // The same grant checks as reset_on_prestart, naming this option.
+    std::fs::remove_file(&reset).expect("no reset method");
+    let error = Pci::start(Config::parse(&json).expect("valid"), Arc::new(Recorder::default())).err().expect("refused");
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "resource \"a.io/released\": reset_on_release: function 0000:af:00.0 has no {} (the kernel offers no reset method for it)",
+            dir.path().join("bus/pci/devices/0000:af:00.0/reset").display()
+        )
+    );
+    std::fs::create_dir(&reset).expect("a directory cannot be opened for writing");
+    let error = Pci::start(Config::parse(&json).expect("valid"), Arc::new(Recorder::default())).err().expect("refused");
+    let error = error.to_string();
+    assert!(error.starts_with("resource \"a.io/released\": reset_on_release needs write access to "), "{error}");
+    assert!(error.ends_with("or turn reset_on_release off"), "{error}");
+}
+
 #[test]
 fn real_sys_virtio_network_controller() {
     let sys = Path::new("/sys");
@@ -167,6 +333,16 @@ fn real_sys_virtio_network_controller() {
     assert!(!nics.is_empty());
     let answer = pci.answer("a.io/nic", &nics).expect("allocate");
     assert_eq!(answer.envs["PCIDEVICE_A_IO_NIC"], nics.join(","));
+    for device in rec.devices("a.io/nic") {
+        eprintln!("real NIC {} attributes: {:?}", device.id, device.attributes);
+        devhost_abi::sdk::testing::assert_valid_device(&device);
+        assert_eq!(device.attributes.get(attr::ADDRESS), Some(&string(&device.id)));
+        let root = device.attributes.get(attr::PCIE_ROOT);
+        assert!(
+            matches!(root, Some(AttributeValue::String(root)) if crate::sysfs::is_pcie_root(root)),
+            "a real function hangs off a PCIe root: {root:?}"
+        );
+    }
     for f in functions.iter().filter(|f| nics.contains(&f.address)) {
         eprintln!(
             "real NIC {}: {}:{} driver {:?} netdevs {:?} numa {:?}",

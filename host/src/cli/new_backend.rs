@@ -21,6 +21,7 @@ const SDK: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../../../abi/Cargo.toml")),
     ("README.md", include_str!("../../../abi/README.md")),
     ("src/lib.rs", include_str!("../../../abi/src/lib.rs")),
+    ("src/device_info.rs", include_str!("../../../abi/src/device_info.rs")),
     ("src/ffi.rs", include_str!("../../../abi/src/ffi.rs")),
     ("src/model.rs", include_str!("../../../abi/src/model.rs")),
     ("src/sdk/mod.rs", include_str!("../../../abi/src/sdk/mod.rs")),
@@ -107,6 +108,27 @@ fn type_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every file the SDK crate is built from is in the copy (a file added
+    /// to `abi/` and forgotten here breaks every new project).
+    #[test]
+    fn the_copy_holds_every_file_of_the_sdk() {
+        let abi = Path::new(env!("CARGO_MANIFEST_DIR")).join("abi");
+        let mut files = Vec::new();
+        let mut dirs = vec![abi.join("src"), abi.join("wit"), abi.join("include")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read the SDK").map(|e| e.expect("entry").path()) {
+                if entry.is_dir() {
+                    dirs.push(entry);
+                } else {
+                    files.push(entry.strip_prefix(&abi).expect("inside abi").display().to_string());
+                }
+            }
+        }
+        let copied: Vec<&str> = SDK.iter().map(|(path, _)| *path).collect();
+        let missing: Vec<&String> = files.iter().filter(|f| !copied.contains(&f.as_str())).collect();
+        assert!(missing.is_empty(), "SDK files missing from new-backend's copy: {missing:?}");
+    }
 
     #[test]
     fn names_become_types_and_bad_names_are_refused() {
