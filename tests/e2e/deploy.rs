@@ -130,7 +130,7 @@ fn string_map(value: &Value) -> BTreeMap<String, String> {
 
 /// The Python of the virtual environment scripts/setup makes for the
 /// deploy tools (scripts/deploy-tools.txt); `None` (a setup skip) without it.
-fn deploy_python() -> Option<PathBuf> {
+pub(crate) fn deploy_python() -> Option<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo("target"), PathBuf::from);
     let python = target.join("deploy-tools/venv/bin/python");
     if python.exists() {

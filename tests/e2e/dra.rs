@@ -164,3 +164,59 @@ mod kubelet_plugin {
         plugin.stop().await;
     }
 }
+
+/// The ResourceSlices devhost builds are valid `resource.k8s.io/v1`
+/// objects for every Kubernetes minor that serves them (1.34 to 1.37),
+/// checked with Kubernetes' own OpenAPI schemas (`kubernetes-validate
+/// --strict`), with attributes of every kind, capacities and taints.
+#[test]
+fn resource_slices_pass_kubernetes_own_schemas() {
+    use devhost::device_state::ResourceState;
+    use devhost::dra::slices::{SliceSource, slices};
+    use devhost::model::{AttributeValue, Device, Health};
+
+    let Some(python) = crate::deploy::deploy_python() else { return };
+    let state = ResourceState::new("example.com/gpu");
+    let devices = (0..150)
+        .map(|i| {
+            let health = if i == 7 { Health::Unhealthy } else { Health::Healthy };
+            Device::new(format!("GPU-{i}"), health)
+                .with_attribute("resource.kubernetes.io/pcieRoot", AttributeValue::String("pci0000:3a".into()))
+                .with_attribute("driverVersion", AttributeValue::Version("550.54.15".into()))
+                .with_attribute("index", AttributeValue::Int(i))
+                .with_attribute("migEnabled", AttributeValue::Bool(false))
+                .with_capacity("memory", "80Gi")
+        })
+        .collect();
+    state.publish(devices).expect("valid devices");
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: "node-a".into(),
+        uid: "5f1c0c5e-0000-4000-8000-000000000001".into(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    let source =
+        SliceSource { driver: "gpu.example.com", node: "node-a", generation: 1, owner: Some(owner), taints: true };
+    let slices = slices(&source, &state.snapshot());
+    assert_eq!(slices.len(), 3);
+    let text: Vec<String> = slices.iter().map(|s| serde_json::to_string(s).expect("serialise")).collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("slices.yaml");
+    std::fs::write(&file, text.join("\n---\n")).expect("write");
+    let output = std::process::Command::new(python)
+        .arg(crate::harness::repo().join("scripts/deploy-check"))
+        .args(["validate", "1.34", "1.37"])
+        .arg(&file)
+        .output()
+        .expect("run deploy-check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!stdout.contains("no-schema"), "validated, not skipped: {stdout}");
+    assert!(
+        text[0].starts_with("{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceSlice\""),
+        "{}",
+        &text[0][..80]
+    );
+}
