@@ -142,10 +142,8 @@ impl UsageTask {
             return;
         }
         for id in &due {
-            if let Some(entry) = pending.get_mut(id) {
-                if !entry.reason.starts_with("being released") {
-                    entry.reason = format!("being released again ({})", entry.reason);
-                }
+            if let Some(entry) = pending.get_mut(id).filter(|entry| !entry.reason.starts_with("being released")) {
+                entry.reason = format!("being released again ({})", entry.reason);
             }
         }
         self.withhold(pending);

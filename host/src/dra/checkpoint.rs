@@ -1,0 +1,174 @@
+//! The claims a DRA driver has prepared, on disk, so that a prepare the
+//! kubelet repeats after a kubelet or devhost restart returns the same
+//! answer without calling the backend again, and an unprepare after a
+//! restart still knows what to undo (`docs/dra-api.md` §1: both calls are
+//! idempotent, and drivers keep a checkpoint).
+//!
+//! The file is JSON with a format version, replaced atomically (written
+//! beside, flushed, renamed over, the directory flushed), so a crash
+//! leaves the old file or the new one, never half of one. A file that
+//! cannot be read is an error naming it and why; it is never silently
+//! taken as "nothing prepared", which would prepare claims twice.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The format this devhost writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// One device prepared for a claim, as the kubelet was answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedDevice {
+    /// The claim's requests this device satisfies.
+    pub requests: Vec<String>,
+    /// Its pool (the node name).
+    pub pool: String,
+    /// Its DRA device name.
+    pub device: String,
+    /// The CDI devices the container gets.
+    pub cdi_ids: Vec<String>,
+}
+
+/// One prepared claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedClaim {
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The claim's name.
+    pub name: String,
+    /// What it was prepared with.
+    pub devices: Vec<PreparedDevice>,
+}
+
+/// Every prepared claim, by claim UID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Claim UID → what was prepared.
+    pub claims: BTreeMap<String, PreparedClaim>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    format: u32,
+    #[serde(flatten)]
+    checkpoint: Checkpoint,
+}
+
+/// Why the checkpoint could not be read or written.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// Reading or writing failed.
+    #[error("DRA checkpoint {}: {action}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The file is not a checkpoint this devhost can read.
+    #[error("DRA checkpoint {}: {why}; move it away only if no claim on this node is prepared", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+impl Checkpoint {
+    /// Reads `path`; a file that does not exist is an empty checkpoint.
+    pub fn load(path: &Path) -> Result<Self, CheckpointError> {
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoint::default()),
+            Err(source) => return Err(CheckpointError::Io { path: path.to_owned(), action: "read", source }),
+        };
+        let unreadable = |why: String| CheckpointError::Unreadable { path: path.to_owned(), why };
+        let value: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|error| unreadable(format!("not JSON: {error}")))?;
+        match value.get("format").and_then(serde_json::Value::as_u64) {
+            Some(format) if format == u64::from(FORMAT) => {}
+            Some(format) => {
+                return Err(unreadable(format!(
+                    "format {format}, but this devhost reads format {FORMAT} (written by a newer devhost?)"
+                )));
+            }
+            None => return Err(unreadable("no format number".to_owned())),
+        }
+        let file: File = serde_json::from_value(value).map_err(|error| unreadable(error.to_string()))?;
+        Ok(file.checkpoint)
+    }
+
+    /// Replaces `path` with this checkpoint, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let io = |action, source| CheckpointError::Io { path: path.to_owned(), action, source };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|source| io("create its directory", source))?;
+        let text = serde_json::to_vec_pretty(&File { format: FORMAT, checkpoint: self.clone() })
+            .map_err(|error| io("encode", std::io::Error::other(error)))?;
+        let mut temporary =
+            tempfile::NamedTempFile::new_in(dir).map_err(|source| io("create a temporary file", source))?;
+        temporary.write_all(&text).map_err(|source| io("write", source))?;
+        temporary.as_file().sync_all().map_err(|source| io("flush", source))?;
+        temporary.persist(path).map_err(|error| io("rename into place", error.error))?;
+        // The rename itself must survive a crash.
+        std::fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(|source| io("flush its directory", source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> PreparedClaim {
+        PreparedClaim {
+            namespace: "ml".into(),
+            name: "gpu-claim".into(),
+            devices: vec![PreparedDevice {
+                requests: vec!["gpu".into()],
+                pool: "node-a".into(),
+                device: "gpu-0".into(),
+                cdi_ids: vec!["example.com/gpu=claim-uid-1-gpu-0".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_survives_a_round_trip_and_nothing_is_left_beside_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("dra/gpu.example.com/checkpoint.json");
+        assert_eq!(Checkpoint::load(&path).expect("no file yet"), Checkpoint::default());
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.claims.insert("uid-1".into(), claim());
+        checkpoint.save(&path).expect("save");
+        assert_eq!(Checkpoint::load(&path).expect("load"), checkpoint);
+        checkpoint.claims.clear();
+        checkpoint.save(&path).expect("save again");
+        assert_eq!(Checkpoint::load(&path).expect("load"), Checkpoint::default());
+        let files: Vec<_> = std::fs::read_dir(path.parent().expect("dir")).expect("list").collect();
+        assert_eq!(files.len(), 1, "no temporary file left: {files:?}");
+    }
+
+    #[test]
+    fn an_unreadable_checkpoint_is_an_error_not_an_empty_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("checkpoint.json");
+        for (text, why) in [
+            ("{\"format\": 1, \"claims\": {", "not JSON"),
+            ("{\"claims\": {}}", "no format number"),
+            ("{\"format\": 2, \"claims\": {}}", "format 2, but this devhost reads format 1"),
+            ("{\"format\": 1, \"claims\": {\"u\": {\"name\": 1}}}", "invalid type"),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let error = Checkpoint::load(&path).expect_err(text).to_string();
+            assert!(error.starts_with(&format!("DRA checkpoint {}: ", path.display())), "{error}");
+            assert!(error.contains(why), "{text}: {error}");
+        }
+    }
+}
