@@ -978,12 +978,26 @@ fn drive(
                 let publisher = Publisher::default();
                 let got = observed(catch_unwind(AssertUnwindSafe(|| backend.init(publisher.clone()))));
                 let mut want = settle(script.status, &c, &[], c.resources.clone());
-                if matches!(want, Outcome::Ok(_)) && c.init_publish_error {
-                    want = Outcome::Declined("published an invalid device list".into());
+                // A list refused during `init` fails it, and the message
+                // says why (after the module's own words, if it declined).
+                let refused = "published an invalid device list";
+                let mut prefix_only = false;
+                if c.init_publish_error {
+                    match &want {
+                        Outcome::Ok(_) => {
+                            want = Outcome::Declined(refused.into());
+                            prefix_only = true;
+                        }
+                        Outcome::Declined(said) => {
+                            want = Outcome::Declined(format!("{said} (devhost refused its device list: {refused}"));
+                            prefix_only = true;
+                        }
+                        _ => {}
+                    }
                 }
                 let got = match (got, &want) {
                     (Outcome::Declined(message), Outcome::Declined(prefix))
-                        if prefix.starts_with("published") && message.starts_with(prefix.as_str()) =>
+                        if prefix_only && message.starts_with(prefix.as_str()) =>
                     {
                         Outcome::Declined(prefix.clone())
                     }
