@@ -157,6 +157,65 @@ pub fn spec_path(dir: &Path, resource: &str) -> PathBuf {
     dir.join(format!("devhost-{}-{hash:08x}.json", &sanitised[..room]))
 }
 
+/// The CDI kind of a DRA driver's claim devices: `k8s.<driver>/claim`.
+fn claim_kind(driver: &str) -> String {
+    format!("k8s.{driver}/claim")
+}
+
+/// The CDI device of one request of a prepared claim: `<claim UID>-<request>`
+/// (a subrequest's `/` becomes `_`, which CDI allows and DNS labels lack).
+pub fn claim_device_name(claim_uid: &str, request: &str) -> String {
+    format!("{claim_uid}-{}", request.replace('/', "_"))
+}
+
+/// The fully qualified CDI name of `device` of `driver`'s claims.
+pub fn claim_device_id(driver: &str, device: &str) -> String {
+    device_name(&claim_kind(driver), device)
+}
+
+/// The spec file of one prepared claim of `driver`:
+/// `devhost-<driver>-claim-<claim UID>.json` (hashed when too long).
+pub fn claim_spec_path(dir: &Path, driver: &str, claim_uid: &str) -> PathBuf {
+    spec_path(dir, &format!("{driver}-claim-{claim_uid}"))
+}
+
+/// Writes the CDI spec of a prepared claim: one device per request, with
+/// the edits of that request's `allocate` answer. The error says why the
+/// claim cannot be prepared.
+pub fn write_claim_spec(
+    dir: &Path,
+    driver: &str,
+    claim_uid: &str,
+    devices: &[(String, Allocation)],
+) -> Result<PathBuf, String> {
+    let kind = claim_kind(driver);
+    let mut spec = Spec { cdi_version: CDI_VERSION, kind: kind.clone(), devices: Vec::new() };
+    for (name, allocation) in devices {
+        check_names(&kind, Some(name))?;
+        let edits = edits(allocation);
+        let renamed = allocation.envs.keys().find(|name| name.contains('='));
+        if let Some(why) = renamed
+            .map(|name| format!("environment variable {name:?} has '=' in its name"))
+            .or_else(|| invalid_edits(&edits))
+        {
+            return Err(format!("the backend's allocate answer cannot be a CDI device: {why}"));
+        }
+        spec.devices.push(SpecDevice { name: name.clone(), container_edits: edits });
+    }
+    let path = claim_spec_path(dir, driver, claim_uid);
+    let text = serde_json::to_vec_pretty(&spec).map_err(|error| format!("cannot encode the CDI spec: {error}"))?;
+    write_atomically(&path, &text).map_err(|error| format!("cannot write the CDI spec {}: {error}", path.display()))?;
+    Ok(path)
+}
+
+/// Removes the CDI spec of a claim; one already gone is no error.
+pub fn remove_claim_spec(dir: &Path, driver: &str, claim_uid: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(claim_spec_path(dir, driver, claim_uid)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
 /// Why CDI would refuse a device with these edits (the CDI project's
 /// `Device::validate`: edits present, env entries `NAME=value` with a
 /// name, device node and mount paths present, permissions of `r`, `w`,

@@ -23,6 +23,7 @@ pub mod demo;
 pub mod device_info;
 pub mod device_state;
 pub mod dra;
+pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod holders;
 pub mod loader;

@@ -1,26 +1,261 @@
-//! DRA (issue 16), as far as it is built: a resource configured with
-//! `api = "dra"` is never served through the device plugin API, and the
-//! log says why it is not served at all yet; its neighbours serve as
-//! always. (The wire contracts are in `wire_contract.rs`.)
+//! DRA (issue 16): a resource configured with `api = "dra"` is served by
+//! the real daemon as a DRA driver (registration through the plugin
+//! watcher, ResourceSlices on the API server, claims prepared into CDI
+//! specs through the backend, idempotently across restarts, health on the
+//! kubelet's stream) and never through the device plugin API; its
+//! neighbours serve as always. The kubelet and the API server are the
+//! project's fakes, on real sockets. (The wire contracts are in
+//! `wire_contract.rs`.)
 
-use devhost::fake_kubelet::FakeKubelet;
+use std::path::{Path, PathBuf};
 
-use crate::harness::{Node, WAIT, static_backend};
+use devhost::fake_apiserver::FakeApiServer;
+use devhost::fake_kubelet::{FakeKubelet, FakePluginWatcher, KUBELET_1_34};
+use serde_json::{Value, json};
 
+use crate::harness::{Devhost, Node, WAIT, healthy_state, static_backend};
+
+const GPU_DRIVER: &str = "gpu.example.com";
+
+/// A node with a static backend serving `example.com/gpu` through DRA
+/// (gpu-0, gpu-1, healthy while their state files exist) and
+/// `example.com/nic` as a device plugin, a host config pointing devhost at
+/// `server` as node `node-a`, and the fake kubelet's two sides.
+struct DraNode {
+    node: Node,
+    state: PathBuf,
+    server: FakeApiServer,
+    watcher: FakePluginWatcher,
+    kubelet: FakeKubelet,
+}
+
+impl DraNode {
+    async fn start() -> DraNode {
+        let node = Node::new();
+        let state = healthy_state(node.dir.path(), &["gpu-0", "gpu-1"]);
+        let text =
+            static_backend(&[("example.com/gpu", &["gpu-0", "gpu-1"]), ("example.com/nic", &["nic-0"])], Some(&state))
+                + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n";
+        node.backend("mixed", &text);
+        let server = FakeApiServer::start().await.expect("API server");
+        server.add_node("node-a");
+        let root = node.dir.path();
+        let kubeconfig = root.join("kubeconfig.yaml");
+        std::fs::write(&kubeconfig, kubeconfig_for(&server.url())).expect("kubeconfig");
+        let host = format!(
+            "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n[dra]\nnode_name = \"node-a\"\nkubeconfig = {:?}\n",
+            root.join("cdi"),
+            kubeconfig
+        );
+        std::fs::write(node.config_file(), host).expect("host config");
+        // The kubelet root is the plugin directory's parent: the node's dir.
+        let watcher = FakePluginWatcher::start(root, KUBELET_1_34).await.expect("plugin watcher");
+        let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+        DraNode { node, state, server, watcher, kubelet }
+    }
+
+    fn cdi_spec(&self, uid: &str) -> PathBuf {
+        self.node.dir.path().join(format!("cdi/devhost-gpu.example.com-claim-{uid}.json"))
+    }
+
+    fn checkpoint(&self) -> Value {
+        let path = self.node.dir.path().join("plugins/gpu.example.com/devhost-claims.json");
+        serde_json::from_slice(&std::fs::read(path).expect("checkpoint")).expect("JSON")
+    }
+
+    /// The devices of the gpu pool's slices, and their generations.
+    fn published(&self) -> (Vec<String>, Vec<i64>) {
+        let mut names = Vec::new();
+        let mut generations = Vec::new();
+        for slice in self.server.slices().values().filter(|s| s["spec"]["driver"] == GPU_DRIVER) {
+            generations.push(slice["spec"]["pool"]["generation"].as_i64().expect("generation"));
+            for device in slice["spec"]["devices"].as_array().into_iter().flatten() {
+                names.push(device["name"].as_str().expect("name").to_owned());
+            }
+        }
+        names.sort();
+        (names, generations)
+    }
+
+    async fn until(&self, what: &str, devhost: &Devhost, mut ready: impl FnMut(&DraNode) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !ready(self) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}; log:\n{}", devhost.log());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    fn claim_reads(&self) -> usize {
+        self.server.requests().iter().filter(|r| r.path.contains("/resourceclaims/")).count()
+    }
+}
+
+fn kubeconfig_for(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+    )
+}
+
+/// A ResourceClaim allocated `devices` (request, pool, device) of the gpu
+/// driver, as the scheduler leaves it.
+fn claim(name: &str, uid: &str, devices: &[(&str, &str, &str)]) -> Value {
+    let results: Vec<Value> = devices
+        .iter()
+        .map(
+            |(request, pool, device)| json!({"request": request, "driver": GPU_DRIVER, "pool": pool, "device": device}),
+        )
+        .collect();
+    json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"namespace": "ml", "name": name, "uid": uid},
+        "spec": {"devices": {"requests": []}},
+        "status": {"allocation": {"devices": {"results": results}}},
+    })
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+/// The whole path: registration, slices, a prepared claim with its CDI
+/// spec, per-claim errors beside it, a repeat answered from the
+/// checkpoint, health on the stream and in the slices, unprepare.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dra_resource_is_never_served_as_a_device_plugin() {
+async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin() {
+    use tokio_stream::StreamExt;
+
+    let dra = DraNode::start().await;
+    let devhost = dra.node.start_devhost();
+    dra.kubelet.wait_for_registrations("example.com/nic", 1, WAIT).await.expect("the neighbour registers");
+    let registration = dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
+    assert_eq!(registration.service, "v1.DRAPlugin");
+    assert!(dra.kubelet.devices("example.com/gpu").is_none(), "served through the device plugin API");
+    assert_eq!(dra.node.sockets().iter().filter(|s| s.contains("example.com_gpu")).count(), 0);
+    dra.until("the slices are published", &devhost, |d| {
+        d.published() == (vec!["gpu-0".into(), "gpu-1".into()], vec![1])
+    })
+    .await;
+
+    dra.server.put_claim(claim("one", "uid-1", &[("gpus", "node-a", "gpu-1")]));
+    dra.server.put_claim(claim("elsewhere", "uid-3", &[("gpus", "node-b", "gpu-0")]));
+    dra.server.put_claim(json!({
+        "metadata": {"namespace": "ml", "name": "pending", "uid": "uid-4"}, "spec": {"devices": {"requests": []}},
+    }));
+    let batch =
+        [("ml", "uid-1", "one"), ("ml", "uid-2", "one"), ("ml", "uid-3", "elsewhere"), ("ml", "uid-4", "pending")];
+    let answer = dra.watcher.prepare(GPU_DRIVER, &batch).await.expect("answered");
+    let one = &answer.claims["uid-1"];
+    assert_eq!(one.error, "", "{answer:?}");
+    assert_eq!(one.devices.len(), 1);
+    let device = &one.devices[0];
+    assert_eq!(
+        (device.request_names.as_slice(), device.pool_name.as_str(), device.device_name.as_str()),
+        (&["gpus".to_owned()][..], "node-a", "gpu-1")
+    );
+    assert_eq!(device.cdi_device_ids, ["k8s.gpu.example.com/claim=uid-1-gpus"]);
+    let spec: Value = serde_json::from_str(&read(&dra.cdi_spec("uid-1"))).expect("CDI JSON");
+    assert_eq!(spec["kind"], "k8s.gpu.example.com/claim");
+    assert_eq!(spec["devices"][0]["name"], "uid-1-gpus");
+    let edits = &spec["devices"][0]["containerEdits"];
+    assert_eq!(edits["env"], json!(["IDS=gpu-1"]), "the backend's allocate answer for gpu-1");
+    assert_eq!(edits["deviceNodes"][0]["path"], "/dev/gpu-1");
+    // Each bad claim gets its own error; the batch is not failed for them.
+    let error = |uid: &str| answer.claims[uid].error.clone();
+    assert!(error("uid-2").contains("has UID \"uid-1\""), "{}", error("uid-2"));
+    assert!(error("uid-3").contains("pool \"node-b\", not this node's pool \"node-a\""), "{}", error("uid-3"));
+    assert!(error("uid-4").contains("not allocated"), "{}", error("uid-4"));
+    assert!(!dra.cdi_spec("uid-3").exists());
+    assert_eq!(dra.checkpoint()["claims"].as_object().expect("claims").keys().collect::<Vec<_>>(), ["uid-1"]);
+
+    // The kubelet asks again: the same answer, without reading the claim.
+    let reads = dra.claim_reads();
+    let again = dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-1", "one")]).await.expect("answered");
+    assert_eq!(again.claims["uid-1"], *one);
+    assert_eq!(dra.claim_reads(), reads, "answered from the checkpoint");
+
+    // Health: on the kubelet's stream at once, and in the slices.
+    let mut health = dra.watcher.watch_health(GPU_DRIVER).await.expect("health stream");
+    std::fs::remove_file(dra.state.join("gpu-0.ok")).expect("make gpu-0 unhealthy");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let message = tokio::time::timeout_at(deadline, health.next())
+            .await
+            .expect("a health message")
+            .expect("open")
+            .expect("ok");
+        let gpu0 = message.devices.iter().find(|d| d.device.as_ref().is_some_and(|id| id.device_name == "gpu-0"));
+        if gpu0.is_some_and(|d| d.health == devhost::proto::dra::health::HealthStatus::Unhealthy as i32) {
+            break;
+        }
+    }
+    dra.until("the unhealthy device leaves the slices", &devhost, |d| d.published() == (vec!["gpu-1".into()], vec![2]))
+        .await;
+
+    let undone =
+        dra.watcher.unprepare(GPU_DRIVER, &[("ml", "uid-1", "one"), ("ml", "uid-9", "never")]).await.expect("answered");
+    assert_eq!((undone.claims["uid-1"].error.as_str(), undone.claims["uid-9"].error.as_str()), ("", ""));
+    assert!(!dra.cdi_spec("uid-1").exists(), "the claim's CDI spec is removed");
+    assert!(dra.checkpoint()["claims"].as_object().expect("claims").is_empty());
+    devhost.wait_for_log("claim unprepared").await;
+}
+
+/// A prepared claim survives a devhost restart: the new process answers
+/// the kubelet's repeat from the checkpoint even while the API server is
+/// unavailable, and unprepares it then.
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_claims_survive_a_restart_without_the_api_server() {
+    let dra = DraNode::start().await;
+    let mut devhost = dra.node.start_devhost();
+    dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
+    dra.server.put_claim(claim("two", "uid-2", &[("a", "node-a", "gpu-0"), ("b", "node-a", "gpu-1")]));
+    let first = dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-2", "two")]).await.expect("answered");
+    let devices = &first.claims["uid-2"].devices;
+    assert_eq!(first.claims["uid-2"].error, "");
+    let ids: Vec<(&str, &str)> =
+        devices.iter().map(|d| (d.device_name.as_str(), d.cdi_device_ids[0].as_str())).collect();
+    assert_eq!(
+        ids,
+        [("gpu-0", "k8s.gpu.example.com/claim=uid-2-a"), ("gpu-1", "k8s.gpu.example.com/claim=uid-2-b")],
+        "one CDI device per request"
+    );
+
+    devhost.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    dra.server.set_unavailable(true);
+    let devhost = dra.node.start_another_devhost("devhost-2.log");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let again = loop {
+        // The watcher follows the new process's sockets.
+        if let Ok(answer) = dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-2", "two")]).await {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never answered again; log:\n{}", devhost.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(again.claims["uid-2"], first.claims["uid-2"], "the same answer from the checkpoint");
+    devhost.wait_for_log("could not publish the ResourceSlices").await;
+    let undone = dra.watcher.unprepare(GPU_DRIVER, &[("ml", "uid-2", "two")]).await.expect("answered");
+    assert_eq!(undone.claims["uid-2"].error, "");
+    assert!(!dra.cdi_spec("uid-2").exists());
+    dra.server.set_unavailable(false);
+    dra.until("the slices are published after the outage", &devhost, |d| d.published().0.len() == 2).await;
+}
+
+/// Without a node name or API-server access a DRA resource is not served
+/// (and says why), never as a device plugin; its neighbours serve.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dra_resource_without_api_server_access_says_so_and_its_neighbours_serve() {
     let node = Node::new();
     let text = static_backend(&[("example.com/gpu", &["gpu-0"]), ("example.com/nic", &["nic-0"])], None)
         + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n";
     node.backend("mixed", &text);
+    std::fs::write(node.config_file(), "metrics_address = \"127.0.0.1:0\"\n[dra]\nnode_name = \"node-a\"\n")
+        .expect("host config");
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let devhost = node.start_devhost();
     kubelet.wait_for_registrations("example.com/nic", 1, WAIT).await.expect("the neighbour registers");
-    devhost.wait_until_ready().await;
-    devhost.wait_for_log("this devhost cannot serve DRA drivers yet").await;
-    assert!(devhost.log().contains("driver=\"gpu.example.com\""), "the derived driver is named:\n{}", devhost.log());
+    devhost.wait_for_log("api = \"dra\" needs the API server").await;
+    assert!(devhost.log().contains("no in-cluster API-server access"), "{}", devhost.log());
     assert!(kubelet.devices("example.com/gpu").is_none(), "served through the device plugin API");
-    assert_eq!(node.sockets().iter().filter(|s| s.contains("example.com_gpu")).count(), 0, "{:?}", node.sockets());
 }
 
 mod kubelet_plugin {
@@ -46,7 +281,7 @@ mod kubelet_plugin {
     }
 
     fn start(root: &Path, driver: &str, state: Arc<ResourceState>) -> DraPlugin {
-        DraPlugin::start(driver, "node-a", &DraPaths::new(root, driver), state, CancellationToken::new())
+        DraPlugin::start(driver, "node-a", &DraPaths::new(root, driver), state, None, CancellationToken::new())
             .expect("start")
     }
 
@@ -116,7 +351,9 @@ mod kubelet_plugin {
         assert_eq!(answer.claims.len(), 2, "one answer per claim");
         let error = &answer.claims["uid-1"].error;
         assert!(
-            error.starts_with("claim ml/gpu-claim (uid-1): driver gpu.example.com cannot prepare claims yet"),
+            error.starts_with(
+                "claim ml/gpu-claim (uid-1): driver gpu.example.com cannot prepare claims: it has no API server"
+            ),
             "{error}"
         );
 
@@ -144,7 +381,7 @@ mod kubelet_plugin {
         assert_eq!(registration.service, "v1beta1.DRAPlugin");
         assert!(!registration.health);
         let answer = watcher.prepare(DRIVER, &[("ml", "uid-1", "gpu-claim")]).await.expect("answered through v1beta1");
-        assert!(answer.claims["uid-1"].error.contains("cannot prepare claims yet"), "{answer:?}");
+        assert!(answer.claims["uid-1"].error.contains("has no API server to read them from"), "{answer:?}");
         plugin.stop().await;
     }
 
@@ -219,4 +456,340 @@ fn resource_slices_pass_kubernetes_own_schemas() {
         "{}",
         &text[0][..80]
     );
+}
+
+/// The ResourceSlice publisher against the fake API server (plain HTTP on
+/// a real socket, kube-rs as the client): what it writes, when, and what
+/// it does when the server is away or someone else wrote.
+mod slice_publisher {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use devhost::device_state::ResourceState;
+    use devhost::dra::publish::{Pacing, Progress, SlicePublisher, client_for_url};
+    use devhost::dra::slices::{SliceSource, slices};
+    use devhost::fake_apiserver::FakeApiServer;
+    use devhost::model::{Device, Health};
+    use serde_json::Value;
+    use tokio::sync::watch;
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::harness::WAIT;
+
+    const DRIVER: &str = "gpu.example.com";
+
+    fn gpus(count: usize) -> Vec<Device> {
+        (0..count).map(|i| Device::new(format!("gpu-{i}"), Health::Healthy)).collect()
+    }
+
+    fn state(devices: Vec<Device>) -> Arc<ResourceState> {
+        let state = Arc::new(ResourceState::new("example.com/gpu"));
+        state.publish(devices).expect("publish");
+        state
+    }
+
+    struct Running {
+        progress: watch::Receiver<Progress>,
+        stop: CancellationToken,
+        task: JoinHandle<SlicePublisher>,
+    }
+
+    impl Running {
+        /// Waits for the first round after `rounds` that ended well.
+        async fn round_after(&mut self, rounds: u64) -> Progress {
+            let waited = tokio::time::timeout(WAIT, self.progress.wait_for(|p| p.rounds > rounds)).await;
+            waited.expect("a round in time").expect("publisher running").clone()
+        }
+
+        async fn stop(self) -> SlicePublisher {
+            self.stop.cancel();
+            self.task.await.expect("publisher task")
+        }
+    }
+
+    fn start(server: &FakeApiServer, state: &ResourceState, pacing: Pacing) -> Running {
+        let client = client_for_url(&server.url()).expect("client");
+        let mut publisher = SlicePublisher::new(client, DRIVER, "node-a", false, pacing);
+        let progress = publisher.progress();
+        let stop = CancellationToken::new();
+        let (changes, token) = (state.subscribe(), stop.clone());
+        let task = tokio::spawn(async move {
+            publisher.run(changes, token).await;
+            publisher
+        });
+        Running { progress, stop, task }
+    }
+
+    /// The slices of `driver` on `node` the server holds, by name.
+    fn pool(server: &FakeApiServer, driver: &str, node: &str) -> BTreeMap<String, Value> {
+        server
+            .slices()
+            .into_iter()
+            .filter(|(_, s)| s["spec"]["driver"] == driver && s["spec"]["nodeName"] == node)
+            .collect()
+    }
+
+    /// Every device name in `pool`, sorted, and the pool's generations.
+    fn devices_and_generations(pool: &BTreeMap<String, Value>) -> (Vec<String>, Vec<i64>) {
+        let mut names: Vec<String> = pool
+            .values()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .map(|d| d["name"].as_str().expect("a name").to_owned())
+            .collect();
+        names.sort();
+        let mut generations: Vec<i64> =
+            pool.values().map(|s| s["spec"]["pool"]["generation"].as_i64().expect("a generation")).collect();
+        generations.dedup();
+        (names, generations)
+    }
+
+    fn slice_writes(server: &FakeApiServer) -> usize {
+        server.requests().iter().filter(|r| r.is_slice_write()).count()
+    }
+
+    async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !ready() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn publishes_the_pool_and_writes_nothing_when_nothing_changed() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let gpus3 = state(gpus(3));
+        let mut running = start(&server, &gpus3, Pacing::default());
+        let first = running.round_after(0).await;
+        assert_eq!((first.generation, first.writes, first.error.as_deref()), (1, 1, None));
+        let pool = pool(&server, DRIVER, "node-a");
+        let slice = &pool["node-a-gpu.example.com-0"];
+        assert_eq!(slice["metadata"]["labels"]["devhost.io/driver"], DRIVER);
+        assert_eq!(slice["metadata"]["ownerReferences"][0]["uid"], "uid-node-node-a", "the Node owns it");
+        assert_eq!(slice["spec"]["pool"]["name"], "node-a");
+        assert_eq!(slice["spec"]["pool"]["resourceSliceCount"], 1);
+        assert_eq!(devices_and_generations(&pool), (vec!["gpu-0".into(), "gpu-1".into(), "gpu-2".into()], vec![1]));
+
+        // The same devices again, three times: rounds, and not one write.
+        for _ in 0..3 {
+            let rounds = running.progress.borrow().rounds;
+            gpus3.publish(gpus(3)).expect("publish");
+            running.round_after(rounds).await;
+        }
+        assert_eq!(slice_writes(&server), 1, "{:?}", server.requests());
+        // A real change is written, under the next generation.
+        let rounds = running.progress.borrow().rounds;
+        gpus3.publish(gpus(2)).expect("publish");
+        let changed = running.round_after(rounds).await;
+        assert_eq!(changed.generation, 2);
+        let pool = self::pool(&server, DRIVER, "node-a");
+        assert_eq!(devices_and_generations(&pool), (vec!["gpu-0".into(), "gpu-1".into()], vec![2]));
+        assert_eq!(slice_writes(&server), 2);
+        running.stop().await;
+    }
+
+    /// Twenty changes in a burst are written as the newest state, in
+    /// rounds at least `min_interval` apart (the server's clock says so).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_burst_of_changes_is_coalesced_and_paced() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let gpus4 = state(gpus(4));
+        let mut running = start(&server, &gpus4, Pacing::default());
+        running.round_after(0).await;
+        for flip in 0..20 {
+            let mut devices = gpus(4);
+            devices[flip % 4] = Device::new(format!("gpu-{}", flip % 4), Health::Unhealthy);
+            gpus4.publish(devices).expect("publish");
+        }
+        // The newest state: gpu-3 Unhealthy, so left out (no taints here).
+        until("the newest state is published", || {
+            devices_and_generations(&pool(&server, DRIVER, "node-a")).0 == ["gpu-0", "gpu-1", "gpu-2"]
+        })
+        .await;
+        let generation = running.progress.borrow().generation;
+        assert!(generation <= 3, "20 changes were coalesced, not written one by one: generation {generation}");
+        let writes: Vec<_> = server.requests().into_iter().filter(|r| r.is_slice_write()).collect();
+        assert_eq!(writes.len() as i64, generation, "one write a round (one slice): {writes:?}");
+        for pair in writes.windows(2) {
+            let gap = pair[1].at.duration_since(pair[0].at);
+            assert!(gap >= Duration::from_secs(1), "two rounds {gap:?} apart");
+        }
+        running.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_large_pool_is_split_and_shrinks_without_leftovers() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let many = state(gpus(300));
+        let mut running = start(&server, &many, Pacing::default());
+        running.round_after(0).await;
+        let pool = pool(&server, DRIVER, "node-a");
+        let sizes: Vec<usize> =
+            pool.values().map(|s| s["spec"]["devices"].as_array().expect("devices").len()).collect();
+        assert_eq!(sizes, [128, 128, 44], "{:?}", pool.keys());
+        assert!(pool.values().all(|s| s["spec"]["pool"]["resourceSliceCount"] == 3));
+        assert_eq!(devices_and_generations(&pool).0.len(), 300);
+        assert_eq!(devices_and_generations(&pool).1, [1]);
+
+        let rounds = running.progress.borrow().rounds;
+        many.publish(gpus(100)).expect("publish");
+        let shrunk = running.round_after(rounds).await;
+        let pool = self::pool(&server, DRIVER, "node-a");
+        assert_eq!(pool.keys().collect::<Vec<_>>(), ["node-a-gpu.example.com-0"], "the extra slices are deleted");
+        assert_eq!(devices_and_generations(&pool).1, [shrunk.generation]);
+        assert_eq!(shrunk.generation, 2);
+        assert_eq!(pool["node-a-gpu.example.com-0"]["spec"]["pool"]["resourceSliceCount"], 1);
+        running.stop().await;
+    }
+
+    /// What an earlier devhost published: kept untouched when it is still
+    /// right, and otherwise replaced under a higher generation, with its
+    /// extra slices deleted; other drivers' and other nodes' slices are
+    /// never touched.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_earlier_instances_slices_are_adopted() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let owner = {
+            let client = client_for_url(&server.url()).expect("client");
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+            let node = nodes.get("node-a").await.expect("node");
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: "node-a".into(),
+                uid: node.metadata.uid.expect("uid"),
+                controller: Some(true),
+                block_owner_deletion: None,
+            }
+        };
+        let earlier = |driver: &str, node: &str, generation: i64, devices: usize| {
+            let state = state(gpus(devices));
+            let source = SliceSource { driver, node, generation, owner: Some(owner.clone()), taints: false };
+            slices(&source, &state.snapshot())
+        };
+        // Still right: adopted as it is, not one write.
+        for slice in earlier(DRIVER, "node-a", 5, 3) {
+            server.put_slice(serde_json::to_value(slice).expect("json"));
+        }
+        let gpus3 = state(gpus(3));
+        let mut running = start(&server, &gpus3, Pacing::default());
+        let adopted = running.round_after(0).await;
+        assert_eq!((adopted.generation, adopted.writes), (5, 0));
+        assert_eq!(slice_writes(&server), 0);
+        running.stop().await;
+
+        // Stale: three slices of generation 7 where one is needed now.
+        for slice in earlier(DRIVER, "node-a", 7, 260) {
+            server.put_slice(serde_json::to_value(slice).expect("json"));
+        }
+        let neighbours: Vec<Value> = earlier(DRIVER, "node-b", 3, 2)
+            .into_iter()
+            .chain(earlier("nic.example.com", "node-a", 4, 2))
+            .map(|s| serde_json::to_value(s).expect("json"))
+            .collect();
+        for slice in &neighbours {
+            server.put_slice(slice.clone());
+        }
+        let before = server.slices();
+        let mut running = start(&server, &gpus3, Pacing::default());
+        let replaced = running.round_after(0).await;
+        assert_eq!(replaced.generation, 8, "above every generation found");
+        let pool = pool(&server, DRIVER, "node-a");
+        assert_eq!(pool.keys().collect::<Vec<_>>(), ["node-a-gpu.example.com-0"]);
+        assert_eq!(devices_and_generations(&pool), (vec!["gpu-0".into(), "gpu-1".into(), "gpu-2".into()], vec![8]));
+        let after = server.slices();
+        for slice in &neighbours {
+            let name = slice["metadata"]["name"].as_str().expect("name");
+            assert_eq!(after.get(name), before.get(name), "{name} untouched");
+        }
+        running.stop().await;
+    }
+
+    /// The server answers 503 for a while: the publisher retries with
+    /// growing waits, on the newest state, and publishes it once the
+    /// server is back; the Node it could not read is looked up then.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_unavailable_api_server_is_retried_with_the_newest_state() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        server.set_unavailable(true);
+        let pacing = Pacing {
+            min_interval: Duration::from_millis(100),
+            backoff_start: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+        };
+        let gpus2 = state(gpus(2));
+        let mut running = start(&server, &gpus2, pacing);
+        until("four failed attempts", || server.requests().iter().filter(|r| r.status == 503).count() >= 4).await;
+        let reported = tokio::time::timeout(WAIT, running.progress.wait_for(|p| p.error.is_some())).await;
+        let error = reported.expect("in time").expect("running").error.clone().expect("the error is reported");
+        assert!(error.contains("unavailable"), "{error}");
+        assert_eq!(running.progress.borrow().rounds, 0);
+        let failed: Vec<_> = server.requests().into_iter().filter(|r| r.status == 503).collect();
+        for (pair, least) in failed.windows(2).zip([50, 100, 200]) {
+            let gap = pair[1].at.duration_since(pair[0].at);
+            assert!(gap >= Duration::from_millis(least), "retried after {gap:?}, not after at least {least} ms");
+        }
+        gpus2.publish(gpus(5)).expect("publish");
+        gpus2.publish(gpus(4)).expect("publish");
+        server.set_unavailable(false);
+        let recovered = running.round_after(0).await;
+        assert_eq!((recovered.generation, recovered.error), (1, None));
+        let pool = pool(&server, DRIVER, "node-a");
+        assert_eq!(devices_and_generations(&pool).0.len(), 4, "the newest state");
+        assert_eq!(pool["node-a-gpu.example.com-0"]["metadata"]["ownerReferences"][0]["name"], "node-a");
+        running.stop().await;
+    }
+
+    /// Someone else changed the slice (a higher generation, a new
+    /// resourceVersion): the replace is refused with 409, the next round
+    /// reads the server again and publishes above that generation.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slice_changed_behind_its_back_is_read_again() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let pacing = Pacing { backoff_start: Duration::from_millis(50), ..Pacing::default() };
+        let gpus3 = state(gpus(3));
+        let mut running = start(&server, &gpus3, pacing);
+        running.round_after(0).await;
+        let mut theirs = server.slices()["node-a-gpu.example.com-0"].clone();
+        theirs["spec"]["pool"]["generation"] = 41.into();
+        server.put_slice(theirs);
+        let rounds = running.progress.borrow().rounds;
+        gpus3.publish(gpus(1)).expect("publish");
+        let after = running.round_after(rounds).await;
+        assert!(server.requests().iter().any(|r| r.status == 409), "{:?}", server.requests());
+        assert_eq!(after.generation, 42);
+        let pool = pool(&server, DRIVER, "node-a");
+        assert_eq!(devices_and_generations(&pool), (vec!["gpu-0".into()], vec![42]));
+        running.stop().await;
+    }
+
+    /// `remove` deletes the pool and nothing else.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn remove_deletes_the_pool_only() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let many = state(gpus(200));
+        let mut running = start(&server, &many, Pacing::default());
+        running.round_after(0).await;
+        let foreign = serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": "node-a-nic", "labels": {"devhost.io/driver": "nic.example.com"}},
+            "spec": {"driver": "nic.example.com", "nodeName": "node-a",
+                     "pool": {"name": "node-a", "generation": 1, "resourceSliceCount": 1}, "devices": []},
+        });
+        server.put_slice(foreign);
+        let mut publisher = running.stop().await;
+        assert_eq!(pool(&server, DRIVER, "node-a").len(), 2, "stopping leaves the slices for the next devhost");
+        publisher.remove().await.expect("remove");
+        assert!(pool(&server, DRIVER, "node-a").is_empty(), "{:?}", server.slices().keys());
+        assert_eq!(server.slices().keys().collect::<Vec<_>>(), ["node-a-nic"], "another driver's slice stays");
+    }
 }

@@ -249,12 +249,22 @@ fn stop_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 /// Log lines buffered for the writer thread before new ones are dropped.
 const LOG_LINES_IN_FLIGHT: usize = 8_192;
 
+/// The kube-rs request log, off unless the filter names `kube_client`.
+const KUBE_REQUEST_LOG: &str = "kube_client::client::builder=off";
+
 fn init_logging(format: LogFormat, level: &str) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // kube-rs logs every failed API request at ERROR, 404s included;
+    // devhost logs each failure itself with what it was doing, once.
+    let named = std::env::var("RUST_LOG").unwrap_or_default().contains("kube_client") || level.contains("kube_client");
+    let filter = match KUBE_REQUEST_LOG.parse() {
+        Ok(directive) if !named => filter.add_directive(directive),
+        _ => filter,
+    };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // 8,192 lines in flight (not the default 128,000, which reserves
         // 4 MiB up front): far more than a healthy daemon logs between two

@@ -50,6 +50,26 @@ pub struct HostConfig {
     pub cdi_dir: PathBuf,
     /// How devhost learns who holds which device (`[pod_resources]`).
     pub pod_resources: PodResourcesSettings,
+    /// How resources with `api = "dra"` are served (`[dra]`).
+    pub dra: DraSettings,
+}
+
+/// The host side of DRA: where the kubelet is, which node this is, how to
+/// reach the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraSettings {
+    /// The kubelet's root directory (`plugins_registry/` and `plugins/`
+    /// are in it); by default the parent of the device plugin directory.
+    pub kubelet_root: PathBuf,
+    /// This node's name (the pool's name); by default `$NODE_NAME`.
+    pub node_name: Option<String>,
+    /// A kubeconfig file for the API server; `None`: the pod's in-cluster
+    /// service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Whether the cluster has device taints (DeviceTaints, beta from
+    /// 1.36): Unhealthy devices are then published with a `NoSchedule`
+    /// taint, otherwise left out of the ResourceSlices.
+    pub device_taints: bool,
 }
 
 /// Command-line values that take precedence over the file.
@@ -74,6 +94,17 @@ struct RawHost {
     log: RawLog,
     #[serde(default)]
     pod_resources: RawPodResources,
+    #[serde(default)]
+    dra: RawDra,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDra {
+    kubelet_root: Option<PathBuf>,
+    node_name: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    device_taints: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +220,15 @@ impl HostConfig {
         if let Some(ms) = pod_resources.restart_grace_ms {
             config.pod_resources.restart_grace = Duration::from_millis(ms);
         }
+        let dra = raw.dra;
+        if let Some(root) = dra.kubelet_root {
+            config.dra.kubelet_root = base.join(root);
+        }
+        if let Some(node) = dra.node_name.filter(|node| !node.is_empty()) {
+            config.dra.node_name = Some(node);
+        }
+        config.dra.kubeconfig = dra.kubeconfig.map(|file| base.join(file));
+        config.dra.device_taints = dra.device_taints.unwrap_or(false);
         Ok(config)
     }
 
@@ -222,7 +262,6 @@ impl HostConfig {
         };
         HostConfig {
             backends_dir: base.join(backends_dir.unwrap_or_else(|| PathBuf::from("backends.d"))),
-            plugin_dir,
             kubelet_socket,
             call_timeout,
             log_format: log.format.unwrap_or_default(),
@@ -230,6 +269,13 @@ impl HostConfig {
             metrics_address: Some(default_metrics_address()),
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
             pod_resources: PodResourcesSettings::default(),
+            dra: DraSettings {
+                kubelet_root: plugin_dir.parent().map_or_else(|| PathBuf::from("/var/lib/kubelet"), Path::to_path_buf),
+                node_name: std::env::var("NODE_NAME").ok().filter(|node| !node.is_empty()),
+                kubeconfig: None,
+                device_taints: false,
+            },
+            plugin_dir,
         }
     }
 }
@@ -271,6 +317,24 @@ mod tests {
             Some(Path::new("/var/lib/kubelet/pod-resources/kubelet.sock"))
         );
         assert_eq!(config.pod_resources.interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn dra_settings_default_to_the_kubelet_root_and_can_be_set() {
+        let config = parse("").expect("valid");
+        assert_eq!(config.dra.kubelet_root, Path::new("/var/lib/kubelet"), "the device plugin directory's parent");
+        assert_eq!((config.dra.kubeconfig.as_deref(), config.dra.device_taints), (None, false));
+        let config = parse(
+            "plugin_dir = \"/k/device-plugins\"\n[dra]\nnode_name = \"node-7\"\nkubeconfig = \"kc.yaml\"\ndevice_taints = true\n",
+        )
+        .expect("valid");
+        assert_eq!(config.dra.kubelet_root, Path::new("/k"));
+        assert_eq!(config.dra.node_name.as_deref(), Some("node-7"));
+        assert_eq!(config.dra.kubeconfig.as_deref(), Some(Path::new("/etc/devhost/kc.yaml")));
+        assert!(config.dra.device_taints);
+        let config = parse("[dra]\nkubelet_root = \"/srv/kubelet\"\n").expect("valid");
+        assert_eq!(config.dra.kubelet_root, Path::new("/srv/kubelet"));
+        assert!(parse("[dra]\nnode = \"x\"\n").is_err(), "unknown keys are refused");
     }
 
     #[test]

@@ -19,5 +19,5 @@ pub use backends::{
     parse_backend,
 };
 pub use error::{ConfigError, line_column};
-pub use host::{HostConfig, LogFormat, Overrides};
+pub use host::{DraSettings, HostConfig, LogFormat, Overrides};
 pub use static_backend::StaticConfig;

@@ -45,6 +45,8 @@ pub struct Context<'a> {
     pub cdi_dir: &'a Path,
     /// Who holds which device, from the kubelet.
     pub assignments: &'a crate::holders::AssignmentsWatch,
+    /// What resources served through DRA share.
+    pub dra: &'a super::dra::DraContext,
 }
 
 /// The set of running backends.
@@ -285,7 +287,16 @@ fn spawn_resources(
         if let Some(driver) = &settings.dra_driver {
             // Never served both ways: the DRA scheduler does not see
             // device-plugin allocations.
-            tracing::error!(backend = %config.name, file = %config.file.display(), resource = %spec.name, driver, "api = \"dra\": this devhost cannot serve DRA drivers yet (the kubelet plugin and claim preparation are not built); the resource is not served, and never through the device plugin API instead");
+            let task = super::dra::DraTask {
+                driver: driver.clone(),
+                resource: spec.name.clone(),
+                state: state.clone(),
+                backend: handle.clone(),
+                context: context.dra.clone(),
+                shutdown: stop.clone(),
+            };
+            let span = tracing::info_span!("dra", resource = %spec.name, driver = %driver, backend = %handle.name());
+            tasks.spawn(task.run().instrument(span));
             continue;
         }
         if let Err(error) = state.set_sharing(settings.sharing) {

@@ -17,6 +17,7 @@ use crate::registration::PluginDirWatcher;
 use crate::server::socket;
 
 mod backends;
+mod dra;
 #[allow(unsafe_code)]
 mod memory;
 mod resource;
@@ -66,6 +67,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(|source| DaemonError::Watch { dir: config.plugin_dir.clone(), source })?;
     let instance = socket::instance_id();
     let assignments = crate::holders::follow(&config.pod_resources, shutdown.clone());
+    let dra = dra::DraContext::new(&config.dra, config.cdi_dir.clone()).await;
     let context = backends::Context {
         plugin_dir: &config.plugin_dir,
         kubelet_socket: &config.kubelet_socket,
@@ -73,6 +75,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         instance: &instance,
         cdi_dir: &config.cdi_dir,
         assignments: &assignments,
+        dra: &dra,
     };
 
     let (reload, mut reloads) = mpsc::channel::<&'static str>(1);

@@ -29,6 +29,8 @@ pub struct PreparedDevice {
     pub pool: String,
     /// Its DRA device name.
     pub device: String,
+    /// The backend's ID of the device (what `release` is called with).
+    pub id: String,
     /// The CDI devices the container gets.
     pub cdi_ids: Vec<String>,
 }
@@ -134,7 +136,8 @@ mod tests {
                 requests: vec!["gpu".into()],
                 pool: "node-a".into(),
                 device: "gpu-0".into(),
-                cdi_ids: vec!["example.com/gpu=claim-uid-1-gpu-0".into()],
+                id: "gpu-0".into(),
+                cdi_ids: vec!["k8s.gpu.example.com/claim=claim-uid-1-gpu".into()],
             }],
         }
     }

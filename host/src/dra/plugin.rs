@@ -4,11 +4,11 @@
 //! `<root>/plugins/<driver>/dra.sock` serving `DRAPlugin` in its `v1` and
 //! `v1beta1` packages and `DRAResourceHealth` v1.
 //!
-//! Health is real: the resource's device state feeds `NodeWatchResources`,
-//! every change at once. Preparing claims needs the `ResourceClaim` from
-//! the API server, which this devhost cannot read yet: each claim is
-//! answered with its own error saying so (never a failed batch), and
-//! unpreparing a claim that was never prepared succeeds, as it must.
+//! The resource's device state feeds `NodeWatchResources`, every change at
+//! once; claims are prepared and unprepared by the driver's
+//! [`Preparer`]. Without one (no API server to read claims from) each
+//! claim is answered with its own error saying so (never a failed batch),
+//! and unpreparing succeeds, as nothing was prepared.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::names;
+use super::prepare::Preparer;
 use crate::device_state::{ResourceState, Snapshot};
 use crate::model::Health;
 use crate::proto::dra::health::dra_resource_health_server::{DraResourceHealth, DraResourceHealthServer};
@@ -83,6 +84,7 @@ impl DraPlugin {
         pool: &str,
         paths: &DraPaths,
         state: Arc<ResourceState>,
+        preparer: Option<Arc<Preparer>>,
         stop: CancellationToken,
     ) -> std::io::Result<Self> {
         for socket in [&paths.service, &paths.registration] {
@@ -92,7 +94,7 @@ impl DraPlugin {
         }
         let registered = Arc::new(AtomicBool::new(false));
         let (service_listener, service_identity) = socket::bind(&paths.service)?;
-        let service = DraService { driver: driver.to_owned() };
+        let service = DraService { driver: driver.to_owned(), preparer };
         let health = HealthService { pool: pool.to_owned(), state, stop: stop.clone() };
         let service_task = tokio::spawn(
             tonic::transport::Server::builder()
@@ -195,16 +197,20 @@ impl Registration for RegistrationService {
 #[derive(Clone)]
 struct DraService {
     driver: String,
+    preparer: Option<Arc<Preparer>>,
 }
 
 impl DraService {
-    fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
+    async fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
+        if let Some(preparer) = &self.preparer {
+            return preparer.prepare(request).await;
+        }
         let claims = request
             .claims
             .into_iter()
             .map(|claim| {
                 let error = format!(
-                    "claim {}/{} ({}): driver {} cannot prepare claims yet: this devhost does not read ResourceClaims from the API server",
+                    "claim {}/{} ({}): driver {} cannot prepare claims: it has no API server to read them from",
                     claim.namespace, claim.name, claim.uid, self.driver
                 );
                 (claim.uid, v1::NodePrepareResourceResponse { devices: Vec::new(), error })
@@ -213,7 +219,10 @@ impl DraService {
         v1::NodePrepareResourcesResponse { claims }
     }
 
-    fn unprepare(request: v1::NodeUnprepareResourcesRequest) -> v1::NodeUnprepareResourcesResponse {
+    async fn unprepare(&self, request: v1::NodeUnprepareResourcesRequest) -> v1::NodeUnprepareResourcesResponse {
+        if let Some(preparer) = &self.preparer {
+            return preparer.unprepare(request).await;
+        }
         // Nothing was prepared, so there is nothing to undo: success.
         let claims = request
             .claims
@@ -235,14 +244,14 @@ impl v1::dra_plugin_server::DraPlugin for DraService {
         &self,
         request: Request<v1::NodePrepareResourcesRequest>,
     ) -> Result<Response<v1::NodePrepareResourcesResponse>, Status> {
-        Ok(Response::new(self.prepare(request.into_inner())))
+        Ok(Response::new(self.prepare(request.into_inner()).await))
     }
 
     async fn node_unprepare_resources(
         &self,
         request: Request<v1::NodeUnprepareResourcesRequest>,
     ) -> Result<Response<v1::NodeUnprepareResourcesResponse>, Status> {
-        Ok(Response::new(Self::unprepare(request.into_inner())))
+        Ok(Response::new(self.unprepare(request.into_inner()).await))
     }
 }
 
@@ -252,7 +261,7 @@ impl v1beta1::dra_plugin_server::DraPlugin for DraService {
         &self,
         request: Request<v1beta1::NodePrepareResourcesRequest>,
     ) -> Result<Response<v1beta1::NodePrepareResourcesResponse>, Status> {
-        let answer = self.prepare(same_wire(&request.into_inner())?);
+        let answer = self.prepare(same_wire(&request.into_inner())?).await;
         Ok(Response::new(same_wire(&answer)?))
     }
 
@@ -260,7 +269,7 @@ impl v1beta1::dra_plugin_server::DraPlugin for DraService {
         &self,
         request: Request<v1beta1::NodeUnprepareResourcesRequest>,
     ) -> Result<Response<v1beta1::NodeUnprepareResourcesResponse>, Status> {
-        let answer = Self::unprepare(same_wire(&request.into_inner())?);
+        let answer = self.unprepare(same_wire(&request.into_inner())?).await;
         Ok(Response::new(same_wire(&answer)?))
     }
 }

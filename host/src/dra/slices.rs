@@ -231,7 +231,7 @@ mod tests {
         let tainted = slices(&source(true), &snapshot(100, &[3]));
         assert_eq!(tainted.iter().map(|s| devices(s).len()).collect::<Vec<_>>(), [64, 36], "64 a slice with taints");
         let taints: Vec<&DeviceTaint> =
-            tainted.iter().flat_map(|s| devices(s)).filter_map(|d| d.taints.as_ref()).flatten().collect();
+            tainted.iter().flat_map(devices).filter_map(|d| d.taints.as_ref()).flatten().collect();
         assert_eq!(taints.len(), 1);
         assert_eq!((taints[0].key.as_str(), taints[0].effect.as_str()), (UNHEALTHY_TAINT, "NoSchedule"));
         let untainted = slices(&source(false), &snapshot(100, &[3]));

@@ -139,27 +139,55 @@ impl FakePluginWatcher {
         driver: &str,
         claims: &[(&str, &str, &str)],
     ) -> Result<v1::NodePrepareResourcesResponse, String> {
-        let registration = self.driver(driver).ok_or_else(|| format!("driver {driver} is not registered"))?;
-        let claims: Vec<v1::Claim> = claims
-            .iter()
-            .map(|(namespace, uid, name)| v1::Claim {
-                namespace: (*namespace).into(),
-                uid: (*uid).into(),
-                name: (*name).into(),
-            })
-            .collect();
-        let channel = crate::uds::connect(&registration.endpoint, DIAL_TIMEOUT).await.map_err(|e| e.to_string())?;
-        let request = v1::NodePrepareResourcesRequest { claims };
-        if registration.service == "v1.DRAPlugin" {
+        let (channel, v1_service) = self.dial(driver).await?;
+        let request = v1::NodePrepareResourcesRequest { claims: claim_list(claims) };
+        if v1_service {
             let mut client = v1::dra_plugin_client::DraPluginClient::new(channel);
-            client.node_prepare_resources(request).await.map(tonic::Response::into_inner).map_err(|s| s.to_string())
-        } else {
-            let mut client = v1beta1::dra_plugin_client::DraPluginClient::new(channel);
-            let request = v1beta1::NodePrepareResourcesRequest::decode(request.encode_to_vec().as_slice())
-                .map_err(|e| e.to_string())?;
-            let answer = client.node_prepare_resources(request).await.map_err(|s| s.to_string())?.into_inner();
-            v1::NodePrepareResourcesResponse::decode(answer.encode_to_vec().as_slice()).map_err(|e| e.to_string())
+            return client
+                .node_prepare_resources(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| s.to_string());
         }
+        let mut client = v1beta1::dra_plugin_client::DraPluginClient::new(channel);
+        let answer = client
+            .node_prepare_resources(same_wire::<_, v1beta1::NodePrepareResourcesRequest>(&request)?)
+            .await
+            .map_err(|s| s.to_string())?;
+        same_wire(&answer.into_inner())
+    }
+
+    /// `NodeUnprepareResources` for `claims` (namespace, uid, name), as
+    /// [`prepare`](Self::prepare).
+    pub async fn unprepare(
+        &self,
+        driver: &str,
+        claims: &[(&str, &str, &str)],
+    ) -> Result<v1::NodeUnprepareResourcesResponse, String> {
+        let (channel, v1_service) = self.dial(driver).await?;
+        let request = v1::NodeUnprepareResourcesRequest { claims: claim_list(claims) };
+        if v1_service {
+            let mut client = v1::dra_plugin_client::DraPluginClient::new(channel);
+            return client
+                .node_unprepare_resources(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| s.to_string());
+        }
+        let mut client = v1beta1::dra_plugin_client::DraPluginClient::new(channel);
+        let answer = client
+            .node_unprepare_resources(same_wire::<_, v1beta1::NodeUnprepareResourcesRequest>(&request)?)
+            .await
+            .map_err(|s| s.to_string())?;
+        same_wire(&answer.into_inner())
+    }
+
+    /// A channel to `driver`'s endpoint, and whether it was registered
+    /// with `v1.DRAPlugin` (else `v1beta1`).
+    async fn dial(&self, driver: &str) -> Result<(tonic::transport::Channel, bool), String> {
+        let registration = self.driver(driver).ok_or_else(|| format!("driver {driver} is not registered"))?;
+        let channel = crate::uds::connect(&registration.endpoint, DIAL_TIMEOUT).await.map_err(|e| e.to_string())?;
+        Ok((channel, registration.service == "v1.DRAPlugin"))
     }
 
     /// Opens the health stream of `driver`, as the kubelet does when both
@@ -289,4 +317,21 @@ fn judge(
     let health = "v1.DRAResourceHealth";
     let offered = known.iter().any(|k| k == health) && info.supported_versions.iter().any(|v| v == health);
     Ok((service.to_owned(), offered))
+}
+
+fn claim_list(claims: &[(&str, &str, &str)]) -> Vec<v1::Claim> {
+    claims
+        .iter()
+        .map(|(namespace, uid, name)| v1::Claim {
+            namespace: (*namespace).into(),
+            uid: (*uid).into(),
+            name: (*name).into(),
+        })
+        .collect()
+}
+
+/// Re-reads one message as another with the same wire contract (the
+/// `v1beta1` and `v1` DRA messages).
+fn same_wire<From: Message, To: Message + Default>(message: &From) -> Result<To, String> {
+    To::decode(message.encode_to_vec().as_slice()).map_err(|e| e.to_string())
 }

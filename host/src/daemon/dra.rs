@@ -1,0 +1,169 @@
+//! The life of one resource served through DRA (`api = "dra"`): its
+//! kubelet plugin (registration and service sockets, re-created when they
+//! are removed), its claims prepared through the backend with a checkpoint
+//! in the driver's kubelet directory, and its ResourceSlices kept current
+//! on the API server. The API server's absence stops nothing the kubelet
+//! needs: prepared claims stay answered from the checkpoint, health keeps
+//! flowing, slices are published when it is back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backend::handle::BackendHandle;
+use crate::config::DraSettings;
+use crate::device_state::ResourceState;
+use crate::dra::plugin::{DraPaths, DraPlugin};
+use crate::dra::prepare::{Preparer, PreparerFiles};
+use crate::dra::publish::{Pacing, SlicePublisher};
+
+/// How often the plugin's sockets are checked (a kubelet or an operator
+/// may remove them; the plugin watcher acts on a socket that appears).
+const SOCKET_CHECK: Duration = Duration::from_secs(1);
+/// The wait before starting the plugin again after it could not start.
+const START_RETRY: Duration = Duration::from_secs(5);
+
+/// What every DRA resource of this daemon shares.
+#[derive(Clone)]
+pub struct DraContext {
+    /// The host's `[dra]` settings.
+    pub settings: DraSettings,
+    /// The API-server client, or why there is none.
+    pub client: Result<kube::Client, String>,
+    /// Where CDI specs go.
+    pub cdi_dir: PathBuf,
+}
+
+impl DraContext {
+    /// Builds the API-server client from the settings (a kubeconfig, or the
+    /// pod's service account); a failure is kept and reported by each DRA
+    /// resource, since a node without one is fine.
+    pub async fn new(settings: &DraSettings, cdi_dir: PathBuf) -> Self {
+        let client = client(settings).await;
+        DraContext { settings: settings.clone(), client, cdi_dir }
+    }
+}
+
+async fn client(settings: &DraSettings) -> Result<kube::Client, String> {
+    let config = match &settings.kubeconfig {
+        Some(file) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(file)
+                .map_err(|error| format!("kubeconfig {}: {error}", file.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|error| format!("kubeconfig {}: {error}", file.display()))?
+        }
+        None => kube::Config::incluster()
+            .map_err(|error| format!("no in-cluster API-server access (and no [dra] kubeconfig): {error}"))?,
+    };
+    let mut config = config;
+    // Callers retry with their own back-off (the publisher on the newest
+    // state; the kubelet repeats a failed prepare), not kube-rs's.
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(|error| format!("API-server client: {error}"))
+}
+
+/// Everything one DRA resource's task needs.
+pub struct DraTask {
+    /// The driver name.
+    pub driver: String,
+    /// The resource it serves.
+    pub resource: String,
+    /// Its devices.
+    pub state: Arc<ResourceState>,
+    /// The backend that serves it.
+    pub backend: Arc<BackendHandle>,
+    /// Shared DRA settings and client.
+    pub context: DraContext,
+    /// Stops the task.
+    pub shutdown: CancellationToken,
+}
+
+impl DraTask {
+    /// Serves the driver until shutdown.
+    pub async fn run(self) {
+        let Some(node) = self.context.settings.node_name.clone() else {
+            tracing::error!(driver = %self.driver, "api = \"dra\" needs this node's name: set NODE_NAME (the downward API's spec.nodeName) or [dra] node_name; the resource is not served");
+            return;
+        };
+        let client = match &self.context.client {
+            Ok(client) => client.clone(),
+            Err(why) => {
+                tracing::error!(driver = %self.driver, "api = \"dra\" needs the API server (to publish ResourceSlices and read claims): {why}; the resource is not served");
+                return;
+            }
+        };
+        let root = &self.context.settings.kubelet_root;
+        let paths = DraPaths::new(root, &self.driver);
+        let files = PreparerFiles {
+            cdi_dir: self.context.cdi_dir.clone(),
+            checkpoint: root.join("plugins").join(&self.driver).join("devhost-claims.json"),
+        };
+        let preparer = match Preparer::new(
+            &self.driver,
+            &self.resource,
+            &node,
+            client.clone(),
+            self.backend.clone(),
+            self.state.clone(),
+            files,
+        ) {
+            Ok(preparer) => Arc::new(preparer),
+            Err(error) => {
+                tracing::error!(driver = %self.driver, %error, "the resource is not served: without its checkpoint, claims could be prepared twice");
+                return;
+            }
+        };
+        let mut publisher =
+            SlicePublisher::new(client, &self.driver, &node, self.context.settings.device_taints, Pacing::default());
+        let changes = self.state.subscribe();
+        let publishing = self.shutdown.clone();
+        let span = tracing::info_span!("slices", driver = %self.driver);
+        let publish = tokio::spawn(async move { publisher.run(changes, publishing).await }.instrument(span));
+        self.serve_kubelet(&node, &paths, preparer).await;
+        let _ = publish.await;
+    }
+
+    /// Runs the kubelet plugin until shutdown, starting it again whenever
+    /// its sockets are lost.
+    async fn serve_kubelet(&self, node: &str, paths: &DraPaths, preparer: Arc<Preparer>) {
+        loop {
+            let stop = self.shutdown.child_token();
+            let plugin = match DraPlugin::start(
+                &self.driver,
+                node,
+                paths,
+                self.state.clone(),
+                Some(preparer.clone()),
+                stop,
+            ) {
+                Ok(plugin) => plugin,
+                Err(error) => {
+                    tracing::error!(driver = %self.driver, socket = %paths.registration.display(), %error, "cannot serve the DRA plugin sockets; trying again in {START_RETRY:?}");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(START_RETRY) => continue,
+                    }
+                }
+            };
+            tracing::info!(driver = %self.driver, socket = %paths.registration.display(), "DRA driver serving; waiting for the kubelet's plugin watcher");
+            loop {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => {
+                        plugin.stop().await;
+                        return;
+                    }
+                    () = tokio::time::sleep(SOCKET_CHECK) => {}
+                }
+                if plugin.sockets_lost() {
+                    tracing::warn!(driver = %self.driver, "the DRA plugin's sockets were removed; serving them again so the kubelet registers the driver anew");
+                    plugin.stop().await;
+                    break;
+                }
+            }
+        }
+    }
+}

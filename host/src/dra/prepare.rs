@@ -1,0 +1,251 @@
+//! `NodePrepareResources` and `NodeUnprepareResources` for one driver
+//! (`docs/dra-api.md` §2; issue 16, item 3).
+//!
+//! Preparing a claim: read the `ResourceClaim` from the API server (its
+//! UID must be the one the kubelet names), take the allocation results of
+//! this driver in this node's pool, map each DRA device name back to the
+//! backend's device ID, call the backend's `allocate` once per request of
+//! the claim (the call the device-plugin path makes, with its deadline,
+//! isolation and fault handling), write one CDI spec for the claim (its
+//! UID in the file name, one CDI device per request), record the answer in
+//! the checkpoint, and answer the kubelet. Every claim gets its own answer
+//! or its own error; one bad claim never fails the batch.
+//!
+//! Both calls are idempotent: a claim in the checkpoint is answered from
+//! it, without the API server or the backend, also after a devhost or
+//! kubelet restart; unpreparing removes the spec, calls the backend's
+//! `release` and forgets the claim, and a claim never prepared (or already
+//! unprepared) is a success.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::Api;
+use tokio::sync::Mutex;
+
+use super::checkpoint::{Checkpoint, PreparedClaim, PreparedDevice};
+use super::names;
+use crate::backend::handle::BackendHandle;
+use crate::cdi;
+use crate::device_state::ResourceState;
+use crate::proto::dra::v1;
+
+/// Prepares and unprepares the claims of one driver (one resource).
+pub struct Preparer {
+    driver: String,
+    resource: String,
+    pool: String,
+    client: kube::Client,
+    backend: Arc<BackendHandle>,
+    state: Arc<ResourceState>,
+    cdi_dir: PathBuf,
+    checkpoint_path: PathBuf,
+    /// The checkpoint as on disk; the lock also makes prepares and
+    /// unprepares of this driver take turns (each saves the file).
+    prepared: Mutex<Checkpoint>,
+}
+
+/// Where a driver keeps its files.
+#[derive(Debug, Clone)]
+pub struct PreparerFiles {
+    /// The CDI spec directory (the runtime reads it).
+    pub cdi_dir: PathBuf,
+    /// The checkpoint file of this driver.
+    pub checkpoint: PathBuf,
+}
+
+impl Preparer {
+    /// A preparer for `resource`, served as `driver` in pool `pool`; reads
+    /// the checkpoint (an unreadable one is an error: starting without it
+    /// would prepare claims twice).
+    pub fn new(
+        driver: &str,
+        resource: &str,
+        pool: &str,
+        client: kube::Client,
+        backend: Arc<BackendHandle>,
+        state: Arc<ResourceState>,
+        files: PreparerFiles,
+    ) -> Result<Self, super::checkpoint::CheckpointError> {
+        let prepared = Checkpoint::load(&files.checkpoint)?;
+        Ok(Preparer {
+            driver: driver.to_owned(),
+            resource: resource.to_owned(),
+            pool: pool.to_owned(),
+            client,
+            backend,
+            state,
+            cdi_dir: files.cdi_dir,
+            checkpoint_path: files.checkpoint,
+            prepared: Mutex::new(prepared),
+        })
+    }
+
+    /// Answers a `NodePrepareResources` batch, claim by claim.
+    pub async fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
+        let mut prepared = self.prepared.lock().await;
+        let mut claims = std::collections::HashMap::new();
+        for claim in request.claims {
+            let answer = match self.prepare_claim(&mut prepared, &claim).await {
+                Ok(devices) => v1::NodePrepareResourceResponse { devices, error: String::new() },
+                Err(why) => {
+                    let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+                    tracing::warn!(driver = %self.driver, "cannot prepare {error}");
+                    v1::NodePrepareResourceResponse { devices: Vec::new(), error }
+                }
+            };
+            claims.insert(claim.uid, answer);
+        }
+        v1::NodePrepareResourcesResponse { claims }
+    }
+
+    /// Answers a `NodeUnprepareResources` batch, claim by claim.
+    pub async fn unprepare(&self, request: v1::NodeUnprepareResourcesRequest) -> v1::NodeUnprepareResourcesResponse {
+        let mut prepared = self.prepared.lock().await;
+        let mut claims = std::collections::HashMap::new();
+        for claim in request.claims {
+            let error = match self.unprepare_claim(&mut prepared, &claim.uid).await {
+                Ok(()) => String::new(),
+                Err(why) => {
+                    let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+                    tracing::warn!(driver = %self.driver, "cannot unprepare {error}");
+                    error
+                }
+            };
+            claims.insert(claim.uid, v1::NodeUnprepareResourceResponse { error });
+        }
+        v1::NodeUnprepareResourcesResponse { claims }
+    }
+
+    async fn prepare_claim(&self, prepared: &mut Checkpoint, claim: &v1::Claim) -> Result<Vec<v1::Device>, String> {
+        if let Some(done) = prepared.claims.get(&claim.uid) {
+            // Prepared before (the kubelet repeats itself after restarts):
+            // the same answer, without the API server or the backend.
+            return Ok(done.devices.iter().map(answer).collect());
+        }
+        let object = self.read_claim(claim).await?;
+        let results = self.results(&object)?;
+        // The backend is called once per request; each request's devices
+        // share one CDI device carrying that call's answer.
+        let mut by_request: BTreeMap<&str, Vec<&(String, String, String)>> = BTreeMap::new();
+        for result in &results {
+            by_request.entry(result.0.as_str()).or_default().push(result);
+        }
+        let mut cdi_devices = Vec::new();
+        let mut devices = Vec::new();
+        for (request, results) in by_request {
+            let ids: Vec<String> = results.iter().map(|(_, _, id)| id.clone()).collect();
+            let allocation = self
+                .backend
+                .allocate(&self.resource, ids)
+                .await
+                .map_err(|error| format!("the backend's allocate failed: {error}"))?;
+            let cdi_name = cdi::claim_device_name(&claim.uid, request);
+            let cdi_id = cdi::claim_device_id(&self.driver, &cdi_name);
+            cdi_devices.push((cdi_name, allocation));
+            for (request, device, id) in results {
+                devices.push(PreparedDevice {
+                    requests: vec![request.clone()],
+                    pool: self.pool.clone(),
+                    device: device.clone(),
+                    id: id.clone(),
+                    cdi_ids: vec![cdi_id.clone()],
+                });
+            }
+        }
+        let spec = cdi::write_claim_spec(&self.cdi_dir, &self.driver, &claim.uid, &cdi_devices)?;
+        prepared.claims.insert(
+            claim.uid.clone(),
+            PreparedClaim { namespace: claim.namespace.clone(), name: claim.name.clone(), devices: devices.clone() },
+        );
+        if let Err(error) = prepared.save(&self.checkpoint_path) {
+            // Unrecorded, it must not stay prepared: a restart would not
+            // know to undo it.
+            prepared.claims.remove(&claim.uid);
+            let _ = std::fs::remove_file(&spec);
+            return Err(error.to_string());
+        }
+        tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name), uid = %claim.uid,
+            devices = devices.len(), spec = %spec.display(), "claim prepared");
+        Ok(devices.iter().map(answer).collect())
+    }
+
+    async fn unprepare_claim(&self, prepared: &mut Checkpoint, uid: &str) -> Result<(), String> {
+        let Some(claim) = prepared.claims.get(uid).cloned() else {
+            // Never prepared here, or already undone: nothing to do.
+            return Ok(());
+        };
+        cdi::remove_claim_spec(&self.cdi_dir, &self.driver, uid)
+            .map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
+        let ids: Vec<String> = claim.devices.iter().map(|device| device.id.clone()).collect();
+        self.backend
+            .release(&self.resource, ids)
+            .await
+            .map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
+        prepared.claims.remove(uid);
+        if let Err(error) = prepared.save(&self.checkpoint_path) {
+            prepared.claims.insert(uid.to_owned(), claim);
+            return Err(error.to_string());
+        }
+        tracing::info!(driver = %self.driver, uid, "claim unprepared");
+        Ok(())
+    }
+
+    /// The claim as the API server has it, if it is the one the kubelet
+    /// means.
+    async fn read_claim(&self, claim: &v1::Claim) -> Result<ResourceClaim, String> {
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &claim.namespace);
+        let object = api.get(&claim.name).await.map_err(|error| match error {
+            kube::Error::Api(status) if status.code == 404 => "no such ResourceClaim on the API server".to_owned(),
+            error => format!("cannot read the ResourceClaim: {error}"),
+        })?;
+        let uid = object.metadata.uid.as_deref().unwrap_or_default();
+        if uid != claim.uid {
+            return Err(format!("the ResourceClaim of that name has UID {uid:?}: it was deleted and created again"));
+        }
+        Ok(object)
+    }
+
+    /// (request, DRA device name, device ID) of each device allocated to
+    /// the claim by this driver.
+    fn results(&self, claim: &ResourceClaim) -> Result<Vec<(String, String, String)>, String> {
+        let allocation =
+            claim.status.as_ref().and_then(|status| status.allocation.as_ref()).ok_or("the claim is not allocated")?;
+        let snapshot = self.state.snapshot();
+        let mut out = Vec::new();
+        for result in allocation.devices.iter().flat_map(|devices| devices.results.iter().flatten()) {
+            if result.driver != self.driver {
+                continue;
+            }
+            if result.pool != self.pool {
+                return Err(format!(
+                    "device {} is allocated from pool {:?}, not this node's pool {:?}",
+                    result.device, result.pool, self.pool
+                ));
+            }
+            let id = names::device_id(&result.device)
+                .filter(|id| snapshot.devices.iter().any(|device| &device.id == id))
+                .or_else(|| {
+                    snapshot
+                        .devices
+                        .iter()
+                        .find(|device| names::device_name(&device.id) == result.device)
+                        .map(|device| device.id.clone())
+                })
+                .ok_or_else(|| format!("device {} is not (or no longer) published by this driver", result.device))?;
+            out.push((result.request.clone(), result.device.clone(), id));
+        }
+        Ok(out)
+    }
+}
+
+fn answer(device: &PreparedDevice) -> v1::Device {
+    v1::Device {
+        request_names: device.requests.clone(),
+        pool_name: device.pool.clone(),
+        device_name: device.device.clone(),
+        cdi_device_ids: device.cdi_ids.clone(),
+    }
+}
