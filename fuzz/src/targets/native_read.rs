@@ -995,6 +995,11 @@ fn drive(
                         _ => {}
                     }
                 }
+                // This module has no `release`: a resource asking for it
+                // is a contract violation (`abi/README.md`, ABI 1.1).
+                if matches!(&want, Outcome::Ok(resources) if resources.iter().any(|r| r.release_required)) {
+                    want = Outcome::Fault;
+                }
                 let got = match (got, &want) {
                     (Outcome::Declined(message), Outcome::Declined(prefix))
                         if prefix_only && message.starts_with(prefix.as_str()) =>
