@@ -180,14 +180,18 @@ pub fn claim_spec_path(dir: &Path, driver: &str, claim_uid: &str) -> PathBuf {
 }
 
 /// Writes the CDI spec of a prepared claim: one device per request, with
-/// the edits of that request's `allocate` answer. The error says why the
-/// claim cannot be prepared.
+/// the edits of that request's `allocate` answer; no file when there is no
+/// device (CDI refuses an empty spec). The error says why the claim cannot
+/// be prepared.
 pub fn write_claim_spec(
     dir: &Path,
     driver: &str,
     claim_uid: &str,
     devices: &[(String, Allocation)],
-) -> Result<PathBuf, String> {
+) -> Result<Option<PathBuf>, String> {
+    if devices.is_empty() {
+        return Ok(None);
+    }
     let kind = claim_kind(driver);
     let mut spec = Spec { cdi_version: CDI_VERSION, kind: kind.clone(), devices: Vec::new() };
     for (name, allocation) in devices {
@@ -205,7 +209,7 @@ pub fn write_claim_spec(
     let path = claim_spec_path(dir, driver, claim_uid);
     let text = serde_json::to_vec_pretty(&spec).map_err(|error| format!("cannot encode the CDI spec: {error}"))?;
     write_atomically(&path, &text).map_err(|error| format!("cannot write the CDI spec {}: {error}", path.display()))?;
-    Ok(path)
+    Ok(Some(path))
 }
 
 /// Removes the CDI spec of a claim; one already gone is no error.

@@ -130,6 +130,33 @@ fn the_demo_shows_registration_health_change_and_allocate_then_exits_cleanly() {
     assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/devhost.toml").is_file());
 }
 
+/// `devhost demo --dra`: the plugin watcher's registration, the slice with
+/// the demo GPUs' attributes, a claim prepared into a CDI spec, a health
+/// change on the stream and in the slice, unprepare; in plain words.
+#[test]
+fn the_dra_demo_tours_registration_slices_a_claim_and_health() {
+    let (code, text) = devhost(&["demo", "--dra"]);
+    assert_eq!(code, 0, "{text}");
+    for expected in [
+        "the kubelet chose v1.DRAPlugin",
+        "example.com/license registered on kubelet.sock as a device plugin",
+        "pool demo-node generation 1",
+        "   gpu-0    driverVersion=1.2.0 model=demo-9000 memory=16Gi",
+        "request \"gpu\": device gpu-0 → CDI k8s.gpu.example.com/claim=4f2c9a1e-demo-gpu",
+        "      environment  EXAMPLE_VISIBLE_DEVICES=gpu-0",
+        "      device node  /dev/null, seen in the container as /dev/example-gpu0",
+        "health stream: gpu-1 Unhealthy",
+        "pool demo-node generation 2",
+        "its CDI spec is removed",
+    ] {
+        assert!(text.contains(expected), "the DRA demo lacks {expected:?}:\n{text}");
+    }
+    let after_change = text.split("generation 2").nth(1).and_then(|rest| rest.split("5. Unprepare").next());
+    assert!(after_change.is_some_and(|slice| !slice.contains("gpu-1 ")), "gpu-1 left the slice: {text}");
+    assert!(text.contains("examples/dra/"), "{text}");
+    assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dra").is_dir());
+}
+
 /// The tour the demo suggests next, as typed (from the repository root).
 #[test]
 fn the_suggested_tour_of_the_example_config_runs() {

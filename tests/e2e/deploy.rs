@@ -1,7 +1,9 @@
 //! `deploy/` against the code: the image's installed paths, the DaemonSet's
 //! mounts, probes and ConfigMaps, and the Helm chart's values and templates
 //! must agree with devhost's defaults and be accepted by devhost's own
-//! config parser.
+//! config parser; what DRA needs (RBAC, NODE_NAME, the kubelet's plugin
+//! directories) is there; the DRA examples in examples/dra/ are valid and
+//! name devhost's drivers.
 //!
 //! The manifests are checked as the cluster gets them: the chart rendered by
 //! Helm itself (Helm 4 as a library, `helm-python-sdk`, offline, with its
@@ -15,7 +17,7 @@
 //! kubectl is not installed by scripts/setup (no registry here carries it):
 //! where it is missing, the kustomize renders are skipped and say so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use devhost::config::{BackendSource, HostConfig, Overrides, load_backends};
@@ -264,12 +266,17 @@ fn helm_full(python: &Path) -> Rendered {
 /// `kubernetes-validate --strict` for every minor version 1.29..1.37; the
 /// kinds it has no schema for (custom resources), or every failure.
 fn validate(python: &Path, rendered: &Rendered) -> Result<Vec<String>, String> {
+    validate_versions(python, rendered, "1.29", "1.37")
+}
+
+/// `kubernetes-validate --strict` for every minor version `from..=to`.
+fn validate_versions(python: &Path, rendered: &Rendered, from: &str, to: &str) -> Result<Vec<String>, String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("manifests.yaml");
     std::fs::write(&file, &rendered.text).expect("write manifests");
     let output = std::process::Command::new(python)
         .arg(repo("scripts/deploy-check"))
-        .args(["validate", "1.29", "1.37"])
+        .args(["validate", from, to])
         .arg(&file)
         .output()
         .expect("run scripts/deploy-check");
@@ -302,7 +309,9 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     let namespace = text(daemonset, &["metadata", "namespace"]);
     for doc in &rendered.docs {
         let kind = text(doc, &["kind"]);
-        if kind != "Namespace" {
+        if CLUSTER_SCOPED.contains(&kind.as_str()) {
+            assert!(at(doc, &["metadata"]).get("namespace").is_none(), "{what}: {kind} is cluster-scoped");
+        } else {
             assert_eq!(text(doc, &["metadata", "namespace"]), namespace, "{what}: {kind} in another namespace");
         }
     }
@@ -312,7 +321,13 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     assert!(selects(&selector, &pod_labels), "{what}: the DaemonSet's selector does not select its pods");
     let account = text(pod, &["serviceAccountName"]);
     rendered.named("ServiceAccount", &account);
-    assert_eq!(pod.get("automountServiceAccountToken").and_then(Value::as_bool), Some(false));
+    // The account's token is in the pod exactly when the account has rights
+    // to use it for (DRA's ClusterRole, bound to it).
+    assert_eq!(
+        token_mounted(rendered),
+        !granted(rendered, &namespace, &account).is_empty(),
+        "{what}: the token is mounted if and only if the account is bound to rules"
+    );
 
     let container = &list(pod, &["containers"])[0];
     assert!(
@@ -334,6 +349,11 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     let source = text(config_map, &["data", &key]);
     let host = HostConfig::parse(&config_path, &source, &Overrides::default())
         .unwrap_or_else(|error| panic!("{what}: devhost refuses the ConfigMap's {key}: {error}"));
+    // One devhost.toml for every node: a node name in it would be every
+    // node's (DRA takes it from NODE_NAME, set per pod).
+    let raw: toml::Table = source.parse().expect("TOML");
+    let dra = raw.get("dra").and_then(toml::Value::as_table);
+    assert!(dra.is_none_or(|dra| !dra.contains_key("node_name")), "{what}: [dra] node_name in a shared devhost.toml");
 
     // The kubelet's plugin directory: the same path on the host and inside.
     let plugin_dir = host.plugin_dir.to_str().expect("UTF-8");
@@ -415,6 +435,154 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     host
 }
 
+/// Kinds without a namespace.
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterRole", "ClusterRoleBinding"];
+
+/// What devhost asks of the API server for resources served through DRA
+/// (host/src/dra/publish.rs, prepare.rs): its ResourceSlices in full (they
+/// are cluster-scoped), the ResourceClaims it prepares and its Node (the
+/// slices' owner) read only.
+const DRA_RULES: &[(&str, &str, &[&str])] = &[
+    ("resource.k8s.io", "resourceslices", &["get", "list", "watch", "create", "update", "patch", "delete"]),
+    ("resource.k8s.io", "resourceclaims", &["get"]),
+    ("", "nodes", &["get"]),
+];
+
+/// (API group, resource, verb) triples.
+type Permissions = BTreeSet<(String, String, String)>;
+
+fn dra_rules() -> Permissions {
+    DRA_RULES
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(|verb| ((*group).to_owned(), (*resource).to_owned(), (*verb).to_owned()))
+        })
+        .collect()
+}
+
+/// The strings of a list-of-strings field, none if it is absent.
+fn strings(value: &Value, key: &str) -> Vec<String> {
+    value
+        .get(key)
+        .and_then(Value::as_sequence)
+        .map(|items| items.iter().map(|item| item.as_str().expect("a string").to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Everything the ClusterRoleBindings of `rendered` grant the ServiceAccount
+/// `namespace/account`. A rule narrowed to some resource names, or one for
+/// non-resource URLs, shows as such, so it never passes for a plain one.
+fn granted(rendered: &Rendered, namespace: &str, account: &str) -> Permissions {
+    let mut granted = Permissions::new();
+    for binding in rendered.all("ClusterRoleBinding") {
+        let subjects = binding.get("subjects").and_then(Value::as_sequence).map(Vec::as_slice).unwrap_or_default();
+        let is = |subject: &Value, key: &str, wanted: &str| subject.get(key).and_then(Value::as_str) == Some(wanted);
+        let ours =
+            |s: &Value| is(s, "kind", "ServiceAccount") && is(s, "name", account) && is(s, "namespace", namespace);
+        if !subjects.iter().any(ours) {
+            continue;
+        }
+        assert_eq!(text(binding, &["roleRef", "apiGroup"]), "rbac.authorization.k8s.io");
+        assert_eq!(text(binding, &["roleRef", "kind"]), "ClusterRole");
+        let role = rendered.named("ClusterRole", &text(binding, &["roleRef", "name"]));
+        for rule in list(role, &["rules"]) {
+            let narrowed = !strings(rule, "resourceNames").is_empty();
+            for verb in strings(rule, "verbs") {
+                for group in strings(rule, "apiGroups") {
+                    for resource in strings(rule, "resources") {
+                        let resource = if narrowed { format!("{resource} (some names only)") } else { resource };
+                        granted.insert((group.clone(), resource, verb.clone()));
+                    }
+                }
+                for url in strings(rule, "nonResourceURLs") {
+                    granted.insert(("(non-resource URL)".to_owned(), url, verb.clone()));
+                }
+            }
+        }
+    }
+    granted
+}
+
+/// Whether the DaemonSet's pods get their ServiceAccount's token: the pod's
+/// automountServiceAccountToken, else the account's, else yes.
+fn token_mounted(rendered: &Rendered) -> bool {
+    let pod = at(rendered.one("DaemonSet"), &["spec", "template", "spec"]);
+    let account = rendered.named("ServiceAccount", &text(pod, &["serviceAccountName"]));
+    pod.get("automountServiceAccountToken")
+        .or_else(|| account.get("automountServiceAccountToken"))
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+}
+
+/// What resources served through DRA need from a render, `host` being the
+/// settings devhost parses from its devhost.toml: exactly `DRA_RULES`,
+/// bound to the DaemonSet's ServiceAccount, whose token is in the pod (the
+/// in-cluster credentials: [dra] kubeconfig unset); NODE_NAME from
+/// spec.nodeName; the kubelet's plugins/ and plugins_registry/ under
+/// [dra] kubelet_root, writable, from the same host paths (DirectoryOrCreate).
+/// Every shortfall found; none when all is there.
+fn dra_problems(rendered: &Rendered, host: &HostConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let daemonset = rendered.one("DaemonSet");
+    let namespace = text(daemonset, &["metadata", "namespace"]);
+    let pod = at(daemonset, &["spec", "template", "spec"]);
+    let account = text(pod, &["serviceAccountName"]);
+    let granted = granted(rendered, &namespace, &account);
+    let wanted = dra_rules();
+    for missing in wanted.difference(&granted) {
+        problems.push(format!("{namespace}/{account} may not {missing:?}"));
+    }
+    for extra in granted.difference(&wanted) {
+        problems.push(format!("{namespace}/{account} may also {extra:?}, which DRA does not use"));
+    }
+    if !token_mounted(rendered) {
+        problems.push("the ServiceAccount's token is not mounted".to_owned());
+    }
+    if let Some(file) = &host.dra.kubeconfig {
+        problems.push(format!("[dra] kubeconfig = {}: the RBAC is the pod's own account's", file.display()));
+    }
+
+    let container = &list(pod, &["containers"])[0];
+    let env = container.get("env").and_then(Value::as_sequence).map(Vec::as_slice).unwrap_or_default();
+    let node_name = env.iter().find(|var| var.get("name").and_then(Value::as_str) == Some("NODE_NAME"));
+    let field = node_name
+        .and_then(|var| var.get("valueFrom"))
+        .and_then(|from| from.get("fieldRef"))
+        .and_then(|field| field.get("fieldPath"))
+        .and_then(Value::as_str);
+    if field != Some("spec.nodeName") {
+        problems.push(format!("NODE_NAME is not from the downward API's spec.nodeName: {node_name:?}"));
+    }
+
+    let volumes = list(pod, &["volumes"]);
+    let mounts = list(container, &["volumeMounts"]);
+    for dir in ["plugins", "plugins_registry"] {
+        let path = host.dra.kubelet_root.join(dir).display().to_string();
+        let Some(mount) = mounts.iter().find(|m| m.get("mountPath").and_then(Value::as_str) == Some(path.as_str()))
+        else {
+            problems.push(format!("nothing is mounted at {path}"));
+            continue;
+        };
+        if mount.get("readOnly").and_then(Value::as_bool) == Some(true) {
+            problems.push(format!("{path} is read only: devhost creates sockets there"));
+        }
+        let volume = volumes.iter().find(|volume| volume.get("name") == mount.get("name"));
+        let host_path = volume.and_then(|volume| volume.get("hostPath"));
+        let source = host_path.and_then(|h| h.get("path")).and_then(Value::as_str);
+        let kind = host_path.and_then(|h| h.get("type")).and_then(Value::as_str);
+        if source != Some(path.as_str()) || kind != Some("DirectoryOrCreate") || mount.get("subPath").is_some() {
+            problems.push(format!("{path} is not the host's {path} (DirectoryOrCreate): {mount:?} from {volume:?}"));
+        }
+    }
+    problems
+}
+
+/// A render has what resources served through DRA need (`dra_problems`).
+fn check_dra(rendered: &Rendered, host: &HostConfig) {
+    let problems = dra_problems(rendered, host);
+    assert!(problems.is_empty(), "{}: {problems:#?}", rendered.what);
+}
+
 /// A container image reference as the container runtime parses it: only a
 /// lowercase repository path can be pulled.
 fn pullable(image: &str) -> bool {
@@ -425,9 +593,10 @@ fn pullable(image: &str) -> bool {
 
 /// A render with default settings: agrees with the code, and with devhost's
 /// own defaults for the plugin directory, the metrics port, the priority
-/// class and seccomp.
+/// class and seccomp; and has what resources served through DRA need.
 fn check_defaults(rendered: &Rendered) {
     let host = check_against_code(rendered);
+    check_dra(rendered, &host);
     assert_eq!(host.plugin_dir, Path::new(devhost::proto::DEFAULT_PLUGIN_DIR));
     assert_eq!(host.metrics_address.map(|a| a.port()), Some(default_metrics_port()));
     let pod = at(rendered.one("DaemonSet"), &["spec", "template", "spec"]);
@@ -468,6 +637,22 @@ fn the_kustomization_renders_what_devhost_needs_and_nothing_pulls_until_the_imag
     let image = text(&list(pod, &["containers"])[0], &["image"]);
     assert_eq!(image, format!("registry.example.com/devhost:{}", env!("CARGO_PKG_VERSION")));
     assert!(pullable(&image));
+
+    // Moved to kube-system (the operator guide's way for clusters that
+    // admit system-node-critical pods only there), DRA's binding follows
+    // the ServiceAccount.
+    let moved = tempfile::tempdir().expect("temp dir");
+    let up = "../".repeat(moved.path().components().count() - 1);
+    let base = format!("{up}{}", repo("deploy/kubernetes").display().to_string().trim_start_matches('/'));
+    std::fs::write(
+        moved.path().join("kustomization.yaml"),
+        format!("namespace: kube-system\nresources:\n  - {base}\n"),
+    )
+    .expect("write overlay");
+    let Some(moved) = kustomize(moved.path()) else { return };
+    assert_eq!(text(moved.one("DaemonSet"), &["metadata", "namespace"]), "kube-system");
+    let host = check_against_code(&moved);
+    check_dra(&moved, &host);
 }
 
 #[test]
@@ -648,6 +833,11 @@ fn every_value_in_the_full_values_file_reaches_the_objects() {
     let host = check_against_code(&rendered);
     let values = &yaml_documents("deploy/helm/devhost/ci/full-values.yaml")[0];
     assert_eq!(host.plugin_dir, Path::new(&text(values, &["pluginDir"])));
+    // DRA's rights bound to the custom account, its mounts under the
+    // custom kubelet root (the parent of pluginDir, as devhost takes it).
+    assert_eq!(at(values, &["dra", "enabled"]).as_bool(), Some(true));
+    assert_eq!(Some(host.dra.kubelet_root.as_path()), host.plugin_dir.parent());
+    check_dra(&rendered, &host);
     let socket = host.pod_resources.socket.clone().expect("the PodResources client is on");
     assert_eq!(socket.parent(), Some(Path::new(&text(values, &["podResourcesDir"]))));
     assert_eq!(host.metrics_address.map(|a| u64::from(a.port())), at(values, &["metrics", "port"]).as_u64());
@@ -675,7 +865,10 @@ fn every_value_in_the_full_values_file_reaches_the_objects() {
     }
     assert_eq!(at(container, &["securityContext"]), at(values, &["securityContext"]));
     assert_eq!(at(container, &["resources"]), at(values, &["resources"]));
-    assert_eq!(at(container, &["env"]), at(values, &["extraEnv"]));
+    // extraEnv after devhost's own NODE_NAME.
+    let env = list(container, &["env"]);
+    assert_eq!(text(&env[0], &["name"]), "NODE_NAME");
+    assert_eq!(&env[1..], list(values, &["extraEnv"]).as_slice());
     assert_eq!(at(daemonset, &["spec", "updateStrategy"]), at(values, &["updateStrategy"]));
     let volume = &list(values, &["extraVolumes"])[0];
     assert!(list(pod, &["volumes"]).contains(volume));
@@ -759,6 +952,7 @@ fn the_chart_refuses_bad_values_naming_the_value() {
         ("structured.yaml", "backends:\n  gpu:\n    backend:\n      module: x.so\n", "/backends/gpu"),
         ("file-name.yaml", "backends:\n  \"../etc\": \"x\"\n", "../etc"),
         ("relative.yaml", "pluginDir: var/lib/kubelet\n", "/pluginDir"),
+        ("dra.yaml", "dra:\n  enabled: \"yes\"\n", "/dra/enabled"),
     ] {
         let message = refused(name, text);
         assert!(message.contains(names), "{name}: the message does not name {names}:\n{message}");
@@ -798,6 +992,191 @@ fn host_settings_roll_the_pods_and_backend_changes_reach_them_in_place() {
     assert!(volume(&after, "config").starts_with("devhost-config-"));
     assert_eq!(volume(&before, "backends"), "devhost-backends");
     assert_eq!(volume(&after, "backends"), "devhost-backends", "backends.d is reloaded in place");
+}
+
+/// Off (`dra.enabled: false`), the chart grants no API-server rights and
+/// mounts neither the token nor the kubelet's plugin directories; the rest
+/// still agrees with the code.
+#[test]
+fn the_chart_leaves_dras_rights_token_and_mounts_out_when_dra_is_off() {
+    let Some((python, dir, image)) = chart_inputs() else { return };
+    let off = values_file(&dir, "dra-off.yaml", "dra:\n  enabled: false\n");
+    let rendered = helm(&python, &[&image, &off]).unwrap_or_else(|error| panic!("{error}"));
+    let host = check_against_code(&rendered);
+    assert!(rendered.all("ClusterRole").is_empty() && rendered.all("ClusterRoleBinding").is_empty());
+    assert!(!token_mounted(&rendered), "no rights, no token");
+    let problems = dra_problems(&rendered, &host);
+    for expected in ["may not", "token is not mounted", "nothing is mounted at /var/lib/kubelet/plugins_registry"] {
+        assert!(problems.iter().any(|problem| problem.contains(expected)), "{expected}: {problems:#?}");
+    }
+    assert!(!problems.iter().any(|problem| problem.contains("NODE_NAME")), "NODE_NAME is set either way");
+}
+
+/// deploy/kubernetes's ServiceAccount, rbac.yaml and DaemonSet as written
+/// (no renderer needed) and passed through `edit`, and its devhost.toml as
+/// devhost parses it.
+fn plain_dra_manifests(edit: impl Fn(String) -> String) -> (Rendered, HostConfig) {
+    let files = ["serviceaccount.yaml", "rbac.yaml", "daemonset.yaml"];
+    let joined = files.iter().map(|file| format!("---\n{}\n", read(&format!("deploy/kubernetes/{file}"))));
+    let joined = edit(joined.collect());
+    let path = repo("deploy/kubernetes/devhost.toml");
+    let host = HostConfig::parse(&path, &read("deploy/kubernetes/devhost.toml"), &Overrides::default())
+        .unwrap_or_else(|error| panic!("{error}"));
+    (Rendered::new("deploy/kubernetes", joined, String::new()), host)
+}
+
+/// The DRA check is not vacuous: the plain manifests pass it, and a rule or
+/// verb taken away, one too many, the binding to another account, the
+/// token off, NODE_NAME from elsewhere, a mount moved or a hostPath that
+/// must already exist each fail it, saying what is wrong.
+#[test]
+fn the_dra_check_finds_a_missing_rule_an_unbound_account_or_a_missing_mount() {
+    let (rendered, host) = plain_dra_manifests(|text| text);
+    check_dra(&rendered, &host);
+    for (from, to, named) in [
+        ("\"update\", \"patch\", ", "\"update\", ", "\"resourceslices\", \"patch\""),
+        ("resources: [\"resourceclaims\"]", "resources: [\"resourceclaimz\"]", "\"resourceclaims\", \"get\""),
+        (
+            "resources: [\"nodes\"]\n    verbs: [\"get\"]",
+            "resources: [\"nodes\"]\n    verbs: [\"get\", \"list\"]",
+            "may also",
+        ),
+        ("  - kind: ServiceAccount\n    name: devhost\n", "  - kind: ServiceAccount\n    name: default\n", "may not"),
+        ("automountServiceAccountToken: true", "automountServiceAccountToken: false", "token"),
+        ("fieldPath: spec.nodeName", "fieldPath: metadata.name", "NODE_NAME"),
+        ("mountPath: /var/lib/kubelet/plugins_registry", "mountPath: /plugins_registry", "plugins_registry"),
+        (
+            "path: /var/lib/kubelet/plugins\n            type: DirectoryOrCreate",
+            "path: /var/lib/kubelet/plugins\n            type: Directory",
+            "DirectoryOrCreate",
+        ),
+    ] {
+        let edit = |text: String| {
+            assert_eq!(text.matches(from).count(), 1, "{from}");
+            text.replacen(from, to, 1)
+        };
+        let (broken, host) = plain_dra_manifests(edit);
+        let problems = dra_problems(&broken, &host);
+        assert!(problems.iter().any(|problem| problem.contains(named)), "{to}: {named} not found in {problems:#?}");
+    }
+}
+
+/// The files of examples/dra/ (a YAML text each) and their documents.
+fn dra_examples() -> (BTreeMap<String, String>, Vec<Value>) {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(repo("examples/dra")).expect("examples/dra") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|ext| ext == "yaml") {
+            files.insert(path.file_name().expect("name").to_string_lossy().into_owned(), read_path(&path));
+        }
+    }
+    let docs = files.iter().flat_map(|(name, text)| documents(name, text)).collect();
+    (files, docs)
+}
+
+/// The examples are valid `resource.k8s.io/v1` and `v1` objects for every
+/// Kubernetes minor that serves DRA's v1 (1.34 to 1.37), by Kubernetes' own
+/// strict schemas; the v1beta1 shape of a request (deviceClassName without
+/// `exactly`) is refused by each.
+#[test]
+fn the_dra_examples_are_valid_for_kubernetes_1_34_to_1_37() {
+    let Some(python) = deploy_python() else { return };
+    let (files, docs) = dra_examples();
+    for kind in ["DeviceClass", "ResourceClaimTemplate", "Pod"] {
+        let count = docs.iter().filter(|doc| doc.get("kind").and_then(Value::as_str) == Some(kind)).count();
+        assert_eq!(count, 2, "a {kind} for the static demo backend and one for NVIDIA");
+    }
+    let text: String = files.values().map(|text| format!("---\n{text}\n")).collect();
+    let examples = Rendered::new("examples/dra", text, String::new());
+    let unknown = validate_versions(&python, &examples, "1.34", "1.37").unwrap_or_else(|failures| panic!("{failures}"));
+    assert!(unknown.is_empty(), "validated, not skipped: {unknown:?}");
+
+    let from = "          exactly:\n            deviceClassName: gpu.example.com";
+    assert!(examples.text.contains(from), "{from}");
+    let v1beta1 = examples.text.replacen(from, "          deviceClassName: gpu.example.com", 1);
+    let failures = validate_versions(&python, &Rendered::new("v1beta1", v1beta1, String::new()), "1.34", "1.37")
+        .expect_err("refused");
+    for minor in 34..=37 {
+        assert!(failures.contains(&format!("Kubernetes 1.{minor}: ")), "1.{minor} not checked:\n{failures}");
+    }
+    assert!(failures.contains("deviceClassName"), "{failures}");
+}
+
+/// The examples fit together and fit devhost: each Pod's claims name one
+/// of its resourceClaims, made from a template here, whose requests name a
+/// DeviceClass here, which selects exactly the driver devhost derives from
+/// the README's backends.d settings (parsed by devhost): `gpu.example.com`
+/// for the static example.com/gpu, `gpu.nvidia.com` for the NVIDIA
+/// backend's nvidia.com/gpu. Nothing is left over.
+#[test]
+fn the_dra_examples_refer_to_each_other_and_to_devhosts_driver_names() {
+    let (_, docs) = dra_examples();
+    let of_kind = |kind: &str| -> Vec<&Value> {
+        docs.iter().filter(|doc| doc.get("kind").and_then(Value::as_str) == Some(kind)).collect()
+    };
+    let name = |doc: &Value| text(doc, &["metadata", "name"]);
+
+    // The README's TOML: the static backend file, and the lines added to
+    // the NVIDIA backend's file.
+    let readme = read("examples/dra/README.md");
+    let blocks: Vec<&str> =
+        readme.split("```toml\n").skip(1).map(|rest| rest.split_once("```").expect("a closed block").0).collect();
+    assert_eq!(blocks.len(), 2, "the static backend's file and the NVIDIA lines");
+    let nvidia = format!("{}\n{}", read("backends/nvidia/gpu.toml"), blocks[1]);
+    let mut drivers = BTreeSet::new();
+    for (file, source, resource) in
+        [("example.toml", blocks[0], "example.com/gpu"), ("gpu.toml", nvidia.as_str(), "nvidia.com/gpu")]
+    {
+        let backends = check_backends(&BTreeMap::from([(file.to_owned(), source.to_owned())]));
+        let settings = backends[0].resources.get(resource).unwrap_or_else(|| panic!("{file}: no {resource}"));
+        let driver = settings.dra_driver.clone().unwrap_or_else(|| panic!("{file}: {resource} is not served by DRA"));
+        assert_eq!(Some(&driver), devhost::dra::names::default_driver(resource).as_ref(), "the default name");
+        drivers.insert(driver);
+    }
+    assert!(read("backends/nvidia/gpu.toml").contains("resource = \"nvidia.com/gpu\""));
+
+    let mut selected = BTreeSet::new();
+    for class in of_kind("DeviceClass") {
+        let selectors = list(class, &["spec", "selectors"]);
+        assert_eq!(selectors.len(), 1, "{}", name(class));
+        let expression = text(&selectors[0], &["cel", "expression"]);
+        let driver = drivers
+            .iter()
+            .find(|driver| expression == format!("device.driver == \"{driver}\""))
+            .unwrap_or_else(|| panic!("{}: {expression} selects none of devhost's drivers {drivers:?}", name(class)));
+        assert_eq!(&name(class), driver, "a DeviceClass named after its driver");
+        selected.insert(driver.clone());
+    }
+    assert_eq!(selected, drivers, "a DeviceClass for each driver");
+
+    let classes: BTreeSet<String> = of_kind("DeviceClass").into_iter().map(name).collect();
+    let mut used_classes = BTreeSet::new();
+    for template in of_kind("ResourceClaimTemplate") {
+        for request in list(template, &["spec", "spec", "devices", "requests"]) {
+            let class = text(request, &["exactly", "deviceClassName"]);
+            assert!(classes.contains(&class), "{}: no DeviceClass {class}", name(template));
+            used_classes.insert(class);
+        }
+    }
+    assert_eq!(used_classes, classes, "every DeviceClass is claimed from");
+
+    let templates: BTreeSet<String> = of_kind("ResourceClaimTemplate").into_iter().map(name).collect();
+    let mut used_templates = BTreeSet::new();
+    for pod in of_kind("Pod") {
+        let mut claims = BTreeSet::new();
+        for claim in list(pod, &["spec", "resourceClaims"]) {
+            let template = text(claim, &["resourceClaimTemplateName"]);
+            assert!(templates.contains(&template), "{}: no ResourceClaimTemplate {template}", name(pod));
+            used_templates.insert(template);
+            claims.insert(text(claim, &["name"]));
+        }
+        for container in list(pod, &["spec", "containers"]) {
+            for claim in list(container, &["resources", "claims"]) {
+                assert!(claims.contains(&text(claim, &["name"])), "{}: no resourceClaims entry {claim:?}", name(pod));
+            }
+        }
+    }
+    assert_eq!(used_templates, templates, "every template is used by a pod");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -152,7 +152,8 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
         (device.request_names.as_slice(), device.pool_name.as_str(), device.device_name.as_str()),
         (&["gpus".to_owned()][..], "node-a", "gpu-1")
     );
-    assert_eq!(device.cdi_device_ids, ["k8s.gpu.example.com/claim=uid-1-gpus"]);
+    // The claim's own CDI device first, then the backend's (its cdi_kind).
+    assert_eq!(device.cdi_device_ids, ["k8s.gpu.example.com/claim=uid-1-gpus", "example.com/dev=gpu-1"]);
     let spec: Value = serde_json::from_str(&read(&dra.cdi_spec("uid-1"))).expect("CDI JSON");
     assert_eq!(spec["kind"], "k8s.gpu.example.com/claim");
     assert_eq!(spec["devices"][0]["name"], "uid-1-gpus");

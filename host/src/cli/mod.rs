@@ -45,6 +45,10 @@ enum Command {
         /// demo backend (e.g. examples/config-generic).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve the demo backend's GPUs through Dynamic Resource
+        /// Allocation, with a fake API server.
+        #[arg(long, conflicts_with = "config")]
+        dra: bool,
     },
     /// The fake kubelet, to watch a backend live: serves kubelet.sock in
     /// DIR, prints every registration and device list as it arrives, and
@@ -145,9 +149,9 @@ pub fn main() -> ExitCode {
             _log = init_logging(config.log_format, &config.log_level);
             runtime.block_on(run(config))
         }
-        Command::Demo { config } => {
+        Command::Demo { config, dra } => {
             _log = init_logging(LogFormat::Text, "warn");
-            runtime.block_on(crate::demo::run(config.as_deref()))
+            runtime.block_on(crate::demo::run(config.as_deref(), dra))
         }
         Command::List { config, json } => {
             _log = init_logging(LogFormat::Text, "warn");

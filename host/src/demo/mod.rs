@@ -13,6 +13,8 @@ use crate::config::{HostConfig, Overrides};
 use crate::fake_kubelet::FakeKubelet;
 use crate::proto::v1beta1;
 
+mod dra;
+
 const DEMO_BACKEND: &str = include_str!("demo.toml");
 const GPU: &str = "example.com/gpu";
 const LICENSE: &str = "example.com/license";
@@ -20,10 +22,12 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Runs the demo; any failure is printed and gives exit code 1. With a
 /// config directory, the tour runs over its backends instead of the
-/// built-in demo backend.
-pub async fn run(config: Option<&std::path::Path>) -> ExitCode {
+/// built-in demo backend; with `dra`, the demo backend's GPUs are served
+/// through DRA.
+pub async fn run(config: Option<&std::path::Path>, dra: bool) -> ExitCode {
     let result = match config {
         Some(dir) => tour(dir).await,
+        None if dra => dra::demo().await,
         None => demo().await,
     };
     match result {
@@ -35,29 +39,50 @@ pub async fn run(config: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
+/// A demo's temporary node: the kubelet's directories, a config directory
+/// and the health files of gpu-0 and gpu-1 (both Healthy).
+struct DemoNode {
+    root: tempfile::TempDir,
+    plugin_dir: std::path::PathBuf,
+    config_dir: std::path::PathBuf,
+    state_dir: std::path::PathBuf,
+}
+
+impl DemoNode {
+    fn new(prefix: &str) -> anyhow::Result<DemoNode> {
+        let root = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let plugin_dir = root.path().join("device-plugins");
+        let config_dir = root.path().join("config");
+        let state_dir = root.path().join("state");
+        for dir in [&plugin_dir, &config_dir.join("backends.d"), &state_dir] {
+            std::fs::create_dir_all(dir)?;
+        }
+        for device in ["gpu-0", "gpu-1"] {
+            std::fs::write(state_dir.join(format!("{device}.ok")), "")?;
+        }
+        Ok(DemoNode { root, plugin_dir, config_dir, state_dir })
+    }
+
+    /// The demo backend's text, its health files in this node.
+    fn backend_text(&self) -> String {
+        DEMO_BACKEND.replace("@STATE@", &self.state_dir.display().to_string())
+    }
+}
+
 async fn demo() -> anyhow::Result<()> {
-    let root = tempfile::Builder::new().prefix("devhost-demo-").tempdir()?;
-    let plugin_dir = root.path().join("device-plugins");
-    let config_dir = root.path().join("config");
-    let state_dir = root.path().join("state");
-    for dir in [&plugin_dir, &config_dir.join("backends.d"), &state_dir] {
-        std::fs::create_dir_all(dir)?;
-    }
-    for device in ["gpu-0", "gpu-1"] {
-        std::fs::write(state_dir.join(format!("{device}.ok")), "")?;
-    }
+    let node = DemoNode::new("devhost-demo-")?;
+    let DemoNode { root, plugin_dir, config_dir, state_dir } = &node;
     let backend_file = config_dir.join("backends.d/demo.toml");
-    let backend_text = DEMO_BACKEND.replace("@STATE@", &state_dir.display().to_string());
-    std::fs::write(&backend_file, &backend_text)?;
+    std::fs::write(&backend_file, node.backend_text())?;
 
     println!("devhost demo: devhost and a fake kubelet in one process, under {}.", root.path().display());
     println!("Nothing here touches this machine's kubelet or devices.\n");
     println!("The backend is devhost's built-in `static` one, from one file ({}):", backend_file.display());
     println!("{GPU} (gpu-0 on NUMA node 0, gpu-1 on node 1) and {LICENSE} (two seats).");
 
-    let kubelet = FakeKubelet::start(&plugin_dir).await?;
+    let kubelet = FakeKubelet::start(plugin_dir).await?;
     let mut config =
-        HostConfig::defaults(&config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
+        HostConfig::defaults(config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
     // Not this machine's kubelet: the demo's pods are imaginary.
     config.pod_resources.socket = None;
     let shutdown = CancellationToken::new();
@@ -140,7 +165,7 @@ async fn demo() -> anyhow::Result<()> {
     shutdown.cancel();
     daemon.await??;
     kubelet.stop().await;
-    let left = std::fs::read_dir(&plugin_dir)?.count();
+    let left = std::fs::read_dir(plugin_dir)?.count();
     step(
         7,
         "Shutdown",
@@ -149,6 +174,7 @@ async fn demo() -> anyhow::Result<()> {
     anyhow::ensure!(left == 0, "sockets left behind in {}", plugin_dir.display());
     println!("\nNext (put `cargo run --` in front if devhost is not on your PATH, as in the quick start):");
     println!("   devhost demo --config examples/config          the same tour over the example config directory");
+    println!("   devhost demo --dra                             the GPUs served through DRA instead");
     println!("   devhost run --config examples/config/devhost.toml --plugin-dir /tmp/devhost-plugins");
     println!("                                                  devhost serving, as on a node (Ctrl-C stops it)");
     Ok(())

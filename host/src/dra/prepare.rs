@@ -142,16 +142,29 @@ impl Preparer {
                 .allocate(&self.resource, ids)
                 .await
                 .map_err(|error| format!("the backend's allocate failed: {error}"))?;
-            let cdi_name = cdi::claim_device_name(&claim.uid, request);
-            let cdi_id = cdi::claim_device_id(&self.driver, &cdi_name);
-            cdi_devices.push((cdi_name, allocation));
+            // The backend's own CDI devices (NVIDIA's, say) are passed on;
+            // its edits go into the claim's spec.
+            let mut cdi_ids = allocation.cdi_devices.clone();
+            let has_edits =
+                !(allocation.envs.is_empty() && allocation.device_specs.is_empty() && allocation.mounts.is_empty());
+            if has_edits {
+                let cdi_name = cdi::claim_device_name(&claim.uid, request);
+                cdi_ids.insert(0, cdi::claim_device_id(&self.driver, &cdi_name));
+                cdi_devices.push((cdi_name, allocation));
+            }
+            if cdi_ids.is_empty() {
+                return Err(format!(
+                    "the backend's allocate answer for request {request:?} gives the container nothing \
+                     (no environment, device node, mount or CDI device)"
+                ));
+            }
             for (request, device, id) in results {
                 devices.push(PreparedDevice {
                     requests: vec![request.clone()],
                     pool: self.pool.clone(),
                     device: device.clone(),
                     id: id.clone(),
-                    cdi_ids: vec![cdi_id.clone()],
+                    cdi_ids: cdi_ids.clone(),
                 });
             }
         }
@@ -164,11 +177,13 @@ impl Preparer {
             // Unrecorded, it must not stay prepared: a restart would not
             // know to undo it.
             prepared.claims.remove(&claim.uid);
-            let _ = std::fs::remove_file(&spec);
+            if let Some(spec) = &spec {
+                let _ = std::fs::remove_file(spec);
+            }
             return Err(error.to_string());
         }
         tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name), uid = %claim.uid,
-            devices = devices.len(), spec = %spec.display(), "claim prepared");
+            devices = devices.len(), spec = %spec.as_deref().map(|p| p.display().to_string()).unwrap_or_default(), "claim prepared");
         Ok(devices.iter().map(answer).collect())
     }
 

@@ -36,6 +36,14 @@ app.kubernetes.io/component: device-plugin
 {{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end }}
 
+{{/*
+The kubelet's root directory: the parent of pluginDir, as devhost's
+[dra] kubelet_root defaults to.
+*/}}
+{{- define "devhost.kubeletRoot" -}}
+{{- dir (.Values.pluginDir | trimSuffix "/") -}}
+{{- end }}
+
 {{- define "devhost.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "devhost.fullname" .) .Values.serviceAccount.name }}
