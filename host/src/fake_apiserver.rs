@@ -162,6 +162,12 @@ impl FakeApiServer {
         store.slices.insert(name, slice);
     }
 
+    /// Deletes a ResourceSlice behind the client's back (as a restarted
+    /// kubelet deletes its node's slices); whether it was there.
+    pub fn delete_slice(&self, name: &str) -> bool {
+        self.store().slices.remove(name).is_some()
+    }
+
     /// Every ResourceSlice held, by name.
     pub fn slices(&self) -> BTreeMap<String, Value> {
         self.store().slices.clone()

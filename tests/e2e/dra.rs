@@ -17,12 +17,12 @@ use crate::harness::{Devhost, Node, WAIT, healthy_state, static_backend};
 
 const GPU_DRIVER: &str = "gpu.example.com";
 
-/// A node with a static backend serving `example.com/gpu` through DRA
-/// (gpu-0, gpu-1, healthy while their state files exist) and
-/// `example.com/nic` as a device plugin, a host config pointing devhost at
-/// `server` as node `node-a`, and the fake kubelet's two sides.
+/// A node with a backend serving one resource through DRA as `driver`, a
+/// host config pointing devhost at `server` as node `node-a`, and the fake
+/// kubelet's two sides.
 struct DraNode {
     node: Node,
+    driver: String,
     state: PathBuf,
     server: FakeApiServer,
     watcher: FakePluginWatcher,
@@ -30,6 +30,9 @@ struct DraNode {
 }
 
 impl DraNode {
+    /// The static backend: `example.com/gpu` (gpu-0, gpu-1, healthy while
+    /// their state files exist) through DRA, `example.com/nic` as a device
+    /// plugin.
     async fn start() -> DraNode {
         let node = Node::new();
         let state = healthy_state(node.dir.path(), &["gpu-0", "gpu-1"]);
@@ -37,6 +40,11 @@ impl DraNode {
             static_backend(&[("example.com/gpu", &["gpu-0", "gpu-1"]), ("example.com/nic", &["nic-0"])], Some(&state))
                 + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n";
         node.backend("mixed", &text);
+        DraNode::around(node, GPU_DRIVER, state).await
+    }
+
+    /// `node` (its backends written), serving `driver`.
+    async fn around(node: Node, driver: &str, state: PathBuf) -> DraNode {
         let server = FakeApiServer::start().await.expect("API server");
         server.add_node("node-a");
         let root = node.dir.path();
@@ -51,23 +59,23 @@ impl DraNode {
         // The kubelet root is the plugin directory's parent: the node's dir.
         let watcher = FakePluginWatcher::start(root, KUBELET_1_34).await.expect("plugin watcher");
         let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
-        DraNode { node, state, server, watcher, kubelet }
+        DraNode { node, driver: driver.to_owned(), state, server, watcher, kubelet }
     }
 
     fn cdi_spec(&self, uid: &str) -> PathBuf {
-        self.node.dir.path().join(format!("cdi/devhost-gpu.example.com-claim-{uid}.json"))
+        self.node.dir.path().join(format!("cdi/devhost-{}-claim-{uid}.json", self.driver))
     }
 
     fn checkpoint(&self) -> Value {
-        let path = self.node.dir.path().join("plugins/gpu.example.com/devhost-claims.json");
+        let path = self.node.dir.path().join(format!("plugins/{}/devhost-claims.json", self.driver));
         serde_json::from_slice(&std::fs::read(path).expect("checkpoint")).expect("JSON")
     }
 
-    /// The devices of the gpu pool's slices, and their generations.
+    /// The devices of the driver's slices, and their generations.
     fn published(&self) -> (Vec<String>, Vec<i64>) {
         let mut names = Vec::new();
         let mut generations = Vec::new();
-        for slice in self.server.slices().values().filter(|s| s["spec"]["driver"] == GPU_DRIVER) {
+        for slice in self.server.slices().values().filter(|s| s["spec"]["driver"] == self.driver.as_str()) {
             generations.push(slice["spec"]["pool"]["generation"].as_i64().expect("generation"));
             for device in slice["spec"]["devices"].as_array().into_iter().flatten() {
                 names.push(device["name"].as_str().expect("name").to_owned());
@@ -75,6 +83,16 @@ impl DraNode {
         }
         names.sort();
         (names, generations)
+    }
+
+    /// The driver's published device `name`.
+    fn device(&self, name: &str) -> Option<Value> {
+        self.server
+            .slices()
+            .into_values()
+            .filter(|s| s["spec"]["driver"] == self.driver.as_str())
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["name"] == name)
     }
 
     async fn until(&self, what: &str, devhost: &Devhost, mut ready: impl FnMut(&DraNode) -> bool) {
@@ -88,6 +106,24 @@ impl DraNode {
     fn claim_reads(&self) -> usize {
         self.server.requests().iter().filter(|r| r.path.contains("/resourceclaims/")).count()
     }
+
+    /// Prepares `claims`, retrying while the driver is (re)registering.
+    async fn prepare(
+        &self,
+        devhost: &Devhost,
+        claims: &[(&str, &str, &str)],
+    ) -> devhost::proto::dra::v1::NodePrepareResourcesResponse {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.watcher.prepare(&self.driver, claims).await {
+                Ok(answer) => return answer,
+                Err(error) => {
+                    assert!(tokio::time::Instant::now() < deadline, "never answered ({error}); log:\n{}", devhost.log())
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 fn kubeconfig_for(url: &str) -> String {
@@ -99,11 +135,14 @@ fn kubeconfig_for(url: &str) -> String {
 /// A ResourceClaim allocated `devices` (request, pool, device) of the gpu
 /// driver, as the scheduler leaves it.
 fn claim(name: &str, uid: &str, devices: &[(&str, &str, &str)]) -> Value {
+    claim_of(GPU_DRIVER, name, uid, devices)
+}
+
+/// A ResourceClaim allocated `devices` (request, pool, device) of `driver`.
+fn claim_of(driver: &str, name: &str, uid: &str, devices: &[(&str, &str, &str)]) -> Value {
     let results: Vec<Value> = devices
         .iter()
-        .map(
-            |(request, pool, device)| json!({"request": request, "driver": GPU_DRIVER, "pool": pool, "device": device}),
-        )
+        .map(|(request, pool, device)| json!({"request": request, "driver": driver, "pool": pool, "device": device}))
         .collect();
     json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
@@ -141,8 +180,16 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     dra.server.put_claim(json!({
         "metadata": {"namespace": "ml", "name": "pending", "uid": "uid-4"}, "spec": {"devices": {"requests": []}},
     }));
-    let batch =
-        [("ml", "uid-1", "one"), ("ml", "uid-2", "one"), ("ml", "uid-3", "elsewhere"), ("ml", "uid-4", "pending")];
+    dra.server.put_claim(claim("unknown", "uid-5", &[("gpus", "node-a", "gpu-7")]));
+    dra.server.put_claim(claim_of("nic.example.com", "theirs", "uid-6", &[("nics", "node-a", "nic-0")]));
+    let batch = [
+        ("ml", "uid-1", "one"),
+        ("ml", "uid-2", "one"),
+        ("ml", "uid-3", "elsewhere"),
+        ("ml", "uid-4", "pending"),
+        ("ml", "uid-5", "unknown"),
+        ("ml", "uid-6", "theirs"),
+    ];
     let answer = dra.watcher.prepare(GPU_DRIVER, &batch).await.expect("answered");
     let one = &answer.claims["uid-1"];
     assert_eq!(one.error, "", "{answer:?}");
@@ -165,6 +212,9 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     assert!(error("uid-2").contains("has UID \"uid-1\""), "{}", error("uid-2"));
     assert!(error("uid-3").contains("pool \"node-b\", not this node's pool \"node-a\""), "{}", error("uid-3"));
     assert!(error("uid-4").contains("not allocated"), "{}", error("uid-4"));
+    assert!(error("uid-5").contains("device gpu-7 is not (or no longer) published"), "{}", error("uid-5"));
+    assert!(error("uid-6").contains("no device of driver gpu.example.com"), "{}", error("uid-6"));
+    crate::sharing::assert_valid_cdi(&spec);
     assert!(!dra.cdi_spec("uid-3").exists());
     assert_eq!(dra.checkpoint()["claims"].as_object().expect("claims").keys().collect::<Vec<_>>(), ["uid-1"]);
 
@@ -173,6 +223,25 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     let again = dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-1", "one")]).await.expect("answered");
     assert_eq!(again.claims["uid-1"], *one);
     assert_eq!(dra.claim_reads(), reads, "answered from the checkpoint");
+
+    // A kubelet restart: it deletes the node's slices, then a new plugin
+    // watcher finds the registration socket and registers the driver
+    // again, and devhost publishes the slices again; a removed socket is
+    // served again.
+    let registered = |log: String| log.matches("registered with the kubelet as a DRA driver").count();
+    let before = registered(devhost.log());
+    dra.watcher.stop();
+    assert!(dra.server.delete_slice("node-a-gpu.example.com-0"), "the slice was there");
+    let watcher = FakePluginWatcher::start(dra.node.dir.path(), KUBELET_1_34).await.expect("watcher");
+    let dra = DraNode { watcher, ..dra };
+    dra.until("registered again after a kubelet restart", &devhost, |_| registered(devhost.log()) > before).await;
+    dra.until("the slice is published again", &devhost, |d| d.published().0 == ["gpu-0", "gpu-1"]).await;
+    std::fs::remove_file(dra.node.dir.path().join("plugins_registry/gpu.example.com-reg.sock")).expect("remove");
+    devhost.wait_for_log("the DRA plugin's sockets were removed").await;
+    dra.until("registered again after its socket was removed", &devhost, |_| registered(devhost.log()) > before + 1)
+        .await;
+    let again = dra.prepare(&devhost, &[("ml", "uid-1", "one")]).await;
+    assert_eq!(again.claims["uid-1"], *one, "the same answer after both");
 
     // Health: on the kubelet's stream at once, and in the slices.
     let mut health = dra.watcher.watch_health(GPU_DRIVER).await.expect("health stream");
@@ -189,7 +258,8 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
             break;
         }
     }
-    dra.until("the unhealthy device leaves the slices", &devhost, |d| d.published() == (vec!["gpu-1".into()], vec![2]))
+    // (Generation 3: the slice was published again after the kubelet's restart.)
+    dra.until("the unhealthy device leaves the slices", &devhost, |d| d.published() == (vec!["gpu-1".into()], vec![3]))
         .await;
 
     let undone =
@@ -200,7 +270,7 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     devhost.wait_for_log("claim unprepared").await;
 }
 
-/// A prepared claim survives a devhost restart: the new process answers
+/// A prepared claim survives a devhost SIGKILL: the new process answers
 /// the kubelet's repeat from the checkpoint even while the API server is
 /// unavailable, and unprepares it then.
 #[tokio::test(flavor = "multi_thread")]
@@ -220,18 +290,11 @@ async fn prepared_claims_survive_a_restart_without_the_api_server() {
         "one CDI device per request"
     );
 
-    devhost.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    devhost.stop_with(nix::sys::signal::Signal::SIGKILL).await;
     dra.server.set_unavailable(true);
     let devhost = dra.node.start_another_devhost("devhost-2.log");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let again = loop {
-        // The watcher follows the new process's sockets.
-        if let Ok(answer) = dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-2", "two")]).await {
-            break answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never answered again; log:\n{}", devhost.log());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    // The watcher follows the new process's sockets.
+    let again = dra.prepare(&devhost, &[("ml", "uid-2", "two")]).await;
     assert_eq!(again.claims["uid-2"], first.claims["uid-2"], "the same answer from the checkpoint");
     devhost.wait_for_log("could not publish the ResourceSlices").await;
     let undone = dra.watcher.unprepare(GPU_DRIVER, &[("ml", "uid-2", "two")]).await.expect("answered");
@@ -282,7 +345,7 @@ mod kubelet_plugin {
     }
 
     fn start(root: &Path, driver: &str, state: Arc<ResourceState>) -> DraPlugin {
-        DraPlugin::start(driver, "node-a", &DraPaths::new(root, driver), state, None, CancellationToken::new())
+        DraPlugin::start(driver, "node-a", &DraPaths::new(root, driver), state, None, None, CancellationToken::new())
             .expect("start")
     }
 
@@ -793,4 +856,154 @@ mod slice_publisher {
         assert!(pool(&server, DRIVER, "node-a").is_empty(), "{:?}", server.slices().keys());
         assert_eq!(server.slices().keys().collect::<Vec<_>>(), ["node-a-nic"], "another driver's slice stays");
     }
+}
+
+/// A native 1.1 module through DRA: its attributes and capacity in the
+/// slice, its allocate answer in the claim's CDI spec, and `release` on
+/// unprepare; a release that fails keeps the claim (the kubelet asks
+/// again) until one succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_native_module_is_served_through_dra_and_released_on_unprepare() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let module = crate::native_loader::compile_c(
+        &crate::harness::repo().join("tests/fixtures/native/attributes_1_1.c"),
+        &modules,
+    );
+    let (log, fail) = (node.dir.path().join("release.log"), node.dir.path().join("scrub-fails"));
+    node.backend(
+        "fixture",
+        &format!(
+            "[backend]\nmodule = {:?}\n[config]\nrelease_log = {:?}\nfail_while = {:?}\n[resources.\"fixture.example.com/gpu\"]\napi = \"dra\"\n",
+            module.display().to_string(),
+            log.display().to_string(),
+            fail.display().to_string()
+        ),
+    );
+    let dra = DraNode::around(node, "gpu.fixture.example.com", PathBuf::new()).await;
+    let devhost = dra.node.start_devhost();
+    dra.until("the slice is published", &devhost, |d| d.published().0 == ["fixture-0", "fixture-1"]).await;
+    let device = dra.device("fixture-0").expect("fixture-0");
+    assert_eq!(device["attributes"]["example.com/model"], json!({"string": "fixture-9000"}));
+    assert_eq!(device["attributes"]["driverVersion"], json!({"version": "550.54.15"}));
+    assert_eq!(device["capacity"]["example.com/memory"], json!({"value": "80Gi"}));
+
+    dra.server.put_claim(claim_of("gpu.fixture.example.com", "native", "uid-n", &[("gpu", "node-a", "fixture-1")]));
+    let answer = dra.prepare(&devhost, &[("ml", "uid-n", "native")]).await;
+    assert_eq!(answer.claims["uid-n"].error, "", "{answer:?}");
+    let spec: Value = serde_json::from_str(&read(&dra.cdi_spec("uid-n"))).expect("CDI JSON");
+    crate::sharing::assert_valid_cdi(&spec);
+    assert_eq!(spec["devices"][0]["containerEdits"]["env"], json!(["FIXTURE_DEVICE=fixture-1"]));
+
+    std::fs::write(&fail, "").expect("make release fail");
+    let claims = [("ml", "uid-n", "native")];
+    let failed = dra.watcher.unprepare(&dra.driver, &claims).await.expect("answered");
+    let error = &failed.claims["uid-n"].error;
+    assert!(error.contains("release failed") && error.contains("scrub failed"), "{error}");
+    assert!(dra.checkpoint()["claims"]["uid-n"].is_object(), "kept until released");
+    std::fs::remove_file(&fail).expect("let release succeed");
+    let undone = dra.watcher.unprepare(&dra.driver, &claims).await.expect("answered");
+    assert_eq!(undone.claims["uid-n"].error, "");
+    assert_eq!(read(&log), "fixture.example.com/gpu fixture-1\n", "released once, with the claim's device");
+    assert!(!dra.cdi_spec("uid-n").exists());
+}
+
+/// A WASM component through DRA: prepared, and released on unprepare (the
+/// example counts releases in an attribute, which reaches the slice).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasm_component_is_served_through_dra_and_released_on_unprepare() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let module = crate::wasm::component("devhost_example_wasm_rust", &modules);
+    let text = crate::wasm::wasm_file(
+        &module,
+        &node.dir.path().join("cache"),
+        "poll_interval_ms = 50",
+        "devices = 2\nrelease = true",
+    ) + "[resources.\"example.com/wasm-rust\"]\napi = \"dra\"\n";
+    node.backend("wasm", &text);
+    let dra = DraNode::around(node, "wasm-rust.example.com", PathBuf::new()).await;
+    let devhost = dra.node.start_devhost();
+    dra.until("the slice is published", &devhost, |d| d.published().0 == ["wasm-0", "wasm-1"]).await;
+    let releases =
+        |d: &DraNode| d.device("wasm-1").map(|device| device["attributes"]["example.com/releases"]["int"].clone());
+    assert_eq!(releases(&dra), Some(json!(0)));
+
+    dra.server.put_claim(claim_of("wasm-rust.example.com", "wasm", "uid-w", &[("gpu", "node-a", "wasm-1")]));
+    let answer = dra.prepare(&devhost, &[("ml", "uid-w", "wasm")]).await;
+    let prepared = &answer.claims["uid-w"];
+    assert_eq!(prepared.error, "", "{answer:?}");
+    assert_eq!(
+        prepared.devices[0].cdi_device_ids,
+        ["k8s.wasm-rust.example.com/claim=uid-w-gpu", "example.com/wasm=wasm-1"]
+    );
+    let spec: Value = serde_json::from_str(&read(&dra.cdi_spec("uid-w"))).expect("CDI JSON");
+    crate::sharing::assert_valid_cdi(&spec);
+    assert_eq!(spec["devices"][0]["containerEdits"]["env"], json!(["EXAMPLE_WASM_DEVICES=wasm-1"]));
+
+    let undone = dra.watcher.unprepare(&dra.driver, &[("ml", "uid-w", "wasm")]).await.expect("answered");
+    assert_eq!(undone.claims["uid-w"].error, "");
+    dra.until("the component counted the release", &devhost, |d| releases(d) == Some(json!(1))).await;
+}
+
+/// A backend that panics in allocate fails the claims it was asked for,
+/// each with its own error, while the batch is answered and a neighbour
+/// backend's resource keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_fault_during_prepare_fails_that_claim_only() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let module = crate::native_loader::rust_module("devhost_fixture_native_panic", &modules);
+    node.backend(
+        "panic",
+        &format!(
+            "[backend]\nmodule = {:?}\n[resources.\"fixture.example.com/panic\"]\napi = \"dra\"\n",
+            module.display().to_string()
+        ),
+    );
+    node.backend("nic", &static_backend(&[("example.com/nic", &["nic-0"])], None));
+    let dra = DraNode::around(node, "panic.fixture.example.com", PathBuf::new()).await;
+    let devhost = dra.node.start_devhost();
+    dra.kubelet.wait_for_registrations("example.com/nic", 1, WAIT).await.expect("the neighbour registers");
+    dra.until("the slice is published", &devhost, |d| d.published().0 == ["p-0", "p-1"]).await;
+    dra.server.put_claim(claim_of("panic.fixture.example.com", "boom", "uid-b", &[("gpu", "node-a", "p-0")]));
+    let answer = dra.prepare(&devhost, &[("ml", "uid-b", "boom"), ("ml", "uid-x", "boom")]).await;
+    let error = &answer.claims["uid-b"].error;
+    assert!(error.contains("allocate failed") && error.contains("exploded on purpose"), "{error}");
+    assert!(answer.claims["uid-x"].error.contains("has UID \"uid-b\""), "{answer:?}");
+    assert!(!dra.cdi_spec("uid-b").exists());
+    let nic = dra.kubelet.allocate("example.com/nic", &["nic-0"]).await.expect("the neighbour serves");
+    assert_eq!(nic.container_responses[0].envs["IDS"], "nic-0");
+    let again = dra.prepare(&devhost, &[("ml", "uid-b", "boom")]).await;
+    assert!(again.claims["uid-b"].error.contains("allocate failed"), "tried again, not remembered: {again:?}");
+}
+
+/// A resource moves between the device plugin API and DRA by editing its
+/// file: served one way at a time, each way in turn.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_moves_between_device_plugin_and_dra_by_hot_reload() {
+    let node = Node::new();
+    let plain = static_backend(&[("example.com/gpu", &["gpu-0"])], None);
+    node.backend("gpu", &plain);
+    let dra = DraNode::around(node, GPU_DRIVER, PathBuf::new()).await;
+    let devhost = dra.node.start_devhost();
+    dra.kubelet.wait_for_registrations("example.com/gpu", 1, WAIT).await.expect("a device plugin first");
+    assert!(dra.watcher.driver(GPU_DRIVER).is_none());
+
+    dra.node.backend("gpu", &(plain.clone() + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n"));
+    devhost.reload().await;
+    dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("then a DRA driver");
+    dra.until("the device plugin socket is gone", &devhost, |d| {
+        !d.node.sockets().iter().any(|s| s.contains("example.com_gpu"))
+    })
+    .await;
+    dra.until("the slice is published", &devhost, |d| d.published().0 == ["gpu-0"]).await;
+
+    dra.node.backend("gpu", &plain);
+    devhost.reload().await;
+    dra.kubelet.wait_for_registrations("example.com/gpu", 2, WAIT).await.expect("a device plugin again");
+    dra.until("the DRA driver is gone", &devhost, |d| d.watcher.driver(GPU_DRIVER).is_none()).await;
 }

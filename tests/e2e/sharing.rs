@@ -93,7 +93,7 @@ fn cdi_schema() -> serde_json::Value {
     schema
 }
 
-fn assert_valid_cdi(spec: &serde_json::Value) {
+pub(crate) fn assert_valid_cdi(spec: &serde_json::Value) {
     let validator = jsonschema::draft7::new(&cdi_schema()).expect("the CDI schema compiles");
     let errors: Vec<String> = validator.iter_errors(spec).map(|e| format!("{e} at {}", e.instance_path())).collect();
     assert!(errors.is_empty(), "spec is not valid CDI: {errors:?}\n{spec:#}");

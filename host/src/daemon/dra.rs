@@ -119,17 +119,24 @@ impl DraTask {
         };
         let mut publisher =
             SlicePublisher::new(client, &self.driver, &node, self.context.settings.device_taints, Pacing::default());
+        let resync = publisher.resync();
         let changes = self.state.subscribe();
         let publishing = self.shutdown.clone();
         let span = tracing::info_span!("slices", driver = %self.driver);
         let publish = tokio::spawn(async move { publisher.run(changes, publishing).await }.instrument(span));
-        self.serve_kubelet(&node, &paths, preparer).await;
+        self.serve_kubelet(&node, &paths, preparer, resync).await;
         let _ = publish.await;
     }
 
     /// Runs the kubelet plugin until shutdown, starting it again whenever
     /// its sockets are lost.
-    async fn serve_kubelet(&self, node: &str, paths: &DraPaths, preparer: Arc<Preparer>) {
+    async fn serve_kubelet(
+        &self,
+        node: &str,
+        paths: &DraPaths,
+        preparer: Arc<Preparer>,
+        resync: Arc<tokio::sync::Notify>,
+    ) {
         loop {
             let stop = self.shutdown.child_token();
             let plugin = match DraPlugin::start(
@@ -138,6 +145,7 @@ impl DraTask {
                 paths,
                 self.state.clone(),
                 Some(preparer.clone()),
+                Some(resync.clone()),
                 stop,
             ) {
                 Ok(plugin) => plugin,

@@ -85,6 +85,7 @@ impl DraPlugin {
         paths: &DraPaths,
         state: Arc<ResourceState>,
         preparer: Option<Arc<Preparer>>,
+        on_registered: Option<Arc<tokio::sync::Notify>>,
         stop: CancellationToken,
     ) -> std::io::Result<Self> {
         for socket in [&paths.service, &paths.registration] {
@@ -111,6 +112,7 @@ impl DraPlugin {
             driver: driver.to_owned(),
             endpoint: paths.service.display().to_string(),
             registered: registered.clone(),
+            on_registered,
         };
         let registration_task = tokio::spawn(
             tonic::transport::Server::builder()
@@ -164,6 +166,8 @@ struct RegistrationService {
     driver: String,
     endpoint: String,
     registered: Arc<AtomicBool>,
+    /// Told each time the kubelet registers the driver.
+    on_registered: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[tonic::async_trait]
@@ -185,6 +189,9 @@ impl Registration for RegistrationService {
         self.registered.store(status.plugin_registered, Ordering::SeqCst);
         if status.plugin_registered {
             tracing::info!(driver = %self.driver, endpoint = %self.endpoint, "registered with the kubelet as a DRA driver");
+            if let Some(notify) = &self.on_registered {
+                notify.notify_one();
+            }
         } else {
             tracing::error!(driver = %self.driver, reason = %status.error, "the kubelet refused the DRA driver");
         }

@@ -252,6 +252,10 @@ impl Preparer {
                 .ok_or_else(|| format!("device {} is not (or no longer) published by this driver", result.device))?;
             out.push((result.request.clone(), result.device.clone(), id));
         }
+        if out.is_empty() {
+            // The kubelet asks only the drivers an allocation names.
+            return Err(format!("no device of driver {} is allocated to the claim", self.driver));
+        }
         Ok(out)
     }
 }

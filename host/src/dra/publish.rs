@@ -13,6 +13,10 @@
 //!   before (by the driver label and the node), continues from the highest
 //!   generation found, keeps them as they are when they already say the
 //!   right thing, and otherwise replaces them and deletes the extra ones.
+//! * **What the server holds is read again** when the kubelet registers
+//!   the driver (a restarted kubelet deletes a node's slices of drivers
+//!   not yet back) and every five minutes, so slices someone deleted are
+//!   published again; a read that finds them right writes nothing.
 //! * **An unreachable API server blocks nothing else.** A failed round is
 //!   retried with back-off (1 s doubling to 30 s) on the newest state, the
 //!   next round reads the server afresh, and the kubelet side (health,
@@ -26,12 +30,15 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::slices::{self, DRIVER_LABEL, SliceSource};
 use crate::device_state::Snapshot;
+
+/// How often the server's slices are read again without a cause.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
 
 /// How gently the publisher writes.
 #[derive(Debug, Clone)]
@@ -85,6 +92,7 @@ pub struct SlicePublisher {
     generation: i64,
     writes: u64,
     progress: watch::Sender<Progress>,
+    resync: Arc<Notify>,
 }
 
 impl SlicePublisher {
@@ -103,7 +111,15 @@ impl SlicePublisher {
             generation: 0,
             writes: 0,
             progress: watch::Sender::new(Progress::default()),
+            resync: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified, the publisher reads the server's slices again and
+    /// publishes what is missing or wrong (the kubelet registered the
+    /// driver: a restarted kubelet deletes slices).
+    pub fn resync(&self) -> Arc<Notify> {
+        self.resync.clone()
     }
 
     /// Follows what the publisher does.
@@ -134,6 +150,8 @@ impl SlicePublisher {
                     self.report(None);
                     tokio::select! {
                         changed = state.changed() => if changed.is_err() { return },
+                        () = self.resync.notified() => self.held = None,
+                        () = tokio::time::sleep(RESYNC_EVERY) => self.held = None,
                         () = shutdown.cancelled() => return,
                     }
                 }
