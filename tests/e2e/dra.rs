@@ -907,6 +907,11 @@ async fn a_native_module_is_served_through_dra_and_released_on_unprepare() {
     assert_eq!(undone.claims["uid-n"].error, "");
     assert_eq!(read(&log), "fixture.example.com/gpu fixture-1\n", "released once, with the claim's device");
     assert!(!dra.cdi_spec("uid-n").exists());
+
+    // Stopping (a rolling update) leaves the slices for the next devhost.
+    let mut devhost = devhost;
+    devhost.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    assert_eq!(dra.published().0, ["fixture-0", "fixture-1"]);
 }
 
 /// A WASM component through DRA: prepared, and released on unprepare (the
@@ -1006,4 +1011,5 @@ async fn a_resource_moves_between_device_plugin_and_dra_by_hot_reload() {
     devhost.reload().await;
     dra.kubelet.wait_for_registrations("example.com/gpu", 2, WAIT).await.expect("a device plugin again");
     dra.until("the DRA driver is gone", &devhost, |d| d.watcher.driver(GPU_DRIVER).is_none()).await;
+    dra.until("its slices are deleted", &devhost, |d| d.published().0.is_empty()).await;
 }

@@ -58,6 +58,8 @@ pub struct Backends {
     failed: BTreeMap<PathBuf, Failed>,
     /// The config error last reported per file: a rescan does not repeat it.
     reported: BTreeMap<PathBuf, String>,
+    /// The DRA drivers served after the last reconcile.
+    dra_drivers: BTreeSet<String>,
 }
 
 /// A backend that did not start, and when to try it again.
@@ -180,6 +182,26 @@ impl Backends {
             let running = spawn_resources(config, module, handle, backend_stop, context);
             self.running.insert(file, running);
         }
+        // A driver no longer served (its file removed, or its resource
+        // moved to the device plugin API) takes its slices with it; one
+        // that only restarted (a changed file) is still served here.
+        let served = self.dra_drivers();
+        for driver in self.dra_drivers.difference(&served) {
+            context.dra.remove_slices(driver);
+        }
+        self.dra_drivers = served;
+    }
+
+    /// The DRA drivers of the running backends' resources.
+    fn dra_drivers(&self) -> BTreeSet<String> {
+        self.running
+            .values()
+            .flat_map(|running| {
+                running.handle.resources().iter().filter_map(|(spec, _)| {
+                    running.config.resources.get(&spec.name).and_then(|settings| settings.dra_driver.clone())
+                })
+            })
+            .collect()
     }
 
     /// Every resource served now.

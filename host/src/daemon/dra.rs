@@ -47,6 +47,22 @@ impl DraContext {
     }
 }
 
+impl DraContext {
+    /// Deletes the ResourceSlices of `driver` on this node, in the
+    /// background (the driver is no longer served here). A failure is
+    /// logged: the kubelet deletes them too once the driver is gone.
+    pub fn remove_slices(&self, driver: &str) {
+        let (Ok(client), Some(node)) = (&self.client, &self.settings.node_name) else { return };
+        let mut publisher = SlicePublisher::new(client.clone(), driver, node, false, Pacing::default());
+        let driver = driver.to_owned();
+        tokio::spawn(async move {
+            if let Err(error) = publisher.remove().await {
+                tracing::warn!(driver, %error, "cannot delete the ResourceSlices of a driver no longer served; the kubelet deletes them once it sees the driver gone");
+            }
+        });
+    }
+}
+
 async fn client(settings: &DraSettings) -> Result<kube::Client, String> {
     let config = match &settings.kubeconfig {
         Some(file) => {
