@@ -218,6 +218,18 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     assert!(!dra.cdi_spec("uid-3").exists());
     assert_eq!(dra.checkpoint()["claims"].as_object().expect("claims").keys().collect::<Vec<_>>(), ["uid-1"]);
 
+    // Operators see it in the metrics.
+    let (_, metrics) = crate::harness::http_get(&devhost.metrics_address().await, "/metrics").await;
+    for series in [
+        "devhost_dra_registered{driver=\"gpu.example.com\"} 1",
+        "devhost_dra_claims_prepared{driver=\"gpu.example.com\"} 1",
+        "devhost_dra_prepare_errors_total{driver=\"gpu.example.com\"} 5",
+        "devhost_dra_slices_up{driver=\"gpu.example.com\"} 1",
+        "devhost_dra_slice_writes_total{driver=\"gpu.example.com\"} 1",
+    ] {
+        assert!(metrics.lines().any(|line| line == series), "no {series:?} in:\n{metrics}");
+    }
+
     // The kubelet asks again: the same answer, without reading the claim.
     let reads = dra.claim_reads();
     let again = dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-1", "one")]).await.expect("answered");

@@ -142,6 +142,7 @@ impl DraTask {
         let publish = tokio::spawn(async move { publisher.run(changes, publishing).await }.instrument(span));
         self.serve_kubelet(&node, &paths, preparer, resync).await;
         let _ = publish.await;
+        crate::telemetry::global().dra().forget(&self.driver);
     }
 
     /// Runs the kubelet plugin until shutdown, starting it again whenever

@@ -187,6 +187,7 @@ impl Registration for RegistrationService {
     ) -> Result<Response<RegistrationStatusResponse>, Status> {
         let status = request.into_inner();
         self.registered.store(status.plugin_registered, Ordering::SeqCst);
+        crate::telemetry::global().dra().registered(&self.driver, status.plugin_registered);
         if status.plugin_registered {
             tracing::info!(driver = %self.driver, endpoint = %self.endpoint, "registered with the kubelet as a DRA driver");
             if let Some(notify) = &self.on_registered {

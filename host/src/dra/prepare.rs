@@ -70,6 +70,7 @@ impl Preparer {
         files: PreparerFiles,
     ) -> Result<Self, super::checkpoint::CheckpointError> {
         let prepared = Checkpoint::load(&files.checkpoint)?;
+        crate::telemetry::global().dra().claims_prepared(driver, prepared.claims.len());
         Ok(Preparer {
             driver: driver.to_owned(),
             resource: resource.to_owned(),
@@ -93,11 +94,13 @@ impl Preparer {
                 Err(why) => {
                     let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
                     tracing::warn!(driver = %self.driver, "cannot prepare {error}");
+                    crate::telemetry::global().dra().prepare_failed(&self.driver);
                     v1::NodePrepareResourceResponse { devices: Vec::new(), error }
                 }
             };
             claims.insert(claim.uid, answer);
         }
+        crate::telemetry::global().dra().claims_prepared(&self.driver, prepared.claims.len());
         v1::NodePrepareResourcesResponse { claims }
     }
 
@@ -116,6 +119,7 @@ impl Preparer {
             };
             claims.insert(claim.uid, v1::NodeUnprepareResourceResponse { error });
         }
+        crate::telemetry::global().dra().claims_prepared(&self.driver, prepared.claims.len());
         v1::NodeUnprepareResourcesResponse { claims }
     }
 

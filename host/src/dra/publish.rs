@@ -179,6 +179,8 @@ impl SlicePublisher {
 
     fn report(&self, error: Option<String>) {
         let (generation, writes) = (self.generation, self.writes);
+        let new_writes = writes.saturating_sub(self.progress.borrow().writes);
+        crate::telemetry::global().dra().published(&self.driver, new_writes, error.is_none());
         self.progress.send_modify(|progress| {
             if error.is_none() {
                 progress.rounds += 1;

@@ -17,7 +17,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::device_state::ResourceState;
+
+mod dra;
 use crate::model::Health;
+pub use dra::DraMetrics;
 
 pub mod http;
 
@@ -91,6 +94,7 @@ pub struct Telemetry {
     release_failures: Family<ResourceLabel, Counter>,
     release_seconds: Family<ResourceLabel, Histogram>,
     pod_resources_up: Gauge,
+    dra: DraMetrics,
     open_descriptors: Gauge,
     descriptor_limit: Gauge,
     resources: Mutex<Resources>,
@@ -214,6 +218,7 @@ impl Telemetry {
             "1 while the kubelet's PodResources API answers (who holds which device), 0 while it does not",
             pod_resources_up.clone(),
         );
+        let dra = DraMetrics::register(&mut registry);
         let open_descriptors = Gauge::default();
         registry.register("open_descriptors", "File descriptors devhost has open", open_descriptors.clone());
         let descriptor_limit = Gauge::default();
@@ -244,6 +249,7 @@ impl Telemetry {
             release_failures,
             release_seconds,
             pod_resources_up,
+            dra,
             open_descriptors,
             descriptor_limit,
             resources: Mutex::new(Resources::default()),
@@ -308,6 +314,11 @@ impl Telemetry {
         let counter = if ok { &self.releases } else { &self.release_failures };
         counter.get_or_create(&label).inc_by(u64::try_from(devices).unwrap_or(u64::MAX));
         self.release_seconds.get_or_create(&label).observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics of resources served through DRA.
+    pub fn dra(&self) -> &DraMetrics {
+        &self.dra
     }
 
     /// Whether the kubelet's PodResources API answered the last time.

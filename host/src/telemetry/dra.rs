@@ -1,0 +1,97 @@
+//! The metrics of resources served through DRA, one series per driver.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriverLabel {
+    driver: String,
+}
+
+/// `devhost_dra_*`.
+#[derive(Debug)]
+pub struct DraMetrics {
+    registered: Family<DriverLabel, Gauge>,
+    claims_prepared: Family<DriverLabel, Gauge>,
+    prepare_errors: Family<DriverLabel, Counter>,
+    slice_writes: Family<DriverLabel, Counter>,
+    slices_up: Family<DriverLabel, Gauge>,
+}
+
+impl DraMetrics {
+    /// The metrics, registered in `registry`.
+    pub(super) fn register(registry: &mut Registry) -> Self {
+        let metrics = DraMetrics {
+            registered: Family::default(),
+            claims_prepared: Family::default(),
+            prepare_errors: Family::default(),
+            slice_writes: Family::default(),
+            slices_up: Family::default(),
+        };
+        registry.register(
+            "dra_registered",
+            "1 while the kubelet has the DRA driver registered through its plugin watcher",
+            metrics.registered.clone(),
+        );
+        registry.register(
+            "dra_claims_prepared",
+            "Claims the DRA driver has prepared on this node (its checkpoint)",
+            metrics.claims_prepared.clone(),
+        );
+        registry.register(
+            "dra_prepare_errors",
+            "Claims NodePrepareResources answered with an error",
+            metrics.prepare_errors.clone(),
+        );
+        registry.register(
+            "dra_slice_writes",
+            "ResourceSlice creates, replaces and deletes that succeeded",
+            metrics.slice_writes.clone(),
+        );
+        registry.register(
+            "dra_slices_up",
+            "1 while the driver's ResourceSlices are in step with its devices, 0 while publishing fails",
+            metrics.slices_up.clone(),
+        );
+        metrics
+    }
+
+    fn label(driver: &str) -> DriverLabel {
+        DriverLabel { driver: driver.to_owned() }
+    }
+
+    /// Whether the kubelet has `driver` registered.
+    pub fn registered(&self, driver: &str, registered: bool) {
+        self.registered.get_or_create(&Self::label(driver)).set(i64::from(registered));
+    }
+
+    /// How many claims `driver` has prepared.
+    pub fn claims_prepared(&self, driver: &str, count: usize) {
+        self.claims_prepared.get_or_create(&Self::label(driver)).set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A claim `driver` could not prepare.
+    pub fn prepare_failed(&self, driver: &str) {
+        self.prepare_errors.get_or_create(&Self::label(driver)).inc();
+    }
+
+    /// A publishing round of `driver` ended: `writes` more writes, and
+    /// whether it succeeded.
+    pub fn published(&self, driver: &str, writes: u64, ok: bool) {
+        let label = Self::label(driver);
+        self.slice_writes.get_or_create(&label).inc_by(writes);
+        self.slices_up.get_or_create(&label).set(i64::from(ok));
+    }
+
+    /// `driver` is no longer served: its gauges go (counters stay, as
+    /// Prometheus expects of counters).
+    pub fn forget(&self, driver: &str) {
+        let label = Self::label(driver);
+        self.registered.remove(&label);
+        self.claims_prepared.remove(&label);
+        self.slices_up.remove(&label);
+    }
+}
