@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --bin devhost -p devhost-example-native-rust -p devhost-bench
 //! cargo build --release --target wasm32-wasip2 -p devhost-example-wasm-rust
-//! target/release/devhost-bench all        # or: floor allocate health restart idle scale isolation
+//! target/release/devhost-bench all        # or: floor allocate health restart idle scale isolation dra
 //! ```
 //!
 //! The `devhost` binary runs as a child process (the one next to this
@@ -32,6 +32,8 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+mod dra;
+
 const WAIT: Duration = Duration::from_secs(60);
 
 /// `DEVHOST_BENCH_SMOKE=1`: every loop runs a twentieth of its calls (at
@@ -53,7 +55,9 @@ fn main() -> Result<()> {
         return tokio::runtime::Runtime::new()?.block_on(floor_server(Path::new(socket)));
     }
     let which: Vec<&str> = match args.first().map(String::as_str) {
-        None | Some("all") => vec!["floor", "allocate", "health", "start", "restart", "idle", "scale", "isolation"],
+        None | Some("all") => {
+            vec!["floor", "allocate", "health", "start", "restart", "idle", "scale", "isolation", "dra"]
+        }
         Some(_) => args.iter().map(String::as_str).collect(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -70,8 +74,11 @@ fn main() -> Result<()> {
                 "idle" => idle(&mut table).await,
                 "scale" => scale(&mut table).await,
                 "isolation" => isolation(&mut table).await,
+                "dra" => dra::dra(&mut table).await,
                 other => {
-                    bail!("unknown benchmark {other}; known: floor allocate health start restart idle scale isolation")
+                    bail!(
+                        "unknown benchmark {other}; known: floor allocate health start restart idle scale isolation dra"
+                    )
                 }
             }
         })?;

@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn the_benchmarks_run() {
     let output = Command::new(env!("CARGO_BIN_EXE_devhost-bench"))
-        .args(["floor", "allocate", "health", "start", "restart"])
+        .args(["floor", "allocate", "health", "start", "restart", "dra"])
         .env("DEVHOST_BENCH_SMOKE", "1")
         // The debug devhost beside this test's binary, not a release one.
         .env("DEVHOST_BIN", bin_dir().join("devhost"))
@@ -17,7 +17,14 @@ fn the_benchmarks_run() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "devhost-bench failed:\n{stderr}");
     let table = String::from_utf8_lossy(&output.stdout);
-    for row in ["floor: bare tonic Allocate", "Allocate, static", "kubelet restart", "process start"] {
+    for row in [
+        "floor: bare tonic Allocate",
+        "Allocate, static",
+        "kubelet restart",
+        "process start",
+        "DRA NodePrepareResources, 8 claims a call",
+        "DRA: API-server writes while one device flaps",
+    ] {
         assert!(table.contains(row), "no {row:?} row in:\n{table}");
     }
 }
