@@ -1025,3 +1025,21 @@ async fn a_resource_moves_between_device_plugin_and_dra_by_hot_reload() {
     dra.until("the DRA driver is gone", &devhost, |d| d.watcher.driver(GPU_DRIVER).is_none()).await;
     dra.until("its slices are deleted", &devhost, |d| d.published().0.is_empty()).await;
 }
+
+/// With `[dra] device_taints = true` an Unhealthy device stays in the
+/// slice with a `NoSchedule` taint saying why, instead of leaving it.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_device_taints_an_unhealthy_device_is_published_tainted() {
+    let dra = DraNode::start().await;
+    let config = dra.node.config_file();
+    let text = std::fs::read_to_string(&config).expect("host config");
+    assert!(text.trim_end().ends_with(&format!("kubeconfig = {:?}", dra.node.dir.path().join("kubeconfig.yaml"))));
+    std::fs::write(&config, text + "device_taints = true\n").expect("host config");
+    std::fs::remove_file(dra.state.join("gpu-1.ok")).expect("make gpu-1 unhealthy");
+    let devhost = dra.node.start_devhost();
+    dra.until("both devices are published", &devhost, |d| d.published().0 == ["gpu-0", "gpu-1"]).await;
+    dra.until("gpu-1 is tainted", &devhost, |d| d.device("gpu-1").is_some_and(|gpu| gpu["taints"].is_array())).await;
+    let taint = &dra.device("gpu-1").expect("gpu-1")["taints"][0];
+    assert_eq!((taint["key"].as_str(), taint["effect"].as_str()), (Some("devhost.io/unhealthy"), Some("NoSchedule")));
+    assert!(dra.device("gpu-0").expect("gpu-0").get("taints").is_none_or(Value::is_null), "a healthy device has none");
+}
