@@ -1043,3 +1043,30 @@ async fn with_device_taints_an_unhealthy_device_is_published_tainted() {
     assert_eq!((taint["key"].as_str(), taint["effect"].as_str()), (Some("devhost.io/unhealthy"), Some("NoSchedule")));
     assert!(dra.device("gpu-0").expect("gpu-0").get("taints").is_none_or(Value::is_null), "a healthy device has none");
 }
+
+/// A claim is answered only once it is in the checkpoint: when the
+/// checkpoint cannot be written, every new claim of the batch fails with
+/// the reason and leaves no CDI spec; the kubelet's retry then succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_that_cannot_be_recorded_is_not_prepared() {
+    let dra = DraNode::start().await;
+    let devhost = dra.node.start_devhost();
+    dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
+    dra.server.put_claim(claim("a", "uid-a", &[("gpus", "node-a", "gpu-0")]));
+    dra.server.put_claim(claim("b", "uid-b", &[("gpus", "node-a", "gpu-1")]));
+    let checkpoint = dra.node.dir.path().join("plugins/gpu.example.com/devhost-claims.json");
+    // A directory where the file goes: the rename over it fails.
+    std::fs::create_dir_all(checkpoint.join("blocked")).expect("block the checkpoint");
+    let batch = [("ml", "uid-a", "a"), ("ml", "uid-b", "b")];
+    let answer = dra.watcher.prepare(GPU_DRIVER, &batch).await.expect("answered");
+    for uid in ["uid-a", "uid-b"] {
+        let claim = &answer.claims[uid];
+        assert!(claim.error.contains("DRA checkpoint") && claim.devices.is_empty(), "{claim:?}");
+        assert!(!dra.cdi_spec(uid).exists(), "no spec left for {uid}");
+    }
+    std::fs::remove_dir_all(&checkpoint).expect("unblock");
+    let answer = dra.watcher.prepare(GPU_DRIVER, &batch).await.expect("answered");
+    assert!(answer.claims.values().all(|claim| claim.error.is_empty()), "{answer:?}");
+    assert!(dra.cdi_spec("uid-a").exists() && dra.cdi_spec("uid-b").exists());
+    assert_eq!(dra.checkpoint()["claims"].as_object().expect("claims").len(), 2, "{}", devhost.log());
+}

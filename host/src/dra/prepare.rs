@@ -84,24 +84,56 @@ impl Preparer {
         })
     }
 
-    /// Answers a `NodePrepareResources` batch, claim by claim.
+    /// Answers a `NodePrepareResources` batch, claim by claim. The claims
+    /// new in the batch are recorded in the checkpoint with one write,
+    /// before any answer goes out; if that write fails, they are undone
+    /// and each is answered with the error.
     pub async fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
         let mut prepared = self.prepared.lock().await;
         let mut claims = std::collections::HashMap::new();
+        let mut new = Vec::new();
         for claim in request.claims {
             let answer = match self.prepare_claim(&mut prepared, &claim).await {
-                Ok(devices) => v1::NodePrepareResourceResponse { devices, error: String::new() },
-                Err(why) => {
-                    let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
-                    tracing::warn!(driver = %self.driver, "cannot prepare {error}");
-                    crate::telemetry::global().dra().prepare_failed(&self.driver);
-                    v1::NodePrepareResourceResponse { devices: Vec::new(), error }
+                Ok((devices, fresh)) => {
+                    if fresh {
+                        new.push(claim.clone());
+                    }
+                    v1::NodePrepareResourceResponse { devices, error: String::new() }
                 }
+                Err(why) => self.refused(&claim, &why),
             };
             claims.insert(claim.uid, answer);
         }
+        if !new.is_empty() {
+            match prepared.save(&self.checkpoint_path) {
+                Ok(()) => {
+                    for claim in &new {
+                        tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name),
+                            uid = %claim.uid, "claim prepared");
+                    }
+                }
+                Err(error) => {
+                    // Unrecorded, they must not stay prepared: a restart
+                    // would not know to undo them.
+                    for claim in &new {
+                        prepared.claims.remove(&claim.uid);
+                        let _ = cdi::remove_claim_spec(&self.cdi_dir, &self.driver, &claim.uid);
+                        claims.insert(claim.uid.clone(), self.refused(claim, &error.to_string()));
+                    }
+                }
+            }
+        }
         crate::telemetry::global().dra().claims_prepared(&self.driver, prepared.claims.len());
         v1::NodePrepareResourcesResponse { claims }
+    }
+
+    /// The answer for a claim that could not be prepared, logged and
+    /// counted.
+    fn refused(&self, claim: &v1::Claim, why: &str) -> v1::NodePrepareResourceResponse {
+        let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+        tracing::warn!(driver = %self.driver, "cannot prepare {error}");
+        crate::telemetry::global().dra().prepare_failed(&self.driver);
+        v1::NodePrepareResourceResponse { devices: Vec::new(), error }
     }
 
     /// Answers a `NodeUnprepareResources` batch, claim by claim.
@@ -123,11 +155,17 @@ impl Preparer {
         v1::NodeUnprepareResourcesResponse { claims }
     }
 
-    async fn prepare_claim(&self, prepared: &mut Checkpoint, claim: &v1::Claim) -> Result<Vec<v1::Device>, String> {
+    /// The claim's devices, and whether it was prepared just now (it is
+    /// then in `prepared`, not yet saved).
+    async fn prepare_claim(
+        &self,
+        prepared: &mut Checkpoint,
+        claim: &v1::Claim,
+    ) -> Result<(Vec<v1::Device>, bool), String> {
         if let Some(done) = prepared.claims.get(&claim.uid) {
             // Prepared before (the kubelet repeats itself after restarts):
             // the same answer, without the API server or the backend.
-            return Ok(done.devices.iter().map(answer).collect());
+            return Ok((done.devices.iter().map(answer).collect(), false));
         }
         let object = self.read_claim(claim).await?;
         let results = self.results(&object)?;
@@ -172,23 +210,13 @@ impl Preparer {
                 });
             }
         }
-        let spec = cdi::write_claim_spec(&self.cdi_dir, &self.driver, &claim.uid, &cdi_devices)?;
+        cdi::write_claim_spec(&self.cdi_dir, &self.driver, &claim.uid, &cdi_devices)?;
+        let answers = devices.iter().map(answer).collect();
         prepared.claims.insert(
             claim.uid.clone(),
-            PreparedClaim { namespace: claim.namespace.clone(), name: claim.name.clone(), devices: devices.clone() },
+            PreparedClaim { namespace: claim.namespace.clone(), name: claim.name.clone(), devices },
         );
-        if let Err(error) = prepared.save(&self.checkpoint_path) {
-            // Unrecorded, it must not stay prepared: a restart would not
-            // know to undo it.
-            prepared.claims.remove(&claim.uid);
-            if let Some(spec) = &spec {
-                let _ = std::fs::remove_file(spec);
-            }
-            return Err(error.to_string());
-        }
-        tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name), uid = %claim.uid,
-            devices = devices.len(), spec = %spec.as_deref().map(|p| p.display().to_string()).unwrap_or_default(), "claim prepared");
-        Ok(devices.iter().map(answer).collect())
+        Ok((answers, true))
     }
 
     async fn unprepare_claim(&self, prepared: &mut Checkpoint, uid: &str) -> Result<(), String> {
