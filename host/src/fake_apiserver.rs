@@ -58,6 +58,7 @@ struct Store {
     claims: BTreeMap<(String, String), Value>,
     nodes: BTreeMap<String, Value>,
     unavailable: bool,
+    hanging: bool,
     log: Vec<Request>,
 }
 
@@ -178,7 +179,13 @@ impl FakeApiServer {
         self.store().unavailable = unavailable;
     }
 
-    /// Every request answered so far, in order.
+    /// While `true`, requests get no answer at all (a hung server); they
+    /// are logged with status 0 when they arrive.
+    pub fn set_hanging(&self, hanging: bool) {
+        self.store().hanging = hanging;
+    }
+
+    /// Every request so far, in order (those left hanging with status 0).
     pub fn requests(&self) -> Vec<Request> {
         self.store().log.clone()
     }
@@ -189,7 +196,16 @@ async fn gate(State(store): State<Shared>, request: axum::extract::Request, next
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
     let at = Instant::now();
-    let unavailable = store.lock().unwrap_or_else(PoisonError::into_inner).unavailable;
+    let (unavailable, hanging) = {
+        let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+        if store.hanging {
+            store.log.push(Request { method: method.clone(), path: path.clone(), status: 0, at });
+        }
+        (store.unavailable, store.hanging)
+    };
+    if hanging {
+        return std::future::pending().await;
+    }
     let response = if unavailable {
         status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "the server is unavailable (fault injected)")
     } else {

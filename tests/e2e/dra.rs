@@ -847,6 +847,20 @@ mod slice_publisher {
         running.stop().await;
     }
 
+    /// A server that takes requests and never answers: stopping the
+    /// publisher does not wait for it (a backend reload or a shutdown
+    /// would otherwise hang behind the API server).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_hung_api_server_never_holds_up_a_stop() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        server.set_hanging(true);
+        let running = start(&server, &state(gpus(2)), Pacing::default());
+        until("a request is left hanging", || server.requests().iter().any(|r| r.status == 0)).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(5), running.stop()).await;
+        assert!(stopped.is_ok(), "the stop waited for the hung server");
+    }
+
     /// `remove` deletes the pool and nothing else.
     #[tokio::test(flavor = "multi_thread")]
     async fn remove_deletes_the_pool_only() {

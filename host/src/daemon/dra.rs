@@ -75,11 +75,7 @@ async fn client(settings: &DraSettings) -> Result<kube::Client, String> {
         None => kube::Config::incluster()
             .map_err(|error| format!("no in-cluster API-server access (and no [dra] kubeconfig): {error}"))?,
     };
-    let mut config = config;
-    // Callers retry with their own back-off (the publisher on the newest
-    // state; the kubelet repeats a failed prepare), not kube-rs's.
-    config.default_retry = false;
-    kube::Client::try_from(config).map_err(|error| format!("API-server client: {error}"))
+    crate::dra::api_client(config)
 }
 
 /// Everything one DRA resource's task needs.

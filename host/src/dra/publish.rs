@@ -139,7 +139,13 @@ impl SlicePublisher {
                 () = shutdown.cancelled() => return,
             }
             let snapshot = state.borrow_and_update().clone();
-            match self.round(&snapshot).await {
+            // A hung API server holds a round for at most the client's
+            // timeout, and never holds up a stop.
+            let round = tokio::select! {
+                round = self.round(&snapshot) => round,
+                () = shutdown.cancelled() => return,
+            };
+            match round {
                 Ok(wrote) => {
                     backoff = self.pacing.backoff_start;
                     if wrote {
@@ -312,8 +318,5 @@ fn unchanged(held: &BTreeMap<String, ResourceSlice>, desired: &[ResourceSlice]) 
 /// credentials: the fake API server of the tests and the demo).
 pub fn client_for_url(url: &str) -> Result<kube::Client, String> {
     let uri = url.parse().map_err(|error| format!("{url}: not a URL: {error}"))?;
-    let mut config = kube::Config::new(uri);
-    // The publisher retries with its own back-off, on the newest state.
-    config.default_retry = false;
-    kube::Client::try_from(config).map_err(|error| format!("{url}: {error}"))
+    super::api_client(kube::Config::new(uri))
 }
