@@ -168,7 +168,10 @@ async fn prepare(table: &mut Table) -> Result<()> {
     table.row(
         "DRA NodePrepareResources, 8 claims a call",
         dist(&batches),
-        format!("{} calls of 8 new claims (prepared one after another, one checkpoint write each)", batches.len()),
+        format!(
+            "{} calls of 8 new claims (prepared one after another, recorded with one checkpoint write a call)",
+            batches.len()
+        ),
     );
     Ok(())
 }
