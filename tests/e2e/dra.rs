@@ -168,6 +168,7 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     dra.kubelet.wait_for_registrations("example.com/nic", 1, WAIT).await.expect("the neighbour registers");
     let registration = dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
     assert_eq!(registration.service, "v1.DRAPlugin");
+    devhost.wait_until_ready().await;
     assert!(dra.kubelet.devices("example.com/gpu").is_none(), "served through the device plugin API");
     assert_eq!(dra.node.sockets().iter().filter(|s| s.contains("example.com_gpu")).count(), 0);
     dra.until("the slices are published", &devhost, |d| {
@@ -331,6 +332,10 @@ async fn a_dra_resource_without_api_server_access_says_so_and_its_neighbours_ser
     kubelet.wait_for_registrations("example.com/nic", 1, WAIT).await.expect("the neighbour registers");
     devhost.wait_for_log("api = \"dra\" needs the API server").await;
     assert!(devhost.log().contains("no in-cluster API-server access"), "{}", devhost.log());
+    // Not ready: a rolling update stops here instead of replacing a pod
+    // that serves the driver.
+    let (code, body) = crate::harness::http_get(&devhost.metrics_address().await, "/readyz").await;
+    assert!(code == 503 && body.contains("DRA driver gpu.example.com"), "{code} {body}");
     assert!(kubelet.devices("example.com/gpu").is_none(), "served through the device plugin API");
 }
 

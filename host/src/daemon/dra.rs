@@ -95,8 +95,18 @@ pub struct DraTask {
 }
 
 impl DraTask {
-    /// Serves the driver until shutdown.
+    /// Serves the driver until shutdown. A driver that cannot be served
+    /// (no node name, no API access, an unreadable checkpoint) keeps the
+    /// pod not ready until then, as an unregistered resource does.
     pub async fn run(self) {
+        let metrics = crate::telemetry::global().dra();
+        metrics.serve(&self.driver);
+        self.serve().await;
+        self.shutdown.cancelled().await;
+        metrics.forget(&self.driver);
+    }
+
+    async fn serve(&self) {
         let Some(node) = self.context.settings.node_name.clone() else {
             tracing::error!(driver = %self.driver, "api = \"dra\" needs this node's name: set NODE_NAME (the downward API's spec.nodeName) or [dra] node_name; the resource is not served");
             return;
@@ -138,7 +148,6 @@ impl DraTask {
         let publish = tokio::spawn(async move { publisher.run(changes, publishing).await }.instrument(span));
         self.serve_kubelet(&node, &paths, preparer, resync).await;
         let _ = publish.await;
-        crate::telemetry::global().dra().forget(&self.driver);
     }
 
     /// Runs the kubelet plugin until shutdown, starting it again whenever
@@ -181,6 +190,7 @@ impl DraTask {
                 }
                 if plugin.sockets_lost() {
                     tracing::warn!(driver = %self.driver, "the DRA plugin's sockets were removed; serving them again so the kubelet registers the driver anew");
+                    crate::telemetry::global().dra().registered(&self.driver, false);
                     plugin.stop().await;
                     break;
                 }

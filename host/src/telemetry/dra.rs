@@ -1,4 +1,8 @@
-//! The metrics of resources served through DRA, one series per driver.
+//! The metrics of resources served through DRA, one series per driver,
+//! and which drivers the kubelet has not registered (for `/readyz`).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +23,8 @@ pub struct DraMetrics {
     prepare_errors: Family<DriverLabel, Counter>,
     slice_writes: Family<DriverLabel, Counter>,
     slices_up: Family<DriverLabel, Gauge>,
+    /// Drivers served now, and whether the kubelet has them registered.
+    serving: Mutex<BTreeMap<String, bool>>,
 }
 
 impl DraMetrics {
@@ -30,6 +36,7 @@ impl DraMetrics {
             prepare_errors: Family::default(),
             slice_writes: Family::default(),
             slices_up: Family::default(),
+            serving: Mutex::default(),
         };
         registry.register(
             "dra_registered",
@@ -63,9 +70,27 @@ impl DraMetrics {
         DriverLabel { driver: driver.to_owned() }
     }
 
+    fn serving(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, bool>> {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `driver` is served from now on (not registered yet).
+    pub fn serve(&self, driver: &str) {
+        self.serving().insert(driver.to_owned(), false);
+        self.registered.get_or_create(&Self::label(driver)).set(0);
+    }
+
     /// Whether the kubelet has `driver` registered.
     pub fn registered(&self, driver: &str, registered: bool) {
+        if let Some(known) = self.serving().get_mut(driver) {
+            *known = registered;
+        }
         self.registered.get_or_create(&Self::label(driver)).set(i64::from(registered));
+    }
+
+    /// The drivers served but not registered with the kubelet.
+    pub fn unregistered(&self) -> Vec<String> {
+        self.serving().iter().filter(|(_, registered)| !**registered).map(|(driver, _)| driver.clone()).collect()
     }
 
     /// How many claims `driver` has prepared.
@@ -89,6 +114,7 @@ impl DraMetrics {
     /// `driver` is no longer served: its gauges go (counters stay, as
     /// Prometheus expects of counters).
     pub fn forget(&self, driver: &str) {
+        self.serving().remove(driver);
         let label = Self::label(driver);
         self.registered.remove(&label);
         self.claims_prepared.remove(&label);

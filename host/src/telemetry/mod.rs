@@ -419,18 +419,16 @@ impl Telemetry {
     }
 
     /// Ready once every backend file has been tried and every resource
-    /// served is registered with the kubelet; otherwise why not.
+    /// served is registered with the kubelet (through the plugin watcher
+    /// for DRA drivers); otherwise why not.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
             return Err("starting: backends are still loading".to_owned());
         }
         let resources = self.resources();
-        let missing: Vec<&str> = resources
-            .configured
-            .keys()
-            .filter(|name| !resources.registered.contains(*name))
-            .map(String::as_str)
-            .collect();
+        let mut missing: Vec<String> =
+            resources.configured.keys().filter(|name| !resources.registered.contains(*name)).cloned().collect();
+        missing.extend(self.dra.unregistered().into_iter().map(|driver| format!("DRA driver {driver}")));
         if missing.is_empty() { Ok(()) } else { Err(format!("not registered: {}", missing.join(", "))) }
     }
 
