@@ -249,7 +249,10 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     let dra = DraNode { watcher, ..dra };
     dra.until("registered again after a kubelet restart", &devhost, |_| registered(devhost.log()) > before).await;
     dra.until("the slice is published again", &devhost, |d| d.published().0 == ["gpu-0", "gpu-1"]).await;
-    std::fs::remove_file(dra.node.dir.path().join("plugins_registry/gpu.example.com-reg.sock")).expect("remove");
+    let socket = dra.watcher.driver(GPU_DRIVER).expect("registered").socket;
+    let name = socket.file_name().and_then(|n| n.to_str()).expect("a name").to_owned();
+    assert!(name.starts_with("gpu.example.com-") && name.ends_with("-reg.sock"), "this instance's own: {name}");
+    std::fs::remove_file(&socket).expect("remove");
     devhost.wait_for_log("the DRA plugin's sockets were removed").await;
     dra.until("registered again after its socket was removed", &devhost, |_| registered(devhost.log()) > before + 1)
         .await;
@@ -1088,4 +1091,45 @@ async fn a_claim_that_cannot_be_recorded_is_not_prepared() {
     assert!(answer.claims.values().all(|claim| claim.error.is_empty()), "{answer:?}");
     assert!(dra.cdi_spec("uid-a").exists() && dra.cdi_spec("uid-b").exists());
     assert_eq!(dra.checkpoint()["claims"].as_object().expect("claims").len(), 2, "{}", devhost.log());
+}
+
+/// A rolling update: the new devhost serves beside the old one, each on its
+/// own sockets (registered side by side, as kubelets from 1.33 do), and a
+/// claim one of them prepared while both ran is unprepared by the other
+/// after the first stopped: the checkpoint they share is read afresh under
+/// a lock, so the CDI spec goes and `release` runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_update_shares_prepared_claims_between_the_two_devhosts() {
+    let dra = DraNode::start().await;
+    let first = dra.node.start_devhost();
+    dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the first registers");
+    let second = dra.node.start_another_devhost("devhost-2.log");
+    second.wait_for_log("registered with the kubelet as a DRA driver").await;
+    let sockets = std::fs::read_dir(dra.node.dir.path().join("plugins_registry")).expect("registry").count();
+    assert_eq!(sockets, 2, "each devhost its own registration socket");
+
+    dra.server.put_claim(claim("r", "uid-r", &[("gpus", "node-a", "gpu-0")]));
+    let answer = dra.prepare(&first, &[("ml", "uid-r", "r")]).await;
+    assert_eq!(answer.claims["uid-r"].error, "");
+    assert!(dra.cdi_spec("uid-r").exists());
+    let logged = |devhost: &Devhost| devhost.log().contains("claim prepared");
+    dra.until("one of them logged the claim", &first, |_| logged(&first) || logged(&second)).await;
+    let (mut preparer, survivor) =
+        if first.log().contains("claim prepared") { (first, second) } else { (second, first) };
+    preparer.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    dra.until("only the survivor is registered", &survivor, |d| {
+        std::fs::read_dir(d.node.dir.path().join("plugins_registry")).map(|dir| dir.count()).unwrap_or(0) == 1
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let undone = loop {
+        match dra.watcher.unprepare(GPU_DRIVER, &[("ml", "uid-r", "r")]).await {
+            Ok(undone) => break undone,
+            Err(error) => assert!(tokio::time::Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(undone.claims["uid-r"].error, "");
+    assert!(!dra.cdi_spec("uid-r").exists(), "the survivor knew the claim and removed its spec:\n{}", survivor.log());
+    survivor.wait_for_log("claim unprepared").await;
 }

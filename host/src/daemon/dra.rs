@@ -35,15 +35,17 @@ pub struct DraContext {
     pub client: Result<kube::Client, String>,
     /// Where CDI specs go.
     pub cdi_dir: PathBuf,
+    /// This process's socket-name suffix.
+    pub instance: String,
 }
 
 impl DraContext {
     /// Builds the API-server client from the settings (a kubeconfig, or the
     /// pod's service account); a failure is kept and reported by each DRA
     /// resource, since a node without one is fine.
-    pub async fn new(settings: &DraSettings, cdi_dir: PathBuf) -> Self {
+    pub async fn new(settings: &DraSettings, cdi_dir: PathBuf, instance: &str) -> Self {
         let client = client(settings).await;
-        DraContext { settings: settings.clone(), client, cdi_dir }
+        DraContext { settings: settings.clone(), client, cdi_dir, instance: instance.to_owned() }
     }
 }
 
@@ -119,7 +121,10 @@ impl DraTask {
             }
         };
         let root = &self.context.settings.kubelet_root;
-        let paths = DraPaths::new(root, &self.driver);
+        for stale in DraPaths::remove_stale(root, &self.driver) {
+            tracing::info!(driver = %self.driver, socket = %stale.display(), "removed a socket an earlier devhost left behind");
+        }
+        let paths = DraPaths::for_instance(root, &self.driver, &self.context.instance);
         let files = PreparerFiles {
             cdi_dir: self.context.cdi_dir.clone(),
             checkpoint: root.join("plugins").join(&self.driver).join("devhost-claims.json"),

@@ -67,7 +67,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(|source| DaemonError::Watch { dir: config.plugin_dir.clone(), source })?;
     let instance = socket::instance_id();
     let assignments = crate::holders::follow(&config.pod_resources, shutdown.clone());
-    let dra = dra::DraContext::new(&config.dra, config.cdi_dir.clone()).await;
+    let dra = dra::DraContext::new(&config.dra, config.cdi_dir.clone(), &instance).await;
     let context = backends::Context {
         plugin_dir: &config.plugin_dir,
         kubelet_socket: &config.kubelet_socket,

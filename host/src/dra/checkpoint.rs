@@ -9,6 +9,11 @@
 //! leaves the old file or the new one, never half of one. A file that
 //! cannot be read is an error naming it and why; it is never silently
 //! taken as "nothing prepared", which would prepare claims twice.
+//!
+//! Two devhost instances (the old and the new pod of a rolling update)
+//! share the file: each batch holds [`CheckpointLock`] (an exclusive
+//! `flock` on a lock file beside it) and reads the file afresh, so neither
+//! overwrites what the other recorded.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -81,6 +86,32 @@ pub enum CheckpointError {
         /// What is wrong with it.
         why: String,
     },
+}
+
+/// An exclusive hold on a checkpoint, across processes; released when
+/// dropped (or when the process dies).
+#[derive(Debug)]
+pub struct CheckpointLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl CheckpointLock {
+    /// Waits for the lock on `path` (the file `<path>.lock`). Blocks: call
+    /// it off the async threads.
+    pub fn take(path: &Path) -> Result<Self, CheckpointError> {
+        let lock = PathBuf::from(format!("{}.lock", path.display()));
+        let io = |action, source| CheckpointError::Io { path: lock.clone(), action, source };
+        if let Some(dir) = lock.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| io("create its directory", source))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(|source| io("open", source))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map(CheckpointLock)
+            .map_err(|(_, errno)| io("lock", errno.into()))
+    }
 }
 
 impl Checkpoint {

@@ -63,6 +63,30 @@ impl DraPaths {
             service: kubelet_root.join("plugins").join(driver).join("dra.sock"),
         }
     }
+
+    /// The paths of `driver` for one devhost instance:
+    /// `<driver>-<instance>-reg.sock` and `plugins/<driver>/dra-<instance>.sock`.
+    /// Two instances (the old and the new pod of a rolling update) each
+    /// serve their own, which kubelets from 1.33 register side by side,
+    /// instead of taking each other's sockets away.
+    pub fn for_instance(kubelet_root: &Path, driver: &str, instance: &str) -> Self {
+        DraPaths {
+            registration: kubelet_root.join("plugins_registry").join(format!("{driver}-{instance}-reg.sock")),
+            service: kubelet_root.join("plugins").join(driver).join(format!("dra-{instance}.sock")),
+        }
+    }
+
+    /// Removes the sockets of `driver` that earlier instances left behind
+    /// (nobody listens on them); a live instance's stay.
+    pub fn remove_stale(kubelet_root: &Path, driver: &str) -> Vec<PathBuf> {
+        let registry = socket::remove_refusing(&kubelet_root.join("plugins_registry"), |name| {
+            name.strip_prefix(driver).is_some_and(|rest| rest.starts_with('-') && rest.ends_with("-reg.sock"))
+        });
+        let service = socket::remove_refusing(&kubelet_root.join("plugins").join(driver), |name| {
+            name.starts_with("dra") && name.ends_with(".sock")
+        });
+        registry.into_iter().chain(service).collect()
+    }
 }
 
 /// A running DRA driver: both sockets served until [`DraPlugin::stop`].

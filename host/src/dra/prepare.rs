@@ -25,7 +25,7 @@ use k8s_openapi::api::resource::v1::ResourceClaim;
 use kube::Api;
 use tokio::sync::Mutex;
 
-use super::checkpoint::{Checkpoint, PreparedClaim, PreparedDevice};
+use super::checkpoint::{Checkpoint, CheckpointLock, PreparedClaim, PreparedDevice};
 use super::names;
 use crate::backend::handle::BackendHandle;
 use crate::cdi;
@@ -89,7 +89,14 @@ impl Preparer {
     /// before any answer goes out; if that write fails, they are undone
     /// and each is answered with the error.
     pub async fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
-        let mut prepared = self.prepared.lock().await;
+        let (mut prepared, _lock) = match self.hold().await {
+            Ok(held) => held,
+            Err(why) => {
+                let claims =
+                    request.claims.iter().map(|claim| (claim.uid.clone(), self.refused(claim, &why))).collect();
+                return v1::NodePrepareResourcesResponse { claims };
+            }
+        };
         let mut claims = std::collections::HashMap::new();
         let mut new = Vec::new();
         for claim in request.claims {
@@ -127,6 +134,20 @@ impl Preparer {
         v1::NodePrepareResourcesResponse { claims }
     }
 
+    /// The checkpoint for one batch: this driver's turn in this process,
+    /// the lock across processes (a rolling update's other devhost), and
+    /// the file read afresh under it.
+    async fn hold(&self) -> Result<(tokio::sync::MutexGuard<'_, Checkpoint>, CheckpointLock), String> {
+        let mut prepared = self.prepared.lock().await;
+        let path = self.checkpoint_path.clone();
+        let lock = tokio::task::spawn_blocking(move || CheckpointLock::take(&path))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
+        *prepared = Checkpoint::load(&self.checkpoint_path).map_err(|error| error.to_string())?;
+        Ok((prepared, lock))
+    }
+
     /// The answer for a claim that could not be prepared, logged and
     /// counted.
     fn refused(&self, claim: &v1::Claim, why: &str) -> v1::NodePrepareResourceResponse {
@@ -138,7 +159,20 @@ impl Preparer {
 
     /// Answers a `NodeUnprepareResources` batch, claim by claim.
     pub async fn unprepare(&self, request: v1::NodeUnprepareResourcesRequest) -> v1::NodeUnprepareResourcesResponse {
-        let mut prepared = self.prepared.lock().await;
+        let (mut prepared, _lock) = match self.hold().await {
+            Ok(held) => held,
+            Err(why) => {
+                let claims = request
+                    .claims
+                    .into_iter()
+                    .map(|claim| {
+                        let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+                        (claim.uid, v1::NodeUnprepareResourceResponse { error })
+                    })
+                    .collect();
+                return v1::NodeUnprepareResourcesResponse { claims };
+            }
+        };
         let mut claims = std::collections::HashMap::new();
         for claim in request.claims {
             let error = match self.unprepare_claim(&mut prepared, &claim.uid).await {

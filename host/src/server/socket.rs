@@ -90,15 +90,17 @@ pub fn bind(path: &Path) -> io::Result<(UnixListener, FileIdentity)> {
 /// Sockets another live instance still serves are left alone.
 pub fn remove_stale(plugin_dir: &Path, resource: &str) -> Vec<PathBuf> {
     let prefix = format!("{PREFIX}{}-", sanitise(resource));
-    let Ok(entries) = std::fs::read_dir(plugin_dir) else { return Vec::new() };
+    remove_refusing(plugin_dir, |name| name.starts_with(&prefix) && name.ends_with(".sock"))
+}
+
+/// Removes the sockets in `dir` whose names `matches` accepts and that
+/// refuse connections (nobody listens: their process is gone).
+pub fn remove_refusing(dir: &Path, matches: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     entries
         .filter_map(Result::ok)
         .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|name| name.starts_with(&prefix) && name.ends_with(".sock"))
-        })
+        .filter(|path| path.file_name().and_then(|n| n.to_str()).is_some_and(&matches))
         .filter(|path| {
             matches!(std::os::unix::net::UnixStream::connect(path),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
