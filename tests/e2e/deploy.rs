@@ -837,6 +837,8 @@ fn every_value_in_the_full_values_file_reaches_the_objects() {
     // custom kubelet root (the parent of pluginDir, as devhost takes it).
     assert_eq!(at(values, &["dra", "enabled"]).as_bool(), Some(true));
     assert_eq!(Some(host.dra.kubelet_root.as_path()), host.plugin_dir.parent());
+    assert_eq!(at(values, &["dra", "deviceTaints"]).as_bool(), Some(host.dra.device_taints));
+    assert!(host.dra.device_taints, "set away from its default");
     check_dra(&rendered, &host);
     let socket = host.pod_resources.socket.clone().expect("the PodResources client is on");
     assert_eq!(socket.parent(), Some(Path::new(&text(values, &["podResourcesDir"]))));

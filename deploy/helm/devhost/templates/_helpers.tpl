@@ -66,6 +66,9 @@ metrics_address = "0.0.0.0:{{ .Values.metrics.port | int }}"
 [pod_resources]
 socket = "{{ .Values.podResourcesDir }}/kubelet.sock"
 
+[dra]
+device_taints = {{ .Values.dra.deviceTaints | default false }}
+
 [log]
 format = {{ .Values.log.format | quote }}
 level = {{ .Values.log.level | quote }}
