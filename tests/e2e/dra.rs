@@ -51,8 +51,9 @@ impl DraNode {
         let kubeconfig = root.join("kubeconfig.yaml");
         std::fs::write(&kubeconfig, kubeconfig_for(&server.url())).expect("kubeconfig");
         let host = format!(
-            "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n[dra]\nnode_name = \"node-a\"\nkubeconfig = {:?}\n",
+            "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n[dra]\nkubelet_root = {:?}\nnode_name = \"node-a\"\nkubeconfig = {:?}\n",
             root.join("cdi"),
+            root,
             kubeconfig
         );
         std::fs::write(node.config_file(), host).expect("host config");
@@ -218,6 +219,21 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     crate::sharing::assert_valid_cdi(&spec);
     assert!(!dra.cdi_spec("uid-3").exists());
     assert_eq!(dra.checkpoint()["claims"].as_object().expect("claims").keys().collect::<Vec<_>>(), ["uid-1"]);
+
+    // `devhost list` on the node shows the driver, each device's DRA name
+    // and the claims prepared with it.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["list", "--json", "--config"])
+        .arg(dra.node.config_file())
+        .output()
+        .expect("devhost list");
+    let listed: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let gpu = listed[0]["resources"].as_array().expect("resources").iter().find(|r| r["name"] == "example.com/gpu");
+    let gpu = gpu.expect("the DRA resource is listed");
+    assert_eq!(gpu["dra_driver"], GPU_DRIVER);
+    assert_eq!(gpu["devices"][1]["dra_name"], "gpu-1");
+    assert_eq!(gpu["devices"][1]["claims"], json!(["ml/one (uid-1)"]));
+    assert_eq!(gpu["devices"][0]["claims"], json!([]));
 
     // Operators see it in the metrics.
     let (_, metrics) = crate::harness::http_get(&devhost.metrics_address().await, "/metrics").await;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::handle::BackendHandle;
 use crate::config::{HostConfig, LoadedBackends, load_backends};
+use crate::dra::checkpoint::Checkpoint;
 use crate::holders::{Holder, Holdings};
 use crate::model::{AttributeValue, Device, REPLICA_SEPARATOR};
 
@@ -76,6 +77,9 @@ struct ListedResource {
     name: String,
     pre_start_required: bool,
     preferred_allocation: bool,
+    /// The DRA driver, for a resource served through DRA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dra_driver: Option<String>,
     devices: Vec<ListedDevice>,
 }
 
@@ -95,6 +99,13 @@ struct ListedDevice {
     /// kubelet's PodResources API says; absent when it could not be asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     held_by: Option<Vec<String>>,
+    /// DRA: the device's name in the ResourceSlices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dra_name: Option<String>,
+    /// DRA: the claims prepared with it (`namespace/name (uid)`), from
+    /// the driver's checkpoint on this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    claims: Option<Vec<String>>,
 }
 
 impl ListedDevice {
@@ -117,8 +128,37 @@ impl ListedDevice {
             capacities: device.map(|d| d.capacities.clone()).unwrap_or_default(),
             held_by: holders
                 .map(|holders| holders.get(&advertised.id).into_iter().flatten().map(ToString::to_string).collect()),
+            dra_name: None,
+            claims: None,
         }
     }
+
+    /// The DRA view of the device: its DRA name and the claims `prepared`
+    /// holds it for (none known: `None`).
+    fn with_dra(mut self, prepared: Option<&Checkpoint>) -> Self {
+        let name = crate::dra::names::device_name(&self.id);
+        self.claims = prepared.map(|checkpoint| {
+            checkpoint
+                .claims
+                .iter()
+                .filter(|(_, claim)| claim.devices.iter().any(|device| device.id == self.id))
+                .map(|(uid, claim)| format!("{}/{} ({uid})", claim.namespace, claim.name))
+                .collect()
+        });
+        self.dra_name = Some(name);
+        self.held_by = None;
+        self
+    }
+}
+
+/// The claims `driver` has prepared on this node, from its checkpoint;
+/// `None` (noted on stderr if it exists but cannot be read) otherwise.
+fn prepared_claims(config: &HostConfig, driver: &str) -> Option<Checkpoint> {
+    let path = config.dra.kubelet_root.join("plugins").join(driver).join("devhost-claims.json");
+    if !path.exists() {
+        return None;
+    }
+    Checkpoint::load(&path).map_err(|error| eprintln!("devhost: not showing prepared claims: {error}")).ok()
 }
 
 fn attribute_json(value: &AttributeValue) -> serde_json::Value {
@@ -163,7 +203,7 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
         })
         .collect();
     for backend in &loaded.backends {
-        listed.push(list_backend(backend, holdings.as_ref()).await);
+        listed.push(list_backend(&config, backend, holdings.as_ref()).await);
     }
     listed.sort_by(|a, b| a.file.cmp(&b.file));
     let failed = listed.iter().any(|b| b.error.is_some());
@@ -195,7 +235,11 @@ async fn holdings(config: &HostConfig) -> Option<Holdings> {
 /// How long `devhost list` waits for the kubelet to say who holds what.
 const HOLDINGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn list_backend(config: &crate::config::BackendConfig, holdings: Option<&Holdings>) -> ListedBackend {
+async fn list_backend(
+    host: &HostConfig,
+    config: &crate::config::BackendConfig,
+    holdings: Option<&Holdings>,
+) -> ListedBackend {
     let mut listed = ListedBackend {
         backend: config.name.clone(),
         file: config.file.clone(),
@@ -220,6 +264,8 @@ async fn list_backend(config: &crate::config::BackendConfig, holdings: Option<&H
                 let snapshot = state.snapshot();
                 let published: BTreeMap<&str, &Device> =
                     snapshot.devices.iter().map(|device| (device.id.as_str(), device)).collect();
+                let dra_driver = config.resources.get(&spec.name).and_then(|settings| settings.dra_driver.clone());
+                let prepared = dra_driver.as_deref().and_then(|driver| prepared_claims(host, driver));
                 listed.resources.push(ListedResource {
                     name: spec.name.clone(),
                     pre_start_required: spec.pre_start_required,
@@ -229,9 +275,15 @@ async fn list_backend(config: &crate::config::BackendConfig, holdings: Option<&H
                         .devices
                         .iter()
                         .map(|d| {
-                            ListedDevice::new(d, &published, holdings.map(|h| h.get(&spec.name).unwrap_or(&NOBODY)))
+                            let device = ListedDevice::new(
+                                d,
+                                &published,
+                                holdings.map(|h| h.get(&spec.name).unwrap_or(&NOBODY)),
+                            );
+                            if dra_driver.is_some() { device.with_dra(prepared.as_ref()) } else { device }
                         })
                         .collect(),
+                    dra_driver,
                 });
             }
             handle.shutdown().await;
@@ -256,6 +308,9 @@ fn print_table(listed: &[ListedBackend]) {
             println!("{:<16} module sha256 {sha256} (isolation: {isolation})", backend.backend);
         }
         for resource in &backend.resources {
+            if let Some(driver) = &resource.dra_driver {
+                println!("{:<16} {:<32} served through DRA as driver {driver}", backend.backend, resource.name);
+            }
             if resource.devices.is_empty() {
                 println!("{:<16} {:<32} (no devices)", backend.backend, resource.name);
             }
@@ -275,6 +330,14 @@ fn print_table(listed: &[ListedBackend]) {
                     .map(|(name, value)| format!("{name}={}", attribute_text(value)))
                     .chain(device.capacities.iter().map(|(name, quantity)| format!("{name}={quantity}")))
                     .chain(device.held_by.iter().flatten().map(|holder| format!("held by {holder}")))
+                    .chain(
+                        device
+                            .dra_name
+                            .iter()
+                            .filter(|name| **name != device.id)
+                            .map(|name| format!("DRA name {name}")),
+                    )
+                    .chain(device.claims.iter().flatten().map(|claim| format!("prepared for claim {claim}")))
                     .collect();
                 if !info.is_empty() {
                     println!("{:<16} {:<32} {:<24} {}", "", "", "", info.join(" "));
