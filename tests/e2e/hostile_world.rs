@@ -715,11 +715,17 @@ async fn logs_to_a_file_carry_no_colour_codes() {
         .spawn()
         .expect("spawn devhost");
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
+    // devhost logs the registration once Register has returned, which is
+    // after the kubelet has recorded it: wait for the line, then stop.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("registered with the kubelet") {
+        assert!(std::time::Instant::now() < deadline, "never logged the registration");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
         .expect("SIGTERM");
     assert!(child.wait().expect("wait").success());
     let text = std::fs::read_to_string(&log).expect("the log");
-    assert!(text.contains("registered with the kubelet"), "{text}");
     assert!(!text.contains('\u{1b}'), "escape codes in a file:\n{text}");
 }
 
