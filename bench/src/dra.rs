@@ -35,7 +35,7 @@ impl DraNode {
         server.add_node("node-a");
         let root = node.dir.path();
         let kubeconfig = root.join("kubeconfig.yaml");
-        std::fs::write(&kubeconfig, kubeconfig_for(&server.url()))?;
+        std::fs::write(&kubeconfig, server.kubeconfig())?;
         std::fs::write(
             root.join("config/devhost.toml"),
             format!(
@@ -83,12 +83,6 @@ impl DraNode {
         }
         Ok(())
     }
-}
-
-fn kubeconfig_for(url: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: bench\n  cluster:\n    server: {url}\ncontexts:\n- name: bench\n  context:\n    cluster: bench\n    user: bench\ncurrent-context: bench\nusers:\n- name: bench\n  user: {{}}\n"
-    )
 }
 
 /// A claim allocated `device` of the driver, as the scheduler leaves it.

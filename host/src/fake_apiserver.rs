@@ -125,6 +125,17 @@ impl FakeApiServer {
         format!("http://{}", self.address)
     }
 
+    /// A kubeconfig file's text that points a client at this server (no
+    /// credentials), for devhost's `[dra] kubeconfig`.
+    pub fn kubeconfig(&self) -> String {
+        let url = self.url();
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        )
+    }
+
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -49,7 +49,7 @@ impl DraNode {
         server.add_node("node-a");
         let root = node.dir.path();
         let kubeconfig = root.join("kubeconfig.yaml");
-        std::fs::write(&kubeconfig, kubeconfig_for(&server.url())).expect("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
         let host = format!(
             "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n[dra]\nkubelet_root = {:?}\nnode_name = \"node-a\"\nkubeconfig = {:?}\n",
             root.join("cdi"),
@@ -125,12 +125,6 @@ impl DraNode {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
-}
-
-fn kubeconfig_for(url: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
-    )
 }
 
 /// A ResourceClaim allocated `devices` (request, pool, device) of the gpu
@@ -327,6 +321,14 @@ async fn prepared_claims_survive_a_restart_without_the_api_server() {
     let devhost = dra.node.start_another_devhost("devhost-2.log");
     // The watcher follows the new process's sockets.
     let again = dra.prepare(&devhost, &[("ml", "uid-2", "two")]).await;
+    // The killed process's sockets were removed; only the new one's stay.
+    let registry = std::fs::read_dir(dra.node.dir.path().join("plugins_registry")).expect("registry").count();
+    let service = std::fs::read_dir(dra.node.dir.path().join("plugins/gpu.example.com"))
+        .expect("driver dir")
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".sock"))
+        .count();
+    assert_eq!((registry, service), (1, 1), "{}", devhost.log());
     assert_eq!(again.claims["uid-2"], first.claims["uid-2"], "the same answer from the checkpoint");
     devhost.wait_for_log("could not publish the ResourceSlices").await;
     let undone = dra.watcher.unprepare(GPU_DRIVER, &[("ml", "uid-2", "two")]).await.expect("answered");

@@ -34,7 +34,7 @@ pub(super) async fn demo() -> anyhow::Result<()> {
     let server = FakeApiServer::start().await?;
     server.add_node(NODE);
     let kubeconfig = root.path().join("kubeconfig.yaml");
-    std::fs::write(&kubeconfig, kubeconfig_for(&server.url()))?;
+    std::fs::write(&kubeconfig, server.kubeconfig())?;
 
     println!(
         "devhost demo --dra: devhost, a fake kubelet and a fake API server in one process, under {}.",
@@ -162,12 +162,6 @@ pub(super) async fn demo() -> anyhow::Result<()> {
     println!("\nOn a cluster (Kubernetes 1.34+): set api = \"dra\" for the resource in its backends.d file, and see");
     println!("examples/dra/ for a DeviceClass, a ResourceClaimTemplate and a Pod, and the operator guide.");
     Ok(())
-}
-
-fn kubeconfig_for(url: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: demo\n  cluster:\n    server: {url}\ncontexts:\n- name: demo\n  context:\n    cluster: demo\n    user: demo\ncurrent-context: demo\nusers:\n- name: demo\n  user: {{}}\n"
-    )
 }
 
 /// The driver's one slice, once its devices satisfy `ready`.
