@@ -8,7 +8,7 @@
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1beta1 {
     tonic::include_proto!("v1beta1");
-    pub use super::list::ListAndWatchResponse;
+    pub use super::list::{ListAndWatchResponse, encode_device};
 }
 
 mod list;

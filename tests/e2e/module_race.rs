@@ -242,7 +242,7 @@ async fn start(name: &str, backend: Arc<dyn Backend>) -> Arc<BackendHandle> {
 /// The resource and device IDs the backend published.
 fn published(handle: &BackendHandle) -> (String, Vec<String>) {
     let (spec, state) = &handle.resources()[0];
-    let ids = state.snapshot().response.devices.iter().map(|device| device.id.clone()).collect();
+    let ids = state.snapshot().advertised().iter().map(|device| device.id.clone()).collect();
     (spec.name.clone(), ids)
 }
 

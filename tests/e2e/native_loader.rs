@@ -110,7 +110,7 @@ async fn start_error(name: &str, backend: Arc<dyn Backend>) -> String {
 /// The health strings the kubelet would see for the handle's first resource.
 fn healths(handle: &BackendHandle) -> Vec<(String, String)> {
     let snapshot = handle.resources()[0].1.snapshot();
-    snapshot.response.devices.iter().map(|d| (d.id.clone(), d.health.clone())).collect()
+    snapshot.advertised().iter().map(|d| (d.id.clone(), d.health.clone())).collect()
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -140,7 +140,7 @@ async fn exercise_example(handle: &BackendHandle, prefix: &str) {
         assert!(Instant::now() < deadline, "the device {} never flipped; seen {seen:?}", ids[1]);
         let _ = tokio::time::timeout(Duration::from_secs(1), receiver.changed()).await;
         let snapshot = receiver.borrow_and_update().clone();
-        seen.insert(snapshot.response.devices[1].health.clone());
+        seen.insert(snapshot.advertised()[1].health.clone());
     }
 
     let answer = allocate(handle, &[&ids[0], &ids[1]]).await.expect("allocate answers");
@@ -367,7 +367,7 @@ async fn a_panic_in_allocate_faults_only_that_backend_which_then_reinits() {
     assert!(error.is_fault());
     let snapshot = bad.resources()[0].1.snapshot();
     assert_eq!(snapshot.fault.as_deref(), Some(error.to_string().as_str()));
-    assert!(snapshot.response.devices.iter().all(|d| d.health == "Unhealthy"));
+    assert!(snapshot.advertised().iter().all(|d| d.health == "Unhealthy"));
     assert_eq!(snapshot.devices[0].health, Health::Healthy, "the backend's own view is kept");
     assert_unharmed(&good).await;
     assert_recovers(&bad).await;

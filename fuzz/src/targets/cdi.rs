@@ -379,8 +379,8 @@ async fn withheld(state: &ResourceState, ids: &[String], want: &Value) -> Result
     loop {
         let snapshot = state.snapshot();
         let got: BTreeSet<&str> = snapshot.withheld.keys().map(String::as_str).collect();
-        let healths: Vec<(&str, &str)> =
-            snapshot.response.devices.iter().map(|d| (d.id.as_str(), d.health.as_str())).collect();
+        let advertised = snapshot.advertised();
+        let healths: Vec<(&str, &str)> = advertised.iter().map(|d| (d.id.as_str(), d.health.as_str())).collect();
         let listed_right =
             healths.iter().all(|(id, health)| *health == if expected.contains(id) { "Unhealthy" } else { "Healthy" });
         if got == expected && listed_right {

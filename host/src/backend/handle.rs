@@ -782,7 +782,7 @@ mod tests {
             garbage.to_string(),
             "backend \"keeper\": allocate returned invalid data: returned a mount without a path"
         );
-        assert_eq!(state.snapshot().response.devices[0].health, "Unhealthy");
+        assert_eq!(state.snapshot().advertised()[0].health, "Unhealthy");
         eventually(|| state.snapshot().fault.is_none()).await;
         assert_eq!(keeper.inits.load(std::sync::atomic::Ordering::SeqCst), 2, "re-initialised once");
     }

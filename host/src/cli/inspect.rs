@@ -271,8 +271,7 @@ async fn list_backend(
                     pre_start_required: spec.pre_start_required,
                     preferred_allocation: spec.preferred_allocation,
                     devices: snapshot
-                        .response
-                        .devices
+                        .advertised()
                         .iter()
                         .map(|d| {
                             let device = ListedDevice::new(

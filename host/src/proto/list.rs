@@ -5,11 +5,17 @@
 //! each stream and message: for 10,000 devices, tens of thousands of
 //! allocations each time. Its encoding is the generated one's, byte for
 //! byte (see the tests), and it decodes the same way.
+//!
+//! [`encode_device`] writes one element of that list straight from a
+//! device's parts, so a new state is encoded without first building a
+//! generated `Device` (two strings and a topology) per device.
 
 use prost::bytes::{Buf, BufMut, Bytes};
-use prost::encoding::{DecodeContext, WireType, message, skip_field};
+use prost::encoding::{
+    DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len, message, skip_field,
+};
 
-use super::v1beta1::Device;
+use super::v1beta1::{Device, NumaNode};
 
 /// The message of every `ListAndWatch` stream: the whole device list.
 #[derive(Clone, Default, PartialEq)]
@@ -28,15 +34,9 @@ impl ListAndWatchResponse {
         ListAndWatchResponse { devices, encoded: None }
     }
 
-    /// The encoding of this message's devices, made now.
-    pub fn encode_devices(&self) -> Bytes {
-        let mut buf = Vec::with_capacity(prost::Message::encoded_len(self));
-        message::encode_repeated(DEVICES, &self.devices, &mut buf);
-        Bytes::from(buf)
-    }
-
-    /// A message that sends `encoded` (from [`Self::encode_devices`]) as
-    /// it is; cloning it shares the bytes. Its `devices` field is empty.
+    /// A message that sends `encoded` (devices appended by
+    /// [`encode_device`]) as it is; cloning it shares the bytes. Its
+    /// `devices` field is empty.
     pub fn pre_encoded(encoded: Bytes) -> Self {
         ListAndWatchResponse { devices: Vec::new(), encoded: Some(encoded) }
     }
@@ -44,6 +44,49 @@ impl ListAndWatchResponse {
 
 /// The field number of `devices`.
 const DEVICES: u32 = 1;
+/// `Device`'s fields: `ID`, `health`, `topology`; `TopologyInfo.nodes`.
+const DEVICE_ID: u32 = 1;
+const DEVICE_HEALTH: u32 = 2;
+const DEVICE_TOPOLOGY: u32 = 3;
+const TOPOLOGY_NODES: u32 = 1;
+
+/// Appends one device to an encoded `devices` list (the bytes
+/// [`ListAndWatchResponse::pre_encoded`] takes): exactly what the generated
+/// `Device { id, health, topology }` encodes to, where `topology` is set
+/// only when `numa_nodes` is not empty.
+pub fn encode_device(id: &str, health: &str, numa_nodes: &[i64], buf: &mut Vec<u8>) {
+    let nodes_len: usize = numa_nodes.iter().map(|&id| message::encoded_len(TOPOLOGY_NODES, &NumaNode { id })).sum();
+    let topology_len = if numa_nodes.is_empty() {
+        0
+    } else {
+        key_len(DEVICE_TOPOLOGY) + encoded_len_varint(nodes_len as u64) + nodes_len
+    };
+    let body = string_len(DEVICE_ID, id) + string_len(DEVICE_HEALTH, health) + topology_len;
+    encode_key(DEVICES, WireType::LengthDelimited, buf);
+    encode_varint(body as u64, buf);
+    put_string(DEVICE_ID, id, buf);
+    put_string(DEVICE_HEALTH, health, buf);
+    if !numa_nodes.is_empty() {
+        encode_key(DEVICE_TOPOLOGY, WireType::LengthDelimited, buf);
+        encode_varint(nodes_len as u64, buf);
+        for &id in numa_nodes {
+            message::encode(TOPOLOGY_NODES, &NumaNode { id }, buf);
+        }
+    }
+}
+
+/// A proto3 string field's encoded length (an empty one is not written).
+fn string_len(tag: u32, value: &str) -> usize {
+    if value.is_empty() { 0 } else { key_len(tag) + encoded_len_varint(value.len() as u64) + value.len() }
+}
+
+fn put_string(tag: u32, value: &str, buf: &mut Vec<u8>) {
+    if !value.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(value.len() as u64, buf);
+        buf.put_slice(value.as_bytes());
+    }
+}
 
 impl prost::Message for ListAndWatchResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
@@ -99,7 +142,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::proto::v1beta1::{NumaNode, TopologyInfo};
+    use crate::proto::v1beta1::TopologyInfo;
 
     fn devices() -> Vec<Device> {
         vec![
@@ -120,11 +163,40 @@ mod tests {
         let bytes = message.encode_to_vec();
         let first = [&[0x0a, 16, 0x0a, 5][..], b"gpu-0", &[0x12, 7], b"Healthy"].concat();
         assert_eq!(&bytes[..first.len()], first.as_slice());
-        let shared = ListAndWatchResponse::pre_encoded(message.encode_devices());
+        let shared = ListAndWatchResponse::pre_encoded(Bytes::from(bytes.clone()));
         assert_eq!(shared.encode_to_vec(), bytes, "the same bytes on the wire");
         assert_eq!(shared.encoded_len(), bytes.len());
         let decoded = ListAndWatchResponse::decode(bytes.as_slice()).expect("decodes");
         assert_eq!(decoded, ListAndWatchResponse::new(devices()));
+    }
+
+    /// Byte for byte what the generated `Device` encodes to, for IDs and
+    /// NUMA IDs whose lengths cross a varint boundary, NUMA node 0 (an
+    /// empty message) and a negative one (ten bytes).
+    #[test]
+    fn a_device_encoded_from_its_parts_is_the_generated_encoding() {
+        let long = "d".repeat(200);
+        let cases: [(&str, &str, &[i64]); 5] = [
+            ("gpu-0", "Healthy", &[]),
+            ("gpu-1", "Unhealthy", &[0]),
+            (&long, "Healthy", &[1, 0, 300]),
+            ("x", "Unhealthy", &[-1]),
+            (&long[..127], "Healthy", &[7; 20]),
+        ];
+        let mut parts = Vec::new();
+        let mut generated = Vec::new();
+        for (id, health, numa) in cases {
+            encode_device(id, health, numa, &mut parts);
+            generated.push(Device {
+                id: id.to_owned(),
+                health: health.to_owned(),
+                topology: (!numa.is_empty())
+                    .then(|| TopologyInfo { nodes: numa.iter().map(|&id| NumaNode { id }).collect() }),
+            });
+        }
+        assert_eq!(parts, ListAndWatchResponse::new(generated.clone()).encode_to_vec());
+        let decoded = ListAndWatchResponse::decode(parts.as_slice()).expect("decodes");
+        assert_eq!(decoded.devices, generated);
     }
 
     #[test]

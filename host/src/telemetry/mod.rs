@@ -456,8 +456,7 @@ impl Telemetry {
         let states: Vec<Arc<ResourceState>> = self.resources().configured.values().filter_map(Weak::upgrade).collect();
         for state in states {
             let snapshot = state.snapshot();
-            let healthy = snapshot.response.devices.iter().filter(|d| d.health == crate::proto::HEALTHY).count();
-            let total = snapshot.response.devices.len();
+            let (total, healthy) = snapshot.advertised_counts();
             for (health, count) in [(Health::Healthy, healthy), (Health::Unhealthy, total - healthy)] {
                 let labels = DeviceLabels { resource: state.name().to_owned(), health: health.as_str().to_owned() };
                 self.devices.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));

@@ -40,7 +40,8 @@ fn init_publishes_configured_devices() {
     assert!(specs[0].preferred_allocation && !specs[0].pre_start_required);
     let state = publisher.seal(&["example.com/gpu".to_owned()]).remove(0);
     let snapshot = state.snapshot();
-    let health: Vec<&str> = snapshot.response.devices.iter().map(|d| d.health.as_str()).collect();
+    let advertised = snapshot.advertised();
+    let health: Vec<&str> = advertised.iter().map(|d| d.health.as_str()).collect();
     assert_eq!(health, ["Healthy", "Unhealthy"]);
     backend.shutdown();
 }
