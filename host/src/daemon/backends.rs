@@ -35,8 +35,9 @@ struct Running {
 pub struct Context<'a> {
     /// The kubelet's device plugin directory.
     pub plugin_dir: &'a Path,
-    /// The kubelet's registration socket.
-    pub kubelet_socket: &'a Path,
+    /// The kubelet's registration socket, and the connection to it every
+    /// resource registers over.
+    pub kubelet: &'a Arc<crate::registration::Kubelet>,
     /// Plugin directory events for resource tasks.
     pub watcher: &'a PluginDirWatcher,
     /// This process's socket-name suffix.
@@ -341,7 +342,7 @@ fn spawn_resources(
             state: state.clone(),
             backend: handle.clone(),
             socket: resource::prepare_socket(context.plugin_dir, &spec.name, context.instance),
-            kubelet_socket: context.kubelet_socket.to_owned(),
+            kubelet: context.kubelet.clone(),
             dir_events: context.watcher.subscribe(),
             shutdown: stop.clone(),
         };

@@ -5,6 +5,7 @@
 //! it stops every resource and removes every socket it created.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -68,9 +69,10 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
     let instance = socket::instance_id();
     let assignments = crate::holders::follow(&config.pod_resources, shutdown.clone());
     let dra = dra::DraContext::new(&config.dra, config.cdi_dir.clone(), &instance).await;
+    let kubelet = Arc::new(crate::registration::Kubelet::new(&config.kubelet_socket));
     let context = backends::Context {
         plugin_dir: &config.plugin_dir,
-        kubelet_socket: &config.kubelet_socket,
+        kubelet: &kubelet,
         watcher: &watcher,
         instance: &instance,
         cdi_dir: &config.cdi_dir,

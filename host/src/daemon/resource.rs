@@ -14,7 +14,7 @@ use crate::backend::ResourceSpec;
 use crate::backend::handle::BackendHandle;
 use crate::device_state::ResourceState;
 use crate::model::ResourceSettings;
-use crate::registration::{self, KubeletError, REGISTER_TIMEOUT};
+use crate::registration::{Kubelet, KubeletError, REGISTER_TIMEOUT};
 use crate::server::socket::{self, FileIdentity};
 use crate::server::{DevicePluginService, ResourceServer};
 use crate::telemetry;
@@ -37,8 +37,9 @@ pub struct ResourceTask {
     pub backend: Arc<BackendHandle>,
     /// Our socket's path.
     pub socket: PathBuf,
-    /// The kubelet's registration socket.
-    pub kubelet_socket: PathBuf,
+    /// The kubelet's registration socket (and a connection to it shared by
+    /// every resource).
+    pub kubelet: Arc<Kubelet>,
     /// Wakes the task on changes in the plugin directory.
     pub dir_events: broadcast::Receiver<()>,
     /// Stops the task.
@@ -122,7 +123,7 @@ impl ResourceTask {
             if server.socket_lost() {
                 return Next::Restart("our socket was deleted (kubelet restart)");
             }
-            if FileIdentity::of(&self.kubelet_socket).is_some_and(|current| current != kubelet) {
+            if FileIdentity::of(self.kubelet.socket()).is_some_and(|current| current != kubelet) {
                 return Next::Restart("kubelet.sock was re-created (kubelet restart)");
             }
         }
@@ -142,17 +143,16 @@ impl ResourceTask {
             if server.socket_lost() {
                 return Err(Next::Restart("our socket was deleted before registration"));
             }
-            let Some(kubelet) = FileIdentity::of(&self.kubelet_socket) else {
+            let Some(kubelet) = FileIdentity::of(self.kubelet.socket()) else {
                 if !waiting_logged {
-                    tracing::info!(resource = %self.spec.name, kubelet_socket = %self.kubelet_socket.display(), "waiting for the kubelet");
+                    tracing::info!(resource = %self.spec.name, kubelet_socket = %self.kubelet.socket().display(), "waiting for the kubelet");
                     waiting_logged = true;
                 }
                 self.wait(CHECK_INTERVAL).await.map_err(|()| Next::Shutdown)?;
                 continue;
             };
             let options = DevicePluginService::options(&self.spec);
-            let attempt =
-                registration::register(&self.kubelet_socket, &self.spec.name, &endpoint, options, REGISTER_TIMEOUT);
+            let attempt = self.kubelet.register(kubelet, &self.spec.name, &endpoint, options, REGISTER_TIMEOUT);
             let result = tokio::select! {
                 () = self.shutdown.cancelled() => return Err(Next::Shutdown),
                 result = attempt => result,

@@ -3,11 +3,14 @@
 //! `kubelet.sock` created).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
+use tonic::transport::Channel;
 
 use crate::proto::v1beta1::{self, registration_client::RegistrationClient};
+use crate::server::socket::FileIdentity;
 use crate::uds;
 
 mod watch;
@@ -52,35 +55,190 @@ pub enum KubeletError {
     },
 }
 
-/// Registers one resource: `endpoint` is the socket's file name in the
-/// plugin directory. The plugin must already be serving on it.
-pub async fn register(
-    kubelet_socket: &Path,
-    resource: &str,
-    endpoint: &str,
-    options: v1beta1::DevicePluginOptions,
-    timeout: Duration,
-) -> Result<(), KubeletError> {
-    let request = v1beta1::RegisterRequest {
-        version: crate::proto::API_VERSION.to_owned(),
-        endpoint: endpoint.to_owned(),
-        resource_name: resource.to_owned(),
-        options: Some(options),
-    };
-    let attempt = async {
-        let channel = uds::connect(kubelet_socket, timeout)
-            .await
-            .map_err(|source| KubeletError::Connect { socket: kubelet_socket.to_owned(), source })?;
-        RegistrationClient::new(channel).register(request).await.map_err(|status| KubeletError::Refused {
-            socket: kubelet_socket.to_owned(),
-            resource: resource.to_owned(),
-            status,
-        })
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result.map(|_| ()),
-        Err(_) => {
-            Err(KubeletError::TimedOut { socket: kubelet_socket.to_owned(), resource: resource.to_owned(), timeout })
+/// The kubelet's registration socket, and one connection to it shared by
+/// every resource: after a kubelet restart, 50 resources register over one
+/// HTTP/2 connection (one `Register` stream each) instead of dialling and
+/// handshaking 50 times. The connection is dialled again when
+/// `kubelet.sock` is a new file (a restarted kubelet) and after a call on
+/// it failed.
+#[derive(Debug)]
+pub struct Kubelet {
+    socket: PathBuf,
+    /// The connection, the identity of the socket file it was dialled to,
+    /// and its number (so that a failed call forgets only its own).
+    connection: tokio::sync::Mutex<Option<(FileIdentity, u64, Channel)>>,
+    dialled: AtomicU64,
+}
+
+impl Kubelet {
+    /// The kubelet listening (or to listen) on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Kubelet { socket: socket.into(), connection: tokio::sync::Mutex::new(None), dialled: AtomicU64::new(0) }
+    }
+
+    /// The registration socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Registers one resource with the kubelet whose socket file is
+    /// `identity`: `endpoint` is the socket's file name in the plugin
+    /// directory. The plugin must already be serving on it.
+    pub async fn register(
+        &self,
+        identity: FileIdentity,
+        resource: &str,
+        endpoint: &str,
+        options: v1beta1::DevicePluginOptions,
+        timeout: Duration,
+    ) -> Result<(), KubeletError> {
+        let request = v1beta1::RegisterRequest {
+            version: crate::proto::API_VERSION.to_owned(),
+            endpoint: endpoint.to_owned(),
+            resource_name: resource.to_owned(),
+            options: Some(options),
+        };
+        let mut dialled = None;
+        let attempt = async {
+            let (number, channel) = self.connection(identity, timeout).await?;
+            dialled = Some(number);
+            RegistrationClient::new(channel).register(request).await.map_err(|status| KubeletError::Refused {
+                socket: self.socket.clone(),
+                resource: resource.to_owned(),
+                status,
+            })
+        };
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => {
+                Err(KubeletError::TimedOut { socket: self.socket.clone(), resource: resource.to_owned(), timeout })
+            }
+        };
+        if let (Err(_), Some(number)) = (&result, dialled) {
+            // The kubelet's own refusal leaves the connection good, but a
+            // broken one looks no different from here: dial anew (cheap,
+            // and failures are rare).
+            let mut connection = self.connection.lock().await;
+            if connection.as_ref().is_some_and(|(_, current, _)| *current == number) {
+                *connection = None;
+            }
         }
+        result
+    }
+
+    /// The shared connection to the kubelet whose socket file is
+    /// `identity`, dialled now if there is none to it. Dialled under the
+    /// lock, so a burst of registrations dials once.
+    async fn connection(&self, identity: FileIdentity, timeout: Duration) -> Result<(u64, Channel), KubeletError> {
+        let mut connection = self.connection.lock().await;
+        if let Some((dialled_to, number, channel)) = connection.as_ref()
+            && *dialled_to == identity
+        {
+            return Ok((*number, channel.clone()));
+        }
+        let channel = uds::connect(&self.socket, timeout)
+            .await
+            .map_err(|source| KubeletError::Connect { socket: self.socket.clone(), source })?;
+        let number = self.dialled.fetch_add(1, Ordering::Relaxed);
+        *connection = Some((identity, number, channel.clone()));
+        Ok((number, channel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::StreamExt;
+    use tokio_stream::wrappers::UnixListenerStream;
+    use tokio_util::sync::CancellationToken;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::proto::v1beta1::registration_server::{Registration, RegistrationServer};
+
+    /// A registration socket that counts the connections it accepts and
+    /// the resources registered, refusing `refused`.
+    #[derive(Clone, Default)]
+    struct Counting {
+        connections: Arc<AtomicUsize>,
+        registered: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Registration for Counting {
+        async fn register(
+            &self,
+            request: Request<v1beta1::RegisterRequest>,
+        ) -> Result<Response<v1beta1::Empty>, Status> {
+            let resource = request.into_inner().resource_name;
+            if resource.ends_with("/refused") {
+                return Err(Status::invalid_argument("refused by the test"));
+            }
+            self.registered.lock().expect("not poisoned").push(resource);
+            Ok(Response::new(v1beta1::Empty {}))
+        }
+    }
+
+    /// Serves `counting` on `socket` (replacing the file) until `stop`.
+    fn serve(socket: &Path, counting: &Counting, stop: &CancellationToken) -> FileIdentity {
+        let (listener, identity) = crate::server::socket::bind(socket).expect("binds");
+        let connections = counting.connections.clone();
+        let incoming = UnixListenerStream::new(listener).inspect(move |_| {
+            connections.fetch_add(1, Ordering::SeqCst);
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(counting.clone()))
+                .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
+        );
+        identity
+    }
+
+    async fn register_all(kubelet: &Kubelet, identity: FileIdentity, resources: &[String]) -> Vec<bool> {
+        let calls = resources.iter().map(|resource| {
+            kubelet.register(identity, resource, "x.sock", v1beta1::DevicePluginOptions::default(), REGISTER_TIMEOUT)
+        });
+        futures_util::future::join_all(calls).await.iter().map(Result::is_ok).collect()
+    }
+
+    #[tokio::test]
+    async fn resources_share_one_connection_per_kubelet_socket_and_a_failure_dials_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let kubelet = Kubelet::new(&socket);
+        let (first, first_stop) = (Counting::default(), CancellationToken::new());
+        let identity = serve(&socket, &first, &first_stop);
+
+        let resources: Vec<String> = (0..20).map(|n| format!("example.com/r{n}")).collect();
+        assert_eq!(register_all(&kubelet, identity, &resources).await, vec![true; 20]);
+        assert_eq!(first.registered.lock().expect("not poisoned").len(), 20);
+        assert_eq!(first.connections.load(Ordering::SeqCst), 1, "20 registrations, one connection");
+
+        // The kubelet's refusal: the error is the kubelet's, and the next
+        // registration dials again.
+        let refused = kubelet
+            .register(
+                identity,
+                "example.com/refused",
+                "x.sock",
+                v1beta1::DevicePluginOptions::default(),
+                REGISTER_TIMEOUT,
+            )
+            .await;
+        assert!(matches!(refused, Err(KubeletError::Refused { .. })), "{refused:?}");
+        assert_eq!(register_all(&kubelet, identity, &resources[..1]).await, [true]);
+        assert_eq!(first.connections.load(Ordering::SeqCst), 2);
+
+        // A restarted kubelet: a new socket file, a new connection, and the
+        // first registration on it succeeds.
+        first_stop.cancel();
+        let (second, second_stop) = (Counting::default(), CancellationToken::new());
+        let identity = serve(&socket, &second, &second_stop);
+        assert_eq!(register_all(&kubelet, identity, &resources).await, vec![true; 20]);
+        assert_eq!(second.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(second.registered.lock().expect("not poisoned").len(), 20);
+        second_stop.cancel();
     }
 }
