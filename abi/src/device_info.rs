@@ -171,14 +171,18 @@ mod tests {
         assert_eq!(check(&ok), Ok(()));
 
         let long = device().with_attribute("model", AttributeValue::String("x".repeat(65)));
-        assert_eq!(check(&long).unwrap_err(), "attribute \"model\": string value is 65 bytes, at most 64");
+        assert_eq!(check(&long).expect_err("65 bytes"), "attribute \"model\": string value is 65 bytes, at most 64");
         let version = device().with_attribute("cuda", AttributeValue::Version("12.4".into()));
         assert!(
-            check(&version).unwrap_err().starts_with("attribute \"cuda\": version \"12.4\" is not a semantic version")
+            check(&version)
+                .expect_err("not semver")
+                .starts_with("attribute \"cuda\": version \"12.4\" is not a semantic version")
         );
         let quantity = device().with_capacity("memory", "80GB");
         assert!(
-            check(&quantity).unwrap_err().starts_with("capacity \"memory\": \"80GB\" is not a Kubernetes quantity")
+            check(&quantity)
+                .expect_err("not a quantity")
+                .starts_with("capacity \"memory\": \"80GB\" is not a Kubernetes quantity")
         );
 
         let mut many = device();
@@ -190,6 +194,6 @@ mod tests {
         }
         assert_eq!(check(&many), Ok(()));
         let many = many.with_capacity("c12", "1");
-        assert_eq!(check(&many).unwrap_err(), "20 attributes and 13 capacities: at most 32 together");
+        assert_eq!(check(&many).expect_err("33 in all"), "20 attributes and 13 capacities: at most 32 together");
     }
 }

@@ -609,8 +609,7 @@ async fn unread_list_and_watch_streams_are_capped() {
     assert_eq!(refused, 2_000 - served);
 
     // Every change still reaches the kubelet, and the neighbour answers.
-    for round in 0..10 {
-        let id = &ids[round];
+    for id in &ids[..10] {
         std::fs::remove_file(state.join(format!("{id}.ok"))).expect("make a device unhealthy");
         kubelet
             .wait_for_devices(GPU, WAIT, |d| d.iter().any(|d| d.id == *id && d.health == "Unhealthy"))

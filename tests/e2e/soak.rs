@@ -711,7 +711,7 @@ async fn soak_misbehaving_backends_leave_healthy_ones_alone() {
             while !stop.load(Ordering::Relaxed) {
                 for id in ["f-0", "f-1"] {
                     let file = state.join(format!("{id}.ok"));
-                    if toggles % 2 == 0 {
+                    if toggles.is_multiple_of(2) {
                         let _ = std::fs::write(&file, "");
                     } else {
                         let _ = std::fs::remove_file(&file);

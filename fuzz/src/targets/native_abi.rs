@@ -201,7 +201,7 @@ fn predict_allocation(bytes: &[u8], at: usize) -> Option<Allocation> {
             }
         }
     }
-    let ok = s.next() % 3 == 0;
+    let ok = s.next().is_multiple_of(3);
     (valid && ok).then_some(answer)
 }
 

@@ -36,8 +36,6 @@
 //! for each instance whose `init` returned `DEVHOST_OK`, and never for
 //! one whose `init` did not.
 
-#![allow(unsafe_code)]
-
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::c_void;

@@ -156,13 +156,16 @@ pub fn load_backends(dir: &Path, default_timeout: Duration) -> LoadedBackends {
     load_backends_cached(dir, default_timeout, &mut ParseCache::default())
 }
 
+/// A file's SHA-256, how long it took to parse, and what it parsed to.
+type CachedParse = ([u8; 32], Duration, Result<BackendConfig, ConfigError>);
+
 /// Parsed files by path, each with the SHA-256 of the text it was parsed
 /// from: the daemon's periodic rescan re-reads every file but parses only
 /// the ones whose text changed (a 10,000-device static file takes tens of
 /// MiB and milliseconds to parse).
 #[derive(Debug, Default)]
 pub struct ParseCache {
-    entries: HashMap<PathBuf, ([u8; 32], Duration, Result<BackendConfig, ConfigError>)>,
+    entries: HashMap<PathBuf, CachedParse>,
     /// Files parsed (not found in the cache) by the latest load.
     parsed: usize,
 }

@@ -105,7 +105,7 @@ impl Follow {
         if !(event.kind.is_create() || event.kind.is_remove() || renamed) {
             return;
         }
-        let about_dir = event.paths.iter().any(|path| *path == self.dir);
+        let about_dir = event.paths.contains(&self.dir);
         let inside = event.paths.iter().any(|path| path.parent() == Some(self.dir.as_path()));
         if !about_dir && !inside {
             // Something else in the parent directory.

@@ -13,7 +13,7 @@ use crate::model::{Device, PreferredRequest, ReplicaPolicy};
 /// The `must_include` IDs that are available, each once, up to `size`:
 /// every policy starts from these. With the set of available IDs, the IDs
 /// still free to choose from, in `available` order without repeats.
-fn start<'a>(request: &'a PreferredRequest) -> (Vec<String>, Vec<&'a str>) {
+fn start(request: &PreferredRequest) -> (Vec<String>, Vec<&str>) {
     let available: HashSet<&str> = request.available.iter().map(String::as_str).collect();
     // `size` comes from the wire: never reserve by it.
     let mut chosen: Vec<String> = Vec::with_capacity(request.size.min(request.available.len()));
