@@ -12,8 +12,9 @@
 //!
 //! Two devhost instances (the old and the new pod of a rolling update)
 //! share the file: each batch holds [`CheckpointLock`] (an exclusive
-//! `flock` on a lock file beside it) and reads the file afresh, so neither
-//! overwrites what the other recorded.
+//! `flock` on a lock file beside it) and reads the file afresh if it is
+//! not the file this process last read or wrote, so neither overwrites
+//! what the other recorded.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -58,11 +59,18 @@ pub struct Checkpoint {
     pub claims: BTreeMap<String, PreparedClaim>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct File {
+/// The file's format number, read before the rest.
+#[derive(Deserialize)]
+struct Format {
+    format: Option<u64>,
+}
+
+/// The file as written: the format number beside the checkpoint's fields.
+#[derive(Serialize)]
+struct FileRef<'a> {
     format: u32,
     #[serde(flatten)]
-    checkpoint: Checkpoint,
+    checkpoint: &'a Checkpoint,
 }
 
 /// Why the checkpoint could not be read or written.
@@ -123,9 +131,8 @@ impl Checkpoint {
             Err(source) => return Err(CheckpointError::Io { path: path.to_owned(), action: "read", source }),
         };
         let unreadable = |why: String| CheckpointError::Unreadable { path: path.to_owned(), why };
-        let value: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|error| unreadable(format!("not JSON: {error}")))?;
-        match value.get("format").and_then(serde_json::Value::as_u64) {
+        let format: Format = serde_json::from_slice(&text).map_err(|error| unreadable(format!("not JSON: {error}")))?;
+        match format.format {
             Some(format) if format == u64::from(FORMAT) => {}
             Some(format) => {
                 return Err(unreadable(format!(
@@ -134,8 +141,7 @@ impl Checkpoint {
             }
             None => return Err(unreadable("no format number".to_owned())),
         }
-        let file: File = serde_json::from_value(value).map_err(|error| unreadable(error.to_string()))?;
-        Ok(file.checkpoint)
+        serde_json::from_slice(&text).map_err(|error| unreadable(error.to_string()))
     }
 
     /// Replaces `path` with this checkpoint, atomically.
@@ -143,7 +149,7 @@ impl Checkpoint {
         let io = |action, source| CheckpointError::Io { path: path.to_owned(), action, source };
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|source| io("create its directory", source))?;
-        let text = serde_json::to_vec_pretty(&File { format: FORMAT, checkpoint: self.clone() })
+        let text = serde_json::to_vec_pretty(&FileRef { format: FORMAT, checkpoint: self })
             .map_err(|error| io("encode", std::io::Error::other(error)))?;
         let mut temporary =
             tempfile::NamedTempFile::new_in(dir).map_err(|source| io("create a temporary file", source))?;

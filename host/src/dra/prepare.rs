@@ -31,6 +31,7 @@ use crate::backend::handle::BackendHandle;
 use crate::cdi;
 use crate::device_state::ResourceState;
 use crate::proto::dra::v1;
+use crate::server::socket::FileIdentity;
 
 /// Prepares and unprepares the claims of one driver (one resource).
 pub struct Preparer {
@@ -45,6 +46,11 @@ pub struct Preparer {
     /// The checkpoint as on disk; the lock also makes prepares and
     /// unprepares of this driver take turns (each saves the file).
     prepared: Mutex<Checkpoint>,
+    /// The checkpoint file as this process last read or wrote it (only
+    /// touched under `prepared`'s lock): while the file is that one, a
+    /// batch need not read it again. Another process replaces it by a
+    /// rename, so its writes show as a new file.
+    on_disk: std::sync::Mutex<Option<FileIdentity>>,
 }
 
 /// Where a driver keeps its files.
@@ -69,6 +75,7 @@ impl Preparer {
         state: Arc<ResourceState>,
         files: PreparerFiles,
     ) -> Result<Self, super::checkpoint::CheckpointError> {
+        let on_disk = FileIdentity::of(&files.checkpoint);
         let prepared = Checkpoint::load(&files.checkpoint)?;
         crate::telemetry::global().dra().claims_prepared(driver, prepared.claims.len());
         Ok(Preparer {
@@ -81,6 +88,7 @@ impl Preparer {
             cdi_dir: files.cdi_dir,
             checkpoint_path: files.checkpoint,
             prepared: Mutex::new(prepared),
+            on_disk: std::sync::Mutex::new(on_disk),
         })
     }
 
@@ -112,7 +120,7 @@ impl Preparer {
             claims.insert(claim.uid, answer);
         }
         if !new.is_empty() {
-            match prepared.save(&self.checkpoint_path) {
+            match self.save(&prepared) {
                 Ok(()) => {
                     for claim in &new {
                         tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name),
@@ -144,8 +152,23 @@ impl Preparer {
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
-        *prepared = Checkpoint::load(&self.checkpoint_path).map_err(|error| error.to_string())?;
+        let file = FileIdentity::of(&self.checkpoint_path);
+        let mut on_disk = self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if file.is_none() || file != *on_disk {
+            *prepared = Checkpoint::load(&self.checkpoint_path).map_err(|error| error.to_string())?;
+            *on_disk = file;
+        }
+        drop(on_disk);
         Ok((prepared, lock))
+    }
+
+    /// Saves the checkpoint (under the lock [`Self::hold`] took) and notes
+    /// the file it now is.
+    fn save(&self, prepared: &Checkpoint) -> Result<(), super::checkpoint::CheckpointError> {
+        let saved = prepared.save(&self.checkpoint_path);
+        let file = if saved.is_ok() { FileIdentity::of(&self.checkpoint_path) } else { None };
+        *self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = file;
+        saved
     }
 
     /// The answer for a claim that could not be prepared, logged and
@@ -266,7 +289,7 @@ impl Preparer {
             .await
             .map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
         prepared.claims.remove(uid);
-        if let Err(error) = prepared.save(&self.checkpoint_path) {
+        if let Err(error) = self.save(prepared) {
             prepared.claims.insert(uid.to_owned(), claim);
             return Err(error.to_string());
         }
