@@ -24,6 +24,13 @@ pub enum PodResourcesError {
         /// Why.
         source: tonic::transport::Error,
     },
+    /// There is no socket file (no kubelet, or the directory is not
+    /// mounted): not dialled, which costs far more than looking.
+    #[error("the kubelet's PodResources API is not there: no socket at {}", socket.display())]
+    Absent {
+        /// The socket.
+        socket: PathBuf,
+    },
     /// The kubelet answered with an error.
     #[error("the kubelet's PodResources API at {} refused List: {} ({:?})", socket.display(), status.message(), status.code())]
     Call {
@@ -88,6 +95,9 @@ impl PodResourcesClient {
         let client = match &mut self.client {
             Some(client) => client,
             None => {
+                if std::fs::symlink_metadata(&self.socket).is_err() {
+                    return Err(PodResourcesError::Absent { socket: self.socket.clone() });
+                }
                 let channel = crate::uds::connect(&self.socket, self.timeout)
                     .await
                     .map_err(|source| PodResourcesError::Connect { socket: self.socket.clone(), source })?;
@@ -223,7 +233,13 @@ mod tests {
         kubelet.stop().await;
         // The open connection dies with the kubelet; the next call dials.
         client.holdings().await.expect_err("the kubelet went away");
+        // Its socket is gone: said so, without dialling.
         let error = client.holdings().await.expect_err("no kubelet");
+        assert!(matches!(error, PodResourcesError::Absent { .. }), "{error}");
+        assert!(error.to_string().starts_with("the kubelet's PodResources API is not there: no socket at"), "{error}");
+        // A socket file nothing listens on (a dead kubelet's) is dialled.
+        drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+        let error = client.holdings().await.expect_err("nothing listens");
         assert!(error.to_string().starts_with("cannot connect to the kubelet's PodResources API at"), "{error}");
     }
 }
