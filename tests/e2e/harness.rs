@@ -246,15 +246,24 @@ impl Devhost {
     pub async fn stop_with(&mut self, signal: Signal) -> ExitStatus {
         kill(self.pid(), signal).expect("signal devhost");
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait devhost") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "devhost did not exit after {signal}; log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let status = wait_for_exit(&mut child).await;
+        status.unwrap_or_else(|| panic!("devhost did not exit after {signal}; log:\n{}", self.log()))
     }
+}
+
+/// Waits up to [`WAIT`] for `child` to exit, without blocking the test's
+/// runtime: a blocking `wait` would freeze the fake kubelet in this process,
+/// which then never answers the HTTP/2 ping of devhost's graceful shutdown
+/// (devhost would wait out its whole grace period).
+pub async fn wait_for_exit(child: &mut std::process::Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 /// A minimal HTTP/1.0 GET, enough for the metrics endpoint: status and body.

@@ -8,7 +8,9 @@ use devhost::fake_kubelet::FakeKubelet;
 use devhost::proto::v1beta1;
 use tokio_stream::StreamExt;
 
-use crate::harness::{Node, WAIT, assert_quiet_until_health_change, healthy_state, http_get, repo, static_backend};
+use crate::harness::{
+    Node, WAIT, assert_quiet_until_health_change, healthy_state, http_get, repo, static_backend, wait_for_exit,
+};
 use crate::native_loader::compile_c;
 
 const GPU: &str = "example.com/gpu";
@@ -723,9 +725,12 @@ async fn logs_to_a_file_carry_no_colour_codes() {
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
         .expect("SIGTERM");
-    assert!(child.wait().expect("wait").success());
+    let status = wait_for_exit(&mut child).await;
     let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(status.is_some_and(|status| status.success()), "{status:?}; log:\n{text}");
     assert!(!text.contains('\u{1b}'), "escape codes in a file:\n{text}");
+    // The kubelet answered, so the graceful stop did not wait for it.
+    assert!(!text.contains("outlived the grace period"), "devhost waited out its grace:\n{text}");
 }
 
 /// Item 10: two files claiming one resource: the file that sorts first
