@@ -95,14 +95,13 @@ pub struct LoadedBackends {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
+struct RawFile<Config = serde::de::IgnoredAny> {
     backend: RawBackend,
-    /// Skipped here: a static backend's `[config]` (which can hold 10,000
-    /// devices) is parsed once, by `StaticConfig`, and a module's by
-    /// [`ModuleSettings`]. Building a `toml::Table` of it here as well
-    /// doubled the memory a big file takes to load.
-    #[serde(default, rename = "config")]
-    _config: Option<serde::de::IgnoredAny>,
+    /// A static backend's `[config]` (which can hold 10,000 devices) as
+    /// `StaticConfig` reads it, or skipped (`IgnoredAny`): a module's is
+    /// parsed by [`ModuleSettings`]. Building a `toml::Table` of it here as
+    /// well doubled the memory a big file takes to load.
+    config: Option<Config>,
     sandbox: Option<Spanned<RawSandbox>>,
     #[serde(default)]
     resources: std::collections::BTreeMap<Spanned<String>, Spanned<super::resource_settings::RawResourceSettings>>,
@@ -337,9 +336,24 @@ fn claim_resources(
     Ok(())
 }
 
+impl<Config> RawFile<Config> {
+    /// The file without its `[config]`, and the `[config]`.
+    fn split(self) -> (RawFile, Option<Config>) {
+        let RawFile { backend, config, sandbox, resources } = self;
+        (RawFile { backend, config: None, sandbox, resources }, config)
+    }
+}
+
 /// Validates one backend file's `source`, read from `file`.
 pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Result<BackendConfig, ConfigError> {
-    let raw: RawFile = toml::from_str(source).map_err(|error| ConfigError::from_toml(file, source, &error))?;
+    // A static backend's file is parsed once, `[config]` included: for
+    // 10,000 devices the TOML parse is most of the start-up time and its
+    // peak memory. Any other file (a module's free-form `[config]`), or one
+    // with an error, is parsed as before, so every message stays the same.
+    let (raw, static_config) = match toml::from_str::<RawFile<Spanned<super::static_backend::RawConfig>>>(source) {
+        Ok(raw) if raw.backend.kind.is_some() && raw.backend.module.is_none() => raw.split(),
+        _ => (toml::from_str::<RawFile>(source).map_err(|error| ConfigError::from_toml(file, source, &error))?, None),
+    };
     let name = file.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default().to_owned();
     let at = |span, message: String| ConfigError::at(file, source, span, message);
 
@@ -391,7 +405,11 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                     "memory_mb limits a native module's worker; a built-in kind has none".into(),
                 ));
             }
-            BackendSource::Static(std::sync::Arc::new(StaticConfig::parse(file, source)?))
+            let config = match static_config {
+                Some(config) => StaticConfig::from_raw(file, source, Some(config))?,
+                None => StaticConfig::parse(file, source)?,
+            };
+            BackendSource::Static(std::sync::Arc::new(config))
         }
         (None, Some(module)) => {
             let sha256 = match raw.backend.sha256 {

@@ -67,9 +67,10 @@ struct RawFile {
     config: Option<Spanned<RawConfig>>,
 }
 
+/// The `[config]` table of a static backend, as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+pub(super) struct RawConfig {
     health_interval_ms: Option<Spanned<u64>>,
     #[serde(default)]
     resource: Vec<RawResource>,
@@ -154,8 +155,14 @@ impl StaticConfig {
     /// Validates the `[config]` table of the backend file `source`.
     pub fn parse(file: &Path, source: &str) -> Result<Self, ConfigError> {
         let raw: RawFile = toml::from_str(source).map_err(|error| ConfigError::from_toml(file, source, &error))?;
+        Self::from_raw(file, source, raw.config)
+    }
+
+    /// Validates `config`, the `[config]` table of `source` as parsed
+    /// already (spans point into `source`).
+    pub(super) fn from_raw(file: &Path, source: &str, config: Option<Spanned<RawConfig>>) -> Result<Self, ConfigError> {
         let at = |span: Range<usize>, message: String| ConfigError::at(file, source, span, message);
-        let Some(config) = raw.config else {
+        let Some(config) = config else {
             return Err(ConfigError::file(
                 file,
                 "a static backend needs a [config] table with at least one [[config.resource]]",
