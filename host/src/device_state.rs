@@ -4,8 +4,9 @@
 //! costs each stream one message.
 //!
 //! A snapshot is validated once when published (non-empty, unique IDs; under
-//! the kubelet's 4 MiB message limit) and carries its ready-made
-//! `ListAndWatchResponse`, so streams never re-check or rebuild it.
+//! the kubelet's 4 MiB message limit) and carries its device list encoded
+//! as a `ListAndWatchResponse`, so streams never re-check, rebuild or
+//! re-encode it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
