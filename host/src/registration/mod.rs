@@ -159,7 +159,7 @@ mod tests {
     use crate::proto::v1beta1::registration_server::{Registration, RegistrationServer};
 
     /// A registration socket that counts the connections it accepts and
-    /// the resources registered, refusing `refused`.
+    /// the resources registered, refusing any whose name ends in `/refused`.
     #[derive(Clone, Default)]
     struct Counting {
         connections: Arc<AtomicUsize>,
