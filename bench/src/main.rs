@@ -372,7 +372,7 @@ async fn floor(table: &mut Table) -> Result<()> {
     while !socket.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let channel = devhost::uds::connect(&socket, Duration::from_secs(10)).await?;
+    let channel = devhost::sockets::client::connect(&socket, Duration::from_secs(10)).await?;
     let result = allocate_latency(DevicePluginClient::new(channel), &["d-0".to_owned()]).await;
     let _ = child.kill();
     let _ = child.wait();
@@ -489,7 +489,7 @@ async fn publish_to_stream(count: usize, changes: usize) -> Result<(Vec<Duration
     let service = DevicePluginService::new(spec, state, handle.clone(), stop.clone());
     let socket = dir.path().join("manual.sock");
     let server = ResourceServer::start(&socket, service, stop.clone())?;
-    let mut client = DevicePluginClient::new(devhost::uds::connect(&socket, Duration::from_secs(5)).await?);
+    let mut client = DevicePluginClient::new(devhost::sockets::client::connect(&socket, Duration::from_secs(5)).await?);
     let mut stream = client.list_and_watch(Empty {}).await?.into_inner();
     stream.next().await.context("first list")??;
     let publisher =

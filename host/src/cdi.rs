@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::handle::BackendHandle;
 use crate::device_state::ResourceState;
 use crate::model::Allocation;
-use crate::server::socket::sanitise;
+use crate::sockets::files::sanitise;
 
 /// The CDI specification version the files declare.
 pub const CDI_VERSION: &str = "0.6.0";

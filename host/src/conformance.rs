@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::handle::{BackendHandle, StartError};
+use crate::backend::handle::{BackendHandle, CallError, StartError};
 use crate::config::{BackendConfig, BackendSource, HostConfig, Overrides, parse_backend};
 use crate::fake_kubelet::FakeKubelet;
 use crate::model::ResourceSpec;
@@ -286,7 +286,7 @@ async fn check_resource(
 
     if spec.preferred_allocation {
         let started = Instant::now();
-        let before = crate::telemetry::global().backend_errors(backend, "preferred_allocation");
+        let before = crate::telemetry::global().backend_errors(backend, "preferred_allocation", &CallError::KINDS);
         let result = check_preferred(kubelet, resource, &devices).await;
         let result = without_faults(backend, "preferred_allocation", before, result);
         report.record(&format!("{resource}: preferred allocation"), started, result);
@@ -312,7 +312,7 @@ fn without_faults(
     result: Result<String, String>,
 ) -> Result<String, String> {
     let detail = result?;
-    let errors = crate::telemetry::global().backend_errors(backend, operation) - before;
+    let errors = crate::telemetry::global().backend_errors(backend, operation, &CallError::KINDS) - before;
     if errors == 0 {
         Ok(detail)
     } else {

@@ -7,7 +7,8 @@
 //! backend is adapted to, over the data of [`model`]; [`device_state`] keeps
 //! each resource's latest device list; [`server`] serves one resource on its
 //! own socket; [`registration`] talks to the kubelet and watches the plugin
-//! directory for its restarts; [`daemon`] ties them together.
+//! directory for its restarts; [`daemon`] ties them together. [`sockets`]
+//! is the floor every Unix-socket server and client stands on.
 //! [`fake_kubelet`] is the kubelet's side, for tests, the demo and
 //! conformance checks.
 
@@ -34,7 +35,7 @@ pub mod proto;
 pub mod registration;
 pub mod resource_name;
 pub mod server;
+pub mod sockets;
 pub mod telemetry;
-pub mod uds;
 pub mod wasm;
 pub mod worker;

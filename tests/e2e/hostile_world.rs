@@ -591,7 +591,7 @@ async fn unread_list_and_watch_streams_are_capped() {
     let socket = node.plugin_dir().join(&registration.endpoint);
     let (mut served, mut refused, mut held) = (0, 0, Vec::new());
     for _ in 0..100 {
-        let channel = devhost::uds::connect(&socket, WAIT).await.expect("connect");
+        let channel = devhost::sockets::client::connect(&socket, WAIT).await.expect("connect");
         let mut client = v1beta1::device_plugin_client::DevicePluginClient::new(channel);
         for _ in 0..20 {
             match client.list_and_watch(v1beta1::Empty {}).await {
@@ -625,7 +625,7 @@ async fn unread_list_and_watch_streams_are_capped() {
 
     // Places free up when streams end.
     drop(held);
-    let channel = devhost::uds::connect(&socket, WAIT).await.expect("connect");
+    let channel = devhost::sockets::client::connect(&socket, WAIT).await.expect("connect");
     let mut client = v1beta1::device_plugin_client::DevicePluginClient::new(channel);
     let deadline = tokio::time::Instant::now() + WAIT;
     while client.list_and_watch(v1beta1::Empty {}).await.is_err() {

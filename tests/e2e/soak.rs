@@ -1000,7 +1000,7 @@ async fn soak_hostile_world_under_load() {
         let registration = kubelet.wait_for_registrations(&names[0], 1, WAIT).await.expect("registered");
         let socket = node.plugin_dir().join(&registration.endpoint);
         for _ in 0..20 {
-            let Ok(channel) = devhost::uds::connect(&socket, WAIT).await else { continue };
+            let Ok(channel) = devhost::sockets::client::connect(&socket, WAIT).await else { continue };
             let mut client = devhost::proto::v1beta1::device_plugin_client::DevicePluginClient::new(channel);
             for _ in 0..100 {
                 let _ = client.list_and_watch(devhost::proto::v1beta1::Empty {}).await;

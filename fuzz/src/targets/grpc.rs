@@ -105,7 +105,8 @@ async fn start(dir: &Path, stop: &CancellationToken) -> Result<(Vec<ResourceServ
         let service = DevicePluginService::new(spec.clone(), state.clone(), handle.clone(), stop.clone());
         let socket = dir.join(format!("{}.sock", if shared { "shared" } else { "plain" }));
         servers.push(ResourceServer::start(&socket, service, stop.clone()).map_err(|e| e.to_string())?);
-        let channel = devhost::uds::connect(&socket, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+        let channel =
+            devhost::sockets::client::connect(&socket, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
         clients.push((shared, channel));
     }
     Ok((servers, clients))

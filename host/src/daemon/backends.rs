@@ -17,7 +17,7 @@ use super::resource::{self, ResourceTask};
 use crate::backend::handle::BackendHandle;
 use crate::config::{BackendConfig, BackendSource, LoadedBackends};
 use crate::registration::PluginDirWatcher;
-use crate::server::socket::FileIdentity;
+use crate::sockets::FileIdentity;
 use crate::telemetry;
 
 /// One backend that is serving.

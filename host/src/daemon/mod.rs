@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostConfig, ParseCache, load_backends_cached};
 use crate::registration::PluginDirWatcher;
-use crate::server::socket;
+use crate::sockets::files as socket;
 
 mod backends;
 mod dra;

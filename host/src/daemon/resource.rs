@@ -15,8 +15,9 @@ use crate::backend::handle::BackendHandle;
 use crate::device_state::ResourceState;
 use crate::model::ResourceSettings;
 use crate::registration::{Kubelet, KubeletError, REGISTER_TIMEOUT};
-use crate::server::socket::{self, FileIdentity};
 use crate::server::{DevicePluginService, ResourceServer};
+use crate::sockets::FileIdentity;
+use crate::sockets::files as socket;
 use crate::telemetry;
 
 /// Periodic re-check, in case an inotify event is lost.

@@ -27,11 +27,9 @@ impl FakeKubelet {
         let (socket, channel) = self.current_endpoint(resource)?;
         let channel = match channel {
             Some(channel) => channel,
-            None => crate::uds::connect(&socket, DIAL_TIMEOUT).await.map_err(|source| FakeKubeletError::Dial {
-                resource: resource.to_owned(),
-                socket,
-                source,
-            })?,
+            None => crate::sockets::client::connect(&socket, DIAL_TIMEOUT)
+                .await
+                .map_err(|source| FakeKubeletError::Dial { resource: resource.to_owned(), socket, source })?,
         };
         Ok(DevicePluginClient::new(channel))
     }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -106,7 +105,10 @@ impl FakePodResources {
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(
+                    crate::sockets::unix_incoming(listener, "pod-resources".to_owned(), Default::default()),
+                    shutdown,
+                )
                 .await;
         });
         *self.serving.lock().unwrap_or_else(PoisonError::into_inner) = Some((token, server));

@@ -76,7 +76,7 @@ impl RegistrationService {
             return Err(Status::unknown(format!("the ResourceName {resource:?} is invalid")));
         }
         let socket = join_endpoint(&self.shared.plugin_dir, &request.endpoint);
-        let channel = crate::uds::connect(&socket, DIAL_TIMEOUT)
+        let channel = crate::sockets::client::connect(&socket, DIAL_TIMEOUT)
             .await
             .map_err(|e| Status::unknown(format!("failed to dial device plugin: {}", error_chain(&e))))?;
         let options = DevicePluginClient::new(channel.clone())

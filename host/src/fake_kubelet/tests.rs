@@ -144,7 +144,7 @@ async fn register(
     endpoint: &str,
     resource: &str,
 ) -> anyhow::Result<Result<(), Status>> {
-    let channel = crate::uds::connect(&kubelet.socket_path(), WAIT).await?;
+    let channel = crate::sockets::client::connect(&kubelet.socket_path(), WAIT).await?;
     let request = RegisterRequest {
         version: version.to_owned(),
         endpoint: endpoint.to_owned(),

@@ -98,7 +98,7 @@ impl PodResourcesClient {
                 if std::fs::symlink_metadata(&self.socket).is_err() {
                     return Err(PodResourcesError::Absent { socket: self.socket.clone() });
                 }
-                let channel = crate::uds::connect(&self.socket, self.timeout)
+                let channel = crate::sockets::client::connect(&self.socket, self.timeout)
                     .await
                     .map_err(|source| PodResourcesError::Connect { socket: self.socket.clone(), source })?;
                 self.client.insert(

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::PodResourcesClient;
 use super::{Assignments, AssignmentsWatch, PodResourcesSettings};
-use crate::server::socket::FileIdentity;
+use crate::sockets::FileIdentity;
 use crate::telemetry;
 
 /// The longest wait between two calls while the kubelet rate-limits us.

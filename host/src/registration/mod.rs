@@ -10,8 +10,8 @@ use thiserror::Error;
 use tonic::transport::Channel;
 
 use crate::proto::v1beta1::{self, registration_client::RegistrationClient};
-use crate::server::socket::FileIdentity;
-use crate::uds;
+use crate::sockets::FileIdentity;
+use crate::sockets::client as uds;
 
 mod watch;
 
@@ -183,7 +183,7 @@ mod tests {
 
     /// Serves `counting` on `socket` (replacing the file) until `stop`.
     fn serve(socket: &Path, counting: &Counting, stop: &CancellationToken) -> FileIdentity {
-        let (listener, identity) = crate::server::socket::bind(socket).expect("binds");
+        let (listener, identity) = crate::sockets::bind(socket).expect("binds");
         let connections = counting.connections.clone();
         let incoming = UnixListenerStream::new(listener).inspect(move |_| {
             connections.fetch_add(1, Ordering::SeqCst);

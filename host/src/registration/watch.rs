@@ -17,7 +17,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::broadcast;
 
-use crate::server::socket::FileIdentity;
+use crate::sockets::FileIdentity;
 
 /// How often the directory's identity is checked, in case an event about
 /// the directory itself was missed.

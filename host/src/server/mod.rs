@@ -12,16 +12,14 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub mod accept;
 pub mod preferred;
 pub mod service;
-pub mod socket;
 pub mod status;
 
 pub use service::DevicePluginService;
-use socket::FileIdentity;
 
 use crate::proto::v1beta1::device_plugin_server::DevicePluginServer;
+use crate::sockets::{self, FileIdentity};
 
 /// How long a stopping server may take to finish in-flight calls.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -39,13 +37,16 @@ impl ResourceServer {
     /// Binds `socket` (mode 0600, replacing a stale file) and starts serving
     /// `service` on it. `stop` must be the token the service was built with.
     pub fn start(socket: &Path, service: DevicePluginService, stop: CancellationToken) -> std::io::Result<Self> {
-        let (listener, identity) = socket::bind(socket)?;
+        let (listener, identity) = sockets::bind(socket)?;
         let shutdown = stop.clone().cancelled_owned();
         let name = socket.file_name().map_or_else(String::new, |name| name.to_string_lossy().into_owned());
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(DevicePluginServer::new(service))
-                .serve_with_incoming_shutdown(accept::unix_incoming(listener, name), shutdown),
+                .serve_with_incoming_shutdown(
+                    sockets::unix_incoming(listener, name, crate::telemetry::global().accept_refused("resource")),
+                    shutdown,
+                ),
         );
         Ok(ResourceServer { socket: socket.to_owned(), identity, stop, task })
     }

@@ -16,7 +16,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::accept::AcceptBackoff;
+use crate::sockets::accept::AcceptBackoff;
 
 /// Connections served at once; more are closed as soon as accepted, so a
 /// flood of idle clients holds a bounded number of descriptors. Prometheus
@@ -44,7 +44,7 @@ pub async fn serve(address: SocketAddr, shutdown: CancellationToken) -> std::io:
 
 async fn accept_loop(listener: tokio::net::TcpListener, app: Router, bound: SocketAddr, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = AcceptBackoff::new("metrics", bound.to_string());
+    let mut backoff = AcceptBackoff::new(bound.to_string(), crate::telemetry::global().accept_refused("metrics"));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,

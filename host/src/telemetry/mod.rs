@@ -261,10 +261,13 @@ impl Telemetry {
         self.resources.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An accept on a `listener` of this kind failed for lack of
-    /// descriptors (or memory).
-    pub fn accept_refused(&self, listener: &str) {
-        self.refuse(listener, "descriptors");
+    /// The counter of accepts on listeners of kind `listener` (`resource`,
+    /// `metrics`) that failed for lack of descriptors (or memory), for the
+    /// accept loops to count in.
+    pub fn accept_refused(&self, listener: &str) -> Counter {
+        self.refused
+            .get_or_create(&RefusedLabels { listener: listener.to_owned(), reason: "descriptors".to_owned() })
+            .clone()
     }
 
     /// A connection to the metrics server closed at once: at its cap.
@@ -367,11 +370,11 @@ impl Telemetry {
         self.backend_errors.get_or_create(&labels).inc();
     }
 
-    /// Failed calls into `backend` for `operation` so far, of every kind
-    /// (`devhost check` uses it to see a fault that devhost hid from the
-    /// kubelet by answering for the backend).
-    pub fn backend_errors(&self, backend: &str, operation: &str) -> u64 {
-        crate::backend::handle::CallError::KINDS
+    /// Failed calls into `backend` for `operation` so far, of the given
+    /// `kinds` (`devhost check` uses it to see a fault that devhost hid from
+    /// the kubelet by answering for the backend).
+    pub fn backend_errors(&self, backend: &str, operation: &str, kinds: &[&str]) -> u64 {
+        kinds
             .iter()
             .filter_map(|kind| {
                 let labels = BackendCallLabels {
@@ -428,7 +431,7 @@ impl Telemetry {
         let resources = self.resources();
         let mut missing: Vec<String> =
             resources.configured.keys().filter(|name| !resources.registered.contains(*name)).cloned().collect();
-        missing.extend(self.dra.unregistered().into_iter().map(|driver| format!("DRA driver {driver}")));
+        missing.extend(self.dra.unregistered());
         if missing.is_empty() { Ok(()) } else { Err(format!("not registered: {}", missing.join(", "))) }
     }
 
@@ -444,7 +447,7 @@ impl Telemetry {
     }
 
     fn refresh_descriptors(&self) {
-        let (open, limit) = crate::server::accept::descriptor_use();
+        let (open, limit) = crate::sockets::accept::descriptor_use();
         for (gauge, value) in [(&self.open_descriptors, open), (&self.descriptor_limit, limit)] {
             if let Some(value) = value {
                 gauge.set(i64::try_from(value).unwrap_or(i64::MAX));

@@ -10,7 +10,10 @@ use std::io;
 use std::time::Duration;
 
 use futures_util::Stream;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{UnixListener, UnixStream};
+
+use super::authority::Rewritten;
 
 /// First pause after an accept error.
 const FIRST_PAUSE: Duration = Duration::from_millis(10);
@@ -26,8 +29,8 @@ fn out_of_resources(error: &io::Error) -> bool {
 /// The back-off state of one accept loop.
 #[derive(Debug)]
 pub struct AcceptBackoff {
-    /// The kind of listener, for the metric: `resource` or `metrics`.
-    kind: &'static str,
+    /// Counts the refused tries (the caller's metric).
+    refused_total: Counter,
     /// Which listener, for the log (a socket's name, an address).
     listener: String,
     pause: Duration,
@@ -36,9 +39,10 @@ pub struct AcceptBackoff {
 }
 
 impl AcceptBackoff {
-    /// Back-off for the listener called `listener`, of `kind`.
-    pub fn new(kind: &'static str, listener: impl Into<String>) -> Self {
-        AcceptBackoff { kind, listener: listener.into(), pause: FIRST_PAUSE, refused: 0 }
+    /// Back-off for the listener called `listener`, counting each refused
+    /// try in `refused_total`.
+    pub fn new(listener: impl Into<String>, refused_total: Counter) -> Self {
+        AcceptBackoff { refused_total, listener: listener.into(), pause: FIRST_PAUSE, refused: 0 }
     }
 
     /// A connection was accepted: an episode of errors, if any, is over.
@@ -57,7 +61,7 @@ impl AcceptBackoff {
             tracing::debug!(listener = %self.listener, %error, "a connection could not be accepted");
             return;
         }
-        crate::telemetry::global().accept_refused(self.kind);
+        self.refused_total.inc();
         if self.refused == 0 {
             let (open, limit) = descriptor_use();
             tracing::warn!(
@@ -74,16 +78,23 @@ impl AcceptBackoff {
     }
 }
 
-/// The connections of a resource server's socket, with [`AcceptBackoff`].
-pub fn unix_incoming(listener: UnixListener, name: String) -> impl Stream<Item = io::Result<UnixStream>> {
+/// The connections of a gRPC server's Unix socket, with [`AcceptBackoff`],
+/// each one's `:authority` made acceptable to the server
+/// ([`Rewritten::server`]). Every gRPC socket devhost serves takes its
+/// connections from here.
+pub fn unix_incoming(
+    listener: UnixListener,
+    name: String,
+    refused_total: Counter,
+) -> impl Stream<Item = io::Result<Rewritten<UnixStream>>> {
     futures_util::stream::unfold(
-        (listener, AcceptBackoff::new("resource", name)),
+        (listener, AcceptBackoff::new(name, refused_total)),
         |(listener, mut backoff)| async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
                         backoff.accepted();
-                        return Some((Ok(stream), (listener, backoff)));
+                        return Some((Ok(Rewritten::server(stream)), (listener, backoff)));
                     }
                     Err(error) => backoff.failed(&error).await,
                 }
@@ -137,7 +148,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_pause_doubles_up_to_a_second_and_resets_on_success() {
-        let mut backoff = AcceptBackoff::new("resource", "test");
+        let refused = Counter::default();
+        let mut backoff = AcceptBackoff::new("test", refused.clone());
         let emfile = io::Error::from_raw_os_error(libc::EMFILE);
         let mut pauses = Vec::new();
         for _ in 0..9 {
@@ -153,5 +165,6 @@ mod tests {
         let started = tokio::time::Instant::now();
         backoff.failed(&io::Error::from_raw_os_error(libc::ECONNABORTED)).await;
         assert_eq!(started.elapsed().as_millis(), 0, "one bad connection does not pause");
+        assert_eq!(refused.get(), 10, "each try refused for lack of descriptors is counted, the bad connection not");
     }
 }
