@@ -45,5 +45,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .out_dir(generated)
             .compile_fds(descriptors)?;
     }
+
+    // DRAResourceHealth v1alpha1 (what a 1.36 kubelet opens): a service over
+    // v1's messages, which are generated once, with v1.
+    let proto = "proto/dra-health/v1alpha1/api.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    let generated = out_dir.join("dra_health_v1alpha1");
+    std::fs::create_dir_all(&generated)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .out_dir(generated)
+        .extern_path(".v1", "crate::proto::dra::health")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use devhost::fake_apiserver::FakeApiServer;
-use devhost::fake_kubelet::{FakePluginWatcher, KUBELET_1_34};
+use devhost::fake_kubelet::{FakePluginWatcher, KUBELET_1_37};
 use serde_json::{Value, json};
 
 use super::{Node, Table, WAIT, dist, ms, scaled, static_file};
@@ -47,7 +47,7 @@ impl DraNode {
         )?;
         node.backend("dra", &format!("{backend}[resources.{RESOURCE:?}]\napi = \"dra\"\n"))?;
         // The kubelet root is the plugin directory's parent.
-        let watcher = FakePluginWatcher::start(root, KUBELET_1_34).await?;
+        let watcher = FakePluginWatcher::start(root, KUBELET_1_37).await?;
         Ok(DraNode { node, server, watcher })
     }
 

@@ -38,9 +38,17 @@ pub mod dra {
     pub mod v1beta1 {
         include!(concat!(env!("OUT_DIR"), "/dra_v1beta1/k8s.io.kubelet.pkg.apis.dra.v1beta1.rs"));
     }
-    /// `DRAResourceHealth`, package `v1`.
+    /// `DRAResourceHealth`, package `v1` (kubelets from 1.37 open it when
+    /// the plugin lists it).
     pub mod health {
         include!(concat!(env!("OUT_DIR"), "/dra_health/v1.rs"));
+
+        /// `DRAResourceHealth`, package `v1alpha1` (a 1.36 kubelet opens it
+        /// on every DRA plugin): the service only, over `v1`'s messages,
+        /// which are the same on the wire.
+        pub mod v1alpha1 {
+            include!(concat!(env!("OUT_DIR"), "/dra_health_v1alpha1/v1alpha1.rs"));
+        }
     }
     /// The plugin watcher's `pluginregistration` package.
     pub mod pluginregistration {

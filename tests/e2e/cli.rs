@@ -314,6 +314,74 @@ fn devhost_kubelet_shows_a_running_devhost_live_and_allocates_on_request() {
     assert!(status.success(), "{status}");
 }
 
+/// `devhost kubelet --kubelet-version` (issue 24, item 4): the plugin
+/// watcher of that kubelet version registers devhost's DRA driver and opens
+/// the health stream that version opens (1.36: v1alpha1, on every plugin),
+/// and shows the health it receives, with no stream error.
+#[tokio::test(flavor = "multi_thread")]
+async fn devhost_kubelet_models_the_kubelet_version_it_is_given() {
+    use std::io::BufRead;
+    let node = Node::new();
+    let text =
+        static_backend(&[("example.com/gpu", &["gpu-0"])], None) + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n";
+    node.backend("gpu", &text);
+    let server = devhost::fake_apiserver::FakeApiServer::start().await.expect("API server");
+    server.add_node("node-a");
+    let root = node.dir.path();
+    let kubeconfig = root.join("kubeconfig.yaml");
+    std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
+    let host = format!(
+        "metrics_address = \"\"\ncdi_dir = {:?}\n[dra]\nnode_name = \"node-a\"\nkubeconfig = {kubeconfig:?}\nkubelet_root = {root:?}\n",
+        root.join("cdi")
+    );
+    std::fs::write(node.config_file(), host).expect("host config");
+    /// Killed however the test ends (a panic included).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut kubelet = Killed(
+        Command::new(env!("CARGO_BIN_EXE_devhost"))
+            .args(["kubelet", "--json", "--kubelet-version", "1.36", "--dir"])
+            .arg(node.plugin_dir())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start devhost kubelet"),
+    );
+    let (lines, mut events) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let output = kubelet.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let devhost = node.start_devhost();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + crate::harness::WAIT;
+    while !seen.iter().any(|e: &serde_json::Value| e["event"] == "health") {
+        let line = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no health event; saw {seen:?}; devhost's log:\n{}", devhost.log()))
+            .expect("still running");
+        seen.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+    }
+    let event = |kind: &str| {
+        seen.iter().find(|e| e["event"] == kind).cloned().unwrap_or_else(|| panic!("no {kind} in {seen:?}"))
+    };
+    assert_eq!(event("watching")["kubelet_version"], "1.36");
+    let registered = event("dra_registered");
+    assert_eq!(
+        (registered["driver"].as_str(), registered["health"].as_str()),
+        (Some("gpu.example.com"), Some("V1alpha1"))
+    );
+    assert_eq!(event("health")["devices"][0]["health"], "HEALTHY");
+    assert!(!seen.iter().any(|e| e["event"] == "health_error"), "{seen:?}");
+}
+
 /// Every `devhost …` command in a fenced block of the README and the
 /// guides names a subcommand and flags this devhost has: each is run with
 /// `--help` appended, which clap answers only after accepting what comes

@@ -45,6 +45,15 @@ pub fn config_check(path: &Path) -> ExitCode {
         errors.len(),
         config.backends_dir.display()
     );
+    // Where devhost will look for the kubelet, resolved (so a wrong root
+    // shows here, not as a release that never runs).
+    println!("plugin dir: {}", config.plugin_dir.display());
+    println!("kubelet socket: {}", config.kubelet_socket.display());
+    println!("kubelet root (DRA): {}", config.dra.kubelet_root.display());
+    match &config.pod_resources.socket {
+        Some(socket) => println!("pod resources socket: {}", socket.display()),
+        None => println!("pod resources socket: off"),
+    }
     if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 

@@ -4,6 +4,10 @@
 //! every ListAndWatch update as it arrives (text, or one JSON object per
 //! line with `--json`), and reads commands on stdin: `allocate RESOURCE
 //! ID…`, `preferred RESOURCE SIZE ID…`, `prestart RESOURCE ID…`, `quit`.
+//! It also runs the plugin watcher of the kubelet version given with
+//! `--kubelet-version` on DIR's parent (the kubelet root): DRA drivers
+//! register there, and it opens the health stream that version opens,
+//! printing registrations, refusals, health messages and stream errors.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,14 +17,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use crate::fake_kubelet::FakeKubelet;
+use crate::fake_kubelet::{FakeKubelet, FakePluginWatcher, KubeletVersion};
 use crate::proto::v1beta1;
 
 /// How often the kubelet's records are looked at for news.
 const POLL: Duration = Duration::from_millis(10);
 
 /// Runs until stdin ends, `quit`, or Ctrl-C.
-pub async fn run(dir: &Path, json_lines: bool) -> ExitCode {
+pub async fn run(dir: &Path, version: KubeletVersion, json_lines: bool) -> ExitCode {
     if let Err(error) = std::fs::create_dir_all(dir) {
         eprintln!("devhost kubelet: cannot create {}: {error}", dir.display());
         return ExitCode::FAILURE;
@@ -32,7 +36,24 @@ pub async fn run(dir: &Path, json_lines: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let root = dir.parent().unwrap_or(dir);
+    let watcher = match FakePluginWatcher::start(root, version).await {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            eprintln!("devhost kubelet: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let out = Printer { json: json_lines, started: Instant::now() };
+    out.event(
+        "watching",
+        json!({"registry": root.join("plugins_registry").display().to_string(), "kubelet_version": version.to_string()}),
+        &format!(
+            "plugin watcher of a {version} kubelet on {} (DRA drivers register here)",
+            root.join("plugins_registry").display()
+        ),
+    );
+    let mut dra = DraSeen::default();
     out.event(
         "listening",
         json!({"socket": kubelet.socket_path().display().to_string()}),
@@ -69,6 +90,7 @@ pub async fn run(dir: &Path, json_lines: bool) -> ExitCode {
             lists.entry(request.resource_name.clone()).or_insert(0);
         }
         registrations = all.len();
+        dra.report(&watcher, &out);
         for (resource, seen) in &mut lists {
             let count = kubelet.device_list_count(resource);
             for devices in kubelet.device_lists_since(resource, *seen) {
@@ -81,8 +103,72 @@ pub async fn run(dir: &Path, json_lines: bool) -> ExitCode {
             *seen = count;
         }
     }
+    watcher.stop();
     kubelet.stop().await;
     ExitCode::SUCCESS
+}
+
+/// What of the plugin watcher's records has been printed.
+#[derive(Default)]
+struct DraSeen {
+    drivers: Vec<String>,
+    refusals: usize,
+    health_errors: usize,
+    health: BTreeMap<String, usize>,
+}
+
+impl DraSeen {
+    fn report(&mut self, watcher: &FakePluginWatcher, out: &Printer) {
+        for registration in watcher.drivers() {
+            if self.drivers.contains(&registration.driver) {
+                continue;
+            }
+            let health = registration.health.map_or_else(|| "none".to_owned(), |api| format!("{api:?}"));
+            out.event(
+                "dra_registered",
+                json!({"driver": registration.driver, "endpoint": registration.endpoint.display().to_string(),
+                       "service": registration.service, "health": health}),
+                &format!(
+                    "DRA driver {} registered: {} on {}, health stream {health}",
+                    registration.driver,
+                    registration.service,
+                    registration.endpoint.display()
+                ),
+            );
+            self.drivers.push(registration.driver);
+        }
+        let refusals = watcher.refusals();
+        for refusal in refusals.iter().skip(self.refusals) {
+            out.event("dra_refused", json!({"reason": refusal}), &format!("DRA registration refused: {refusal}"));
+        }
+        self.refusals = refusals.len();
+        let errors = watcher.health_errors();
+        for error in errors.iter().skip(self.health_errors) {
+            out.event("health_error", json!({"error": error}), &format!("health stream error: {error}"));
+        }
+        self.health_errors = errors.len();
+        for driver in &self.drivers {
+            let messages = watcher.health_messages(driver);
+            let seen = self.health.entry(driver.clone()).or_insert(0);
+            for message in messages.iter().skip(*seen) {
+                let devices: Vec<serde_json::Value> = message
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let name = d.device.as_ref().map_or("", |id| id.device_name.as_str());
+                        json!({"device": name, "health": d.health().as_str_name(), "message": d.message})
+                    })
+                    .collect();
+                let text: Vec<String> = devices.iter().map(|d| format!("{} {}", d["device"], d["health"])).collect();
+                out.event(
+                    "health",
+                    json!({"driver": driver, "devices": devices}),
+                    &format!("{driver} health: {}", text.join(", ")),
+                );
+            }
+            *seen = messages.len();
+        }
+    }
 }
 
 /// Prints events as text lines or JSON objects.

@@ -61,6 +61,11 @@ enum Command {
         /// One JSON object per line, for scripts.
         #[arg(long)]
         json: bool,
+        /// The kubelet version whose plugin watcher to model (1.32 to
+        /// 1.37): which DRA services it takes and which health stream it
+        /// opens.
+        #[arg(long, default_value = "1.37")]
+        kubelet_version: crate::fake_kubelet::KubeletVersion,
     },
     /// Start every configured backend, show the devices it sees, stop it.
     /// No kubelet needed. Exit 1 if a backend fails.
@@ -158,9 +163,9 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
-        Command::Kubelet { dir, json } => {
+        Command::Kubelet { dir, json, kubelet_version } => {
             _log = init_logging(LogFormat::Text, "warn");
-            runtime.block_on(kubelet::run(&dir, json))
+            runtime.block_on(kubelet::run(&dir, kubelet_version, json))
         }
         Command::NewBackend { name, lang, dir } => match new_backend::write(&name, lang, &dir) {
             Ok(root) => {
@@ -194,7 +199,7 @@ async fn run(config: HostConfig) -> ExitCode {
     // Every resource socket, stream, worker and module holds descriptors:
     // take what the operator allows rather than the 1,024 of a default
     // soft limit.
-    let descriptor_limit = crate::server::accept::raise_descriptor_limit();
+    let descriptor_limit = crate::sockets::accept::raise_descriptor_limit();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         plugin_dir = %config.plugin_dir.display(),

@@ -204,12 +204,6 @@ impl HostConfig {
             config.cdi_dir = base.join(dir);
         }
         let pod_resources = raw.pod_resources;
-        match pod_resources.socket {
-            // `socket = ""` turns the client off.
-            Some(socket) if socket.as_os_str().is_empty() => config.pod_resources.socket = None,
-            Some(socket) => config.pod_resources.socket = Some(base.join(socket)),
-            None => {}
-        }
         if let Some(ms) = pod_resources.interval_ms {
             if *ms.get_ref() < 100 {
                 let message = "pod_resources.interval_ms must be at least 100 (the kubelet allows 100 calls a second for every client together)";
@@ -229,6 +223,14 @@ impl HostConfig {
         }
         config.dra.kubeconfig = dra.kubeconfig.map(|file| base.join(file));
         config.dra.device_taints = dra.device_taints.unwrap_or(false);
+        config.pod_resources.socket = match pod_resources.socket {
+            // `socket = ""` turns the client off.
+            Some(socket) if socket.as_os_str().is_empty() => None,
+            Some(socket) => Some(base.join(socket)),
+            // The kubelet serves it under its root, like the plugin
+            // directories: one root for all.
+            None => Some(pod_resources_socket(&config.dra.kubelet_root)),
+        };
         Ok(config)
     }
 
@@ -260,6 +262,7 @@ impl HostConfig {
             (None, Some(socket)) => plugin_dir.join(socket),
             (None, None) => plugin_dir.join(KUBELET_SOCKET_NAME),
         };
+        let kubelet_root = plugin_dir.parent().map_or_else(|| PathBuf::from(DEFAULT_KUBELET_ROOT), Path::to_path_buf);
         HostConfig {
             backends_dir: base.join(backends_dir.unwrap_or_else(|| PathBuf::from("backends.d"))),
             kubelet_socket,
@@ -268,9 +271,12 @@ impl HostConfig {
             log_level: log.level.map_or_else(|| "info".to_owned(), toml::Spanned::into_inner),
             metrics_address: Some(default_metrics_address()),
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
-            pod_resources: PodResourcesSettings::default(),
+            pod_resources: PodResourcesSettings {
+                socket: Some(pod_resources_socket(&kubelet_root)),
+                ..PodResourcesSettings::default()
+            },
             dra: DraSettings {
-                kubelet_root: plugin_dir.parent().map_or_else(|| PathBuf::from("/var/lib/kubelet"), Path::to_path_buf),
+                kubelet_root,
                 node_name: std::env::var("NODE_NAME").ok().filter(|node| !node.is_empty()),
                 kubeconfig: None,
                 device_taints: false,
@@ -278,6 +284,14 @@ impl HostConfig {
             plugin_dir,
         }
     }
+}
+
+/// The kubelet's root directory when nothing says otherwise.
+pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
+
+/// Where the kubelet rooted at `kubelet_root` serves PodResources.
+pub fn pod_resources_socket(kubelet_root: &Path) -> PathBuf {
+    kubelet_root.join("pod-resources").join("kubelet.sock")
 }
 
 fn default_metrics_address() -> SocketAddr {
@@ -335,6 +349,29 @@ mod tests {
         let config = parse("[dra]\nkubelet_root = \"/srv/kubelet\"\n").expect("valid");
         assert_eq!(config.dra.kubelet_root, Path::new("/srv/kubelet"));
         assert!(parse("[dra]\nnode = \"x\"\n").is_err(), "unknown keys are refused");
+    }
+
+    /// Issue 24: another kubelet root moves PodResources with it (it stayed
+    /// at /var/lib/kubelet, and `release` never ran).
+    #[test]
+    fn the_pod_resources_socket_follows_the_kubelet_root() {
+        let socket = |config: HostConfig| config.pod_resources.socket.expect("on");
+        assert_eq!(
+            socket(parse("plugin_dir = \"/k/device-plugins\"\n").expect("valid")),
+            Path::new("/k/pod-resources/kubelet.sock")
+        );
+        assert_eq!(
+            socket(parse("[dra]\nkubelet_root = \"/srv/kubelet\"\n").expect("valid")),
+            Path::new("/srv/kubelet/pod-resources/kubelet.sock")
+        );
+        let overrides =
+            Overrides { plugin_dir: Some(PathBuf::from("/node/kubelet/device-plugins")), kubelet_socket: None };
+        let config = HostConfig::parse(Path::new("/etc/devhost/devhost.toml"), "", &overrides).expect("valid");
+        assert_eq!(socket(config), Path::new("/node/kubelet/pod-resources/kubelet.sock"), "--plugin-dir");
+        let config = HostConfig::defaults(Path::new("/etc/devhost"), &overrides);
+        assert_eq!(socket(config), Path::new("/node/kubelet/pod-resources/kubelet.sock"), "no host file");
+        let explicit = "plugin_dir = \"/k/device-plugins\"\n[pod_resources]\nsocket = \"/pr.sock\"\n";
+        assert_eq!(socket(parse(explicit).expect("valid")), Path::new("/pr.sock"), "named: kept");
     }
 
     #[test]

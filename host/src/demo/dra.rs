@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DemoNode, GPU, LICENSE, WAIT, step};
 use crate::config::{HostConfig, Overrides};
 use crate::fake_apiserver::FakeApiServer;
-use crate::fake_kubelet::{FakeKubelet, FakePluginWatcher, KUBELET_1_34};
+use crate::fake_kubelet::{FakeKubelet, FakePluginWatcher, KUBELET_1_36};
 use crate::proto::dra::health::HealthStatus;
 
 const DRIVER: &str = "gpu.example.com";
@@ -45,7 +45,7 @@ pub(super) async fn demo() -> anyhow::Result<()> {
     println!("   [resources.\"{GPU}\"] api = \"dra\"");
     println!("so {GPU} is served through DRA as driver {DRIVER}, and {LICENSE} stays a device plugin.");
 
-    let watcher = FakePluginWatcher::start(root.path(), KUBELET_1_34).await?;
+    let watcher = FakePluginWatcher::start(root.path(), KUBELET_1_36).await?;
     let kubelet = FakeKubelet::start(plugin_dir).await?;
     let mut config =
         HostConfig::defaults(config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
@@ -72,7 +72,10 @@ pub(super) async fn demo() -> anyhow::Result<()> {
     println!(
         "   driver {DRIVER}: service {}, health stream: {}",
         registration.endpoint.display(),
-        if registration.health { "yes" } else { "no" }
+        match registration.health {
+            Some(api) => format!("{api:?} (what a 1.36 kubelet opens on every DRA plugin)"),
+            None => "none".to_owned(),
+        }
     );
     println!("   the kubelet chose {} (devhost also speaks v1beta1, for 1.32 and 1.33)", registration.service);
     kubelet.wait_for_registrations(LICENSE, 1, WAIT).await?;

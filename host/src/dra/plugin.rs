@@ -2,7 +2,8 @@
 //! registration socket in `<root>/plugins_registry/` serving the plugin
 //! watcher's `pluginregistration.Registration`, and the service socket
 //! `<root>/plugins/<driver>/dra.sock` serving `DRAPlugin` in its `v1` and
-//! `v1beta1` packages and `DRAResourceHealth` v1.
+//! `v1beta1` packages and `DRAResourceHealth` in `v1` (kubelets from 1.37,
+//! when listed) and `v1alpha1` (a 1.36 kubelet opens it on every plugin).
 //!
 //! The resource's device state feeds `NodeWatchResources`, every change at
 //! once; claims are prepared and unprepared by the driver's
@@ -28,14 +29,14 @@ use super::prepare::Preparer;
 use crate::device_state::{ResourceState, Snapshot};
 use crate::model::Health;
 use crate::proto::dra::health::dra_resource_health_server::{DraResourceHealth, DraResourceHealthServer};
+use crate::proto::dra::health::v1alpha1;
 use crate::proto::dra::health::{
     DeviceHealth, DeviceIdentifier, HealthStatus, NodeWatchResourcesRequest, NodeWatchResourcesResponse,
 };
 use crate::proto::dra::pluginregistration::registration_server::{Registration, RegistrationServer};
 use crate::proto::dra::pluginregistration::{InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse};
 use crate::proto::dra::{v1, v1beta1};
-use crate::server::accept;
-use crate::server::socket::{self, FileIdentity};
+use crate::sockets::{self, FileIdentity, files as socket};
 
 /// `PluginInfo.type` of a DRA driver.
 pub const PLUGIN_TYPE: &str = "DRAPlugin";
@@ -45,6 +46,11 @@ pub const SUPPORTED_VERSIONS: [&str; 3] = ["v1.DRAPlugin", "v1beta1.DRAPlugin", 
 /// After this long without an update the kubelet takes a device's health
 /// as Unknown; devhost re-sends the state well within it.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long after its registration socket is served a driver waits for a
+/// kubelet to call it before saying none has (a wrong kubelet root, a
+/// directory not mounted from the host, a kubelet not running).
+pub const KUBELET_SILENT_AFTER: Duration = Duration::from_secs(30);
 
 /// Where one driver's sockets go under the kubelet's root directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +103,8 @@ pub struct DraPlugin {
     registered: Arc<AtomicBool>,
     stop: CancellationToken,
     tasks: [JoinHandle<Result<(), tonic::transport::Error>>; 2],
+    /// Says so when no kubelet calls in time ([`KUBELET_SILENT_AFTER`]).
+    watchdog: JoinHandle<()>,
 }
 
 impl DraPlugin {
@@ -118,6 +126,7 @@ impl DraPlugin {
             }
         }
         let registered = Arc::new(AtomicBool::new(false));
+        let contacted = Arc::new(AtomicBool::new(false));
         let (service_listener, service_identity) = socket::bind(&paths.service)?;
         let service = DraService { driver: driver.to_owned(), preparer };
         let health = HealthService { pool: pool.to_owned(), state, stop: stop.clone() };
@@ -125,9 +134,14 @@ impl DraPlugin {
             tonic::transport::Server::builder()
                 .add_service(v1::dra_plugin_server::DraPluginServer::new(service.clone()))
                 .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(service))
-                .add_service(DraResourceHealthServer::new(health))
+                .add_service(DraResourceHealthServer::new(health.clone()))
+                .add_service(v1alpha1::dra_resource_health_server::DraResourceHealthServer::new(health))
                 .serve_with_incoming_shutdown(
-                    accept::unix_incoming(service_listener, format!("{driver} dra.sock")),
+                    sockets::unix_incoming(
+                        service_listener,
+                        format!("{driver} dra.sock"),
+                        crate::telemetry::global().accept_refused("resource"),
+                    ),
                     stop.clone().cancelled_owned(),
                 ),
         );
@@ -136,22 +150,30 @@ impl DraPlugin {
             driver: driver.to_owned(),
             endpoint: paths.service.display().to_string(),
             registered: registered.clone(),
+            contacted: contacted.clone(),
             on_registered,
         };
         let registration_task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(RegistrationServer::new(registration))
                 .serve_with_incoming_shutdown(
-                    accept::unix_incoming(registration_listener, format!("{driver} registration")),
+                    sockets::unix_incoming(
+                        registration_listener,
+                        format!("{driver} registration"),
+                        crate::telemetry::global().accept_refused("resource"),
+                    ),
                     stop.clone().cancelled_owned(),
                 ),
         );
+        let watchdog =
+            tokio::spawn(say_if_silent(driver.to_owned(), paths.registration.clone(), contacted, stop.clone()));
         Ok(DraPlugin {
             paths: paths.clone(),
             identities: [service_identity, registration_identity],
             registered,
             stop,
             tasks: [service_task, registration_task],
+            watchdog,
         })
     }
 
@@ -183,13 +205,41 @@ impl DraPlugin {
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        let _ = self.watchdog.await;
     }
+}
+
+/// Waits [`KUBELET_SILENT_AFTER`]; if no kubelet has called the registration
+/// socket by then, says so once (log, metric, `/readyz`), naming the socket
+/// and what to check. The kubelet's plugin watcher calls `GetInfo` within a
+/// second of a socket appearing in the `plugins_registry/` it watches, so
+/// silence means it watches another directory, or none.
+async fn say_if_silent(driver: String, socket: PathBuf, contacted: Arc<AtomicBool>, stop: CancellationToken) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = tokio::time::sleep(KUBELET_SILENT_AFTER) => {}
+    }
+    if contacted.load(Ordering::SeqCst) {
+        return;
+    }
+    let registry = socket.parent().map_or_else(|| socket.clone(), Path::to_path_buf);
+    tracing::warn!(
+        driver = %driver,
+        socket = %socket.display(),
+        "no kubelet has called the DRA driver's registration socket within {KUBELET_SILENT_AFTER:?}: the kubelet's \
+         plugin watcher must watch {} (its --root-dir, followed by plugins_registry/); check [dra] kubelet_root, that \
+         the directory is the host's (mounted into devhost's pod) and that the kubelet is running",
+        registry.display()
+    );
+    crate::telemetry::global().dra().silent(&driver, &socket.display().to_string());
 }
 
 struct RegistrationService {
     driver: String,
     endpoint: String,
     registered: Arc<AtomicBool>,
+    /// Whether a kubelet has called this socket at all.
+    contacted: Arc<AtomicBool>,
     /// Told each time the kubelet registers the driver.
     on_registered: Option<Arc<tokio::sync::Notify>>,
 }
@@ -197,6 +247,7 @@ struct RegistrationService {
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
+        self.contacted.store(true, Ordering::SeqCst);
         Ok(Response::new(PluginInfo {
             r#type: PLUGIN_TYPE.to_owned(),
             name: self.driver.clone(),
@@ -210,14 +261,16 @@ impl Registration for RegistrationService {
         request: Request<RegistrationStatus>,
     ) -> Result<Response<RegistrationStatusResponse>, Status> {
         let status = request.into_inner();
+        self.contacted.store(true, Ordering::SeqCst);
         self.registered.store(status.plugin_registered, Ordering::SeqCst);
-        crate::telemetry::global().dra().registered(&self.driver, status.plugin_registered);
         if status.plugin_registered {
+            crate::telemetry::global().dra().registered(&self.driver, true);
             tracing::info!(driver = %self.driver, endpoint = %self.endpoint, "registered with the kubelet as a DRA driver");
             if let Some(notify) = &self.on_registered {
                 notify.notify_one();
             }
         } else {
+            crate::telemetry::global().dra().refused(&self.driver, &status.error);
             tracing::error!(driver = %self.driver, reason = %status.error, "the kubelet refused the DRA driver");
         }
         Ok(Response::new(RegistrationStatusResponse {}))
@@ -306,7 +359,9 @@ impl v1beta1::dra_plugin_server::DraPlugin for DraService {
     }
 }
 
-/// `DRAResourceHealth`: the device state, as DRA names and health.
+/// `DRAResourceHealth`: the device state, as DRA names and health, served
+/// as `v1` and as `v1alpha1` (the same messages).
+#[derive(Clone)]
 struct HealthService {
     pool: String,
     state: Arc<ResourceState>,
@@ -340,9 +395,25 @@ fn health_message(pool: &str, snapshot: &Snapshot) -> NodeWatchResourcesResponse
     NodeWatchResourcesResponse { devices }
 }
 
+/// The health stream, whichever version asked for it.
+type HealthStream = Pin<Box<dyn Stream<Item = Result<NodeWatchResourcesResponse, Status>> + Send>>;
+
+/// What a 1.36 kubelet opens on every DRA plugin, listed or not.
+#[tonic::async_trait]
+impl v1alpha1::dra_resource_health_server::DraResourceHealth for HealthService {
+    type NodeWatchResourcesStream = HealthStream;
+
+    async fn node_watch_resources(
+        &self,
+        request: Request<NodeWatchResourcesRequest>,
+    ) -> Result<Response<HealthStream>, Status> {
+        DraResourceHealth::node_watch_resources(self, request).await
+    }
+}
+
 #[tonic::async_trait]
 impl DraResourceHealth for HealthService {
-    type NodeWatchResourcesStream = Pin<Box<dyn Stream<Item = Result<NodeWatchResourcesResponse, Status>> + Send>>;
+    type NodeWatchResourcesStream = HealthStream;
 
     async fn node_watch_resources(
         &self,
@@ -364,5 +435,85 @@ impl DraResourceHealth for HealthService {
             .map(move |snapshot| Ok(health_message(&pool, &snapshot)))
             .take_until(stop);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::dra::pluginregistration::registration_client::RegistrationClient;
+
+    fn start(root: &Path, driver: &str) -> DraPlugin {
+        crate::telemetry::global().dra().serve(driver);
+        let state = Arc::new(ResourceState::new("example.com/gpu"));
+        DraPlugin::start(driver, "node-a", &DraPaths::new(root, driver), state, None, None, CancellationToken::new())
+            .expect("start")
+    }
+
+    fn problems(driver: &str, problem: &str) -> bool {
+        let series = format!("devhost_dra_registration_problems_total{{driver=\"{driver}\",problem=\"{problem}\"}} 1");
+        crate::telemetry::global().encode().lines().any(|line| line == series)
+    }
+
+    fn said(driver: &str) -> Option<String> {
+        let prefix = format!("DRA driver {driver}");
+        crate::telemetry::global().dra().unregistered().into_iter().find(|line| line.starts_with(&prefix))
+    }
+
+    /// Issue 24, item 6: a kubelet watching another root never calls; after
+    /// 30 s that is said once, naming the socket, in the metrics and in
+    /// `/readyz`. A driver the kubelet called, or refused, is not "silent".
+    #[tokio::test]
+    async fn a_registration_socket_no_kubelet_calls_is_named_and_a_refusal_says_why() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let silent = start(root.path(), "silent.example.com");
+        let called = start(root.path(), "called.example.com");
+        let refused = start(root.path(), "refused.example.com");
+        let client = |driver: &str| {
+            let socket = DraPaths::new(root.path(), driver).registration;
+            async move {
+                let authority = crate::sockets::client::plugin_watcher_authority(&socket);
+                let channel = crate::sockets::client::connect_as(&socket, Duration::from_secs(10), &authority)
+                    .await
+                    .expect("connect");
+                RegistrationClient::new(channel)
+            }
+        };
+        client("called.example.com").await.get_info(InfoRequest {}).await.expect("GetInfo");
+        client("refused.example.com")
+            .await
+            .notify_registration_status(RegistrationStatus {
+                plugin_registered: false,
+                error: "plugin name is taken".to_owned(),
+            })
+            .await
+            .expect("notify");
+
+        // Thirty seconds pass with nothing else.
+        tokio::time::pause();
+        tokio::time::sleep(KUBELET_SILENT_AFTER + Duration::from_secs(1)).await;
+        tokio::time::resume();
+        // Let the watchdogs run.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let socket = DraPaths::new(root.path(), "silent.example.com").registration;
+        assert_eq!(
+            said("silent.example.com"),
+            Some(format!(
+                "DRA driver silent.example.com (no kubelet has called its registration socket {}: is [dra] kubelet_root the kubelet's root directory?)",
+                socket.display()
+            ))
+        );
+        assert!(problems("silent.example.com", "silent"));
+        assert_eq!(said("called.example.com").as_deref(), Some("DRA driver called.example.com"), "called: waiting");
+        assert!(!problems("called.example.com", "silent"));
+        assert_eq!(
+            said("refused.example.com").as_deref(),
+            Some("DRA driver refused.example.com (refused by the kubelet: plugin name is taken)")
+        );
+        assert!(problems("refused.example.com", "refused") && !problems("refused.example.com", "silent"));
+        for plugin in [silent, called, refused] {
+            plugin.stop().await;
+        }
     }
 }

@@ -31,7 +31,7 @@ use crate::backend::handle::BackendHandle;
 use crate::cdi;
 use crate::device_state::ResourceState;
 use crate::proto::dra::v1;
-use crate::server::socket::FileIdentity;
+use crate::sockets::FileIdentity;
 
 /// Prepares and unprepares the claims of one driver (one resource).
 pub struct Preparer {
@@ -51,6 +51,9 @@ pub struct Preparer {
     /// batch need not read it again. Another process replaces it by a
     /// rename, so its writes show as a new file.
     on_disk: std::sync::Mutex<Option<FileIdentity>>,
+    /// Whether the log has said that the backend's annotations cannot
+    /// reach containers through DRA (once a driver).
+    annotations_said: std::sync::atomic::AtomicBool,
 }
 
 /// Where a driver keeps its files.
@@ -86,6 +89,7 @@ impl Preparer {
             backend,
             state,
             cdi_dir: files.cdi_dir,
+            annotations_said: std::sync::atomic::AtomicBool::new(false),
             checkpoint_path: files.checkpoint,
             prepared: Mutex::new(prepared),
             on_disk: std::sync::Mutex::new(on_disk),
@@ -241,6 +245,9 @@ impl Preparer {
                 .allocate(&self.resource, ids)
                 .await
                 .map_err(|error| format!("the backend's allocate failed: {error}"))?;
+            if !allocation.annotations.is_empty() {
+                self.say_annotations_dropped(&allocation.annotations);
+            }
             // The backend's own CDI devices (NVIDIA's, say) are passed on;
             // its edits go into the claim's spec.
             let mut cdi_ids = allocation.cdi_devices.clone();
@@ -295,6 +302,25 @@ impl Preparer {
         }
         tracing::info!(driver = %self.driver, uid, "claim unprepared");
         Ok(())
+    }
+
+    /// Says once that the backend's container annotations do not reach
+    /// containers on the DRA path: the kubelet's DRA manager hands the
+    /// runtime only CDI device IDs, and container runtimes do not copy a
+    /// CDI spec's annotations into the container (`docs/dra-api.md` §1).
+    fn say_annotations_dropped(&self, annotations: &std::collections::BTreeMap<String, String>) {
+        if self.annotations_said.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let keys: Vec<&str> = annotations.keys().map(String::as_str).collect();
+        tracing::warn!(
+            driver = %self.driver,
+            resource = %self.resource,
+            annotations = ?keys,
+            "the backend's allocate answer carries container annotations, which DRA cannot give a container (the \
+             kubelet passes only CDI devices to the runtime); they are left out. Served as a device plugin, the \
+             resource keeps them"
+        );
     }
 
     /// The claim as the API server has it, if it is the one the kubelet

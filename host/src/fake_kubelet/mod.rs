@@ -25,23 +25,25 @@ mod registration;
 mod state;
 #[cfg(test)]
 mod tests;
+mod versions;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
 pub use self::error::FakeKubeletError;
-pub use self::plugin_watcher::{DraRegistration, FakePluginWatcher, KUBELET_1_32, KUBELET_1_34};
+pub use self::plugin_watcher::{DraRegistration, FakePluginWatcher};
 pub use self::pod_resources::FakePodResources;
 use self::registration::{Generation, RegistrationService};
 use self::state::{ResourceState, Shared, render_devices};
+pub use self::versions::{HealthApi, KUBELET_1_32, KUBELET_1_34, KUBELET_1_36, KUBELET_1_37, KubeletVersion};
 use crate::proto::KUBELET_SOCKET_NAME;
 use crate::proto::v1beta1::registration_server::RegistrationServer;
 use crate::proto::v1beta1::{Device, DevicePluginOptions, RegisterRequest};
@@ -98,11 +100,11 @@ impl FakeKubelet {
         let generation = Generation { token: CancellationToken::new(), tracker: TaskTracker::new() };
         let service = RegistrationService { shared: Arc::clone(&self.shared), generation: generation.clone() };
         let shutdown = generation.token.clone().cancelled_owned();
-        let server = tokio::spawn(
-            Server::builder()
-                .add_service(RegistrationServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown),
-        );
+        let server =
+            tokio::spawn(Server::builder().add_service(RegistrationServer::new(service)).serve_with_incoming_shutdown(
+                crate::sockets::unix_incoming(listener, format!("{}", path.display()), Counter::default()),
+                shutdown,
+            ));
         tracing::info!(socket = %path.display(), "fake kubelet serving");
         Ok(Serving { generation, server })
     }

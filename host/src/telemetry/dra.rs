@@ -15,6 +15,26 @@ struct DriverLabel {
     driver: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProblemLabels {
+    driver: String,
+    /// `silent` (no kubelet called the registration socket in time) or
+    /// `refused` (the kubelet refused the driver).
+    problem: &'static str,
+}
+
+/// Where a served driver stands with the kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Registration {
+    /// Served; the kubelet has not answered yet.
+    Waiting,
+    Registered,
+    /// No kubelet called the registration socket (this path) in time.
+    Silent(String),
+    /// The kubelet refused it, for this reason.
+    Refused(String),
+}
+
 /// `devhost_dra_*`.
 #[derive(Debug)]
 pub struct DraMetrics {
@@ -23,8 +43,9 @@ pub struct DraMetrics {
     prepare_errors: Family<DriverLabel, Counter>,
     slice_writes: Family<DriverLabel, Counter>,
     slices_up: Family<DriverLabel, Gauge>,
-    /// Drivers served now, and whether the kubelet has them registered.
-    serving: Mutex<BTreeMap<String, bool>>,
+    registration_problems: Family<ProblemLabels, Counter>,
+    /// Drivers served now, and where each stands with the kubelet.
+    serving: Mutex<BTreeMap<String, Registration>>,
 }
 
 impl DraMetrics {
@@ -36,6 +57,7 @@ impl DraMetrics {
             prepare_errors: Family::default(),
             slice_writes: Family::default(),
             slices_up: Family::default(),
+            registration_problems: Family::default(),
             serving: Mutex::default(),
         };
         registry.register(
@@ -59,6 +81,11 @@ impl DraMetrics {
             metrics.slice_writes.clone(),
         );
         registry.register(
+            "dra_registration_problems",
+            "Times no kubelet called the DRA registration socket within 30 s of it being served (problem=silent), or the kubelet refused the driver (problem=refused)",
+            metrics.registration_problems.clone(),
+        );
+        registry.register(
             "dra_slices_up",
             "1 while the driver's ResourceSlices are in step with its devices, 0 while publishing fails",
             metrics.slices_up.clone(),
@@ -70,27 +97,61 @@ impl DraMetrics {
         DriverLabel { driver: driver.to_owned() }
     }
 
-    fn serving(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, bool>> {
+    fn serving(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Registration>> {
         self.serving.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `driver` is served from now on (not registered yet).
     pub fn serve(&self, driver: &str) {
-        self.serving().insert(driver.to_owned(), false);
+        self.serving().insert(driver.to_owned(), Registration::Waiting);
         self.registered.get_or_create(&Self::label(driver)).set(0);
     }
 
-    /// Whether the kubelet has `driver` registered.
+    /// Whether the kubelet has `driver` registered (`false`: it is served
+    /// again and waits for the kubelet).
     pub fn registered(&self, driver: &str, registered: bool) {
         if let Some(known) = self.serving().get_mut(driver) {
-            *known = registered;
+            *known = if registered { Registration::Registered } else { Registration::Waiting };
         }
         self.registered.get_or_create(&Self::label(driver)).set(i64::from(registered));
     }
 
-    /// The drivers served but not registered with the kubelet.
+    /// The kubelet refused `driver`, saying `reason`.
+    pub fn refused(&self, driver: &str, reason: &str) {
+        if let Some(known) = self.serving().get_mut(driver) {
+            *known = Registration::Refused(reason.to_owned());
+        }
+        self.registered.get_or_create(&Self::label(driver)).set(0);
+        self.problem(driver, "refused");
+    }
+
+    /// No kubelet called `driver`'s registration socket `socket` in time
+    /// (counted once a socket; ignored once the kubelet has answered).
+    pub fn silent(&self, driver: &str, socket: &str) {
+        if let Some(known @ Registration::Waiting) = self.serving().get_mut(driver) {
+            *known = Registration::Silent(socket.to_owned());
+            self.problem(driver, "silent");
+        }
+    }
+
+    fn problem(&self, driver: &str, problem: &'static str) {
+        self.registration_problems.get_or_create(&ProblemLabels { driver: driver.to_owned(), problem }).inc();
+    }
+
+    /// The drivers served but not registered with the kubelet, each as
+    /// `/readyz` says it: with why, where devhost knows.
     pub fn unregistered(&self) -> Vec<String> {
-        self.serving().iter().filter(|(_, registered)| !**registered).map(|(driver, _)| driver.clone()).collect()
+        self.serving()
+            .iter()
+            .filter_map(|(driver, registration)| match registration {
+                Registration::Registered => None,
+                Registration::Waiting => Some(format!("DRA driver {driver}")),
+                Registration::Silent(socket) => Some(format!(
+                    "DRA driver {driver} (no kubelet has called its registration socket {socket}: is [dra] kubelet_root the kubelet's root directory?)"
+                )),
+                Registration::Refused(reason) => Some(format!("DRA driver {driver} (refused by the kubelet: {reason})")),
+            })
+            .collect()
     }
 
     /// How many claims `driver` has prepared.
