@@ -4,21 +4,38 @@
 //! own code, so it can disagree with it).
 //!
 //! Served: `resource.k8s.io/v1` ResourceSlices (list with a label and field
-//! selector, get, create, replace with optimistic concurrency, delete),
-//! ResourceClaims (get) and Nodes (get). Every object gets a
+//! selector, watch, get, create, replace with optimistic concurrency,
+//! delete), ResourceClaims (get) and Nodes (get). Every object gets a
 //! `resourceVersion` from one counter, as etcd gives; a replace that names
 //! an older one is a 409 Conflict; a create of an existing name is a 409
 //! AlreadyExists. A slice is checked against the rules of §4 and refused
 //! with 422 Invalid when it breaks one. Errors are `Status` objects.
 //!
-//! For tests: every request is logged with its time and outcome, the
-//! server can be made unavailable (every request answered 503) and objects
-//! can be put in or changed behind the client's back.
+//! A slice is stored as the real server stores it (`defaults`, §4.1): a
+//! taint without `timeAdded` gets the server's clock (whole seconds) on
+//! create and replace, quantities are written in canonical form, empty
+//! lists and maps are left out, `metadata.generation` counts spec changes.
+//! A client that compares what it sent with what it reads back byte for
+//! byte sees a difference, as it would against the real server.
+//!
+//! `?watch=true` on the slice list streams changes as the real server does
+//! (`watch`): one JSON event a line, from a `resourceVersion` (or the
+//! current state as ADDED events first), ended after `timeoutSeconds`
+//! (with a BOOKMARK when asked for), 410 Expired for a version too old.
+//!
+//! For tests: every request is logged with its query, time and outcome,
+//! the server can be made unavailable (every request answered 503, open
+//! watches ended) or hung, its watches ended or its history forgotten,
+//! its clock moved on, and objects can be put in or changed behind the
+//! client's back.
 
-use std::collections::{BTreeMap, HashSet};
+mod defaults;
+mod watch;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -26,10 +43,16 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";
+
+/// Slice changes kept for watches to resume from; a watch from before the
+/// oldest is answered 410 Expired, as etcd's compaction makes the real
+/// server answer.
+const HISTORY: usize = 1000;
 
 /// One request the server answered.
 #[derive(Debug, Clone)]
@@ -38,7 +61,9 @@ pub struct Request {
     pub method: String,
     /// The path, without the query.
     pub path: String,
-    /// The status answered.
+    /// The query, as sent (still percent-encoded).
+    pub query: String,
+    /// The status answered (for a watch: when it started).
     pub status: u16,
     /// When it arrived.
     pub at: Instant,
@@ -49,9 +74,32 @@ impl Request {
     pub fn is_slice_write(&self) -> bool {
         self.path.starts_with(SLICES) && self.method != "GET"
     }
+
+    /// Whether this request watched (`watch=true`) rather than read once.
+    pub fn is_watch(&self) -> bool {
+        self.query.split('&').any(|pair| pair == "watch=true" || pair == "watch=1")
+    }
+
+    /// Whether this request listed the ResourceSlices (read once, no watch).
+    pub fn is_slice_list(&self) -> bool {
+        self.method == "GET" && self.path == SLICES && !self.is_watch()
+    }
 }
 
-#[derive(Default)]
+/// One change to a slice, for watches.
+#[derive(Debug, Clone)]
+struct Change {
+    /// The resourceVersion the change made.
+    version: u64,
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    kind: &'static str,
+    /// The slice after the change (as it was, for `DELETED`).
+    object: Value,
+    /// The slice before a `MODIFIED` (a watch's selector may have matched
+    /// only one of the two).
+    before: Option<Value>,
+}
+
 struct Store {
     version: u64,
     slices: BTreeMap<String, Value>,
@@ -60,12 +108,79 @@ struct Store {
     unavailable: bool,
     hanging: bool,
     log: Vec<Request>,
+    /// Recent slice changes, oldest first.
+    history: VecDeque<Change>,
+    /// The oldest resourceVersion a watch may resume from.
+    compacted: u64,
+    /// Ticks on every slice change and whenever open watches must look at
+    /// the store again (unavailable, ended).
+    ticks: tokio::sync::watch::Sender<u64>,
+    /// Open watches end when this moves on.
+    watch_epoch: u64,
+    /// How far the server's clock is ahead of the real one.
+    clock_offset: SignedDuration,
+    /// The server's stop, which ends open watches too.
+    shutdown: CancellationToken,
 }
 
 impl Store {
+    fn new(shutdown: CancellationToken) -> Self {
+        Store {
+            version: 0,
+            slices: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            unavailable: false,
+            hanging: false,
+            log: Vec::new(),
+            history: VecDeque::new(),
+            compacted: 0,
+            ticks: tokio::sync::watch::Sender::new(0),
+            watch_epoch: 0,
+            clock_offset: SignedDuration::ZERO,
+            shutdown,
+        }
+    }
+
     fn next_version(&mut self) -> String {
         self.version += 1;
         self.version.to_string()
+    }
+
+    /// The server's clock, as `timeAdded` is written: RFC 3339, whole
+    /// seconds, UTC.
+    fn now(&self) -> String {
+        let now = Timestamp::now().checked_add(self.clock_offset).unwrap_or_else(|_| Timestamp::now());
+        now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    }
+
+    /// Tells open watches to look at the store again.
+    fn tick(&self) {
+        self.ticks.send_modify(|tick| *tick += 1);
+    }
+
+    /// Records a change to a slice for watches; `object` already carries
+    /// the change's resourceVersion.
+    fn record(&mut self, kind: &'static str, object: &Value, before: Option<Value>) {
+        let version =
+            object["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(self.version);
+        self.history.push_back(Change { version, kind, object: object.clone(), before });
+        while self.history.len() > HISTORY {
+            if let Some(dropped) = self.history.pop_front() {
+                self.compacted = dropped.version;
+            }
+        }
+        self.tick();
+    }
+
+    /// Removes slice `name`, recording the deletion (under a version of its
+    /// own, as the real server gives the deleted object); the slice as it
+    /// was.
+    fn remove_slice(&mut self, name: &str) -> Option<Value> {
+        let mut slice = self.slices.remove(name)?;
+        slice["metadata"]["resourceVersion"] = json!(self.next_version());
+        self.record("DELETED", &slice, None);
+        Some(slice)
     }
 
     /// Gives `object` a new resourceVersion (and a uid and creation time
@@ -103,7 +218,8 @@ impl FakeApiServer {
     pub async fn start() -> std::io::Result<FakeApiServer> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
-        let store = Shared::default();
+        let shutdown = CancellationToken::new();
+        let store: Shared = Arc::new(Mutex::new(Store::new(shutdown.clone())));
         let app = Router::new()
             .route(SLICES, get(list_slices).post(create_slice))
             .route(&format!("{SLICES}/{{name}}"), get(get_slice).put(replace_slice).delete(delete_slice))
@@ -112,7 +228,6 @@ impl FakeApiServer {
             .fallback(|| async { status(StatusCode::NOT_FOUND, "NotFound", "no such path") })
             .layer(axum::middleware::from_fn_with_state(store.clone(), gate))
             .with_state(store.clone());
-        let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
@@ -165,19 +280,48 @@ impl FakeApiServer {
         store.claims.insert(key, claim);
     }
 
-    /// Puts a ResourceSlice in without any check, as another client (an
-    /// earlier instance of the driver, say) would have.
+    /// Puts a ResourceSlice in without any check or defaulting, as another
+    /// client (an earlier instance of the driver, say) would have; open
+    /// watches see it.
     pub fn put_slice(&self, mut slice: Value) {
         let name = slice["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let mut store = self.store();
         store.stamp(&mut slice, &name);
-        store.slices.insert(name, slice);
+        let before = store.slices.insert(name, slice.clone());
+        let kind = if before.is_some() { "MODIFIED" } else { "ADDED" };
+        store.record(kind, &slice, before);
     }
 
     /// Deletes a ResourceSlice behind the client's back (as a restarted
-    /// kubelet deletes its node's slices); whether it was there.
+    /// kubelet deletes its node's slices); whether it was there. Open
+    /// watches see it.
     pub fn delete_slice(&self, name: &str) -> bool {
-        self.store().slices.remove(name).is_some()
+        self.store().remove_slice(name).is_some()
+    }
+
+    /// Moves the server's clock (what it stamps as a taint's `timeAdded`)
+    /// `by` ahead.
+    pub fn advance_clock(&self, by: Duration) {
+        let mut store = self.store();
+        let by = SignedDuration::try_from(by).unwrap_or(SignedDuration::MAX);
+        store.clock_offset = store.clock_offset.saturating_add(by);
+    }
+
+    /// Ends every open watch (as a restarting server or a dropped
+    /// connection does); clients open them again.
+    pub fn end_watches(&self) {
+        let mut store = self.store();
+        store.watch_epoch += 1;
+        store.tick();
+    }
+
+    /// Forgets the changes so far (as etcd's compaction does): a watch that
+    /// resumes from an older resourceVersion gets 410 Expired.
+    pub fn forget_history(&self) {
+        let mut store = self.store();
+        store.history.clear();
+        store.compacted = store.version;
+        store.tick();
     }
 
     /// Every ResourceSlice held, by name.
@@ -185,9 +329,12 @@ impl FakeApiServer {
         self.store().slices.clone()
     }
 
-    /// While `true`, every request is answered 503 ServiceUnavailable.
+    /// While `true`, every request is answered 503 ServiceUnavailable, and
+    /// open watches end.
     pub fn set_unavailable(&self, unavailable: bool) {
-        self.store().unavailable = unavailable;
+        let mut store = self.store();
+        store.unavailable = unavailable;
+        store.tick();
     }
 
     /// While `true`, requests get no answer at all (a hung server); they
@@ -206,11 +353,13 @@ impl FakeApiServer {
 async fn gate(State(store): State<Shared>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or_default().to_owned();
     let at = Instant::now();
     let (unavailable, hanging) = {
         let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
         if store.hanging {
-            store.log.push(Request { method: method.clone(), path: path.clone(), status: 0, at });
+            let logged = Request { method: method.clone(), path: path.clone(), query: query.clone(), status: 0, at };
+            store.log.push(logged);
         }
         (store.unavailable, store.hanging)
     };
@@ -223,7 +372,7 @@ async fn gate(State(store): State<Shared>, request: axum::extract::Request, next
         next.run(request).await
     };
     let status = response.status().as_u16();
-    store.lock().unwrap_or_else(PoisonError::into_inner).log.push(Request { method, path, status, at });
+    store.lock().unwrap_or_else(PoisonError::into_inner).log.push(Request { method, path, query, status, at });
     response
 }
 
@@ -271,6 +420,23 @@ fn query(uri: &Uri) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Whether `slice` is one `labels` and `fields` select; an error names a
+/// field the server cannot select on.
+fn selected(slice: &Value, labels: &[(String, String)], fields: &[(String, String)]) -> Result<bool, String> {
+    let labelled = labels.iter().all(|(key, value)| slice["metadata"]["labels"][key].as_str() == Some(value));
+    let mut fielded = true;
+    for (field, value) in fields {
+        let actual = match field.as_str() {
+            "spec.nodeName" => slice["spec"]["nodeName"].as_str(),
+            "spec.driver" => slice["spec"]["driver"].as_str(),
+            "metadata.name" => slice["metadata"]["name"].as_str(),
+            other => return Err(format!("field label not supported: {other}")),
+        };
+        fielded &= actual.unwrap_or_default() == value;
+    }
+    Ok(labelled && fielded)
+}
+
 async fn list_slices(State(store): State<Shared>, uri: Uri) -> Response {
     let query = query(&uri);
     let Some(labels) = selector(query.get("labelSelector").map_or("", String::as_str)) else {
@@ -279,30 +445,15 @@ async fn list_slices(State(store): State<Shared>, uri: Uri) -> Response {
     let Some(fields) = selector(query.get("fieldSelector").map_or("", String::as_str)) else {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "unsupported field selector");
     };
-    let mut store = lock(&store);
-    let mut items = Vec::new();
-    for slice in store.slices.values() {
-        let labelled = labels.iter().all(|(key, value)| slice["metadata"]["labels"][key].as_str() == Some(value));
-        let mut fielded = true;
-        for (field, value) in &fields {
-            let actual = match field.as_str() {
-                "spec.nodeName" => slice["spec"]["nodeName"].as_str(),
-                "spec.driver" => slice["spec"]["driver"].as_str(),
-                "metadata.name" => slice["metadata"]["name"].as_str(),
-                other => {
-                    return status(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &format!("field label not supported: {other}"),
-                    );
-                }
-            };
-            fielded &= actual.unwrap_or_default() == value;
-        }
-        if labelled && fielded {
-            items.push(slice.clone());
-        }
+    if let Err(why) = selected(&Value::Null, &labels, &fields) {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", &why);
     }
+    if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+        return watch::watch_slices(store, &query, labels, fields);
+    }
+    let mut store = lock(&store);
+    let items: Vec<Value> =
+        store.slices.values().filter(|slice| selected(slice, &labels, &fields).unwrap_or(false)).cloned().collect();
     let version = store.next_version();
     let list = json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
@@ -333,18 +484,21 @@ async fn create_slice(State(store): State<Shared>, body: Bytes) -> Response {
         Ok(slice) => slice,
         Err(response) => return *response,
     };
+    let mut store = lock(&store);
+    defaults::default_slice(&mut slice, &store.now());
     if let Err(why) = validate_slice(&slice) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
     let name = slice["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-    let mut store = lock(&store);
     if store.slices.contains_key(&name) {
         let message = format!("resourceslices.resource.k8s.io \"{name}\" already exists");
         return status(StatusCode::CONFLICT, "AlreadyExists", &message);
     }
     slice["metadata"]["uid"] = Value::Null;
+    slice["metadata"]["generation"] = json!(1);
     store.stamp(&mut slice, &name);
     store.slices.insert(name, slice.clone());
+    store.record("ADDED", &slice, None);
     object(StatusCode::CREATED, &slice)
 }
 
@@ -356,10 +510,11 @@ async fn replace_slice(State(store): State<Shared>, Path(name): Path<String>, bo
     if slice["metadata"]["name"].as_str() != Some(&name) {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "the name in the body does not match the URL");
     }
+    let mut store = lock(&store);
+    defaults::default_slice(&mut slice, &store.now());
     if let Err(why) = validate_slice(&slice) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
-    let mut store = lock(&store);
     let Some(current) = store.slices.get(&name) else {
         return not_found("resourceslices", &name);
     };
@@ -380,13 +535,18 @@ async fn replace_slice(State(store): State<Shared>, Path(name): Path<String>, bo
     }
     slice["metadata"]["uid"] = current["metadata"]["uid"].clone();
     slice["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+    // Changing the spec moves the generation on; nothing else does.
+    let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+    slice["metadata"]["generation"] = json!(if current["spec"] == slice["spec"] { generation } else { generation + 1 });
+    let before = current.clone();
     store.stamp(&mut slice, &name);
     store.slices.insert(name, slice.clone());
+    store.record("MODIFIED", &slice, Some(before));
     object(StatusCode::OK, &slice)
 }
 
 async fn delete_slice(State(store): State<Shared>, Path(name): Path<String>) -> Response {
-    match lock(&store).slices.remove(&name) {
+    match lock(&store).remove_slice(&name) {
         Some(slice) => object(StatusCode::OK, &slice),
         None => not_found("resourceslices", &name),
     }

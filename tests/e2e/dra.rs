@@ -10,30 +10,30 @@
 use std::path::{Path, PathBuf};
 
 use devhost::fake_apiserver::FakeApiServer;
-use devhost::fake_kubelet::{FakeKubelet, FakePluginWatcher, KUBELET_1_34};
+use devhost::fake_kubelet::{FakeKubelet, FakePluginWatcher, KUBELET_1_37};
 use serde_json::{Value, json};
 
 use crate::harness::{Devhost, Node, WAIT, healthy_state, static_backend};
 
-const GPU_DRIVER: &str = "gpu.example.com";
+pub(crate) const GPU_DRIVER: &str = "gpu.example.com";
 
 /// A node with a backend serving one resource through DRA as `driver`, a
 /// host config pointing devhost at `server` as node `node-a`, and the fake
 /// kubelet's two sides.
-struct DraNode {
-    node: Node,
+pub(crate) struct DraNode {
+    pub(crate) node: Node,
     driver: String,
     state: PathBuf,
-    server: FakeApiServer,
-    watcher: FakePluginWatcher,
-    kubelet: FakeKubelet,
+    pub(crate) server: FakeApiServer,
+    pub(crate) watcher: FakePluginWatcher,
+    pub(crate) kubelet: FakeKubelet,
 }
 
 impl DraNode {
     /// The static backend: `example.com/gpu` (gpu-0, gpu-1, healthy while
     /// their state files exist) through DRA, `example.com/nic` as a device
     /// plugin.
-    async fn start() -> DraNode {
+    pub(crate) async fn start() -> DraNode {
         let node = Node::new();
         let state = healthy_state(node.dir.path(), &["gpu-0", "gpu-1"]);
         let text =
@@ -58,7 +58,7 @@ impl DraNode {
         );
         std::fs::write(node.config_file(), host).expect("host config");
         // The kubelet root is the plugin directory's parent: the node's dir.
-        let watcher = FakePluginWatcher::start(root, KUBELET_1_34).await.expect("plugin watcher");
+        let watcher = FakePluginWatcher::start(root, KUBELET_1_37).await.expect("plugin watcher");
         let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
         DraNode { node, driver: driver.to_owned(), state, server, watcher, kubelet }
     }
@@ -129,7 +129,7 @@ impl DraNode {
 
 /// A ResourceClaim allocated `devices` (request, pool, device) of the gpu
 /// driver, as the scheduler leaves it.
-fn claim(name: &str, uid: &str, devices: &[(&str, &str, &str)]) -> Value {
+pub(crate) fn claim(name: &str, uid: &str, devices: &[(&str, &str, &str)]) -> Value {
     claim_of(GPU_DRIVER, name, uid, devices)
 }
 
@@ -255,7 +255,7 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
     let before = registered(devhost.log());
     dra.watcher.stop();
     assert!(dra.server.delete_slice("node-a-gpu.example.com-0"), "the slice was there");
-    let watcher = FakePluginWatcher::start(dra.node.dir.path(), KUBELET_1_34).await.expect("watcher");
+    let watcher = FakePluginWatcher::start(dra.node.dir.path(), KUBELET_1_37).await.expect("watcher");
     let dra = DraNode { watcher, ..dra };
     dra.until("registered again after a kubelet restart", &devhost, |_| registered(devhost.log()) > before).await;
     dra.until("the slice is published again", &devhost, |d| d.published().0 == ["gpu-0", "gpu-1"]).await;
@@ -367,7 +367,7 @@ mod kubelet_plugin {
 
     use devhost::device_state::ResourceState;
     use devhost::dra::plugin::{DraPaths, DraPlugin};
-    use devhost::fake_kubelet::{FakePluginWatcher, KUBELET_1_32, KUBELET_1_34};
+    use devhost::fake_kubelet::{FakePluginWatcher, HealthApi, KUBELET_1_32, KUBELET_1_37, KubeletVersion};
     use devhost::model::{Device, Health};
     use devhost::proto::dra::health::{HealthStatus, NodeWatchResourcesResponse};
     use tokio_util::sync::CancellationToken;
@@ -418,14 +418,14 @@ mod kubelet_plugin {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_driver_registers_through_the_plugin_watcher_and_streams_health() {
         let root = tempfile::tempdir().expect("temp dir");
-        let watcher = FakePluginWatcher::start(root.path(), KUBELET_1_34).await.expect("watcher");
+        let watcher = FakePluginWatcher::start(root.path(), KUBELET_1_37).await.expect("watcher");
         let state = gpus(Health::Healthy);
         let plugin = start(root.path(), DRIVER, state.clone());
         let registration = watcher.wait_for_driver(DRIVER, WAIT).await.expect("registered");
         assert_eq!(registration.endpoint, root.path().join("plugins/gpu.example.com/dra.sock"));
         assert_eq!(registration.socket, root.path().join("plugins_registry/gpu.example.com-reg.sock"));
         assert_eq!(registration.service, "v1.DRAPlugin", "the newest package both know");
-        assert!(registration.health, "health offered and known");
+        assert_eq!(registration.health, Some(HealthApi::V1), "health offered and known");
         wait_registered(&plugin).await;
 
         let mut stream = watcher.watch_health(DRIVER).await.expect("health stream");
@@ -481,17 +481,50 @@ mod kubelet_plugin {
         let plugin = start(root.path(), DRIVER, gpus(Health::Healthy));
         let registration = watcher.wait_for_driver(DRIVER, WAIT).await.expect("registered");
         assert_eq!(registration.service, "v1beta1.DRAPlugin");
-        assert!(!registration.health);
+        assert_eq!(registration.health, None);
         let answer = watcher.prepare(DRIVER, &[("ml", "uid-1", "gpu-claim")]).await.expect("answered through v1beta1");
         assert!(answer.claims["uid-1"].error.contains("has no API server to read them from"), "{answer:?}");
         plugin.stop().await;
+    }
+
+    /// Each kubelet minor from 1.32 to 1.37 opens the health stream its
+    /// code opens (1.36: `v1alpha1` on every plugin, listed or not; 1.37:
+    /// `v1` as listed; older: none) and gets devhost's device health on
+    /// it, with no stream ending in an error.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_kubelet_minor_gets_health_the_way_it_asks() {
+        for version in KubeletVersion::all() {
+            let root = tempfile::tempdir().expect("temp dir");
+            let watcher = FakePluginWatcher::start(root.path(), version).await.expect("watcher");
+            let plugin = start(root.path(), DRIVER, gpus(Health::Unhealthy));
+            let registration = watcher.wait_for_driver(DRIVER, WAIT).await.expect("registered");
+            wait_registered(&plugin).await;
+            let supported: Vec<String> =
+                devhost::dra::plugin::SUPPORTED_VERSIONS.iter().map(|v| (*v).to_owned()).collect();
+            assert_eq!(registration.health, version.health_api(&supported), "kubelet {version}");
+            if registration.health.is_some() {
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while watcher.health_messages(DRIVER).is_empty() {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "kubelet {version}: no health message; stream errors: {:?}",
+                        watcher.health_errors()
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let first = &watcher.health_messages(DRIVER)[0];
+                assert_eq!(health(first)[1].1, HealthStatus::Unhealthy, "kubelet {version}: the device state");
+            }
+            assert_eq!(watcher.health_errors(), Vec::<String>::new(), "kubelet {version}");
+            plugin.stop().await;
+        }
     }
 
     /// The kubelet's refusal reaches devhost with its reason.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_refused_registration_is_known_with_the_kubelets_reason() {
         let root = tempfile::tempdir().expect("temp dir");
-        let watcher = FakePluginWatcher::start(root.path(), KUBELET_1_34).await.expect("watcher");
+        let watcher = FakePluginWatcher::start(root.path(), KUBELET_1_37).await.expect("watcher");
         let plugin = start(root.path(), "GPU", gpus(Health::Healthy));
         let deadline = tokio::time::Instant::now() + WAIT;
         while watcher.refusals().is_empty() {
@@ -569,7 +602,7 @@ mod slice_publisher {
     use std::time::Duration;
 
     use devhost::device_state::ResourceState;
-    use devhost::dra::publish::{Pacing, Progress, SlicePublisher, client_for_url};
+    use devhost::dra::publish::{Pacing, Progress, SlicePublisher, client_for_url, watch_client_for_url};
     use devhost::dra::slices::{SliceSource, slices};
     use devhost::fake_apiserver::FakeApiServer;
     use devhost::model::{Device, Health};
@@ -594,6 +627,8 @@ mod slice_publisher {
 
     struct Running {
         progress: watch::Receiver<Progress>,
+        /// What the kubelet's registration notifies.
+        resync: Arc<tokio::sync::Notify>,
         stop: CancellationToken,
         task: JoinHandle<SlicePublisher>,
     }
@@ -612,16 +647,32 @@ mod slice_publisher {
     }
 
     fn start(server: &FakeApiServer, state: &ResourceState, pacing: Pacing) -> Running {
+        start_with(server, state, pacing, false, false)
+    }
+
+    /// A publisher on node-a, with device taints or not, watching its
+    /// slices or not (the daemon's: taints as configured, always watching).
+    fn start_with(
+        server: &FakeApiServer,
+        state: &ResourceState,
+        pacing: Pacing,
+        taints: bool,
+        watching: bool,
+    ) -> Running {
         let client = client_for_url(&server.url()).expect("client");
-        let mut publisher = SlicePublisher::new(client, DRIVER, "node-a", false, pacing);
+        let mut publisher = SlicePublisher::new(client, DRIVER, "node-a", taints, pacing);
+        if watching {
+            publisher = publisher.watching(watch_client_for_url(&server.url()).expect("watch client"));
+        }
         let progress = publisher.progress();
+        let resync = publisher.resync();
         let stop = CancellationToken::new();
         let (changes, token) = (state.subscribe(), stop.clone());
         let task = tokio::spawn(async move {
             publisher.run(changes, token).await;
             publisher
         });
-        Running { progress, stop, task }
+        Running { progress, resync, stop, task }
     }
 
     /// The slices of `driver` on `node` the server holds, by name.
@@ -825,6 +876,7 @@ mod slice_publisher {
             min_interval: Duration::from_millis(100),
             backoff_start: Duration::from_millis(50),
             backoff_max: Duration::from_millis(400),
+            ..Pacing::default()
         };
         let gpus2 = state(gpus(2));
         let mut running = start(&server, &gpus2, pacing);
@@ -885,6 +937,156 @@ mod slice_publisher {
         until("a request is left hanging", || server.requests().iter().any(|r| r.status == 0)).await;
         let stopped = tokio::time::timeout(Duration::from_secs(5), running.stop()).await;
         assert!(stopped.is_ok(), "the stop waited for the hung server");
+    }
+
+    /// The taint of `device` in `pool`, if it has one.
+    fn taint(pool: &BTreeMap<String, Value>, device: &str) -> Option<Value> {
+        pool.values()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["name"] == device)
+            .and_then(|d| d["taints"].get(0).cloned())
+    }
+
+    /// gpu-0..gpu-2, those in `sick` Unhealthy.
+    fn with_unhealthy(sick: &[usize]) -> Vec<Device> {
+        (0..3)
+            .map(|i| {
+                Device::new(format!("gpu-{i}"), if sick.contains(&i) { Health::Unhealthy } else { Health::Healthy })
+            })
+            .collect()
+    }
+
+    /// Issue 24, item 5: with device taints the server stamps each taint's
+    /// `timeAdded`, so what it holds never equals what devhost sends byte
+    /// for byte. Six hours of five-minute re-reads (72 re-reads 20 ms apart,
+    /// the server's clock an hour on), two registrations by the kubelet and
+    /// a restart of the publisher write nothing; a real change is written
+    /// once, the taint that stays keeps the time the server first gave it,
+    /// and the new one gets the server's time of the write.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn with_taints_hours_of_re_reads_registrations_and_a_restart_write_nothing() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let gpus3 = state(with_unhealthy(&[1]));
+        let pacing = Pacing { resync: Duration::from_millis(20), ..Pacing::default() };
+        let mut running = start_with(&server, &gpus3, pacing.clone(), true, true);
+        let first = running.round_after(0).await;
+        assert_eq!((first.generation, first.writes), (1, 1));
+        let stamped = taint(&pool(&server, DRIVER, "node-a"), "gpu-1").expect("gpu-1 is tainted")["timeAdded"].clone();
+        assert!(stamped.is_string(), "the server stamped the taint: {stamped}");
+        server.advance_clock(Duration::from_secs(3600));
+
+        let re_reads = running.progress.borrow().rounds + 72;
+        until("72 re-reads, or a write", || running.progress.borrow().rounds >= re_reads || slice_writes(&server) > 1)
+            .await;
+        assert_eq!(slice_writes(&server), 1, "six hours of re-reads wrote: {:?}", server.requests());
+        for _ in 0..2 {
+            let rounds = running.progress.borrow().rounds;
+            running.resync.notify_one();
+            running.round_after(rounds).await;
+        }
+        running.stop().await;
+        let mut running = start_with(&server, &gpus3, pacing, true, true);
+        let restarted = running.round_after(0).await;
+        assert_eq!((restarted.generation, restarted.writes), (1, 0), "the restarted publisher adopts the pool");
+        let rounds = running.progress.borrow().rounds;
+        running.round_after(rounds + 12).await;
+        let writes: Vec<_> = server.requests().into_iter().filter(|r| r.is_slice_write()).collect();
+        assert_eq!(writes.len(), 1, "only the first publication: {writes:?}");
+
+        // A real change: gpu-0 goes Unhealthy too.
+        let rounds = running.progress.borrow().rounds;
+        gpus3.publish(with_unhealthy(&[0, 1])).expect("publish");
+        let changed = running.round_after(rounds).await;
+        assert_eq!((changed.generation, changed.writes), (2, 1));
+        let pool = pool(&server, DRIVER, "node-a");
+        assert_eq!(taint(&pool, "gpu-1").expect("gpu-1")["timeAdded"], stamped, "the lasting taint keeps its time");
+        let new = taint(&pool, "gpu-0").expect("gpu-0 is tainted")["timeAdded"].clone();
+        assert!(
+            new.as_str() > stamped.as_str(),
+            "the new taint has the server's time, an hour on: {new} after {stamped}"
+        );
+        running.stop().await;
+    }
+
+    /// Issue 24, item 3, the watch itself: a slice deleted behind the
+    /// publisher's back is back within a second; the watch is renewed at
+    /// its timeout from where it was (no read of the pool); while the
+    /// server is away it is tried again with back-off, not in a loop, and
+    /// works once it is back; a watch the server can no longer resume
+    /// starts afresh, and the pool is read again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_watch_brings_deleted_slices_back_and_outlives_outages() {
+        let server = FakeApiServer::start().await.expect("server");
+        server.add_node("node-a");
+        let pacing = Pacing {
+            min_interval: Duration::from_millis(100),
+            backoff_start: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+            watch_timeout: Duration::from_secs(1),
+            ..Pacing::default()
+        };
+        let gpus2 = state(gpus(2));
+        let mut running = start_with(&server, &gpus2, pacing, false, true);
+        running.round_after(0).await;
+        let watches = || server.requests().into_iter().filter(|r| r.is_watch()).collect::<Vec<_>>();
+        until("the pool is watched", || !watches().is_empty()).await;
+        let slice = "node-a-gpu.example.com-0";
+        let back_within = |limit: Duration| {
+            let server = &server;
+            async move {
+                assert!(server.delete_slice(slice), "it was there");
+                let deleted = tokio::time::Instant::now();
+                while !server.slices().contains_key(slice) {
+                    assert!(deleted.elapsed() < limit, "not back within {limit:?}: {:?}", server.requests());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        back_within(Duration::from_secs(1)).await;
+
+        // Renewed at the server's end of each watch, from its bookmark.
+        let lists = || server.requests().iter().filter(|r| r.is_slice_list()).count();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (listed, watched) = (lists(), watches().len());
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let renewed = &watches()[watched..];
+        assert!(renewed.len() >= 2, "{renewed:?}");
+        let resumed =
+            |r: &&devhost::fake_apiserver::Request| !r.query.split('&').any(|pair| pair == "resourceVersion=");
+        assert!(renewed.iter().all(|r| r.status == 200 && resumed(&r)), "from a version: {renewed:?}");
+        assert_eq!(lists(), listed, "renewing the watch reads nothing");
+
+        // The server goes away for a second: the watch is retried with
+        // growing pauses (50, 100, 200, 400 ms), then works again.
+        let watched = watches().len();
+        server.set_unavailable(true);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let refused = watches()[watched..].iter().filter(|r| r.status == 503).count();
+        assert!((2..=6).contains(&refused), "{refused} watches refused in a second");
+        server.set_unavailable(false);
+        let watched = watches().len();
+        until("the pool is watched again", || watches()[watched..].iter().any(|r| r.status == 200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        back_within(Duration::from_secs(2)).await;
+
+        // A deletion while the watch is down, and the server's history of
+        // it forgotten: the watch cannot resume (410 Expired), starts
+        // afresh, the pool is read again, and the slice comes back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listed = lists();
+        server.set_unavailable(true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(server.delete_slice(slice), "it was there");
+        server.forget_history();
+        server.set_unavailable(false);
+        let deleted = tokio::time::Instant::now();
+        while !server.slices().contains_key(slice) {
+            assert!(deleted.elapsed() < Duration::from_secs(3), "not back: {:?}", server.requests());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lists(), listed + 1, "read again once");
+        running.stop().await;
     }
 
     /// `remove` deletes the pool and nothing else.
@@ -1150,4 +1352,159 @@ async fn a_rolling_update_shares_prepared_claims_between_the_two_devhosts() {
     assert_eq!(undone.claims["uid-r"].error, "");
     assert!(!dra.cdi_spec("uid-r").exists(), "the survivor knew the claim and removed its spec:\n{}", survivor.log());
     survivor.wait_for_log("claim unprepared").await;
+}
+
+/// Deletes `slice` behind devhost's back and waits, at most `limit`, for
+/// devhost to publish it again.
+async fn comes_back(dra: &DraNode, devhost: &Devhost, slice: &str, limit: std::time::Duration, what: &str) {
+    assert!(dra.server.delete_slice(slice), "{what}: the slice was there");
+    let deleted = tokio::time::Instant::now();
+    while !dra.server.slices().contains_key(slice) {
+        assert!(deleted.elapsed() < limit, "{what}: not published again within {limit:?}; log:\n{}", devhost.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// How many times a ResourceSlice was written (created, replaced, deleted).
+fn slice_writes(dra: &DraNode) -> usize {
+    dra.server.requests().iter().filter(|r| r.is_slice_write()).count()
+}
+
+/// Issue 24, item 3: a restarting kubelet deletes the node's slices in the
+/// background, and the deletion can land after devhost registered the
+/// driver again. Slices deleted after the registration are back within
+/// seconds, the five-minute re-read left as it is (devhost watches its own
+/// slices), after a kubelet restart too; and the watch is all a quiet pool
+/// costs: one open connection, no reads, no writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn slices_deleted_after_the_driver_registered_come_back_within_seconds() {
+    const SLICE: &str = "node-a-gpu.example.com-0";
+    let seconds = std::time::Duration::from_secs;
+    let dra = DraNode::start().await;
+    let devhost = dra.node.start_devhost();
+    dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
+    dra.until("the slices are published", &devhost, |d| d.published().0 == ["gpu-0", "gpu-1"]).await;
+    // The watch opens beside the first publication; a devhost without one
+    // gets the same few seconds.
+    let watching = |d: &DraNode| d.server.requests().iter().any(|r| r.is_watch() && r.status == 200);
+    let deadline = tokio::time::Instant::now() + seconds(5);
+    while !watching(&dra) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    comes_back(&dra, &devhost, SLICE, seconds(5), "deleted after the registration").await;
+
+    // A kubelet restart: the new plugin watcher registers the driver, and
+    // the kubelet's deletion lands after that.
+    let registered = |log: String| log.matches("registered with the kubelet as a DRA driver").count();
+    let before = registered(devhost.log());
+    dra.watcher.stop();
+    let watcher = FakePluginWatcher::start(dra.node.dir.path(), KUBELET_1_37).await.expect("watcher");
+    let dra = DraNode { watcher, ..dra };
+    dra.until("registered again after a kubelet restart", &devhost, |_| registered(devhost.log()) > before).await;
+    comes_back(&dra, &devhost, SLICE, seconds(5), "deleted after the kubelet restarted and registered the driver")
+        .await;
+
+    // Quiet: nothing read or written, one watch open all along.
+    tokio::time::sleep(seconds(2)).await;
+    let from = dra.server.requests().len();
+    tokio::time::sleep(seconds(3)).await;
+    let calls: Vec<_> = dra.server.requests()[from..]
+        .iter()
+        .filter(|r| r.path.starts_with("/apis/resource.k8s.io/v1/resourceslices"))
+        .cloned()
+        .collect();
+    assert!(calls.is_empty(), "a quiet pool costs no requests: {calls:?}");
+    let watches: Vec<_> = dra.server.requests().into_iter().filter(|r| r.is_watch()).collect();
+    assert_eq!(watches.len(), 1, "one watch connection: {watches:?}");
+}
+
+/// Issue 24, item 5, through the daemon: with `device_taints = true` and a
+/// tainted device, the API server stamps the taint's `timeAdded`. Two
+/// kubelet restarts (each registers the driver again, which re-reads the
+/// pool) and a devhost restart (which adopts it) write nothing, so the
+/// taint keeps the time it was first given (the server's clock is an hour
+/// on by then); a real change is written once, with that time kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_device_taints_re_registrations_and_a_restart_write_nothing() {
+    let seconds = std::time::Duration::from_secs;
+    let dra = DraNode::start().await;
+    let config = dra.node.config_file();
+    let text = std::fs::read_to_string(&config).expect("host config");
+    std::fs::write(&config, text + "device_taints = true\n").expect("host config");
+    std::fs::remove_file(dra.state.join("gpu-1.ok")).expect("make gpu-1 unhealthy");
+    let mut devhost = dra.node.start_devhost();
+    dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
+    dra.until("gpu-1 is published tainted", &devhost, |d| d.device("gpu-1").is_some_and(|g| g["taints"].is_array()))
+        .await;
+    let time = |d: &DraNode, device: &str| d.device(device).expect("published")["taints"][0]["timeAdded"].clone();
+    let stamped = time(&dra, "gpu-1");
+    assert!(stamped.is_string(), "the server stamped the taint: {stamped}");
+    // The registration's re-read and the first publication settle.
+    tokio::time::sleep(seconds(2)).await;
+    dra.server.advance_clock(seconds(3600));
+    let writes = slice_writes(&dra);
+
+    let registered = |log: String| log.matches("registered with the kubelet as a DRA driver").count();
+    let mut dra = dra;
+    for restart in 0..2 {
+        let before = registered(devhost.log());
+        dra.watcher.stop();
+        let watcher = FakePluginWatcher::start(dra.node.dir.path(), KUBELET_1_37).await.expect("watcher");
+        dra = DraNode { watcher, ..dra };
+        dra.until("registered again", &devhost, |_| registered(devhost.log()) > before).await;
+        tokio::time::sleep(seconds(1)).await;
+        assert_eq!(slice_writes(&dra), writes, "kubelet restart {restart}: {:?}", dra.server.requests());
+    }
+    devhost.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    let devhost = dra.node.start_another_devhost("devhost-2.log");
+    devhost.wait_for_log("registered with the kubelet as a DRA driver").await;
+    let address = devhost.metrics_address().await;
+    let up = "devhost_dra_slices_up{driver=\"gpu.example.com\"} 1";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !crate::harness::http_get(&address, "/metrics").await.1.lines().any(|line| line == up) {
+        assert!(tokio::time::Instant::now() < deadline, "the new devhost never read the pool; log:\n{}", devhost.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(seconds(2)).await;
+    assert_eq!(slice_writes(&dra), writes, "after a devhost restart: {:?}", dra.server.requests());
+    assert_eq!(time(&dra, "gpu-1"), stamped);
+    assert_eq!(dra.published().1, [1], "one generation all along");
+
+    // A real change: gpu-0 goes Unhealthy too.
+    std::fs::remove_file(dra.state.join("gpu-0.ok")).expect("make gpu-0 unhealthy");
+    dra.until("gpu-0 is published tainted", &devhost, |d| d.device("gpu-0").is_some_and(|g| g["taints"].is_array()))
+        .await;
+    tokio::time::sleep(seconds(1)).await;
+    assert_eq!(slice_writes(&dra), writes + 1, "one write for the change: {:?}", dra.server.requests());
+    assert_eq!(time(&dra, "gpu-1"), stamped, "the lasting taint keeps its time");
+    let new = time(&dra, "gpu-0");
+    assert!(new.as_str() > stamped.as_str(), "the new taint has the server's time, an hour on: {new} after {stamped}");
+    assert_eq!(dra.published().1, [2]);
+}
+
+/// Issue 24, item 7: a backend's Allocate annotations cannot reach a
+/// container through DRA (the kubelet hands the runtime only CDI devices):
+/// claims are prepared with the rest of the answer, the annotations are
+/// left out of the claim's CDI spec, and the log says so once per driver,
+/// naming them.
+#[tokio::test(flavor = "multi_thread")]
+async fn annotations_on_the_dra_path_are_left_out_and_said_once() {
+    let node = Node::new();
+    let text = static_backend(&[("example.com/gpu", &["gpu-0", "gpu-1"])], None)
+        .replace("env = { IDS", "annotations = { \"example.com/allocated-by\" = \"devhost\" }\nenv = { IDS")
+        + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n";
+    node.backend("gpu", &text);
+    let dra = DraNode::around(node, GPU_DRIVER, PathBuf::new()).await;
+    dra.server.put_claim(claim("a", "uid-a", &[("gpus", "node-a", "gpu-0")]));
+    dra.server.put_claim(claim("b", "uid-b", &[("gpus", "node-a", "gpu-1")]));
+    let devhost = dra.node.start_devhost();
+    for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
+        let answer = dra.prepare(&devhost, &[("ml", uid, name)]).await;
+        assert_eq!(answer.claims[uid].error, "", "prepared without its annotations: {answer:?}");
+        let spec = read(&dra.cdi_spec(uid));
+        assert!(spec.contains("IDS=") && !spec.contains("allocated-by"), "{spec}");
+    }
+    let log = devhost.log();
+    assert_eq!(log.matches("carries container annotations").count(), 1, "said once:\n{log}");
+    assert!(log.contains("example.com/allocated-by"), "the annotation is named:\n{log}");
 }

@@ -18,6 +18,7 @@ mod native_loader;
 mod nvidia;
 mod operate;
 mod pci;
+mod real_clients;
 mod release;
 mod sharing;
 mod soak;

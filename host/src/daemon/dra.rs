@@ -18,7 +18,7 @@ use crate::config::DraSettings;
 use crate::device_state::ResourceState;
 use crate::dra::plugin::{DraPaths, DraPlugin};
 use crate::dra::prepare::{Preparer, PreparerFiles};
-use crate::dra::publish::{Pacing, SlicePublisher};
+use crate::dra::publish::{Pacing, SlicePublisher, watch_client};
 
 /// How often the plugin's sockets are checked (a kubelet or an operator
 /// may remove them; the plugin watcher acts on a socket that appears).
@@ -33,6 +33,9 @@ pub struct DraContext {
     pub settings: DraSettings,
     /// The API-server client, or why there is none.
     pub client: Result<kube::Client, String>,
+    /// The client that watches the driver's slices (no read timeout: a
+    /// quiet watch reads nothing for minutes); `None` without API access.
+    pub watch_client: Option<kube::Client>,
     /// Where CDI specs go.
     pub cdi_dir: PathBuf,
     /// This process's socket-name suffix.
@@ -40,12 +43,21 @@ pub struct DraContext {
 }
 
 impl DraContext {
-    /// Builds the API-server client from the settings (a kubeconfig, or the
-    /// pod's service account); a failure is kept and reported by each DRA
-    /// resource, since a node without one is fine.
+    /// Builds the API-server clients from the settings (a kubeconfig, or the
+    /// pod's service account): one for calls, one for the slices' watch; a
+    /// failure is kept and reported by each DRA resource, since a node
+    /// without one is fine.
     pub async fn new(settings: &DraSettings, cdi_dir: PathBuf, instance: &str) -> Self {
-        let client = client(settings).await;
-        DraContext { settings: settings.clone(), client, cdi_dir, instance: instance.to_owned() }
+        let config = config(settings).await;
+        let watch_client = config.clone().ok().and_then(|config| match watch_client(config) {
+            Ok(client) => Some(client),
+            Err(error) => {
+                tracing::warn!(%error, "ResourceSlices deleted behind devhost's back are noticed only at the next re-read");
+                None
+            }
+        });
+        let client = config.and_then(crate::dra::api_client);
+        DraContext { settings: settings.clone(), client, watch_client, cdi_dir, instance: instance.to_owned() }
     }
 }
 
@@ -65,19 +77,18 @@ impl DraContext {
     }
 }
 
-async fn client(settings: &DraSettings) -> Result<kube::Client, String> {
-    let config = match &settings.kubeconfig {
+async fn config(settings: &DraSettings) -> Result<kube::Config, String> {
+    match &settings.kubeconfig {
         Some(file) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(file)
                 .map_err(|error| format!("kubeconfig {}: {error}", file.display()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|error| format!("kubeconfig {}: {error}", file.display()))?
+                .map_err(|error| format!("kubeconfig {}: {error}", file.display()))
         }
         None => kube::Config::incluster()
-            .map_err(|error| format!("no in-cluster API-server access (and no [dra] kubeconfig): {error}"))?,
-    };
-    crate::dra::api_client(config)
+            .map_err(|error| format!("no in-cluster API-server access (and no [dra] kubeconfig): {error}")),
+    }
 }
 
 /// Everything one DRA resource's task needs.
@@ -146,6 +157,9 @@ impl DraTask {
         };
         let mut publisher =
             SlicePublisher::new(client, &self.driver, &node, self.context.settings.device_taints, Pacing::default());
+        if let Some(watch_client) = &self.context.watch_client {
+            publisher = publisher.watching(watch_client.clone());
+        }
         let resync = publisher.resync();
         let changes = self.state.subscribe();
         let publishing = self.shutdown.clone();

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 /// The longest devhost waits to connect to the API server.
 pub const API_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest devhost waits for one API-server answer (devhost makes no
-/// long-running calls such as watches): a hung server fails the call, and
+/// The longest devhost waits for one API-server answer (the slice watch, the
+/// one long-running call, has a client without it:
+/// `publish::watch_client`): a hung server fails the call, and
 /// the caller retries (the publisher on the newest state; the kubelet
 /// repeats a failed prepare) instead of waiting for minutes.
 pub const API_READ_TIMEOUT: Duration = Duration::from_secs(20);

@@ -15,14 +15,24 @@
 //!   right thing, and otherwise replaces them and deletes the extra ones.
 //! * **What the server holds is read again** when the kubelet registers
 //!   the driver (a restarted kubelet deletes a node's slices of drivers
-//!   not yet back) and every five minutes, so slices someone deleted are
-//!   published again; a read that finds them right writes nothing.
+//!   not yet back), when the pool's watch (`watch`) says a slice was
+//!   deleted or changed by someone else (the kubelet's deletion can land
+//!   after the registration; issue 24, item 3), and every five minutes, so
+//!   slices someone deleted are published again; a read that finds them
+//!   right writes nothing.
+//! * **"Right" means what the server would store**, not the bytes devhost
+//!   would send: a taint's `timeAdded` the server stamped, a quantity it
+//!   wrote in its canonical form or an empty list it left out is no change
+//!   (`slices::stores_as`), and a taint that stays keeps its `timeAdded`
+//!   when the slice is rewritten (issue 24, item 5).
 //! * **An unreachable API server blocks nothing else.** A failed round is
 //!   retried with back-off (1 s doubling to 30 s) on the newest state, the
 //!   next round reads the server afresh, and the kubelet side (health,
 //!   prepared claims) never waits for it.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod watch;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,25 +40,42 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch as channel};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::watch::{SliceEvent, SliceWatch};
 use super::slices::{self, DRIVER_LABEL, SliceSource};
 use crate::device_state::Snapshot;
 
 /// How often the server's slices are read again without a cause.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
+/// How long one watch of the pool's slices runs before the server ends it
+/// and devhost opens the next (kube-rs's default; client-go's reflector
+/// picks 5 to 10 minutes).
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
+/// The resourceVersions of its own last writes the publisher remembers, to
+/// tell the watch's echo of them from someone else's change.
+const OWN_VERSIONS: usize = 64;
+/// Watch events waiting for the publisher (it reads them between rounds).
+const EVENT_QUEUE: usize = 256;
 
-/// How gently the publisher writes.
+/// How gently the publisher writes and reads.
 #[derive(Debug, Clone)]
 pub struct Pacing {
-    /// The least time between two rounds of writes.
+    /// The least time between two rounds of writes (and between two reads
+    /// a watch event causes).
     pub min_interval: Duration,
-    /// The first wait after a failed round.
+    /// The first wait after a failed round (or a failed watch).
     pub backoff_start: Duration,
     /// The longest wait after failed rounds (the wait doubles up to it).
     pub backoff_max: Duration,
+    /// How often the server's slices are read again without a cause
+    /// ([`RESYNC_EVERY`]; tests shorten it to compress hours).
+    pub resync: Duration,
+    /// How long one watch runs before the server ends it
+    /// ([`WATCH_TIMEOUT`], sent as `timeoutSeconds`, whole seconds).
+    pub watch_timeout: Duration,
 }
 
 impl Default for Pacing {
@@ -57,6 +84,8 @@ impl Default for Pacing {
             min_interval: Duration::from_secs(1),
             backoff_start: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
+            resync: RESYNC_EVERY,
+            watch_timeout: WATCH_TIMEOUT,
         }
     }
 }
@@ -91,7 +120,12 @@ pub struct SlicePublisher {
     held: Option<BTreeMap<String, ResourceSlice>>,
     generation: i64,
     writes: u64,
-    progress: watch::Sender<Progress>,
+    /// The resourceVersions its own recent writes got, newest last.
+    own_versions: VecDeque<String>,
+    /// Where the pool's slices are watched from (a client without a read
+    /// timeout: see [`watch_client`]); `None`: not watched.
+    watch: Option<Api<ResourceSlice>>,
+    progress: channel::Sender<Progress>,
     resync: Arc<Notify>,
 }
 
@@ -110,9 +144,22 @@ impl SlicePublisher {
             held: None,
             generation: 0,
             writes: 0,
-            progress: watch::Sender::new(Progress::default()),
+            own_versions: VecDeque::new(),
+            watch: None,
+            progress: channel::Sender::new(Progress::default()),
             resync: Arc::new(Notify::new()),
         }
+    }
+
+    /// Also watches the pool's slices through `client` while it runs, so a
+    /// slice deleted or changed behind its back is published again within
+    /// a second instead of at the next re-read. `client` must have no read
+    /// timeout shorter than [`Pacing::watch_timeout`] ([`watch_client`]):
+    /// a quiet watch reads nothing for minutes.
+    #[must_use]
+    pub fn watching(mut self, client: kube::Client) -> Self {
+        self.watch = Some(Api::all(client));
+        self
     }
 
     /// Notified, the publisher reads the server's slices again and
@@ -123,14 +170,36 @@ impl SlicePublisher {
     }
 
     /// Follows what the publisher does.
-    pub fn progress(&self) -> watch::Receiver<Progress> {
+    pub fn progress(&self) -> channel::Receiver<Progress> {
         self.progress.subscribe()
     }
 
     /// Publishes `state` until `shutdown`, or until the state's sender is
     /// gone. The slices stay on the server (a restarted devhost adopts
     /// them); [`SlicePublisher::remove`] deletes them.
-    pub async fn run(&mut self, mut state: watch::Receiver<Arc<Snapshot>>, shutdown: CancellationToken) {
+    pub async fn run(&mut self, state: channel::Receiver<Arc<Snapshot>>, shutdown: CancellationToken) {
+        let Some(api) = self.watch.clone() else {
+            self.publish(state, None, shutdown).await;
+            return;
+        };
+        let (sender, events) = mpsc::channel(EVENT_QUEUE);
+        let watch = SliceWatch::new(api, self.selector(), &self.driver, &self.node, &self.pacing);
+        // The watch lives exactly as long as the publishing: it runs in
+        // this task, beside it, and stops when it returns.
+        let watching = shutdown.child_token();
+        let publishing = async {
+            self.publish(state, Some(events), shutdown).await;
+            watching.cancel();
+        };
+        tokio::join!(publishing, watch.run(sender, watching.clone()));
+    }
+
+    async fn publish(
+        &mut self,
+        mut state: channel::Receiver<Arc<Snapshot>>,
+        mut events: Option<mpsc::Receiver<SliceEvent>>,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = self.pacing.backoff_start;
         let mut not_before = Instant::now();
         loop {
@@ -138,7 +207,13 @@ impl SlicePublisher {
                 () = tokio::time::sleep_until(not_before) => {}
                 () = shutdown.cancelled() => return,
             }
+            if self.held.is_none() {
+                // The list this round reads is newer than every event
+                // already queued.
+                while let Some(Ok(_)) = events.as_mut().map(mpsc::Receiver::try_recv) {}
+            }
             let snapshot = state.borrow_and_update().clone();
+            let started = Instant::now();
             // A hung API server holds a round for at most the client's
             // timeout, and never holds up a stop.
             let round = tokio::select! {
@@ -154,11 +229,30 @@ impl SlicePublisher {
                             "ResourceSlices published");
                     }
                     self.report(None);
-                    tokio::select! {
-                        changed = state.changed() => if changed.is_err() { return },
-                        () = self.resync.notified() => self.held = None,
-                        () = tokio::time::sleep(RESYNC_EVERY) => self.held = None,
-                        () = shutdown.cancelled() => return,
+                    let resync_at = Instant::now() + self.pacing.resync;
+                    loop {
+                        tokio::select! {
+                            changed = state.changed() => if changed.is_err() { return } else { break },
+                            () = self.resync.notified() => { self.held = None; break }
+                            () = tokio::time::sleep_until(resync_at) => { self.held = None; break }
+                            event = next_event(&mut events) => if self.is_news(&event) {
+                                if event == SliceEvent::Restarted {
+                                    // Changes while nothing watched are unknown (a
+                                    // watch's first start, or after a 410).
+                                    tracing::debug!(driver = %self.driver, node = %self.node,
+                                        "the slice watch started afresh; reading the pool again");
+                                } else {
+                                    tracing::info!(driver = %self.driver, node = %self.node, ?event,
+                                        "a ResourceSlice of the pool was deleted or changed by someone else; reading the pool again");
+                                }
+                                self.held = None;
+                                // However busy the watch, at most one read a
+                                // round's interval.
+                                not_before = not_before.max(started + self.pacing.min_interval);
+                                break;
+                            },
+                            () = shutdown.cancelled() => return,
+                        }
                     }
                 }
                 Err(error) => {
@@ -170,6 +264,21 @@ impl SlicePublisher {
                     backoff = (backoff * 2).min(self.pacing.backoff_max);
                 }
             }
+        }
+    }
+
+    /// Whether a watch event says something the publisher does not know:
+    /// not the echo of its own write, not a slice it deleted itself.
+    fn is_news(&self, event: &SliceEvent) -> bool {
+        // Without a pool held, the next round reads the server anyway.
+        let Some(held) = &self.held else { return false };
+        match event {
+            SliceEvent::Seen { name, version } => {
+                held.get(name).and_then(|slice| slice.metadata.resource_version.as_ref()) != Some(version)
+                    && !self.own_versions.contains(version)
+            }
+            SliceEvent::Gone { name } => held.contains_key(name),
+            SliceEvent::Restarted => true,
         }
     }
 
@@ -212,12 +321,12 @@ impl SlicePublisher {
                 listed
             }
         };
-        if unchanged(&held, &self.desired(snapshot)) {
+        if unchanged(&held, &self.desired(snapshot, &held)) {
             self.held = Some(held);
             return Ok(false);
         }
         self.generation += 1;
-        let desired = self.desired(snapshot);
+        let desired = self.desired(snapshot, &held);
         let wanted: BTreeSet<String> = desired.iter().filter_map(|slice| slice.metadata.name.clone()).collect();
         let params = PostParams::default();
         for mut slice in desired {
@@ -230,6 +339,12 @@ impl SlicePublisher {
                 None => self.slices.create(&params, &slice).await?,
             };
             self.writes += 1;
+            if let Some(version) = written.metadata.resource_version.clone() {
+                if self.own_versions.len() == OWN_VERSIONS {
+                    self.own_versions.pop_front();
+                }
+                self.own_versions.push_back(version);
+            }
             held.insert(name, written);
         }
         let stale: Vec<String> = held.keys().filter(|name| !wanted.contains(*name)).cloned().collect();
@@ -241,7 +356,9 @@ impl SlicePublisher {
         Ok(true)
     }
 
-    fn desired(&self, snapshot: &Snapshot) -> Vec<ResourceSlice> {
+    /// The slices for `snapshot`, each taint that stays with the time the
+    /// server gave it when it was added.
+    fn desired(&self, snapshot: &Snapshot, held: &BTreeMap<String, ResourceSlice>) -> Vec<ResourceSlice> {
         let source = SliceSource {
             driver: &self.driver,
             node: &self.node,
@@ -249,14 +366,21 @@ impl SlicePublisher {
             owner: self.owner.clone().flatten(),
             taints: self.taints,
         };
-        slices::slices(&source, snapshot)
+        let mut desired = slices::slices(&source, snapshot);
+        slices::keep_taint_times(&mut desired, held.values());
+        desired
+    }
+
+    /// Which slices are this driver's on this node: (label selector, field
+    /// selector), the same for the list and the watch.
+    fn selector(&self) -> (String, String) {
+        (format!("{DRIVER_LABEL}={}", self.driver), format!("spec.nodeName={}", self.node))
     }
 
     /// The slices this driver published for this node, by name.
     async fn list(&self) -> Result<BTreeMap<String, ResourceSlice>, kube::Error> {
-        let params = ListParams::default()
-            .labels(&format!("{DRIVER_LABEL}={}", self.driver))
-            .fields(&format!("spec.nodeName={}", self.node));
+        let (labels, fields) = self.selector();
+        let params = ListParams::default().labels(&labels).fields(&fields);
         let listed = self.slices.list(&params).await?;
         Ok(listed
             .items
@@ -300,23 +424,54 @@ impl SlicePublisher {
     }
 }
 
-/// Whether the server already holds exactly `desired` (names, specs,
-/// labels and owners; server-set metadata aside).
+/// Whether the server already holds what writing `desired` would store
+/// (names, specs, labels and owners; server-set metadata and fields, and
+/// the server's spelling of values, aside: [`slices::stores_as`]).
 fn unchanged(held: &BTreeMap<String, ResourceSlice>, desired: &[ResourceSlice]) -> bool {
     held.len() == desired.len()
         && desired.iter().all(|want| {
             let name = want.metadata.name.as_deref().unwrap_or_default();
-            held.get(name).is_some_and(|have| {
-                have.spec == want.spec
-                    && have.metadata.labels == want.metadata.labels
-                    && have.metadata.owner_references == want.metadata.owner_references
-            })
+            held.get(name).is_some_and(|have| slices::stores_as(have, want))
         })
+}
+
+/// The next watch event; never, without a watch.
+async fn next_event(events: &mut Option<mpsc::Receiver<SliceEvent>>) -> SliceEvent {
+    match events {
+        Some(events) => match events.recv().await {
+            Some(event) => event,
+            // The watch stopped: only with the publishing.
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// A client for the API server at `url` (plain HTTP or HTTPS without
 /// credentials: the fake API server of the tests and the demo).
 pub fn client_for_url(url: &str) -> Result<kube::Client, String> {
+    super::api_client(config_for_url(url)?)
+}
+
+/// [`watch_client`] for the API server at `url`, as [`client_for_url`].
+pub fn watch_client_for_url(url: &str) -> Result<kube::Client, String> {
+    watch_client(config_for_url(url)?)
+}
+
+fn config_for_url(url: &str) -> Result<kube::Config, String> {
     let uri = url.parse().map_err(|error| format!("{url}: not a URL: {error}"))?;
-    super::api_client(kube::Config::new(uri))
+    Ok(kube::Config::new(uri))
+}
+
+/// A client for `config` to watch slices with: devhost's connect and write
+/// timeouts and no kube-rs retries, as [`super::api_client`], but no read
+/// timeout, since a watch of a quiet pool reads nothing until the server
+/// ends it; the watch keeps its own deadline instead (the server's end of
+/// the watch, plus a grace), so a dead connection is still noticed.
+pub fn watch_client(mut config: kube::Config) -> Result<kube::Client, String> {
+    config.default_retry = false;
+    config.connect_timeout = Some(super::API_CONNECT_TIMEOUT);
+    config.read_timeout = None;
+    config.write_timeout = Some(super::API_READ_TIMEOUT);
+    kube::Client::try_from(config).map_err(|error| format!("API-server client for watches: {error}"))
 }

@@ -4,16 +4,24 @@
 //! taints), every slice with the pool's generation and slice count, each
 //! device under its DRA name with the backend's attributes and capacities.
 //!
+//! Also what the API server makes of them (`docs/dra-api.md` §4.1): it
+//! stamps a taint without `timeAdded` with the time of the write, writes
+//! quantities in their canonical form and drops empty lists, maps and
+//! strings. [`stores_as`] compares a slice the server holds with one
+//! devhost would write as the server would store it, so those differences
+//! never count as a change, and [`keep_taint_times`] gives a taint that
+//! stays the time it was first added.
+//!
 //! Only the objects: publishing them (create, update, delete, adopt, with
 //! back-off and at most one write a second) is the publisher's job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::resource::v1::{
     Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 
 use super::names;
 use crate::device_state::Snapshot;
@@ -122,6 +130,128 @@ fn taint_value(why: &str) -> String {
         .take(63)
         .collect();
     value.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
+}
+
+/// Whether the server, holding `have`, would store the same spec, labels
+/// and owners if `want` were written now: fields only the server sets
+/// (a taint's `timeAdded` that `want` leaves unset) and the server's way
+/// of writing a value (a quantity's canonical form, an empty list left
+/// out) do not count as a difference.
+pub fn stores_as(have: &ResourceSlice, want: &ResourceSlice) -> bool {
+    let mut want = want.clone();
+    keep_taint_times(std::slice::from_mut(&mut want), [have]);
+    as_stored(&have.spec) == as_stored(&want.spec)
+        && have.metadata.labels.as_ref().filter(|labels| !labels.is_empty())
+            == want.metadata.labels.as_ref().filter(|labels| !labels.is_empty())
+        && have.metadata.owner_references.as_ref().filter(|owners| !owners.is_empty())
+            == want.metadata.owner_references.as_ref().filter(|owners| !owners.is_empty())
+}
+
+/// Gives every taint in `desired` that has no `timeAdded` the time of the
+/// same taint (key and effect) on the same device in `held`, so that a
+/// rewrite keeps when the device was first tainted (the server would
+/// otherwise stamp the time of the rewrite, and a `NoExecute` toleration's
+/// seconds count from it). A device may move between the slices of a pool,
+/// so every held slice is searched.
+pub fn keep_taint_times<'a>(desired: &mut [ResourceSlice], held: impl IntoIterator<Item = &'a ResourceSlice>) {
+    let mut times: HashMap<(&str, &str, &str), &Time> = HashMap::new();
+    for slice in held {
+        for device in slice.spec.devices.iter().flatten() {
+            for taint in device.taints.iter().flatten() {
+                if let Some(time) = &taint.time_added {
+                    times.insert((device.name.as_str(), taint.key.as_str(), taint.effect.as_str()), time);
+                }
+            }
+        }
+    }
+    if times.is_empty() {
+        return;
+    }
+    for device in desired.iter_mut().flat_map(|slice| slice.spec.devices.iter_mut().flatten()) {
+        for taint in device.taints.iter_mut().flatten() {
+            if taint.time_added.is_none() {
+                let key = (device.name.as_str(), taint.key.as_str(), taint.effect.as_str());
+                taint.time_added = times.get(&key).map(|time| (*time).clone());
+            }
+        }
+    }
+}
+
+/// `spec` as the server writes it back: empty lists, maps and optional
+/// strings and `false` optional flags left out (the API's `omitempty`),
+/// quantities by their value instead of their spelling.
+fn as_stored(spec: &ResourceSliceSpec) -> ResourceSliceSpec {
+    let mut spec = spec.clone();
+    spec.all_nodes = spec.all_nodes.filter(|set| *set);
+    spec.per_device_node_selection = spec.per_device_node_selection.filter(|set| *set);
+    spec.shared_counters = spec.shared_counters.filter(|counters| !counters.is_empty());
+    spec.devices = spec.devices.filter(|devices| !devices.is_empty());
+    for device in spec.devices.iter_mut().flatten() {
+        device.attributes = device.attributes.take().filter(|attributes| !attributes.is_empty());
+        device.capacity = device.capacity.take().filter(|capacity| !capacity.is_empty());
+        device.consumes_counters = device.consumes_counters.take().filter(|counters| !counters.is_empty());
+        device.taints = device.taints.take().filter(|taints| !taints.is_empty());
+        for capacity in device.capacity.iter_mut().flat_map(BTreeMap::values_mut) {
+            if let Some(nanos) = quantity_nanos(&capacity.value.0) {
+                // Any spelling of one value compares equal: "1Gi", "1024Mi".
+                capacity.value = Quantity(format!("{nanos}n"));
+            }
+        }
+        for taint in device.taints.iter_mut().flatten() {
+            taint.value = taint.value.take().filter(|value| !value.is_empty());
+        }
+    }
+    spec
+}
+
+/// A quantity's value in billionths (the finest the API keeps: finer
+/// values are rounded away from zero, as the server rounds them); `None`
+/// when it does not parse or does not fit, and is then compared as text.
+fn quantity_nanos(quantity: &str) -> Option<i128> {
+    let (negative, unsigned) = match quantity.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, quantity.strip_prefix('+').unwrap_or(quantity)),
+    };
+    let end = unsigned.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(end);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+        return None;
+    }
+    let (power_of_ten, power_of_two): (i64, u32) = match suffix {
+        "" => (0, 0),
+        "n" => (-9, 0),
+        "u" => (-6, 0),
+        "m" => (-3, 0),
+        "k" => (3, 0),
+        "M" => (6, 0),
+        "G" => (9, 0),
+        "T" => (12, 0),
+        "P" => (15, 0),
+        "E" => (18, 0),
+        "Ki" => (0, 10),
+        "Mi" => (0, 20),
+        "Gi" => (0, 30),
+        "Ti" => (0, 40),
+        "Pi" => (0, 50),
+        "Ei" => (0, 60),
+        exponent => (exponent.strip_prefix(['e', 'E'])?.parse().ok()?, 0),
+    };
+    let digits = format!("{whole}{fraction}");
+    let mantissa: i128 = digits.trim_start_matches('0').parse().or_else(|_| digits.parse()).ok()?;
+    let mantissa = mantissa.checked_mul(1_i128.checked_shl(power_of_two)?)?;
+    let fraction_digits = i64::try_from(fraction.len()).ok()?;
+    let scale = power_of_ten.checked_add(9)?.checked_sub(fraction_digits)?;
+    let magnitude = if scale >= 0 {
+        mantissa.checked_mul(10_i128.checked_pow(u32::try_from(scale).ok()?)?)?
+    } else {
+        match 10_i128.checked_pow(u32::try_from(-scale).ok()?) {
+            Some(divisor) => mantissa / divisor + i128::from(mantissa % divisor != 0),
+            // Far below a billionth: one billionth, or zero.
+            None => i128::from(mantissa != 0),
+        }
+    };
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 fn dra_device(name: String, device: &crate::model::Device, taints: Option<Vec<DeviceTaint>>) -> Device {
@@ -237,6 +367,125 @@ mod tests {
         let untainted = slices(&source(false), &snapshot(100, &[3]));
         assert_eq!(untainted.iter().map(|s| devices(s).len()).sum::<usize>(), 99, "left out without taints");
         assert_eq!(slices(&source(false), &snapshot(0, &[])).len(), 1, "an empty pool is one empty slice");
+    }
+
+    /// What a server that defaults `timeAdded` and writes quantities its
+    /// own way hands back for `slice`.
+    fn as_the_server_stores(slice: &ResourceSlice, time: &str) -> ResourceSlice {
+        let mut stored = slice.clone();
+        stored.metadata.resource_version = Some("42".into());
+        stored.metadata.uid = Some("uid-1".into());
+        for device in stored.spec.devices.iter_mut().flatten() {
+            for taint in device.taints.iter_mut().flatten() {
+                taint.time_added.get_or_insert_with(|| Time(time.parse().expect("a time")));
+            }
+            if let Some(memory) = device.capacity.as_mut().and_then(|capacity| capacity.get_mut("memory")) {
+                memory.value = Quantity("80Gi".into());
+            }
+        }
+        stored
+    }
+
+    #[test]
+    fn what_only_the_server_sets_or_spells_is_no_change() {
+        let mut want = slices(&source(true), &snapshot(3, &[1])).remove(0);
+        for device in want.spec.devices.iter_mut().flatten() {
+            device
+                .capacity
+                .get_or_insert_default()
+                .insert("memory".into(), DeviceCapacity { value: Quantity("81920Mi".into()), request_policy: None });
+        }
+        let have = as_the_server_stores(&want, "2026-03-01T10:00:00Z");
+        assert_ne!(have.spec, want.spec, "the server's copy differs byte for byte");
+        assert!(stores_as(&have, &want), "but not in anything devhost said");
+
+        // Empty lists the server leaves out.
+        let empty = slices(&source(true), &snapshot(0, &[])).remove(0);
+        let mut stored = empty.clone();
+        stored.spec.devices = None;
+        assert!(stores_as(&stored, &empty));
+
+        // Real changes still count: a quantity's value, a taint's value, a
+        // new taint, a device more.
+        let mut bigger = want.clone();
+        bigger.spec.devices.as_mut().expect("devices")[0]
+            .capacity
+            .as_mut()
+            .expect("capacity")
+            .get_mut("memory")
+            .expect("memory")
+            .value = Quantity("81Gi".into());
+        assert!(!stores_as(&have, &bigger));
+        let mut reason = want.clone();
+        reason.spec.devices.as_mut().expect("devices")[1].taints.as_mut().expect("taints")[0].value =
+            Some("other".into());
+        assert!(!stores_as(&have, &reason));
+        let worse = slices(&source(true), &snapshot(3, &[0, 1])).remove(0);
+        assert!(!stores_as(&as_the_server_stores(&want, "2026-03-01T10:00:00Z"), &worse));
+        assert!(!stores_as(&have, &slices(&source(true), &snapshot(4, &[1])).remove(0)));
+    }
+
+    #[test]
+    fn a_taint_that_stays_keeps_its_time_wherever_its_device_goes() {
+        // Held: gpu-1's taint in the pool's second slice.
+        let mut second =
+            as_the_server_stores(&slices(&source(true), &snapshot(3, &[1])).remove(0), "2026-03-01T10:00:00Z");
+        second.metadata.name = Some("node-a-gpu.example.com-1".into());
+        let held = [slices(&source(true), &snapshot(0, &[])).remove(0), second];
+        // Desired: gpu-1 in the first slice, and gpu-2 newly tainted.
+        let mut desired = slices(&source(true), &snapshot(66, &[1, 2]));
+        keep_taint_times(&mut desired, &held);
+        let time = |name: &str| {
+            desired
+                .iter()
+                .flat_map(devices)
+                .find(|d| d.name == names::device_name(name))
+                .and_then(|d| d.taints.as_ref())
+                .and_then(|t| t[0].time_added.clone())
+                .map(|t| t.0.to_string())
+        };
+        assert_eq!(time("GPU-001").as_deref(), Some("2026-03-01T10:00:00Z"));
+        assert_eq!(time("GPU-002"), None, "a new taint gets the server's time");
+        // Another effect is another taint.
+        let mut no_execute = slices(&source(true), &snapshot(3, &[1]));
+        for taint in no_execute
+            .iter_mut()
+            .flat_map(|s| s.spec.devices.iter_mut().flatten())
+            .flat_map(|d| d.taints.iter_mut().flatten())
+        {
+            taint.effect = "NoExecute".into();
+        }
+        keep_taint_times(&mut no_execute, &held);
+        assert!(
+            no_execute
+                .iter()
+                .flat_map(devices)
+                .filter_map(|d| d.taints.as_ref())
+                .flatten()
+                .all(|t| t.time_added.is_none())
+        );
+    }
+
+    #[test]
+    fn quantities_compare_by_value() {
+        for (a, b) in [
+            ("1Gi", "1024Mi"),
+            ("1.5Gi", "1536Mi"),
+            ("0.5", "500m"),
+            ("1e3", "1k"),
+            ("1000", "1k"),
+            ("+2", "2"),
+            ("0", "0m"),
+            ("0.0000000001", "1n"),
+        ] {
+            assert_eq!(quantity_nanos(a), quantity_nanos(b), "{a} = {b}");
+            assert!(quantity_nanos(a).is_some(), "{a}");
+        }
+        assert_eq!(quantity_nanos("-1.5"), Some(-1_500_000_000));
+        assert_ne!(quantity_nanos("1Gi"), quantity_nanos("1G"));
+        for bad in ["", "Gi", "1.2.3", "1x", "1e", "99999999999999999999999999999999999999999Ei"] {
+            assert_eq!(quantity_nanos(bad), None, "{bad}");
+        }
     }
 
     #[test]
