@@ -697,6 +697,67 @@ async fn a_broken_or_blocked_log_pipe_never_stops_the_daemon() {
     }
 }
 
+/// Issue 24, item 9: exit waits for no log writer that cannot write. With
+/// stdout and stderr on a pipe nobody reads, filled to the last byte, and
+/// more lines logged than the log queue holds, devhost must still exit on
+/// SIGTERM. Before the fix it never did: at exit, tracing-appender's guard
+/// could not queue its stop signal behind the full queue, gave up after
+/// 100 ms and said so with a `println!` on that same full pipe, which
+/// blocks for ever. (With fewer lines queued it waited out its fixed 1 s
+/// for the stuck writer instead.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_pipe_with_a_full_queue_does_not_hold_exit() {
+    use std::io::Write;
+    // Each Allocate logs dozens of lines at trace level: 300 of them queue
+    // far more than the log queue's 8,192 lines.
+    const ALLOCATES: usize = 300;
+    let node = Node::new();
+    node.backend("gpu", &static_backend(&[(GPU, &["gpu-0"])], None));
+    std::fs::write(node.config_file(), "metrics_address = \"\"\n").expect("host config");
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    let mut filler = std::fs::File::from(write_end.try_clone().expect("dup"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["run", "--config"])
+        .arg(node.config_file())
+        .arg("--plugin-dir")
+        .arg(node.plugin_dir())
+        .env("RUST_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(write_end.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(write_end))
+        .spawn()
+        .expect("spawn devhost");
+    kubelet
+        .wait_for_registrations(GPU, 1, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("devhost registers: {e} (status {:?})", child.try_wait()));
+    // Byte by byte, so that not even a short line fits any more; this
+    // thread stays blocked until the read end is closed.
+    std::thread::spawn(move || while filler.write_all(b"x").is_ok() {});
+    for _ in 0..ALLOCATES {
+        kubelet.allocate(GPU, &["gpu-0"]).await.expect("devhost serves with its log pipe stalled");
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    // Generous: devhost exits in well under a second; before the fix, never.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("devhost did not exit within 10 s of SIGTERM with its log pipe full and its log queue full");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "devhost exited with {status}");
+    assert_eq!(node.sockets(), ["kubelet.sock"], "devhost removed its sockets");
+    drop(read_end);
+}
+
 /// Item 9: logs written to a file carry no ANSI colour codes.
 #[tokio::test]
 async fn logs_to_a_file_carry_no_colour_codes() {

@@ -13,7 +13,10 @@ use crate::config::{HostConfig, LogFormat, Overrides};
 
 mod inspect;
 mod kubelet;
+mod log;
 mod new_backend;
+
+use self::log::{LogGuard, init_logging};
 
 /// devhost: one Kubernetes device-plugin daemon for every accelerator on a node.
 #[derive(Debug, Parser)]
@@ -138,9 +141,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Holds the log writer's thread; dropped last, it flushes what is
-    // queued (for a bounded time).
-    let mut _log: Option<tracing_appender::non_blocking::WorkerGuard> = None;
+    // Holds the log writer's thread; dropped last, it lets the writer
+    // write what is queued, unless the writer is stuck (see `LogGuard`).
+    let mut _log: Option<LogGuard> = None;
     let code = match cli.command {
         Command::Run { config, plugin_dir, kubelet_socket } => {
             let overrides = Overrides { plugin_dir, kubelet_socket };
@@ -246,54 +249,4 @@ fn stop_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
         shutdown.cancel();
     });
     Ok(())
-}
-
-/// Logs to stderr; `RUST_LOG` overrides the configured level.
-///
-/// Logging must never stop the daemon: lines go through a bounded queue to
-/// a writer thread, and are dropped (not waited for) when stderr is slow
-/// or blocked (a full pipe); a closed stderr (`EPIPE`) is ignored rather
-/// than reported on stderr, which would panic. Colours only on a terminal
-/// (and never with `NO_COLOR`).
-/// Log lines buffered for the writer thread before new ones are dropped.
-const LOG_LINES_IN_FLIGHT: usize = 8_192;
-
-/// The kube-rs request log, off unless the filter names `kube_client`.
-const KUBE_REQUEST_LOG: &str = "kube_client::client::builder=off";
-
-fn init_logging(format: LogFormat, level: &str) -> Option<tracing_appender::non_blocking::WorkerGuard> {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    // kube-rs logs every failed API request at ERROR, 404s included;
-    // devhost logs each failure itself with what it was doing, once.
-    let named = std::env::var("RUST_LOG").unwrap_or_default().contains("kube_client") || level.contains("kube_client");
-    let filter = match KUBE_REQUEST_LOG.parse() {
-        Ok(directive) if !named => filter.add_directive(directive),
-        _ => filter,
-    };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        // 8,192 lines in flight (not the default 128,000, which reserves
-        // 4 MiB up front): far more than a healthy daemon logs between two
-        // writes, and a log that cannot keep up drops lines either way.
-        .buffered_lines_limit(LOG_LINES_IN_FLIGHT)
-        .lossy(true)
-        .thread_name("devhost-log")
-        .finish(std::io::stderr());
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(colour)
-        .log_internal_errors(false);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    match result {
-        Ok(()) => Some(guard),
-        Err(_) => None,
-    }
 }
