@@ -643,6 +643,22 @@ enum Reader {
     Asleep,
 }
 
+/// devhost serving `node`, its stdout and stderr both the pipe `write_end`,
+/// logging at trace level (plenty of lines, to fill a 64 KiB pipe at once).
+fn devhost_logging_into(node: &Node, write_end: std::os::fd::OwnedFd) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
+        .args(["run", "--config"])
+        .arg(node.config_file())
+        .arg("--plugin-dir")
+        .arg(node.plugin_dir())
+        .env("RUST_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(write_end.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(write_end))
+        .spawn()
+        .expect("spawn devhost")
+}
+
 /// Item 9: with stdout and stderr on a pipe whose reader is gone or never
 /// reads, devhost starts, serves, registers, and on SIGTERM exits 0 and
 /// removes its sockets. Before the fix it exited 101 at start (a panic
@@ -656,18 +672,7 @@ async fn a_broken_or_blocked_log_pipe_never_stops_the_daemon() {
         std::fs::write(node.config_file(), "metrics_address = \"\"\n").expect("host config");
         let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
         let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
-            .args(["run", "--config"])
-            .arg(node.config_file())
-            .arg("--plugin-dir")
-            .arg(node.plugin_dir())
-            // Plenty of lines, to fill a 64 KiB pipe at once.
-            .env("RUST_LOG", "trace")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(write_end.try_clone().expect("dup")))
-            .stderr(std::process::Stdio::from(write_end))
-            .spawn()
-            .expect("spawn devhost");
+        let mut child = devhost_logging_into(&node, write_end);
         let kept = match reader {
             Reader::Gone => {
                 drop(read_end);
@@ -717,17 +722,7 @@ async fn a_stalled_log_pipe_with_a_full_queue_does_not_hold_exit() {
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
     let mut filler = std::fs::File::from(write_end.try_clone().expect("dup"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devhost"))
-        .args(["run", "--config"])
-        .arg(node.config_file())
-        .arg("--plugin-dir")
-        .arg(node.plugin_dir())
-        .env("RUST_LOG", "trace")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(write_end.try_clone().expect("dup")))
-        .stderr(std::process::Stdio::from(write_end))
-        .spawn()
-        .expect("spawn devhost");
+    let mut child = devhost_logging_into(&node, write_end);
     kubelet
         .wait_for_registrations(GPU, 1, WAIT)
         .await
