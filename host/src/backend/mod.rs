@@ -12,6 +12,7 @@
 
 pub use crate::device_state::{PublishError, Publisher};
 
+pub mod call_error;
 pub mod handle;
 pub mod static_backend;
 

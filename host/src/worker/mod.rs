@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 
-use crate::backend::handle::CallError;
+use crate::backend::call_error::CallError;
 use crate::backend::{Allocation, PreferredRequest, ResourceSpec};
 use crate::device_state::{BackgroundFault, FaultKind, Publisher};
 use protocol::{Answer, Call, DevicesCall, Empty, FailureKind, Load, PreferredCall, Reply, Request};
