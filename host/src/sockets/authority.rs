@@ -24,7 +24,9 @@
 //! Anything that is not HTTP/2 as RFC 9113 frames it (no preface, a header
 //! block interleaved with other frames, an undecodable block, a block over
 //! [`MAX_BLOCK`]) is passed on as it came, from there to the end of the
-//! connection: the server then refuses it exactly as it would have.
+//! connection: the server then refuses it exactly as it would have. What
+//! one connection can make the rewriter hold is bounded twice: the encoded
+//! block ([`MAX_BLOCK`]) and the header list it decodes to ([`MAX_DECODED`]).
 
 use std::io;
 use std::pin::Pin;
@@ -51,6 +53,13 @@ const MAX_FRAME: usize = 16_384;
 /// anyway; this bounds the memory a hostile client can make a connection
 /// hold before that.
 pub const MAX_BLOCK: usize = 256 * 1024;
+/// The largest header list (decoded, counted as HPACK counts it: name,
+/// value and 32 bytes an entry) that is rewritten. A small block can decode
+/// to far more (one byte refers to a 4 KiB table entry): past this the
+/// block is passed on as it came, and the server, which accepts 16 KiB,
+/// refuses it as it would have. Bounds what one connection can make the
+/// rewriter allocate.
+pub const MAX_DECODED: usize = 1024 * 1024;
 /// The HPACK dynamic table size both ends of a connection start with
 /// (`SETTINGS_HEADER_TABLE_SIZE`'s initial value). devhost's servers never
 /// announce another, so the client's encoder uses at most this, and the
@@ -319,9 +328,16 @@ impl HeaderRewriter {
     fn emit(&mut self, pending: &PendingBlock) -> Result<(), ()> {
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(16);
         let mut changed = false;
+        let mut decoded = 0_usize;
         let authority = &self.authority;
         self.decoder
             .decode_with_cb(&pending.block, |name, value| {
+                // Past the bound nothing more is kept (the decoder still
+                // runs to the end: its table must stay whole).
+                decoded = decoded.saturating_add(name.len() + value.len() + 32);
+                if decoded > MAX_DECODED {
+                    return;
+                }
                 let value = match (&*name == b":authority").then(|| authority.rewrite(&value)).flatten() {
                     Some(new) => {
                         changed |= new != &*value;
@@ -332,6 +348,10 @@ impl HeaderRewriter {
                 headers.push((name.into_owned(), value));
             })
             .map_err(|error| tracing::debug!(?error, "a header block could not be decoded; passed on as it came"))?;
+        if decoded > MAX_DECODED {
+            tracing::debug!(decoded, "a header block decodes past {MAX_DECODED} bytes; passed on as it came");
+            return Err(());
+        }
         if changed {
             self.rewritten += 1;
         }

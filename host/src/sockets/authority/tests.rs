@@ -228,6 +228,50 @@ fn what_is_not_http2_as_expected_goes_on_as_it_came() {
     assert_eq!(rewrite_all(&cut, 2), cut);
 }
 
+/// An attacker's blocks: one that grows past [`MAX_BLOCK`] over many
+/// CONTINUATION frames is not held whole, and a small one that decodes to
+/// over a gigabyte (one byte a reference to a 4 KiB table entry) is not
+/// decoded into memory: both go on as they came, for the server to refuse.
+#[test]
+fn blocks_built_to_exhaust_memory_are_passed_on_not_held() {
+    // 300 KiB of CONTINUATION frames, never ending the block.
+    let mut endless = PREFACE.to_vec();
+    endless.extend(frame(HEADERS, 0, 1, &[0x82; 1000]));
+    for _ in 0..300 {
+        endless.extend(frame(CONTINUATION, 0, 1, &[0x82; 1024]));
+    }
+    let mut rewriter = HeaderRewriter::new(Authority::Normalise);
+    let mut out = Vec::new();
+    for chunk in endless.chunks(4096) {
+        rewriter.push(chunk);
+        out.extend_from_slice(&rewriter.output().split());
+        assert!(rewriter.pending.as_ref().is_none_or(|p| p.block.len() <= MAX_BLOCK), "held past the bound");
+    }
+    assert!(rewriter.passing_through());
+    assert_eq!(out, endless, "passed on as it came");
+
+    // A 4,000-byte value added to the table, then 250,000 one-byte
+    // references to it: a 244 KiB block that decodes to about 1 GB.
+    let mut bomb = vec![0x40];
+    bomb.extend([0x01, b'x']);
+    bomb.push(0x7f); // value length 4000: 127 + varint
+    let mut rest = 4000 - 127;
+    while rest >= 128 {
+        bomb.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    bomb.push(rest as u8);
+    bomb.extend(std::iter::repeat_n(b'v', 4000));
+    bomb.extend(std::iter::repeat_n(0x80 | 62, 250_000));
+    let mut input = PREFACE.to_vec();
+    for (i, chunk) in bomb.chunks(MAX_FRAME).enumerate() {
+        let last = (i + 1) * MAX_FRAME >= bomb.len();
+        input.extend(frame(if i == 0 { HEADERS } else { CONTINUATION }, if last { END_HEADERS } else { 0 }, 1, chunk));
+    }
+    assert!(bomb.len() <= MAX_BLOCK, "the encoded block itself is within bounds");
+    assert_eq!(rewrite_all(&input, 65_536), input, "passed on as it came, not decoded into 1 GB");
+}
+
 /// A gRPC server behind [`crate::sockets::unix_incoming`] answers clients
 /// sending each authority real clients send; the same server without it
 /// refuses the percent-encoded path (the bug this module exists for).
