@@ -4,8 +4,8 @@
 //! every ListAndWatch update as it arrives (text, or one JSON object per
 //! line with `--json`), and reads commands on stdin: `allocate RESOURCE
 //! ID…`, `preferred RESOURCE SIZE ID…`, `prestart RESOURCE ID…`, `quit`.
-//! It also runs the plugin watcher of the kubelet version given with
-//! `--kubelet-version` on DIR's parent (the kubelet root): DRA drivers
+//! With `--kubelet-version` it also runs the plugin watcher of that kubelet
+//! version on DIR's parent (the kubelet root): DRA drivers
 //! register there, and it opens the health stream that version opens,
 //! printing registrations, refusals, health messages and stream errors.
 
@@ -24,7 +24,7 @@ use crate::proto::v1beta1;
 const POLL: Duration = Duration::from_millis(10);
 
 /// Runs until stdin ends, `quit`, or Ctrl-C.
-pub async fn run(dir: &Path, version: KubeletVersion, json_lines: bool) -> ExitCode {
+pub async fn run(dir: &Path, version: Option<KubeletVersion>, json_lines: bool) -> ExitCode {
     if let Err(error) = std::fs::create_dir_all(dir) {
         eprintln!("devhost kubelet: cannot create {}: {error}", dir.display());
         return ExitCode::FAILURE;
@@ -36,23 +36,29 @@ pub async fn run(dir: &Path, version: KubeletVersion, json_lines: bool) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    let root = dir.parent().unwrap_or(dir);
-    let watcher = match FakePluginWatcher::start(root, version).await {
-        Ok(watcher) => watcher,
-        Err(error) => {
-            eprintln!("devhost kubelet: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let out = Printer { json: json_lines, started: Instant::now() };
-    out.event(
-        "watching",
-        json!({"registry": root.join("plugins_registry").display().to_string(), "kubelet_version": version.to_string()}),
-        &format!(
-            "plugin watcher of a {version} kubelet on {} (DRA drivers register here)",
-            root.join("plugins_registry").display()
-        ),
-    );
+    let root = dir.parent().unwrap_or(dir);
+    let watcher = match version {
+        None => None,
+        Some(version) => match FakePluginWatcher::start(root, version).await {
+            Ok(watcher) => {
+                out.event(
+                    "watching",
+                    json!({"registry": root.join("plugins_registry").display().to_string(),
+                           "kubelet_version": version.to_string()}),
+                    &format!(
+                        "plugin watcher of a {version} kubelet on {} (DRA drivers register here)",
+                        root.join("plugins_registry").display()
+                    ),
+                );
+                Some(watcher)
+            }
+            Err(error) => {
+                eprintln!("devhost kubelet: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let mut dra = DraSeen::default();
     out.event(
         "listening",
@@ -90,7 +96,9 @@ pub async fn run(dir: &Path, version: KubeletVersion, json_lines: bool) -> ExitC
             lists.entry(request.resource_name.clone()).or_insert(0);
         }
         registrations = all.len();
-        dra.report(&watcher, &out);
+        if let Some(watcher) = &watcher {
+            dra.report(watcher, &out);
+        }
         for (resource, seen) in &mut lists {
             let count = kubelet.device_list_count(resource);
             for devices in kubelet.device_lists_since(resource, *seen) {
@@ -103,7 +111,9 @@ pub async fn run(dir: &Path, version: KubeletVersion, json_lines: bool) -> ExitC
             *seen = count;
         }
     }
-    watcher.stop();
+    if let Some(watcher) = &watcher {
+        watcher.stop();
+    }
     kubelet.stop().await;
     ExitCode::SUCCESS
 }

@@ -64,11 +64,12 @@ enum Command {
         /// One JSON object per line, for scripts.
         #[arg(long)]
         json: bool,
-        /// The kubelet version whose plugin watcher to model (1.32 to
-        /// 1.37): which DRA services it takes and which health stream it
-        /// opens.
-        #[arg(long, default_value = "1.37")]
-        kubelet_version: crate::fake_kubelet::KubeletVersion,
+        /// Also run the plugin watcher of this kubelet version (1.32 to
+        /// 1.37) on DIR's parent, for DRA drivers: which DRA services it
+        /// takes and which health stream it opens. Off unless given (it
+        /// registers every driver it finds there).
+        #[arg(long)]
+        kubelet_version: Option<crate::fake_kubelet::KubeletVersion>,
     },
     /// Start every configured backend, show the devices it sees, stop it.
     /// No kubelet needed. Exit 1 if a backend fails.
