@@ -192,11 +192,10 @@ impl Snapshot {
 pub const MAX_STREAMS: usize = 8;
 
 /// Who withholds devices from the kubelet (each keeps its own list; the
-/// snapshot reports the union).
+/// snapshot reports the union). A device whose CDI spec cannot be written
+/// is not withheld: it is answered without a CDI name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Withholder {
-    /// Devices whose CDI spec could not be written.
-    Cdi,
     /// Devices being released (scrubbed) for their next tenant, or whose
     /// release failed.
     Release,

@@ -390,6 +390,9 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     let cdi_mount = mount_at(host.cdi_dir.to_str().expect("UTF-8"));
     assert!(cdi_mount.get("readOnly").is_none(), "{what}: devhost writes CDI specs");
     assert_eq!(text(&volume_of(cdi_mount), &["hostPath", "path"]), host.cdi_dir.display().to_string());
+    // Every directory the runtime reads CDI specs from is seen as it is.
+    let problems = cdi_problems(rendered, &host);
+    assert!(problems.is_empty(), "{what}: {problems:#?}");
 
     // Probes on devhost's endpoints, on the port devhost serves them.
     let port = host.metrics_address.expect("metrics on: the probes need them").port();
@@ -433,6 +436,46 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
         assert_eq!(text(endpoint, &["path"]), "/metrics");
     }
     host
+}
+
+/// What devhost needs to read CDI specs as the container runtime does,
+/// `host` being the settings devhost parses from its devhost.toml: each
+/// directory of `cdi_spec_dirs()` (devhost's own `cdi_dir` among them)
+/// mounted whole from the same host path (DirectoryOrCreate: a node
+/// without vendor specs may have no /etc/cdi), read only except `cdi_dir`,
+/// where devhost writes its own specs. Without such a mount devhost finds
+/// no specs there (its image has none), silently: it could hand out a name
+/// that a vendor's spec (/etc/cdi/nvidia.yaml) clashes with, or one the
+/// runtime cannot resolve. Every shortfall found; none when all is there.
+fn cdi_problems(rendered: &Rendered, host: &HostConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pod = at(rendered.one("DaemonSet"), &["spec", "template", "spec"]);
+    let container = &list(pod, &["containers"])[0];
+    let volumes = list(pod, &["volumes"]);
+    let mounts = list(container, &["volumeMounts"]);
+    for dir in host.cdi_spec_dirs() {
+        let path = dir.display().to_string();
+        let Some(mount) = mounts.iter().find(|m| m.get("mountPath").and_then(Value::as_str) == Some(path.as_str()))
+        else {
+            problems.push(format!("nothing is mounted at the CDI spec directory {path}"));
+            continue;
+        };
+        let read_only = mount.get("readOnly").and_then(Value::as_bool) == Some(true);
+        if dir == host.cdi_dir && read_only {
+            problems.push(format!("{path} is read only: devhost writes its CDI specs there (cdi_dir)"));
+        }
+        if dir != host.cdi_dir && !read_only {
+            problems.push(format!("{path} is writable: devhost only reads CDI spec directories other than cdi_dir"));
+        }
+        let volume = volumes.iter().find(|volume| volume.get("name") == mount.get("name"));
+        let host_path = volume.and_then(|volume| volume.get("hostPath"));
+        let source = host_path.and_then(|h| h.get("path")).and_then(Value::as_str);
+        let kind = host_path.and_then(|h| h.get("type")).and_then(Value::as_str);
+        if source != Some(path.as_str()) || kind != Some("DirectoryOrCreate") || mount.get("subPath").is_some() {
+            problems.push(format!("{path} is not the host's {path} (DirectoryOrCreate): {mount:?} from {volume:?}"));
+        }
+    }
+    problems
 }
 
 /// Kinds without a namespace.
@@ -599,6 +642,11 @@ fn check_defaults(rendered: &Rendered) {
     check_dra(rendered, &host);
     assert_eq!(host.plugin_dir, Path::new(devhost::proto::DEFAULT_PLUGIN_DIR));
     assert_eq!(host.metrics_address.map(|a| a.port()), Some(default_metrics_port()));
+    // The CDI directories containerd and CRI-O read by default (the
+    // mounts of each are checked against the code by check_against_code).
+    let defaults = HostConfig::defaults(Path::new("/etc/devhost"), &Overrides::default());
+    assert_eq!(host.cdi_dir, defaults.cdi_dir, "{}", rendered.what);
+    assert_eq!(host.cdi_spec_dirs(), defaults.cdi_spec_dirs(), "{}", rendered.what);
     let pod = at(rendered.one("DaemonSet"), &["spec", "template", "spec"]);
     assert_eq!(text(pod, &["priorityClassName"]), "system-node-critical");
     assert_eq!(text(pod, &["securityContext", "seccompProfile", "type"]), "RuntimeDefault");
@@ -1014,10 +1062,24 @@ fn the_chart_leaves_dras_rights_token_and_mounts_out_when_dra_is_off() {
     assert!(!problems.iter().any(|problem| problem.contains("NODE_NAME")), "NODE_NAME is set either way");
 }
 
+/// Breaks the plain manifests once per case (`from`, found exactly once,
+/// becomes `to`) and asserts that `check` reports it, saying `named`.
+fn each_breakage_is_named(cases: &[(&str, &str, &str)], check: fn(&Rendered, &HostConfig) -> Vec<String>) {
+    for (from, to, named) in cases {
+        let edit = |text: String| {
+            assert_eq!(text.matches(from).count(), 1, "{from}");
+            text.replacen(from, to, 1)
+        };
+        let (broken, host) = plain_manifests(edit);
+        let problems = check(&broken, &host);
+        assert!(problems.iter().any(|problem| problem.contains(named)), "{to}: {named} not found in {problems:#?}");
+    }
+}
+
 /// deploy/kubernetes's ServiceAccount, rbac.yaml and DaemonSet as written
 /// (no renderer needed) and passed through `edit`, and its devhost.toml as
 /// devhost parses it.
-fn plain_dra_manifests(edit: impl Fn(String) -> String) -> (Rendered, HostConfig) {
+fn plain_manifests(edit: impl Fn(String) -> String) -> (Rendered, HostConfig) {
     let files = ["serviceaccount.yaml", "rbac.yaml", "daemonset.yaml"];
     let joined = files.iter().map(|file| format!("---\n{}\n", read(&format!("deploy/kubernetes/{file}"))));
     let joined = edit(joined.collect());
@@ -1033,9 +1095,9 @@ fn plain_dra_manifests(edit: impl Fn(String) -> String) -> (Rendered, HostConfig
 /// must already exist each fail it, saying what is wrong.
 #[test]
 fn the_dra_check_finds_a_missing_rule_an_unbound_account_or_a_missing_mount() {
-    let (rendered, host) = plain_dra_manifests(|text| text);
+    let (rendered, host) = plain_manifests(|text| text);
     check_dra(&rendered, &host);
-    for (from, to, named) in [
+    let cases = [
         ("\"update\", \"patch\", ", "\"update\", ", "\"resourceslices\", \"patch\""),
         ("resources: [\"resourceclaims\"]", "resources: [\"resourceclaimz\"]", "\"resourceclaims\", \"get\""),
         (
@@ -1052,15 +1114,51 @@ fn the_dra_check_finds_a_missing_rule_an_unbound_account_or_a_missing_mount() {
             "path: /var/lib/kubelet/plugins\n            type: Directory",
             "DirectoryOrCreate",
         ),
-    ] {
-        let edit = |text: String| {
-            assert_eq!(text.matches(from).count(), 1, "{from}");
-            text.replacen(from, to, 1)
-        };
-        let (broken, host) = plain_dra_manifests(edit);
-        let problems = dra_problems(&broken, &host);
-        assert!(problems.iter().any(|problem| problem.contains(named)), "{to}: {named} not found in {problems:#?}");
-    }
+    ];
+    each_breakage_is_named(&cases, dra_problems);
+}
+
+/// The CDI check is not vacuous: the plain manifests pass it, and the
+/// /etc/cdi mount taken away, made writable, from another host path or
+/// from one that must already exist, devhost's own cdi_dir made read only,
+/// or a spec directory devhost.toml adds left unmounted each fail it,
+/// saying what is wrong.
+#[test]
+fn the_cdi_check_finds_a_spec_directory_unmounted_writable_or_from_elsewhere() {
+    let (rendered, host) = plain_manifests(|text| text);
+    assert!(host.cdi_spec_dirs().contains(&PathBuf::from("/etc/cdi")), "{:?}", host.cdi_spec_dirs());
+    let problems = cdi_problems(&rendered, &host);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let cases = [
+        (
+            "            - name: etc-cdi\n              mountPath: /etc/cdi\n              readOnly: true\n",
+            "",
+            "nothing is mounted at the CDI spec directory /etc/cdi",
+        ),
+        ("mountPath: /etc/cdi\n              readOnly: true", "mountPath: /etc/cdi", "/etc/cdi is writable"),
+        (
+            "path: /etc/cdi\n            type: DirectoryOrCreate",
+            "path: /opt/cdi\n            type: DirectoryOrCreate",
+            "not the host's /etc/cdi",
+        ),
+        (
+            "path: /etc/cdi\n            type: DirectoryOrCreate",
+            "path: /etc/cdi\n            type: Directory",
+            "DirectoryOrCreate",
+        ),
+        (
+            "mountPath: /var/run/cdi\n",
+            "mountPath: /var/run/cdi\n              readOnly: true\n",
+            "/var/run/cdi is read only",
+        ),
+    ];
+    each_breakage_is_named(&cases, cdi_problems);
+    // A directory the runtime is configured to read, added to
+    // devhost.toml's cdi_spec_dirs but not to the DaemonSet.
+    let mut more = host.clone();
+    more.cdi_runtime_dirs.push(PathBuf::from("/opt/cdi"));
+    let problems = cdi_problems(&rendered, &more);
+    assert_eq!(problems, ["nothing is mounted at the CDI spec directory /opt/cdi"], "{problems:#?}");
 }
 
 /// The files of examples/dra/ (a YAML text each) and their documents.

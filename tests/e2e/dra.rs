@@ -34,13 +34,27 @@ impl DraNode {
     /// their state files exist) through DRA, `example.com/nic` as a device
     /// plugin.
     pub(crate) async fn start() -> DraNode {
+        Self::start_with("", |_| {}).await
+    }
+
+    /// [`DraNode::start`], with `extra` added to the GPU resource's table
+    /// (`cdi_kind = …`, say) and `prepare_cdi` run on the CDI directory
+    /// before devhost starts (a vendor's spec, say).
+    pub(crate) async fn start_with(extra: &str, prepare_cdi: impl FnOnce(&Path)) -> DraNode {
         let node = Node::new();
         let state = healthy_state(node.dir.path(), &["gpu-0", "gpu-1"]);
         let text =
             static_backend(&[("example.com/gpu", &["gpu-0", "gpu-1"]), ("example.com/nic", &["nic-0"])], Some(&state))
+                .replacen("[[config.resource.device]]", &format!("{extra}[[config.resource.device]]"), 1)
                 + "[resources.\"example.com/gpu\"]\napi = \"dra\"\n";
         node.backend("mixed", &text);
+        prepare_cdi(&node.dir.path().join("cdi"));
         DraNode::around(node, GPU_DRIVER, state).await
+    }
+
+    /// Where devhost writes (and the runtime reads) CDI specs.
+    pub(crate) fn cdi_dir(&self) -> PathBuf {
+        self.node.dir.path().join("cdi")
     }
 
     /// `node` (its backends written), serving `driver`.
@@ -51,7 +65,7 @@ impl DraNode {
         let kubeconfig = root.join("kubeconfig.yaml");
         std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
         let host = format!(
-            "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n[dra]\nkubelet_root = {:?}\nnode_name = \"node-a\"\nkubeconfig = {:?}\n",
+            "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\ncdi_spec_dirs = []\n[dra]\nkubelet_root = {:?}\nnode_name = \"node-a\"\nkubeconfig = {:?}\n",
             root.join("cdi"),
             root,
             kubeconfig
@@ -195,8 +209,7 @@ async fn a_dra_resource_is_served_as_a_dra_driver_and_never_as_a_device_plugin()
         (device.request_names.as_slice(), device.pool_name.as_str(), device.device_name.as_str()),
         (&["gpus".to_owned()][..], "node-a", "gpu-1")
     );
-    // The claim's own CDI device first, then the backend's (its cdi_kind).
-    assert_eq!(device.cdi_device_ids, ["k8s.gpu.example.com/claim=uid-1-gpus", "example.com/dev=gpu-1"]);
+    assert_eq!(device.cdi_device_ids, ["k8s.gpu.example.com/claim=uid-1-gpus"]);
     let spec: Value = serde_json::from_str(&read(&dra.cdi_spec("uid-1"))).expect("CDI JSON");
     assert_eq!(spec["kind"], "k8s.gpu.example.com/claim");
     assert_eq!(spec["devices"][0]["name"], "uid-1-gpus");
@@ -1194,10 +1207,9 @@ async fn a_wasm_component_is_served_through_dra_and_released_on_unprepare() {
     let answer = dra.prepare(&devhost, &[("ml", "uid-w", "wasm")]).await;
     let prepared = &answer.claims["uid-w"];
     assert_eq!(prepared.error, "", "{answer:?}");
-    assert_eq!(
-        prepared.devices[0].cdi_device_ids,
-        ["k8s.wasm-rust.example.com/claim=uid-w-gpu", "example.com/wasm=wasm-1"]
-    );
+    // The component's own name (example.com/wasm=wasm-1) is left out: no
+    // spec defines it, and a runtime would refuse the container.
+    assert_eq!(prepared.devices[0].cdi_device_ids, ["k8s.wasm-rust.example.com/claim=uid-w-gpu"]);
     let spec: Value = serde_json::from_str(&read(&dra.cdi_spec("uid-w"))).expect("CDI JSON");
     crate::sharing::assert_valid_cdi(&spec);
     assert_eq!(spec["devices"][0]["containerEdits"]["env"], json!(["EXAMPLE_WASM_DEVICES=wasm-1"]));

@@ -100,7 +100,7 @@ impl Node {
     pub fn start_devhost_with_descriptors(&self, limit: u64) -> Devhost {
         self.write_host_config();
         let mut command = Command::new("prlimit");
-        command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(env!("CARGO_BIN_EXE_devhost"));
+        command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(devhost_binary());
         Devhost::spawn(command, &self.config_file(), &self.plugin_dir(), &self.dir.path().join("devhost.log"))
     }
 
@@ -125,6 +125,12 @@ impl Node {
     }
 }
 
+/// The `devhost` binary the tests run: this build's, or the one
+/// `DEVHOST_E2E_BIN` names (to show that a test fails on an older build).
+pub fn devhost_binary() -> PathBuf {
+    std::env::var_os("DEVHOST_E2E_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_devhost")), PathBuf::from)
+}
+
 /// A static backend with one resource and the given devices (`id` or
 /// `id@numa`), each device healthy while `<state>/<id>.ok` exists when a
 /// state dir is given.
@@ -132,7 +138,7 @@ pub fn static_backend(resources: &[(&str, &[&str])], state: Option<&Path>) -> St
     let mut text = String::from("[backend]\nkind = \"static\"\n[config]\nhealth_interval_ms = 20\n");
     for (name, devices) in resources {
         text += &format!(
-            "[[config.resource]]\nname = \"{name}\"\npreferred_allocation = true\npre_start = true\nenv = {{ IDS = \"{{ids}}\" }}\ncdi_kind = \"example.com/dev\"\n"
+            "[[config.resource]]\nname = \"{name}\"\npreferred_allocation = true\npre_start = true\nenv = {{ IDS = \"{{ids}}\" }}\n"
         );
         for device in *devices {
             let (id, numa) = device.split_once('@').map_or((*device, None), |(id, n)| (id, Some(n)));
@@ -159,7 +165,7 @@ pub struct Devhost {
 
 impl Devhost {
     pub fn start(config: &Path, plugin_dir: &Path, log: &Path) -> Self {
-        Self::spawn(Command::new(env!("CARGO_BIN_EXE_devhost")), config, plugin_dir, log)
+        Self::spawn(Command::new(devhost_binary()), config, plugin_dir, log)
     }
 
     /// Runs `devhost run` through `command` (devhost itself, or a program

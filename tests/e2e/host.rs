@@ -92,8 +92,7 @@ async fn all_five_rpcs_are_answered() {
     assert_eq!(container.envs.get("IDS").map(String::as_str), Some("gpu-1,gpu-2"));
     let specs: Vec<&str> = container.devices.iter().map(|d| d.container_path.as_str()).collect();
     assert_eq!(specs, ["/dev/gpu-1", "/dev/gpu-2"]);
-    let cdi: Vec<&str> = container.cdi_devices.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(cdi, ["example.com/dev=gpu-1", "example.com/dev=gpu-2"]);
+    assert!(container.cdi_devices.is_empty(), "no CDI name without a spec that defines it");
     let two = v1beta1::AllocateRequest {
         container_requests: vec![
             v1beta1::ContainerAllocateRequest { devices_ids: vec!["gpu-0".into()] },
@@ -276,21 +275,4 @@ async fn sockets_left_by_a_killed_devhost_do_not_block_the_next_one() {
     assert_ne!(new.endpoint, old.endpoint, "a new instance gets a new socket name");
     assert!(!node.plugin_dir().join(&old.endpoint).exists(), "the stale socket was removed");
     kubelet.allocate(GPU, &["gpu-0"]).await.expect("serving");
-}
-
-#[tokio::test]
-async fn the_example_config_is_served_as_it_is() {
-    let node = Node::new();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
-    let _devhost = devhost_for(root.join("examples/config/devhost.toml"), &node);
-    let request = kubelet.wait_for_registrations("example.com/accelerator", 1, WAIT).await.expect("registered");
-    assert_eq!(request.options.map(|o| o.get_preferred_allocation_available), Some(true));
-    kubelet.wait_for_registrations("example.com/fuse", 1, WAIT).await.expect("registered");
-    let answer = kubelet.allocate("example.com/accelerator", &["acc-1"]).await.expect("allocate");
-    assert_eq!(answer.container_responses[0].cdi_devices[0].name, "example.com/accelerator=acc-1");
-}
-
-fn devhost_for(config: std::path::PathBuf, node: &Node) -> crate::harness::Devhost {
-    crate::harness::Devhost::start(&config, &node.plugin_dir(), &node.dir.path().join("devhost.log"))
 }

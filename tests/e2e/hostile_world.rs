@@ -387,7 +387,10 @@ fn cdi_node(cdi_dir: &std::path::Path) -> Node {
     let node = Node::new();
     std::fs::write(
         node.config_file(),
-        format!("metrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\n", cdi_dir.display().to_string()),
+        format!(
+            "metrics_address = \"127.0.0.1:0\"\ncdi_dir = {:?}\ncdi_spec_dirs = []\n",
+            cdi_dir.display().to_string()
+        ),
     )
     .expect("host config");
     let backend = static_backend(&[(GPU, &["gpu-0", "gpu-1"])], None);
@@ -445,12 +448,14 @@ async fn a_rolling_update_keeps_the_cdi_spec_the_new_instance_serves() {
 }
 
 /// Item 4: a spec that cannot be written (its directory's parent is a
-/// file here; read-only or full alike) keeps the devices Unhealthy, with
-/// Allocate refused naming the reason, is retried with back-off and logged
-/// once, and once it can be written the devices come back. Before the fix
-/// the devices stayed Healthy and the write was never retried.
+/// file here; read-only or full alike) is retried with back-off and logged
+/// once; meanwhile the devices stay in service, answered with plain fields
+/// only (no CDI name that cannot resolve), and once the spec is written
+/// the answers carry its names. Each answer, injected by the runtimes' CDI
+/// library, gives the container the same. (Issue 25 replaced "Unhealthy
+/// until written": the plain answer describes the same container.)
 #[tokio::test]
-async fn a_cdi_spec_that_cannot_be_written_keeps_its_devices_out_of_service_until_it_is_written() {
+async fn a_cdi_spec_that_cannot_be_written_leaves_its_devices_answered_plainly_until_it_is_written() {
     let base = tempfile::tempdir().expect("base dir");
     let blocker = base.path().join("blocker");
     std::fs::write(&blocker, "a file where the CDI directory's parent should be").expect("blocker");
@@ -459,22 +464,29 @@ async fn a_cdi_spec_that_cannot_be_written_keeps_its_devices_out_of_service_unti
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let devhost = node.start_devhost();
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
-    kubelet
-        .wait_for_devices(GPU, WAIT, |d| d.len() == 2 && d.iter().all(|d| d.health == "Unhealthy"))
-        .await
-        .expect("devices without a spec are Unhealthy");
-    let error = kubelet.allocate(GPU, &["gpu-0"]).await.expect_err("no CDI name that cannot resolve");
-    assert!(error.to_string().contains("cannot write its CDI spec"), "{error}");
+    devhost.wait_for_log("cannot write the CDI spec;").await;
+    let devices = kubelet.wait_for_devices(GPU, WAIT, |d| d.len() == 2).await.expect("devices");
+    assert!(devices.iter().all(|d| d.health == "Healthy"), "{devices:?}");
+    let node_of = |id: &str| devhost::proto::v1beta1::DeviceSpec {
+        container_path: format!("/dev/{id}"),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    };
+    let want = crate::cdi_oracle::expected([("IDS", "gpu-0")], &[node_of("gpu-0")], &[]);
+    let answer = kubelet.allocate(GPU, &["gpu-0"]).await.expect("answered plainly");
+    assert!(answer.container_responses[0].cdi_devices.is_empty(), "{answer:?}");
+    crate::cdi_oracle::assert_gives("without a spec", &answer.container_responses[0], &[base.path()], &want);
 
     std::fs::remove_file(&blocker).expect("remove the blocker");
-    kubelet
-        .wait_for_devices(GPU, WAIT, |d| d.len() == 2 && d.iter().all(|d| d.health == "Healthy"))
-        .await
-        .expect("the devices come back once the spec is written");
     let spec = cdi.join("devhost-example.com_gpu.json");
-    assert_eq!(spec_devices(&spec), Some(vec!["gpu-0".to_owned(), "gpu-1".to_owned()]));
-    let answer = kubelet.allocate(GPU, &["gpu-1"]).await.expect("allocate");
-    assert_eq!(answer.container_responses[0].cdi_devices[0].name, format!("{GPU}=gpu-1"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spec_devices(&spec) != Some(vec!["gpu-0".to_owned(), "gpu-1".to_owned()]) {
+        assert!(tokio::time::Instant::now() < deadline, "the spec was never written:\n{}", devhost.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = kubelet.allocate(GPU, &["gpu-0"]).await.expect("allocate");
+    assert_eq!(answer.container_responses[0].cdi_devices[0].name, format!("{GPU}=gpu-0"));
+    crate::cdi_oracle::assert_gives("with the spec", &answer.container_responses[0], &[&cdi], &want);
     // The log is written by its own thread: wait for the line, then count.
     devhost.wait_for_log("CDI spec written after earlier failures").await;
     let log = devhost.log();
@@ -818,15 +830,16 @@ async fn the_file_that_sorts_first_wins_a_resource_after_a_hot_add_and_a_restart
 
 /// Item 4 (found by the `cdi` fuzz target): a device whose Allocate answer
 /// holds nothing CDI can apply would make the CDI project refuse the whole
-/// spec; such a device is left out, reported Unhealthy with the reason, and
-/// refused by Allocate, while its neighbours are described and served.
+/// spec; such a device is left out of the spec and answered without a CDI
+/// name (issue 25: it stays in service, its answer is all plain), while its
+/// neighbours are described and answered with their names.
 #[tokio::test]
-async fn a_device_cdi_would_refuse_is_withheld_not_written() {
+async fn a_device_cdi_would_refuse_is_left_out_of_the_spec_and_answered_plainly() {
     let cdi = tempfile::tempdir().expect("cdi dir");
     let node = Node::new();
     std::fs::write(
         node.config_file(),
-        format!("metrics_address = \"\"\ncdi_dir = {:?}\n", cdi.path().display().to_string()),
+        format!("metrics_address = \"\"\ncdi_dir = {:?}\ncdi_spec_dirs = []\n", cdi.path().display().to_string()),
     )
     .expect("host config");
     node.backend(
@@ -840,19 +853,27 @@ async fn a_device_cdi_would_refuse_is_withheld_not_written() {
         ),
     );
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
-    let _devhost = node.start_devhost();
+    let devhost = node.start_devhost();
     kubelet.wait_for_registrations(GPU, 1, WAIT).await.expect("registered");
-    let health = |devices: &[v1beta1::Device], id: &str| devices.iter().find(|d| d.id == id).map(|d| d.health.clone());
-    kubelet
-        .wait_for_devices(GPU, WAIT, |d| {
-            health(d, "empty").as_deref() == Some("Unhealthy") && health(d, "real").as_deref() == Some("Healthy")
-        })
-        .await
-        .expect("the empty device is withheld, the real one served");
-    assert_eq!(spec_devices(&cdi.path().join("devhost-example.com_gpu.json")), Some(vec!["real".to_owned()]));
-    let error = kubelet.allocate(GPU, &["empty"]).await.expect_err("refused");
-    assert!(error.to_string().contains("no environment, device node or mount for CDI to apply"), "{error}");
-    kubelet.allocate(GPU, &["real"]).await.expect("the described device allocates");
+    let spec = cdi.path().join("devhost-example.com_gpu.json");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spec_devices(&spec) != Some(vec!["real".to_owned()]) {
+        assert!(tokio::time::Instant::now() < deadline, "no spec describing only `real`:\n{}", devhost.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let devices = kubelet.wait_for_devices(GPU, WAIT, |d| d.len() == 2).await.expect("devices");
+    assert!(devices.iter().all(|d| d.health == "Healthy"), "{devices:?}");
+    let empty = kubelet.allocate(GPU, &["empty"]).await.expect("answered");
+    assert!(empty.container_responses[0].cdi_devices.is_empty(), "{empty:?}");
+    let real = kubelet.allocate(GPU, &["real"]).await.expect("the described device allocates");
+    assert_eq!(real.container_responses[0].cdi_devices[0].name, format!("{GPU}=real"));
+    let node_spec = v1beta1::DeviceSpec {
+        container_path: "/dev/real".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    };
+    let want = crate::cdi_oracle::expected(Vec::<(&str, &str)>::new(), &[node_spec], &[]);
+    crate::cdi_oracle::assert_gives("real", &real.container_responses[0], &[cdi.path()], &want);
 }
 
 /// Item 3 and 1 together: a `backends.d` that cannot be listed at start (a

@@ -3,6 +3,8 @@
 
 mod abi_1_1;
 mod bulkheads;
+mod cdi;
+mod cdi_oracle;
 mod check;
 mod cli;
 mod deploy;
@@ -16,6 +18,7 @@ mod module_race;
 mod native;
 mod native_loader;
 mod nvidia;
+mod nvidia_cdi;
 mod operate;
 mod pci;
 mod real_clients;

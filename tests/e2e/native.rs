@@ -35,7 +35,9 @@ async fn wait_for_flip(kubelet: &FakeKubelet, resource: &str, id: &str) {
     }
 }
 
-fn check_allocation(answer: &v1beta1::AllocateResponse, ids: &[&str]) {
+/// Checks an example's answer for `ids`, and that the runtime's CDI library,
+/// with the vendor's spec in `cdi`, gives the container just that.
+fn check_allocation(answer: &v1beta1::AllocateResponse, ids: &[&str], cdi_dir: &Path) {
     assert_eq!(answer.container_responses.len(), 1);
     let container = &answer.container_responses[0];
     let joined = ids.join(",");
@@ -52,7 +54,9 @@ fn check_allocation(answer: &v1beta1::AllocateResponse, ids: &[&str]) {
     assert_eq!(specs, expected.iter().map(|p| (p.as_str(), "rw")).collect::<Vec<_>>(), "device specs");
     let cdi: Vec<&str> = container.cdi_devices.iter().map(|c| c.name.as_str()).collect();
     let expected: Vec<String> = ids.iter().map(|id| format!("example.com/device={id}")).collect();
-    assert_eq!(cdi, expected, "CDI names");
+    assert_eq!(cdi, expected, "CDI names (the vendor's spec defines them)");
+    let want = crate::cdi_oracle::with_vendor_nodes(crate::cdi_oracle::Container::from_plain(container), ids);
+    crate::cdi_oracle::assert_gives("the example's answer", container, &[cdi_dir], &want);
 }
 
 #[tokio::test]
@@ -62,6 +66,7 @@ async fn rust_and_c_examples_serve_through_the_binary() {
     std::fs::create_dir_all(&modules).expect("modules dir");
     let rust = rust_module("devhost_example_native_rust", &modules);
     let c = compile_c(&repo().join("examples/native-c/example.c"), &modules);
+    let cdi = crate::cdi_oracle::vendor_cdi(&node, "example.com/device", &["rust-0", "rust-1", "c-0", "c-1"]);
     node.backend("native-rust", &module_file(&rust, "flip_interval_ms = 150"));
     node.backend("native-c", &module_file(&c, "flip_interval_ms = 150"));
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
@@ -79,8 +84,9 @@ async fn rust_and_c_examples_serve_through_the_binary() {
     check_allocation(
         &kubelet.allocate(RUST, &["rust-0", "rust-1"]).await.expect("rust allocate"),
         &["rust-0", "rust-1"],
+        &cdi,
     );
-    check_allocation(&kubelet.allocate(C, &["c-0", "c-1"]).await.expect("c allocate"), &["c-0", "c-1"]);
+    check_allocation(&kubelet.allocate(C, &["c-0", "c-1"]).await.expect("c allocate"), &["c-0", "c-1"], &cdi);
     kubelet.pre_start(C, &["c-0"]).await.expect("c pre-start");
     let preferred = kubelet.preferred_allocation(RUST, &["rust-0", "rust-1"], &[], 1).await.expect("preferred");
     assert_eq!(preferred.container_responses[0].device_i_ds, ["rust-1"], "the backend's own policy");

@@ -13,7 +13,7 @@ use crate::native_loader::rust_module;
 
 /// Whether the dynamic linker could find NVML here (its cache, or the
 /// usual directories).
-fn nvml_present() -> bool {
+pub(crate) fn nvml_present() -> bool {
     let cached = std::process::Command::new("ldconfig")
         .arg("-p")
         .output()

@@ -112,7 +112,7 @@ async fn cdi_specs_are_valid_kept_current_and_removed() {
     let cdi_dir = node.dir.path().join("cdi");
     std::fs::write(
         node.config_file(),
-        format!("metrics_address = \"\"\ncdi_dir = {:?}\n", cdi_dir.display().to_string()),
+        format!("metrics_address = \"\"\ncdi_dir = {:?}\ncdi_spec_dirs = []\n", cdi_dir.display().to_string()),
     )
     .expect("host config");
     let file =
@@ -127,18 +127,27 @@ async fn cdi_specs_are_valid_kept_current_and_removed() {
     assert_eq!(spec["kind"], GPU);
     assert_eq!(spec["devices"][0]["name"], "gpu-0");
     let edits = &spec["devices"][0]["containerEdits"];
-    assert_eq!(edits["env"], serde_json::json!(["IDS=gpu-0"]));
+    assert_eq!(edits["env"], serde_json::Value::Null, "variables describe the allocation: they stay plain");
     assert_eq!(
         edits["deviceNodes"],
         serde_json::json!([{"path": "/dev/gpu-0", "hostPath": "/dev/null", "permissions": "rw"}])
     );
 
-    // Allocate answers with CDI names; the spec carries the edits.
+    // Allocate answers with CDI names for what the spec carries, the rest
+    // plain; the runtime's CDI library gives the container the whole answer.
     let answer = kubelet.allocate(GPU, &["gpu-1"]).await.expect("allocate");
     let container = &answer.container_responses[0];
     let names: Vec<&str> = container.cdi_devices.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["example.com/gpu=gpu-1"]);
-    assert!(container.envs.is_empty() && container.devices.is_empty(), "no double injection");
+    assert!(container.devices.is_empty(), "no double injection");
+    assert_eq!(container.envs.get("IDS").map(String::as_str), Some("gpu-1"));
+    let node_of = |id: &str| devhost::proto::v1beta1::DeviceSpec {
+        container_path: format!("/dev/{id}"),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    };
+    let want = crate::cdi_oracle::expected([("IDS", "gpu-1")], &[node_of("gpu-1")], &[]);
+    crate::cdi_oracle::assert_gives("gpu-1", container, &[&cdi_dir], &want);
 
     // A new device shows up in the spec.
     std::fs::write(

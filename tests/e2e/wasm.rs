@@ -58,6 +58,7 @@ async fn the_example_component_serves_through_the_binary() {
     let module = component("devhost_example_wasm_rust", &modules);
     let sandbox = format!("read = [{:?}]\npoll_interval_ms = 50", health.display().to_string());
     let config = format!("devices = 2\nhealth_dir = {:?}", health.display().to_string());
+    let cdi_dir = crate::cdi_oracle::vendor_cdi(&node, "example.com/wasm", &["wasm-0", "wasm-1"]);
     node.backend("wasm-rust", &wasm_file(&module, &node.dir.path().join("cache"), &sandbox, &config));
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
     let devhost = node.start_devhost();
@@ -93,7 +94,12 @@ async fn the_example_component_serves_through_the_binary() {
         .collect();
     assert_eq!(specs, [("/dev/example-wasm-0", "/dev/null", "rw"), ("/dev/example-wasm-1", "/dev/null", "rw")]);
     let cdi: Vec<&str> = container.cdi_devices.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(cdi, ["example.com/wasm=wasm-0", "example.com/wasm=wasm-1"]);
+    assert_eq!(cdi, ["example.com/wasm=wasm-0", "example.com/wasm=wasm-1"], "the vendor's spec defines them");
+    let want = crate::cdi_oracle::with_vendor_nodes(
+        crate::cdi_oracle::Container::from_plain(container),
+        &["wasm-0", "wasm-1"],
+    );
+    crate::cdi_oracle::assert_gives("the example component's answer", container, &[&cdi_dir], &want);
 
     let preferred = kubelet.preferred_allocation(EXAMPLE, &["wasm-1", "wasm-0"], &[], 1).await.expect("preferred");
     assert_eq!(preferred.container_responses[0].device_i_ds, ["wasm-0"], "the component's own policy");

@@ -52,10 +52,13 @@ func devhostBinary(t *testing.T) string {
 //	<root>/plugins_registry/    the plugin watcher's directory
 //	<root>/plugins/             DRA service sockets
 //	<root>/config/devhost.toml  host settings, backends.d/ beside it
-//	<root>/cdi/                 CDI specs
+//	<root>/cdi/                 CDI specs (the only directory the runtime reads)
+//	<root>/data/<id>/           what a static device mounts
 type node struct {
 	t    *testing.T
 	root string
+	// devices are the static backends' devices by ID.
+	devices map[string]staticDevice
 }
 
 func newNode(t *testing.T) *node {
@@ -91,7 +94,9 @@ func (n *node) write(rel, text string) string {
 
 // hostConfig writes devhost.toml. dra, when set, is the [dra] table's body.
 func (n *node) hostConfig(dra string) {
-	text := fmt.Sprintf("call_timeout_ms = 5000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = %q\n"+
+	// cdi_spec_dirs = []: the runtime reads only the node's own CDI
+	// directory (cdi_dir), not the machine's /etc/cdi and /var/run/cdi.
+	text := fmt.Sprintf("call_timeout_ms = 5000\nmetrics_address = \"127.0.0.1:0\"\ncdi_dir = %q\ncdi_spec_dirs = []\n"+
 		"[pod_resources]\nsocket = %q\n[log]\nformat = \"text\"\nlevel = \"debug\"\n",
 		n.path("cdi"), n.path("pod-resources", "kubelet.sock"))
 	if dra != "" {
@@ -116,26 +121,78 @@ func (n *node) setHealthy(id string, healthy bool) {
 	}
 }
 
+// staticDevice is what staticBackend gives one device: a device node (a
+// real host node, since runtimes stat it) and a bind mount of a directory
+// of its own.
+type staticDevice struct {
+	node  answerDevice
+	mount answerMount
+}
+
 // staticBackend is a backends.d file of devhost's built-in static backend:
 // one resource, each device healthy while <root>/health/<id>.ok exists
-// (created here), on NUMA node 0, with a device node, envs, an annotation
-// and a CDI kind in every Allocate answer. extra is appended verbatim.
+// (created here), on NUMA node 0, with a device node and a mount of its
+// own, and envs and an annotation in every Allocate answer. extra is
+// appended verbatim (host tables such as [resources."<name>"]).
 func (n *node) staticBackend(name, resource string, ids []string, extra string) {
+	n.t.Helper()
+	n.staticBackendNamed(name, resource, "", ids, extra)
+}
+
+// staticBackendNamed is staticBackend whose answers also carry the
+// backend's own CDI names <cdiKind>=<id> (its cdi_kind; devhost refuses the
+// backend unless a spec in the CDI directories defines every such name).
+func (n *node) staticBackendNamed(name, resource, cdiKind string, ids []string, extra string) {
 	n.t.Helper()
 	var b strings.Builder
 	b.WriteString("[backend]\nkind = \"static\"\n[config]\nhealth_interval_ms = 50\n")
 	fmt.Fprintf(&b, "[[config.resource]]\nname = %q\npreferred_allocation = true\npre_start = true\n", resource)
 	b.WriteString("env = { DEVHOST_IDS = \"{ids}\" }\n")
 	b.WriteString("annotations = { \"example.com/allocated-by\" = \"devhost\" }\n")
-	fmt.Fprintf(&b, "cdi_kind = %q\n", resource)
+	if cdiKind != "" {
+		fmt.Fprintf(&b, "cdi_kind = %q\n", cdiKind)
+	}
+	if n.devices == nil {
+		n.devices = map[string]staticDevice{}
+	}
 	for i, id := range ids {
 		n.setHealthy(id, true)
+		// Every other device's mount is read-only: both kinds get checked.
+		dev := staticDevice{
+			node:  answerDevice{HostPath: "/dev/null", ContainerPath: "/dev/" + id, Permissions: "rw"},
+			mount: answerMount{HostPath: n.path("data", id), ContainerPath: "/data/" + id, ReadOnly: i%2 == 0},
+		}
+		if err := os.MkdirAll(dev.mount.HostPath, 0o755); err != nil {
+			n.t.Fatal(err)
+		}
+		n.devices[id] = dev
 		fmt.Fprintf(&b, "[[config.resource.device]]\nid = %q\nnuma = [0]\nhealth_path = %q\n", id, n.path("health", id+".ok"))
-		fmt.Fprintf(&b, "device_spec = [{ host_path = \"/dev/null\", container_path = \"/dev/%s\", permissions = \"rw\" }]\n", id)
+		fmt.Fprintf(&b, "device_spec = [{ host_path = %q, container_path = %q, permissions = %q }]\n",
+			dev.node.HostPath, dev.node.ContainerPath, dev.node.Permissions)
+		fmt.Fprintf(&b, "mount = [{ host_path = %q, container_path = %q, read_only = %t }]\n",
+			dev.mount.HostPath, dev.mount.ContainerPath, dev.mount.ReadOnly)
 		fmt.Fprintf(&b, "attributes = { \"example.com/model\" = \"peer-test\", \"example.com/index\" = %d }\n", i)
 	}
 	b.WriteString(extra)
 	n.write("config/backends.d/"+name+".toml", b.String())
+}
+
+// staticAnswer is what a backend staticBackend wrote answers for ids
+// (in the order of the request): DEVHOST_IDS lists them, and each brings
+// its device node and mount. Annotations and CDI names are left out: they
+// are not edits of the container.
+func (n *node) staticAnswer(ids []string) backendAnswer {
+	n.t.Helper()
+	a := backendAnswer{Env: map[string]string{"DEVHOST_IDS": strings.Join(ids, ",")}}
+	for _, id := range ids {
+		dev, ok := n.devices[id]
+		if !ok {
+			n.t.Fatalf("no static device %q on this node", id)
+		}
+		a.Devices = append(a.Devices, dev.node)
+		a.Mounts = append(a.Mounts, dev.mount)
+	}
+	return a
 }
 
 // devhost is `devhost run` as a child process; stopped (SIGTERM, then

@@ -6,10 +6,12 @@ package realpeers
 
 import (
 	"bytes"
+	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/printer"
 	"go/token"
+	"maps"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -54,6 +56,34 @@ func deviceManager(t *testing.T, logger klog.Logger, dir string, pods func() []*
 	return m
 }
 
+// expectOptions checks the container options the kubelet's device manager
+// hands over: want's envs, annotations and CDI devices (as NAME=value and
+// names), and no plain device node or mount (devhost moved them into CDI).
+func expectOptions(t *testing.T, what string, opts *devicemanager.DeviceRunContainerOptions, want map[string][]string) {
+	t.Helper()
+	got := map[string][]string{}
+	for _, e := range opts.Envs {
+		got["envs"] = append(got["envs"], e.Name+"="+e.Value)
+	}
+	for _, dev := range opts.Devices {
+		got["devices"] = append(got["devices"], dev.PathOnHost+":"+dev.PathInContainer+":"+dev.Permissions)
+	}
+	for _, m := range opts.Mounts {
+		got["mounts"] = append(got["mounts"], fmt.Sprintf("%s:%s:ro=%t", m.HostPath, m.ContainerPath, m.ReadOnly))
+	}
+	for _, a := range opts.Annotations {
+		got["annotations"] = append(got["annotations"], a.Name+"="+a.Value)
+	}
+	for _, c := range opts.CDIDevices {
+		got["CDI devices"] = append(got["CDI devices"], c.Name)
+	}
+	for _, field := range []string{"envs", "devices", "mounts", "annotations", "CDI devices"} {
+		if !slices.Equal(got[field], want[field]) {
+			t.Errorf("%s: the kubelet hands the runtime %s %q, want %q", what, field, got[field], want[field])
+		}
+	}
+}
+
 // capacityOf is what the kubelet would put in the Node's status for
 // resource: capacity and allocatable.
 func capacityOf(m *devicemanager.ManagerImpl, logger klog.Logger, resourceName string) (int64, int64) {
@@ -82,12 +112,17 @@ func podWanting(uid, resourceName string, count int64) *v1.Pod {
 // dial (`:authority` localhost), GetDevicePluginOptions, ListAndWatch into
 // the node's capacity, health changes, Allocate and PreStartContainer
 // through ManagerImpl into the container options the kubelet hands to the
-// runtime, and a kubelet restart (a new ManagerImpl, which deletes every
-// socket in the directory) that devhost must notice and register again.
+// runtime (with cdi = true: devhost's CDI names, applied as containerd
+// applies them, give the container exactly the backend's answer), and a
+// kubelet restart (a new ManagerImpl, which deletes every socket in the
+// directory) that devhost must notice and register again, after which
+// the new kubelet allocates one device and then two.
 func TestDeviceManagerRegistersAllocatesAndSurvivesAKubeletRestart(t *testing.T) {
 	ctx, logger := testContext(t, 3*wait)
 	n := newNode(t)
-	n.staticBackend("gpus", gpu, []string{"gpu-0", "gpu-1"}, "")
+	// cdi = true: devhost writes a CDI spec for the resource and answers
+	// Allocate with its names, each device's node and mount moving there.
+	n.staticBackend("gpus", gpu, []string{"gpu-0", "gpu-1"}, "[resources.\""+gpu+"\"]\ncdi = true\n")
 	n.hostConfig("")
 
 	var mu sync.Mutex
@@ -120,6 +155,11 @@ func TestDeviceManagerRegistersAllocatesAndSurvivesAKubeletRestart(t *testing.T)
 		}
 	}
 
+	// devhost's CDI spec for the resource, as a runtime loads it.
+	eventually(t, wait, "a runtime resolves "+gpu+"=gpu-0 and =gpu-1 in devhost's CDI spec", func() (bool, string) {
+		return cdiDefines(n.path("cdi"), gpu+"=gpu-0", gpu+"=gpu-1")
+	})
+
 	// A health change reaches the kubelet through ListAndWatch.
 	n.setHealthy("gpu-0", false)
 	eventually(t, wait, "the kubelet sees gpu-0 unhealthy (capacity 2, allocatable 1)", func() (bool, string) {
@@ -149,31 +189,15 @@ func TestDeviceManagerRegistersAllocatesAndSurvivesAKubeletRestart(t *testing.T)
 	if err != nil {
 		t.Fatalf("the kubelet's GetDeviceRunContainerOptions (PreStartContainer): %v", err)
 	}
-	var envs, devs, annotations, cdi []string
-	for _, e := range opts.Envs {
-		envs = append(envs, e.Name+"="+e.Value)
-	}
-	for _, dev := range opts.Devices {
-		devs = append(devs, dev.PathOnHost+":"+dev.PathInContainer+":"+dev.Permissions)
-	}
-	for _, a := range opts.Annotations {
-		annotations = append(annotations, a.Name+"="+a.Value)
-	}
-	for _, c := range opts.CDIDevices {
-		cdi = append(cdi, c.Name)
-	}
-	want := map[string][]string{
+	// The CDI names carry the device's node and mount; the variables
+	// (DEVHOST_IDS lists the whole allocation) and the annotation stay in
+	// the plain fields.
+	expectOptions(t, "pod-1's container", opts, map[string][]string{
 		"envs":        {"DEVHOST_IDS=" + id},
-		"devices":     {"/dev/null:/dev/" + id + ":rw"},
 		"annotations": {"example.com/allocated-by=devhost"},
 		"CDI devices": {gpu + "=" + id},
-	}
-	got := map[string][]string{"envs": envs, "devices": devs, "annotations": annotations, "CDI devices": cdi}
-	for what, w := range want {
-		if !slices.Equal(got[what], w) {
-			t.Errorf("the container's %s: got %q, want %q", what, got[what], w)
-		}
-	}
+	})
+	checkContainer(t, "pod-1's container", n.path("cdi"), runOptions(nil, opts), n.staticAnswer([]string{id}))
 
 	// A kubelet restart: the old manager goes (kubelet.sock removed), a
 	// new one deletes every socket in the directory and listens again.
@@ -197,9 +221,43 @@ func TestDeviceManagerRegistersAllocatesAndSurvivesAKubeletRestart(t *testing.T)
 	if err := m2.Allocate(ctx, pod2, &pod2.Spec.Containers[0], lifecycle.AddOperation); err != nil {
 		t.Fatalf("Allocate through the restarted kubelet: %v", err)
 	}
-	if got := m2.GetDevices(string(pod2.UID), "main")[gpu]; len(got) != 1 {
-		t.Errorf("the restarted kubelet allocated %v, want one device", got)
+	if got := slices.Sorted(maps.Keys(m2.GetDevices(string(pod2.UID), "main")[gpu])); !slices.Equal(got, []string{"gpu-0"}) {
+		t.Errorf("the restarted kubelet allocated %q, want gpu-0 (its checkpoint holds pod-1's gpu-1)", got)
 	}
+	opts2, err := m2.GetDeviceRunContainerOptions(ctx, pod2, &pod2.Spec.Containers[0])
+	if err != nil {
+		t.Fatalf("GetDeviceRunContainerOptions through the restarted kubelet: %v", err)
+	}
+	checkContainer(t, "pod-2's container", n.path("cdi"), runOptions(nil, opts2), n.staticAnswer([]string{"gpu-0"}))
+
+	// Two devices in one container (pod-1 and pod-2 gone, so both are
+	// free): two CDI names, one variable listing both.
+	pod3 := podWanting("pod-3", gpu, 2)
+	setActive(pod3)
+	if err := m2.Allocate(ctx, pod3, &pod3.Spec.Containers[0], lifecycle.AddOperation); err != nil {
+		t.Fatalf("Allocate two devices: %v", err)
+	}
+	both := slices.Sorted(maps.Keys(m2.GetDevices(string(pod3.UID), "main")[gpu]))
+	if !slices.Equal(both, []string{"gpu-0", "gpu-1"}) {
+		t.Fatalf("allocated %v, want gpu-0 and gpu-1", both)
+	}
+	opts3, err := m2.GetDeviceRunContainerOptions(ctx, pod3, &pod3.Spec.Containers[0])
+	if err != nil {
+		t.Fatalf("GetDeviceRunContainerOptions for two devices: %v", err)
+	}
+	var names []string
+	for _, c := range opts3.CDIDevices {
+		names = append(names, c.Name)
+	}
+	slices.Sort(names)
+	if want := []string{gpu + "=gpu-0", gpu + "=gpu-1"}; !slices.Equal(names, want) || len(opts3.Devices) != 0 || len(opts3.Mounts) != 0 {
+		t.Errorf("pod-3's container: CDI devices %q, plain devices %v, mounts %v; want %q and no plain device or mount", names, opts3.Devices, opts3.Mounts, want)
+	}
+	var wants []backendAnswer
+	for _, order := range orders(both) {
+		wants = append(wants, n.staticAnswer(order))
+	}
+	checkContainer(t, "pod-3's container (two devices)", n.path("cdi"), runOptions(nil, opts3), wants...)
 
 	t.Logf("devhost exited %v after SIGTERM", d.stop())
 }

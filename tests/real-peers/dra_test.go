@@ -228,16 +228,21 @@ func awaitKubeletWipe(t *testing.T, ctx context.Context, client kubernetes.Inter
 	})
 }
 
-// claimFor creates a ResourceClaim allocated device on nodeName's pool of
-// the driver and reserved for a pod, as the scheduler leaves it, and
-// returns that pod (not created: the kubelet code takes it as given).
-func claimFor(t *testing.T, ctx context.Context, client kubernetes.Interface, nodeName, name, device string) (*resourceapi.ResourceClaim, *v1.Pod) {
+// claimFor creates a ResourceClaim whose one request "gpus" is allocated
+// devices on nodeName's pool of the driver and reserved for a pod, as the
+// scheduler leaves it, and returns that pod (not created: the kubelet code
+// takes it as given).
+func claimFor(t *testing.T, ctx context.Context, client kubernetes.Interface, nodeName, name string, devices ...string) (*resourceapi.ResourceClaim, *v1.Pod) {
 	t.Helper()
 	claim, err := client.ResourceV1().ResourceClaims("default").Create(ctx, &resourceapi.ResourceClaim{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{Requests: []resourceapi.DeviceRequest{{
-			Name:    "gpus",
-			Exactly: &resourceapi.ExactDeviceRequest{DeviceClassName: driver},
+			Name: "gpus",
+			Exactly: &resourceapi.ExactDeviceRequest{
+				DeviceClassName: driver,
+				AllocationMode:  resourceapi.DeviceAllocationModeExactCount,
+				Count:           int64(len(devices)),
+			},
 		}}}},
 	}, metav1.CreateOptions{})
 	if err != nil {
@@ -251,11 +256,13 @@ func claimFor(t *testing.T, ctx context.Context, client kubernetes.Interface, no
 			Containers:     []v1.Container{{Name: "main", Resources: v1.ResourceRequirements{Claims: []v1.ResourceClaim{{Name: "gpu"}}}}},
 		},
 	}
+	var results []resourceapi.DeviceRequestAllocationResult
+	for _, device := range devices {
+		results = append(results, resourceapi.DeviceRequestAllocationResult{Request: "gpus", Driver: driver, Pool: nodeName, Device: device})
+	}
 	claim.Status = resourceapi.ResourceClaimStatus{
 		Allocation: &resourceapi.AllocationResult{
-			Devices: resourceapi.DeviceAllocationResult{Results: []resourceapi.DeviceRequestAllocationResult{{
-				Request: "gpus", Driver: driver, Pool: nodeName, Device: device,
-			}}},
+			Devices: resourceapi.DeviceAllocationResult{Results: results},
 			NodeSelector: &v1.NodeSelector{NodeSelectorTerms: []v1.NodeSelectorTerm{{
 				MatchFields: []v1.NodeSelectorRequirement{{Key: "metadata.name", Operator: v1.NodeSelectorOpIn, Values: []string{nodeName}}},
 			}}},
@@ -285,6 +292,57 @@ func healthOf(m *dra.Manager, logger klog.Logger, pod *v1.Pod) ([]string, string
 	return health, fmt.Sprintf("%q", entries)
 }
 
+// vendorKind is the CDI kind of the DRA test's backend's own names (its
+// cdi_kind), which a vendor spec in the node's CDI directory defines.
+const vendorKind = "vendor.example.com/gpu"
+
+// vendorSpec writes a vendor's CDI spec of vendorKind into the node's CDI
+// directory, defining ids: each gives the container an extra device node
+// and a variable of its own (vendorAnswer).
+func vendorSpec(n *node, ids []string) {
+	n.t.Helper()
+	text := "cdiVersion: \"0.6.0\"\nkind: " + vendorKind + "\ndevices:\n"
+	for _, id := range ids {
+		a := vendorAnswer([]string{id})
+		var env []string
+		for name, value := range a.Env {
+			env = append(env, fmt.Sprintf("%q", name+"="+value))
+		}
+		d := a.Devices[0]
+		text += fmt.Sprintf("- name: %q\n  containerEdits:\n    env: [%s]\n    deviceNodes: [{path: %q, hostPath: %q, permissions: %q}]\n",
+			id, strings.Join(env, ", "), d.ContainerPath, d.HostPath, d.Permissions)
+	}
+	n.write("cdi/vendor-gpu.yaml", text)
+}
+
+// vendorAnswer is what vendorSpec's devices ids give a container.
+func vendorAnswer(ids []string) backendAnswer {
+	a := backendAnswer{Env: map[string]string{}}
+	for _, id := range ids {
+		a.Env["VENDOR_"+strings.ToUpper(strings.ReplaceAll(id, "-", "_"))] = id
+		a.Devices = append(a.Devices, answerDevice{HostPath: "/dev/zero", ContainerPath: "/dev/vendor-" + id, Permissions: "rw"})
+	}
+	return a
+}
+
+// claimNames is the CDI names the kubelet's DRA manager hands the runtime
+// for pod's container.
+func claimNames(t *testing.T, m *dra.Manager, pod *v1.Pod) (*dra.ContainerInfo, []string) {
+	t.Helper()
+	info, err := m.GetResources(pod, &pod.Spec.Containers[0])
+	if err != nil {
+		t.Fatalf("the kubelet's GetResources: %v", err)
+	}
+	var names []string
+	for _, c := range info.CDIDevices {
+		names = append(names, c.Name)
+		if !cdiName.MatchString(c.Name) {
+			t.Errorf("CDI device ID %q is not vendor/class=name", c.Name)
+		}
+	}
+	return info, names
+}
+
 var cdiName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]*/[A-Za-z][A-Za-z0-9_.-]*=[A-Za-z0-9][A-Za-z0-9_.:-]*$`)
 
 // The DRA path through the kubelet's own code: the plugin watcher's
@@ -292,7 +350,10 @@ var cdiName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]*/[A-Za-z][A-Za-z0-9_.-
 // manager's validation and registration, NotifyRegistrationStatus; slices
 // published as devhost's ServiceAccount (deploy/ RBAC) and accepted by the
 // real API server; a claim prepared by the DRA manager (which reads it from
-// the API server, as devhost does) into CDI device IDs; health into the pod
+// the API server, as devhost does) into CDI device IDs (the claim's own and
+// the backend's, which a vendor spec defines) that containerd's CDI
+// library turns into exactly the backend's answer, for one device and for
+// a request of two; health into the pod
 // status the 1.37 way; unprepare; and a kubelet restart whose start-up wipe
 // of the node's slices lands after devhost registered again (as seen on a
 // real node): the slices must be back within seconds.
@@ -303,7 +364,10 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	a.node(t, ctx, nodeName)
 	n := newNode(t)
 	kubeconfig := a.devhostKubeconfig(t, ctx, n)
-	n.staticBackend("gpus", gpu, []string{"gpu-0", "gpu-1"}, draResource)
+	// The backend names its devices vendor.example.com/gpu=<id> too (its
+	// cdi_kind), which a vendor's spec defines: devhost passes them on.
+	vendorSpec(n, []string{"gpu-0", "gpu-1"})
+	n.staticBackendNamed("gpus", gpu, vendorKind, []string{"gpu-0", "gpu-1"}, draResource)
 	n.hostConfig(draSettings(n, nodeName, kubeconfig, false))
 
 	var podsMu sync.Mutex
@@ -343,25 +407,22 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	if err := k.manager.PrepareResources(ctx, pod); err != nil {
 		t.Fatalf("the kubelet's PrepareResources: %v", err)
 	}
-	info, err := k.manager.GetResources(pod, &pod.Spec.Containers[0])
-	if err != nil {
-		t.Fatalf("the kubelet's GetResources: %v", err)
-	}
-	var ids []string
-	for _, c := range info.CDIDevices {
-		ids = append(ids, c.Name)
-		if !cdiName.MatchString(c.Name) {
-			t.Errorf("CDI device ID %q is not vendor/class=name", c.Name)
-		}
-	}
+	info, ids := claimNames(t, k.manager, pod)
 	t.Logf("CDI devices for the container: %q", ids)
-	if !slices.Contains(ids, gpu+"=gpu-1") {
-		t.Errorf("CDI devices %q lack the backend's %s=gpu-1", ids, gpu)
+	// The claim's own CDI device (the request's whole answer), then the
+	// backend's name, which the vendor spec defines.
+	claimDevice := "k8s." + driver + "/claim=" + string(claim.UID) + "-gpus"
+	if want := []string{claimDevice, vendorKind + "=gpu-1"}; !slices.Equal(ids, want) {
+		t.Errorf("CDI devices %q, want %q", ids, want)
 	}
 	specs, _ := filepath.Glob(n.path("cdi", "*"+string(claim.UID)+"*.json"))
 	if len(specs) != 1 {
 		t.Errorf("CDI spec files for claim %s: %q, want one", claim.UID, specs)
 	}
+	// What containerd makes of the names: the backend's answer for gpu-1
+	// (variable, device node, mount) and the vendor's edits for it.
+	checkContainer(t, "claim-one's container", n.path("cdi"), runOptions(info, nil),
+		n.staticAnswer([]string{"gpu-1"}).plus(vendorAnswer([]string{"gpu-1"})))
 
 	// Health, the 1.37 way: the kubelet opens the stream it picked from
 	// supported_versions and writes what it hears into the pod status.
@@ -390,6 +451,35 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(n.path("cdi", "*"+string(claim.UID)+"*.json")); len(left) != 0 {
 		t.Errorf("CDI spec files left after unprepare: %q", left)
+	}
+
+	// A request of two devices: one CDI device carrying the request's
+	// whole answer, and both of the backend's names. The kubelet lists a
+	// request's names once per device; the runtime applies each once.
+	claim2, pod2 := claimFor(t, ctx, a.admin, nodeName, "claim-two", "gpu-0", "gpu-1")
+	podsMu.Lock()
+	active = []*v1.Pod{pod2}
+	podsMu.Unlock()
+	if err := k.manager.PrepareResources(ctx, pod2); err != nil {
+		t.Fatalf("the kubelet's PrepareResources (two devices): %v", err)
+	}
+	info2, ids2 := claimNames(t, k.manager, pod2)
+	t.Logf("CDI devices for the two-device container: %q", ids2)
+	distinct := slices.Compact(slices.Sorted(slices.Values(ids2)))
+	want2 := []string{"k8s." + driver + "/claim=" + string(claim2.UID) + "-gpus", vendorKind + "=gpu-0", vendorKind + "=gpu-1"}
+	if !slices.Equal(distinct, want2) {
+		t.Errorf("distinct CDI devices %q, want %q", distinct, want2)
+	}
+	var wants []backendAnswer
+	for _, order := range orders([]string{"gpu-0", "gpu-1"}) {
+		wants = append(wants, n.staticAnswer(order).plus(vendorAnswer(order)))
+	}
+	checkContainer(t, "claim-two's container (two devices)", n.path("cdi"), runOptions(info2, nil), wants...)
+	podsMu.Lock()
+	active = nil
+	podsMu.Unlock()
+	if err := k.manager.UnprepareResources(ctx, pod2); err != nil {
+		t.Fatalf("the kubelet's UnprepareResources (two devices): %v", err)
 	}
 
 	// A kubelet restart. The new kubelet finds devhost's registration

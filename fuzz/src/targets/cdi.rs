@@ -1,51 +1,83 @@
-//! The CDI spec writer (`host/src/cdi.rs`), through its public API only:
-//! `check_names`, `device_name`, `spec_path` and `maintain`, the task that
-//! writes a resource's spec file from what its backend's `allocate` answers
-//! for each device and removes it at the end.
+//! The CDI spec writer of resources served with `cdi = true`
+//! (`host/src/cdi/`), through its public API only: `check_names`,
+//! `device_name`, `spec_path`, `cdi::resource::maintain` (the task that
+//! keeps a resource's spec file current from what its backend's
+//! single-device `allocate` answers for each device, and removes it at the
+//! end) and, for the answers that follow, `cdi::answer::Answers`.
 //!
 //! Each input either checks names and paths (cheap), or runs `maintain`
 //! for one resource of a backend written here whose per-device Allocate
 //! answers (envs, device nodes, mounts, refusals) and device lists (one to
-//! three, published in turn) come from the input.
+//! three, published in turn) come from the input; sometimes a vendor's
+//! spec file, also from the input, is in the directory first.
 //!
-//! Invariants: `check_names` agrees with a literal transcription of the
-//! CDI project's own rules (`container-device-interface` 1.1.1,
-//! `src/parser.rs`: `parse_qualifier`, `validate_vendor_or_class_name`,
-//! `validate_device_name`), and its errors name the value; the name of an
-//! accepted device parses back (CDI's `parse_qualified_name`) into the
-//! resource's vendor and class and the device; `spec_path` is a file
-//! directly in the directory, `devhost-….json`, of safe characters only;
-//! the spec file holds exactly `cdiVersion`, `kind` = the resource, and one
-//! device per current ID that is a valid CDI name and whose Allocate
-//! succeeded, in list order, each with the edits of its answer (`K=V` envs
-//! in key order, device nodes, `rbind` mounts with `ro`/`rw`); every other
-//! device is withheld (reported Unhealthy to the kubelet, with a reason)
-//! and the ones in the spec are not; the file is removed when `maintain`
-//! stops (it is the only instance serving it).
+//! Invariants:
+//! * `check_names` agrees with a literal transcription of the CDI
+//!   project's own rules (`container-device-interface` 1.1.1,
+//!   `src/parser.rs`: `parse_qualifier`, `validate_vendor_or_class_name`,
+//!   `validate_device_name`), except that a vendor or class of one
+//!   character is refused too (the Go library v1.1 that containerd uses
+//!   panics on one while loading a spec), and its errors name the value;
+//!   the name of an accepted device parses back (CDI's
+//!   `parse_qualified_name`) into the resource's vendor and class and the
+//!   device.
+//! * `spec_path` is a file directly in the directory, `devhost-….json`, of
+//!   safe characters only.
+//! * The spec file holds exactly `cdiVersion` `0.6.0`, `kind` = the
+//!   resource, `annotations` `devhost.io/writer` (the instance ID given to
+//!   `Host::new`) and `devhost.io/started` (its start, decimal nanoseconds
+//!   since 1970), and one device per current ID, in list order, that is a
+//!   valid CDI device name of a valid kind, whose single-device Allocate
+//!   succeeded with at least one device node or mount, that CDI's
+//!   validation accepts (node paths non-empty, permissions of `r`, `w`,
+//!   `m`, mount paths non-empty; no env name with `=` in the answer) and
+//!   that no other spec file in the directory names; each device with
+//!   `annotations` `devhost.io/instance` (the instance ID) and
+//!   `containerEdits` of only its `deviceNodes` and `rbind` `mounts` with
+//!   `ro`/`rw`, never `env` (variables stay in Allocate's plain fields).
+//!   With no such device there is no file (CDI refuses an empty spec).
+//! * No device is withheld: the snapshot's withheld set stays empty and
+//!   every device stays Healthy to the kubelet.
+//! * A device's single-device answer (`Answers::container`) keeps its
+//!   variables and annotations plain; a device left out of the spec is
+//!   answered plainly (no devhost CDI name, nodes and mounts as the
+//!   backend answered); a device named gets exactly its own name, and its
+//!   entry plus what stays plain gives the container what the backend's
+//!   answer does (CDI replacing a node or mount at the same container
+//!   path); a device in the spec whose device nodes all have host paths is
+//!   named.
+//! * A vendor's spec file is left as it was; devhost's file is removed when
+//!   `maintain` stops (it is the only instance serving it).
 //!
-//! Known findings, checked only with `DEVHOST_FUZZ_STRICT=1` (see
-//! `fuzz/README.md`): F2, every spec written passes the CDI project's own
-//! validation (`Spec::validate`: at least one device, no device with empty
-//! edits, env names non-empty and without `=`, device node and mount
-//! paths non-empty, permissions of `r`, `w`, `m`); F3, `spec_path` gives
-//! different resources different files and a file name the kernel accepts
-//! (at most 255 bytes).
+//! Findings (fixed, see `fuzz/README.md`), checked always: F2, every spec
+//! written passes the CDI project's own validation (`Spec::validate`: at
+//! least one device, no device with empty edits, env names non-empty and
+//! without `=`, device node and mount paths non-empty, permissions of `r`,
+//! `w`, `m`; annotation keys qualified names, which need `cdiVersion`
+//! 0.6.0 or later), and a device that would break it is left out and
+//! answered plainly; F3, `spec_path` gives different resources different
+//! files and a file name the kernel accepts (at most 255 bytes).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arbitrary::{Result as AResult, Unstructured};
 use devhost::backend::handle::BackendHandle;
 use devhost::backend::{Allocation, Backend, BackendError, DeviceSpec, Health, Mount, Publisher, ResourceSpec};
-use devhost::cdi::{CDI_VERSION, check_names, device_name, maintain, spec_path};
+use devhost::cdi::answer::Answers;
+use devhost::cdi::resource::maintain;
+use devhost::cdi::{Host, check_names, device_name, spec_path};
 use devhost::device_state::ResourceState;
 use devhost::model::Device;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::Target;
+#[allow(missing_docs)] pub static STATS: [std::sync::atomic::AtomicU64; 8] = [const { std::sync::atomic::AtomicU64::new(0) }; 8];
+fn bump(i: usize) { STATS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed); }
+impl Drop for Cdi { fn drop(&mut self) { eprintln!("STATS {:?}", STATS.iter().map(|a| a.load(std::sync::atomic::Ordering::Relaxed)).collect::<Vec<_>>()); } }
 
 /// The target: a runtime and a scratch directory for spec files.
 pub struct Cdi {
@@ -73,11 +105,34 @@ pub fn run(data: &[u8]) {
     crate::fuzz_input(Cdi::new, data);
 }
 
-/// Pieces names are built from: the edges of both rule sets.
-const PIECES: &[&str] =
-    &["a", "Z", "0", "9", "-", "_", ".", ":", "/", "=", "example.com", "gpu", "nvidia.com/gpu", "é", " ", "\0", "-x"];
+/// Pieces names are built from: the edges of both rule sets (`e/gpu` and
+/// `a.io/x` have a one-character vendor or class).
+const PIECES: &[&str] = &[
+    "a",
+    "Z",
+    "0",
+    "9",
+    "-",
+    "_",
+    ".",
+    ":",
+    "/",
+    "=",
+    "example.com",
+    "gpu",
+    "nvidia.com/gpu",
+    "é",
+    " ",
+    "\0",
+    "-x",
+    "e/gpu",
+    "a.io/x",
+];
 
-/// Resources served with `cdi = true` (valid resource names and CDI kinds).
+/// Resources served with `cdi = true`: valid resource names, all valid CDI
+/// kinds but `a.io/x`, whose one-letter class CDI cannot load (the
+/// configuration refuses it with `cdi = true`; `maintain` must still write
+/// no file for it).
 const RESOURCES: &[&str] = &["example.com/gpu", "vendor.example.org/Shared_GPU.v2", "a.io/x", "fuzz.example.com/cdi"];
 
 /// Device IDs: valid CDI device names and some that are not.
@@ -87,10 +142,18 @@ const IDS: &[&str] =
 /// Backend names (file stems).
 const BACKENDS: &[&str] = &["gpu", "fuzz", "a-b", "nvidia gpu", "x.y"];
 
+/// devhost instance IDs (the suffix of its sockets; odd ones too).
+const INSTANCES: &[&str] = &["devhost-4f2a9c", "a", "x y/é", "-"];
+
 /// Env names, device and mount paths, permissions.
 const KEYS: &[&str] = &["NVIDIA_VISIBLE_DEVICES", "A", "", "A=B", "é", "PATH"];
 const PATHS: &[&str] = &["/dev/null", "/dev/nvidia0", "", "relative", "/a b"];
 const PERMISSIONS: &[&str] = &["rw", "rwm", "r", "m", "", "q", "rwx"];
+
+/// The annotations devhost's spec carries.
+const WRITER: &str = "devhost.io/writer";
+const STARTED: &str = "devhost.io/started";
+const INSTANCE: &str = "devhost.io/instance";
 
 impl Target for Cdi {
     fn name(&self) -> &'static str {
@@ -275,6 +338,7 @@ fn allocation(u: &mut Unstructured<'_>) -> AResult<Allocation> {
         answer.annotations.insert("a.io/x".into(), choose_str(u, IDS)?);
     }
     if u.arbitrary()? {
+        // A backend's own CDI name that no spec defines: never passed on.
         answer.cdi_devices.push("other.io/x=y".into());
     }
     Ok(answer)
@@ -296,34 +360,165 @@ fn lists(u: &mut Unstructured<'_>) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The file `maintain` must write for `ids`: every device whose ID is a
-/// CDI name, whose Allocate succeeded, and whose edits the CDI project's
-/// own validation accepts (and whose env names hold no `=`); with no such
-/// device, no file.
-fn expected(resource: &str, ids: &[String], answers: &HashMap<String, Result<Allocation, String>>) -> Value {
-    let devices: Vec<Value> = ids
-        .iter()
-        .filter(|id| check_names(resource, Some(id)).is_ok())
-        .filter_map(|id| Some((id, answers.get(id)?.as_ref().ok()?)))
-        .filter(|(_, answer)| !answer.envs.keys().any(|name| name.contains('=')))
-        .map(|(id, answer)| json!({ "name": id, "containerEdits": edits(answer) }))
-        .filter(|device| {
-            reference::spec_valid(&json!({ "cdiVersion": CDI_VERSION, "kind": resource, "devices": [device] })).is_ok()
-        })
-        .collect();
-    json!({ "cdiVersion": CDI_VERSION, "kind": resource, "devices": devices })
+/// An answer like `answer` with one thing changed: what a backend whose
+/// answers change may hand Allocate after devhost learned the entry.
+fn changed(u: &mut Unstructured<'_>, answer: &Allocation) -> AResult<Allocation> {
+    let mut answer = answer.clone();
+    let nodes = answer.device_specs.len();
+    let mounts = answer.mounts.len();
+    match u.int_in_range(0..=6u8)? {
+        0 if nodes > 0 => {
+            answer.device_specs.remove(u.choose_index(nodes)?);
+        }
+        1 if mounts > 0 => {
+            answer.mounts.remove(u.choose_index(mounts)?);
+        }
+        2 if nodes > 0 => {
+            let i = u.choose_index(nodes)?;
+            answer.device_specs[i].host_path = choose_str(u, PATHS)?;
+        }
+        3 if nodes > 0 => {
+            let i = u.choose_index(nodes)?;
+            answer.device_specs[i].permissions = choose_str(u, PERMISSIONS)?;
+        }
+        4 if mounts > 0 => {
+            let i = u.choose_index(mounts)?;
+            answer.mounts[i].read_only = !answer.mounts[i].read_only;
+        }
+        5 if nodes > 0 => {
+            // Another node at the same container path.
+            let mut node = answer.device_specs[u.choose_index(nodes)?].clone();
+            node.host_path = choose_str(u, PATHS)?;
+            let at = u.int_in_range(0..=nodes)?;
+            answer.device_specs.insert(at, node);
+        }
+        _ => answer.device_specs.push(DeviceSpec {
+            container_path: choose_str(u, PATHS)?,
+            host_path: choose_str(u, PATHS)?,
+            permissions: choose_str(u, PERMISSIONS)?,
+        }),
+    }
+    Ok(answer)
 }
 
+/// A vendor's spec file, in the directory before `maintain` starts.
+struct Vendor {
+    /// Its file name (a `.txt` is no spec).
+    file: &'static str,
+    version: &'static str,
+    kind: String,
+    devices: Vec<String>,
+}
+
+impl Vendor {
+    /// Sometimes a vendor's file naming some of the IDs the lists hold
+    /// (and maybe one of its own), of the resource's kind or another.
+    fn arbitrary(u: &mut Unstructured<'_>, resource: &str, lists: &[Vec<String>]) -> Option<Vendor> {
+        if !crate::rarely(u, 3) {
+            return None;
+        }
+        let file = *u.choose(&["vendor.json", "vendor.yaml", "zz-vendor.json", "vendor.txt"]).ok()?;
+        let version = *u.choose(&["0.6.0", "0.5.0", "9.9.9"]).ok()?;
+        let kind = if crate::rarely(u, 4) { "other.example.com/gpu".to_owned() } else { resource.to_owned() };
+        let mut devices: Vec<String> = Vec::new();
+        for id in lists.iter().flatten() {
+            if !devices.contains(id) && u.arbitrary().unwrap_or(false) {
+                devices.push(id.clone());
+            }
+        }
+        if u.arbitrary().unwrap_or(false) {
+            devices.push("vendor-only".into());
+        }
+        Some(Vendor { file, version, kind, devices })
+    }
+
+    fn text(&self) -> String {
+        let devices: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| json!({ "name": d, "containerEdits": { "deviceNodes": [{ "path": "/dev/vendor" }] } }))
+            .collect();
+        let spec = json!({ "cdiVersion": self.version, "kind": self.kind, "devices": devices });
+        serde_json::to_string_pretty(&spec).unwrap_or_default()
+    }
+
+    /// The qualified names the file defines for a runtime: all of its
+    /// devices if the CDI library loads it, none otherwise.
+    fn defines(&self) -> BTreeSet<String> {
+        let loads = (self.file.ends_with(".json") || self.file.ends_with(".yaml"))
+            && ["0.5.0", "0.6.0"].contains(&self.version)
+            && reference::kind_ok(&self.kind)
+            && !self.devices.is_empty()
+            && self.devices.iter().all(|d| reference::device_ok(d));
+        if !loads {
+            return BTreeSet::new();
+        }
+        self.devices.iter().map(|d| format!("{}={d}", self.kind)).collect()
+    }
+}
+
+/// The file `maintain` must write for `ids` (with no device in it, CDI
+/// would refuse it: then there must be no file).
+fn expected(
+    resource: &str,
+    host: &Host,
+    ids: &[String],
+    answers: &HashMap<String, Result<Allocation, String>>,
+    vendor: &BTreeSet<String>,
+) -> Value {
+    let instance = host.instance.id.as_str();
+    let devices: Vec<Value> = ids
+        .iter()
+        .filter_map(|id| {
+            let edits = entry(resource, id, answers.get(id)?, vendor)?;
+            Some(json!({ "name": id, "annotations": { INSTANCE: instance }, "containerEdits": edits }))
+        })
+        .collect();
+    json!({
+        "cdiVersion": "0.6.0",
+        "kind": resource,
+        "annotations": { WRITER: instance, STARTED: host.instance.started.to_string() },
+        "devices": devices,
+    })
+}
+
+/// The edits of `id`'s entry, or `None` for a device devhost must leave
+/// out: not a CDI name of a CDI kind, Allocate failed, nothing of its own
+/// (no device node, no mount), an env name CDI cannot hold, edits CDI
+/// refuses, or another spec file names it.
+fn entry(resource: &str, id: &str, answer: &Result<Allocation, String>, vendor: &BTreeSet<String>) -> Option<Value> {
+    if !reference::kind_ok(resource) || !reference::device_ok(id) || vendor.contains(&format!("{resource}={id}")) {
+        return None;
+    }
+    let answer = answer.as_ref().ok()?;
+    if (answer.device_specs.is_empty() && answer.mounts.is_empty()) || answer.envs.keys().any(|k| k.contains('=')) {
+        return None;
+    }
+    let edits = edits(answer);
+    let alone =
+        json!({ "cdiVersion": "0.6.0", "kind": resource, "devices": [{ "name": id, "containerEdits": edits }] });
+    reference::spec_valid(&alone).ok()?;
+    Some(edits)
+}
+
+/// A device's own edits as the spec holds them: device nodes (an empty
+/// host path or permissions left out) and mounts; never variables.
 fn edits(answer: &Allocation) -> Value {
     let mut edits = serde_json::Map::new();
-    let env: Vec<String> = answer.envs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if !env.is_empty() {
-        edits.insert("env".into(), json!(env));
-    }
     let nodes: Vec<Value> = answer
         .device_specs
         .iter()
-        .map(|d| json!({ "path": d.container_path, "hostPath": d.host_path, "permissions": d.permissions }))
+        .map(|d| {
+            let mut node = serde_json::Map::new();
+            node.insert("path".into(), json!(d.container_path));
+            if !d.host_path.is_empty() {
+                node.insert("hostPath".into(), json!(d.host_path));
+            }
+            if !d.permissions.is_empty() {
+                node.insert("permissions".into(), json!(d.permissions));
+            }
+            Value::Object(node)
+        })
         .collect();
     if !nodes.is_empty() {
         edits.insert("deviceNodes".into(), json!(nodes));
@@ -369,28 +564,163 @@ async fn settled(path: &Path, want: &Value) -> Result<(), String> {
     Err(format!("{} never became {want}; last: {last:?}", path.display()))
 }
 
-/// Waits until exactly the devices of `ids` missing from the spec `want`
-/// are withheld, and the kubelet's list says so.
-async fn withheld(state: &ResourceState, ids: &[String], want: &Value) -> Result<(), String> {
-    let in_spec: Vec<&str> =
-        want["devices"].as_array().into_iter().flatten().filter_map(|d| d["name"].as_str()).collect();
-    let expected: BTreeSet<&str> = ids.iter().map(String::as_str).filter(|id| !in_spec.contains(id)).collect();
-    let started = Instant::now();
-    loop {
-        let snapshot = state.snapshot();
-        let got: BTreeSet<&str> = snapshot.withheld.keys().map(String::as_str).collect();
-        let advertised = snapshot.advertised();
-        let healths: Vec<(&str, &str)> = advertised.iter().map(|d| (d.id.as_str(), d.health.as_str())).collect();
-        let listed_right =
-            healths.iter().all(|(id, health)| *health == if expected.contains(id) { "Unhealthy" } else { "Healthy" });
-        if got == expected && listed_right {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(5) {
-            return Err(format!("withheld {got:?}, expected {expected:?}; the kubelet sees {healths:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+/// No device is withheld (CDI withholds none any more) and the kubelet
+/// sees every device Healthy, as published.
+fn nothing_withheld(state: &ResourceState) -> Result<(), String> {
+    let snapshot = state.snapshot();
+    if !snapshot.withheld.is_empty() {
+        return Err(format!("devices are withheld: {:?}", snapshot.withheld));
     }
+    let advertised = snapshot.advertised();
+    let unhealthy: Vec<&str> = advertised.iter().filter(|d| d.health != "Healthy").map(|d| d.id.as_str()).collect();
+    if !unhealthy.is_empty() {
+        return Err(format!("the kubelet sees {unhealthy:?} Unhealthy"));
+    }
+    Ok(())
+}
+
+/// Device nodes by container path (host path, permissions) and mounts by
+/// container path (host path, read-only).
+type Given = (BTreeMap<String, (String, String)>, BTreeMap<String, (String, bool)>);
+
+/// A device node's host path as CDI takes it: its path when it has none.
+fn host_of(host: &str, path: &str) -> String {
+    if host.is_empty() { path } else { host }.to_owned()
+}
+
+/// What the container gets from the plain fields of `plain` and then the
+/// CDI entries' edits in order, each replacing what has the same container path, as
+/// CDI applies them.
+fn container_gets(plain: &Allocation, entries: &[&Value]) -> Given {
+    let mut nodes: BTreeMap<String, (String, String)> = plain
+        .device_specs
+        .iter()
+        .map(|d| (d.container_path.clone(), (host_of(&d.host_path, &d.container_path), d.permissions.clone())))
+        .collect();
+    let mut mounts: BTreeMap<String, (String, bool)> =
+        plain.mounts.iter().map(|m| (m.container_path.clone(), (m.host_path.clone(), m.read_only))).collect();
+    let text = |value: &Value| value.as_str().unwrap_or_default().to_owned();
+    for node in entries.iter().filter_map(|e| e["deviceNodes"].as_array()).flatten() {
+        let path = text(&node["path"]);
+        nodes.insert(path.clone(), (host_of(&text(&node["hostPath"]), &path), text(&node["permissions"])));
+    }
+    for mount in entries.iter().filter_map(|e| e["mounts"].as_array()).flatten() {
+        let read_only = mount["options"].as_array().is_some_and(|o| o.iter().any(|o| o == "ro"));
+        mounts.insert(text(&mount["containerPath"]), (text(&mount["hostPath"]), read_only));
+    }
+    (nodes, mounts)
+}
+
+/// Whether what the container gets from `got`'s plain fields and
+/// `entries` is what `answer` says: the same container paths, each with a node or
+/// mount the answer gives there. An answer with two nodes (or mounts) at
+/// one container path does not say which the container gets (the plain
+/// path leaves it to the runtime); either will do.
+fn gives_what_answered(got: &Allocation, entries: &[&Value], answer: &Allocation) -> bool {
+    let (nodes, mounts) = container_gets(got, entries);
+    let mut answer_nodes: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+    for d in &answer.device_specs {
+        let node = (host_of(&d.host_path, &d.container_path), d.permissions.clone());
+        answer_nodes.entry(d.container_path.clone()).or_default().insert(node);
+    }
+    let mut answer_mounts: BTreeMap<String, BTreeSet<(String, bool)>> = BTreeMap::new();
+    for m in &answer.mounts {
+        answer_mounts.entry(m.container_path.clone()).or_default().insert((m.host_path.clone(), m.read_only));
+    }
+    fn within<V: Ord>(got: &BTreeMap<String, V>, answer: &BTreeMap<String, BTreeSet<V>>) -> bool {
+        got.len() == answer.len() && got.iter().all(|(path, v)| answer.get(path).is_some_and(|set| set.contains(v)))
+    }
+    within(&nodes, &answer_nodes) && within(&mounts, &answer_mounts)
+}
+
+/// Each device's single-device answer, and one answer for all the devices
+/// together (their answers joined), against the spec `want`: the answers
+/// devhost learned the entries from, or (`later`) ones the backend changed
+/// since.
+async fn answered(
+    answers: &Answers,
+    resource: &str,
+    ids: &[String],
+    (scripted, later): (&HashMap<String, Result<Allocation, String>>, &HashMap<String, Allocation>),
+    want: &Value,
+) -> Result<(), String> {
+    let entries: HashMap<&str, &Value> = want["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| Some((d["name"].as_str()?, &d["containerEdits"])))
+        .collect();
+    let mut all: Vec<String> = Vec::new();
+    let mut joined = Allocation::default();
+    let mut unchanged = true;
+    for id in ids {
+        let Some(Ok(learned)) = scripted.get(id) else { continue };
+        let answer = later.get(id).unwrap_or(learned);
+        judge(answers, resource, std::slice::from_ref(id), answer, answer == learned, &entries).await?;
+        all.push(id.clone());
+        joined.envs.extend(answer.envs.clone());
+        joined.device_specs.extend(answer.device_specs.iter().cloned());
+        joined.mounts.extend(answer.mounts.iter().cloned());
+        joined.annotations.extend(answer.annotations.clone());
+        joined.cdi_devices.extend(answer.cdi_devices.iter().cloned());
+        unchanged &= answer == learned;
+    }
+    if all.len() > 1 {
+        judge(answers, resource, &all, &joined, unchanged, &entries).await?;
+    }
+    Ok(())
+}
+
+/// `Answers::container` for the devices `ids` given the backend's
+/// `answer` (`unchanged`: the one devhost learned their entries from):
+/// variables and annotations stay plain; either no CDI name and the plain
+/// fields as answered, or exactly the names of the devices in the spec
+/// and, with their entries, what the answer says; named whenever the
+/// entries give exactly what it says (unchanged, every node with a host
+/// path).
+async fn judge(
+    answers: &Answers,
+    resource: &str,
+    ids: &[String],
+    answer: &Allocation,
+    unchanged: bool,
+    entries: &HashMap<&str, &Value>,
+) -> Result<(), String> {
+    let got = answers.container(ids, answer.clone()).await;
+    let in_spec: Vec<&Value> = ids.iter().filter_map(|id| entries.get(id.as_str()).copied()).collect();
+    let names: Vec<String> =
+        ids.iter().filter(|id| entries.contains_key(id.as_str())).map(|id| format!("{resource}={id}")).collect();
+    bump(if ids.len() > 1 { if got.cdi_devices.is_empty() { 0 } else { 1 } } else if got.cdi_devices.is_empty() { 2 } else { 3 });
+    if !unchanged { bump(if got.cdi_devices.is_empty() { 4 } else { 5 }); }
+    if got.cdi_devices.len() > 1 { bump(6); }
+    let why = if got.envs != answer.envs || got.annotations != answer.annotations {
+        Some("variables and annotations are not as the backend answered")
+    } else if got.cdi_devices.is_empty() {
+        if got.device_specs != answer.device_specs || got.mounts != answer.mounts {
+            Some("answered without a CDI name, the device nodes or mounts are not as the backend answered")
+        } else if !in_spec.is_empty() && unchanged && answer.device_specs.iter().all(|d| !d.host_path.is_empty()) {
+            Some("the spec entries give exactly what the backend answered, yet it is answered without their names")
+        } else {
+            None
+        }
+    } else if got.cdi_devices != names {
+        Some("the CDI names are not those of the devices in the spec")
+    } else if !gives_what_answered(&got, &in_spec, answer) {
+        Some("the spec entries and what stays plain give the container other than what the backend answered")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!(
+            "the answer for {ids:?}: {why}; backend answered {answer:?}, devhost {got:?}; entries {in_spec:?}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Nanoseconds since 1970, now.
+fn now_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 /// `maintain` for one resource of a scripted backend, through the input's
@@ -399,22 +729,54 @@ async fn spec_file(dir: &Path, u: &mut Unstructured<'_>) -> Result<(), String> {
     let resource = (*u.choose(RESOURCES).unwrap_or(&RESOURCES[0])).to_owned();
     let backend_name = (*u.choose(BACKENDS).unwrap_or(&BACKENDS[0])).to_owned();
     let lists = lists(u);
-    let mut answers = HashMap::new();
+    let mut scripted = HashMap::new();
     for id in lists.iter().flatten() {
-        if !answers.contains_key(id) {
+        if !scripted.contains_key(id) {
             let answer =
                 if crate::rarely(u, 6) { Err("declined".to_owned()) } else { Ok(allocation(u).unwrap_or_default()) };
-            answers.insert(id.clone(), answer);
+            scripted.insert(id.clone(), answer);
         }
     }
-    let backend: Arc<dyn Backend> = Arc::new(Scripted { resource: resource.clone(), answers: answers.clone() });
+    let vendor = Vendor::arbitrary(u, &resource, &lists);
+    let instance = *u.choose(INSTANCES).unwrap_or(&INSTANCES[0]);
+    let mut later = HashMap::new();
+    for (id, answer) in &scripted {
+        if let Ok(answer) = answer
+            && crate::rarely(u, 3)
+            && let Ok(other) = changed(u, answer)
+        {
+            later.insert(id.clone(), other);
+        }
+    }
+    let mut vendor_names = BTreeSet::new();
+    if let Some(vendor) = &vendor {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::write(dir.join(vendor.file), vendor.text())
+            .map_err(|e| format!("cannot write the vendor file: {e}"))?;
+        vendor_names = vendor.defines();
+    }
+    let before = now_nanos();
+    let host = Host::new(dir.to_owned(), vec![dir.to_owned()], instance);
+    let after = now_nanos();
+    // A minute either way: the wall clock may be set meanwhile.
+    let minute = 60_000_000_000;
+    if host.instance.id != instance
+        || !(before.saturating_sub(minute)..=after + minute).contains(&host.instance.started)
+    {
+        return Err(format!(
+            "Host::new(…, {instance:?}) is instance {:?} started at {} ns, not between {before} and {after}",
+            host.instance.id, host.instance.started
+        ));
+    }
+    let backend: Arc<dyn Backend> = Arc::new(Scripted { resource: resource.clone(), answers: scripted.clone() });
     let cancel = CancellationToken::new();
     let handle = BackendHandle::start(backend_name.clone(), backend, Duration::from_secs(2), cancel.clone())
         .await
         .map_err(|e| format!("the scripted backend did not start: {e}"))?;
     let state = handle.resources()[0].1.clone();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(maintain(dir.to_owned(), resource.clone(), state.clone(), handle.clone(), stop.clone()));
+    let task = tokio::spawn(maintain(host.clone(), resource.clone(), state.clone(), handle.clone(), stop.clone()));
+    let answers = Answers::new(host.clone(), &resource, true);
     let path = spec_path(dir, &resource);
     let mut result = Ok(());
     for ids in &lists {
@@ -424,33 +786,44 @@ async fn spec_file(dir: &Path, u: &mut Unstructured<'_>) -> Result<(), String> {
             result = Err(format!("a valid list was refused: {error}"));
             break;
         }
-        let want = expected(&resource, ids, &answers);
-        if let Err(error) = settled(&path, &want).await {
-            result = Err(error);
-            break;
-        }
-        if let Err(error) = withheld(&state, ids, &want).await {
-            result = Err(error);
-            break;
-        }
+        let want = expected(&resource, &host, ids, &scripted, &vendor_names);
+        result = settled(&path, &want).await;
         // F2 (fixed): a spec devhost writes passes the CDI project's own
-        // validation; devices that would break it are withheld instead.
-        if want["devices"].as_array().is_some_and(|d| !d.is_empty())
+        // validation; devices that would break it are left out instead.
+        if result.is_ok()
+            && want["devices"].as_array().is_some_and(|d| !d.is_empty())
             && let Err(error) = reference::spec_valid(&want)
         {
             result = Err(format!("F2: devhost wrote a spec the CDI project refuses ({error}): {want}"));
+        }
+        if result.is_ok() {
+            result = nothing_withheld(&state);
+        }
+        if result.is_ok() {
+            result = answered(&answers, &resource, ids, (&scripted, &later), &want).await;
+        }
+        if result.is_err() {
             break;
         }
     }
     stop.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(5), task).await;
+    if result.is_ok() {
+        result = nothing_withheld(&state);
+    }
     cancel.cancel();
+    host.withdraw();
     result?;
     if stopped.is_err() {
         return Err("maintain did not stop within 5 s of its cancellation".into());
     }
     if path.exists() {
         return Err(format!("{} is still there after maintain stopped", path.display()));
+    }
+    if let Some(vendor) = &vendor
+        && std::fs::read_to_string(dir.join(vendor.file)).ok() != Some(vendor.text())
+    {
+        return Err(format!("the vendor's {} was changed or removed", vendor.file));
     }
     Ok(())
 }
@@ -471,10 +844,15 @@ mod reference {
             && vendor_or_class_ok(parts[1])
     }
 
-    /// `validate_vendor_or_class_name`.
+    /// `validate_vendor_or_class_name`, plus one rule the Rust crate does
+    /// not have: at least two characters. The Go library (v1.1) that
+    /// containerd and CRI-O load specs with slices `name[1:len(name)-1]`
+    /// in `validateVendorOrClassName`, which panics on a one-character
+    /// name (`[1:0]`), so a spec of such a kind brings the loader down and
+    /// no CDI name on the node resolves; devhost refuses it.
     fn vendor_or_class_ok(name: &str) -> bool {
         let count = name.chars().count();
-        !name.is_empty()
+        count >= 2
             && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
             && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
             && name
@@ -484,7 +862,8 @@ mod reference {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     }
 
-    /// `validate_device_name`.
+    /// `validate_device_name` (one character is fine: the Go library
+    /// returns before slicing).
     pub fn device_ok(name: &str) -> bool {
         let count = name.chars().count();
         !name.is_empty()
@@ -514,9 +893,53 @@ mod reference {
         (vendor_or_class_ok(vendor) && vendor_or_class_ok(class) && device_ok(name)).then_some((vendor, class, name))
     }
 
+    /// An annotation key as Kubernetes (and so CDI's annotation check)
+    /// takes it: `[prefix/]name`, the prefix a DNS subdomain of at most
+    /// 253 characters, the name at most 63 of `A-Za-z0-9-_.`, starting and
+    /// ending alphanumeric.
+    fn annotation_key_ok(key: &str) -> bool {
+        let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+        let name_ok = (1..=63).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let prefix_ok = prefix.is_none_or(|prefix| {
+            (1..=253).contains(&prefix.len())
+                && prefix.split('.').all(|label| {
+                    (1..=63).contains(&label.len())
+                        && label.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                        && label.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                        && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                })
+        });
+        name_ok && prefix_ok
+    }
+
+    /// The annotations of a spec or device: keys valid; any annotation
+    /// needs `cdiVersion` 0.6.0 or later (the version that added them).
+    fn annotations_ok(annotations: &Value, version: &str) -> Result<(), String> {
+        let Some(annotations) = annotations.as_object() else { return Ok(()) };
+        if let Some(key) = annotations.keys().find(|key| !annotation_key_ok(key)) {
+            return Err(format!("invalid annotation key {key:?}"));
+        }
+        if !annotations.is_empty() && ["0.3.0", "0.4.0", "0.5.0"].contains(&version) {
+            return Err(format!("annotations need cdiVersion 0.6.0 or later, not {version}"));
+        }
+        Ok(())
+    }
+
     /// `Spec::validate` on a spec with devices and device-level edits only
     /// (what devhost writes): the first rule broken, if any.
     pub fn spec_valid(spec: &Value) -> Result<(), String> {
+        let version = spec["cdiVersion"].as_str().unwrap_or_default();
+        if !["0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0"].contains(&version) {
+            return Err(format!("unsupported cdiVersion {version:?}"));
+        }
+        let kind = spec["kind"].as_str().unwrap_or_default();
+        if !kind_ok(kind) {
+            return Err(format!("invalid kind {kind:?}"));
+        }
+        annotations_ok(&spec["annotations"], version)?;
         let devices = spec["devices"].as_array().cloned().unwrap_or_default();
         if devices.is_empty() {
             return Err("invalid spec, no devices".into());
@@ -530,6 +953,7 @@ mod reference {
             if !seen.insert(name) {
                 return Err(format!("invalid spec, multiple device {name}"));
             }
+            annotations_ok(&device["annotations"], version).map_err(|error| format!("device {name}: {error}"))?;
             let edits = &device["containerEdits"];
             if edits.as_object().is_none_or(|e| e.is_empty()) {
                 return Err(format!("device {name}: invalid device, empty device edits"));
@@ -563,17 +987,35 @@ mod reference {
 
     #[cfg(test)]
     mod tests {
+        use serde_json::json;
+
         use super::*;
 
         #[test]
         fn the_reference_knows_the_facts() {
-            assert!(kind_ok("nvidia.com/gpu") && kind_ok("vendor.example.org/Shared_GPU.v2"));
+            assert!(kind_ok("nvidia.com/gpu") && kind_ok("vendor.example.org/Shared_GPU.v2") && kind_ok("ab/cd"));
             for bad in ["nvidia.com", "a/b/c", "1a.com/gpu", "a.com/9gpu", "a.com/gpu-", "/gpu", "a.com/"] {
                 assert!(!kind_ok(bad), "{bad}");
+            }
+            for one_letter in ["a.io/x", "e/gpu", "a/b"] {
+                assert!(!kind_ok(one_letter), "{one_letter}: the Go library panics on it");
             }
             assert!(device_ok("0") && device_ok("GPU-0:1_a.b") && !device_ok("_gpu") && !device_ok("gpu_"));
             assert_eq!(parse_qualified_name("a.com/gpu=0"), Some(("a.com", "gpu", "0")));
             assert_eq!(parse_qualified_name("a.com/gpu=0=1"), None);
+            assert_eq!(parse_qualified_name("a.com/g=0"), None);
+        }
+
+        #[test]
+        fn the_reference_validates_annotations() {
+            let spec = |version: &str, key: &str| {
+                json!({ "cdiVersion": version, "kind": "a.io/dev", "annotations": { key: "v" },
+                        "devices": [{ "name": "0", "containerEdits": { "deviceNodes": [{ "path": "/dev/null" }] } }] })
+            };
+            assert_eq!(spec_valid(&spec("0.6.0", "devhost.io/writer")), Ok(()));
+            assert!(spec_valid(&spec("0.5.0", "devhost.io/writer")).is_err(), "annotations came with 0.6.0");
+            assert!(spec_valid(&spec("0.6.0", "Devhost.io/writer")).is_err(), "a prefix is lower case");
+            assert!(spec_valid(&spec("0.6.0", "a.io/-x")).is_err());
         }
     }
 }

@@ -24,7 +24,11 @@ pub fn config_check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let LoadedBackends { backends, errors, .. } = load_backends(&config.backends_dir, config.call_timeout);
+    let mut loaded = load_backends(&config.backends_dir, config.call_timeout);
+    let spec_dirs = config.cdi_spec_dirs();
+    let view = crate::cdi::registry::Registry::new(spec_dirs.clone()).load_blocking();
+    crate::cdi::check_static_kinds(&mut loaded, &view, &spec_dirs);
+    let LoadedBackends { backends, errors, .. } = loaded;
     for error in &errors {
         println!("error: {error}");
     }
@@ -50,6 +54,11 @@ pub fn config_check(path: &Path) -> ExitCode {
     println!("plugin dir: {}", config.plugin_dir.display());
     println!("kubelet socket: {}", config.kubelet_socket.display());
     println!("kubelet root (DRA): {}", config.dra.kubelet_root.display());
+    println!(
+        "CDI: specs written to {}; names checked against {}",
+        config.cdi_dir.display(),
+        spec_dirs.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
     match &config.pod_resources.socket {
         Some(socket) => println!("pod resources socket: {}", socket.display()),
         None => println!("pod resources socket: off"),
@@ -115,6 +124,10 @@ struct ListedDevice {
     /// the driver's checkpoint on this node.
     #[serde(skip_serializing_if = "Option::is_none")]
     claims: Option<Vec<String>>,
+    /// `cdi = true`: other CDI spec files that define the device's CDI
+    /// name too (devhost leaves the device out of its own spec for them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cdi_clashes: Vec<PathBuf>,
 }
 
 impl ListedDevice {
@@ -139,7 +152,17 @@ impl ListedDevice {
                 .map(|holders| holders.get(&advertised.id).into_iter().flatten().map(ToString::to_string).collect()),
             dra_name: None,
             claims: None,
+            cdi_clashes: Vec::new(),
         }
+    }
+
+    /// For a resource with `cdi = true`: the spec files other than
+    /// devhost's own that define the device's CDI name.
+    fn with_cdi_clashes(mut self, resource: &str, view: &crate::cdi::registry::View, own: &Path) -> Self {
+        let base = self.id.split_once(REPLICA_SEPARATOR).map_or(self.id.as_str(), |(base, _)| base);
+        let name = crate::cdi::device_name(resource, base);
+        self.cdi_clashes = view.others_defining(&name, own).map(|file| file.to_path_buf()).collect();
+        self
     }
 
     /// The DRA view of the device: its DRA name and the claims `prepared`
@@ -264,6 +287,7 @@ async fn list_backend(
             return listed;
         }
     };
+    let cdi_view = crate::cdi::registry::Registry::new(host.cdi_spec_dirs()).load_blocking();
     let stop = CancellationToken::new();
     match BackendHandle::start(&config.name, backend, config.call_timeout, stop.clone()).await {
         Ok(handle) => {
@@ -274,6 +298,8 @@ async fn list_backend(
                 let published: BTreeMap<&str, &Device> =
                     snapshot.devices.iter().map(|device| (device.id.as_str(), device)).collect();
                 let dra_driver = config.resources.get(&spec.name).and_then(|settings| settings.dra_driver.clone());
+                let cdi = config.resources.get(&spec.name).is_some_and(|settings| settings.cdi);
+                let own_spec = crate::cdi::spec_path(&host.cdi_dir, &spec.name);
                 let prepared = dra_driver.as_deref().and_then(|driver| prepared_claims(host, driver));
                 listed.resources.push(ListedResource {
                     name: spec.name.clone(),
@@ -288,6 +314,8 @@ async fn list_backend(
                                 &published,
                                 holdings.map(|h| h.get(&spec.name).unwrap_or(&NOBODY)),
                             );
+                            let device =
+                                if cdi { device.with_cdi_clashes(&spec.name, &cdi_view, &own_spec) } else { device };
                             if dra_driver.is_some() { device.with_dra(prepared.as_ref()) } else { device }
                         })
                         .collect(),
@@ -346,6 +374,12 @@ fn print_table(listed: &[ListedBackend]) {
                             .map(|name| format!("DRA name {name}")),
                     )
                     .chain(device.claims.iter().flatten().map(|claim| format!("prepared for claim {claim}")))
+                    .chain(device.cdi_clashes.iter().map(|file| {
+                        format!(
+                            "CDI name also defined by {} (left to it: answered without devhost's CDI name)",
+                            file.display()
+                        )
+                    }))
                     .collect();
                 if !info.is_empty() {
                     println!("{:<16} {:<32} {:<24} {}", "", "", "", info.join(" "));

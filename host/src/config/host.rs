@@ -13,6 +13,9 @@ use crate::proto::{DEFAULT_PLUGIN_DIR, KUBELET_SOCKET_NAME};
 
 /// Where container runtimes look for CDI specs written at run time.
 pub const DEFAULT_CDI_DIR: &str = "/var/run/cdi";
+/// Where container runtimes read CDI specs by default, lowest priority
+/// first (containerd's and CRI-O's default `cdi_spec_dirs`).
+pub const DEFAULT_CDI_SPEC_DIRS: &[&str] = &["/etc/cdi", "/var/run/cdi"];
 
 /// Default deadline of one call into a backend.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +51,11 @@ pub struct HostConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Where CDI spec files are written for resources with `cdi = true`.
     pub cdi_dir: PathBuf,
+    /// The directories the container runtime reads CDI specs from, lowest
+    /// priority first (containerd's and CRI-O's `cdi_spec_dirs`); devhost
+    /// reads them as the runtime will, to hand out only names that resolve.
+    /// See [`HostConfig::cdi_spec_dirs`].
+    pub cdi_runtime_dirs: Vec<PathBuf>,
     /// How devhost learns who holds which device (`[pod_resources]`).
     pub pod_resources: PodResourcesSettings,
     /// How resources with `api = "dra"` are served (`[dra]`).
@@ -90,6 +98,7 @@ struct RawHost {
     call_timeout_ms: Option<toml::Spanned<u64>>,
     metrics_address: Option<toml::Spanned<String>>,
     cdi_dir: Option<PathBuf>,
+    cdi_spec_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
@@ -150,6 +159,17 @@ fn check_log_level(filter: &str) -> Result<(), String> {
 }
 
 impl HostConfig {
+    /// The CDI directories as the runtime reads them, lowest priority
+    /// first: `cdi_spec_dirs`, then `cdi_dir` if they leave it out (devhost's
+    /// names live there; a runtime that did not read it could resolve none).
+    pub fn cdi_spec_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.cdi_runtime_dirs.clone();
+        if !dirs.contains(&self.cdi_dir) {
+            dirs.push(self.cdi_dir.clone());
+        }
+        dirs
+    }
+
     /// Reads and validates `path`; relative paths in it are relative to the
     /// file's directory.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
@@ -202,6 +222,9 @@ impl HostConfig {
         config.metrics_address = metrics_address;
         if let Some(dir) = raw.cdi_dir {
             config.cdi_dir = base.join(dir);
+        }
+        if let Some(dirs) = raw.cdi_spec_dirs {
+            config.cdi_runtime_dirs = dirs.into_iter().map(|dir| base.join(dir)).collect();
         }
         let pod_resources = raw.pod_resources;
         if let Some(ms) = pod_resources.interval_ms {
@@ -271,6 +294,7 @@ impl HostConfig {
             log_level: log.level.map_or_else(|| "info".to_owned(), toml::Spanned::into_inner),
             metrics_address: Some(default_metrics_address()),
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
+            cdi_runtime_dirs: DEFAULT_CDI_SPEC_DIRS.iter().map(PathBuf::from).collect(),
             pod_resources: PodResourcesSettings {
                 socket: Some(pod_resources_socket(&kubelet_root)),
                 ..PodResourcesSettings::default()
@@ -325,6 +349,7 @@ mod tests {
         assert_eq!(config.call_timeout, DEFAULT_CALL_TIMEOUT);
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.cdi_dir, Path::new("/var/run/cdi"));
+        assert_eq!(config.cdi_spec_dirs(), [Path::new("/etc/cdi"), Path::new("/var/run/cdi")], "as runtimes read them");
         assert_eq!(config.metrics_address, Some(default_metrics_address()));
         assert_eq!(
             config.pod_resources.socket.as_deref(),

@@ -39,6 +39,8 @@ pub struct StaticResource {
     pub annotations: BTreeMap<String, String>,
     /// CDI kind (`vendor/class`): allocations carry `<kind>=<id>` names.
     pub cdi_kind: Option<String>,
+    /// Line and column of `cdi_kind` in the file, for errors about it.
+    pub cdi_kind_location: Option<(usize, usize)>,
     /// The devices.
     pub devices: Vec<StaticDevice>,
 }
@@ -212,6 +214,7 @@ impl StaticConfig {
                 name_span: raw.name.span(),
                 env: raw.env,
                 annotations: raw.annotations,
+                cdi_kind_location: raw.cdi_kind.as_ref().map(|kind| super::line_column(source, kind.span().start)),
                 cdi_kind: raw.cdi_kind.map(Spanned::into_inner),
                 devices,
             });

@@ -42,8 +42,8 @@ pub struct Context<'a> {
     pub watcher: &'a PluginDirWatcher,
     /// This process's socket-name suffix.
     pub instance: &'a str,
-    /// Where CDI specs go.
-    pub cdi_dir: &'a Path,
+    /// devhost's CDI side: where specs go, what the runtime sees.
+    pub cdi: &'a Arc<crate::cdi::Host>,
     /// Who holds which device, from the kubelet.
     pub assignments: &'a crate::holders::AssignmentsWatch,
     /// What resources served through DRA share.
@@ -327,8 +327,8 @@ fn spawn_resources(
             settings.sharing = crate::model::Sharing::default();
         }
         if settings.cdi {
-            let maintain = crate::cdi::maintain(
-                context.cdi_dir.to_owned(),
+            let maintain = crate::cdi::resource::maintain(
+                context.cdi.clone(),
                 spec.name.clone(),
                 state.clone(),
                 handle.clone(),
@@ -336,8 +336,10 @@ fn spawn_resources(
             );
             tasks.spawn(maintain.instrument(tracing::info_span!("cdi", resource = %spec.name)));
         }
+        let cdi = Some(Arc::new(crate::cdi::answer::Answers::new(context.cdi.clone(), &spec.name, settings.cdi)));
         let task = ResourceTask {
             settings,
+            cdi,
             spec: spec.clone(),
             state: state.clone(),
             backend: handle.clone(),

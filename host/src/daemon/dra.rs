@@ -6,7 +6,6 @@
 //! needs: prepared claims stay answered from the checkpoint, health keeps
 //! flowing, slices are published when it is back.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +35,8 @@ pub struct DraContext {
     /// The client that watches the driver's slices (no read timeout: a
     /// quiet watch reads nothing for minutes); `None` without API access.
     pub watch_client: Option<kube::Client>,
-    /// Where CDI specs go.
-    pub cdi_dir: PathBuf,
+    /// devhost's CDI side: where claim specs go, what the runtime sees.
+    pub cdi: Arc<crate::cdi::Host>,
     /// This process's socket-name suffix.
     pub instance: String,
 }
@@ -47,7 +46,7 @@ impl DraContext {
     /// pod's service account): one for calls, one for the slices' watch; a
     /// failure is kept and reported by each DRA resource, since a node
     /// without one is fine.
-    pub async fn new(settings: &DraSettings, cdi_dir: PathBuf, instance: &str) -> Self {
+    pub async fn new(settings: &DraSettings, cdi: Arc<crate::cdi::Host>, instance: &str) -> Self {
         let config = config(settings).await;
         let watch_client = config.clone().ok().and_then(|config| match watch_client(config) {
             Ok(client) => Some(client),
@@ -57,7 +56,7 @@ impl DraContext {
             }
         });
         let client = config.and_then(crate::dra::api_client);
-        DraContext { settings: settings.clone(), client, watch_client, cdi_dir, instance: instance.to_owned() }
+        DraContext { settings: settings.clone(), client, watch_client, cdi, instance: instance.to_owned() }
     }
 }
 
@@ -137,7 +136,7 @@ impl DraTask {
         }
         let paths = DraPaths::for_instance(root, &self.driver, &self.context.instance);
         let files = PreparerFiles {
-            cdi_dir: self.context.cdi_dir.clone(),
+            cdi: self.context.cdi.clone(),
             checkpoint: root.join("plugins").join(&self.driver).join("devhost-claims.json"),
         };
         let preparer = match Preparer::new(

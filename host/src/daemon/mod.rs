@@ -68,14 +68,15 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(|source| DaemonError::Watch { dir: config.plugin_dir.clone(), source })?;
     let instance = socket::instance_id();
     let assignments = crate::holders::follow(&config.pod_resources, shutdown.clone());
-    let dra = dra::DraContext::new(&config.dra, config.cdi_dir.clone(), &instance).await;
+    let cdi = crate::cdi::Host::new(config.cdi_dir.clone(), config.cdi_spec_dirs(), &instance);
+    let dra = dra::DraContext::new(&config.dra, cdi.clone(), &instance).await;
     let kubelet = Arc::new(crate::registration::Kubelet::new(&config.kubelet_socket));
     let context = backends::Context {
         plugin_dir: &config.plugin_dir,
         kubelet: &kubelet,
         watcher: &watcher,
         instance: &instance,
-        cdi_dir: &config.cdi_dir,
+        cdi: &cdi,
         assignments: &assignments,
         dra: &dra,
     };
@@ -113,6 +114,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
     }
     tracing::info!("shutting down");
     backends.stop_all().await;
+    cdi.withdraw();
     Ok(())
 }
 
@@ -126,7 +128,11 @@ async fn reconcile(
     config: &HostConfig,
     context: &backends::Context<'_>,
 ) {
-    let loaded = load_backends_cached(&config.backends_dir, config.call_timeout, parsed);
+    let mut loaded = load_backends_cached(&config.backends_dir, config.call_timeout, parsed);
+    // Checked at every reconcile, not cached with the parse: a vendor's
+    // spec installed later lets the backend start at the next rescan.
+    let view = context.cdi.registry.current().await;
+    crate::cdi::check_static_kinds(&mut loaded, &view, context.cdi.registry.dirs());
     let listed = loaded.listed;
     backends.reconcile(loaded, context).await;
     if listed {

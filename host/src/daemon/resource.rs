@@ -47,6 +47,9 @@ pub struct ResourceTask {
     pub shutdown: CancellationToken,
     /// Sharing and CDI.
     pub settings: ResourceSettings,
+    /// The CDI names of Allocate answers: checked, and devhost's own
+    /// with `cdi = true`.
+    pub cdi: Option<Arc<crate::cdi::answer::Answers>>,
 }
 
 enum Next {
@@ -77,7 +80,7 @@ impl ResourceTask {
                 self.backend.clone(),
                 generation.clone(),
             )
-            .with_cdi(self.settings.cdi);
+            .with_cdi(self.cdi.clone());
             let server = match ResourceServer::start(&self.socket, service, generation) {
                 Ok(server) => server,
                 Err(error) => {

@@ -52,6 +52,7 @@ pub(super) async fn demo() -> anyhow::Result<()> {
     config.pod_resources.socket = None;
     config.metrics_address = None;
     config.cdi_dir = root.path().join("cdi");
+    config.cdi_runtime_dirs = Vec::new();
     config.dra.kubelet_root = root.path().to_owned();
     config.dra.node_name = Some(NODE.to_owned());
     config.dra.kubeconfig = Some(kubeconfig);

@@ -73,7 +73,9 @@ async fn demo() -> anyhow::Result<()> {
     let node = DemoNode::new("devhost-demo-")?;
     let DemoNode { root, plugin_dir, config_dir, state_dir } = &node;
     let backend_file = config_dir.join("backends.d/demo.toml");
-    std::fs::write(&backend_file, node.backend_text())?;
+    // The GPUs' device nodes and mounts reach the container through a CDI
+    // spec devhost writes (in the demo's own directory).
+    std::fs::write(&backend_file, node.backend_text() + "\n[resources.\"example.com/gpu\"]\ncdi = true\n")?;
 
     println!("devhost demo: devhost and a fake kubelet in one process, under {}.", root.path().display());
     println!("Nothing here touches this machine's kubelet or devices.\n");
@@ -83,8 +85,11 @@ async fn demo() -> anyhow::Result<()> {
     let kubelet = FakeKubelet::start(plugin_dir).await?;
     let mut config =
         HostConfig::defaults(config_dir, &Overrides { plugin_dir: Some(plugin_dir.clone()), kubelet_socket: None });
-    // Not this machine's kubelet: the demo's pods are imaginary.
+    // Not this machine's kubelet or CDI directories: the demo's pods are
+    // imaginary.
     config.pod_resources.socket = None;
+    config.cdi_dir = root.path().join("cdi");
+    config.cdi_runtime_dirs = Vec::new();
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn({
         let shutdown = shutdown.clone();

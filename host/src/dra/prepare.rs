@@ -41,7 +41,10 @@ pub struct Preparer {
     client: kube::Client,
     backend: Arc<BackendHandle>,
     state: Arc<ResourceState>,
-    cdi_dir: PathBuf,
+    /// Where claim specs go and what the runtime will resolve.
+    cdi: Arc<cdi::Host>,
+    /// The backend's CDI names already reported as unresolvable.
+    cdi_said: cdi::answer::LogOnce,
     checkpoint_path: PathBuf,
     /// The checkpoint as on disk; the lock also makes prepares and
     /// unprepares of this driver take turns (each saves the file).
@@ -59,8 +62,9 @@ pub struct Preparer {
 /// Where a driver keeps its files.
 #[derive(Debug, Clone)]
 pub struct PreparerFiles {
-    /// The CDI spec directory (the runtime reads it).
-    pub cdi_dir: PathBuf,
+    /// devhost's CDI side: the spec directory the runtime reads, and what
+    /// it will resolve.
+    pub cdi: Arc<cdi::Host>,
     /// The checkpoint file of this driver.
     pub checkpoint: PathBuf,
 }
@@ -88,7 +92,8 @@ impl Preparer {
             client,
             backend,
             state,
-            cdi_dir: files.cdi_dir,
+            cdi: files.cdi,
+            cdi_said: cdi::answer::LogOnce::default(),
             annotations_said: std::sync::atomic::AtomicBool::new(false),
             checkpoint_path: files.checkpoint,
             prepared: Mutex::new(prepared),
@@ -136,7 +141,7 @@ impl Preparer {
                     // would not know to undo them.
                     for claim in &new {
                         prepared.claims.remove(&claim.uid);
-                        let _ = cdi::remove_claim_spec(&self.cdi_dir, &self.driver, &claim.uid);
+                        let _ = cdi::remove_claim_spec(&self.cdi.dir, &self.driver, &claim.uid);
                         claims.insert(claim.uid.clone(), self.refused(claim, &error.to_string()));
                     }
                 }
@@ -248,9 +253,15 @@ impl Preparer {
             if !allocation.annotations.is_empty() {
                 self.say_annotations_dropped(&allocation.annotations);
             }
-            // The backend's own CDI devices (NVIDIA's, say) are passed on;
-            // its edits go into the claim's spec.
+            // The backend's own CDI devices (NVIDIA's, say) are passed on
+            // where a spec defines them; its edits go into the claim's spec.
             let mut cdi_ids = allocation.cdi_devices.clone();
+            if !cdi_ids.is_empty() {
+                // Read now, not from the last second's view: a prepare is
+                // rare, and a name it hands out is used for the claim's life.
+                let view = self.cdi.registry.now().await;
+                cdi::answer::keep_resolvable(&view, &mut cdi_ids, &self.cdi_said, &self.resource);
+            }
             let has_edits =
                 !(allocation.envs.is_empty() && allocation.device_specs.is_empty() && allocation.mounts.is_empty());
             if has_edits {
@@ -274,7 +285,7 @@ impl Preparer {
                 });
             }
         }
-        cdi::write_claim_spec(&self.cdi_dir, &self.driver, &claim.uid, &cdi_devices)?;
+        cdi::write_claim_spec(&self.cdi.dir, &self.driver, &claim.uid, &cdi_devices)?;
         let answers = devices.iter().map(answer).collect();
         prepared.claims.insert(
             claim.uid.clone(),
@@ -288,7 +299,7 @@ impl Preparer {
             // Never prepared here, or already undone: nothing to do.
             return Ok(());
         };
-        cdi::remove_claim_spec(&self.cdi_dir, &self.driver, uid)
+        cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid)
             .map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
         let ids: Vec<String> = claim.devices.iter().map(|device| device.id.clone()).collect();
         self.backend

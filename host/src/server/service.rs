@@ -28,8 +28,9 @@ pub struct DevicePluginService {
     backend: Arc<BackendHandle>,
     /// Fires when this server generation stops: open streams end with it.
     stop: CancellationToken,
-    /// Allocate answers with CDI names.
-    cdi: bool,
+    /// Checks the CDI names of Allocate answers (and adds devhost's own
+    /// with `cdi = true`); `None` passes them as the backend gives them.
+    cdi: Option<Arc<crate::cdi::answer::Answers>>,
 }
 
 impl DevicePluginService {
@@ -40,12 +41,13 @@ impl DevicePluginService {
         backend: Arc<BackendHandle>,
         stop: CancellationToken,
     ) -> Self {
-        DevicePluginService { spec, state, backend, stop, cdi: false }
+        DevicePluginService { spec, state, backend, stop, cdi: None }
     }
 
-    /// Answers Allocate with CDI names (`<resource>=<device>`) instead of
-    /// the edits themselves, which a CDI spec file carries.
-    pub fn with_cdi(mut self, cdi: bool) -> Self {
+    /// Passes Allocate answers through `cdi`: only CDI names that resolve,
+    /// and with `cdi = true` devhost's names (`<resource>=<device>`) for
+    /// the edits its spec carries, the rest in plain fields.
+    pub fn with_cdi(mut self, cdi: Option<Arc<crate::cdi::answer::Answers>>) -> Self {
         self.cdi = cdi;
         self
     }
@@ -279,29 +281,18 @@ impl DevicePlugin for DevicePluginService {
                 let ids = self.real_ids(&container.devices_ids)?;
                 let resource = self.spec.name.clone();
                 // A withheld device is not handed out even if the kubelet's
-                // view lags: its CDI name would not resolve in the runtime,
-                // or it is being scrubbed for its next tenant.
+                // view lags: it is being scrubbed for its next tenant.
                 let snapshot = self.state.snapshot();
                 if let Some((id, why)) = ids.iter().find_map(|id| Some((id, snapshot.withheld.get(id)?))) {
                     return Err(Status::failed_precondition(format!(
                         "resource {resource:?}: device {id:?} cannot be handed out: {why}"
                     )));
                 }
-                let cdi_names: Vec<String> = if self.cdi {
-                    ids.iter().map(|id| crate::cdi::device_name(&resource, id)).collect()
-                } else {
-                    Vec::new()
+                let allocation = self.backend.allocate(&resource, ids.clone()).await?;
+                let allocation = match &self.cdi {
+                    Some(cdi) => cdi.container(&ids, allocation).await,
+                    None => allocation,
                 };
-                let mut allocation = self.backend.allocate(&resource, ids).await?;
-                if self.cdi {
-                    // The runtime applies the edits from the spec file; sending
-                    // them here as well would apply them twice.
-                    allocation = Allocation {
-                        annotations: allocation.annotations,
-                        cdi_devices: cdi_names,
-                        ..Allocation::default()
-                    };
-                }
                 container_responses.push(to_proto(allocation));
             }
             Ok(Response::new(v1beta1::AllocateResponse { container_responses }))

@@ -18,8 +18,10 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::device_state::ResourceState;
 
+mod cdi;
 mod dra;
 use crate::model::Health;
+pub use cdi::CdiMetrics;
 pub use dra::DraMetrics;
 
 pub mod http;
@@ -95,6 +97,7 @@ pub struct Telemetry {
     release_seconds: Family<ResourceLabel, Histogram>,
     pod_resources_up: Gauge,
     dra: DraMetrics,
+    cdi: CdiMetrics,
     open_descriptors: Gauge,
     descriptor_limit: Gauge,
     resources: Mutex<Resources>,
@@ -219,6 +222,7 @@ impl Telemetry {
             pod_resources_up.clone(),
         );
         let dra = DraMetrics::register(&mut registry);
+        let cdi = CdiMetrics::register(&mut registry);
         let open_descriptors = Gauge::default();
         registry.register("open_descriptors", "File descriptors devhost has open", open_descriptors.clone());
         let descriptor_limit = Gauge::default();
@@ -250,6 +254,7 @@ impl Telemetry {
             release_seconds,
             pod_resources_up,
             dra,
+            cdi,
             open_descriptors,
             descriptor_limit,
             resources: Mutex::new(Resources::default()),
@@ -319,7 +324,12 @@ impl Telemetry {
         self.release_seconds.get_or_create(&label).observe(elapsed.as_secs_f64());
     }
 
-    /// The metrics of resources served through DRA.
+    /// The metrics of CDI names.
+    pub fn cdi(&self) -> &CdiMetrics {
+        &self.cdi
+    }
+
+    /// The DRA metrics.
     pub fn dra(&self) -> &DraMetrics {
         &self.dra
     }

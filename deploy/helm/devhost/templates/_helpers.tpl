@@ -62,6 +62,13 @@ plugin_dir = {{ .Values.pluginDir | quote }}
 backends_dir = "backends.d"
 call_timeout_ms = {{ .Values.callTimeoutMs | int }}
 metrics_address = "0.0.0.0:{{ .Values.metrics.port | int }}"
+# The CDI spec directories the container runtime reads, lowest priority
+# first (containerd's and CRI-O's default; devhost's default too), written
+# out because the DaemonSet mounts each at the host's path: /etc/cdi read
+# only, /var/run/cdi (cdi_dir, where devhost writes its own specs)
+# read-write. devhost reads them all, to hand out only CDI names the
+# runtime resolves and to see vendor specs that clash with its own.
+cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
 
 [pod_resources]
 socket = "{{ .Values.podResourcesDir }}/kubelet.sock"
