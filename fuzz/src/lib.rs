@@ -31,7 +31,7 @@
 //!   server on a Unix socket, checking the status codes;
 //! * `worker-protocol`: the host/worker frames (`frame`, `frame_len`,
 //!   `read_frame`, `Request`/`Reply` decoding and the model conversions);
-//! * `cdi`: CDI names, spec paths and the spec files `cdi::maintain` writes
+//! * `cdi`: CDI names, spec paths and the spec files `cdi::resource::maintain` writes and the answers `cdi::answer` gives
 //!   for a backend whose answers are attacker-chosen;
 //! * `plugin-watch`: file operations in a plugin directory watched by
 //!   `registration::PluginDirWatcher`.
