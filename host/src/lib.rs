@@ -37,5 +37,6 @@ pub mod resource_name;
 pub mod server;
 pub mod sockets;
 pub mod telemetry;
+pub mod untrusted_file;
 pub mod wasm;
 pub mod worker;

@@ -62,6 +62,22 @@ impl Host {
         Arc::new(Host { dir, registry: registry::Registry::new(spec_dirs), instance: owners::Instance::new(instance) })
     }
 
+    /// Says loudly (once, at start) if the CDI directory is writable by
+    /// every user: anyone on the node could then drop a spec the runtime
+    /// applies to containers.
+    pub fn check_dir(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(metadata) = std::fs::metadata(&self.dir)
+            && metadata.permissions().mode() & 0o002 != 0
+        {
+            tracing::error!(
+                dir = %self.dir.display(),
+                mode = format!("{:o}", metadata.permissions().mode() & 0o7777),
+                "the CDI directory is writable by every user: anyone on the node can give containers devices and mounts through a spec there; make it 0755 (chmod o-w)"
+            );
+        }
+    }
+
     /// Gives up this instance's liveness lock (at exit).
     pub fn withdraw(&self) {
         self.instance.withdraw(&self.dir);

@@ -50,14 +50,20 @@ const MAX_FILE_NAME: usize = 255;
 /// names (`_` cannot occur in the domain). A name too long for the kernel
 /// is cut, with a hash of the whole resource name to keep it unique.
 pub fn spec_path(dir: &Path, resource: &str) -> PathBuf {
-    let sanitised = sanitise(resource);
-    let name = format!("devhost-{sanitised}.json");
+    dir.join(fitted_name("devhost-", &sanitise(resource), ".json", resource))
+}
+
+/// `<prefix><body><suffix>`, or, if that is longer than the kernel takes,
+/// `<prefix><body cut>-<hash of whole>` + `<suffix>`: unique per `whole`
+/// (the text the body came from), at most 255 bytes. `body` is ASCII.
+pub fn fitted_name(prefix: &str, body: &str, suffix: &str, whole: &str) -> String {
+    let name = format!("{prefix}{body}{suffix}");
     if name.len() <= MAX_FILE_NAME {
-        return dir.join(name);
+        return name;
     }
-    let hash = resource.bytes().fold(0x811c_9dc5_u32, |hash, b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    let room = MAX_FILE_NAME - "devhost--12345678.json".len();
-    dir.join(format!("devhost-{}-{hash:08x}.json", &sanitised[..room]))
+    let hash = whole.bytes().fold(0x811c_9dc5_u32, |hash, b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let room = MAX_FILE_NAME - prefix.len() - suffix.len() - "-12345678".len();
+    format!("{prefix}{}-{hash:08x}{suffix}", &body[..room.min(body.len())])
 }
 
 /// The CDI kind of a DRA driver's claim devices: `k8s.<driver>/claim`.

@@ -101,10 +101,13 @@ pub fn is_alive(dir: &Path, id: &str) -> bool {
     }
 }
 
-/// The lock file beside `spec` (hidden, not `.json`: CDI ignores it).
+/// The lock file beside `spec` (hidden, not `.json`: CDI ignores it),
+/// cut with a hash if the spec's own name is already as long as the
+/// kernel allows.
 fn share_path(spec: &Path) -> PathBuf {
     let name = spec.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-    spec.with_file_name(format!(".{}.lock", name.trim_end_matches(".json")))
+    let stem = name.trim_end_matches(".json");
+    spec.with_file_name(super::names::fitted_name(".", stem, ".lock", &name))
 }
 
 /// This instance's share in a spec file: a shared lock on its lock file.
@@ -155,6 +158,20 @@ mod tests {
         std::fs::write(liveness_path(dir.path(), "b"), "").expect("stale lock file");
         assert!(!is_alive(dir.path(), "b"));
         assert!(!liveness_path(dir.path(), "b").exists());
+    }
+
+    #[test]
+    fn the_lock_beside_a_spec_of_the_longest_name_fits_too() {
+        for resource in [
+            format!("{}.io/x{}", "d".repeat(120), "n".repeat(117)),
+            format!("{}.io/x{}", "d".repeat(200), "n".repeat(60)),
+        ] {
+            let spec = super::super::names::spec_path(Path::new("/x"), &resource);
+            let lock = share_path(&spec);
+            let name = lock.file_name().expect("a name").len();
+            assert!(name <= 255, "{name} bytes: {}", lock.display());
+            assert!(lock.file_name().expect("a name").to_string_lossy().starts_with('.'));
+        }
     }
 
     #[test]

@@ -293,25 +293,10 @@ fn load(path: &Path, metadata: &std::fs::Metadata) -> Result<Spec, String> {
     Ok(spec)
 }
 
-/// The file's bytes, opened without blocking (it may have become a FIFO
-/// since it was looked at) and read up to the cap.
+/// The file's bytes: a regular file only, opened without blocking (it may
+/// have become a FIFO since it was looked at), up to the cap.
 pub(super) fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|error| error.to_string())?;
-    if !file.metadata().map_err(|error| error.to_string())?.is_file() {
-        return Err("not a regular file".into());
-    }
-    let mut text = Vec::new();
-    file.take(MAX_SPEC_BYTES + 1).read_to_end(&mut text).map_err(|error| error.to_string())?;
-    if text.len() as u64 > MAX_SPEC_BYTES {
-        return Err(format!("more than the {MAX_SPEC_BYTES} bytes devhost reads"));
-    }
-    Ok(text)
+    crate::untrusted_file::read(path, MAX_SPEC_BYTES).map_err(|error| error.to_string())
 }
 
 /// The files that define each of `names` in `view`, for messages.

@@ -150,6 +150,21 @@ impl Clashes {
     }
 }
 
+/// A failed write, compared by its cause: the message names a temporary
+/// file whose name differs at every try, so two tries failing alike (a
+/// read-only file system) must not read as two errors to log.
+struct Failure {
+    kind: std::io::ErrorKind,
+    errno: Option<i32>,
+    text: String,
+}
+
+impl Failure {
+    fn same_as(&self, other: &Failure) -> bool {
+        (self.kind, self.errno) == (other.kind, other.errno)
+    }
+}
+
 /// Writes one spec file and keeps it written: retries failed writes with
 /// back-off, rewrites a file someone removed or changed, steps back for a
 /// newer instance and carries an older live one's devices.
@@ -160,7 +175,7 @@ struct SpecWriter {
     /// What this instance last wrote.
     written: Option<Vec<u8>>,
     /// While writes fail: the last error and the back-off.
-    failing: Option<(String, Duration)>,
+    failing: Option<(Failure, Duration)>,
     /// The newer instance writing the file, while this one stands back.
     yielded_to: Option<String>,
     /// Whether the file holds another live instance's devices.
@@ -292,8 +307,8 @@ impl SpecWriter {
     fn write(&mut self, text: Vec<u8>, devices: usize) -> bool {
         match write_atomically(&self.path, &text) {
             Ok(()) => {
-                if let Some((error, _)) = self.failing.take() {
-                    tracing::info!(resource = %self.resource, file = %self.path.display(), "CDI spec written after earlier failures ({error})");
+                if let Some((failure, _)) = self.failing.take() {
+                    tracing::info!(resource = %self.resource, file = %self.path.display(), "CDI spec written after earlier failures ({})", failure.text);
                 } else {
                     tracing::info!(resource = %self.resource, file = %self.path.display(), devices, "CDI spec written");
                 }
@@ -301,10 +316,10 @@ impl SpecWriter {
                 true
             }
             Err(error) => {
-                let error = error.to_string();
+                let failure = Failure { kind: error.kind(), errno: error.raw_os_error(), text: error.to_string() };
                 let retry = match &self.failing {
                     Some((previous, retry)) => {
-                        if *previous != error {
+                        if !previous.same_as(&failure) {
                             tracing::error!(resource = %self.resource, file = %self.path.display(), %error, "cannot write the CDI spec; its devices are answered without CDI names until it is written");
                         }
                         (*retry * 2).min(MAX_RETRY)
@@ -314,7 +329,7 @@ impl SpecWriter {
                         FIRST_RETRY
                     }
                 };
-                self.failing = Some((error, retry));
+                self.failing = Some((failure, retry));
                 self.written = None;
                 false
             }

@@ -204,6 +204,14 @@ async fn run(config: HostConfig) -> ExitCode {
     // take what the operator allows rather than the 1,024 of a default
     // soft limit.
     let descriptor_limit = crate::sockets::accept::raise_descriptor_limit();
+    // Files and directories devhost creates (CDI specs and their lock
+    // files, the CDI directory, checkpoints) get the modes it means,
+    // whatever umask it was started with: under umask 000 every local user
+    // could otherwise drop a CDI spec the runtime applies to containers.
+    let inherited = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    if inherited.bits() & 0o022 != 0o022 {
+        tracing::info!(inherited = format!("{:03o}", inherited.bits()), "umask set to 022");
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         plugin_dir = %config.plugin_dir.display(),

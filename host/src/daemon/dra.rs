@@ -147,7 +147,9 @@ impl DraTask {
             self.backend.clone(),
             self.state.clone(),
             files,
-        ) {
+        )
+        .await
+        {
             Ok(preparer) => Arc::new(preparer),
             Err(error) => {
                 tracing::error!(driver = %self.driver, %error, "the resource is not served: without its checkpoint, claims could be prepared twice");

@@ -69,6 +69,7 @@ pub async fn run(config: &HostConfig, shutdown: CancellationToken) -> Result<(),
     let instance = socket::instance_id();
     let assignments = crate::holders::follow(&config.pod_resources, shutdown.clone());
     let cdi = crate::cdi::Host::new(config.cdi_dir.clone(), config.cdi_spec_dirs(), &instance);
+    cdi.check_dir();
     let dra = dra::DraContext::new(&config.dra, cdi.clone(), &instance).await;
     let kubelet = Arc::new(crate::registration::Kubelet::new(&config.kubelet_socket));
     let context = backends::Context {

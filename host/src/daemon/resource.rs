@@ -105,7 +105,7 @@ impl ResourceTask {
                 }
                 Next::Regenerate { reason, delay } => {
                     tracing::info!(resource = %resource, reason, retry_in = ?delay, "re-creating socket before registering again");
-                    if self.wait(delay).await.is_err() {
+                    if self.back_off(delay).await.is_err() {
                         return;
                     }
                 }
@@ -180,8 +180,30 @@ impl ResourceTask {
                         // The kubelet got far enough to dial us, perhaps.
                         return Err(Next::Regenerate { reason: error.to_string(), delay });
                     }
-                    self.wait(delay).await.map_err(|()| Next::Shutdown)?;
+                    self.back_off(delay).await.map_err(|()| Next::Shutdown)?;
                 }
+            }
+        }
+    }
+
+    /// Waits out a retry delay: the whole of it, unless the kubelet
+    /// restarts meanwhile (its socket is replaced: then at once); `Err` on
+    /// shutdown. Other plugin-directory events, this resource's own socket
+    /// being re-created among them, do not cut it short: a kubelet that
+    /// refuses every `Register` is asked a few times a minute, not in a
+    /// loop.
+    async fn back_off(&mut self, delay: Duration) -> Result<(), ()> {
+        let until = tokio::time::Instant::now() + delay;
+        let kubelet = FileIdentity::of(self.kubelet.socket());
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            self.wait(left).await?;
+            let now = FileIdentity::of(self.kubelet.socket());
+            if now.is_some() && now != kubelet {
+                return Ok(());
             }
         }
     }

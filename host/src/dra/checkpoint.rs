@@ -26,6 +26,10 @@ use thiserror::Error;
 /// The format this devhost writes and reads.
 pub const FORMAT: u32 = 1;
 
+/// The largest checkpoint devhost reads (a node's prepared claims take a
+/// few hundred KiB; a claim holds at most 32 results).
+pub const MAX_BYTES: u64 = 16 << 20;
+
 /// One device prepared for a claim, as the kubelet was answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparedDevice {
@@ -124,13 +128,18 @@ impl CheckpointLock {
 
 impl Checkpoint {
     /// Reads `path`; a file that does not exist is an empty checkpoint.
+    /// Only a regular file of at most [`MAX_BYTES`], opened without
+    /// blocking; blocks on the disk: call it off the async threads.
     pub fn load(path: &Path) -> Result<Self, CheckpointError> {
-        let text = match std::fs::read(path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoint::default()),
-            Err(source) => return Err(CheckpointError::Io { path: path.to_owned(), action: "read", source }),
-        };
         let unreadable = |why: String| CheckpointError::Unreadable { path: path.to_owned(), why };
+        let text = match crate::untrusted_file::read(path, MAX_BYTES) {
+            Ok(text) => text,
+            Err(error) if error.is_not_found() => return Ok(Checkpoint::default()),
+            Err(crate::untrusted_file::ReadError::Io(source)) => {
+                return Err(CheckpointError::Io { path: path.to_owned(), action: "read", source });
+            }
+            Err(error) => return Err(unreadable(error.to_string())),
+        };
         let format: Format = serde_json::from_slice(&text).map_err(|error| unreadable(format!("not JSON: {error}")))?;
         match format.format {
             Some(format) if format == u64::from(FORMAT) => {}

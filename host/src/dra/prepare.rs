@@ -71,9 +71,9 @@ pub struct PreparerFiles {
 
 impl Preparer {
     /// A preparer for `resource`, served as `driver` in pool `pool`; reads
-    /// the checkpoint (an unreadable one is an error: starting without it
-    /// would prepare claims twice).
-    pub fn new(
+    /// the checkpoint off the async threads (an unreadable one is an
+    /// error: starting without it would prepare claims twice).
+    pub async fn new(
         driver: &str,
         resource: &str,
         pool: &str,
@@ -82,8 +82,15 @@ impl Preparer {
         state: Arc<ResourceState>,
         files: PreparerFiles,
     ) -> Result<Self, super::checkpoint::CheckpointError> {
-        let on_disk = FileIdentity::of(&files.checkpoint);
-        let prepared = Checkpoint::load(&files.checkpoint)?;
+        let path = files.checkpoint.clone();
+        let (on_disk, prepared) =
+            tokio::task::spawn_blocking(move || (FileIdentity::of(&path), Checkpoint::load(&path))).await.map_err(
+                |error| super::checkpoint::CheckpointError::Unreadable {
+                    path: files.checkpoint.clone(),
+                    why: format!("the read did not finish: {error}"),
+                },
+            )?;
+        let prepared = prepared?;
         crate::telemetry::global().dra().claims_prepared(driver, prepared.claims.len());
         Ok(Preparer {
             driver: driver.to_owned(),
@@ -157,17 +164,22 @@ impl Preparer {
     async fn hold(&self) -> Result<(tokio::sync::MutexGuard<'_, Checkpoint>, CheckpointLock), String> {
         let mut prepared = self.prepared.lock().await;
         let path = self.checkpoint_path.clone();
-        let lock = tokio::task::spawn_blocking(move || CheckpointLock::take(&path))
-            .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?;
-        let file = FileIdentity::of(&self.checkpoint_path);
-        let mut on_disk = self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if file.is_none() || file != *on_disk {
-            *prepared = Checkpoint::load(&self.checkpoint_path).map_err(|error| error.to_string())?;
-            *on_disk = file;
+        let known = *self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The lock, and the file when another process replaced it: both
+        // block on the disk (and a planted FIFO would block an open).
+        let (lock, file, reread) = tokio::task::spawn_blocking(move || {
+            let lock = CheckpointLock::take(&path)?;
+            let file = FileIdentity::of(&path);
+            let reread = if file.is_none() || file != known { Some(Checkpoint::load(&path)?) } else { None };
+            Ok::<_, super::checkpoint::CheckpointError>((lock, file, reread))
+        })
+        .await
+        .map_err(|error| error.to_string())?
+        .map_err(|error| error.to_string())?;
+        if let Some(reread) = reread {
+            *prepared = reread;
+            *self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = file;
         }
-        drop(on_disk);
         Ok((prepared, lock))
     }
 
