@@ -187,3 +187,45 @@ async fn a_cdi_directory_that_cannot_be_written_costs_a_few_log_lines() {
     assert!(devices.iter().all(|d| d.health == "Healthy"), "{devices:?}");
     kubelet.allocate(GPU, &["gpu-0"]).await.expect("answered plainly");
 }
+
+/// Item 12: a module path through a symbolic link that another user owns,
+/// in a sticky directory like `/tmp` where that user can re-point it, is
+/// refused, naming the link and its owner; the same link owned by root
+/// loads. Before the fix the link's owner chose what devhost loaded.
+#[tokio::test]
+async fn a_module_link_another_user_owns_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let node = Node::new();
+    // A directory this process just made is owned by its effective uid.
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(node.dir.path()).expect("node dir")) != 0 {
+        crate::harness::skip(crate::harness::Missing::Machine, "needs root to hand a link to another uid");
+        return;
+    }
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let module = crate::native_loader::compile_c(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/native-c/example.c"),
+        &modules,
+    );
+    let sticky = node.dir.path().join("sticky");
+    std::fs::create_dir(&sticky).expect("sticky dir");
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).expect("chmod 1777");
+    let link = sticky.join("example.so");
+    std::os::unix::fs::symlink(&module, &link).expect("symlink");
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).expect("lchown to nobody");
+    let text = format!("[backend]\nmodule = {:?}\n[config]\n", link.display().to_string());
+    node.backend("linked", &text);
+    node.backend("neighbour", &static_backend(&[(NIC, &["nic-0"])], None));
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    devhost.wait_for_log("is a symbolic link owned by uid 65534").await;
+    assert!(devhost.log().contains(&link.display().to_string()), "the message names the link");
+    kubelet.wait_for_registrations(NIC, 1, WAIT).await.expect("the neighbour serves");
+    assert!(kubelet.registrations().iter().all(|r| r.resource_name == NIC), "nothing of the linked module");
+
+    // The same link, root's: loaded.
+    std::os::unix::fs::lchown(&link, Some(0), Some(0)).expect("lchown to root");
+    devhost.reload().await;
+    kubelet.wait_for_registrations("example.com/native-c", 1, WAIT).await.expect("root's link loads");
+}

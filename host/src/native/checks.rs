@@ -2,7 +2,10 @@
 //! is loaded. Every directory on the module's canonical path must belong to
 //! root or to devhost's own user and must not let group or others write it
 //! (unless it is sticky and root's, like `/tmp`), so nobody else can swap
-//! the file or a directory on its way. The file is then opened once, and
+//! the file or a directory on its way. A symbolic link on the path as
+//! configured is followed only if root or devhost's user owns it and its
+//! directory passes the same checks: otherwise whoever controls the link
+//! chooses the module. The file is then opened once, and
 //! everything else is checked on that descriptor: a regular file, not
 //! writable by group or others, owned by root or devhost's own user. Its
 //! bytes are read once, copied into a sealed `memfd` (the image, immutable
@@ -44,6 +47,7 @@ pub(super) fn check_module(module: &Path, sha256: Option<&str>) -> Result<Checke
     };
     // What the kernel follows to reach the file; each directory on it is
     // checked, and the file is opened through it.
+    check_links(module)?;
     let canonical = std::fs::canonicalize(module).map_err(open_error)?;
     check_directories(module, &canonical)?;
     // The canonical path has no symlinks, and its directories are trusted:
@@ -86,6 +90,36 @@ pub(super) fn check_module(module: &Path, sha256: Option<&str>) -> Result<Checke
     }
     seal(&image).map_err(|error| memfd_error(module, "sealing the copy", &error))?;
     Ok(Checked { image: OwnedFd::from(image), sha256: actual })
+}
+
+/// Checks every symbolic link on `module`'s path as configured (each
+/// prefix of it that is a link): owned by root or devhost's own user, in a
+/// directory that passes [`check_directories`].
+fn check_links(module: &Path) -> Result<(), AbiError> {
+    let euid = effective_uid();
+    let absolute = std::path::absolute(module)
+        .map_err(|error| AbiError::Io { module: module.to_owned(), message: error.to_string() })?;
+    let prefixes: Vec<&Path> = absolute.ancestors().collect();
+    for prefix in prefixes.into_iter().rev() {
+        let Ok(metadata) = std::fs::symlink_metadata(prefix) else { continue };
+        if !metadata.file_type().is_symlink() {
+            continue;
+        }
+        if metadata.uid() != 0 && metadata.uid() != euid {
+            return Err(AbiError::LinkOwner {
+                module: module.to_owned(),
+                link: prefix.to_owned(),
+                owner: metadata.uid(),
+                euid,
+            });
+        }
+        if let (Some(parent), Some(name)) = (prefix.parent(), prefix.file_name())
+            && let Ok(parent) = std::fs::canonicalize(parent)
+        {
+            check_directories(module, &parent.join(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks every directory from the parent of `canonical` (the module's
@@ -264,6 +298,28 @@ mod tests {
         assert_eq!(error, AbiError::DirectoryWritable { module: module.clone(), directory: dir, mode: 0o775 });
         let (_base, _dir, module) = module_dir(0o755);
         assert_eq!(check_directories(&module, &module), Ok(()));
+    }
+
+    #[test]
+    fn a_link_another_uid_owns_is_refused_and_ours_is_followed() {
+        if !is_root() {
+            return;
+        }
+        let (_base, dir, module) = module_dir(0o755);
+        std::fs::write(&module, b"\x7fELF").expect("module");
+        std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let link = dir.join("link.so");
+        std::os::unix::fs::symlink(&module, &link).expect("symlink");
+        assert_eq!(check_links(&link), Ok(()), "root's link in a trusted directory");
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).expect("lchown");
+        let error = check_links(&link).expect_err("nobody's link");
+        assert_eq!(error, AbiError::LinkOwner { module: link.clone(), link: link.clone(), owner: 65534, euid: 0 });
+        assert!(error.to_string().contains("its owner can re-point it"), "{error}");
+        // A link of ours in a directory others can write is no better.
+        let (_other, open_dir, _) = module_dir(0o777);
+        let open_link = open_dir.join("link.so");
+        std::os::unix::fs::symlink(&module, &open_link).expect("symlink");
+        assert!(matches!(check_links(&open_link), Err(AbiError::DirectoryWritable { .. })));
     }
 
     #[test]

@@ -70,6 +70,24 @@ pub enum AbiError {
         /// devhost's effective uid.
         euid: u32,
     },
+    /// A symbolic link on the module's path belongs to someone other than
+    /// root or devhost's user: in a sticky directory (like `/tmp`) its
+    /// owner can point it at another file.
+    #[error(
+        "native backend {}: {} is a symbolic link owned by uid {owner} (expected root or devhost's own uid {euid}: its owner can re-point it)",
+        module.display(),
+        link.display()
+    )]
+    LinkOwner {
+        /// The module path.
+        module: PathBuf,
+        /// The link, on the module's path as configured.
+        link: PathBuf,
+        /// The link's owner.
+        owner: u32,
+        /// devhost's effective uid.
+        euid: u32,
+    },
     /// A directory on the module's canonical path belongs to someone other
     /// than root or devhost's user: they could replace the module.
     #[error(
