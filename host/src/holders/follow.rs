@@ -1,5 +1,11 @@
 //! Asks the kubelet who holds what on an interval and publishes each
 //! answer, following the socket across kubelet restarts.
+//!
+//! The answer is peer-sized (every pod on the node, every device ID), so
+//! the follower runs on a thread of its own with its own runtime: decoding
+//! and indexing a huge answer never takes a thread the device-plugin and
+//! DRA servers answer on. It also paces itself by what an answer cost: the
+//! next call waits at least [`PACE`] times as long as the last one took.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +21,9 @@ use crate::telemetry;
 
 /// The longest wait between two calls while the kubelet rate-limits us.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A call taking `t` is followed by a wait of at least `PACE × t`: the
+/// follower uses at most about a tenth of a CPU, whatever the answer.
+const PACE: u32 = 10;
 
 /// Starts following the PodResources API; the receiver sees `None` until
 /// the first answer and whenever the API cannot be read. With no socket
@@ -28,7 +37,7 @@ pub fn follow(settings: &PodResourcesSettings, shutdown: CancellationToken) -> A
         return receiver;
     };
     let settings = settings.clone();
-    tokio::spawn(async move {
+    let follower = async move {
         let mut client = PodResourcesClient::new(&socket, settings.timeout);
         let mut identity = FileIdentity::of(&socket);
         let mut untrusted_until: Option<Instant> = None;
@@ -49,7 +58,10 @@ pub fn follow(settings: &PodResourcesSettings, shutdown: CancellationToken) -> A
                 }
                 identity = now_identity;
             }
-            match client.holdings().await {
+            let asked = Instant::now();
+            let answer = client.holdings().await;
+            let took = asked.elapsed();
+            match answer {
                 Ok(holdings) => {
                     if up != Some(true) {
                         tracing::info!(socket = %socket.display(), "the kubelet's PodResources API answers: devhost follows which containers hold its devices");
@@ -84,9 +96,16 @@ pub fn follow(settings: &PodResourcesSettings, shutdown: CancellationToken) -> A
             telemetry::global().pod_resources_up(up == Some(true));
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep(wait.max((took * PACE).min(MAX_BACKOFF))) => {}
             }
         }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let started = runtime.and_then(|runtime| {
+        std::thread::Builder::new().name("pod-resources".into()).spawn(move || runtime.block_on(follower))
     });
+    if let Err(error) = started {
+        tracing::error!(%error, "cannot start the PodResources client's thread: devices are never released, devhost_devices_in_use is not reported");
+    }
     receiver
 }
