@@ -13,6 +13,7 @@ mod dra;
 mod generic;
 mod harness;
 mod host;
+mod hostile_dra;
 mod hostile_world;
 mod hostile_world_2;
 mod module_race;

@@ -70,7 +70,22 @@ pub async fn maintain(
             .filter_map(|id| Some((id.clone(), learned.get(id)?.clone()?)))
             .collect();
         clashes.report(&resource);
-        if writer.keep(entries) {
+        // The directory is the operator's (a hung file system, a FIFO
+        // planted at the path): its file work runs off the async threads.
+        let changed;
+        (writer, changed) = match tokio::task::spawn_blocking(move || {
+            let changed = writer.keep(entries);
+            (writer, changed)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::error!(resource, %error, "the CDI spec writer failed; the spec is left as it is");
+                return;
+            }
+        };
+        if changed {
             // Answers from now on see the file as written.
             host.registry.now().await;
         }
@@ -81,7 +96,7 @@ pub async fn maintain(
         }
     }
     crate::telemetry::global().cdi().clashing_devices(&resource, 0);
-    writer.remove(share);
+    let _ = tokio::task::spawn_blocking(move || writer.remove(share)).await;
 }
 
 /// A device's own edits, from its single-device `allocate`: `Some(None)`

@@ -16,6 +16,13 @@
 //! kubelet restart; unpreparing removes the spec, calls the backend's
 //! `release` and forgets the claim, and a claim never prepared (or already
 //! unprepared) is a success.
+//!
+//! Before any of it, the kubelet's claim and then the claim's allocation
+//! are checked against Kubernetes' own limits (`limits`): a claim whose
+//! namespace, name or UID no API server would have, or whose allocation
+//! no API server would store, is refused on its own.
+
+pub mod limits;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -195,7 +202,7 @@ impl Preparer {
     /// The answer for a claim that could not be prepared, logged and
     /// counted.
     fn refused(&self, claim: &v1::Claim, why: &str) -> v1::NodePrepareResourceResponse {
-        let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+        let error = format!("{}: {why}", limits::claim_label(claim));
         tracing::warn!(driver = %self.driver, "cannot prepare {error}");
         crate::telemetry::global().dra().prepare_failed(&self.driver);
         v1::NodePrepareResourceResponse { devices: Vec::new(), error }
@@ -210,7 +217,7 @@ impl Preparer {
                     .claims
                     .into_iter()
                     .map(|claim| {
-                        let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+                        let error = format!("{}: {why}", limits::claim_label(&claim));
                         (claim.uid, v1::NodeUnprepareResourceResponse { error })
                     })
                     .collect();
@@ -222,7 +229,7 @@ impl Preparer {
             let error = match self.unprepare_claim(&mut prepared, &claim.uid).await {
                 Ok(()) => String::new(),
                 Err(why) => {
-                    let error = format!("claim {}/{} ({}): {why}", claim.namespace, claim.name, claim.uid);
+                    let error = format!("{}: {why}", limits::claim_label(&claim));
                     tracing::warn!(driver = %self.driver, "cannot unprepare {error}");
                     error
                 }
@@ -240,6 +247,8 @@ impl Preparer {
         prepared: &mut Checkpoint,
         claim: &v1::Claim,
     ) -> Result<(Vec<v1::Device>, bool), String> {
+        // Before anything: its namespace and name become the read's path.
+        limits::check_claim(claim)?;
         if let Some(done) = prepared.claims.get(&claim.uid) {
             // Prepared before (the kubelet repeats itself after restarts):
             // the same answer, without the API server or the backend.
@@ -252,6 +261,18 @@ impl Preparer {
         let mut by_request: BTreeMap<&str, Vec<&(String, String, String)>> = BTreeMap::new();
         for result in &results {
             by_request.entry(result.0.as_str()).or_default().push(result);
+        }
+        // The claim's CDI device names must be valid before the backend
+        // is asked (a UID of odd characters would fail only at the write).
+        for request in by_request.keys() {
+            let id = cdi::claim_device_id(&self.driver, &cdi::claim_device_name(&claim.uid, request));
+            let (kind, name) = id.split_once('=').unwrap_or((id.as_str(), ""));
+            cdi::check_names(kind, Some(name)).map_err(|_| {
+                format!(
+                    "its UID cannot be part of a CDI device name (letters, digits, '_', '-', '.', ':', starting \
+                     with a letter or digit) for request {request}"
+                )
+            })?;
         }
         let mut cdi_devices = Vec::new();
         let mut devices = Vec::new();
@@ -347,8 +368,11 @@ impl Preparer {
     }
 
     /// The claim as the API server has it, if it is the one the kubelet
-    /// means.
+    /// means. kube-rs puts the namespace and name into the path as they
+    /// are: only names [`limits::check_claim`] passed (DNS names, nothing
+    /// to escape) reach it.
     async fn read_claim(&self, claim: &v1::Claim) -> Result<ResourceClaim, String> {
+        limits::check_claim(claim)?;
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &claim.namespace);
         let object = api.get(&claim.name).await.map_err(|error| match error {
             kube::Error::Api(status) if status.code == 404 => "no such ResourceClaim on the API server".to_owned(),
@@ -356,7 +380,10 @@ impl Preparer {
         })?;
         let uid = object.metadata.uid.as_deref().unwrap_or_default();
         if uid != claim.uid {
-            return Err(format!("the ResourceClaim of that name has UID {uid:?}: it was deleted and created again"));
+            return Err(format!(
+                "the ResourceClaim of that name has UID {}: it was deleted and created again",
+                crate::server::status::echo(uid)
+            ));
         }
         Ok(object)
     }
@@ -366,9 +393,11 @@ impl Preparer {
     fn results(&self, claim: &ResourceClaim) -> Result<Vec<(String, String, String)>, String> {
         let allocation =
             claim.status.as_ref().and_then(|status| status.allocation.as_ref()).ok_or("the claim is not allocated")?;
+        let all = allocation.devices.as_ref().and_then(|devices| devices.results.as_deref()).unwrap_or_default();
+        limits::check_results(all, &self.driver)?;
         let snapshot = self.state.snapshot();
         let mut out = Vec::new();
-        for result in allocation.devices.iter().flat_map(|devices| devices.results.iter().flatten()) {
+        for result in all {
             if result.driver != self.driver {
                 continue;
             }
