@@ -295,8 +295,9 @@ impl DraService {
             .into_iter()
             .map(|claim| {
                 let error = format!(
-                    "claim {}/{} ({}): driver {} cannot prepare claims: it has no API server to read them from",
-                    claim.namespace, claim.name, claim.uid, self.driver
+                    "{}: driver {} cannot prepare claims: it has no API server to read them from",
+                    super::prepare::limits::claim_label(&claim),
+                    self.driver
                 );
                 (claim.uid, v1::NodePrepareResourceResponse { devices: Vec::new(), error })
             })
