@@ -107,6 +107,8 @@ struct Store {
     nodes: BTreeMap<String, Value>,
     unavailable: bool,
     hanging: bool,
+    /// Claims answered by a hostile server (by name).
+    hostile_claims: BTreeMap<String, HostileAnswer>,
     log: Vec<Request>,
     /// Recent slice changes, oldest first.
     history: VecDeque<Change>,
@@ -132,6 +134,7 @@ impl Store {
             nodes: BTreeMap::new(),
             unavailable: false,
             hanging: false,
+            hostile_claims: BTreeMap::new(),
             log: Vec::new(),
             history: VecDeque::new(),
             compacted: 0,
@@ -339,6 +342,13 @@ impl FakeApiServer {
 
     /// While `true`, requests get no answer at all (a hung server); they
     /// are logged with status 0 when they arrive.
+    /// Makes reads of the claim `name` (any namespace) answer as `answer`
+    /// says: the hostile API servers of issue 26.
+    pub fn answer_claim_hostilely(&self, name: &str, answer: HostileAnswer) {
+        self.store().hostile_claims.insert(name.to_owned(), answer);
+    }
+
+    /// Makes every request wait, unanswered, until `set_hanging(false)`.
     pub fn set_hanging(&self, hanging: bool) {
         self.store().hanging = hanging;
     }
@@ -552,7 +562,46 @@ async fn delete_slice(State(store): State<Shared>, Path(name): Path<String>) -> 
     }
 }
 
+/// How a hostile API server answers a claim read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostileAnswer {
+    /// `200 OK` and its headers at once, then one byte of body a second
+    /// (for two minutes).
+    Drip,
+    /// `200 OK` and this many bytes of body, as fast as they are read.
+    Huge(usize),
+}
+
+impl HostileAnswer {
+    fn respond(self) -> Response {
+        use futures_util::StreamExt;
+        let body = match self {
+            HostileAnswer::Drip => {
+                axum::body::Body::from_stream(futures_util::stream::iter(0..120).then(|n| async move {
+                    if n > 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(Bytes::from_static(if n == 0 { b"{" } else { b" " }))
+                }))
+            }
+            HostileAnswer::Huge(total) => {
+                const CHUNK: usize = 64 << 10;
+                let chunks = total.div_ceil(CHUNK);
+                axum::body::Body::from_stream(futures_util::stream::iter(0..chunks).map(move |n| {
+                    let size = CHUNK.min(total - n * CHUNK);
+                    Ok::<_, std::convert::Infallible>(Bytes::from(vec![b' '; size]))
+                }))
+            }
+        };
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
 async fn get_claim(State(store): State<Shared>, Path((namespace, name)): Path<(String, String)>) -> Response {
+    let hostile = lock(&store).hostile_claims.get(&name).copied();
+    if let Some(answer) = hostile {
+        return answer.respond();
+    }
     match lock(&store).claims.get(&(namespace, name.clone())) {
         Some(claim) => object(StatusCode::OK, claim),
         None => not_found("resourceclaims", &name),

@@ -153,10 +153,11 @@ async fn a_claim_holds_no_more_than_the_api_allows() {
         assert!(error(uid).len() < 1024, "{uid}: an error of {} bytes", error(uid).len());
     }
     // 100,000 results, alone in its batch (answered whole, it would not
-    // fit a gRPC message).
+    // fit a gRPC message): over the cap on a claim's answer (item 9)
+    // before its results are even counted.
     let answer = prepare(&dra, &devhost, &[("ml", "uid-100000", "huge")]).await;
     let too_many = &answer.claims["uid-100000"].error;
-    assert!(too_many.contains("100000 device results") && too_many.contains("at most 32"), "{too_many:.2000}");
+    assert!(too_many.contains("is over 3145728 bytes"), "{too_many:.2000}");
     assert!(answer.claims["uid-100000"].devices.is_empty());
 
     let mut prepared = checkpointed(&dra);
@@ -169,4 +170,63 @@ async fn a_claim_holds_no_more_than_the_api_allows() {
     let checkpoint = dra.node.dir.path().join(format!("plugins/{GPU_DRIVER}/devhost-claims.json"));
     let size = std::fs::metadata(&checkpoint).expect("checkpoint").len();
     assert!(size < 64 * 1024, "a checkpoint of {size} bytes");
+}
+
+/// Items 7 and 8: an API server that sends a claim's headers and then one
+/// byte a second. That claim's prepare ends with an error within the read
+/// deadline (20 s for headers and body together), and a claim of another
+/// batch, sent a second later, is answered meanwhile: the API reads happen
+/// before a batch takes the driver's lock. Before the fix the read timeout
+/// restarted at every byte (the prepare never returned) and the second
+/// batch waited behind the first's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dripping_api_server_holds_up_only_its_own_claim_and_not_for_ever() {
+    let (dra, _devhost) = serving().await;
+    dra.server.answer_claim_hostilely("drip", devhost::fake_apiserver::HostileAnswer::Drip);
+    dra.server.put_claim(claim("good", "uid-good", &[("gpus", "node-a", "gpu-0")]));
+    let started = std::time::Instant::now();
+    let dripping = async {
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-drip", "drip")]),
+        )
+        .await;
+        (answer, std::time::Instant::now())
+    };
+    let other_batch = async {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let answer = tokio::time::timeout(WAIT, dra.watcher.prepare(GPU_DRIVER, &[("ml", "uid-good", "good")])).await;
+        (answer, std::time::Instant::now())
+    };
+    let ((dripped, dripped_at), (good, good_at)) = tokio::join!(dripping, other_batch);
+    let good = good.expect("the other batch is answered while the drip goes on").expect("answered");
+    assert_eq!(good.claims["uid-good"].error, "", "{good:?}");
+    assert!(good_at < dripped_at, "the other batch waited for the dripping read");
+    let dripped = dripped.expect("the dripping claim's prepare ends").expect("answered");
+    let error = &dripped.claims["uid-drip"].error;
+    assert!(error.contains("did not answer in full within"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+}
+
+/// Item 9: an API server that answers a claim read with 300 MB. devhost
+/// stops reading at its cap (3 MiB), refuses the claim saying so, and logs
+/// no body: no log line of even 16 kB, and devhost's peak memory stays far
+/// below the answer. Before the fix: an RSS peak of 1.19 GB and the body
+/// logged whole at WARN (lines of 52 MB and 314 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mb_claim_answer_is_cut_at_the_cap_and_never_logged() {
+    let (dra, devhost) = serving().await;
+    dra.server.answer_claim_hostilely("huge", devhost::fake_apiserver::HostileAnswer::Huge(300 << 20));
+    let answer = prepare(&dra, &devhost, &[("ml", "uid-huge", "huge")]).await;
+    let error = &answer.claims["uid-huge"].error;
+    assert!(error.contains("is over 3145728 bytes"), "{error}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", devhost.pid())).expect("status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
+    let longest = devhost.log().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 16 * 1024, "a log line of {longest} bytes");
 }

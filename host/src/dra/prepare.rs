@@ -23,13 +23,17 @@
 //! no API server would store, is refused on its own.
 
 pub mod limits;
+mod read;
+
+/// Claims of one batch read from the API server at once (before the
+/// batch takes the driver's lock).
+const READS_AT_ONCE: usize = 8;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
-use kube::Api;
 use tokio::sync::Mutex;
 
 use super::checkpoint::{Checkpoint, CheckpointLock, PreparedClaim, PreparedDevice};
@@ -120,6 +124,7 @@ impl Preparer {
     /// before any answer goes out; if that write fails, they are undone
     /// and each is answered with the error.
     pub async fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
+        let mut read_before = self.read_new_claims(&request.claims).await;
         let (mut prepared, _lock) = match self.hold().await {
             Ok(held) => held,
             Err(why) => {
@@ -131,7 +136,7 @@ impl Preparer {
         let mut claims = std::collections::HashMap::new();
         let mut new = Vec::new();
         for claim in request.claims {
-            let answer = match self.prepare_claim(&mut prepared, &claim).await {
+            let answer = match self.prepare_claim(&mut prepared, &claim, read_before.remove(&claim.uid)).await {
                 Ok((devices, fresh)) => {
                     if fresh {
                         new.push(claim.clone());
@@ -163,6 +168,34 @@ impl Preparer {
         }
         crate::telemetry::global().dra().claims_prepared(&self.driver, prepared.claims.len());
         v1::NodePrepareResourcesResponse { claims }
+    }
+
+    /// Reads the batch's claims that are not prepared yet from the API
+    /// server, [`READS_AT_ONCE`] at a time, before the batch takes the
+    /// driver's lock: one batch's API calls never hold up another batch's
+    /// claims. A claim the checkpoint already holds is answered from it,
+    /// without the API server (when another batch holds the lock right
+    /// now, every claim is read: the answer is the same).
+    async fn read_new_claims(
+        &self,
+        claims: &[v1::Claim],
+    ) -> std::collections::HashMap<String, Result<ResourceClaim, String>> {
+        use futures_util::StreamExt;
+        let known: std::collections::HashSet<String> = match self.prepared.try_lock() {
+            Ok(prepared) => {
+                claims.iter().filter(|c| prepared.claims.contains_key(&c.uid)).map(|c| c.uid.clone()).collect()
+            }
+            Err(_) => std::collections::HashSet::new(),
+        };
+        let to_read: Vec<v1::Claim> = claims.iter().filter(|claim| !known.contains(&claim.uid)).cloned().collect();
+        futures_util::stream::iter(to_read)
+            .map(move |claim| async move {
+                let read = self.read_claim(&claim).await;
+                (claim.uid, read)
+            })
+            .buffer_unordered(READS_AT_ONCE)
+            .collect()
+            .await
     }
 
     /// The checkpoint for one batch: this driver's turn in this process,
@@ -246,6 +279,7 @@ impl Preparer {
         &self,
         prepared: &mut Checkpoint,
         claim: &v1::Claim,
+        read_before: Option<Result<ResourceClaim, String>>,
     ) -> Result<(Vec<v1::Device>, bool), String> {
         // Before anything: its namespace and name become the read's path.
         limits::check_claim(claim)?;
@@ -254,7 +288,11 @@ impl Preparer {
             // the same answer, without the API server or the backend.
             return Ok((done.devices.iter().map(answer).collect(), false));
         }
-        let object = self.read_claim(claim).await?;
+        let object = match read_before {
+            Some(read) => read?,
+            // Seen prepared before the lock, undone since: read it now.
+            None => self.read_claim(claim).await?,
+        };
         let results = self.results(&object)?;
         // The backend is called once per request; each request's devices
         // share one CDI device carrying that call's answer.
@@ -373,11 +411,7 @@ impl Preparer {
     /// to escape) reach it.
     async fn read_claim(&self, claim: &v1::Claim) -> Result<ResourceClaim, String> {
         limits::check_claim(claim)?;
-        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &claim.namespace);
-        let object = api.get(&claim.name).await.map_err(|error| match error {
-            kube::Error::Api(status) if status.code == 404 => "no such ResourceClaim on the API server".to_owned(),
-            error => format!("cannot read the ResourceClaim: {error}"),
-        })?;
+        let object = read::claim(&self.client, &claim.namespace, &claim.name).await?;
         let uid = object.metadata.uid.as_deref().unwrap_or_default();
         if uid != claim.uid {
             return Err(format!(
