@@ -394,19 +394,25 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
     let problems = cdi_problems(rendered, &host);
     assert!(problems.is_empty(), "{what}: {problems:#?}");
 
-    // Probes on devhost's endpoints, on the port devhost serves them.
-    let port = host.metrics_address.expect("metrics on: the probes need them").port();
+    // The metrics port where devhost serves it.
+    let port = host.metrics_address.expect("metrics on").port();
     let ports = list(container, &["ports"]);
     let metrics_port = named(ports, "name", "metrics");
     assert_eq!(at(metrics_port, &["containerPort"]).as_u64(), Some(u64::from(port)), "{what}");
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        assert_eq!(text(container, &[probe, "httpGet", "path"]), path);
-        let port_ref = at(container, &[probe, "httpGet", "port"]);
-        let probe_port = match port_ref.as_str() {
-            Some(name) => at(named(ports, "name", name), &["containerPort"]).as_u64(),
-            None => port_ref.as_u64(),
-        };
-        assert_eq!(probe_port, Some(u64::from(port)), "{what}: {probe}");
+    // The probes exec the image's devhost on the config it runs with, and
+    // that config serves them on loopback, apart from the metrics port
+    // (tests/e2e/hostile_probe.rs: a flood of the metrics port cannot fail
+    // them).
+    let probe_address = host.probe_address.unwrap_or_else(|| panic!("{what}: probe_address is off"));
+    assert!(probe_address.ip().is_loopback(), "{what}: the probe port is for the pod alone: {probe_address}");
+    assert_ne!(host.metrics_address.map(|a| a.port()), Some(probe_address.port()), "{what}");
+    for (probe, which) in [("livenessProbe", "live"), ("readinessProbe", "ready")] {
+        assert!(at(container, &[probe]).get("httpGet").is_none(), "{what}: {probe} is not an httpGet");
+        assert_eq!(
+            probe_command(container, probe)[1..],
+            ["probe", which, "--config", config_path.to_str().expect("UTF-8")]
+        );
+        assert_eq!(probe_command(container, probe)[0], entrypoint()[0], "{what}: {probe} runs the image's devhost");
     }
     let annotations = labels(at(daemonset, &["spec", "template", "metadata"]).get("annotations"));
     if let Some(scrape_port) = annotations.get("prometheus.io/port") {
@@ -436,6 +442,21 @@ fn check_against_code(rendered: &Rendered) -> HostConfig {
         assert_eq!(text(endpoint, &["path"]), "/metrics");
     }
     host
+}
+
+/// The `exec` command of the container's `probe` (`livenessProbe`, ...).
+pub(crate) fn probe_command(container: &Value, probe: &str) -> Vec<String> {
+    list(container, &[probe, "exec", "command"])
+        .iter()
+        .map(|arg| arg.as_str().unwrap_or_else(|| panic!("{probe}: an argument is not a string")).to_owned())
+        .collect()
+}
+
+/// The shipped DaemonSet's (deploy/kubernetes/daemonset.yaml) `probe`
+/// command, for tests that run it.
+pub(crate) fn shipped_probe_command(probe: &str) -> Vec<String> {
+    let daemonset = yaml_documents("deploy/kubernetes/daemonset.yaml").remove(0);
+    probe_command(&list(at(&daemonset, &["spec", "template", "spec"]), &["containers"])[0], probe)
 }
 
 /// What devhost needs to read CDI specs as the container runtime does,

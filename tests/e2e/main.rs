@@ -14,6 +14,7 @@ mod generic;
 mod harness;
 mod host;
 mod hostile_dra;
+mod hostile_probe;
 mod hostile_world;
 mod hostile_world_2;
 mod module_race;

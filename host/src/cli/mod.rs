@@ -110,6 +110,20 @@ enum Command {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Ask a running devhost's probe port (`probe_address`): exit 0 if
+    /// `/healthz` (live) or `/readyz` (ready) answers 200, 1 otherwise. The
+    /// shipped DaemonSet's exec probes.
+    Probe {
+        /// Which endpoint.
+        #[arg(value_enum)]
+        which: crate::telemetry::http::Probe,
+        /// The host config file that names the probe port.
+        #[arg(long, short, default_value = "/etc/devhost/devhost.toml")]
+        config: PathBuf,
+        /// The probe port's address (instead of the config file's).
+        #[arg(long)]
+        address: Option<std::net::SocketAddr>,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -135,6 +149,10 @@ pub fn main() -> ExitCode {
         return crate::worker::child::main();
     }
     let cli = Cli::parse();
+    // Run by the kubelet every few seconds: no async runtime to start.
+    if let Command::Probe { which, config, address } = &cli.command {
+        return crate::telemetry::http::probe_command(*which, config, *address);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -167,6 +185,7 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
+        Command::Probe { .. } => unreachable!("answered before the runtime starts"),
         Command::Kubelet { dir, json, kubelet_version } => {
             _log = init_logging(LogFormat::Text, "warn");
             runtime.block_on(kubelet::run(&dir, kubelet_version, json))
@@ -230,6 +249,12 @@ async fn run(config: HostConfig) -> ExitCode {
             Ok(bound) => tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz"),
             // Devices matter more than metrics: keep serving the kubelet.
             Err(error) => tracing::error!(%address, %error, "cannot serve metrics and probes; continuing without them"),
+        }
+    }
+    if let Some(address) = config.probe_address {
+        match crate::telemetry::http::serve_probes(address, shutdown.clone()).await {
+            Ok(bound) => tracing::info!(address = %bound, "serving the probes /healthz and /readyz"),
+            Err(error) => tracing::error!(%address, %error, "cannot serve the probe port; continuing without it"),
         }
     }
     match crate::daemon::run(&config, shutdown).await {

@@ -49,6 +49,11 @@ pub struct HostConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` turns
     /// the endpoint off.
     pub metrics_address: Option<SocketAddr>,
+    /// Where only `/healthz` and `/readyz` are served, on connections of
+    /// their own (`devhost probe` reads them there); `None` turns it off.
+    /// Loopback by default: the shipped DaemonSet's exec probes run inside
+    /// the pod, so no client outside it can crowd the probes out.
+    pub probe_address: Option<SocketAddr>,
     /// Where CDI spec files are written for resources with `cdi = true`.
     pub cdi_dir: PathBuf,
     /// The directories the container runtime reads CDI specs from, lowest
@@ -97,6 +102,7 @@ struct RawHost {
     backends_dir: Option<PathBuf>,
     call_timeout_ms: Option<toml::Spanned<u64>>,
     metrics_address: Option<toml::Spanned<String>>,
+    probe_address: Option<toml::Spanned<String>>,
     cdi_dir: Option<PathBuf>,
     cdi_spec_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
@@ -200,26 +206,27 @@ impl HostConfig {
             Some(ms) => Duration::from_millis(*ms.get_ref()),
             None => DEFAULT_CALL_TIMEOUT,
         };
-        let metrics_address = match raw.metrics_address {
-            None => Some(default_metrics_address()),
-            Some(address) if address.get_ref().is_empty() => None,
-            Some(address) => Some(address.get_ref().parse().map_err(|error| {
+        let address = |key: &str, value: Option<toml::Spanned<String>>, default: SocketAddr| match value {
+            None => Ok(Some(default)),
+            Some(address) if address.get_ref().is_empty() => Ok(None),
+            Some(address) => address.get_ref().parse().map(Some).map_err(|error| {
                 ConfigError::at(
                     path,
                     source,
                     address.span(),
-                    format!(
-                        "metrics_address must be an IP:port such as \"0.0.0.0:9477\" (or \"\" to turn it off): {error}"
-                    ),
+                    format!("{key} must be an IP:port such as \"{default}\" (or \"\" to turn it off): {error}"),
                 )
-            })?),
+            }),
         };
+        let metrics_address = address("metrics_address", raw.metrics_address, default_metrics_address())?;
+        let probe_address = address("probe_address", raw.probe_address, default_probe_address())?;
         if let Some(level) = &raw.log.level {
             check_log_level(level.get_ref()).map_err(|message| ConfigError::at(path, source, level.span(), message))?;
         }
         let mut config =
             Self::resolve(base, raw.plugin_dir, raw.kubelet_socket, raw.backends_dir, call_timeout, raw.log, overrides);
         config.metrics_address = metrics_address;
+        config.probe_address = probe_address;
         if let Some(dir) = raw.cdi_dir {
             config.cdi_dir = base.join(dir);
         }
@@ -293,6 +300,7 @@ impl HostConfig {
             log_format: log.format.unwrap_or_default(),
             log_level: log.level.map_or_else(|| "info".to_owned(), toml::Spanned::into_inner),
             metrics_address: Some(default_metrics_address()),
+            probe_address: Some(default_probe_address()),
             cdi_dir: PathBuf::from(DEFAULT_CDI_DIR),
             cdi_runtime_dirs: DEFAULT_CDI_SPEC_DIRS.iter().map(PathBuf::from).collect(),
             pod_resources: PodResourcesSettings {
@@ -320,6 +328,10 @@ pub fn pod_resources_socket(kubelet_root: &Path) -> PathBuf {
 
 fn default_metrics_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9477))
+}
+
+fn default_probe_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9478))
 }
 
 #[cfg(test)]
@@ -460,6 +472,10 @@ mod tests {
             "{error}"
         );
         assert_eq!(parse("metrics_address = \"\"\n").expect("off").metrics_address, None);
+        assert_eq!(parse("").expect("empty").probe_address, Some(default_probe_address()));
+        assert_eq!(parse("probe_address = \"\"\n").expect("off").probe_address, None);
+        let error = parse("probe_address = \"9478\"\n").expect_err("not an address");
+        assert!(error.to_string().contains("probe_address must be an IP:port such as \"127.0.0.1:9478\""), "{error}");
         let error = parse("call_timeout_ms = 0\n").expect_err("zero");
         assert_eq!(error.to_string(), "/etc/devhost/devhost.toml:1:19: call_timeout_ms must be at least 1");
     }

@@ -62,6 +62,10 @@ plugin_dir = {{ .Values.pluginDir | quote }}
 backends_dir = "backends.d"
 call_timeout_ms = {{ .Values.callTimeoutMs | int }}
 metrics_address = "0.0.0.0:{{ .Values.metrics.port | int }}"
+# /healthz and /readyz alone, on the pod's loopback: the exec probes
+# (`devhost probe live|ready`) ask here, out of reach of the clients of the
+# metrics port.
+probe_address = "127.0.0.1:9478"
 # The CDI spec directories the container runtime reads, lowest priority
 # first (containerd's and CRI-O's default; devhost's default too), written
 # out because the DaemonSet mounts each at the host's path: /etc/cdi read
