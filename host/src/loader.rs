@@ -23,16 +23,23 @@ pub async fn load(config: &BackendConfig) -> Result<Runner, String> {
             let settings = serde_json::to_string(&config.settings)
                 .map_err(|error| format!("cannot pass [config] to the module as JSON: {error}"))?;
             match (wasm, isolation) {
-                (Some(sandbox), _) => crate::wasm::load(crate::wasm::WasmModule {
-                    name: config.name.clone(),
-                    path: path.clone(),
-                    sha256: sha256.clone(),
-                    config_json: settings,
-                    sandbox: sandbox.clone(),
-                    call_timeout: config.call_timeout,
-                })
-                .map(Runner::from)
-                .map_err(|error| error.to_string()),
+                (Some(sandbox), _) => {
+                    let module = crate::wasm::WasmModule {
+                        name: config.name.clone(),
+                        path: path.clone(),
+                        sha256: sha256.clone(),
+                        config_json: settings,
+                        sandbox: sandbox.clone(),
+                        call_timeout: config.call_timeout,
+                    };
+                    // Reading and compiling a component takes seconds of
+                    // CPU and blocks on the disk: off the async threads.
+                    tokio::task::spawn_blocking(move || crate::wasm::load(module))
+                        .await
+                        .map_err(|error| format!("loading the component did not finish: {error}"))?
+                        .map(Runner::from)
+                        .map_err(|error| error.to_string())
+                }
                 (None, Isolation::Process { memory_mb }) => WorkerBackend::prepare(WorkerSpec {
                     backend: config.name.clone(),
                     module: path.clone(),
@@ -44,8 +51,14 @@ pub async fn load(config: &BackendConfig) -> Result<Runner, String> {
                 .await
                 .map(Runner::from),
                 (None, Isolation::None) => {
-                    let (backend, loaded) = crate::native::load_with_digest(path, sha256.as_deref(), settings)
-                        .map_err(|e| e.to_string())?;
+                    // The checks read the file and `init` runs the module's
+                    // code: off the async threads.
+                    let (path, sha256) = (path.clone(), sha256.clone());
+                    let (backend, loaded) = tokio::task::spawn_blocking(move || {
+                        crate::native::load_with_digest(&path, sha256.as_deref(), settings).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|error| format!("loading the module did not finish: {error}"))??;
                     Ok(Runner::InProcess { backend, sha256: Some(loaded) })
                 }
             }

@@ -276,23 +276,19 @@ fn backend_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// small enough that a runaway file is not parsed on every rescan.
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
-/// Reads a config file of at most [`MAX_CONFIG_BYTES`].
+/// Reads a config file of at most [`MAX_CONFIG_BYTES`]: a regular file
+/// only, opened without blocking (a FIFO named `x.toml` in `backends.d`
+/// would otherwise hold the reload until something wrote to it).
 pub fn read_config_file(file: &Path) -> Result<String, ConfigError> {
-    use std::io::Read;
-    let opened = std::fs::File::open(file).map_err(|error| ConfigError::file(file, format!("cannot read: {error}")))?;
-    let mut source = String::new();
-    // One byte more than allowed tells a file that is too large.
-    opened
-        .take(MAX_CONFIG_BYTES + 1)
-        .read_to_string(&mut source)
-        .map_err(|error| ConfigError::file(file, format!("cannot read: {error}")))?;
-    if source.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(ConfigError::file(
+    use crate::untrusted_file::ReadError;
+    let bytes = crate::untrusted_file::read(file, MAX_CONFIG_BYTES).map_err(|error| match error {
+        ReadError::TooLarge { .. } => ConfigError::file(
             file,
             format!("the file is larger than {} MiB; a config file this large is refused", MAX_CONFIG_BYTES >> 20),
-        ));
-    }
-    Ok(source)
+        ),
+        error => ConfigError::file(file, format!("cannot read: {error}")),
+    })?;
+    String::from_utf8(bytes).map_err(|_| ConfigError::file(file, "cannot read: the file is not UTF-8"))
 }
 
 /// A module file that is not there is a config error at its `module` key
