@@ -25,6 +25,16 @@
 pub mod limits;
 mod read;
 
+/// Runs file work that blocks (the checkpoint's write and fsync, a claim's
+/// CDI spec) so that it does not hold an async worker: on the daemon's
+/// multi-thread runtime the worker hands its other tasks on first.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// Claims of one batch read from the API server at once (before the
 /// batch takes the driver's lock).
 const READS_AT_ONCE: usize = 8;
@@ -148,7 +158,7 @@ impl Preparer {
             claims.insert(claim.uid, answer);
         }
         if !new.is_empty() {
-            match self.save(&prepared) {
+            match blocking(|| self.save(&prepared)) {
                 Ok(()) => {
                     for claim in &new {
                         tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name),
@@ -160,7 +170,7 @@ impl Preparer {
                     // would not know to undo them.
                     for claim in &new {
                         prepared.claims.remove(&claim.uid);
-                        let _ = cdi::remove_claim_spec(&self.cdi.dir, &self.driver, &claim.uid);
+                        let _ = blocking(|| cdi::remove_claim_spec(&self.cdi.dir, &self.driver, &claim.uid));
                         claims.insert(claim.uid.clone(), self.refused(claim, &error.to_string()));
                     }
                 }
@@ -356,7 +366,7 @@ impl Preparer {
                 });
             }
         }
-        cdi::write_claim_spec(&self.cdi.dir, &self.driver, &claim.uid, &cdi_devices)?;
+        blocking(|| cdi::write_claim_spec(&self.cdi.dir, &self.driver, &claim.uid, &cdi_devices))?;
         let answers = devices.iter().map(answer).collect();
         prepared.claims.insert(
             claim.uid.clone(),
@@ -370,7 +380,7 @@ impl Preparer {
             // Never prepared here, or already undone: nothing to do.
             return Ok(());
         };
-        cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid)
+        blocking(|| cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid))
             .map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
         let ids: Vec<String> = claim.devices.iter().map(|device| device.id.clone()).collect();
         self.backend
@@ -378,7 +388,7 @@ impl Preparer {
             .await
             .map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
         prepared.claims.remove(uid);
-        if let Err(error) = self.save(prepared) {
+        if let Err(error) = blocking(|| self.save(prepared)) {
             prepared.claims.insert(uid.to_owned(), claim);
             return Err(error.to_string());
         }
