@@ -14,6 +14,10 @@ const LOG_LINES_IN_FLIGHT: usize = 8_192;
 
 /// The kube-rs request log, off unless the filter names `kube_client`.
 const KUBE_REQUEST_LOG: &str = "kube_client::client::builder=off";
+/// kube-rs logs a whole answer body it cannot parse at WARN (lines of
+/// hundreds of MB from a hostile API server); devhost reports the error
+/// itself, without the body.
+const KUBE_BODY_LOG: &str = "kube_client::client=error";
 
 /// Logs to stderr; `RUST_LOG` overrides the configured level.
 ///
@@ -31,10 +35,10 @@ pub(super) fn init_logging(format: LogFormat, level: &str) -> Option<LogGuard> {
     // kube-rs logs every failed API request at ERROR, 404s included;
     // devhost logs each failure itself with what it was doing, once.
     let named = std::env::var("RUST_LOG").unwrap_or_default().contains("kube_client") || level.contains("kube_client");
-    let filter = match KUBE_REQUEST_LOG.parse() {
+    let filter = [KUBE_REQUEST_LOG, KUBE_BODY_LOG].iter().fold(filter, |filter, directive| match directive.parse() {
         Ok(directive) if !named => filter.add_directive(directive),
         _ => filter,
-    };
+    });
     let progress = Arc::new(LogProgress::default());
     let (queue, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // 8,192 lines in flight (not the default 128,000, which reserves
