@@ -776,6 +776,13 @@ mod slice_publisher {
             devices_and_generations(&pool(&server, DRIVER, "node-a")).0 == ["gpu-0", "gpu-1", "gpu-2"]
         })
         .await;
+        // The publisher records a round after the server has answered its
+        // write: wait for the record before comparing the two.
+        let slice_writes_now = || server.requests().into_iter().filter(|r| r.is_slice_write()).count() as i64;
+        until("the publisher has recorded its last round", || {
+            running.progress.borrow().generation == slice_writes_now()
+        })
+        .await;
         let generation = running.progress.borrow().generation;
         assert!(generation <= 3, "20 changes were coalesced, not written one by one: generation {generation}");
         let writes: Vec<_> = server.requests().into_iter().filter(|r| r.is_slice_write()).collect();
