@@ -32,13 +32,13 @@ const PROBE_PERIOD: Duration = Duration::from_millis(250);
 /// The hostile client: `HELD` tasks, each connecting to `address`, sending
 /// nothing, waiting until devhost closes the connection and connecting
 /// again. Counts the connections opened; aborted on drop.
-struct Flood {
+pub(crate) struct Flood {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     opened: Arc<AtomicUsize>,
 }
 
 impl Flood {
-    async fn start(address: &str) -> Flood {
+    pub(crate) async fn start(address: &str) -> Flood {
         let opened = Arc::new(AtomicUsize::new(0));
         let tasks = (0..HELD)
             .map(|_| {
@@ -66,7 +66,7 @@ impl Flood {
         Flood { tasks, opened }
     }
 
-    fn opened(&self) -> usize {
+    pub(crate) fn opened(&self) -> usize {
         self.opened.load(Ordering::Relaxed)
     }
 }
@@ -194,7 +194,7 @@ async fn status(address: &str, path: &str) -> Option<u16> {
 
 /// Runs a probe command; whether it exited 0 (the timeout is the caller's:
 /// the child is killed when the wait is abandoned).
-async fn run_probe(command: Vec<String>) -> bool {
+pub(crate) async fn run_probe(command: Vec<String>) -> bool {
     let mut child = match tokio::task::spawn_blocking(move || {
         std::process::Command::new(&command[0])
             .args(&command[1..])

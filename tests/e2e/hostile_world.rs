@@ -228,7 +228,7 @@ fn open_descriptors(pid: nix::unistd::Pid) -> usize {
 }
 
 /// User plus system CPU time of process `pid`, in clock ticks.
-fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
+pub(crate) fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
     let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat; 3 is the first after comm.

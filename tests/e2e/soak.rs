@@ -1102,3 +1102,107 @@ async fn soak_hostile_world_under_load() {
     report.row("rolling updates sharing a CDI directory, spec kept for the new instance", updates);
     report.finish();
 }
+
+/// Issue 26's hostile world under Allocate load: a kubelet that fails
+/// every `Register` of one resource, a CDI directory that cannot be
+/// written for another, and 200 clients holding the metrics port and
+/// reopening every connection devhost closes, while the shipped liveness
+/// probe (`devhost probe live`) runs every 250 ms. Asserted: the
+/// neighbours lose no Allocate, the refused resource is asked with back-off
+/// (a handful of `Register` calls, not a loop), the log stays small, the
+/// probe answers, and devhost's CPU stays below one core. (The dripping
+/// API server is exercised by `hostile_dra`; not in this soak yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_hostile_world_round_2_under_load() {
+    raise_own_descriptor_limit();
+    let scale = scale();
+    let run = if scale.long { Duration::from_secs(120) } else { Duration::from_secs(8) };
+    let mut report = Report::new("hostile-world-2", "A hostile world, round 2, under Allocate load");
+    let node = Node::new();
+    let blocker = node.dir.path().join("blocker");
+    std::fs::write(&blocker, "a file where the CDI directory's parent should be").expect("blocker");
+    let probe_port =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("port").port();
+    std::fs::write(
+        node.config_file(),
+        format!(
+            "metrics_address = \"127.0.0.1:0\"\nprobe_address = \"127.0.0.1:{probe_port}\"\ncdi_dir = {:?}\ncdi_spec_dirs = []\n",
+            blocker.join("cdi").display().to_string()
+        ),
+    )
+    .expect("host config");
+    let mut resources = healthy_backends(&node, &mut report);
+    let refused = "soak.example.com/refused";
+    node.backend("refused", &static_backend(&[(refused, &["r-0"])], None));
+    let cdi = "soak.example.com/cdi";
+    node.backend(
+        "cdi",
+        &(static_backend(&[(cdi, &["c-0", "c-1"])], None) + "[resources.\"soak.example.com/cdi\"]\ncdi = true\n"),
+    );
+    resources.push((cdi.to_owned(), ids("c", 2)));
+    let names: Vec<String> = resources.iter().map(|(name, _)| name.clone()).collect();
+    let kubelet = Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
+    kubelet.lose_register_answers(refused, usize::MAX);
+    let devhost = node.start_devhost();
+    for (name, time) in names.iter().zip(registered(&kubelet, &names, 1, Instant::now()).await) {
+        if time >= WAIT {
+            report.lost(format!("{name} did not register at start"));
+        }
+    }
+    let pid = devhost.pid();
+    let flood = crate::hostile_probe::Flood::start(&devhost.metrics_address().await).await;
+    let (ticks, log_bytes, register_calls) =
+        (crate::hostile_world::cpu_ticks(pid), devhost.log().len(), kubelet.registration_count(refused));
+    let started = Instant::now();
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&kubelet, resources.clone(), scale.callers, &tally, &stop, false);
+    let probe = vec![
+        crate::harness::devhost_binary().display().to_string(),
+        "probe".to_owned(),
+        "live".to_owned(),
+        "--config".to_owned(),
+        node.config_file().display().to_string(),
+    ];
+    let (mut probes, mut answered) = (0, 0);
+    while started.elapsed() < run {
+        let asked = Instant::now();
+        probes += 1;
+        if matches!(
+            tokio::time::timeout(Duration::from_secs(2), crate::hostile_probe::run_probe(probe.clone())).await,
+            Ok(true)
+        ) {
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250).saturating_sub(asked.elapsed())).await;
+    }
+    stop_load(&stop, callers).await;
+    let elapsed = started.elapsed();
+    let cpu = (crate::hostile_world::cpu_ticks(pid) - ticks) as f64 / 100.0 / elapsed.as_secs_f64();
+    let logged = devhost.log().len() - log_bytes;
+    let calls = kubelet.registration_count(refused) - register_calls;
+    report.row("run", format!("{elapsed:.1?}"));
+    report.row("metrics-port connections the flood opened", flood.opened());
+    report.row("liveness probes answered (devhost probe live, 2 s timeout)", format!("{answered} of {probes}"));
+    report.row("Register calls to the refusing kubelet during the run", calls);
+    report.row("log bytes during the run", logged);
+    report.row("devhost CPU during the run", format!("{:.0} %", cpu * 100.0));
+    report.row("neighbours' Allocate", tally.summary());
+    if tally.wrong.load(Ordering::Relaxed) > 0 || tally.ok.load(Ordering::Relaxed) == 0 {
+        report.lost(format!("neighbours' Allocate: {}", tally.summary()));
+    }
+    if answered * 20 < probes * 19 {
+        report.lost(format!("the liveness probe answered {answered} of {probes}"));
+    }
+    if calls > 12 {
+        report.lost(format!("{calls} Register calls in {elapsed:.0?}: no back-off"));
+    }
+    if logged > 256 * 1024 {
+        report.lost(format!("{logged} bytes logged in {elapsed:.0?}"));
+    }
+    if cpu > 1.5 {
+        report.lost(format!("devhost used {:.0} % CPU", cpu * 100.0));
+    }
+    drop(flood);
+    report.finish();
+}
