@@ -1110,7 +1110,8 @@ async fn soak_hostile_world_under_load() {
 /// probe (`devhost probe live`) runs every 250 ms. Asserted: the
 /// neighbours lose no Allocate, the refused resource is asked with back-off
 /// (a handful of `Register` calls, not a loop), the log stays small, the
-/// probe answers, and devhost's CPU stays below one core. (The dripping
+/// probe answers, and (in the long run) devhost's CPU stays below 1.5
+/// cores. (The dripping
 /// API server is exercised by `hostile_dra`; not in this soak yet.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_hostile_world_round_2_under_load() {
@@ -1200,7 +1201,9 @@ async fn soak_hostile_world_round_2_under_load() {
     if logged > 256 * 1024 {
         report.lost(format!("{logged} bytes logged in {elapsed:.0?}"));
     }
-    if cpu > 1.5 {
+    // Asserted in the long run only: a few seconds on a shared CI machine
+    // measure its neighbours as much as devhost (the figure is reported).
+    if scale.long && cpu > 1.5 {
         report.lost(format!("devhost used {:.0} % CPU", cpu * 100.0));
     }
     drop(flood);
