@@ -235,3 +235,27 @@ fn tail(log: &str) -> &str {
     }
     &log[start..]
 }
+
+/// Two devhosts in one network namespace (a rolling update with
+/// hostNetwork): the second cannot bind the probe port while the first
+/// holds it, says so, and takes the port over once the first stops, so
+/// the liveness probe keeps finding a listener. Before the fix the second
+/// never served probes: its liveness probe would fail once the first was
+/// gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_port_held_by_the_old_instance_is_taken_over_when_it_stops() {
+    let probe_port =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("port").port();
+    let (node, kubelet, mut old) = node_with_devhost(Some(format!(
+        "call_timeout_ms = 2000\nmetrics_address = \"127.0.0.1:0\"\nprobe_address = \"127.0.0.1:{probe_port}\"\n"
+    )))
+    .await;
+    old.wait_for_log("serving the probes /healthz and /readyz").await;
+    let new = node.start_another_devhost("devhost-new.log");
+    new.wait_for_log("cannot serve the probe port yet").await;
+    kubelet.wait_for_registrations(NIC, 2, WAIT).await.expect("the new instance registers");
+    assert!(old.stop_with(nix::sys::signal::Signal::SIGTERM).await.success(), "the old instance stops cleanly");
+    new.wait_for_log("serving the probes /healthz and /readyz (the port was free again)").await;
+    let address = format!("127.0.0.1:{probe_port}");
+    assert_eq!(status(&address, "/healthz").await, Some(200), "the new instance answers the probe");
+}

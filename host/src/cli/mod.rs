@@ -254,7 +254,13 @@ async fn run(config: HostConfig) -> ExitCode {
     if let Some(address) = config.probe_address {
         match crate::telemetry::http::serve_probes(address, shutdown.clone()).await {
             Ok(bound) => tracing::info!(address = %bound, "serving the probes /healthz and /readyz"),
-            Err(error) => tracing::error!(%address, %error, "cannot serve the probe port; continuing without it"),
+            Err(error) => {
+                // Another devhost holds it (a rolling update in one network
+                // namespace): take it over when that one stops, or the
+                // liveness probe would find no listener then.
+                tracing::error!(%address, %error, "cannot serve the probe port yet; trying again every 2 s");
+                tokio::spawn(retry_probe_port(address, shutdown.clone()));
+            }
         }
     }
     match crate::daemon::run(&config, shutdown).await {
@@ -265,6 +271,23 @@ async fn run(config: HostConfig) -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "devhost failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How often a probe port held by someone else is tried again.
+const PROBE_PORT_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Binds the probe port once it is free (until `shutdown`).
+async fn retry_probe_port(address: std::net::SocketAddr, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PROBE_PORT_RETRY) => {}
+        }
+        if let Ok(bound) = crate::telemetry::http::serve_probes(address, shutdown.clone()).await {
+            tracing::info!(address = %bound, "serving the probes /healthz and /readyz (the port was free again)");
+            return;
         }
     }
 }
