@@ -240,15 +240,7 @@ func specFromPlainFields(opts *kubecontainer.RunContainerOptions) (*oci.Spec, er
 		if kind == "" {
 			return nil, fmt.Errorf("device %s is not a device node", d.PathOnHost)
 		}
-		major, minor := int64(unix.Major(st.Rdev)), int64(unix.Minor(st.Rdev))
-		spec.Linux.Devices = append(spec.Linux.Devices, oci.LinuxDevice{Path: d.PathInContainer, Type: kind, Major: major, Minor: minor})
-		access := d.Permissions
-		if access == "" {
-			access = "rwm"
-		}
-		spec.Linux.Resources.Devices = append(spec.Linux.Resources.Devices, oci.LinuxDeviceCgroup{
-			Allow: true, Type: kind, Major: &major, Minor: &minor, Access: access,
-		})
+		ocidevices.AddPlain(spec, d.PathInContainer, kind, int64(unix.Major(st.Rdev)), int64(unix.Minor(st.Rdev)), d.Permissions)
 	}
 	return spec, nil
 }

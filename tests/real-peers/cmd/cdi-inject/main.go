@@ -211,17 +211,7 @@ func plainSpec(in *input) (*oci.Spec, error) {
 		default:
 			return spec, fmt.Errorf("device %q: not a device node", d.HostPath)
 		}
-		major, minor := int64(unix.Major(uint64(st.Rdev))), int64(unix.Minor(uint64(st.Rdev)))
-		spec.Linux.Devices = append(spec.Linux.Devices, oci.LinuxDevice{
-			Path: d.ContainerPath, Type: kind, Major: major, Minor: minor,
-		})
-		access := d.Permissions
-		if access == "" {
-			access = "rwm"
-		}
-		spec.Linux.Resources.Devices = append(spec.Linux.Resources.Devices, oci.LinuxDeviceCgroup{
-			Allow: true, Type: kind, Major: &major, Minor: &minor, Access: access,
-		})
+		ocidevices.AddPlain(spec, d.ContainerPath, kind, int64(unix.Major(uint64(st.Rdev))), int64(unix.Minor(uint64(st.Rdev))), d.Permissions)
 	}
 	return spec, nil
 }

@@ -33,3 +33,16 @@ func Access(spec *oci.Spec, d oci.LinuxDevice) string {
 	}
 	return union
 }
+
+// AddPlain adds a device node the kubelet passed in the CRI config as
+// containerd does: the node at containerPath with the host node's type
+// and numbers, and a cgroup rule allowing permissions ("rwm" if empty).
+func AddPlain(spec *oci.Spec, containerPath, kind string, major, minor int64, permissions string) {
+	spec.Linux.Devices = append(spec.Linux.Devices, oci.LinuxDevice{Path: containerPath, Type: kind, Major: major, Minor: minor})
+	if permissions == "" {
+		permissions = "rwm"
+	}
+	spec.Linux.Resources.Devices = append(spec.Linux.Resources.Devices, oci.LinuxDeviceCgroup{
+		Allow: true, Type: kind, Major: &major, Minor: &minor, Access: permissions,
+	})
+}
