@@ -459,6 +459,17 @@ pub(crate) fn shipped_probe_command(probe: &str) -> Vec<String> {
     probe_command(&list(at(&daemonset, &["spec", "template", "spec"]), &["containers"])[0], probe)
 }
 
+/// Why `mount` (at `path`) is not the host's own `path` through a
+/// `DirectoryOrCreate` hostPath volume of `volumes`, if it is not.
+fn not_from_the_host(path: &str, mount: &Value, volumes: &[Value]) -> Option<String> {
+    let volume = volumes.iter().find(|volume| volume.get("name") == mount.get("name"));
+    let host_path = volume.and_then(|volume| volume.get("hostPath"));
+    let source = host_path.and_then(|h| h.get("path")).and_then(Value::as_str);
+    let kind = host_path.and_then(|h| h.get("type")).and_then(Value::as_str);
+    (source != Some(path) || kind != Some("DirectoryOrCreate") || mount.get("subPath").is_some())
+        .then(|| format!("{path} is not the host's {path} (DirectoryOrCreate): {mount:?} from {volume:?}"))
+}
+
 /// What devhost needs to read CDI specs as the container runtime does,
 /// `host` being the settings devhost parses from its devhost.toml: each
 /// directory of `cdi_spec_dirs()` (devhost's own `cdi_dir` among them)
@@ -488,13 +499,7 @@ fn cdi_problems(rendered: &Rendered, host: &HostConfig) -> Vec<String> {
         if dir != host.cdi_dir && !read_only {
             problems.push(format!("{path} is writable: devhost only reads CDI spec directories other than cdi_dir"));
         }
-        let volume = volumes.iter().find(|volume| volume.get("name") == mount.get("name"));
-        let host_path = volume.and_then(|volume| volume.get("hostPath"));
-        let source = host_path.and_then(|h| h.get("path")).and_then(Value::as_str);
-        let kind = host_path.and_then(|h| h.get("type")).and_then(Value::as_str);
-        if source != Some(path.as_str()) || kind != Some("DirectoryOrCreate") || mount.get("subPath").is_some() {
-            problems.push(format!("{path} is not the host's {path} (DirectoryOrCreate): {mount:?} from {volume:?}"));
-        }
+        problems.extend(not_from_the_host(&path, mount, &volumes));
     }
     problems
 }
@@ -630,13 +635,7 @@ fn dra_problems(rendered: &Rendered, host: &HostConfig) -> Vec<String> {
         if mount.get("readOnly").and_then(Value::as_bool) == Some(true) {
             problems.push(format!("{path} is read only: devhost creates sockets there"));
         }
-        let volume = volumes.iter().find(|volume| volume.get("name") == mount.get("name"));
-        let host_path = volume.and_then(|volume| volume.get("hostPath"));
-        let source = host_path.and_then(|h| h.get("path")).and_then(Value::as_str);
-        let kind = host_path.and_then(|h| h.get("type")).and_then(Value::as_str);
-        if source != Some(path.as_str()) || kind != Some("DirectoryOrCreate") || mount.get("subPath").is_some() {
-            problems.push(format!("{path} is not the host's {path} (DirectoryOrCreate): {mount:?} from {volume:?}"));
-        }
+        problems.extend(not_from_the_host(&path, mount, &volumes));
     }
     problems
 }
