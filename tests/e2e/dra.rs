@@ -26,7 +26,7 @@ pub(crate) struct DraNode {
     state: PathBuf,
     pub(crate) server: FakeApiServer,
     pub(crate) watcher: FakePluginWatcher,
-    pub(crate) kubelet: FakeKubelet,
+    pub(crate) kubelet: std::sync::Arc<FakeKubelet>,
 }
 
 impl DraNode {
@@ -73,7 +73,7 @@ impl DraNode {
         std::fs::write(node.config_file(), host).expect("host config");
         // The kubelet root is the plugin directory's parent: the node's dir.
         let watcher = FakePluginWatcher::start(root, KUBELET_1_37).await.expect("plugin watcher");
-        let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+        let kubelet = std::sync::Arc::new(FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet"));
         DraNode { node, driver: driver.to_owned(), state, server, watcher, kubelet }
     }
 

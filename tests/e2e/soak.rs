@@ -1111,8 +1111,8 @@ async fn soak_hostile_world_under_load() {
 /// neighbours lose no Allocate, the refused resource is asked with back-off
 /// (a handful of `Register` calls, not a loop), the log stays small, the
 /// probe answers, and (in the long run) devhost's CPU stays below 1.5
-/// cores. (The dripping
-/// API server is exercised by `hostile_dra`; not in this soak yet.)
+/// cores. (The dripping API server has a soak of its own below: it needs
+/// a DRA node.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_hostile_world_round_2_under_load() {
     raise_own_descriptor_limit();
@@ -1207,5 +1207,133 @@ async fn soak_hostile_world_round_2_under_load() {
         report.lost(format!("devhost used {:.0} % CPU", cpu * 100.0));
     }
     drop(flood);
+    report.finish();
+}
+
+/// Issue 26's dripping API server under load: claims whose reads the API
+/// server answers one byte a second, always two in flight, while the same
+/// driver prepares and unprepares good claims and the device-plugin
+/// neighbour takes Allocate load. Asserted: every dripping prepare ends
+/// with its own error within the read deadline (20 s) and a margin, every
+/// good claim is prepared and released, none waiting out a drip (well
+/// under the deadline), the neighbour loses no Allocate, the log stays
+/// small, and (long run) devhost's CPU stays under 1.5 cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_dripping_api_server_under_load() {
+    use crate::dra::{DraNode, GPU_DRIVER, claim};
+    use devhost::fake_apiserver::HostileAnswer;
+
+    let scale = scale();
+    let run = if scale.long { Duration::from_secs(120) } else { Duration::from_secs(8) };
+    let mut report = Report::new("dripping-api-server", "A dripping API server under prepare and Allocate load");
+    let dra = Arc::new(DraNode::start().await);
+    let devhost = dra.node.start_devhost();
+    if dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.is_err()
+        || dra.kubelet.wait_for_registrations("example.com/nic", 1, WAIT).await.is_err()
+    {
+        report.lost("the driver or the device-plugin neighbour did not register");
+        report.finish();
+        return;
+    }
+    let (ticks, log_bytes) = (crate::hostile_world::cpu_ticks(devhost.pid()), devhost.log().len());
+    let started = Instant::now();
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers =
+        load(&dra.kubelet, vec![("example.com/nic".to_owned(), ids("nic", 1))], scale.callers, &tally, &stop, false);
+
+    // Two dripping claims in flight for the whole run: each started again
+    // as soon as its prepare ends.
+    let drippers: Vec<JoinHandle<Vec<(Duration, String)>>> = (0..2)
+        .map(|lane| {
+            let (dra, stop) = (dra.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut ended = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (name, uid) = (format!("drip-{lane}-{n}"), format!("uid-drip-{lane}-{n}"));
+                    dra.server.answer_claim_hostilely(&name, HostileAnswer::Drip);
+                    let asked = Instant::now();
+                    let answer =
+                        tokio::time::timeout(CALL_LIMIT * 2, dra.watcher.prepare(GPU_DRIVER, &[("ml", &uid, &name)]))
+                            .await;
+                    let outcome = match answer {
+                        Ok(Ok(answer)) => answer.claims.get(&uid).map(|c| c.error.clone()).unwrap_or_default(),
+                        Ok(Err(error)) => format!("not answered: {error}"),
+                        Err(_) => format!("no answer within {:?}", CALL_LIMIT * 2),
+                    };
+                    ended.push((asked.elapsed(), outcome));
+                    n += 1;
+                }
+                ended
+            })
+        })
+        .collect();
+
+    let mut good = Vec::new();
+    let mut failed = Vec::new();
+    let mut n = 0;
+    while started.elapsed() < run {
+        let (name, uid) = (format!("good-{n}"), format!("uid-good-{n}"));
+        dra.server.put_claim(claim(&name, &uid, &[("gpus", "node-a", ["gpu-0", "gpu-1"][n % 2])]));
+        let asked = Instant::now();
+        let claims = [("ml", uid.as_str(), name.as_str())];
+        let prepared = tokio::time::timeout(CALL_LIMIT, dra.watcher.prepare(GPU_DRIVER, &claims)).await;
+        match prepared {
+            Ok(Ok(answer)) if answer.claims.get(&uid).is_some_and(|c| c.error.is_empty() && c.devices.len() == 1) => {}
+            other => failed.push(format!("prepare {uid}: {other:?}")),
+        }
+        let released = tokio::time::timeout(CALL_LIMIT, dra.watcher.unprepare(GPU_DRIVER, &claims)).await;
+        match released {
+            Ok(Ok(answer)) if answer.claims.get(&uid).is_some_and(|c| c.error.is_empty()) => {}
+            other => failed.push(format!("unprepare {uid}: {other:?}")),
+        }
+        good.push(asked.elapsed());
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_load(&stop, callers).await;
+    let elapsed = started.elapsed();
+    let cpu = (crate::hostile_world::cpu_ticks(devhost.pid()) - ticks) as f64 / 100.0 / elapsed.as_secs_f64();
+    let mut drips = Vec::new();
+    for dripper in drippers {
+        drips.extend(dripper.await.expect("a dripping lane"));
+    }
+    let logged = devhost.log().len() - log_bytes;
+    let longest_drip = drips.iter().map(|(took, _)| *took).max().unwrap_or_default();
+    report.row("run (load), then until the last drip ended", format!("{elapsed:.1?}, {:.1?}", started.elapsed()));
+    report.row("dripping prepares ended", format!("{} (longest {longest_drip:.1?})", drips.len()));
+    report.row("good claims prepared and released, round trip", distribution(&good));
+    report.row("neighbour's Allocate", tally.summary());
+    report.row("log bytes", logged);
+    report.row("devhost CPU during the load", format!("{:.0} %", cpu * 100.0));
+    for (took, outcome) in &drips {
+        if !outcome.contains("did not answer in full within") {
+            report.lost(format!("a dripping claim ended with {outcome:.300}"));
+        }
+        if *took > Duration::from_secs(30) {
+            report.lost(format!("a dripping claim's prepare took {took:.1?} (the read deadline is 20 s)"));
+        }
+    }
+    if drips.is_empty() {
+        report.lost("no dripping prepare ended");
+    }
+    if good.is_empty() || !failed.is_empty() {
+        report.lost(format!("{} good claims failed: {:.600}", failed.len(), failed.join("; ")));
+    }
+    // A good claim that waited for a drip would take the rest of the
+    // drip's 20 s deadline; 10 s stays far above scheduling noise.
+    if let Some(slowest) = good.iter().max().filter(|slowest| **slowest > Duration::from_secs(10)) {
+        report.lost(format!("a good claim's prepare and unprepare took {slowest:.1?}: it waited for a drip"));
+    }
+    if tally.wrong.load(Ordering::Relaxed) > 0 || tally.ok.load(Ordering::Relaxed) == 0 {
+        report.lost(format!("neighbour's Allocate: {}", tally.summary()));
+    }
+    if logged > 256 * 1024 {
+        report.lost(format!("{logged} bytes logged"));
+    }
+    if scale.long && cpu > 1.5 {
+        report.lost(format!("devhost used {:.0} % CPU", cpu * 100.0));
+    }
     report.finish();
 }
