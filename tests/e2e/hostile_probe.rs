@@ -156,6 +156,37 @@ async fn the_shipped_liveness_probe_answers_while_the_metrics_port_is_flooded() 
     drop(flood);
 }
 
+/// The probe port keeps its own 8 slots: a local client holding more is
+/// refused there, and each refusal is counted as the metrics port's are
+/// (`devhost_connections_refused_total{listener="probes",reason="cap"}`),
+/// so an operator sees what starves the probes. Before, the probe port's
+/// refusals were logged at debug level only and counted nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_on_the_probe_port_are_counted() {
+    let probe_port =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("port").port();
+    let (_node, _kubelet, devhost) = node_with_devhost(Some(format!(
+        "metrics_address = \"127.0.0.1:0\"\nprobe_address = \"127.0.0.1:{probe_port}\"\n"
+    )))
+    .await;
+    devhost.wait_for_log("serving the probes /healthz and /readyz").await;
+    let flood = Flood::start(&format!("127.0.0.1:{probe_port}")).await;
+    let series = "devhost_connections_refused_total{listener=\"probes\",reason=\"cap\"} ";
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        let (_, body) = crate::harness::http_get(&devhost.metrics_address().await, "/metrics").await;
+        let refused: f64 = body.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0);
+        if refused >= HELD as f64 || Instant::now() > deadline {
+            break refused;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let opened = flood.opened();
+    drop(flood);
+    assert!(refused >= HELD as f64, "{refused} refusals counted of the flood's {opened} connections");
+    assert!(refused <= opened as f64, "{refused} refusals counted, more than the {opened} connections opened");
+}
+
 /// The metrics port itself, crowded the same way, is not locked out to a
 /// prompt client (Prometheus; the old DaemonSet's probe, `/healthz` there):
 /// when every slot is taken, a new connection whose request is already in

@@ -129,7 +129,7 @@ async fn reconcile(
     config: &HostConfig,
     context: &backends::Context<'_>,
 ) {
-    let mut loaded = load_backends_cached(&config.backends_dir, config.call_timeout, parsed);
+    let Some(mut loaded) = read_backends_dir(config, parsed).await else { return };
     // Checked at every reconcile, not cached with the parse: a vendor's
     // spec installed later lets the backend start at the next rescan.
     let view = context.cdi.registry.current().await;
@@ -142,6 +142,30 @@ async fn reconcile(
     // Parsing a big file leaves tens of MiB of freed heap behind, and even
     // re-reading one leaves its text's buffer: give both back.
     memory::release_free_heap();
+}
+
+/// Lists, reads and parses `backends.d` off the runtime threads: the
+/// directory and its files are the operator's (or a volume's), and a
+/// stalled mount or a big file must not hold a thread that serves the
+/// kubelet. `None` (logged) if that work itself failed; the backends stay
+/// as they are until the next reload.
+async fn read_backends_dir(config: &HostConfig, parsed: &mut ParseCache) -> Option<crate::config::LoadedBackends> {
+    let (dir, timeout, mut cache) = (config.backends_dir.clone(), config.call_timeout, std::mem::take(parsed));
+    let read = tokio::task::spawn_blocking(move || {
+        let loaded = load_backends_cached(&dir, timeout, &mut cache);
+        (loaded, cache)
+    })
+    .await;
+    match read {
+        Ok((loaded, cache)) => {
+            *parsed = cache;
+            Some(loaded)
+        }
+        Err(error) => {
+            tracing::error!(dir = %config.backends_dir.display(), %error, "reading the backends directory failed; backends left as they are");
+            None
+        }
+    }
 }
 
 /// Watches `dir` for changes; `None` (with a warning) if it cannot, in

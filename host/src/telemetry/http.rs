@@ -64,12 +64,7 @@ pub async fn serve(address: SocketAddr, shutdown: CancellationToken) -> std::io:
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     let app = Router::new().route("/metrics", get(metrics)).merge(probe_routes());
-    let limits = Limits {
-        name: "metrics",
-        max: MAX_CONNECTIONS,
-        header_timeout: HEADER_TIMEOUT,
-        capped: || crate::telemetry::global().metrics_connection_capped(),
-    };
+    let limits = Limits { name: "metrics", max: MAX_CONNECTIONS, header_timeout: HEADER_TIMEOUT };
     tokio::spawn(accept_loop(listener, app, limits, shutdown));
     Ok(bound)
 }
@@ -79,12 +74,7 @@ pub async fn serve(address: SocketAddr, shutdown: CancellationToken) -> std::io:
 pub async fn serve_probes(address: SocketAddr, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
-    let limits = Limits {
-        name: "probes",
-        max: MAX_PROBE_CONNECTIONS,
-        header_timeout: PROBE_HEADER_TIMEOUT,
-        capped: || tracing::debug!("probe connection refused: every slot is answering a request"),
-    };
+    let limits = Limits { name: "probes", max: MAX_PROBE_CONNECTIONS, header_timeout: PROBE_HEADER_TIMEOUT };
     tokio::spawn(accept_loop(listener, probe_routes(), limits, shutdown));
     Ok(bound)
 }
@@ -99,8 +89,14 @@ struct Limits {
     name: &'static str,
     max: usize,
     header_timeout: Duration,
-    /// Called for each connection closed because of `max`.
-    capped: fn(),
+}
+
+impl Limits {
+    /// Counts a connection closed because of `max`, in
+    /// `devhost_connections_refused_total{listener, reason="cap"}`.
+    fn capped(&self) {
+        crate::telemetry::global().connection_capped(self.name);
+    }
 }
 
 /// A connection being served.
@@ -128,7 +124,7 @@ impl Table {
     /// Takes a slot for a new connection. If every slot is taken, one whose
     /// request is `waiting` gets the slot of the oldest connection that has
     /// sent no request; `None` (refuse the new one) otherwise.
-    fn admit(&mut self, waiting: bool, capped: fn()) -> Option<(u64, Arc<AtomicBool>, CancellationToken)> {
+    fn admit(&mut self, waiting: bool, capped: impl FnOnce()) -> Option<(u64, Arc<AtomicBool>, CancellationToken)> {
         if self.full() {
             if !waiting {
                 return None;
@@ -181,9 +177,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, limits: Lim
         } else {
             (stream, false)
         };
-        let admitted = table.lock().unwrap_or_else(PoisonError::into_inner).admit(waiting, limits.capped);
+        let admitted = table.lock().unwrap_or_else(PoisonError::into_inner).admit(waiting, || limits.capped());
         let Some((id, started, evict)) = admitted else {
-            (limits.capped)();
+            limits.capped();
             continue;
         };
         let flag = started.clone();

@@ -186,7 +186,7 @@ impl Telemetry {
         let refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "connections_refused",
-            "Connections not served, by listener (resource, metrics) and reason: descriptors (out of descriptors or memory; accepting backs off) or cap (the metrics server's connection cap)",
+            "Connections not served, by listener (resource, metrics, probes) and reason: descriptors (out of descriptors or memory; accepting backs off) or cap (the listener's connection cap)",
             refused.clone(),
         );
         let in_use = Family::<ResourceLabel, Gauge>::default();
@@ -275,9 +275,10 @@ impl Telemetry {
             .clone()
     }
 
-    /// A connection to the metrics server closed at once: at its cap.
-    pub fn metrics_connection_capped(&self) {
-        self.refuse("metrics", "cap");
+    /// A connection to the `listener` server (`metrics`, `probes`) closed
+    /// at once: at its cap.
+    pub fn connection_capped(&self, listener: &str) {
+        self.refuse(listener, "cap");
     }
 
     fn refuse(&self, listener: &str, reason: &str) {
