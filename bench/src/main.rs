@@ -795,13 +795,60 @@ async fn scale(table: &mut Table) -> Result<()> {
 
 // ---------------------------------------------------------------- isolation
 
-/// Rounds of [`SEQUENTIAL`] calls per isolation mode; the mode that goes
-/// first alternates, so drift on a shared machine hits both alike.
-const ISOLATION_ROUNDS: usize = 3;
 /// Calls per mode before measuring.
 const WARM_UP: usize = 500;
 /// Backend starts measured per mode.
 const STARTS: usize = 20;
+/// The order the three [`Mode`]s run in, round by round: every order once,
+/// so that drift on a shared machine, and going first or last, hit each
+/// mode alike.
+const ORDERS: [[usize; 3]; 6] = [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1], [1, 0, 2]];
+/// Rounds of [`SEQUENTIAL`] calls per mode, one per order.
+const ISOLATION_ROUNDS: usize = ORDERS.len();
+
+/// How the Rust example module runs, compared in the isolation rows.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// In a worker process in its sandbox: the default.
+    Sandboxed = 0,
+    /// In a worker process without its sandbox (`unsandboxed = "always"`):
+    /// a worker as before sandboxes existed.
+    Unsandboxed = 1,
+    /// In devhost's own process (`isolation = "none"`).
+    InProcess = 2,
+}
+
+impl Mode {
+    /// Indexed by the discriminant, as [`ORDERS`] is.
+    const ALL: [Mode; 3] = [Mode::Sandboxed, Mode::Unsandboxed, Mode::InProcess];
+
+    /// Its name in backend names, resources and directories.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Sandboxed => "sandboxed",
+            Mode::Unsandboxed => "unsandboxed",
+            Mode::InProcess => "in-process",
+        }
+    }
+
+    /// The `[backend]` keys that choose it.
+    fn keys(self) -> &'static str {
+        match self {
+            Mode::Sandboxed => "isolation = \"process\"\n",
+            Mode::Unsandboxed => "isolation = \"process\"\nunsandboxed = \"always\"\n",
+            Mode::InProcess => "isolation = \"none\"\n",
+        }
+    }
+
+    /// Its words in the table.
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Sandboxed => "sandboxed worker",
+            Mode::Unsandboxed => "unsandboxed worker (unsandboxed = \"always\")",
+            Mode::InProcess => "in-process (isolation = \"none\")",
+        }
+    }
+}
 
 /// The `q` quantile of `samples` (nearest rank).
 fn quantile(samples: &[Duration], q: f64) -> Duration {
@@ -817,26 +864,37 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// `p50 A vs B (+Δ µs), p99 …` for samples of the isolated (`a`) and the
-/// in-process (`b`) path.
+/// A figure in µs, in ms from a millisecond up (backend starts).
+fn fine(us: f64) -> String {
+    if us.abs() < 1000.0 { format!("{us:.1} µs") } else { format!("{:.2} ms", us / 1000.0) }
+}
+
+/// [`fine`], signed: a difference.
+fn delta(us: f64) -> String {
+    if us.abs() < 1000.0 { format!("{us:+.1} µs") } else { format!("{:+.2} ms", us / 1000.0) }
+}
+
+/// `p50 A vs B (+Δ), p99 …` for samples of two modes, `a` the more isolated.
 fn versus(a: &[Duration], b: &[Duration]) -> String {
-    let (a50, b50, a99, b99) = (quantile(a, 0.5), quantile(b, 0.5), quantile(a, 0.99), quantile(b, 0.99));
+    let (a50, b50, a99, b99) =
+        (us(quantile(a, 0.5)), us(quantile(b, 0.5)), us(quantile(a, 0.99)), us(quantile(b, 0.99)));
     format!(
-        "p50 {:.1} vs {:.1} µs (**{:+.1} µs**); p99 {:.1} vs {:.1} µs ({:+.1} µs)",
-        us(a50),
-        us(b50),
-        us(a50) - us(b50),
-        us(a99),
-        us(b99),
-        us(a99) - us(b99)
+        "p50 {} vs {} (**{}**); p99 {} vs {} ({})",
+        fine(a50),
+        fine(b50),
+        delta(a50 - b50),
+        fine(a99),
+        fine(b99),
+        delta(a99 - b99)
     )
 }
 
-/// The Rust example with a given `isolation` and resource name.
-fn isolated_file(module: &Path, resource: &str, isolation: &str) -> String {
+/// The Rust example, run as `mode`, with a given resource name.
+fn isolated_file(module: &Path, resource: &str, mode: Mode) -> String {
     format!(
-        "[backend]\nmodule = {:?}\nisolation = {isolation:?}\n[config]\nresource = {resource:?}\ndevices = 2\nflip_interval_ms = 3600000\n",
-        module.display().to_string()
+        "[backend]\nmodule = {:?}\n{}[config]\nresource = {resource:?}\ndevices = 2\nflip_interval_ms = 3600000\n",
+        module.display().to_string(),
+        mode.keys()
     )
 }
 
@@ -873,21 +931,38 @@ struct Memory {
     uss: Option<u64>,
 }
 
+/// The value after `name` (`"VmRSS:"`) on its line of a `/proc` file.
+fn proc_field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    Some(text.lines().find(|l| l.starts_with(name))?[name.len()..].trim())
+}
+
 impl Memory {
     fn of(pid: u32) -> Result<Self> {
-        let field = |text: &str, name: &str| -> Option<u64> {
-            text.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
-        };
+        let kib =
+            |text: &str, name: &str| -> Option<u64> { proc_field(text, name)?.split_whitespace().next()?.parse().ok() };
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let status_field = |name: &str| field(&status, name).with_context(|| format!("{name} of process {pid}"));
+        let status_field = |name: &str| kib(&status, name).with_context(|| format!("{name} of process {pid}"));
         let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         Ok(Memory {
             rss: status_field("VmRSS:")?,
             anon: status_field("RssAnon:")?,
             file: status_field("RssFile:")?,
-            pss: field(&rollup, "Pss:"),
-            uss: field(&rollup, "Private_Clean:").zip(field(&rollup, "Private_Dirty:")).map(|(c, d)| c + d),
+            pss: kib(&rollup, "Pss:"),
+            uss: kib(&rollup, "Private_Clean:").zip(kib(&rollup, "Private_Dirty:")).map(|(c, d)| c + d),
         })
+    }
+
+    /// The sum of several processes' memory: meaningful for PSS and USS,
+    /// which count a shared page once among its users; RSS counts it in each.
+    fn together(parts: &[Memory]) -> Memory {
+        let sum = |f: fn(&Memory) -> Option<u64>| parts.iter().map(f).sum::<Option<u64>>();
+        Memory {
+            rss: parts.iter().map(|m| m.rss).sum(),
+            anon: parts.iter().map(|m| m.anon).sum(),
+            file: parts.iter().map(|m| m.file).sum(),
+            pss: sum(|m| m.pss),
+            uss: sum(|m| m.uss),
+        }
     }
 
     fn render(&self) -> String {
@@ -900,6 +975,30 @@ impl Memory {
             mib(self.anon),
             mib(self.file)
         )
+    }
+}
+
+/// What the kernel says of a worker's confinement (`/proc/<pid>/status`),
+/// so that a row labelled sandboxed is known to be, and one labelled
+/// unsandboxed known not to be: an error if `mode` does not match.
+fn confinement(pid: u32, mode: Mode) -> Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    // One space between values (NSpid's are tab-separated).
+    let field = |name: &str| {
+        proc_field(&status, name).map_or("?".to_owned(), |v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    let (nspid, no_new_privs, seccomp, caps) =
+        (field("NSpid:"), field("NoNewPrivs:"), field("Seccomp:"), field("CapEff:"));
+    // A PID namespace of its own shows as two IDs, the inner one 1.
+    let namespaced = nspid.split_whitespace().count() > 1;
+    let confined = no_new_privs == "1" && seccomp == "2";
+    let says = format!("NSpid {nspid}, NoNewPrivs {no_new_privs}, Seccomp {seccomp}, CapEff {caps}");
+    match mode {
+        Mode::Sandboxed if !(namespaced && confined) => bail!("the sandboxed worker {pid} is not sandboxed: {says}"),
+        Mode::Unsandboxed if namespaced || seccomp != "0" => {
+            bail!("the unsandboxed worker {pid} has part of a sandbox: {says}")
+        }
+        _ => Ok(says),
     }
 }
 
@@ -918,144 +1017,257 @@ fn children(pid: u32) -> Result<Vec<(u32, String)>> {
     Ok(found)
 }
 
-/// The cost of process isolation, same module, same code path, same
-/// devhost: the Rust example served twice by one devhost, once in a worker
-/// process and once in-process, Allocate through the kubelet's client; the
-/// workers' memory; and, in this process through the library, what
-/// starting a backend in a worker costs and where an Allocate's time goes.
+/// The cost of process isolation and of the worker's sandbox, same module,
+/// same code path, same devhost: the Rust example served three times by
+/// one devhost, in a sandboxed worker, in an unsandboxed worker and
+/// in-process, Allocate through the kubelet's client; the workers' memory;
+/// and, in this process through the library, what starting a backend in
+/// each costs and where an Allocate's time goes.
 async fn isolation(table: &mut Table) -> Result<()> {
     let mut node = Node::new()?;
     let modules = node.dir.path().join("modules");
-    let (isolated, in_process) = ("bench.example.com/isolated", "bench.example.com/in-process");
-    node.backend("isolated", &isolated_file(&module_copy(&modules.join("a"))?, isolated, "process"))?;
-    node.backend("in-process", &isolated_file(&module_copy(&modules.join("b"))?, in_process, "none"))?;
+    let resources: Vec<String> = Mode::ALL.iter().map(|mode| format!("bench.example.com/{}", mode.name())).collect();
+    for (mode, resource) in Mode::ALL.into_iter().zip(&resources) {
+        let module = module_copy(&modules.join(mode.name()))?;
+        node.backend(mode.name(), &isolated_file(&module, resource, mode))?;
+    }
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
     let started = Instant::now();
     let pid = node.start()?;
-    all_registered(&kubelet, &[isolated.to_owned(), in_process.to_owned()], 1).await?;
+    all_registered(&kubelet, &resources, 1).await?;
     let registered = started.elapsed();
     let ids: Vec<String> = vec!["rust-0".into(), "rust-1".into()];
-    for resource in [isolated, in_process] {
+    let mut clients = Vec::new();
+    for resource in &resources {
         kubelet.wait_for_devices(resource, WAIT, |d| d.len() == ids.len()).await?;
+        clients.push(kubelet.client(resource).await?);
     }
-    let mut isolated_client = kubelet.client(isolated).await?;
-    let mut in_process_client = kubelet.client(in_process).await?;
-    sequential_allocates(&mut isolated_client, &ids, WARM_UP).await?;
-    sequential_allocates(&mut in_process_client, &ids, WARM_UP).await?;
-    let (mut a, mut b, mut rounds) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..ISOLATION_ROUNDS {
-        let (ra, rb) = if round % 2 == 0 {
-            let ra = sequential_allocates(&mut isolated_client, &ids, SEQUENTIAL).await?;
-            (ra, sequential_allocates(&mut in_process_client, &ids, SEQUENTIAL).await?)
-        } else {
-            let rb = sequential_allocates(&mut in_process_client, &ids, SEQUENTIAL).await?;
-            (sequential_allocates(&mut isolated_client, &ids, SEQUENTIAL).await?, rb)
-        };
-        rounds.push(format!("{:+.1}", us(quantile(&ra, 0.5)) - us(quantile(&rb, 0.5))));
-        a.extend(ra);
-        b.extend(rb);
+    let (warm_up, calls) = (scaled(WARM_UP), scaled(SEQUENTIAL));
+    for client in &mut clients {
+        sequential_allocates(client, &ids, warm_up).await?;
     }
-    table.row(
-        "isolation: Allocate through the kubelet client, worker process vs in-process",
-        versus(&a, &b),
-        format!(
-            "same Rust example module (two copies), one devhost; {ISOLATION_ROUNDS} alternating rounds × {SEQUENTIAL} sequential calls each after {WARM_UP} warm-up; p50 Δ per round: {} µs",
-            rounds.join(" / ")
-        ),
-    );
-    table.row("isolation: Allocate, worker process", dist(&a), format!("{} calls", a.len()));
-    table.row("isolation: Allocate, in-process (isolation = \"none\")", dist(&b), format!("{} calls", b.len()));
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let mut round_p50s = Vec::new();
+    for order in ORDERS {
+        let mut p50s = [Duration::ZERO; 3];
+        for k in order {
+            let round = sequential_allocates(&mut clients[k], &ids, calls).await?;
+            p50s[k] = quantile(&round, 0.5);
+            samples[k].extend(round);
+        }
+        round_p50s.push(p50s);
+    }
+    let (s, u, i) = (Mode::Sandboxed as usize, Mode::Unsandboxed as usize, Mode::InProcess as usize);
+    for (a, b, what) in [
+        (s, i, "sandboxed worker vs in-process"),
+        (s, u, "sandboxed vs unsandboxed worker"),
+        (u, i, "unsandboxed worker vs in-process"),
+    ] {
+        let per_round: Vec<String> = round_p50s.iter().map(|p| format!("{:+.1}", us(p[a]) - us(p[b]))).collect();
+        table.row(
+            format!("isolation: Allocate through the kubelet client, {what}"),
+            versus(&samples[a], &samples[b]),
+            format!(
+                "same Rust example module (three copies), one devhost; {ISOLATION_ROUNDS} rounds (each order of the three modes once) × {calls} sequential calls each after {warm_up} warm-up; p50 Δ per round: {} µs",
+                per_round.join(" / ")
+            ),
+        );
+    }
+    for mode in Mode::ALL {
+        let taken = &samples[mode as usize];
+        table.row(format!("isolation: Allocate, {}", mode.label()), dist(taken), format!("{} calls", taken.len()));
+    }
 
+    // devhost's children: the unsandboxed worker, and the sandboxed
+    // worker's PID 1, the init of its namespace, whose one child is the
+    // worker proper (`sys::split_off_namespace_init`).
     let workers: Vec<(u32, String)> =
         children(pid)?.into_iter().filter(|(_, cmdline)| cmdline.contains(" __worker ")).collect();
-    let [(worker, cmdline)] = workers.as_slice() else {
-        bail!("expected one worker process of devhost {pid}, found {workers:?}");
-    };
+    if workers.len() != 2 {
+        bail!("expected two worker processes of devhost {pid}, found {workers:?}");
+    }
+    let worker_of =
+        |mode: Mode| {
+            let suffix = format!(" __worker {}", mode.name());
+            workers.iter().find(|(_, cmdline)| cmdline.ends_with(&suffix)).cloned().with_context(|| {
+                format!("no worker of backend {} among devhost {pid}'s children {workers:?}", mode.name())
+            })
+        };
+    let (init, cmdline) = worker_of(Mode::Sandboxed)?;
+    let [(proper, _)] = children(init)?.try_into().map_err(|found: Vec<(u32, String)>| {
+        anyhow::anyhow!("expected one worker proper under the sandboxed worker's init {init}, found {found:?}")
+    })?;
+    let (proper_memory, init_memory) = (Memory::of(proper)?, Memory::of(init)?);
     table.row(
-        "isolation: memory of one worker process (Rust example)",
-        Memory::of(*worker)?.render(),
-        format!("`{cmdline}`, after the Allocate runs; file-backed pages are the devhost binary, shared"),
+        format!("isolation: memory of one {} (Rust example), the worker proper", Mode::Sandboxed.label()),
+        proper_memory.render(),
+        format!(
+            "`{cmdline}` (PID 2 of its namespace), after the Allocate runs; {}; file-backed pages are the devhost binary, shared",
+            confinement(proper, Mode::Sandboxed)?
+        ),
     );
     table.row(
-        "isolation: memory of devhost itself (2 backends, one in-process)",
+        "isolation: memory of the sandboxed worker's namespace init",
+        init_memory.render(),
+        format!(
+            "PID 1 of the worker's namespace, only reaping (forked before the module loaded: its pages are shared copy-on-write with the worker proper); {}",
+            confinement(init, Mode::Sandboxed)?
+        ),
+    );
+    table.row(
+        format!("isolation: memory of one {} (Rust example), both processes", Mode::Sandboxed.label()),
+        Memory::together(&[proper_memory, init_memory]).render(),
+        "sums: PSS and private (USS) add up; RSS counts the pages they share twice",
+    );
+    let (worker, cmdline) = worker_of(Mode::Unsandboxed)?;
+    table.row(
+        format!("isolation: memory of one {} (Rust example)", Mode::Unsandboxed.label()),
+        Memory::of(worker)?.render(),
+        format!(
+            "`{cmdline}`, one process, after the Allocate runs; {}; file-backed pages are the devhost binary, shared",
+            confinement(worker, Mode::Unsandboxed)?
+        ),
+    );
+    table.row(
+        "isolation: memory of devhost itself (3 backends, one in-process)",
         Memory::of(pid)?.render(),
-        format!("start → both resources registered {}", ms(registered)),
+        format!("start → all three resources registered {}", ms(registered)),
     );
     drop(node);
     isolation_in_library(table).await
 }
 
-/// Through the library in this process: backend start (spawn + load +
-/// init) in a worker vs in-process, the handle's own Allocate (no gRPC) in
-/// both, and the floor of a round trip over a socketpair.
+/// Starts and stops of one mode's backend in [`isolation_in_library`].
+#[derive(Default)]
+struct Starts {
+    /// `loader::load`: for a worker, spawn, sandbox and load in it.
+    loads: Vec<Duration>,
+    /// `BackendHandle::start`: the module's `init`.
+    inits: Vec<Duration>,
+    shutdowns: Vec<Duration>,
+    /// A worker's sandbox, as devhost describes it.
+    sandbox: Option<String>,
+}
+
+/// Through the library in this process: backend start (spawn + sandbox +
+/// load + init) in a sandboxed worker, an unsandboxed one and in-process,
+/// the handle's own Allocate (no gRPC) in each, and the floor of a round
+/// trip over a socketpair.
 async fn isolation_in_library(table: &mut Table) -> Result<()> {
     use devhost::backend::handle::Runner;
     // This binary is not devhost: workers are the devhost binary.
     devhost::worker::set_executable(devhost_bin()?);
     let dir = tempfile::Builder::new().prefix("devhost-bench-").tempdir()?;
-    let mut handles = Vec::new();
-    for (mode, resource) in
-        [("process", "bench.example.com/lib-isolated"), ("none", "bench.example.com/lib-in-process")]
-    {
-        let module = module_copy(&dir.path().join(mode))?;
-        let file = dir.path().join(format!("{mode}.toml"));
-        let config = devhost::config::parse_backend(&file, &isolated_file(&module, resource, mode), WAIT)?;
-        let (mut loads, mut inits, mut shutdowns, mut in_worker) = (Vec::new(), Vec::new(), Vec::new(), false);
-        for i in 0..=STARTS {
+    let mut configs = Vec::new();
+    for mode in Mode::ALL {
+        let module = module_copy(&dir.path().join(mode.name()))?;
+        let file = dir.path().join(format!("{}.toml", mode.name()));
+        let resource = format!("bench.example.com/lib-{}", mode.name());
+        let config = devhost::config::parse_backend(&file, &isolated_file(&module, &resource, mode), WAIT)?;
+        configs.push((resource, config));
+    }
+    let mut starts: [Starts; 3] = Default::default();
+    let mut kept: [Option<(Arc<BackendHandle>, CancellationToken)>; 3] = Default::default();
+    let count = scaled(STARTS);
+    for round in 0..=count {
+        // The modes take turns, start by start, in each order in turn.
+        for k in ORDERS[round % ORDERS.len()] {
+            let (_, config) = &configs[k];
             let stop = CancellationToken::new();
             let started = Instant::now();
-            let runner = devhost::loader::load(&config).await.map_err(anyhow::Error::msg)?;
+            let runner = devhost::loader::load(config).await.map_err(anyhow::Error::msg)?;
             let loaded = started.elapsed();
-            in_worker = matches!(runner, Runner::Worker(_));
+            if let Runner::Worker(worker) = &runner {
+                starts[k].sandbox = worker.sandbox();
+            }
             let handle = BackendHandle::start(&config.name, runner, Duration::from_secs(5), stop.clone()).await?;
             let initialised = started.elapsed() - loaded;
-            if i == STARTS {
-                // The last one stays up for the Allocate figures below.
-                handles.push((mode, resource, handle, stop));
-                break;
+            if round == count {
+                // The last ones stay up for the Allocate figures below.
+                kept[k] = Some((handle, stop));
+                continue;
             }
             let t = Instant::now();
             handle.shutdown().await;
-            shutdowns.push(t.elapsed());
+            starts[k].shutdowns.push(t.elapsed());
             stop.cancel();
-            // The first start pays for cold caches: not counted.
-            if i > 0 {
-                loads.push(loaded);
-                inits.push(initialised);
+            // The first round pays for cold caches: not counted.
+            if round > 0 {
+                starts[k].loads.push(loaded);
+                starts[k].inits.push(initialised);
             }
         }
-        let what = if mode == "process" { "in a worker process" } else { "in-process (isolation = \"none\")" };
-        let load_what =
-            if in_worker { "spawn + exec + dlopen + checks in the worker (`loader::load`)" } else { "dlopen + checks" };
-        let total: Vec<Duration> = loads.iter().zip(&inits).map(|(l, i)| *l + *i).collect();
-        table.row(format!("isolation: backend start {what}, load + init"), dist(&total), format!("{STARTS} starts"));
-        table.row(format!("isolation: backend start {what}, load part"), dist(&loads), load_what);
-        table.row(format!("isolation: backend start {what}, init part"), dist(&inits), "`BackendHandle::start`");
-        table.row(format!("isolation: backend shutdown {what}"), dist(&shutdowns), "`BackendHandle::shutdown`");
     }
+    let totals: Vec<Vec<Duration>> =
+        starts.iter().map(|s| s.loads.iter().zip(&s.inits).map(|(l, i)| *l + *i).collect()).collect();
+    for mode in Mode::ALL {
+        let (k, what) = (mode as usize, mode.label());
+        let load_what = match mode {
+            Mode::Sandboxed => {
+                "cgroup + spawn (exec) in a new PID namespace + join cgroup + confine (no_new_privs, capabilities, seccomp) + dlopen + checks in the worker (`loader::load`)"
+            }
+            Mode::Unsandboxed => "spawn (exec) + dlopen + checks in the worker (`loader::load`)",
+            Mode::InProcess => "dlopen + checks",
+        };
+        let sandbox = starts[k].sandbox.as_ref().map(|s| format!("; sandbox: {s}")).unwrap_or_default();
+        table.row(
+            format!("isolation: backend start {what}, load + init"),
+            dist(&totals[k]),
+            format!("{} starts, taking turns with the other modes{sandbox}", totals[k].len()),
+        );
+        table.row(format!("isolation: backend start {what}, load part"), dist(&starts[k].loads), load_what);
+        table.row(
+            format!("isolation: backend start {what}, init part"),
+            dist(&starts[k].inits),
+            "`BackendHandle::start`",
+        );
+        table.row(
+            format!("isolation: backend shutdown {what}"),
+            dist(&starts[k].shutdowns),
+            "`BackendHandle::shutdown`",
+        );
+    }
+    let (s, u, i) = (Mode::Sandboxed as usize, Mode::Unsandboxed as usize, Mode::InProcess as usize);
+    table.row(
+        "isolation: backend start (load + init), sandboxed vs unsandboxed worker",
+        versus(&totals[s], &totals[u]),
+        "the sandbox's cost at start: the worker's cgroup, PID namespace and confinement",
+    );
+    table.row(
+        "isolation: backend shutdown, sandboxed vs unsandboxed worker",
+        versus(&starts[s].shutdowns, &starts[u].shutdowns),
+        "a sandboxed worker's cgroup is emptied and removed as it ends",
+    );
     // The handle's Allocate, no gRPC: the worker's protocol round trip vs
     // the in-process call on the blocking pool.
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
-    for round in 0..=ISOLATION_ROUNDS {
-        for k in 0..2 {
-            let k = if round % 2 == 0 { k } else { 1 - k };
-            let (_, resource, handle, _) = &handles[k];
-            let calls = if round == 0 { WARM_UP } else { SEQUENTIAL };
-            for i in 0..calls {
+    let handles: Vec<(&str, &BackendHandle)> = configs
+        .iter()
+        .zip(&kept)
+        .map(|((resource, _), kept)| Ok((resource.as_str(), &*kept.as_ref().context("a backend kept up")?.0)))
+        .collect::<Result<_>>()?;
+    let calls = scaled(SEQUENTIAL);
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    // The first round, in the first order, warms up.
+    for (round, order) in std::iter::once(ORDERS[0]).chain(ORDERS).enumerate() {
+        for k in order {
+            let (resource, handle) = handles[k];
+            for n in 0..if round == 0 { scaled(WARM_UP) } else { calls } {
                 let started = Instant::now();
-                handle.allocate(resource, vec![format!("rust-{}", i % 2)]).await?;
+                handle.allocate(resource, vec![format!("rust-{}", n % 2)]).await?;
                 if round > 0 {
                     samples[k].push(started.elapsed());
                 }
             }
         }
     }
-    table.row(
-        "isolation: `BackendHandle::allocate` in this process (no gRPC), worker vs in-process",
-        versus(&samples[0], &samples[1]),
-        format!("{ISOLATION_ROUNDS} alternating rounds × {SEQUENTIAL} calls; same module"),
-    );
-    for (_, _, handle, stop) in handles {
+    for (a, b, what) in [(s, i, "sandboxed worker vs in-process"), (s, u, "sandboxed vs unsandboxed worker")] {
+        table.row(
+            format!("isolation: `BackendHandle::allocate` in this process (no gRPC), {what}"),
+            versus(&samples[a], &samples[b]),
+            format!("{ISOLATION_ROUNDS} rounds (each order of the three modes once) × {calls} calls; same module"),
+        );
+    }
+    for (handle, stop) in kept.into_iter().flatten() {
         handle.shutdown().await;
         stop.cancel();
     }
@@ -1065,26 +1277,24 @@ async fn isolation_in_library(table: &mut Table) -> Result<()> {
     // wakes a blocking-pool thread whose result wakes the caller.
     table.row(
         "isolation floor: one round trip over a socketpair between two threads, blocking reads",
-        dist(&socketpair_round_trips(SEQUENTIAL, Echo::Blocking)?),
-        format!(
-            "{SEQUENTIAL} round trips of a 200-byte frame: the caller and the echo thread each sleep and are woken"
-        ),
+        dist(&socketpair_round_trips(calls, Echo::Blocking)?),
+        format!("{calls} round trips of a 200-byte frame: the caller and the echo thread each sleep and are woken"),
     );
     table.row(
         "isolation floor: the same, the reading thread handing each frame to a second thread (Condvar)",
-        dist(&socketpair_round_trips(SEQUENTIAL, Echo::HandOff)?),
+        dist(&socketpair_round_trips(calls, Echo::HandOff)?),
         "the worker's structure (reader → pool thread → answer): one more wake-up per round trip",
     );
     table.row(
         "isolation floor: the same hand-off, devhost's side async (tokio socket, reader task, oneshot)",
-        dist(&async_round_trips(SEQUENTIAL).await?),
+        dist(&async_round_trips(calls).await?),
         "a worker call's round trip without protobuf, the module or the handle",
     );
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     if cpus >= 2 {
         table.row(
             "isolation floor: the same as the first, busy-polling reads",
-            dist(&socketpair_round_trips(SEQUENTIAL, Echo::Spin)?),
+            dist(&socketpair_round_trips(calls, Echo::Spin)?),
             "no thread sleeps: the system calls and copies alone; the difference to blocking is the cost of waking threads",
         );
     } else {

@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn the_benchmarks_run() {
     let output = Command::new(env!("CARGO_BIN_EXE_devhost-bench"))
-        .args(["floor", "allocate", "health", "start", "restart", "dra"])
+        .args(["floor", "allocate", "health", "start", "restart", "isolation", "dra"])
         .env("DEVHOST_BENCH_SMOKE", "1")
         // The debug devhost beside this test's binary, not a release one.
         .env("DEVHOST_BIN", bin_dir().join("devhost"))
@@ -22,6 +22,7 @@ fn the_benchmarks_run() {
         "Allocate, static",
         "kubelet restart",
         "process start",
+        "isolation: Allocate through the kubelet client, sandboxed vs unsandboxed worker",
         "DRA NodePrepareResources, 8 claims a call",
         "DRA: API-server writes while one device flaps",
     ] {

@@ -61,6 +61,9 @@ pub mod targets;
 mod backend {
     pub use devhost::backend::*;
 }
+mod log_limit {
+    pub use devhost::log_limit::*;
+}
 mod device_state {
     pub use devhost::device_state::*;
 }

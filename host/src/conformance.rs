@@ -143,6 +143,10 @@ async fn check_init(config: &BackendConfig, report: &mut Report) -> Option<Vec<R
     let specs: Vec<ResourceSpec> = handle.resources().iter().map(|(spec, _)| spec.clone()).collect();
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     report.record("init", started, Ok(format!("declared {}", names.join(", "))));
+    // The same sandbox as under the daemon: what it lacks shows here.
+    if let Some(sandbox) = handle.sandbox() {
+        report.record("worker sandbox", started, Ok(sandbox));
+    }
     report.record("resource names", started, Ok("valid extended resource names, no duplicates".into()));
     check_release(&handle, config.call_timeout, report).await;
     let started = Instant::now();

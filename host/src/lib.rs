@@ -28,6 +28,7 @@ pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod holders;
 pub mod loader;
+pub mod log_limit;
 pub mod model;
 #[allow(unsafe_code)]
 pub mod native;

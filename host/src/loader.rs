@@ -40,12 +40,13 @@ pub async fn load(config: &BackendConfig) -> Result<Runner, String> {
                         .map(Runner::from)
                         .map_err(|error| error.to_string())
                 }
-                (None, Isolation::Process { memory_mb }) => WorkerBackend::prepare(WorkerSpec {
+                (None, Isolation::Process(sandbox)) => WorkerBackend::prepare(WorkerSpec {
                     backend: config.name.clone(),
+                    file: config.file.clone(),
                     module: path.clone(),
                     sha256: sha256.clone(),
                     config_json: settings,
-                    memory_mb: *memory_mb,
+                    sandbox: sandbox.clone(),
                     timeout: config.call_timeout,
                 })
                 .await

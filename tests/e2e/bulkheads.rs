@@ -165,11 +165,15 @@ impl Bed {
     }
 
     /// The PIDs of the live worker processes of `backend`.
+    /// (The process serving the protocol: in its PID namespace the child
+    /// of the namespace's init, which is devhost's child.)
     fn workers(&self, backend: &str) -> Vec<i32> {
+        let is_worker =
+            |child: &Process| child.state != 'Z' && child.args.get(1..3) == Some(&["__worker".into(), backend.into()]);
         children(self.pid)
             .into_iter()
-            .filter(|child| child.state != 'Z' && child.args.get(1..3) == Some(&["__worker".into(), backend.into()]))
-            .map(|child| child.pid)
+            .filter(is_worker)
+            .map(|init| children(init.pid).into_iter().find(is_worker).map_or(init.pid, |worker| worker.pid))
             .collect()
     }
 
@@ -799,28 +803,36 @@ async fn a_native_module_runs_in_a_child_process_unless_isolation_is_none() {
         "pid-report (process): devhost {}, worker {pid}, its parent {ppid}, {fds} open fds, parent-death signal {pdeathsig}",
         bed.pid
     );
-    assert_ne!(pid, bed.pid, "the module runs outside devhost");
-    assert_eq!(ppid, bed.pid, "its process is devhost's child");
-    assert_eq!(bed.worker("pid-report"), pid, "the module's process is the `__worker pid-report` child");
-    let worker = process(pid).expect("the worker's /proc entry");
+    // Issue 27: the module runs in a PID namespace of its own, as PID 2
+    // below the namespace's init (PID 1, devhost's child, which only waits
+    // and carries the parent-death signal: when it dies, the kernel ends
+    // the whole namespace; killing_devhost_with_sigkill_leaves_no_worker_behind
+    // checks that end to end).
+    assert_eq!((pid, ppid), (2, 1), "the module's own view: PID 2 of its namespace, below its init");
+    let host_pid = bed.worker("pid-report");
+    let worker = process(host_pid).expect("the worker's /proc entry");
+    let init = process(worker.ppid).expect("the namespace init's /proc entry");
+    assert_eq!(init.ppid, bed.pid, "the namespace's init is devhost's child");
     assert_eq!(worker.args, ["devhost", "__worker", "pid-report"], "ps shows what the worker is");
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("the worker's comm");
+    assert_eq!(init.args, ["devhost", "__worker", "pid-report"], "ps shows what the init is");
+    let comm = std::fs::read_to_string(format!("/proc/{host_pid}/comm")).expect("the worker's comm");
     assert_eq!(comm.trim_end(), "devhost-worker", "top and ps -e name the worker");
-    assert_eq!(pdeathsig, Signal::SIGKILL as i32, "the worker is killed when devhost dies");
-    // stdin (/dev/null), stdout and stderr (the log), the socket to devhost
-    // (twice: a reader and a writer) and the module's verified bytes (a
-    // memfd); nothing of devhost's (listeners, plugin sockets, the config).
+    assert_eq!(pdeathsig, 0, "the worker proper relies on its namespace's init to die with devhost");
+    let pid = host_pid;
+    // stdin (/dev/null), stdout and stderr (pipes devhost reads into its
+    // log, issue 27), the socket to devhost (twice: a reader and a writer)
+    // and the module's verified bytes (a memfd); nothing of devhost's
+    // (listeners, plugin sockets, the config).
     let open = open_files(pid);
     eprintln!("pid-report (process): the worker's descriptors: {open:?}");
     assert!(fds <= 6, "the worker inherits no stray descriptors: {fds} open: {open:?}");
     assert_eq!(open.len(), fds, "the fixture counted what /proc shows: {open:?}");
-    let log = std::fs::canonicalize(bed.node.dir.path().join("devhost.log")).expect("the log").display().to_string();
     let sockets: std::collections::BTreeSet<&String> = open.iter().filter(|t| t.starts_with("socket:")).collect();
     assert_eq!(sockets.len(), 1, "one socket, to devhost: {open:?}");
     for target in &open {
         assert!(
             target == "/dev/null"
-                || *target == log
+                || target.starts_with("pipe:")
                 || target.starts_with("socket:")
                 || target.starts_with("/memfd:devhost:"),
             "the worker holds {target:?}: {open:?}"
@@ -864,12 +876,15 @@ impl Drop for Reaper {
 async fn killing_devhost_with_sigkill_leaves_no_worker_behind() {
     let mut bed = Bed::start(Hostile::new("pid_report.c", CRASH_TIMEOUT_MS)).await;
     bed.wait_healthy("initially").await;
-    let (worker, ppid, _, _) = pid_report(&bed).await;
-    assert_eq!(ppid, bed.pid, "the worker is devhost's child");
+    let worker = bed.worker("pid-report");
+    let init = process(worker).expect("the worker").ppid;
+    assert_eq!(process(init).expect("its init").ppid, bed.pid, "the worker's namespace init is devhost's child");
     let neighbour = bed.worker("native-rust");
-    let _reaper = Reaper(vec![worker, neighbour]);
+    let neighbour_init = process(neighbour).expect("the neighbour").ppid;
+    let _reaper = Reaper(vec![worker, init, neighbour, neighbour_init]);
     // Stopped, the worker cannot notice its socket closing and exit on its
-    // own: only the parent-death signal (SIGKILL) can end it.
+    // own: only its init's parent-death signal (SIGKILL), which ends the
+    // init's whole PID namespace, can end it.
     kill(Pid::from_raw(worker), Signal::SIGSTOP).expect("stop the worker");
     let status = bed.devhost.stop_with(Signal::SIGKILL).await;
     assert!(!status.success(), "devhost was killed: {status}");
@@ -877,7 +892,7 @@ async fn killing_devhost_with_sigkill_leaves_no_worker_behind() {
     let deadline = killed + Duration::from_secs(5);
     loop {
         // Gone, or a zombie until init reaps it; either way no longer devhost's.
-        let left: Vec<Process> = [worker, neighbour]
+        let left: Vec<Process> = [worker, init, neighbour, neighbour_init]
             .into_iter()
             .filter_map(process)
             .filter(|p| p.state != 'Z' && p.args.get(1).is_some_and(|a| a == "__worker"))

@@ -193,6 +193,22 @@ async fn a_panicking_backend_goes_unhealthy_and_recovers_while_its_neighbour_ser
         .expect("re-initialised with back-off, healthy again");
 }
 
+/// The `devhost __worker <backend>` process below devhost's child of the
+/// same name (its PID namespace's init), as the host sees it.
+fn worker_of(devhost: i32, backend: &str) -> Option<i32> {
+    let stat = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    let parent = |pid: i32| stat(pid)?.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse::<i32>().ok();
+    let is_worker = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| cmdline == format!("devhost\0__worker\0{backend}\0").as_bytes())
+            && alive(pid)
+    };
+    let pids: Vec<i32> =
+        std::fs::read_dir("/proc").ok()?.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let init = pids.iter().copied().find(|&pid| parent(pid) == Some(devhost) && is_worker(pid))?;
+    Some(pids.iter().copied().find(|&pid| parent(pid) == Some(init) && is_worker(pid)).unwrap_or(init))
+}
+
 /// The process (not a zombie) `pid` exists.
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -216,9 +232,11 @@ async fn a_module_replaced_on_disk_serves_its_new_code_from_a_new_worker() {
     let devhost = node.start_devhost();
     kubelet.wait_for_registrations("fixture.example.com/pid-report", 1, WAIT).await.expect("first version");
     let answer = kubelet.allocate("fixture.example.com/pid-report", &["pid-0"]).await.expect("allocate");
-    let old_worker: i32 =
-        answer.container_responses[0].envs["FIXTURE_PID"].parse().expect("the fixture reports its worker's pid");
-    assert!(alive(old_worker), "the first worker runs");
+    assert_eq!(
+        answer.container_responses[0].envs["FIXTURE_PID"], "2",
+        "the fixture runs in its worker's own PID namespace"
+    );
+    let old_worker = worker_of(devhost.pid().as_raw(), "vendor").expect("the first worker runs");
 
     // Replace the module the way an upgrade does: a new file renamed over
     // it (noticed by the periodic rescan, which compares module files).

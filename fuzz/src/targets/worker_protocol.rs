@@ -30,7 +30,7 @@ use arbitrary::{Result as AResult, Unstructured};
 use devhost::backend::{Allocation, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
 use devhost::model::AttributeValue;
 use devhost::worker::protocol::{
-    Answer, Call, DevicesCall, Empty, Failure, FailureKind, Fault, Load, LogLine, MAX_FRAME, PreferredAnswer,
+    Answer, Call, Confine, DevicesCall, Empty, Failure, FailureKind, Fault, Load, LogLine, MAX_FRAME, PreferredAnswer,
     PreferredCall, Publish, Reply, Request, Resources, WireAllocation, WireAttribute, WireAttributeValue, WireDevice,
     WireDeviceSpec, WireMount, WireResource, frame, frame_len, read_frame, write_frame,
 };
@@ -66,7 +66,6 @@ impl Target for WorkerProtocol {
                 module: "/usr/lib/devhost/gpu.so".into(),
                 sha256: None,
                 config_json: "{}".into(),
-                memory_mb: 0,
             })),
         };
         let mut raw = vec![1, 0];
@@ -174,7 +173,6 @@ fn request(u: &mut Unstructured<'_>) -> AResult<Request> {
             module: string(u)?,
             sha256: u.arbitrary::<bool>()?.then(|| string(u)).transpose()?,
             config_json: string(u)?,
-            memory_mb: u.arbitrary()?,
         }),
         1 => Call::Init(Empty {}),
         2 => Call::Allocate(DevicesCall { resource: string(u)?, ids: strings(u)? }),
@@ -186,6 +184,14 @@ fn request(u: &mut Unstructured<'_>) -> AResult<Request> {
         }),
         4 => Call::PreStart(DevicesCall { resource: string(u)?, ids: strings(u)? }),
         5 => Call::Shutdown(Empty {}),
+        6 => Call::Confine(Confine {
+            capabilities: strings(u)?,
+            uid: u.arbitrary()?,
+            gid: u.arbitrary()?,
+            seccomp: u.arbitrary()?,
+            allow_unsandboxed: u.arbitrary()?,
+            disabled: u.arbitrary()?,
+        }),
         // No call at all: decodes as `call: None`.
         _ => return Ok(Request { id: u.arbitrary()?, call: None }),
     };

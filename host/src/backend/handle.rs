@@ -11,6 +11,14 @@
 //! threads another backend needs. A backend in a worker process
 //! ([`crate::worker`]) is killed when a call misses its deadline, which ends
 //! the call and frees its slot.
+//!
+//! One death is one fault: faults are counted per *generation* (one
+//! incarnation of the backend, from one `init` to the next re-init), so
+//! the calls and threads that all see the same crash cause one fault and
+//! one re-initialisation, and a late fault of an old generation never
+//! restarts the new one. The back-off doubles per consecutive fault,
+//! whatever call saw it, until the backend has served for
+//! [`STABLE_PERIOD`].
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -30,6 +38,15 @@ use crate::worker::WorkerBackend;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest back-off between re-initialisations.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a re-initialised backend must serve without a fault for its
+/// next fault to start the back-off over at [`FIRST_BACKOFF`]; a fault
+/// sooner is consecutive and doubles it. Equal to [`MAX_BACKOFF`]: a
+/// backend that faults only after serving this long is restarted at most
+/// about once a minute, no more often than the capped back-off would, so
+/// the reset never lets a flapping backend restart faster than the cap,
+/// while a fault within a minute of a re-init (a `poll` that hangs, a crash
+/// on the first call) is almost surely the same fault coming back.
+const STABLE_PERIOD: Duration = MAX_BACKOFF;
 /// Calls one backend may have running at once; more are refused at once.
 pub const MAX_CALLS_IN_FLIGHT: usize = 64;
 
@@ -97,8 +114,23 @@ pub struct BackendHandle {
     timeout: Duration,
     slots: Arc<Semaphore>,
     resources: Vec<(ResourceSpec, Arc<ResourceState>)>,
+    /// Which generation serves and whether its fault is being handled.
+    generation: std::sync::Mutex<Generation>,
+    /// Wakes the supervisor when a generation faults.
     faulted: Notify,
     faults: FaultHook,
+}
+
+/// One incarnation of a backend, from its `init` until its re-init.
+#[derive(Debug, Default)]
+struct Generation {
+    /// Bumped when a re-initialisation starts, once the old incarnation is
+    /// shut down: the faults of calls and publishers of older generations
+    /// are stale from then on.
+    number: u64,
+    /// This generation has faulted and the supervisor is re-initialising
+    /// it (or waiting its back-off): its further faults are the same one.
+    faulted: bool,
 }
 
 /// Turns a fault on the backend's own thread (a refused device list, a
@@ -113,7 +145,8 @@ impl FaultHook {
         let _ = self.0.set(Arc::downgrade(handle));
     }
 
-    fn into_fn(self) -> Arc<dyn Fn(BackgroundFault) + Send + Sync> {
+    /// The hook for the publisher of `generation`.
+    fn into_fn(self, generation: u64) -> Arc<dyn Fn(BackgroundFault) + Send + Sync> {
         Arc::new(move |fault: BackgroundFault| {
             if let Some(handle) = self.0.get().and_then(std::sync::Weak::upgrade) {
                 let (backend, operation, message) = (handle.name.clone(), fault.operation, fault.message);
@@ -122,7 +155,7 @@ impl FaultHook {
                     FaultKind::Panicked => CallError::Panicked { backend, operation, message },
                     FaultKind::Crashed => CallError::Crashed { backend, operation, cause: message },
                 };
-                handle.report_fault(&error);
+                handle.fault_of(generation, &error);
             }
         })
     }
@@ -149,7 +182,7 @@ impl BackendHandle {
         let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
         let publisher = Publisher::default();
         let faults = FaultHook::default();
-        publisher.on_fault(faults.clone().into_fn());
+        publisher.on_fault(faults.clone().into_fn(0));
         let specs = init(&name, &runner, &slots, timeout, publisher.clone()).await?;
         check_resources(&name, &specs)?;
         let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
@@ -160,6 +193,7 @@ impl BackendHandle {
             timeout,
             slots,
             resources: specs.into_iter().zip(states).collect(),
+            generation: std::sync::Mutex::default(),
             faulted: Notify::new(),
             faults: faults.clone(),
         });
@@ -187,6 +221,14 @@ impl BackendHandle {
         }
     }
 
+    /// What the sandbox of the backend's worker is; `None` in process.
+    pub fn sandbox(&self) -> Option<String> {
+        match &self.runner {
+            Runner::Worker(worker) => worker.sandbox(),
+            Runner::InProcess { .. } => None,
+        }
+    }
+
     /// Where the backend's code runs: `process` (a worker) or `none`.
     pub fn isolation(&self) -> &'static str {
         match &self.runner {
@@ -205,6 +247,7 @@ impl BackendHandle {
     /// Answers an `Allocate` for one container.
     pub async fn allocate(&self, resource: &str, ids: Vec<String>) -> Result<Allocation, CallError> {
         let operation = "allocate";
+        let generation = self.generation();
         let result = match &self.runner {
             Runner::InProcess { backend, .. } => {
                 let resource = resource.to_owned();
@@ -215,7 +258,7 @@ impl BackendHandle {
                 Err(error) => Err(error),
             },
         };
-        self.settle(operation, result)
+        self.settle(operation, generation, result)
     }
 
     /// Answers `GetPreferredAllocation`, or `None` for the default policy.
@@ -225,6 +268,7 @@ impl BackendHandle {
         request: PreferredRequest,
     ) -> Result<Option<Vec<String>>, CallError> {
         let operation = "preferred_allocation";
+        let generation = self.generation();
         let result = match &self.runner {
             Runner::InProcess { backend, .. } => {
                 let resource = resource.to_owned();
@@ -235,12 +279,13 @@ impl BackendHandle {
                 Err(error) => Err(error),
             },
         };
-        self.settle(operation, result)
+        self.settle(operation, generation, result)
     }
 
     /// Runs `PreStartContainer`.
     pub async fn pre_start(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
         let operation = "pre_start";
+        let generation = self.generation();
         let result = match &self.runner {
             Runner::InProcess { backend, .. } => {
                 let resource = resource.to_owned();
@@ -251,12 +296,13 @@ impl BackendHandle {
                 Err(error) => Err(error),
             },
         };
-        self.settle(operation, result)
+        self.settle(operation, generation, result)
     }
 
     /// Frees devices no container holds any more (ABI 1.1 `release`).
     pub async fn release(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
         let operation = "release";
+        let generation = self.generation();
         let result = match &self.runner {
             Runner::InProcess { backend, .. } => {
                 let resource = resource.to_owned();
@@ -267,7 +313,7 @@ impl BackendHandle {
                 Err(error) => Err(error),
             },
         };
-        self.settle(operation, result)
+        self.settle(operation, generation, result)
     }
 
     /// Whether the backend wants [`poll`](Self::poll) called (a native
@@ -283,6 +329,7 @@ impl BackendHandle {
     /// (ABI 1.1 `poll`), with the deadline; a fault re-initialises it.
     pub async fn poll(&self) -> Result<(), CallError> {
         let operation = "poll";
+        let generation = self.generation();
         let result = match &self.runner {
             Runner::InProcess { backend, .. } => self.in_process(operation, backend, |b| b.poll()).await,
             Runner::Worker(worker) => match self.slot(operation) {
@@ -290,7 +337,7 @@ impl BackendHandle {
                 Err(error) => Err(error),
             },
         };
-        self.settle(operation, result)
+        self.settle(operation, generation, result)
     }
 
     /// Calls [`poll`](Self::poll) every `interval` until `cancel` fires or
@@ -339,25 +386,91 @@ impl BackendHandle {
         run_blocking(&self.name, operation, self.timeout, backend.clone(), slot, f).await
     }
 
-    /// Counts an error and turns a fault into Unhealthy devices.
-    fn settle<T>(&self, operation: &'static str, result: Result<T, CallError>) -> Result<T, CallError> {
+    /// The generation serving now; a call notes it before it starts, so
+    /// that its fault is charged to the incarnation it ran in.
+    fn generation(&self) -> u64 {
+        lock(&self.generation).number
+    }
+
+    /// Counts an error and turns a fault of `generation` into Unhealthy
+    /// devices.
+    fn settle<T>(
+        &self,
+        operation: &'static str,
+        generation: u64,
+        result: Result<T, CallError>,
+    ) -> Result<T, CallError> {
         match &result {
-            Err(error) if error.is_fault() => self.report_fault(error),
+            Err(error) if error.is_fault() => self.fault_of(generation, error),
             Err(error) => crate::telemetry::global().backend_error(&self.name, operation, error.kind()),
             Ok(_) => {}
         }
         result
     }
 
-    /// Counts the fault, marks every device of this backend Unhealthy with
-    /// `error` as the reason, and wakes the supervisor to re-initialise it.
+    /// Counts the fault and, if it is the first of the generation serving
+    /// now, marks every device of this backend Unhealthy with `error` as
+    /// the reason and wakes the supervisor to re-initialise it.
     pub fn report_fault(&self, error: &CallError) {
+        self.fault_of(self.generation(), error);
+    }
+
+    /// [`report_fault`](Self::report_fault) for a fault seen by a call or
+    /// thread of `generation`. Every failed call is counted
+    /// (`devhost_backend_call_errors_total`), but one generation faults
+    /// once: the calls in flight when a worker dies all fail, and are one
+    /// fault. A fault of an older generation (a call that ended after the
+    /// re-init began, an old publisher) is stale and faults nothing.
+    fn fault_of(&self, generation: u64, error: &CallError) {
         crate::telemetry::global().backend_error(&self.name, error.operation(), error.kind());
+        let mut current = lock(&self.generation);
+        if current.number != generation || current.faulted {
+            drop(current);
+            tracing::debug!(backend = %self.name, %error, "fault of a generation already being replaced; not handled again");
+            return;
+        }
+        current.faulted = true;
         tracing::error!(backend = %self.name, %error, "backend faulted; its devices are now Unhealthy");
+        // Marked under the lock, so the supervisor's clearing of a
+        // successful re-init can never land after this mark.
         for (_, state) in &self.resources {
             state.set_fault(Some(error.to_string()));
         }
+        drop(current);
         self.faulted.notify_one();
+    }
+
+    /// Whether the generation serving now has faulted (a re-init is due).
+    fn fault_pending(&self) -> bool {
+        lock(&self.generation).faulted
+    }
+
+    /// Starts a new generation: from now on faults of the old one are
+    /// stale. Returns its number.
+    fn next_generation(&self) -> u64 {
+        let mut current = lock(&self.generation);
+        current.number += 1;
+        current.faulted = false;
+        current.number
+    }
+
+    /// After `generation` initialised: lifts the Unhealthy mark unless it
+    /// faulted already. Returns whether it did.
+    fn recovered(&self, generation: u64) -> bool {
+        let current = lock(&self.generation);
+        if current.number != generation || current.faulted {
+            return false;
+        }
+        for (_, state) in &self.resources {
+            state.set_fault(None);
+        }
+        true
+    }
+
+    /// A re-initialisation failed: the generation serving (none, really)
+    /// still needs one.
+    fn still_faulted(&self) {
+        lock(&self.generation).faulted = true;
     }
 
     /// Calls the backend's `shutdown` (with the deadline) and reports how
@@ -377,44 +490,94 @@ impl BackendHandle {
     }
 }
 
-/// Re-initialises the backend after each fault, with exponential back-off,
-/// until it succeeds; then lifts the Unhealthy mark.
-async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = handle.faulted.notified() => {}
+/// The waits between one backend's re-initialisations: [`FIRST_BACKOFF`],
+/// doubling per consecutive attempt up to [`MAX_BACKOFF`], and back to the
+/// first once the backend has served for [`STABLE_PERIOD`]. A successful
+/// re-init does not start it over: a backend that faults again right after
+/// each one is a backend that keeps failing.
+#[derive(Debug)]
+struct Backoff {
+    /// The wait before the next attempt (unless the backend was stable).
+    next: Duration,
+    /// Attempts since the back-off last started over.
+    attempts: u32,
+    /// Since when the backend has served, if it does (from its start or its
+    /// last successful re-init); `None` while attempts are under way.
+    serving_since: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    fn new(started: tokio::time::Instant) -> Self {
+        Backoff { next: FIRST_BACKOFF, attempts: 0, serving_since: Some(started) }
+    }
+
+    /// The wait before the attempt due to a fault seen at `now`, and how
+    /// many attempts in a row it makes.
+    fn wait(&mut self, now: tokio::time::Instant) -> (Duration, u32) {
+        if self.serving_since.take().is_some_and(|since| now.saturating_duration_since(since) >= STABLE_PERIOD) {
+            self.next = FIRST_BACKOFF;
+            self.attempts = 0;
         }
-        let mut backoff = FIRST_BACKOFF;
-        loop {
+        let wait = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        self.attempts += 1;
+        (wait, self.attempts)
+    }
+
+    /// The backend serves again, from `now`.
+    fn recovered(&mut self, now: tokio::time::Instant) {
+        self.serving_since = Some(now);
+    }
+}
+
+/// Re-initialises the backend after each fault, waiting its [`Backoff`]
+/// first, until it succeeds; then lifts the Unhealthy mark.
+async fn supervise(handle: Arc<BackendHandle>, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(tokio::time::Instant::now());
+    loop {
+        // A wake-up with no fault pending (left by a fault that turned out
+        // stale or a duplicate) only checks again.
+        while !handle.fault_pending() {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = handle.faulted.notified() => {}
             }
-            match reinit(&handle).await {
-                Ok(()) => {
+        }
+        let (wait, attempt) = backoff.wait(tokio::time::Instant::now());
+        tracing::info!(backend = %handle.name, backoff = ?wait, attempt, "re-initialising backend after its back-off");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match reinit(&handle).await {
+            Ok(generation) => {
+                backoff.recovered(tokio::time::Instant::now());
+                crate::telemetry::global().backend_restarted(&handle.name);
+                handle.announce();
+                if handle.recovered(generation) {
                     tracing::info!(backend = %handle.name, "backend re-initialised; its devices report their own health again");
-                    crate::telemetry::global().backend_restarted(&handle.name);
-                    handle.announce();
-                    for (_, state) in &handle.resources {
-                        state.set_fault(None);
-                    }
-                    break;
+                } else {
+                    tracing::warn!(backend = %handle.name, "backend re-initialised, but it faulted again already");
                 }
-                Err(error) => {
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    tracing::warn!(backend = %handle.name, %error, retry_in = ?backoff, "re-initialising backend failed");
-                }
+            }
+            Err(error) => {
+                handle.still_faulted();
+                tracing::warn!(backend = %handle.name, %error, retry_in = ?backoff.next, "re-initialising backend failed");
             }
         }
     }
 }
 
-async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
+/// Shuts the old generation down and initialises a new one; returns its
+/// number.
+async fn reinit(handle: &BackendHandle) -> Result<u64, StartError> {
     shutdown(&handle.name, &handle.runner, &handle.slots, handle.timeout).await?;
+    // Only now: the calls still in flight in the old generation (failing
+    // as it is shut down) are charged to it, not to the new one.
+    let generation = handle.next_generation();
     let states: Vec<Arc<ResourceState>> = handle.resources.iter().map(|(_, state)| state.clone()).collect();
     let publisher = Publisher::for_states(&states);
-    publisher.on_fault(handle.faults.clone().into_fn());
+    publisher.on_fault(handle.faults.clone().into_fn(generation));
     let specs = init(&handle.name, &handle.runner, &handle.slots, handle.timeout, publisher).await?;
     let expected: Vec<&ResourceSpec> = handle.resources.iter().map(|(spec, _)| spec).collect();
     if specs.iter().collect::<Vec<_>>() != expected {
@@ -423,7 +586,7 @@ async fn reinit(handle: &BackendHandle) -> Result<(), StartError> {
             message: "re-initialised with different resources than at start; restart devhost to change them".into(),
         });
     }
-    Ok(())
+    Ok(generation)
 }
 
 async fn init(
@@ -528,6 +691,10 @@ fn outcome<T>(
         Ok(Err(error)) => Err(CallError::Failed { backend, operation, message: error.message }),
         Ok(Ok(value)) => Ok(value),
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -698,5 +865,103 @@ mod tests {
         );
         assert_eq!(state.snapshot().devices, vec![Device::healthy("x0")], "the last good list is kept");
         eventually(|| state.snapshot().fault.is_none()).await;
+    }
+
+    #[test]
+    fn backoff_doubles_per_consecutive_fault_and_starts_over_after_a_stable_period() {
+        let start = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(start);
+        let mut now = start + Duration::from_secs(1);
+        let mut waits = Vec::new();
+        // Each attempt succeeds and the backend faults again 5 s later:
+        // consecutive, although every re-init succeeded.
+        for _ in 0..10 {
+            let (wait, _) = backoff.wait(now);
+            waits.push(wait.as_millis());
+            now += wait;
+            backoff.recovered(now);
+            now += Duration::from_secs(5);
+        }
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]);
+        // Failed attempts (no recovery between them) double too.
+        let (wait, attempt) = backoff.wait(now);
+        assert_eq!((wait, attempt), (MAX_BACKOFF, 11));
+        // Served a stable period since its last re-init: starts over.
+        backoff.recovered(now);
+        now += STABLE_PERIOD;
+        assert_eq!(backoff.wait(now), (FIRST_BACKOFF, 1));
+        // Just short of it: consecutive.
+        backoff.recovered(now);
+        now += STABLE_PERIOD - Duration::from_millis(1);
+        assert_eq!(backoff.wait(now), (Duration::from_secs(1), 2));
+    }
+
+    /// Paused time: the supervisor's sleeps are exact, and the test sees
+    /// each re-initialisation within its 10 ms polling.
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_that_faults_right_after_each_reinit_waits_longer_each_time() {
+        let keeper = Arc::new(Keeper::default());
+        let handle = BackendHandle::start("keeper", keeper.clone(), Duration::from_secs(5), CancellationToken::new())
+            .await
+            .expect("starts");
+        let state = handle.resources()[0].1.clone();
+        let mut waited = Vec::new();
+        // 0.5 s to 8 s: each within `eventually`'s 10 s.
+        for _ in 0..5 {
+            let faulted = tokio::time::Instant::now();
+            handle.allocate("t.io/x", vec!["garbage".into()]).await.expect_err("invalid data");
+            assert!(state.snapshot().fault.is_some(), "faulted");
+            eventually(|| state.snapshot().fault.is_none()).await;
+            waited.push(faulted.elapsed());
+        }
+        // The old supervisor started over after every successful re-init:
+        // 0.5 s each time, for ever.
+        for (i, wait) in waited.iter().enumerate() {
+            let backoff = FIRST_BACKOFF * 2u32.pow(i as u32);
+            assert!(
+                *wait >= backoff && *wait < backoff + Duration::from_millis(100),
+                "re-init #{} came {wait:?} after its fault, expected {backoff:?} (all: {waited:?})",
+                i + 1
+            );
+        }
+        assert_eq!(keeper.inits.load(std::sync::atomic::Ordering::SeqCst), 6, "one re-init per fault");
+        // Served a stable period: the next fault waits the first back-off.
+        tokio::time::sleep(STABLE_PERIOD).await;
+        let faulted = tokio::time::Instant::now();
+        handle.allocate("t.io/x", vec!["garbage".into()]).await.expect_err("invalid data");
+        eventually(|| state.snapshot().fault.is_none()).await;
+        let wait = faulted.elapsed();
+        assert!(wait >= FIRST_BACKOFF && wait < FIRST_BACKOFF * 2, "started over: {wait:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_generation_faults_once_and_its_stale_faults_fault_nothing() {
+        let keeper = Arc::new(Keeper::default());
+        let handle = BackendHandle::start("keeper", keeper.clone(), Duration::from_secs(5), CancellationToken::new())
+            .await
+            .expect("starts");
+        let state = handle.resources()[0].1.clone();
+        let old_publisher = keeper.publisher.lock().expect("lock").clone().expect("kept at init");
+        // Three calls see the same broken generation (as the calls in
+        // flight when a worker dies all fail): one fault, one re-init.
+        for _ in 0..3 {
+            handle.allocate("t.io/x", vec!["garbage".into()]).await.expect_err("invalid data");
+        }
+        eventually(|| state.snapshot().fault.is_none()).await;
+        // Long past any back-off: no second re-init replaced the first.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(keeper.inits.load(std::sync::atomic::Ordering::SeqCst), 2, "re-initialised once");
+        // A thread of the old generation reports a fault late: stale.
+        let refused = old_publisher.publish("t.io/x", vec![Device::healthy("")]);
+        assert!(matches!(refused, Err(crate::device_state::PublishError::EmptyId { .. })), "{refused:?}");
+        assert_eq!(state.snapshot().fault, None, "the new generation keeps serving");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(keeper.inits.load(std::sync::atomic::Ordering::SeqCst), 2, "no re-init for a stale fault");
+        // The new generation's own fault still counts.
+        let publisher = keeper.publisher.lock().expect("lock").clone().expect("kept at re-init");
+        let _ = publisher.publish("t.io/x", vec![Device::healthy("")]);
+        assert!(state.snapshot().fault.is_some(), "its own fault marks the devices");
+        eventually(|| state.snapshot().fault.is_none()).await;
+        assert_eq!(keeper.inits.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }

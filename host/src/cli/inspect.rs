@@ -85,6 +85,9 @@ struct ListedBackend {
     /// the code actually loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     isolation: Option<&'static str>,
+    /// The worker's sandbox, for a native module in a worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sandbox: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sha256: Option<String>,
     resources: Vec<ListedResource>,
@@ -230,6 +233,7 @@ pub async fn list(path: &Path, json: bool) -> ExitCode {
             file: error.file.clone(),
             error: Some(error.to_string()),
             isolation: None,
+            sandbox: None,
             sha256: None,
             resources: Vec::new(),
         })
@@ -277,6 +281,7 @@ async fn list_backend(
         file: config.file.clone(),
         error: None,
         isolation: None,
+        sandbox: None,
         sha256: None,
         resources: Vec::new(),
     };
@@ -293,6 +298,7 @@ async fn list_backend(
         Ok(handle) => {
             listed.sha256 = handle.running_sha256();
             listed.isolation = listed.sha256.is_some().then(|| handle.isolation());
+            listed.sandbox = handle.sandbox();
             for (spec, state) in handle.resources() {
                 let snapshot = state.snapshot();
                 let published: BTreeMap<&str, &Device> =
@@ -342,6 +348,9 @@ fn print_table(listed: &[ListedBackend]) {
         }
         if let (Some(isolation), Some(sha256)) = (backend.isolation, &backend.sha256) {
             println!("{:<16} module sha256 {sha256} (isolation: {isolation})", backend.backend);
+        }
+        if let Some(sandbox) = &backend.sandbox {
+            println!("{:<16} sandbox: {sandbox}", backend.backend);
         }
         for resource in &backend.resources {
             if let Some(driver) = &resource.dra_driver {

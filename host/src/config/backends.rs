@@ -17,6 +17,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::StaticConfig;
+use super::worker_sandbox::RawWorkerKeys;
+pub use super::worker_sandbox::WorkerSandbox;
 use super::{ConfigError, line_column};
 pub use crate::wasm::SandboxConfig;
 
@@ -43,14 +45,11 @@ pub enum BackendSource {
 }
 
 /// Where a native module's code runs (`[backend] isolation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Isolation {
-    /// In a worker process of its own (the default for native modules): a
-    /// crash or hang costs only this backend.
-    Process {
-        /// Address-space limit of the worker (`[backend] memory_mb`).
-        memory_mb: Option<u64>,
-    },
+    /// In a worker process of its own (the default for native modules), in
+    /// its sandbox: a crash, hang or hostile call costs only this backend.
+    Process(WorkerSandbox),
     /// In devhost's own process: no per-call cost, but a crash in the
     /// module takes devhost down.
     None,
@@ -138,6 +137,27 @@ struct RawBackend {
     poll_interval_ms: Option<Spanned<u64>>,
     isolation: Option<Spanned<String>>,
     memory_mb: Option<Spanned<u64>>,
+    pids_max: Option<Spanned<u64>>,
+    capabilities: Option<Spanned<Vec<Spanned<String>>>>,
+    uid: Option<Spanned<u32>>,
+    gid: Option<Spanned<u32>>,
+    seccomp: Option<Spanned<bool>>,
+    unsandboxed: Option<Spanned<String>>,
+}
+
+impl RawBackend {
+    /// The worker sandbox's keys, taken out of the table.
+    fn take_worker_keys(&mut self) -> RawWorkerKeys {
+        RawWorkerKeys {
+            memory_mb: self.memory_mb.take(),
+            pids_max: self.pids_max.take(),
+            capabilities: self.capabilities.take(),
+            uid: self.uid.take(),
+            gid: self.gid.take(),
+            seccomp: self.seccomp.take(),
+            unsandboxed: self.unsandboxed.take(),
+        }
+    }
 }
 
 /// How often a native module's ABI 1.1 `poll` is called by default.
@@ -346,13 +366,14 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
     // 10,000 devices the TOML parse is most of the start-up time and its
     // peak memory. Any other file (a module's free-form `[config]`), or one
     // with an error, is parsed as before, so every message stays the same.
-    let (raw, static_config) = match toml::from_str::<RawFile<Spanned<super::static_backend::RawConfig>>>(source) {
+    let (mut raw, static_config) = match toml::from_str::<RawFile<Spanned<super::static_backend::RawConfig>>>(source) {
         Ok(raw) if raw.backend.kind.is_some() && raw.backend.module.is_none() => raw.split(),
         _ => (toml::from_str::<RawFile>(source).map_err(|error| ConfigError::from_toml(file, source, &error))?, None),
     };
     let name = file.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default().to_owned();
     let at = |span, message: String| ConfigError::at(file, source, span, message);
 
+    let worker_keys = raw.backend.take_worker_keys();
     let call_timeout = match raw.backend.call_timeout_ms {
         Some(ms) if *ms.get_ref() == 0 => return Err(at(ms.span(), "call_timeout_ms must be at least 1".into())),
         Some(ms) => Duration::from_millis(*ms.get_ref()),
@@ -395,11 +416,8 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                     "isolation applies to native modules; a built-in kind has none".into(),
                 ));
             }
-            if let Some(mb) = raw.backend.memory_mb {
-                return Err(at(
-                    mb.span(),
-                    "memory_mb limits a native module's worker; a built-in kind has none".into(),
-                ));
+            if let Some((key, span)) = worker_keys.first_set() {
+                return Err(at(span, format!("{key} applies to a native module's worker; a built-in kind has none")));
             }
             let config = match static_config {
                 Some(config) => StaticConfig::from_raw(file, source, Some(config))?,
@@ -427,7 +445,7 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                 None if is_wasm => Some(SandboxConfig::default()),
                 None => None,
             };
-            let isolation = parse_isolation(raw.backend.isolation, raw.backend.memory_mb, is_wasm, &at)?;
+            let isolation = parse_isolation(raw.backend.isolation, worker_keys, is_wasm, &at)?;
             BackendSource::Module { path: base.join(module.get_ref()), sha256, wasm, isolation }
         }
         (Some(kind), Some(_)) => {
@@ -468,11 +486,12 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
     })
 }
 
-/// `isolation` and `memory_mb` of a module: process isolation by default
-/// for native modules; neither key for WASM (its sandbox is its isolation).
+/// `isolation` and the worker's sandbox keys of a module: process
+/// isolation, sandboxed, by default for native modules; none of these keys
+/// for WASM (its sandbox is its isolation) or `isolation = "none"`.
 fn parse_isolation(
     isolation: Option<Spanned<String>>,
-    memory_mb: Option<Spanned<u64>>,
+    worker_keys: RawWorkerKeys,
     is_wasm: bool,
     at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
 ) -> Result<Isolation, ConfigError> {
@@ -483,25 +502,24 @@ fn parse_isolation(
                 "isolation applies to native modules; a WASM component runs in its [sandbox]".into(),
             ));
         }
-        if let Some(mb) = memory_mb {
+        if let Some(mb) = &worker_keys.memory_mb {
             return Err(at(mb.span(), "a WASM component's memory is limited by [sandbox] memory_mb".into()));
+        }
+        if let Some((key, span)) = worker_keys.first_set() {
+            return Err(at(span, format!("{key} applies to a native module's worker; a WASM component has none")));
         }
         return Ok(Isolation::None);
     }
-    if let Some(mb) = &memory_mb
-        && *mb.get_ref() < 16
-    {
-        return Err(at(mb.span(), "memory_mb must be at least 16 (the worker itself needs some)".into()));
-    }
-    let memory_mb = memory_mb.map(Spanned::into_inner);
     match isolation {
-        None => Ok(Isolation::Process { memory_mb }),
+        None => Ok(Isolation::Process(worker_keys.parse(at)?)),
         Some(value) => match value.get_ref().as_str() {
-            "process" => Ok(Isolation::Process { memory_mb }),
-            "none" if memory_mb.is_some() => {
-                Err(at(value.span(), "memory_mb needs isolation = \"process\" (it limits the worker)".into()))
-            }
-            "none" => Ok(Isolation::None),
+            "process" => Ok(Isolation::Process(worker_keys.parse(at)?)),
+            "none" => match worker_keys.first_set() {
+                Some((key, _)) => {
+                    Err(at(value.span(), format!("{key} needs isolation = \"process\" (it applies to the worker)")))
+                }
+                None => Ok(Isolation::None),
+            },
             other => Err(at(value.span(), format!("isolation must be \"process\" or \"none\", not {other:?}"))),
         },
     }
@@ -687,7 +705,7 @@ id = "a0"
                 path: "/etc/devhost/backends.d/libgpu.so".into(),
                 sha256: None,
                 wasm: None,
-                isolation: Isolation::Process { memory_mb: None }
+                isolation: Isolation::Process(WorkerSandbox::default())
             }
         );
         assert_eq!(config.call_timeout, Duration::from_millis(250));
@@ -715,10 +733,25 @@ id = "a0"
             BackendSource::Module { isolation, .. } => isolation,
             other => panic!("not a module: {other:?}"),
         };
-        assert_eq!(isolation("[backend]\nmodule = \"g.so\"\n"), Isolation::Process { memory_mb: None });
+        assert_eq!(isolation("[backend]\nmodule = \"g.so\"\n"), Isolation::Process(WorkerSandbox::default()));
         assert_eq!(
             isolation("[backend]\nmodule = \"g.so\"\nisolation = \"process\"\nmemory_mb = 64\n"),
-            Isolation::Process { memory_mb: Some(64) }
+            Isolation::Process(WorkerSandbox { memory_mb: 64, ..WorkerSandbox::default() })
+        );
+        assert_eq!(
+            isolation(
+                "[backend]\nmodule = \"g.so\"\npids_max = 32\ncapabilities = [\"sys_admin\", \"CAP_SYS_ADMIN\"]\nuid = 65534\ngid = 65534\nseccomp = false\nunsandboxed = \"allow\"\n"
+            ),
+            Isolation::Process(WorkerSandbox {
+                memory_mb: 256,
+                pids_max: 32,
+                capabilities: vec!["CAP_SYS_ADMIN".to_owned()],
+                uid: Some(65534),
+                gid: Some(65534),
+                seccomp: false,
+                allow_unsandboxed: true,
+                disabled: false,
+            })
         );
         assert_eq!(isolation("[backend]\nmodule = \"g.so\"\nisolation = \"none\"\n"), Isolation::None);
         assert_eq!(isolation("[backend]\nmodule = \"n.wasm\"\n"), Isolation::None);
@@ -729,7 +762,7 @@ id = "a0"
             ),
             (
                 "[backend]\nmodule = \"g.so\"\nisolation = \"none\"\nmemory_mb = 64\n",
-                "3:13: memory_mb needs isolation = \"process\" (it limits the worker)",
+                "3:13: memory_mb needs isolation = \"process\" (it applies to the worker)",
             ),
             (
                 "[backend]\nmodule = \"g.so\"\nmemory_mb = 8\n",
@@ -743,10 +776,37 @@ id = "a0"
                 "[backend]\nkind = \"static\"\nisolation = \"none\"\n",
                 "3:13: isolation applies to native modules; a built-in kind has none",
             ),
+            (
+                "[backend]\nmodule = \"g.so\"\npids_max = 2\n",
+                "3:12: pids_max must be at least 8 (the worker's own threads count)",
+            ),
+            ("[backend]\nmodule = \"g.so\"\ncapabilities = [\"CAP_SYS_ADMIN\", \"CAP_FLY\"]\n", "3:34: capabilities: "),
+            (
+                "[backend]\nmodule = \"g.so\"\nunsandboxed = \"maybe\"\n",
+                "3:15: unsandboxed must be \"refuse\", \"allow\" or \"always\", not \"maybe\"",
+            ),
+            (
+                "[backend]\nmodule = \"g.so\"\nisolation = \"none\"\nseccomp = false\n",
+                "3:13: seccomp needs isolation = \"process\" (it applies to the worker)",
+            ),
+            (
+                "[backend]\nkind = \"static\"\npids_max = 64\n",
+                "3:12: pids_max applies to a native module's worker; a built-in kind has none",
+            ),
+            (
+                "[backend]\nmodule = \"n.wasm\"\ncapabilities = []\n",
+                "3:16: capabilities applies to a native module's worker; a WASM component has none",
+            ),
         ];
         for (text, expected) in refused {
-            let error = parse(text).expect_err(text);
-            assert_eq!(error.to_string(), format!("{}:{expected}", file.display()), "{text}");
+            let error = parse(text).expect_err(text).to_string();
+            let expected = format!("{}:{expected}", file.display());
+            // A capability's message is the parser's own; its place is ours.
+            if expected.ends_with("capabilities: ") {
+                assert!(error.starts_with(&expected) && error.contains("CAP_FLY"), "{text}: {error}");
+            } else {
+                assert_eq!(error, expected, "{text}");
+            }
         }
     }
 

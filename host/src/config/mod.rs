@@ -13,10 +13,11 @@ mod error;
 mod host;
 mod resource_settings;
 pub mod static_backend;
+mod worker_sandbox;
 
 pub use backends::{
-    BackendConfig, BackendSource, Isolation, LoadedBackends, ParseCache, load_backends, load_backends_cached,
-    parse_backend,
+    BackendConfig, BackendSource, Isolation, LoadedBackends, ParseCache, WorkerSandbox, load_backends,
+    load_backends_cached, parse_backend,
 };
 pub use error::{ConfigError, line_column};
 pub use host::{DraSettings, HostConfig, LogFormat, Overrides};

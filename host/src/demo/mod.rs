@@ -297,6 +297,16 @@ fn with_local_modules(backends: &std::path::Path, copy: &std::path::Path) -> any
             };
             text = text
                 .replace(&format!("{:?}", module.display().to_string()), &format!("{:?}", used.display().to_string()));
+            // A worker's sandbox (its own PID namespace and cgroup) needs
+            // root; a tour as another user runs it without, and says so.
+            let native = used.extension().is_none_or(|ext| ext != "wasm");
+            if native && !nix::unistd::geteuid().is_root() && !text.contains("unsandboxed") {
+                text = text.replacen("[backend]\n", "[backend]\nunsandboxed = \"allow\"\n", 1);
+                println!(
+                    "{}: not root, so its worker runs without the sandbox's namespace and cgroup (unsandboxed = \"allow\")",
+                    file.display()
+                );
+            }
         }
         std::fs::write(copy.join(file.file_name().unwrap_or_default()), text)?;
     }

@@ -217,8 +217,20 @@ unsafe extern "C" fn log(host: *mut DevhostHost, level: u32, message: DevhostStr
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: a non-NULL `host` is a leaked, never-freed `HostContext`.
         let module = unsafe { host.cast::<HostContext>().as_ref() }.map_or("(entry point)", |ctx| &ctx.module);
+        // Limited before anything is copied: a module logging in a tight
+        // loop costs a lock per line, not the log (in a worker: not the
+        // socket to devhost either, which limits again).
+        let limiter = crate::log_limit::api_log(module);
+        let verdict = limiter.check();
+        if let Some(dropped) = verdict.summary {
+            tracing::warn!(backend = %module, dropped, "{}", crate::log_limit::LOG_DROPPED);
+        }
+        if !verdict.admit {
+            return;
+        }
         // SAFETY: the ABI makes `message` valid during the call.
         let text = unsafe { read_str(message, "the log message") }.unwrap_or_else(|error| error);
+        let text = crate::log_limit::cut(text.as_bytes(), text.len(), limiter.policy().max_line);
         match level {
             DEVHOST_LOG_ERROR => tracing::error!(backend = %module, "{text}"),
             DEVHOST_LOG_WARN => tracing::warn!(backend = %module, "{text}"),

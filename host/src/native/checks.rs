@@ -222,15 +222,28 @@ fn memfd_create(name: &CString, flags: libc::c_uint) -> std::io::Result<OwnedFd>
 }
 
 /// Seals the image: no more writes, no resizing, no more seals.
+///
+/// `F_SEAL_WRITE` fails with `EBUSY` while the kernel still holds extra
+/// references to pages just written (they can sit in a per-CPU batch for
+/// a moment; seen on Linux 6.18 with other processes starting alongside):
+/// tried again for up to about 200 ms before that is an error.
 fn seal(image: &File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-    // SAFETY: the descriptor is open (borrowed from `image`); F_ADD_SEALS
-    // takes an int argument and touches no memory of ours.
-    if unsafe { libc::fcntl(image.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut tries = 0;
+    loop {
+        // SAFETY: the descriptor is open (borrowed from `image`); F_ADD_SEALS
+        // takes an int argument and touches no memory of ours.
+        if unsafe { libc::fcntl(image.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        tries += 1;
+        if error.raw_os_error() != Some(libc::EBUSY) || tries >= 20 {
+            return Err(error);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
 }
 
 /// The pin in lower case, if it is 64 hex digits.

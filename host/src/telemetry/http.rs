@@ -321,7 +321,14 @@ async fn metrics() -> impl IntoResponse {
 
 async fn readyz() -> impl IntoResponse {
     match super::global().readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => {
+            let mut text = "ready\n".to_owned();
+            for warning in super::global().readiness_warnings() {
+                text += &warning;
+                text.push('\n');
+            }
+            (StatusCode::OK, text)
+        }
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }

@@ -57,6 +57,13 @@ struct BackendCallLabels {
     kind: String,
 }
 
+/// A worker protection of a backend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SandboxLabels {
+    backend: String,
+    protection: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabel {
     backend: String,
@@ -83,7 +90,14 @@ pub struct Telemetry {
     rpc_seconds: Family<RpcLabels, Histogram>,
     backend_errors: Family<BackendCallLabels, Counter>,
     backend_restarts: Family<BackendLabel, Counter>,
+    worker_oom_kills: Family<BackendLabel, Counter>,
+    worker_sandbox: Family<SandboxLabels, Gauge>,
+    /// Backends whose worker runs without part of its sandbox, and what
+    /// it lacks (said in `/readyz`).
+    unsandboxed: Mutex<std::collections::BTreeMap<String, String>>,
     backend_info: Family<BackendInfoLabels, Gauge>,
+    backend_output_dropped: Family<BackendLabel, Counter>,
+    backend_log_dropped: Family<BackendLabel, Counter>,
     /// The one `backend_info` series of each backend.
     backend_info_labels: Mutex<BTreeMap<String, BackendInfoLabels>>,
     registrations: Family<ResourceLabel, Counter>,
@@ -161,11 +175,35 @@ impl Telemetry {
         );
         let backend_restarts = Family::<BackendLabel, Counter>::default();
         registry.register("backend_restarts", "Backends re-initialised after a fault", backend_restarts.clone());
+        let worker_oom_kills = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "worker_oom_kills",
+            "Native backends' workers killed by the kernel at their cgroup's memory limit (memory_mb)",
+            worker_oom_kills.clone(),
+        );
+        let worker_sandbox = Family::<SandboxLabels, Gauge>::default();
+        registry.register(
+            "worker_sandbox",
+            "1 if the current worker of a native backend has this protection (pid_namespace, cgroup, lockdown: no_new_privs, capabilities, seccomp), 0 if the kernel refused it and the backend's file allowed running without",
+            worker_sandbox.clone(),
+        );
         let backend_info = Family::<BackendInfoLabels, Gauge>::default();
         registry.register(
             "backend_info",
             "1 per running module backend: where it runs and the SHA-256 of the code actually loaded",
             backend_info.clone(),
+        );
+        let backend_output_dropped = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "backend_output_dropped",
+            "Lines a worker's module wrote to its stdout or stderr that were over the rate limit and not logged",
+            backend_output_dropped.clone(),
+        );
+        let backend_log_dropped = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "backend_log_dropped",
+            "Lines a module logged through the host callback that were over the rate limit and not logged",
+            backend_log_dropped.clone(),
         );
         let registrations = Family::<ResourceLabel, Counter>::default();
         registry.register("registrations", "Successful Register calls to the kubelet", registrations.clone());
@@ -241,7 +279,12 @@ impl Telemetry {
             rpc_seconds,
             backend_errors,
             backend_restarts,
+            worker_oom_kills,
+            worker_sandbox,
+            unsandboxed: Mutex::default(),
             backend_info,
+            backend_output_dropped,
+            backend_log_dropped,
             backend_info_labels: Mutex::default(),
             registrations,
             kubelet_restarts,
@@ -401,6 +444,51 @@ impl Telemetry {
     /// A backend re-initialised after a fault.
     pub fn backend_restarted(&self, backend: &str) {
         self.backend_restarts.get_or_create(&BackendLabel { backend: backend.to_owned() }).inc();
+    }
+
+    /// The counter of `backend`'s module output lines dropped by the rate
+    /// limit, for its output readers to count in.
+    pub fn backend_output_dropped(&self, backend: &str) -> Counter {
+        self.backend_output_dropped.get_or_create(&BackendLabel { backend: backend.to_owned() }).clone()
+    }
+
+    /// The counter of `backend`'s log lines (the host callback) dropped by
+    /// the rate limit, for its limiter to count in.
+    pub fn backend_log_dropped(&self, backend: &str) -> Counter {
+        self.backend_log_dropped.get_or_create(&BackendLabel { backend: backend.to_owned() }).clone()
+    }
+
+    /// A worker of `backend` was killed by the kernel at its cgroup's
+    /// memory limit.
+    pub fn worker_oom_killed(&self, backend: &str) {
+        self.worker_oom_kills.get_or_create(&BackendLabel { backend: backend.to_owned() }).inc();
+    }
+
+    /// The protections the current worker of `backend` has (`true`) or
+    /// lacks; `missing` says what it lacks, for `/readyz`.
+    pub fn worker_sandbox(&self, backend: &str, protections: &[(&str, bool)], missing: &[String]) {
+        for (protection, applied) in protections {
+            let labels = SandboxLabels { backend: backend.to_owned(), protection: (*protection).to_owned() };
+            self.worker_sandbox.get_or_create(&labels).set(i64::from(*applied));
+        }
+        let mut unsandboxed = self.unsandboxed.lock().unwrap_or_else(PoisonError::into_inner);
+        if missing.is_empty() {
+            unsandboxed.remove(backend);
+        } else {
+            unsandboxed.insert(backend.to_owned(), missing.join("; "));
+        }
+    }
+
+    /// Warnings `/readyz` adds to its text while ready: workers running
+    /// without part of their sandbox.
+    pub fn readiness_warnings(&self) -> Vec<String> {
+        let unsandboxed = self.unsandboxed.lock().unwrap_or_else(PoisonError::into_inner);
+        unsandboxed
+            .iter()
+            .map(|(backend, missing)| {
+                format!("warning: backend {backend}'s worker runs without part of its sandbox: {missing}")
+            })
+            .collect()
     }
 
     /// The module code a backend runs now (`isolation` is `process` or

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::protocol::{
-    Answer, Call, Empty, Failure, FailureKind, Fault, LogLine, PROTOCOL_VERSION, PreferredAnswer, Publish, Reply,
-    Request, Resources, read_frame, write_frame,
+    Answer, Call, Confine, Empty, Failure, FailureKind, Fault, LogLine, PROTOCOL_VERSION, PreferredAnswer, Publish,
+    Reply, Request, Resources, read_frame, write_frame,
 };
 use crate::backend::{Backend, BackendError};
 use crate::device_state::{FaultKind, Publisher};
@@ -44,6 +44,7 @@ impl Sender {
 
 /// Runs the worker; the exit code is for devhost's log only.
 pub fn main() -> ExitCode {
+    super::sys::split_off_namespace_init();
     super::sys::default_fault_signals();
     // The process name (`comm`) was `exe`, from `/proc/self/exe`.
     let _ = nix::sys::prctl::set_name(c"devhost-worker");
@@ -67,37 +68,67 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(mut stream: UnixStream, sender: &Sender) -> std::io::Result<()> {
+    // The worker locks itself down before it reads the module's name, so
+    // that none of the module's code (its constructors included) runs
+    // with more than the backend's file grants.
     let Some(first) = read_frame::<Request>(&mut stream)? else { return Ok(()) };
-    let Some(Call::Load(load)) = first.call else {
-        sender.send(first.id, failure(FailureKind::Protocol, "the first request must load a module".into()));
+    let Some(Call::Confine(confine)) = first.call else {
+        let message = format!("the first request must confine the worker (worker protocol {PROTOCOL_VERSION})");
+        sender.send(first.id, failure(FailureKind::Protocol, message));
+        return Ok(());
+    };
+    match confine_self(&confine) {
+        Ok(summary) => sender.send(first.id, Answer::Confined(summary)),
+        Err(message) => {
+            sender.send(first.id, failure(FailureKind::Sandbox, message));
+            return Ok(());
+        }
+    }
+    let Some(second) = read_frame::<Request>(&mut stream)? else { return Ok(()) };
+    let Some(Call::Load(load)) = second.call else {
+        sender.send(second.id, failure(FailureKind::Protocol, "the second request must load a module".into()));
         return Ok(());
     };
     if load.protocol != PROTOCOL_VERSION {
         let message = format!("devhost speaks worker protocol {}, this worker {PROTOCOL_VERSION}", load.protocol);
-        sender.send(first.id, failure(FailureKind::Protocol, message));
-        return Ok(());
-    }
-    if load.memory_mb > 0
-        && let Err(error) = super::sys::limit_address_space(load.memory_mb)
-    {
-        let message = format!("cannot limit the worker to {} MiB: {error}", load.memory_mb);
-        sender.send(first.id, failure(FailureKind::Load, message));
+        sender.send(second.id, failure(FailureKind::Protocol, message));
         return Ok(());
     }
     let module = std::path::PathBuf::from(&load.module);
     let backend = match crate::native::load_with_digest(&module, load.sha256.as_deref(), load.config_json) {
         Ok((backend, sha256)) => {
-            sender.send(first.id, Answer::Loaded(sha256));
+            sender.send(second.id, Answer::Loaded(sha256));
             backend
         }
         Err(error) => {
-            sender.send(first.id, failure(FailureKind::Load, error.to_string()));
+            sender.send(second.id, failure(FailureKind::Load, error.to_string()));
             return Ok(());
         }
     };
     // devhost closing the socket (after `shutdown`, or to stop us) ends
     // the worker.
     Pool::serve(backend, sender.clone(), stream)
+}
+
+/// Applies `confine` to this process; what was applied, or why not. Where
+/// the operator allowed running unsandboxed, a refusal is said in the
+/// summary instead.
+fn confine_self(confine: &Confine) -> Result<String, String> {
+    if confine.disabled {
+        return Ok(format!("{} (unsandboxed = \"always\")", super::NOT_LOCKED_DOWN));
+    }
+    let capabilities = confine
+        .capabilities
+        .iter()
+        .map(|name| super::lockdown::parse_capability(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lockdown =
+        super::lockdown::Lockdown { capabilities, uid: confine.uid, gid: confine.gid, seccomp: confine.seccomp };
+    match super::lockdown::apply(&lockdown) {
+        Ok(applied) => Ok(applied.summary),
+        Err(error) if confine.allow_unsandboxed => Ok(format!("{} ({error})", super::NOT_LOCKED_DOWN)),
+        Err(error) => Err(error),
+    }
 }
 
 fn failure(kind: FailureKind, message: String) -> Answer {
@@ -143,6 +174,7 @@ fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
             Ok(Answer::Done(Empty {}))
         }
         Call::Load(_) => Err(BackendError::new("the module is already loaded")),
+        Call::Confine(_) => Err(BackendError::new("the worker is already confined")),
     }));
     match outcome {
         Ok(Ok(answer)) => answer,

@@ -32,9 +32,13 @@ use tokio::sync::oneshot;
 use crate::backend::call_error::CallError;
 use crate::backend::{Allocation, PreferredRequest, ResourceSpec};
 use crate::device_state::{BackgroundFault, FaultKind, Publisher};
-use protocol::{Answer, Call, DevicesCall, Empty, FailureKind, Load, PreferredCall, Reply, Request};
+use protocol::{Answer, Call, Confine, DevicesCall, Empty, FailureKind, Load, PreferredCall, Reply, Request};
 
+pub mod cgroup;
 pub mod child;
+#[allow(unsafe_code)]
+pub mod lockdown;
+mod output;
 pub mod protocol;
 #[allow(unsafe_code)]
 mod sys;
@@ -42,10 +46,17 @@ mod sys;
 /// The hidden subcommand that turns the devhost binary into a worker.
 pub const WORKER_SUBCOMMAND: &str = "__worker";
 
+/// How a worker's summary of its confinement begins when the kernel
+/// refused it and the backend's file allowed running without.
+pub(crate) const NOT_LOCKED_DOWN: &str = "NOT locked down";
+
 /// Loading a module (and spawning its worker) may take longer than a call.
 const MIN_LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker gets to exit after its socket is closed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long a stopping worker, once killed, may take to be reaped and its
+/// cgroup removed.
+const REAP_PATIENCE: Duration = Duration::from_secs(4);
 
 static EXECUTABLE: OnceLock<PathBuf> = OnceLock::new();
 
@@ -61,19 +72,21 @@ fn executable() -> PathBuf {
     EXECUTABLE.get().cloned().unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
 }
 
-/// What a worker loads.
+/// What a worker loads, and the sandbox it runs in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerSpec {
     /// The backend's name (its file's stem).
     pub backend: String,
+    /// The backend's file (named in errors about its sandbox keys).
+    pub file: PathBuf,
     /// The module file.
     pub module: PathBuf,
     /// Optional SHA-256 pin.
     pub sha256: Option<String>,
     /// The backend's `[config]` as JSON.
     pub config_json: String,
-    /// Address-space limit of the worker in MiB.
-    pub memory_mb: Option<u64>,
+    /// The sandbox the worker runs in.
+    pub sandbox: crate::config::WorkerSandbox,
     /// Deadline of one call.
     pub timeout: Duration,
 }
@@ -114,9 +127,16 @@ impl WorkerBackend {
         current.and_then(|worker| worker.sha256.get().cloned())
     }
 
+    /// What the current worker's sandbox is (for `devhost list`).
+    pub fn sandbox(&self) -> Option<String> {
+        let current = lock(&self.current).clone().or_else(|| lock(&self.prepared).clone());
+        current.and_then(|worker| worker.sandbox.get().cloned())
+    }
+
     /// The current worker's process ID (for tests and `devhost list`).
+    /// (In a PID namespace, the worker proper, not its namespace's init.)
     pub fn pid(&self) -> Option<u32> {
-        lock(&self.current).as_ref().map(|worker| worker.pid)
+        lock(&self.current).as_ref().map(|worker| worker.serving_pid())
     }
 
     /// `init` in a fresh worker (or the prepared one).
@@ -257,6 +277,17 @@ struct Pending {
 struct Worker {
     backend: String,
     pid: u32,
+    /// Its cgroup, until it is reaped; `None` where the kernel refused one
+    /// and the operator allowed running without.
+    cgroup: Mutex<Option<cgroup::WorkerCgroup>>,
+    /// Where its namespace's init writes how the worker itself ended.
+    status: Mutex<Option<std::fs::File>>,
+    /// Set once it is reaped and its cgroup removed.
+    reaped: tokio::sync::watch::Sender<bool>,
+    /// The cgroup's memory limit, for the cause of an OOM kill.
+    memory_mb: u64,
+    /// What its sandbox is, for the log and `devhost list`.
+    sandbox: OnceLock<String>,
     /// Of the bytes the worker loaded; set once loaded.
     sha256: OnceLock<String>,
     /// `None` once reaped.
@@ -273,23 +304,80 @@ struct Worker {
 }
 
 impl Worker {
-    /// Spawns a worker and loads the module; the error is the loader's
-    /// message (or why the worker could not start).
+    /// Spawns a worker in its sandbox and loads the module; the error is
+    /// the loader's message, or which part of the sandbox the kernel
+    /// refused (or why the worker could not start).
     async fn start(spec: &WorkerSpec) -> Result<Arc<Worker>, String> {
+        let sandbox = &spec.sandbox;
+        let mut missing = Vec::new();
+        let refused = |what: String| -> String {
+            format!(
+                "{what}; the worker was not started (set unsandboxed = \"allow\" in {} to run it without)",
+                spec.file.display()
+            )
+        };
+        let limits = cgroup::Limits { memory_bytes: sandbox.memory_mb << 20, pids: sandbox.pids_max };
+        let backend = spec.backend.clone();
+        let created = if sandbox.disabled {
+            Err("unsandboxed = \"always\"".to_owned())
+        } else {
+            tokio::task::spawn_blocking(move || cgroup::WorkerCgroup::create(&backend, &limits))
+                .await
+                .unwrap_or_else(|error| Err(format!("creating the worker's cgroup did not finish: {error}")))
+        };
+        let mut cgroup = match created {
+            Ok(cgroup) => Some(cgroup),
+            Err(error) if sandbox.allow_unsandboxed => {
+                missing.push(format!("no cgroup, so no memory or pids limit ({error})"));
+                None
+            }
+            Err(error) => return Err(refused(error)),
+        };
         let (host, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|error| format!("cannot create the worker's socket: {error}"))?;
         let mut command = Command::new(executable());
         // `ps` shows `devhost __worker <backend>`, not `/proc/self/exe …`.
         command.arg0("devhost").arg(WORKER_SUBCOMMAND).arg(&spec.backend).stdin(Stdio::null());
-        // The module's stdout goes to devhost's stderr (the log), never to
-        // devhost's stdout.
-        if let Ok(stderr) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            command.stdout(stderr);
-        }
-        sys::prepare_child(&mut command, &theirs);
-        let child = spawn(command).await.map_err(|error| format!("cannot start a worker process: {error}"))?;
+        // The module's stdout and stderr are data for devhost's log, never
+        // raw lines in it ([`output`]).
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let (status, status_writer) =
+            sys::status_pipe().map_err(|error| format!("cannot create the worker's status pipe: {error}"))?;
+        let joiner = match cgroup.as_ref().map(cgroup::WorkerCgroup::joiner).transpose() {
+            Ok(joiner) => joiner.unwrap_or_default(),
+            Err(error) if sandbox.allow_unsandboxed => {
+                missing.push(format!("not in its cgroup, so no memory or pids limit ({error})"));
+                cgroup = None;
+                Vec::new()
+            }
+            Err(error) => return Err(refused(error)),
+        };
+        sys::prepare_child(&mut command, &theirs, &status_writer, &joiner);
+        let (mut child, namespace) = spawn(command, !sandbox.disabled)
+            .await
+            .map_err(|error| format!("cannot start a worker process (in its cgroup): {error}"))?;
+        drop(joiner);
         drop(theirs);
+        drop(status_writer);
         let pid = child.id();
+        output::start(&spec.backend, pid, child.stdout.take(), child.stderr.take());
+        let mut child = Some(child);
+        let mut give_up = |why: String| {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            why
+        };
+        let namespaced = match namespace {
+            Ok(()) => true,
+            Err(error) if sandbox.allow_unsandboxed => {
+                missing.push(format!("no PID namespace ({error})"));
+                false
+            }
+            Err(error) => return Err(refused(give_up(error))),
+        };
+        let Some(child) = child else { unreachable!("the child is only taken to give up") };
         host.set_nonblocking(true).map_err(|error| format!("cannot use the worker's socket: {error}"))?;
         let stream = tokio::net::UnixStream::from_std(host)
             .map_err(|error| format!("cannot use the worker's socket: {error}"))?;
@@ -297,6 +385,11 @@ impl Worker {
         let worker = Arc::new(Worker {
             backend: spec.backend.clone(),
             pid,
+            cgroup: Mutex::new(cgroup),
+            status: Mutex::new(Some(status)),
+            reaped: tokio::sync::watch::Sender::new(false),
+            memory_mb: sandbox.memory_mb,
+            sandbox: OnceLock::new(),
             sha256: OnceLock::new(),
             child: Mutex::new(Some(child)),
             writer: tokio::sync::Mutex::new(Some(writer)),
@@ -307,15 +400,48 @@ impl Worker {
             kill_reason: Mutex::new(None),
         });
         tokio::spawn(worker.clone().read_loop(reader));
+        let timeout = spec.timeout.max(MIN_LOAD_TIMEOUT);
+        let confine = Confine {
+            capabilities: sandbox.capabilities.clone(),
+            uid: sandbox.uid,
+            gid: sandbox.gid,
+            seccomp: sandbox.seccomp,
+            allow_unsandboxed: sandbox.allow_unsandboxed,
+            disabled: sandbox.disabled,
+        };
+        let confined = match worker.request("confine", Call::Confine(confine), timeout).await {
+            Ok(Answer::Confined(summary)) => summary,
+            Ok(Answer::Failed(failure)) => {
+                worker.kill("it could not be confined");
+                return Err(refused(failure.message));
+            }
+            other => {
+                worker.kill("it could not be confined");
+                return Err(worker.unexpected("confine", other).to_string());
+            }
+        };
+        let locked_down = !confined.starts_with(NOT_LOCKED_DOWN);
+        if !locked_down {
+            missing.push(confined.clone());
+        }
+        let in_cgroup = lock(&worker.cgroup).is_some();
+        crate::telemetry::global().worker_sandbox(
+            &spec.backend,
+            &[("pid_namespace", namespaced), ("cgroup", in_cgroup), ("lockdown", locked_down)],
+            &missing,
+        );
+        let description = worker.describe_sandbox(namespaced, if locked_down { &confined } else { "" }, &missing);
+        let _ = worker.sandbox.set(description.clone());
+        if !missing.is_empty() {
+            tracing::warn!(backend = %spec.backend, pid, missing = %missing.join("; "), "worker runs without part of its sandbox (unsandboxed = \"allow\")");
+        }
         let load = Load {
             protocol: protocol::PROTOCOL_VERSION,
             backend: spec.backend.clone(),
             module: spec.module.display().to_string(),
             sha256: spec.sha256.clone(),
             config_json: spec.config_json.clone(),
-            memory_mb: spec.memory_mb.unwrap_or(0),
         };
-        let timeout = spec.timeout.max(MIN_LOAD_TIMEOUT);
         let sha256 = match worker.request("load", Call::Load(load), timeout).await {
             Ok(Answer::Loaded(sha256)) => sha256,
             Ok(Answer::Failed(failure)) => {
@@ -327,9 +453,37 @@ impl Worker {
                 return Err(worker.unexpected("load", other).to_string());
             }
         };
-        tracing::info!(backend = %spec.backend, pid, sha256, module = %spec.module.display(), "worker started; module loaded");
+        let (init, pid) = (pid, worker.serving_pid());
+        tracing::info!(backend = %spec.backend, pid, init, sha256, module = %spec.module.display(), sandbox = %description, "worker started; module loaded");
         let _ = worker.sha256.set(sha256);
         Ok(worker)
+    }
+
+    /// The process serving the protocol: in a PID namespace the init's
+    /// child (the init only waits), else the process devhost started.
+    fn serving_pid(&self) -> u32 {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .ok()
+            .and_then(|children| children.split_whitespace().next()?.parse().ok())
+            .unwrap_or(self.pid)
+    }
+
+    /// One line saying what the worker's sandbox is.
+    fn describe_sandbox(&self, namespaced: bool, confined: &str, missing: &[String]) -> String {
+        let mut parts = Vec::new();
+        if namespaced {
+            parts.push("own PID namespace and session".to_owned());
+        }
+        if let Some(cgroup) = lock(&self.cgroup).as_ref() {
+            parts.push(cgroup.describe());
+        }
+        if !confined.is_empty() {
+            parts.push(confined.to_owned());
+        }
+        if !missing.is_empty() {
+            parts.push(format!("MISSING: {}", missing.join("; ")));
+        }
+        parts.join(", ")
     }
 
     /// Sends one request and waits for its answer, with a deadline. A miss
@@ -385,7 +539,7 @@ impl Worker {
         match answer {
             Err(error) => error,
             Ok(Answer::Failed(failure)) => match FailureKind::try_from(failure.kind) {
-                Ok(FailureKind::Declined | FailureKind::Load) => {
+                Ok(FailureKind::Declined | FailureKind::Load | FailureKind::Sandbox) => {
                     CallError::Failed { backend, operation, message: failure.message }
                 }
                 Ok(FailureKind::Panicked) => CallError::Panicked { backend, operation, message: failure.message },
@@ -417,30 +571,52 @@ impl Worker {
 
     /// Closes devhost's end: the worker exits; one that does not within
     /// the grace period is killed.
+    /// Waits until it is reaped and its cgroup removed (bounded), so that
+    /// devhost stopping leaves nothing of it behind.
     async fn close(self: &Arc<Self>) {
         self.stopping.store(true, Ordering::SeqCst);
         if let Some(mut writer) = self.writer.lock().await.take() {
             let _ = writer.shutdown().await;
         }
-        let worker = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(EXIT_GRACE).await;
-            if lock(&worker.child).is_some() {
-                worker.kill("did not exit after its shutdown");
-            }
-        });
+        let mut reaped = self.reaped.subscribe();
+        if tokio::time::timeout(EXIT_GRACE, reaped.wait_for(|reaped| *reaped)).await.is_err() {
+            self.kill("did not exit after its shutdown");
+            // Killed: the read loop reaps it and empties its cgroup (that
+            // takes at most a few seconds, see `WorkerCgroup::remove`).
+            let _ = tokio::time::timeout(REAP_PATIENCE, reaped.wait_for(|reaped| *reaped)).await;
+        }
     }
 
     /// Reads answers and events until the worker's end closes, then reaps
     /// it and tells every waiter (or, if none, the backend) how it died.
+    /// A worker that breaks the protocol (a frame that is empty, does not
+    /// decode, carries no answer, answers a request never sent or is an
+    /// unasked answer) is killed at its first such frame, with that as the
+    /// reason: the module writes to its socket itself, and a flood of junk
+    /// would otherwise cost devhost a CPU for nothing.
     async fn read_loop(self: Arc<Self>, mut reader: OwnedReadHalf) {
-        let ended = loop {
+        let broken = loop {
             match read_reply(&mut reader).await {
+                Ok(Some(reply)) if reply.id >= self.next_id.load(Ordering::Relaxed) => {
+                    let message = format!("answered request {}, which devhost never sent", reply.id);
+                    break Some(std::io::Error::new(std::io::ErrorKind::InvalidData, message));
+                }
                 Ok(Some(reply)) => self.dispatch(reply),
                 Ok(None) => break None,
                 Err(error) => break Some(error),
             }
         };
+        // Killed now rather than left to exit: it may never close its end.
+        // A worker devhost was stopping anyway is no fault of the backend.
+        let killed_for_breaking = broken.is_some_and(|error| {
+            let unasked = !self.stopping.load(Ordering::SeqCst);
+            if error.kind() == std::io::ErrorKind::InvalidData {
+                self.kill(&format!("killed for breaking the worker protocol: it {error}"));
+            } else {
+                self.kill(&format!("killed after reading its socket failed: {error}"));
+            }
+            unasked
+        });
         // The calls in flight now are the ones it died in; later calls are
         // refused while it is reaped.
         let waiting = {
@@ -449,18 +625,16 @@ impl Worker {
             std::mem::take(&mut pending.waiting)
         };
         let worker = self.clone();
-        let mut cause = tokio::task::spawn_blocking(move || worker.reap())
+        let cause = tokio::task::spawn_blocking(move || worker.reap())
             .await
             .unwrap_or_else(|error| format!("could not be reaped: {error}"));
-        if let Some(error) = ended {
-            cause = format!("{cause} (after a broken frame: {error})");
-        }
         lock(&self.pending).died = Some(cause.clone());
+        self.reaped.send_replace(true);
         let idle = waiting.is_empty();
         for (_, waiter) in waiting {
             let _ = waiter.send(Err(cause.clone()));
         }
-        if idle && !self.stopping.load(Ordering::SeqCst) {
+        if idle && (killed_for_breaking || !self.stopping.load(Ordering::SeqCst)) {
             let publisher = lock(&self.publisher).clone();
             if let Some(publisher) = publisher {
                 publisher.report_fault(BackgroundFault { operation: "idle", message: cause, kind: FaultKind::Crashed });
@@ -504,7 +678,22 @@ impl Worker {
                 }
             }
             Answer::Log(line) => {
-                let (backend, text) = (&self.backend, line.text);
+                // Limited here too: a hostile module can write frames
+                // itself, past the limit at the source.
+                let limiter = crate::log_limit::api_log(&self.backend);
+                let verdict = limiter.check();
+                if let Some(dropped) = verdict.summary {
+                    tracing::warn!(backend = %self.backend, dropped, "{}", crate::log_limit::LOG_DROPPED);
+                }
+                if !verdict.admit {
+                    return;
+                }
+                if let Some(dropped) = crate::log_limit::forwarded_dropped(&line.text) {
+                    limiter.count_forwarded(dropped, std::time::Instant::now());
+                }
+                let max = limiter.policy().max_line;
+                let (backend, text) =
+                    (&self.backend, crate::log_limit::cut(line.text.as_bytes(), line.text.len(), max));
                 match line.level {
                     0 => tracing::error!(backend = %backend, "{text}"),
                     1 => tracing::warn!(backend = %backend, "{text}"),
@@ -516,10 +705,35 @@ impl Worker {
         }
     }
 
+    /// How the worker proper ended, as its namespace's init saw it; `None`
+    /// where it had no init (no namespace) or the init was killed first.
+    fn worker_status(&self) -> Option<ExitStatus> {
+        use std::io::Read;
+        let mut status = lock(&self.status).take()?;
+        let mut text = String::new();
+        // The init has exited (it was reaped): the pipe holds all there is.
+        status.read_to_string(&mut text).ok()?;
+        text.trim().parse().ok().map(ExitStatus::from_raw)
+    }
+
+    /// Waits for the process to end and says how it ended (see
+    /// [`wait_for_exit`](Self::wait_for_exit)), then kills whatever is
+    /// left in its cgroup and removes it.
+    fn reap(&self) -> String {
+        let cause = self.wait_for_exit();
+        let cgroup = lock(&self.cgroup).take();
+        if let Some(cgroup) = cgroup
+            && let Err(error) = cgroup.remove()
+        {
+            tracing::warn!(backend = %self.backend, pid = self.pid, %error, "the ended worker's cgroup could not be removed");
+        }
+        cause
+    }
+
     /// Waits for the process to end (its socket closed, so it is exiting)
     /// and says how it ended. One that closed its socket but lives on is
     /// killed after a grace period.
-    fn reap(&self) -> String {
+    fn wait_for_exit(&self) -> String {
         let started = std::time::Instant::now();
         loop {
             let status = {
@@ -557,6 +771,12 @@ impl Worker {
         if let Some(reason) = lock(&self.kill_reason).clone() {
             return reason;
         }
+        let status = self.worker_status().unwrap_or(status);
+        let oom_kills = lock(&self.cgroup).as_ref().map_or(0, cgroup::WorkerCgroup::oom_kills);
+        if oom_kills > 0 && status.signal() == Some(libc::SIGKILL) {
+            crate::telemetry::global().worker_oom_killed(&self.backend);
+            return format!("out of memory: killed by the kernel at its cgroup's limit of {} MiB", self.memory_mb);
+        }
         match (status.code(), status.signal()) {
             (Some(code), _) => format!("exited with status {code}"),
             (None, Some(signal)) => format!("killed by {}", signal_name(signal)),
@@ -565,7 +785,13 @@ impl Worker {
     }
 }
 
+/// Reads one reply. `Ok(None)` at the end of the stream; an error of kind
+/// `InvalidData` says what rule of the protocol the frame broke, as in
+/// "(it) sent an empty frame": every frame carries an answer, and one
+/// with ID 0 (not an answer to a request) only an event (a device list, a
+/// fault, a log line).
 async fn read_reply(reader: &mut OwnedReadHalf) -> std::io::Result<Option<Reply>> {
+    let broken = |message: String| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
     let mut prefix = [0; 4];
     // A worker that dies with requests unread in its socket resets the
     // connection: that is an end like any other, not a broken frame.
@@ -577,15 +803,24 @@ async fn read_reply(reader: &mut OwnedReadHalf) -> std::io::Result<Option<Reply>
         Err(error) if ended(&error) => return Ok(None),
         Err(error) => return Err(error),
     }
-    let mut body = vec![0; protocol::frame_len(prefix)?];
+    let len = protocol::frame_len(prefix).map_err(|error| broken(format!("sent an oversized frame: {error}")))?;
+    if len == 0 {
+        return Err(broken("sent an empty frame (a zero length prefix; every frame carries an answer)".to_owned()));
+    }
+    let mut body = vec![0; len];
     match reader.read_exact(&mut body).await {
         Ok(_) => {}
         Err(error) if ended(&error) => return Ok(None),
         Err(error) => return Err(error),
     }
-    prost::Message::decode(body.as_slice())
-        .map(Some)
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+    let reply: Reply = prost::Message::decode(body.as_slice())
+        .map_err(|error| broken(format!("sent a frame that does not decode ({len} bytes): {error}")))?;
+    match &reply.answer {
+        None => Err(broken(format!("sent a frame without an answer ({len} bytes)"))),
+        Some(Answer::Publish(_) | Answer::Fault(_) | Answer::Log(_)) => Ok(Some(reply)),
+        Some(other) if reply.id == 0 => Err(broken(format!("sent an unasked {}", answer_name(other)))),
+        Some(_) => Ok(Some(reply)),
+    }
 }
 
 fn answer_name(answer: &Answer) -> &'static str {
@@ -599,6 +834,7 @@ fn answer_name(answer: &Answer) -> &'static str {
         Answer::Publish(_) => "device list",
         Answer::Log(_) => "log line",
         Answer::Fault(_) => "fault",
+        Answer::Confined(_) => "confinement summary",
     }
 }
 
@@ -613,15 +849,32 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Spawns `command` from one thread that lives as long as devhost: the
 /// kernel sends `PR_SET_PDEATHSIG` when the spawning *thread* ends, and a
-/// runtime's threads come and go.
-async fn spawn(command: Command) -> std::io::Result<Child> {
-    type Job = (Command, oneshot::Sender<std::io::Result<Child>>);
+/// runtime's threads come and go. That thread also gives each worker a
+/// PID namespace of its own (a namespace for children is a property of
+/// the thread that forks). Returns the child, and whether it got its
+/// namespace (or why not).
+async fn spawn(command: Command, pid_namespace: bool) -> std::io::Result<(Child, Result<(), String>)> {
+    type Spawned = std::io::Result<(Child, Result<(), String>)>;
+    type Job = (Command, bool, oneshot::Sender<Spawned>);
     static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (sender, receiver) = std::sync::mpsc::channel::<Job>();
         let started = std::thread::Builder::new().name("devhost-spawner".into()).spawn(move || {
-            for (mut command, reply) in receiver {
-                let _ = reply.send(command.spawn());
+            sys::remember_own_pid_namespace();
+            for (mut command, pid_namespace, reply) in receiver {
+                let namespace = if pid_namespace {
+                    sys::new_pid_namespace_for_children()
+                } else {
+                    Err("unsandboxed = \"always\"".to_owned())
+                };
+                let spawned = command.spawn();
+                if namespace.is_ok()
+                    && let Err(error) = sys::own_pid_namespace_for_children()
+                {
+                    // Every later worker would fail to start: say so once, loudly.
+                    tracing::error!(%error, "the worker spawner cannot return to devhost's PID namespace");
+                }
+                let _ = reply.send(spawned.map(|child| (child, namespace)));
             }
         });
         if let Err(error) = started {
@@ -630,6 +883,8 @@ async fn spawn(command: Command) -> std::io::Result<Child> {
         Mutex::new(sender)
     });
     let (reply, answer) = oneshot::channel();
-    lock(spawner).send((command, reply)).map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?;
+    lock(spawner)
+        .send((command, pid_namespace, reply))
+        .map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?;
     answer.await.map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?
 }

@@ -5,9 +5,10 @@
 //! of one message: [`Request`] from the host, [`Reply`] from the worker. A
 //! reply carries the `id` of the request it answers; id 0 marks an event the
 //! worker sends on its own (a device list published, a log line, a fault
-//! seen on a backend thread). The first request is always [`Load`], which
-//! carries [`PROTOCOL_VERSION`]; a worker that speaks another version says
-//! so and exits. Both ends are the same binary, so a mismatch means a
+//! seen on a backend thread). The first request is always [`Confine`] (the
+//! worker locks itself down before any of the module's code runs), the
+//! second [`Load`], which carries [`PROTOCOL_VERSION`]; a worker that
+//! speaks another version says so and exits. Both ends are the same binary, so a mismatch means a
 //! broken installation, not a normal upgrade path.
 //!
 //! The messages are plain `prost` structs (no `.proto` file): the protocol
@@ -21,7 +22,7 @@ use prost::Message;
 use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts: a device list may be up to the
 /// kubelet's 4 MiB message limit; leave room.
@@ -34,7 +35,7 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// What to do.
-    #[prost(oneof = "Call", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "Call", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub call: Option<Call>,
 }
 
@@ -66,6 +67,34 @@ pub enum Call {
     /// `poll` (ABI 1.1): answered with [`Answer::Done`].
     #[prost(message, tag = "9")]
     Poll(Empty),
+    /// Lock the worker down (always the first request): answered with
+    /// [`Answer::Confined`], or [`Answer::Failed`] if part of it was
+    /// refused and running without it was not allowed.
+    #[prost(message, tag = "10")]
+    Confine(Confine),
+}
+
+/// What the worker may keep (the backend file's sandbox keys).
+#[derive(Clone, PartialEq, Message)]
+pub struct Confine {
+    /// Capabilities kept, canonical names (`CAP_SYS_ADMIN`).
+    #[prost(string, repeated, tag = "1")]
+    pub capabilities: Vec<String>,
+    /// The user to run as, if not devhost's.
+    #[prost(uint32, optional, tag = "2")]
+    pub uid: Option<u32>,
+    /// The group to run as, if not devhost's.
+    #[prost(uint32, optional, tag = "3")]
+    pub gid: Option<u32>,
+    /// Install the seccomp filter.
+    #[prost(bool, tag = "4")]
+    pub seccomp: bool,
+    /// Carry on with what the kernel allowed if part is refused.
+    #[prost(bool, tag = "5")]
+    pub allow_unsandboxed: bool,
+    /// Apply nothing (`unsandboxed = "always"`).
+    #[prost(bool, tag = "6")]
+    pub disabled: bool,
 }
 
 /// No fields.
@@ -90,9 +119,6 @@ pub struct Load {
     /// The backend's `[config]` as JSON.
     #[prost(string, tag = "5")]
     pub config_json: String,
-    /// Address-space limit in MiB, 0 for none.
-    #[prost(uint64, tag = "6")]
-    pub memory_mb: u64,
 }
 
 /// `allocate` / `pre_start` arguments.
@@ -130,7 +156,7 @@ pub struct Reply {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The answer or event.
-    #[prost(oneof = "Answer", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "Answer", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub answer: Option<Answer>,
 }
 
@@ -164,6 +190,10 @@ pub enum Answer {
     /// Event: a fault on a backend thread (an invalid publish).
     #[prost(message, tag = "10")]
     Fault(Fault),
+    /// The worker is locked down: what was applied (and, where allowed,
+    /// what the kernel refused).
+    #[prost(string, tag = "11")]
+    Confined(String),
 }
 
 /// How a call failed.
@@ -191,6 +221,9 @@ pub enum FailureKind {
     Load = 3,
     /// The request itself was not understood (protocol mismatch).
     Protocol = 4,
+    /// The worker could not be confined as asked (and running without
+    /// was not allowed).
+    Sandbox = 5,
 }
 
 /// Resources declared by `init`.
