@@ -47,6 +47,13 @@ fn the_example_backends_pass() {
                 text.lines().find(|l| l.contains(check)).unwrap_or_else(|| panic!("no {check:?} line:\n{text}"));
             assert!(found.starts_with("PASS") && found.contains(saw), "{check}: {found}");
         }
+        // A native module is checked in the sandbox the daemon gives it.
+        if target.extension().is_some_and(|ext| ext == "so") {
+            let sandbox = line(&text, "worker sandbox");
+            for part in ["PASS", "own PID namespace", "cgroup", "no_new_privs", "capabilities: none", "seccomp"] {
+                assert!(sandbox.contains(part), "{}: {part:?} not in {sandbox}", target.display());
+            }
+        }
     }
 }
 
@@ -183,4 +190,54 @@ fn watching_lists_every_health_change_with_its_time() {
     assert!(notes.iter().any(|n| n.ends_with("rust-1: Healthy → Unhealthy")), "{text}");
     assert!(notes.iter().any(|n| n.ends_with("rust-1: Unhealthy → Healthy")), "{text}");
     assert!(notes.iter().all(|n| n.starts_with("  example.com/native-rust: +")), "{notes:?}");
+}
+
+/// Where the kernel refuses the sandbox (here: devhost not root, so it can
+/// neither make the worker's cgroup nor its PID namespace), a native
+/// backend does not run unsandboxed behind the operator's back: the check
+/// fails at `load`, naming what was refused and the file that can allow
+/// it; with `unsandboxed = "allow"` it passes and says what is missing.
+#[test]
+fn a_sandbox_the_kernel_refuses_stops_the_backend_unless_its_file_allows_it() {
+    if !nix::unistd::geteuid().is_root() {
+        crate::harness::skip(crate::harness::Missing::Machine, "needs root to run devhost check as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let module = rust_module("devhost_example_native_rust", dir.path());
+    let as_nobody = |file: &Path| {
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_devhost"))
+            .arg("check")
+            .arg(file)
+            .env("HOME", dir.path())
+            .current_dir(dir.path())
+            .output()
+            .expect("run devhost check as nobody");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code().unwrap_or(-1), text)
+    };
+    let file = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        let text = format!("[backend]\nmodule = {:?}\n{extra}", module.display().to_string());
+        std::fs::write(&path, text).expect("backend file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        path
+    };
+    let strict = file("strict.toml", "");
+    let (code, text) = as_nobody(&strict);
+    assert_ne!(code, 0, "{text}");
+    let load = line(&text, "load");
+    assert!(load.starts_with("FAIL"), "{text}");
+    assert!(load.contains("cgroup") && load.contains("the worker was not started"), "{load}");
+    assert!(load.contains(&format!("set unsandboxed = \"allow\" in {}", strict.display())), "{load}");
+
+    let allowing = file("allowing.toml", "unsandboxed = \"allow\"\n");
+    let (code, text) = as_nobody(&allowing);
+    let sandbox = line(&text, "worker sandbox");
+    assert!(sandbox.contains("MISSING") && sandbox.contains("no cgroup"), "{text}");
+    assert_eq!(code, 0, "{text}");
 }

@@ -1099,3 +1099,50 @@ async fn a_worker_trying_to_escape_its_sandbox_is_refused_with_eperm() {
     assert_eq!(bed.worker(&bed.neighbour), neighbour, "{case}: the neighbour's worker is the same process");
     bed.stop().await;
 }
+
+/// `unsandboxed = "always"` is the operator's explicit choice, and said
+/// wherever an operator looks: the backend serves from a plain worker
+/// (no PID namespace: its process is devhost's own child, not below an
+/// init), `/readyz` stays 200 but warns, and `devhost_worker_sandbox` is 0
+/// for each protection it lacks, 1 for the sandboxed neighbour's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_run_unsandboxed_on_request_is_said_in_readyz_and_metrics() {
+    let node = Node::new();
+    let modules = node.dir.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    let module = crate::native_loader::rust_module("devhost_example_native_rust", &modules);
+    let file = |resource: &str, extra: &str| {
+        format!(
+            "[backend]\nmodule = {:?}\n{extra}[config]\nresource = {resource:?}\nflip_interval_ms = 3600000\n",
+            module.display().to_string()
+        )
+    };
+    node.backend("plain", &file("example.com/plain", "unsandboxed = \"always\"\n"));
+    node.backend("boxed", &file("example.com/boxed", ""));
+    std::fs::write(node.config_file(), "metrics_address = \"127.0.0.1:0\"\n").expect("host config");
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await.expect("kubelet");
+    let devhost = node.start_devhost();
+    for resource in ["example.com/plain", "example.com/boxed"] {
+        kubelet.wait_for_registrations(resource, 1, WAIT).await.expect("registered");
+        kubelet.allocate(resource, &["rust-0"]).await.expect("serves");
+    }
+    devhost.wait_until_ready().await;
+    let address = devhost.metrics_address().await;
+    let (status, readyz) = crate::harness::http_get(&address, "/readyz").await;
+    assert_eq!(status, 200, "{readyz}");
+    assert!(
+        readyz.contains("warning: backend plain's worker runs without part of its sandbox: no cgroup")
+            && readyz.contains("no PID namespace"),
+        "{readyz}"
+    );
+    assert!(!readyz.contains("backend boxed"), "{readyz}");
+    let (_, metrics) = crate::harness::http_get(&address, "/metrics").await;
+    for (backend, value) in [("plain", 0), ("boxed", 1)] {
+        for protection in ["pid_namespace", "cgroup", "lockdown"] {
+            let series = format!("devhost_worker_sandbox{{backend=\"{backend}\",protection=\"{protection}\"}} {value}");
+            assert!(metrics.lines().any(|line| line == series), "no {series:?} in:\n{metrics}");
+        }
+    }
+    let log = devhost.log();
+    assert!(log.contains("worker runs without part of its sandbox"), "logged:\n{log}");
+}
