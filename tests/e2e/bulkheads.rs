@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Devhost, Node, WAIT, static_backend};
 use crate::native_loader::{compile_c, rust_module};
+use crate::procs::{Process, children, process};
 
 /// The static neighbour.
 const STATIC: &str = "example.com/good";
@@ -214,42 +215,6 @@ impl Bed {
         assert_eq!(self.node.sockets(), ["kubelet.sock"], "{}: devhost removed its sockets", self.backend);
         eprintln!("{}: SIGTERM → exit 0 in {} ms", self.backend, took.as_millis());
     }
-}
-
-/// A process as /proc shows it.
-#[derive(Debug)]
-struct Process {
-    pid: i32,
-    ppid: i32,
-    state: char,
-    args: Vec<String>,
-}
-
-fn process(pid: i32) -> Option<Process> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: split after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args = cmdline
-        .split(|&b| b == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
-    Some(Process { pid, ppid, state, args })
-}
-
-/// Every child process of `parent`, zombies included.
-fn children(parent: i32) -> Vec<Process> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .filter_map(process)
-        .filter(|p| p.ppid == parent)
-        .collect()
 }
 
 /// What the open descriptors of `pid` point to, by descriptor number.

@@ -25,6 +25,7 @@ mod nvidia;
 mod nvidia_cdi;
 mod operate;
 mod pci;
+mod procs;
 mod real_clients;
 mod release;
 mod sandbox;

@@ -196,17 +196,10 @@ async fn a_panicking_backend_goes_unhealthy_and_recovers_while_its_neighbour_ser
 /// The `devhost __worker <backend>` process below devhost's child of the
 /// same name (its PID namespace's init), as the host sees it.
 fn worker_of(devhost: i32, backend: &str) -> Option<i32> {
-    let stat = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-    let parent = |pid: i32| stat(pid)?.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse::<i32>().ok();
-    let is_worker = |pid: i32| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|cmdline| cmdline == format!("devhost\0__worker\0{backend}\0").as_bytes())
-            && alive(pid)
-    };
-    let pids: Vec<i32> =
-        std::fs::read_dir("/proc").ok()?.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect();
-    let init = pids.iter().copied().find(|&pid| parent(pid) == Some(devhost) && is_worker(pid))?;
-    Some(pids.iter().copied().find(|&pid| parent(pid) == Some(init) && is_worker(pid)).unwrap_or(init))
+    let args = ["devhost", "__worker", backend];
+    let is_worker = |p: &crate::procs::Process| p.state != 'Z' && p.args == args;
+    let init = crate::procs::children(devhost).into_iter().find(is_worker)?;
+    Some(crate::procs::children(init.pid).into_iter().find(is_worker).map_or(init.pid, |worker| worker.pid))
 }
 
 /// The process (not a zombie) `pid` exists.

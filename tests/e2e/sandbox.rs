@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Missing, Node, WAIT, devhost_binary, skip, static_backend};
 use crate::native_loader::compile_c;
+use crate::procs::{all_processes, process};
 
 /// The static neighbour.
 const STATIC: &str = "example.com/good";
@@ -667,38 +668,6 @@ fn leftover_cgroups(names: &[String]) -> Vec<PathBuf> {
         }
     }
     found
-}
-
-/// A process as /proc shows it.
-#[derive(Debug)]
-struct Process {
-    pid: i32,
-    state: char,
-    ppid: i32,
-    pgrp: i32,
-    session: i32,
-    args: Vec<String>,
-}
-
-fn process(pid: i32) -> Option<Process> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: split after it.
-    let mut fields = stat[stat.rfind(')')? + 2..].split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let mut number = || fields.next()?.parse().ok();
-    let (ppid, pgrp, session) = (number()?, number()?, number()?);
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args = cmdline
-        .split(|&b| b == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
-    Some(Process { pid, state, ppid, pgrp, session, args })
-}
-
-fn all_processes() -> Vec<Process> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str()?.parse().ok()).filter_map(process).collect()
 }
 
 /// Live (not zombie) processes, other than this one, whose command line
