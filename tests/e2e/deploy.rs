@@ -207,6 +207,20 @@ fn kustomize(dir: &Path) -> Option<Rendered> {
 /// The chart rendered by Helm (`helm template devhost deploy/helm/devhost
 /// -n devhost -f FILE...`), or Helm's error message.
 fn helm(python: &Path, values: &[&Path]) -> Result<Rendered, String> {
+    let manifests = helm_manifests(python, values)?;
+    let notes = manifests.get("devhost/templates/NOTES.txt").cloned().unwrap_or_default();
+    let text = manifests
+        .iter()
+        .filter(|(name, _)| name.ends_with(".yaml"))
+        .map(|(_, text)| format!("---\n{text}\n"))
+        .collect::<String>();
+    let label = values.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(" ");
+    Ok(Rendered::new(&format!("helm -f {label}"), text, notes))
+}
+
+/// Each file the chart renders with `values`, by its template's path
+/// (`devhost/templates/…`), or Helm's error message.
+pub(crate) fn helm_manifests(python: &Path, values: &[&Path]) -> Result<BTreeMap<String, String>, String> {
     let output = std::process::Command::new(python)
         .arg(repo("scripts/deploy-check"))
         .args(["render-helm", repo("deploy/helm/devhost").to_str().expect("UTF-8"), "devhost", "devhost"])
@@ -224,14 +238,7 @@ fn helm(python: &Path, values: &[&Path]) -> Result<Rendered, String> {
         manifests: BTreeMap<String, String>,
     }
     let Output { manifests } = serde_json::from_slice(&output.stdout).expect("deploy-check prints JSON");
-    let notes = manifests.get("devhost/templates/NOTES.txt").cloned().unwrap_or_default();
-    let text = manifests
-        .iter()
-        .filter(|(name, _)| name.ends_with(".yaml"))
-        .map(|(_, text)| format!("---\n{text}\n"))
-        .collect::<String>();
-    let label = values.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(" ");
-    Ok(Rendered::new(&format!("helm -f {label}"), text, notes))
+    Ok(manifests)
 }
 
 /// A values file with `text` in a temporary directory.

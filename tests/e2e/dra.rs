@@ -58,7 +58,7 @@ impl DraNode {
     }
 
     /// `node` (its backends written), serving `driver`.
-    async fn around(node: Node, driver: &str, state: PathBuf) -> DraNode {
+    pub(crate) async fn around(node: Node, driver: &str, state: PathBuf) -> DraNode {
         let server = FakeApiServer::start().await.expect("API server");
         server.add_node("node-a");
         let root = node.dir.path();
@@ -118,12 +118,12 @@ impl DraNode {
         }
     }
 
-    fn claim_reads(&self) -> usize {
+    pub(crate) fn claim_reads(&self) -> usize {
         self.server.requests().iter().filter(|r| r.path.contains("/resourceclaims/")).count()
     }
 
     /// Prepares `claims`, retrying while the driver is (re)registering.
-    async fn prepare(
+    pub(crate) async fn prepare(
         &self,
         devhost: &Devhost,
         claims: &[(&str, &str, &str)],

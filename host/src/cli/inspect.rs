@@ -176,7 +176,7 @@ impl ListedDevice {
             checkpoint
                 .claims
                 .iter()
-                .filter(|(_, claim)| claim.devices.iter().any(|device| device.id == self.id))
+                .filter(|(_, claim)| claim.holds(&self.id))
                 .map(|(uid, claim)| format!("{}/{} ({uid})", claim.namespace, claim.name))
                 .collect()
         });

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostConfig, LogFormat, Overrides};
 
+mod deviceclass;
 mod inspect;
 mod kubelet;
 mod log;
@@ -124,6 +125,20 @@ enum Command {
         #[arg(long)]
         address: Option<std::net::SocketAddr>,
     },
+    /// Print a DRA DeviceClass (YAML) for each resource a backends.d file
+    /// or directory serves with api = "dra": named after its driver,
+    /// selecting the driver's devices, with spec.extendedResourceName set
+    /// to the resource's name, so pods asking for it in resources.limits
+    /// get DRA devices. Exit 1 if a file is refused.
+    #[command(name = "deviceclass")]
+    DeviceClass {
+        /// A backends.d file, or a backends.d directory.
+        path: PathBuf,
+        /// The resource.k8s.io version to write.
+        #[arg(long, default_value = deviceclass::DEFAULT_API_VERSION,
+              value_parser = clap::builder::PossibleValuesParser::new(deviceclass::API_VERSIONS))]
+        api_version: String,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -152,6 +167,10 @@ pub fn main() -> ExitCode {
     // Run by the kubelet every few seconds: no async runtime to start.
     if let Command::Probe { which, config, address } = &cli.command {
         return crate::telemetry::http::probe_command(*which, config, *address);
+    }
+    // Reads files only: no runtime either.
+    if let Command::DeviceClass { path, api_version } = &cli.command {
+        return deviceclass::run(path, api_version);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -185,7 +204,7 @@ pub fn main() -> ExitCode {
             runtime.block_on(inspect::list(&config, json))
         }
         Command::Config { command: ConfigCommand::Check { path } } => inspect::config_check(&path),
-        Command::Probe { .. } => unreachable!("answered before the runtime starts"),
+        Command::Probe { .. } | Command::DeviceClass { .. } => unreachable!("answered before the runtime starts"),
         Command::Kubelet { dir, json, kubelet_version } => {
             _log = init_logging(LogFormat::Text, "warn");
             runtime.block_on(kubelet::run(&dir, kubelet_version, json))

@@ -17,7 +17,7 @@ mod worker_sandbox;
 
 pub use backends::{
     BackendConfig, BackendSource, Isolation, LoadedBackends, ParseCache, WorkerSandbox, load_backends,
-    load_backends_cached, parse_backend,
+    load_backends_cached, parse_backend, read_config_file,
 };
 pub use error::{ConfigError, line_column};
 pub use host::{DraSettings, HostConfig, LogFormat, Overrides};

@@ -43,6 +43,13 @@ pub struct PreparedDevice {
     pub id: String,
     /// The CDI devices the container gets.
     pub cdi_ids: Vec<String>,
+    /// Allocated for administrative access (the allocation result's
+    /// `adminAccess`): the claim watches the device beside its holder and
+    /// does not hold it, so unpreparing it does not `release` it. Written
+    /// only when true, and absent (false) in checkpoints written before
+    /// devhost knew of it, so those load unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_access: bool,
 }
 
 /// One prepared claim.
@@ -54,6 +61,29 @@ pub struct PreparedClaim {
     pub name: String,
     /// What it was prepared with.
     pub devices: Vec<PreparedDevice>,
+}
+
+impl PreparedClaim {
+    /// Whether the claim holds the device with backend ID `id`: it was
+    /// prepared with it for ordinary (not administrative) access. What
+    /// lists a device's holders asks this, so a monitoring pod's claim
+    /// never shows a device as taken.
+    pub fn holds(&self, id: &str) -> bool {
+        self.devices.iter().any(|device| device.id == id && !device.admin_access)
+    }
+
+    /// The backend IDs `release` is called with when the claim is
+    /// unprepared: the devices it holds, each once, in the order prepared.
+    /// Empty for a claim of administrative access only (no `release`).
+    pub fn to_release(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for device in self.devices.iter().filter(|device| !device.admin_access) {
+            if !ids.contains(&device.id) {
+                ids.push(device.id.clone());
+            }
+        }
+        ids
+    }
 }
 
 /// Every prepared claim, by claim UID.
@@ -184,6 +214,7 @@ mod tests {
                 device: "gpu-0".into(),
                 id: "gpu-0".into(),
                 cdi_ids: vec!["k8s.gpu.example.com/claim=claim-uid-1-gpu".into()],
+                admin_access: false,
             }],
         }
     }
@@ -219,5 +250,75 @@ mod tests {
             assert!(error.starts_with(&format!("DRA checkpoint {}: ", path.display())), "{error}");
             assert!(error.contains(why), "{text}: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod admin_access {
+    use super::*;
+
+    fn device(id: &str, admin_access: bool) -> PreparedDevice {
+        PreparedDevice {
+            requests: vec!["r".into()],
+            pool: "node-a".into(),
+            device: id.into(),
+            id: id.into(),
+            cdi_ids: vec![format!("k8s.gpu.example.com/claim=u-{id}")],
+            admin_access,
+        }
+    }
+
+    fn claim(devices: Vec<PreparedDevice>) -> PreparedClaim {
+        PreparedClaim { namespace: "ml".into(), name: "c".into(), devices }
+    }
+
+    #[test]
+    fn an_admin_access_device_is_neither_held_nor_released() {
+        let watcher = claim(vec![device("gpu-0", true)]);
+        assert!(!watcher.holds("gpu-0"));
+        assert!(watcher.to_release().is_empty(), "no release for a claim that only watches");
+        let mixed = claim(vec![device("gpu-0", true), device("gpu-1", false), device("gpu-1", false)]);
+        assert!(!mixed.holds("gpu-0") && mixed.holds("gpu-1"));
+        assert_eq!(mixed.to_release(), ["gpu-1"], "each held device once");
+        // The same device held by one request and watched by another is held.
+        let both = claim(vec![device("gpu-0", true), device("gpu-0", false)]);
+        assert!(both.holds("gpu-0"));
+        assert_eq!(both.to_release(), ["gpu-0"]);
+    }
+
+    #[test]
+    fn the_flag_survives_a_round_trip_and_is_written_only_when_set() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("checkpoint.json");
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.claims.insert("uid-admin".into(), claim(vec![device("gpu-0", true)]));
+        checkpoint.claims.insert("uid-plain".into(), claim(vec![device("gpu-0", false)]));
+        checkpoint.save(&path).expect("save");
+        assert_eq!(Checkpoint::load(&path).expect("load"), checkpoint);
+        let text: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(text["claims"]["uid-admin"]["devices"][0]["admin_access"], true);
+        assert!(
+            text["claims"]["uid-plain"]["devices"][0].get("admin_access").is_none(),
+            "an ordinary claim is written as before: {text}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_admin_access_loads_with_every_device_held() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("checkpoint.json");
+        // The file as the devhost before this field wrote it.
+        std::fs::write(
+            &path,
+            r#"{"format": 1, "claims": {"uid-1": {"namespace": "ml", "name": "c", "devices": [
+                {"requests": ["r"], "pool": "node-a", "device": "gpu-0", "id": "gpu-0",
+                 "cdi_ids": ["k8s.gpu.example.com/claim=uid-1-r"]}]}}}"#,
+        )
+        .expect("write");
+        let loaded = Checkpoint::load(&path).expect("an old checkpoint loads");
+        let claim = &loaded.claims["uid-1"];
+        assert!(!claim.devices[0].admin_access);
+        assert!(claim.holds("gpu-0"));
+        assert_eq!(claim.to_release(), ["gpu-0"]);
     }
 }

@@ -17,6 +17,14 @@
 //! `release` and forgets the claim, and a claim never prepared (or already
 //! unprepared) is a success.
 //!
+//! Admin access (`docs/dra-api.md` §1.1): a device whose allocation
+//! result has `adminAccess: true` was given to a monitoring or debug pod
+//! beside the device's ordinary claim, if any. It is prepared like any
+//! other (the backend's `allocate`, whose edits the container needs), never
+//! refused for being prepared for another claim, recorded as such in the
+//! checkpoint, not counted as the device's holder, and never `release`d:
+//! scrubbing a device because its watcher left would harm its holder.
+//!
 //! Before any of it, the kubelet's claim and then the claim's allocation
 //! are checked against Kubernetes' own limits (`limits`): a claim whose
 //! namespace, name or UID no API server would have, or whose allocation
@@ -50,7 +58,7 @@ use super::checkpoint::{Checkpoint, CheckpointLock, PreparedClaim, PreparedDevic
 use super::names;
 use crate::backend::handle::BackendHandle;
 use crate::cdi;
-use crate::device_state::ResourceState;
+use crate::device_state::{ResourceState, Snapshot};
 use crate::proto::dra::v1;
 use crate::sockets::FileIdentity;
 
@@ -161,8 +169,12 @@ impl Preparer {
             match blocking(|| self.save(&prepared)) {
                 Ok(()) => {
                     for claim in &new {
+                        let admin_access = prepared
+                            .claims
+                            .get(&claim.uid)
+                            .is_some_and(|done| done.devices.iter().any(|device| device.admin_access));
                         tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name),
-                            uid = %claim.uid, "claim prepared");
+                            uid = %claim.uid, admin_access, "claim prepared");
                     }
                 }
                 Err(error) => {
@@ -306,9 +318,9 @@ impl Preparer {
         let results = self.results(&object)?;
         // The backend is called once per request; each request's devices
         // share one CDI device carrying that call's answer.
-        let mut by_request: BTreeMap<&str, Vec<&(String, String, String)>> = BTreeMap::new();
+        let mut by_request: BTreeMap<&str, Vec<&Allocated>> = BTreeMap::new();
         for result in &results {
-            by_request.entry(result.0.as_str()).or_default().push(result);
+            by_request.entry(result.request.as_str()).or_default().push(result);
         }
         // The claim's CDI device names must be valid before the backend
         // is asked (a UID of odd characters would fail only at the write).
@@ -325,7 +337,9 @@ impl Preparer {
         let mut cdi_devices = Vec::new();
         let mut devices = Vec::new();
         for (request, results) in by_request {
-            let ids: Vec<String> = results.iter().map(|(_, _, id)| id.clone()).collect();
+            // Admin access too: the container needs the device's edits;
+            // only what unprepare does differs.
+            let ids: Vec<String> = results.iter().map(|result| result.id.clone()).collect();
             let allocation = self
                 .backend
                 .allocate(&self.resource, ids)
@@ -356,13 +370,14 @@ impl Preparer {
                      (no environment, device node, mount or CDI device)"
                 ));
             }
-            for (request, device, id) in results {
+            for result in results {
                 devices.push(PreparedDevice {
-                    requests: vec![request.clone()],
+                    requests: vec![result.request.clone()],
                     pool: self.pool.clone(),
-                    device: device.clone(),
-                    id: id.clone(),
+                    device: result.device.clone(),
+                    id: result.id.clone(),
                     cdi_ids: cdi_ids.clone(),
+                    admin_access: result.admin_access,
                 });
             }
         }
@@ -382,17 +397,22 @@ impl Preparer {
         };
         blocking(|| cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid))
             .map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
-        let ids: Vec<String> = claim.devices.iter().map(|device| device.id.clone()).collect();
-        self.backend
-            .release(&self.resource, ids)
-            .await
-            .map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
+        // A device prepared for admin access is not released: the claim
+        // only watched it, and its holder (if any) still uses it.
+        let ids = claim.to_release();
+        if !ids.is_empty() {
+            self.backend
+                .release(&self.resource, ids)
+                .await
+                .map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
+        }
         prepared.claims.remove(uid);
         if let Err(error) = blocking(|| self.save(prepared)) {
             prepared.claims.insert(uid.to_owned(), claim);
             return Err(error.to_string());
         }
-        tracing::info!(driver = %self.driver, uid, "claim unprepared");
+        let admin_access = claim.devices.iter().any(|device| device.admin_access);
+        tracing::info!(driver = %self.driver, uid, admin_access, "claim unprepared");
         Ok(())
     }
 
@@ -432,43 +452,66 @@ impl Preparer {
         Ok(object)
     }
 
-    /// (request, DRA device name, device ID) of each device allocated to
-    /// the claim by this driver.
-    fn results(&self, claim: &ResourceClaim) -> Result<Vec<(String, String, String)>, String> {
-        let allocation =
-            claim.status.as_ref().and_then(|status| status.allocation.as_ref()).ok_or("the claim is not allocated")?;
-        let all = allocation.devices.as_ref().and_then(|devices| devices.results.as_deref()).unwrap_or_default();
-        limits::check_results(all, &self.driver)?;
-        let snapshot = self.state.snapshot();
-        let mut out = Vec::new();
-        for result in all {
-            if result.driver != self.driver {
-                continue;
-            }
-            if result.pool != self.pool {
-                return Err(format!(
-                    "device {} is allocated from pool {:?}, not this node's pool {:?}",
-                    result.device, result.pool, self.pool
-                ));
-            }
-            let id = names::device_id(&result.device)
-                .filter(|id| snapshot.devices.iter().any(|device| &device.id == id))
-                .or_else(|| {
-                    snapshot
-                        .devices
-                        .iter()
-                        .find(|device| names::device_name(&device.id) == result.device)
-                        .map(|device| device.id.clone())
-                })
-                .ok_or_else(|| format!("device {} is not (or no longer) published by this driver", result.device))?;
-            out.push((result.request.clone(), result.device.clone(), id));
-        }
-        if out.is_empty() {
-            // The kubelet asks only the drivers an allocation names.
-            return Err(format!("no device of driver {} is allocated to the claim", self.driver));
-        }
-        Ok(out)
+    /// Each device allocated to the claim by this driver.
+    fn results(&self, claim: &ResourceClaim) -> Result<Vec<Allocated>, String> {
+        allocated(claim, &self.driver, &self.pool, &self.state.snapshot())
     }
+}
+
+/// Each device allocated to `claim` by `driver`, from `pool`, mapped to the
+/// backend's IDs of the devices in `snapshot`.
+fn allocated(claim: &ResourceClaim, driver: &str, pool: &str, snapshot: &Snapshot) -> Result<Vec<Allocated>, String> {
+    let allocation =
+        claim.status.as_ref().and_then(|status| status.allocation.as_ref()).ok_or("the claim is not allocated")?;
+    let all = allocation.devices.as_ref().and_then(|devices| devices.results.as_deref()).unwrap_or_default();
+    limits::check_results(all, driver)?;
+    let mut out = Vec::new();
+    for result in all {
+        if result.driver != driver {
+            continue;
+        }
+        if result.pool != pool {
+            return Err(format!(
+                "device {} is allocated from pool {:?}, not this node's pool {:?}",
+                result.device, result.pool, pool
+            ));
+        }
+        let id = names::device_id(&result.device)
+            .filter(|id| snapshot.devices.iter().any(|device| &device.id == id))
+            .or_else(|| {
+                snapshot
+                    .devices
+                    .iter()
+                    .find(|device| names::device_name(&device.id) == result.device)
+                    .map(|device| device.id.clone())
+            })
+            .ok_or_else(|| format!("device {} is not (or no longer) published by this driver", result.device))?;
+        out.push(Allocated {
+            request: result.request.clone(),
+            device: result.device.clone(),
+            id,
+            // A bool pointer upstream: unset is false.
+            admin_access: result.admin_access == Some(true),
+        });
+    }
+    if out.is_empty() {
+        // The kubelet asks only the drivers an allocation names.
+        return Err(format!("no device of driver {driver} is allocated to the claim"));
+    }
+    Ok(out)
+}
+
+/// One device of this driver allocated to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Allocated {
+    /// The claim's request it satisfies.
+    request: String,
+    /// Its DRA device name.
+    device: String,
+    /// The backend's ID of it.
+    id: String,
+    /// Allocated for administrative access (the result's `adminAccess`).
+    admin_access: bool,
 }
 
 fn answer(device: &PreparedDevice) -> v1::Device {
@@ -477,5 +520,52 @@ fn answer(device: &PreparedDevice) -> v1::Device {
         pool_name: device.pool.clone(),
         device_name: device.device.clone(),
         cdi_device_ids: device.cdi_ids.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Device, Health};
+
+    const DRIVER: &str = "gpu.example.com";
+
+    /// A claim allocated `results` (request, device, adminAccess as the
+    /// API server stores it: absent, false or true).
+    fn claim(results: &[(&str, &str, Option<bool>)]) -> ResourceClaim {
+        let results: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(request, device, admin)| {
+                let mut result =
+                    serde_json::json!({"request": request, "driver": DRIVER, "pool": "node-a", "device": device});
+                if let Some(admin) = admin {
+                    result["adminAccess"] = serde_json::json!(admin);
+                }
+                result
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "monitoring", "name": "watch", "uid": "uid-1"},
+            "spec": {"devices": {"requests": []}},
+            "status": {"allocation": {"devices": {"results": results}}},
+        }))
+        .expect("a ResourceClaim")
+    }
+
+    fn gpus() -> Arc<Snapshot> {
+        let state = ResourceState::new("example.com/gpu");
+        state
+            .publish(vec![Device::new("gpu-0", Health::Healthy), Device::new("gpu-1", Health::Healthy)])
+            .expect("publish");
+        state.snapshot()
+    }
+
+    #[test]
+    fn admin_access_is_read_from_each_allocation_result_and_unset_is_false() {
+        let claim = claim(&[("watch", "gpu-0", Some(true)), ("use", "gpu-1", None), ("also", "gpu-0", Some(false))]);
+        let allocated = allocated(&claim, DRIVER, "node-a", &gpus()).expect("allocated");
+        let seen: Vec<(&str, &str, bool)> =
+            allocated.iter().map(|a| (a.request.as_str(), a.id.as_str(), a.admin_access)).collect();
+        assert_eq!(seen, [("watch", "gpu-0", true), ("use", "gpu-1", false), ("also", "gpu-0", false)]);
     }
 }
