@@ -494,8 +494,14 @@ async fn create_slice(State(store): State<Shared>, body: Bytes) -> Response {
         Ok(slice) => slice,
         Err(response) => return *response,
     };
+    // Checked as sent: an empty `devices` list beside `sharedCounters`
+    // is refused although storing would drop it.
+    if let Err(why) = devices_or_counters(&slice) {
+        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
+    }
     let mut store = lock(&store);
     defaults::default_slice(&mut slice, &store.now());
+    canonical_counters(&mut slice);
     if let Err(why) = validate_slice(&slice) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
@@ -520,8 +526,14 @@ async fn replace_slice(State(store): State<Shared>, Path(name): Path<String>, bo
     if slice["metadata"]["name"].as_str() != Some(&name) {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "the name in the body does not match the URL");
     }
+    // Checked as sent: an empty `devices` list beside `sharedCounters`
+    // is refused although storing would drop it.
+    if let Err(why) = devices_or_counters(&slice) {
+        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
+    }
     let mut store = lock(&store);
     defaults::default_slice(&mut slice, &store.now());
+    canonical_counters(&mut slice);
     if let Err(why) = validate_slice(&slice) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
@@ -625,6 +637,116 @@ fn dns_label(text: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
+/// A slice has `sharedCounters` or `devices`, never both (`docs/dra-api.md`
+/// §4.3): the real server asks only whether each is there (not null), so an
+/// empty list counts.
+fn devices_or_counters(slice: &Value) -> Result<(), String> {
+    let present = |key: &str| slice["spec"].get(key).is_some_and(|value| !value.is_null());
+    if present("devices") && present("sharedCounters") {
+        return Err("spec: Invalid value: \"\": only one of `sharedCounters` or `devices` is allowed".to_owned());
+    }
+    Ok(())
+}
+
+/// Writes every counter's quantity (counter sets and consumptions) in
+/// canonical form, as the server writes capacities (§4.1).
+fn canonical_counters(slice: &mut Value) {
+    let Some(spec) = slice.get_mut("spec").and_then(Value::as_object_mut) else { return };
+    for (key, value) in spec.iter_mut() {
+        let maps: Vec<&mut Value> = match key.as_str() {
+            "sharedCounters" => {
+                value.as_array_mut().into_iter().flatten().filter_map(|set| set.get_mut("counters")).collect()
+            }
+            "devices" => value
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .filter_map(|device| device.get_mut("consumesCounters").and_then(Value::as_array_mut))
+                .flatten()
+                .filter_map(|consumption| consumption.get_mut("counters"))
+                .collect(),
+            _ => continue,
+        };
+        for counter in maps.into_iter().filter_map(Value::as_object_mut).flat_map(|map| map.values_mut()) {
+            if let Some(canonical) = counter["value"].as_str().and_then(defaults::canonical_quantity) {
+                counter["value"] = json!(canonical);
+            }
+        }
+    }
+}
+
+/// Counter sets in one slice, counters in one set or one consumption,
+/// consumptions of one device (`docs/dra-api.md` §4.3).
+const MAX_COUNTER_SETS: usize = 8;
+const MAX_COUNTERS: usize = 32;
+const MAX_CONSUMPTIONS: usize = 2;
+
+/// A map of counters (`{name: {value}}`) at `path`: present and not empty,
+/// at most [`MAX_COUNTERS`], DNS-label names, quantity values.
+fn validate_counters(counters: &Value, path: &str) -> Result<(), String> {
+    let Some(counters) = counters.as_object().filter(|counters| !counters.is_empty()) else {
+        return Err(format!("{path}: Required value"));
+    };
+    if counters.len() > MAX_COUNTERS {
+        return Err(format!("{path}: Too many: {} (must have at most {MAX_COUNTERS} items)", counters.len()));
+    }
+    for (name, counter) in counters {
+        if !dns_label(name) {
+            return Err(format!("{path}[{name}]: Invalid value: {name:?}: not a DNS label"));
+        }
+        let value = counter["value"].as_str().unwrap_or_default();
+        if defaults::canonical_quantity(value).is_none() {
+            return Err(format!("{path}[{name}].value: Invalid value: {value:?}: not a quantity"));
+        }
+    }
+    Ok(())
+}
+
+/// `spec.sharedCounters` and each device's `consumesCounters`.
+fn validate_partitions(spec: &Value, devices: &[Value]) -> Result<(), String> {
+    let empty = Vec::new();
+    let sets = spec["sharedCounters"].as_array().unwrap_or(&empty);
+    if sets.len() > MAX_COUNTER_SETS {
+        return Err(format!(
+            "spec.sharedCounters: Too many: {} (must have at most {MAX_COUNTER_SETS} items)",
+            sets.len()
+        ));
+    }
+    let mut names = HashSet::new();
+    for (index, set) in sets.iter().enumerate() {
+        let name = set["name"].as_str().unwrap_or_default();
+        if !dns_label(name) {
+            return Err(format!("spec.sharedCounters[{index}].name: Invalid value: {name:?}: not a DNS label"));
+        }
+        if !names.insert(name) {
+            return Err(format!("spec.sharedCounters[{index}].name: Duplicate value: {name:?}"));
+        }
+        validate_counters(&set["counters"], &format!("spec.sharedCounters[{index}].counters"))?;
+    }
+    for (index, device) in devices.iter().enumerate() {
+        let consumptions = device["consumesCounters"].as_array().unwrap_or(&empty);
+        let path = format!("spec.devices[{index}].consumesCounters");
+        if consumptions.len() > MAX_CONSUMPTIONS {
+            return Err(format!(
+                "{path}: Too many: {} (must have at most {MAX_CONSUMPTIONS} items)",
+                consumptions.len()
+            ));
+        }
+        let mut sets = HashSet::new();
+        for (at, consumption) in consumptions.iter().enumerate() {
+            let set = consumption["counterSet"].as_str().unwrap_or_default();
+            if !dns_label(set) {
+                return Err(format!("{path}[{at}].counterSet: Invalid value: {set:?}: not a DNS label"));
+            }
+            if !sets.insert(set) {
+                return Err(format!("{path}[{at}].counterSet: Duplicate value: {set:?}"));
+            }
+            validate_counters(&consumption["counters"], &format!("{path}[{at}].counters"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The rules of `docs/dra-api.md` §4 a slice must keep, transcribed here.
 fn validate_slice(slice: &Value) -> Result<(), String> {
     let metadata = &slice["metadata"];
@@ -661,7 +783,9 @@ fn validate_slice(slice: &Value) -> Result<(), String> {
     let empty = Vec::new();
     let devices = spec["devices"].as_array().unwrap_or(&empty);
     let tainted = devices.iter().any(|device| device["taints"].as_array().is_some_and(|taints| !taints.is_empty()));
-    let limit = if tainted { 64 } else { 128 };
+    let consuming =
+        devices.iter().any(|device| device["consumesCounters"].as_array().is_some_and(|list| !list.is_empty()));
+    let limit = if tainted || consuming { 64 } else { 128 };
     if devices.len() > limit {
         return Err(format!("spec.devices: Too many: {} (must have at most {limit} items)", devices.len()));
     }
@@ -680,5 +804,71 @@ fn validate_slice(slice: &Value) -> Result<(), String> {
             return Err(format!("spec.devices[{index}]: Too many: {together} attributes and capacities (at most 32)"));
         }
     }
-    Ok(())
+    validate_partitions(spec, devices)
+}
+
+#[cfg(test)]
+mod partition_tests {
+    use super::*;
+
+    fn slice(spec: Value) -> Value {
+        let mut spec = spec;
+        spec["driver"] = json!("gpu.example.com");
+        spec["nodeName"] = json!("node-a");
+        spec["pool"] = json!({"name": "node-a", "generation": 1, "resourceSliceCount": 2});
+        json!({"metadata": {"name": "s"}, "spec": spec})
+    }
+
+    fn set(name: &str, counters: usize) -> Value {
+        let counters: serde_json::Map<String, Value> =
+            (0..counters).map(|i| (format!("c{i}"), json!({"value": "1"}))).collect();
+        json!({"name": name, "counters": counters})
+    }
+
+    #[test]
+    fn counter_set_slices_and_consuming_devices_are_checked_as_the_server_does() {
+        let good = slice(json!({"sharedCounters": [set("gpu-0", 2)]}));
+        assert_eq!(devices_or_counters(&good), Ok(()));
+        assert_eq!(validate_slice(&good), Ok(()));
+
+        let both = slice(json!({"sharedCounters": [set("gpu-0", 2)], "devices": []}));
+        assert!(devices_or_counters(&both).expect_err("both").contains("only one of `sharedCounters` or `devices`"));
+
+        let nine = slice(json!({"sharedCounters": (0..9).map(|i| set(&format!("s{i}"), 1)).collect::<Vec<_>>()}));
+        assert!(validate_slice(&nine).expect_err("9 sets").contains("spec.sharedCounters: Too many: 9"));
+        let wide = slice(json!({"sharedCounters": [set("gpu-0", 33)]}));
+        assert!(validate_slice(&wide).expect_err("33").contains("counters: Too many: 33"));
+        let twice = slice(json!({"sharedCounters": [set("gpu-0", 1), set("gpu-0", 1)]}));
+        assert!(validate_slice(&twice).expect_err("twice").contains("Duplicate value"));
+        let empty = slice(json!({"sharedCounters": [{"name": "gpu-0", "counters": {}}]}));
+        assert!(validate_slice(&empty).expect_err("empty").contains("counters: Required value"));
+
+        let consume = |entries: Vec<Value>| json!({"name": "d", "consumesCounters": entries});
+        let entry = |set: &str| json!({"counterSet": set, "counters": {"memory": {"value": "20Gi"}}});
+        let fine = slice(json!({"devices": [consume(vec![entry("a"), entry("b")])]}));
+        assert_eq!(validate_slice(&fine), Ok(()));
+        let three = slice(json!({"devices": [consume(vec![entry("a"), entry("b"), entry("c")])]}));
+        assert!(validate_slice(&three).expect_err("3").contains("consumesCounters: Too many: 3"));
+        let again = slice(json!({"devices": [consume(vec![entry("a"), entry("a")])]}));
+        assert!(validate_slice(&again).expect_err("again").contains("counterSet: Duplicate value"));
+        let bad = slice(
+            json!({"devices": [consume(vec![json!({"counterSet": "a", "counters": {"m": {"value": "2 Gi"}}})])]}),
+        );
+        assert!(validate_slice(&bad).expect_err("bad quantity").contains("not a quantity"));
+        let many: Vec<Value> =
+            (0..65).map(|i| json!({"name": format!("d{i}"), "consumesCounters": [entry("a")]})).collect();
+        assert!(validate_slice(&slice(json!({"devices": many}))).expect_err("65").contains("at most 64"));
+    }
+
+    #[test]
+    fn counter_quantities_are_stored_canonically() {
+        let mut sent = slice(json!({
+            "devices": [{"name": "d", "consumesCounters": [{"counterSet": "a", "counters": {"m": {"value": "20480Mi"}}}]}],
+        }));
+        canonical_counters(&mut sent);
+        assert_eq!(sent["spec"]["devices"][0]["consumesCounters"][0]["counters"]["m"]["value"], json!("20Gi"));
+        let mut sets = slice(json!({"sharedCounters": [{"name": "a", "counters": {"m": {"value": "1000"}}}]}));
+        canonical_counters(&mut sets);
+        assert_eq!(sets["spec"]["sharedCounters"][0]["counters"]["m"]["value"], json!("1k"));
+    }
 }

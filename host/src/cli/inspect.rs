@@ -101,6 +101,10 @@ struct ListedResource {
     /// The DRA driver, for a resource served through DRA.
     #[serde(skip_serializing_if = "Option::is_none")]
     dra_driver: Option<String>,
+    /// DRA partitionable devices: the resource's counter sets, name →
+    /// counter → quantity.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    counter_sets: BTreeMap<String, BTreeMap<String, String>>,
     devices: Vec<ListedDevice>,
 }
 
@@ -131,6 +135,10 @@ struct ListedDevice {
     /// name too (devhost leaves the device out of its own spec for them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     cdi_clashes: Vec<PathBuf>,
+    /// DRA partitionable devices: what it consumes while allocated,
+    /// counter set → counter → quantity.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    consumes_counters: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl ListedDevice {
@@ -156,6 +164,7 @@ impl ListedDevice {
             dra_name: None,
             claims: None,
             cdi_clashes: Vec::new(),
+            consumes_counters: BTreeMap::new(),
         }
     }
 
@@ -307,6 +316,11 @@ async fn list_backend(
                 let cdi = config.resources.get(&spec.name).is_some_and(|settings| settings.cdi);
                 let own_spec = crate::cdi::spec_path(&host.cdi_dir, &spec.name);
                 let prepared = dra_driver.as_deref().and_then(|driver| prepared_claims(host, driver));
+                let partitions = match &config.source {
+                    crate::config::BackendSource::Static(config) => config.partitions(&spec.name).cloned(),
+                    crate::config::BackendSource::Module { .. } => None,
+                }
+                .unwrap_or_default();
                 listed.resources.push(ListedResource {
                     name: spec.name.clone(),
                     pre_start_required: spec.pre_start_required,
@@ -322,8 +336,20 @@ async fn list_backend(
                             );
                             let device =
                                 if cdi { device.with_cdi_clashes(&spec.name, &cdi_view, &own_spec) } else { device };
-                            if dra_driver.is_some() { device.with_dra(prepared.as_ref()) } else { device }
+                            let mut device =
+                                if dra_driver.is_some() { device.with_dra(prepared.as_ref()) } else { device };
+                            device.consumes_counters = partitions
+                                .consumed_by(&device.id)
+                                .iter()
+                                .map(|consumed| (consumed.counter_set.clone(), consumed.counters.clone()))
+                                .collect();
+                            device
                         })
+                        .collect(),
+                    counter_sets: partitions
+                        .counter_sets
+                        .iter()
+                        .map(|set| (set.name.clone(), set.counters.clone()))
                         .collect(),
                     dra_driver,
                 });
@@ -334,6 +360,11 @@ async fn list_backend(
     }
     stop.cancel();
     listed
+}
+
+/// `memory=20Gi,slices=4`.
+fn counters_text(counters: &BTreeMap<String, String>) -> String {
+    counters.iter().map(|(name, quantity)| format!("{name}={quantity}")).collect::<Vec<_>>().join(",")
 }
 
 /// The holders of a resource nobody holds anything of.
@@ -355,6 +386,14 @@ fn print_table(listed: &[ListedBackend]) {
         for resource in &backend.resources {
             if let Some(driver) = &resource.dra_driver {
                 println!("{:<16} {:<32} served through DRA as driver {driver}", backend.backend, resource.name);
+            }
+            for (set, counters) in &resource.counter_sets {
+                println!(
+                    "{:<16} {:<32} counter set {set}: {}",
+                    backend.backend,
+                    resource.name,
+                    counters_text(counters)
+                );
             }
             if resource.devices.is_empty() {
                 println!("{:<16} {:<32} (no devices)", backend.backend, resource.name);
@@ -383,6 +422,12 @@ fn print_table(listed: &[ListedBackend]) {
                             .map(|name| format!("DRA name {name}")),
                     )
                     .chain(device.claims.iter().flatten().map(|claim| format!("prepared for claim {claim}")))
+                    .chain(
+                        device
+                            .consumes_counters
+                            .iter()
+                            .map(|(set, counters)| format!("consumes {set}({})", counters_text(counters))),
+                    )
                     .chain(device.cdi_clashes.iter().map(|file| {
                         format!(
                             "CDI name also defined by {} (left to it: answered without devhost's CDI name)",

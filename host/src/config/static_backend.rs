@@ -11,7 +11,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, ResourceSpec};
+use crate::model::{
+    Allocation, AttributeValue, CounterConsumption, CounterSet, Device, DeviceSpec, Health,
+    MAX_CONSUMPTIONS_PER_DEVICE, MAX_COUNTERS_PER_CONSUMPTION, MAX_COUNTERS_PER_SET, Mount, Partitions, ResourceSpec,
+};
 use crate::resource_name;
 
 /// The placeholder in `env` values replaced by the allocated IDs, comma-separated.
@@ -43,6 +46,9 @@ pub struct StaticResource {
     pub cdi_kind_location: Option<(usize, usize)>,
     /// The devices.
     pub devices: Vec<StaticDevice>,
+    /// DRA partitionable devices: the `[[config.resource.counter_set]]`s
+    /// and each device's `consumes` (empty when none are declared).
+    pub partitions: Partitions,
 }
 
 /// One device of a static resource.
@@ -93,6 +99,26 @@ struct RawResource {
     cdi_kind: Option<Spanned<String>>,
     #[serde(default)]
     device: Vec<RawDevice>,
+    /// `[[config.resource.counter_set]]`: counters the devices share.
+    #[serde(default)]
+    counter_set: Vec<RawCounterSet>,
+}
+
+/// One `[[config.resource.counter_set]]`: `name` and `counters`
+/// (counter name → quantity).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCounterSet {
+    name: Spanned<String>,
+    counters: Spanned<BTreeMap<String, Spanned<String>>>,
+}
+
+/// One entry of a device's `consumes`: `{ counter_set, counters }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumption {
+    counter_set: Spanned<String>,
+    counters: Spanned<BTreeMap<String, Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +140,9 @@ struct RawDevice {
     attributes: Option<Spanned<BTreeMap<String, RawAttribute>>>,
     /// Capacities: name → Kubernetes quantity.
     capacities: Option<Spanned<BTreeMap<String, String>>>,
+    /// DRA partitionable devices: what the device takes from the
+    /// resource's counter sets while allocated.
+    consumes: Option<Spanned<Vec<RawConsumption>>>,
 }
 
 #[derive(Deserialize)]
@@ -192,17 +221,27 @@ impl StaticConfig {
             if let Some(kind) = &raw.cdi_kind {
                 check_cdi_kind(kind.get_ref()).map_err(|message| at(kind.span(), message))?;
             }
+            let mut partitions =
+                Partitions { counter_sets: parse_counter_sets(raw.counter_set, &at)?, ..Partitions::default() };
             let mut devices: Vec<StaticDevice> = Vec::with_capacity(raw.device.len());
             let mut ids = std::collections::HashSet::with_capacity(raw.device.len());
-            for device in raw.device {
+            for mut device in raw.device {
                 let id_span = device.id.span();
+                let consumes = device.consumes.take();
                 let parsed = parse_device(device, &at)?;
                 if !ids.insert(parsed.device.id.clone()) {
                     let message = format!("device ID {:?} appears twice in resource {name:?}", parsed.device.id);
                     return Err(at(id_span, message));
                 }
+                if let Some(consumes) = consumes {
+                    let consumed = parse_consumes(&parsed.device.id, consumes, &partitions.counter_sets, &at)?;
+                    partitions.consumes.insert(parsed.device.id.clone(), consumed);
+                }
                 devices.push(parsed);
             }
+            // Every rule was checked where it is written; this is the model's
+            // own check, the same the slices rely on.
+            partitions.check().map_err(|why| at(raw.name.span(), format!("resource {name:?}: {why}")))?;
             resources.push(StaticResource {
                 spec: ResourceSpec {
                     name: name.clone(),
@@ -217,9 +256,16 @@ impl StaticConfig {
                 cdi_kind_location: raw.cdi_kind.as_ref().map(|kind| super::line_column(source, kind.span().start)),
                 cdi_kind: raw.cdi_kind.map(Spanned::into_inner),
                 devices,
+                partitions,
             });
         }
         Ok(StaticConfig { health_interval, resources })
+    }
+
+    /// The partitionable-device description of resource `name` (empty
+    /// when it declares none); `None` when this file has no such resource.
+    pub fn partitions(&self, name: &str) -> Option<&Partitions> {
+        self.resources.iter().find(|r| r.spec.name == name).map(|r| &r.partitions)
     }
 
     /// Every resource name with its span in the file.
@@ -295,6 +341,111 @@ fn parse_device(
         health_path: raw.health_path,
         allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
     })
+}
+
+/// The `[[config.resource.counter_set]]`s, each checked where it is written.
+fn parse_counter_sets(
+    raw: Vec<RawCounterSet>,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Vec<CounterSet>, ConfigError> {
+    let mut sets: Vec<CounterSet> = Vec::with_capacity(raw.len());
+    for set in raw {
+        let name = set.name.get_ref();
+        crate::model::check_counter_name("counter set", name).map_err(|why| at(set.name.span(), why))?;
+        if sets.iter().any(|earlier| &earlier.name == name) {
+            return Err(at(set.name.span(), format!("counter set {name:?} is declared twice in this resource")));
+        }
+        let counters_span = set.counters.span();
+        let counters = set.counters.into_inner();
+        if counters.is_empty() {
+            return Err(at(counters_span, format!("counter set {name:?} needs at least one counter")));
+        }
+        if counters.len() > MAX_COUNTERS_PER_SET {
+            let message = format!(
+                "counter set {name:?} has {} counters; a counter set may have at most {MAX_COUNTERS_PER_SET}",
+                counters.len()
+            );
+            return Err(at(counters_span, message));
+        }
+        let counters = quantities(counters, at, |counter| format!("counter set {name:?}, counter {counter:?}"))?;
+        sets.push(CounterSet { name: set.name.into_inner(), counters });
+    }
+    Ok(sets)
+}
+
+/// A device's `consumes`, checked against the resource's counter sets.
+fn parse_consumes(
+    device: &str,
+    raw: Spanned<Vec<RawConsumption>>,
+    sets: &[CounterSet],
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Vec<CounterConsumption>, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    if raw.len() > MAX_CONSUMPTIONS_PER_DEVICE {
+        let message = format!(
+            "device {device:?} consumes from {} counter sets; a device may consume from at most {MAX_CONSUMPTIONS_PER_DEVICE}",
+            raw.len()
+        );
+        return Err(at(span, message));
+    }
+    let mut consumed: Vec<CounterConsumption> = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let name = entry.counter_set.get_ref();
+        let Some(set) = sets.iter().find(|set| &set.name == name) else {
+            let declared: Vec<&str> = sets.iter().map(|set| set.name.as_str()).collect();
+            let message = format!(
+                "device {device:?} consumes from unknown counter set {name:?} (this resource declares: {declared:?})"
+            );
+            return Err(at(entry.counter_set.span(), message));
+        };
+        if consumed.iter().any(|earlier| &earlier.counter_set == name) {
+            let message = format!("device {device:?} names counter set {name:?} twice (one entry per set)");
+            return Err(at(entry.counter_set.span(), message));
+        }
+        let counters_span = entry.counters.span();
+        let counters = entry.counters.into_inner();
+        if counters.is_empty() {
+            return Err(at(counters_span, format!("device {device:?} consumes nothing from counter set {name:?}")));
+        }
+        if counters.len() > MAX_COUNTERS_PER_CONSUMPTION {
+            let message = format!(
+                "device {device:?} consumes {} counters of set {name:?}; at most {MAX_COUNTERS_PER_CONSUMPTION}",
+                counters.len()
+            );
+            return Err(at(counters_span, message));
+        }
+        for (counter, quantity) in &counters {
+            if !set.counters.contains_key(counter) {
+                let known: Vec<&String> = set.counters.keys().collect();
+                let message = format!(
+                    "device {device:?} consumes unknown counter {counter:?} of set {name:?} (it has: {known:?})"
+                );
+                return Err(at(quantity.span(), message));
+            }
+        }
+        let counters = quantities(counters, at, |counter| format!("device {device:?}, counter {counter:?}"))?;
+        consumed.push(CounterConsumption { counter_set: entry.counter_set.into_inner(), counters });
+    }
+    Ok(consumed)
+}
+
+/// Counter name → quantity, each name a DNS label and each quantity a
+/// Kubernetes quantity, an error at the value; `what` names a counter.
+fn quantities(
+    counters: BTreeMap<String, Spanned<String>>,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+    what: impl Fn(&str) -> String,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut checked = BTreeMap::new();
+    for (counter, quantity) in counters {
+        crate::model::check_counter_name("counter", &counter)
+            .map_err(|why| at(quantity.span(), format!("{}: {why}", what(&counter))))?;
+        crate::device_info::check_quantity(quantity.get_ref())
+            .map_err(|why| at(quantity.span(), format!("{}: {why}", what(&counter))))?;
+        checked.insert(counter, quantity.into_inner());
+    }
+    Ok(checked)
 }
 
 fn absolute(path: Spanned<String>, at: &impl Fn(Range<usize>, String) -> ConfigError) -> Result<String, ConfigError> {

@@ -104,6 +104,9 @@ pub struct DraTask {
     pub context: DraContext,
     /// Stops the task.
     pub shutdown: CancellationToken,
+    /// Its counter sets and what each device consumes (partitionable
+    /// devices), if its backend declares any.
+    pub partitions: Option<Arc<crate::model::Partitions>>,
 }
 
 impl DraTask {
@@ -160,6 +163,9 @@ impl DraTask {
             SlicePublisher::new(client, &self.driver, &node, self.context.settings.device_taints, Pacing::default());
         if let Some(watch_client) = &self.context.watch_client {
             publisher = publisher.watching(watch_client.clone());
+        }
+        if let Some(partitions) = &self.partitions {
+            publisher = publisher.with_partitions(partitions.clone());
         }
         let resync = publisher.resync();
         let changes = self.state.subscribe();

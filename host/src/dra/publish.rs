@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use self::watch::{SliceEvent, SliceWatch};
 use super::slices::{self, DRIVER_LABEL, SliceSource};
 use crate::device_state::Snapshot;
+use crate::model::Partitions;
 
 /// How often the server's slices are read again without a cause.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
@@ -127,6 +128,9 @@ pub struct SlicePublisher {
     watch: Option<Api<ResourceSlice>>,
     progress: channel::Sender<Progress>,
     resync: Arc<Notify>,
+    /// The resource's counter sets and consumptions (partitionable
+    /// devices), published with the devices; `None`: none.
+    partitions: Option<Arc<Partitions>>,
 }
 
 impl SlicePublisher {
@@ -148,7 +152,17 @@ impl SlicePublisher {
             watch: None,
             progress: channel::Sender::new(Progress::default()),
             resync: Arc::new(Notify::new()),
+            partitions: None,
         }
+    }
+
+    /// Also publishes `partitions`: the resource's counter sets, in slices
+    /// of their own, and each device's `consumesCounters`
+    /// (`docs/dra-api.md` §4.3). Empty partitions change nothing.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: Arc<Partitions>) -> Self {
+        self.partitions = (!partitions.is_empty()).then_some(partitions);
+        self
     }
 
     /// Also watches the pool's slices through `client` while it runs, so a
@@ -366,7 +380,7 @@ impl SlicePublisher {
             owner: self.owner.clone().flatten(),
             taints: self.taints,
         };
-        let mut desired = slices::slices(&source, snapshot);
+        let mut desired = slices::partitioned_slices(&source, self.partitions.as_deref(), snapshot);
         slices::keep_taint_times(&mut desired, held.values());
         desired
     }

@@ -3,6 +3,10 @@
 //! `spec.nodeName` set, at most 128 devices a slice (64 when devices carry
 //! taints), every slice with the pool's generation and slice count, each
 //! device under its DRA name with the backend's attributes and capacities.
+//! A resource with partitionable devices (`docs/dra-api.md` §4.3) gets its
+//! counter sets in slices of their own first (at most 8 a slice, no
+//! devices in them), and its devices carry `consumesCounters` (then at
+//! most 64 devices a slice).
 //!
 //! Also what the API server makes of them (`docs/dra-api.md` §4.1): it
 //! stamps a taint without `timeAdded` with the time of the write, writes
@@ -18,18 +22,20 @@
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    Counter, CounterSet, Device, DeviceAttribute, DeviceCapacity, DeviceCounterConsumption, DeviceTaint, ResourcePool,
+    ResourceSlice, ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 
 use super::names;
 use crate::device_state::Snapshot;
-use crate::model::{AttributeValue, Health};
+use crate::model::{AttributeValue, CounterConsumption, Health, MAX_COUNTER_SETS_PER_SLICE, Partitions};
 
 /// Devices in one slice without taints (the API's limit).
 pub const MAX_DEVICES: usize = 128;
-/// Devices in one slice when any carries a taint (the API's limit).
+/// Devices in one slice when any carries a taint or consumes counters
+/// (the API's limit).
 pub const MAX_DEVICES_WITH_TAINTS: usize = 64;
 /// The taint an Unhealthy device carries where the cluster has device
 /// taints (DeviceTaints: beta and on by default from 1.36).
@@ -58,6 +64,16 @@ pub struct SliceSource<'a> {
 /// The slices for `snapshot`'s devices, in order; the same input gives the
 /// same objects (names included), so a publisher can compare and update.
 pub fn slices(source: &SliceSource<'_>, snapshot: &Snapshot) -> Vec<ResourceSlice> {
+    partitioned_slices(source, None, snapshot)
+}
+
+/// [`slices`] with the resource's counter sets and what its devices
+/// consume from them (partitionable devices; `None` or empty: none).
+pub fn partitioned_slices(
+    source: &SliceSource<'_>,
+    partitions: Option<&Partitions>,
+    snapshot: &Snapshot,
+) -> Vec<ResourceSlice> {
     let mut devices: Vec<(String, Device)> = snapshot
         .devices
         .iter()
@@ -76,22 +92,35 @@ pub fn slices(source: &SliceSource<'_>, snapshot: &Snapshot) -> Vec<ResourceSlic
                     time_added: None,
                 }]
             });
-            Some((name.clone(), dra_device(name, device, taints)))
+            let mut dra = dra_device(name.clone(), device, taints);
+            let consumed = partitions.map_or(&[][..], |partitions| partitions.consumed_by(&device.id));
+            dra.consumes_counters = (!consumed.is_empty()).then(|| consumed.iter().map(consumption).collect());
+            Some((name, dra))
         })
         .collect();
     devices.sort_by(|a, b| a.0.cmp(&b.0));
-    let per_slice = if source.taints { MAX_DEVICES_WITH_TAINTS } else { MAX_DEVICES };
-    let chunks: Vec<Vec<Device>> = if devices.is_empty() {
-        // An empty pool is still published: it says "no devices here".
-        vec![Vec::new()]
+    let consuming = devices.iter().any(|(_, device)| device.consumes_counters.is_some());
+    let per_slice = if source.taints || consuming { MAX_DEVICES_WITH_TAINTS } else { MAX_DEVICES };
+    let counter_sets = partitions.map_or(&[][..], |partitions| partitions.counter_sets.as_slice());
+    // Counter sets go in slices of their own: a slice has either
+    // `sharedCounters` or `devices`, never both (1.35+).
+    let mut contents: Vec<Content> =
+        counter_sets.chunks(MAX_COUNTER_SETS_PER_SLICE).map(|chunk| Content::Counters(chunk.to_vec())).collect();
+    if devices.is_empty() {
+        if contents.is_empty() {
+            // An empty pool is still published: it says "no devices here".
+            contents.push(Content::Devices(Vec::new()));
+        }
     } else {
-        devices.chunks(per_slice).map(|chunk| chunk.iter().map(|(_, d)| d.clone()).collect()).collect()
-    };
-    let count = i64::try_from(chunks.len()).unwrap_or(i64::MAX);
-    chunks
+        contents.extend(
+            devices.chunks(per_slice).map(|chunk| Content::Devices(chunk.iter().map(|(_, d)| d.clone()).collect())),
+        );
+    }
+    let count = i64::try_from(contents.len()).unwrap_or(i64::MAX);
+    contents
         .into_iter()
         .enumerate()
-        .map(|(index, devices)| ResourceSlice {
+        .map(|(index, content)| ResourceSlice {
             metadata: ObjectMeta {
                 name: Some(slice_name(source.node, source.driver, index)),
                 labels: Some(BTreeMap::from([(DRIVER_LABEL.to_owned(), source.driver.to_owned())])),
@@ -106,11 +135,38 @@ pub fn slices(source: &SliceSource<'_>, snapshot: &Snapshot) -> Vec<ResourceSlic
                     generation: source.generation,
                     resource_slice_count: count,
                 },
-                devices: Some(devices),
+                shared_counters: match &content {
+                    Content::Counters(sets) => Some(sets.iter().map(counter_set).collect()),
+                    Content::Devices(_) => None,
+                },
+                devices: match content {
+                    Content::Devices(devices) => Some(devices),
+                    Content::Counters(_) => None,
+                },
                 ..ResourceSliceSpec::default()
             },
         })
         .collect()
+}
+
+/// What one slice of a pool carries.
+enum Content {
+    /// Counter sets (at most [`MAX_COUNTER_SETS_PER_SLICE`]).
+    Counters(Vec<crate::model::CounterSet>),
+    /// Devices.
+    Devices(Vec<Device>),
+}
+
+fn counters(counters: &BTreeMap<String, String>) -> BTreeMap<String, Counter> {
+    counters.iter().map(|(name, quantity)| (name.clone(), Counter { value: Quantity(quantity.clone()) })).collect()
+}
+
+fn counter_set(set: &crate::model::CounterSet) -> CounterSet {
+    CounterSet { name: set.name.clone(), counters: counters(&set.counters) }
+}
+
+fn consumption(consumption: &CounterConsumption) -> DeviceCounterConsumption {
+    DeviceCounterConsumption { counter_set: consumption.counter_set.clone(), counters: counters(&consumption.counters) }
 }
 
 /// `<node>-<driver>-<index>`, cut to the 253 characters a name may have.
@@ -200,8 +256,23 @@ fn as_stored(spec: &ResourceSliceSpec) -> ResourceSliceSpec {
         for taint in device.taints.iter_mut().flatten() {
             taint.value = taint.value.take().filter(|value| !value.is_empty());
         }
+        for consumption in device.consumes_counters.iter_mut().flatten() {
+            by_value(&mut consumption.counters);
+        }
+    }
+    for set in spec.shared_counters.iter_mut().flatten() {
+        by_value(&mut set.counters);
     }
     spec
+}
+
+/// Counters compared by their value, as capacities are.
+fn by_value(counters: &mut BTreeMap<String, Counter>) {
+    for counter in counters.values_mut() {
+        if let Some(nanos) = quantity_nanos(&counter.value.0) {
+            counter.value = Quantity(format!("{nanos}n"));
+        }
+    }
 }
 
 /// A quantity's value in billionths (the finest the API keeps: finer
@@ -485,6 +556,130 @@ mod tests {
         assert_ne!(quantity_nanos("1Gi"), quantity_nanos("1G"));
         for bad in ["", "Gi", "1.2.3", "1x", "1e", "99999999999999999999999999999999999999999Ei"] {
             assert_eq!(quantity_nanos(bad), None, "{bad}");
+        }
+    }
+
+    /// One GPU's counter set and its whole and half partitions, as
+    /// devices `gpu-0`, `gpu-0-half-0` and `gpu-0-half-1`.
+    fn partitioned() -> (std::sync::Arc<Snapshot>, Partitions) {
+        use crate::model::{CounterConsumption, CounterSet};
+        let state = ResourceState::new("example.com/gpu");
+        let ids = ["gpu-0", "gpu-0-half-0", "gpu-0-half-1"];
+        state.publish(ids.iter().map(|id| ModelDevice::new(*id, Health::Healthy)).collect()).expect("valid");
+        let quantities = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let consumes = |memory: &str, slices: &str| {
+            vec![CounterConsumption {
+                counter_set: "gpu-0".into(),
+                counters: quantities(&[("memory", memory), ("slices", slices)]),
+            }]
+        };
+        let partitions = Partitions {
+            counter_sets: vec![CounterSet {
+                name: "gpu-0".into(),
+                counters: quantities(&[("memory", "40Gi"), ("slices", "8")]),
+            }],
+            consumes: BTreeMap::from([
+                ("gpu-0".to_owned(), consumes("40Gi", "8")),
+                ("gpu-0-half-0".to_owned(), consumes("20Gi", "4")),
+                ("gpu-0-half-1".to_owned(), consumes("20480Mi", "4")),
+            ]),
+        };
+        partitions.check().expect("valid partitions");
+        (state.snapshot(), partitions)
+    }
+
+    #[test]
+    fn counter_sets_go_in_a_slice_of_their_own_and_devices_consume_them() {
+        let (snapshot, partitions) = partitioned();
+        let slices = partitioned_slices(&source(false), Some(&partitions), &snapshot);
+        assert_eq!(slices.len(), 2, "one counter-set slice, one device slice");
+        for slice in &slices {
+            assert_eq!((slice.spec.pool.generation, slice.spec.pool.resource_slice_count), (7, 2));
+        }
+        let counters = &slices[0].spec;
+        assert_eq!(counters.devices, None, "a counter-set slice carries no devices (not even an empty list)");
+        let sets = counters.shared_counters.as_ref().expect("sharedCounters");
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].name, "gpu-0");
+        assert_eq!(sets[0].counters["memory"].value, Quantity("40Gi".into()));
+        assert_eq!(slices[1].spec.shared_counters, None);
+        let half = devices(&slices[1]).iter().find(|d| d.name == names::device_name("gpu-0-half-1")).expect("half");
+        let consumed = half.consumes_counters.as_ref().expect("consumesCounters");
+        assert_eq!(consumed[0].counter_set, "gpu-0");
+        assert_eq!(consumed[0].counters["memory"].value, Quantity("20480Mi".into()));
+
+        // Without partitions: one slice, nothing about counters.
+        let plain = super::slices(&source(false), &snapshot);
+        assert_eq!(plain.len(), 1);
+        assert!(devices(&plain[0]).iter().all(|d| d.consumes_counters.is_none()));
+    }
+
+    #[test]
+    fn devices_that_consume_counters_go_64_a_slice_and_sets_8_a_slice() {
+        use crate::model::{CounterConsumption, CounterSet};
+        let snapshot = snapshot(100, &[]);
+        let counter_sets: Vec<CounterSet> = (0..10)
+            .map(|i| CounterSet { name: format!("set-{i}"), counters: BTreeMap::from([("c".into(), "1".into())]) })
+            .collect();
+        let consumes = BTreeMap::from([(
+            "GPU-000".to_owned(),
+            vec![CounterConsumption {
+                counter_set: "set-0".into(),
+                counters: BTreeMap::from([("c".into(), "1".into())]),
+            }],
+        )]);
+        let partitions = Partitions { counter_sets, consumes };
+        let slices = partitioned_slices(&source(false), Some(&partitions), &snapshot);
+        let shape: Vec<(usize, usize)> =
+            slices.iter().map(|s| (s.spec.shared_counters.as_ref().map_or(0, Vec::len), devices(s).len())).collect();
+        assert_eq!(shape, [(8, 0), (2, 0), (0, 64), (0, 36)]);
+        assert!(slices.iter().all(|s| s.spec.pool.resource_slice_count == 4));
+        let names: Vec<&str> = slices.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
+        assert_eq!(names[3], "node-a-gpu.example.com-3");
+    }
+
+    #[test]
+    fn the_server_s_spelling_of_counters_is_no_change() {
+        let (snapshot, partitions) = partitioned();
+        let want = partitioned_slices(&source(false), Some(&partitions), &snapshot);
+        let mut have = want.clone();
+        // The server writes 20480Mi back as 20Gi.
+        for device in have[1].spec.devices.iter_mut().flatten() {
+            for consumption in device.consumes_counters.iter_mut().flatten() {
+                let memory = consumption.counters.get_mut("memory").expect("memory");
+                if memory.value.0 == "20480Mi" {
+                    memory.value = Quantity("20Gi".into());
+                }
+            }
+        }
+        assert_ne!(have, want);
+        assert!(have.iter().zip(&want).all(|(have, want)| stores_as(have, want)));
+        have[0].spec.shared_counters.as_mut().expect("sets")[0].counters.get_mut("memory").expect("memory").value =
+            Quantity("80Gi".into());
+        assert!(!stores_as(&have[0], &want[0]), "a counter's value is a change");
+    }
+
+    /// Every field name devhost writes is upstream's: the JSON of the
+    /// slices, read back as `k8s_openapi`'s type, is the same object, and
+    /// carries the names the API documents.
+    #[test]
+    fn partitioned_slices_survive_a_json_round_trip_with_upstream_field_names() {
+        let (snapshot, partitions) = partitioned();
+        for slice in partitioned_slices(&source(true), Some(&partitions), &snapshot) {
+            let json = serde_json::to_value(&slice).expect("serialises");
+            let back: ResourceSlice = serde_json::from_value(json.clone()).expect("upstream's type reads it");
+            assert_eq!(back, slice);
+            let text = json.to_string();
+            if slice.spec.shared_counters.is_some() {
+                assert!(json["spec"]["sharedCounters"][0]["counters"]["memory"]["value"].is_string(), "{text}");
+                assert!(json["spec"].get("devices").is_none(), "{text}");
+            } else {
+                let device = &json["spec"]["devices"][0];
+                assert!(device["consumesCounters"][0]["counterSet"].is_string(), "{text}");
+                assert!(device["consumesCounters"][0]["counters"]["slices"]["value"].is_string(), "{text}");
+            }
         }
     }
 

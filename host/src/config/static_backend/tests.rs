@@ -90,3 +90,98 @@ fn attributes_and_capacities_are_typed_and_checked_where_written() {
         assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
     }
 }
+
+/// A GPU with one counter set and three overlapping partitions (lines
+/// count from 1; the `consumes` of `gpu-0-half-1` is on line 18).
+const PARTITIONED: &str = r#"[backend]
+kind = "static"
+
+[[config.resource]]
+name = "example.com/gpu"
+
+[[config.resource.counter_set]]
+name = "gpu-0"
+counters = { memory = "40Gi", slices = "8" }
+
+[[config.resource.device]]
+id = "gpu-0"
+consumes = [{ counter_set = "gpu-0", counters = { memory = "40Gi", slices = "8" } }]
+
+[[config.resource.device]]
+id = "gpu-0-half-1"
+consumes = [
+  { counter_set = "gpu-0", counters = { memory = "20Gi", slices = "4" } },
+]
+
+[[config.resource.device]]
+id = "plain"
+"#;
+
+#[test]
+fn counter_sets_and_consumptions_are_read_into_the_model() {
+    let config = parse(PARTITIONED).expect("valid");
+    let partitions = config.partitions("example.com/gpu").expect("the resource");
+    assert_eq!(partitions.counter_sets.len(), 1);
+    assert_eq!(partitions.counter_sets[0].name, "gpu-0");
+    assert_eq!(partitions.counter_sets[0].counters["memory"], "40Gi");
+    assert_eq!(partitions.counter_sets[0].counters["slices"], "8");
+    let half = partitions.consumed_by("gpu-0-half-1");
+    assert_eq!(half.len(), 1);
+    assert_eq!(half[0].counter_set, "gpu-0");
+    assert_eq!(half[0].counters["memory"], "20Gi");
+    assert!(partitions.consumed_by("plain").is_empty());
+    assert_eq!(config.partitions("example.com/other"), None);
+    // A file without any stays as it was.
+    assert!(parse(TWO_GPUS).expect("valid").resources[0].partitions.is_empty());
+}
+
+#[test]
+fn partition_errors_point_at_what_is_wrong() {
+    let many_sets = format!(
+        "consumes = [{}]",
+        (0..3)
+            .map(|i| format!("{{ counter_set = \"s{i}\", counters = {{ c = \"1\" }} }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let many_counters = (0..33).map(|i| format!("c{i} = \"1\"")).collect::<Vec<_>>().join(", ");
+    let cases = [
+        (
+            PARTITIONED.replace("counter_set = \"gpu-0\", counters = { memory = \"20Gi\"", "counter_set = \"gpu-9\", counters = { memory = \"20Gi\""),
+            "18:19: device \"gpu-0-half-1\" consumes from unknown counter set \"gpu-9\" (this resource declares: [\"gpu-0\"])",
+        ),
+        (
+            PARTITIONED.replace("memory = \"20Gi\", slices", "memory = \"20Gi\", engines"),
+            "18:68: device \"gpu-0-half-1\" consumes unknown counter \"engines\" of set \"gpu-0\"",
+        ),
+        (
+            PARTITIONED.replace("memory = \"20Gi\"", "memory = \"20GB\""),
+            "18:50: device \"gpu-0-half-1\", counter \"memory\": \"20GB\" is not a Kubernetes quantity",
+        ),
+        (
+            PARTITIONED.replace("counters = { memory = \"40Gi\", slices = \"8\" }\n\n", "counters = { memory = \"40 Gi\", slices = \"8\" }\n\n"),
+            "9:23: counter set \"gpu-0\", counter \"memory\": \"40 Gi\" is not a Kubernetes quantity",
+        ),
+        (PARTITIONED.replace("name = \"gpu-0\"", "name = \"GPU_0\""), "8:8: counter set name \"GPU_0\" must be a DNS label"),
+        (
+            PARTITIONED.replace("counters = { memory = \"40Gi\", slices = \"8\" }\n\n", &format!("counters = {{ {many_counters} }}\n\n")),
+            "9:12: counter set \"gpu-0\" has 33 counters; a counter set may have at most 32",
+        ),
+        (
+            PARTITIONED.replace("id = \"plain\"", &format!("id = \"plain\"\n{many_sets}")),
+            "23:12: device \"plain\" consumes from 3 counter sets; a device may consume from at most 2",
+        ),
+        (
+            PARTITIONED.replace("id = \"plain\"", "id = \"plain\"\nconsumes = [{ counter_set = \"gpu-0\", counters = { memory = \"1\" } }, { counter_set = \"gpu-0\", counters = { slices = \"1\" } }]"),
+            "23:85: device \"plain\" names counter set \"gpu-0\" twice",
+        ),
+        (
+            PARTITIONED.replace("id = \"plain\"", "id = \"plain\"\nconsumes = [{ counter_set = \"gpu-0\" }]"),
+            "23:13: missing field `counters`",
+        ),
+    ];
+    for (source, expected) in cases {
+        let error = parse(&source).expect_err(expected).to_string();
+        assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
+    }
+}
