@@ -502,6 +502,7 @@ async fn create_slice(State(store): State<Shared>, body: Bytes) -> Response {
     let mut store = lock(&store);
     defaults::default_slice(&mut slice, &store.now());
     canonical_counters(&mut slice);
+    canonical_request_policies(&mut slice);
     if let Err(why) = validate_slice(&slice) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
@@ -534,6 +535,7 @@ async fn replace_slice(State(store): State<Shared>, Path(name): Path<String>, bo
     let mut store = lock(&store);
     defaults::default_slice(&mut slice, &store.now());
     canonical_counters(&mut slice);
+    canonical_request_policies(&mut slice);
     if let Err(why) = validate_slice(&slice) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
@@ -747,6 +749,188 @@ fn validate_partitions(spec: &Value, devices: &[Value]) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes the quantities of every capacity's `requestPolicy` in canonical
+/// form, as the server writes every quantity (`docs/dra-api.md` §4.1).
+fn canonical_request_policies(slice: &mut Value) {
+    let Some(devices) = slice["spec"].get_mut("devices").and_then(Value::as_array_mut) else { return };
+    let capacities = devices.iter_mut().filter_map(|device| device.get_mut("capacity").and_then(Value::as_object_mut));
+    for capacity in capacities.flat_map(|map| map.values_mut()) {
+        let Some(policy) = capacity.get_mut("requestPolicy").and_then(Value::as_object_mut) else { continue };
+        let mut quantities: Vec<&mut Value> = Vec::new();
+        for (key, value) in policy.iter_mut() {
+            match key.as_str() {
+                "default" => quantities.push(value),
+                "validValues" => quantities.extend(value.as_array_mut().into_iter().flatten()),
+                "validRange" => {
+                    quantities.extend(value.as_object_mut().into_iter().flat_map(|range| range.values_mut()))
+                }
+                _ => {}
+            }
+        }
+        for quantity in quantities {
+            if let Some(canonical) = quantity.as_str().and_then(defaults::canonical_quantity) {
+                *quantity = json!(canonical);
+            }
+        }
+    }
+}
+
+/// Values a `validValues` request policy may list (the API's
+/// `CapacityRequestPolicyDiscreteMaxOptions`, `docs/dra-api.md` §4.4).
+const MAX_VALID_VALUES: usize = 10;
+
+/// A quantity's value in billionths, read from its canonical form (a
+/// whole number and a suffix); `None` when it is no quantity.
+fn nanos(text: &str) -> Option<i128> {
+    let canonical = defaults::canonical_quantity(text)?;
+    let (negative, unsigned) = match canonical.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, canonical.as_str()),
+    };
+    let split = unsigned.find(|c: char| !c.is_ascii_digit()).unwrap_or(unsigned.len());
+    let (digits, suffix) = unsigned.split_at(split);
+    let number: i128 = digits.parse().ok()?;
+    let scaled = match suffix {
+        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => {
+            let power = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"].iter().position(|s| *s == suffix)? + 1;
+            number.checked_mul(1_i128.checked_shl(u32::try_from(power * 10).ok()?)?)?.checked_mul(1_000_000_000)?
+        }
+        _ => {
+            let ten: i32 = match suffix {
+                "n" => -9,
+                "u" => -6,
+                "m" => -3,
+                "" => 0,
+                "k" => 3,
+                "M" => 6,
+                "G" => 9,
+                "T" => 12,
+                "P" => 15,
+                "E" => 18,
+                exponent => exponent.strip_prefix('e')?.parse().ok()?,
+            };
+            let scale = u32::try_from(ten + 9).ok()?;
+            number.checked_mul(10_i128.checked_pow(scale)?)?
+        }
+    };
+    Some(if negative { -scaled } else { scaled })
+}
+
+/// Each capacity's `requestPolicy` (consumable capacity, `docs/dra-api.md`
+/// §4.4): only on a device with `allowMultipleAllocations: true`, and
+/// then as upstream's validation checks it against the capacity's value.
+fn validate_capacities(device: &Value, path: &str) -> Result<(), String> {
+    let shared = device["allowMultipleAllocations"] == json!(true);
+    let Some(capacities) = device["capacity"].as_object() else { return Ok(()) };
+    for (name, capacity) in capacities {
+        let Some(policy) = capacity.get("requestPolicy").filter(|policy| !policy.is_null()) else { continue };
+        let path = format!("{path}.capacity[{name}].requestPolicy");
+        if !shared {
+            return Err(format!("{path}: Forbidden: allowMultipleAllocations must be true"));
+        }
+        let quantity = |value: &Value, at: &str| {
+            let text = value.as_str().unwrap_or_default();
+            nanos(text).ok_or_else(|| format!("{path}{at}: Invalid value: {text:?}: not a quantity"))
+        };
+        let total = quantity(&capacity["value"], ".value")?;
+        let values = policy["validValues"].as_array().filter(|values| !values.is_empty());
+        let range = policy.get("validRange").filter(|range| !range.is_null());
+        if values.is_some() && range.is_some() {
+            return Err(format!(
+                "{path}: Forbidden: exactly one policy can be specified, cannot specify \"validValues\" and \"validRange\" at the same time"
+            ));
+        }
+        let default = policy.get("default").filter(|default| !default.is_null());
+        if let Some(values) = values {
+            let Some(default) = default else {
+                return Err(format!("{path}.default: Required value: required when validValues is defined"));
+            };
+            let default = quantity(default, ".default")?;
+            if values.len() > MAX_VALID_VALUES {
+                return Err(format!(
+                    "{path}.validValues: Too many: {} (must have at most {MAX_VALID_VALUES} items)",
+                    values.len()
+                ));
+            }
+            let amounts: Vec<i128> = values
+                .iter()
+                .enumerate()
+                .map(|(at, value)| quantity(value, &format!(".validValues[{at}]")))
+                .collect::<Result<_, _>>()?;
+            for (at, pair) in amounts.windows(2).enumerate() {
+                if pair[0] > pair[1] {
+                    return Err(format!(
+                        "{path}.validValues[{}]: Invalid value: values must be sorted in ascending order",
+                        at + 1
+                    ));
+                }
+                if pair[0] == pair[1] {
+                    return Err(format!("{path}.validValues[{}]: Duplicate value", at + 1));
+                }
+            }
+            if let Some(at) = amounts.iter().position(|amount| *amount > total) {
+                return Err(format!("{path}.validValues[{at}]: Invalid value: option is larger than capacity value"));
+            }
+            if !amounts.contains(&default) {
+                return Err(format!(
+                    "{path}.validValues: Invalid value: default value is not valid according to the requestPolicy"
+                ));
+            }
+        } else if let Some(range) = range {
+            let Some(default) = default else {
+                return Err(format!("{path}.default: Required value: required when validRange is defined"));
+            };
+            let default = quantity(default, ".default")?;
+            let Some(min) = range.get("min").filter(|min| !min.is_null()) else {
+                return Err(format!("{path}.validRange.min: Required value: required when validRange is defined"));
+            };
+            let min = quantity(min, ".validRange.min")?;
+            if min > total {
+                return Err(format!("{path}.validRange.min: Invalid value: min is larger than capacity value"));
+            }
+            if default < min {
+                return Err(format!("{path}.validRange.min: Invalid value: default is less than min"));
+            }
+            let max = match range.get("max").filter(|max| !max.is_null()) {
+                Some(max) => Some(quantity(max, ".validRange.max")?),
+                None => None,
+            };
+            if let Some(max) = max {
+                if min > max {
+                    return Err(format!("{path}.validRange.max: Invalid value: min is larger than max"));
+                }
+                if max > total {
+                    return Err(format!("{path}.validRange.max: Invalid value: max is larger than capacity value"));
+                }
+                if default > max {
+                    return Err(format!("{path}.validRange.max: Invalid value: default is more than max"));
+                }
+            }
+            if let Some(step) = range.get("step").filter(|step| !step.is_null()) {
+                let step = quantity(step, ".validRange.step")?;
+                if min + step > total {
+                    return Err(format!(
+                        "{path}.validRange.step: Invalid value: one step is larger than capacity value"
+                    ));
+                }
+                // Upstream compares whole units (a quantity's `Value()`,
+                // rounded up); a zero step is no step it can divide by.
+                let whole = |n: i128| n.div_euclid(1_000_000_000) + i128::from(n.rem_euclid(1_000_000_000) != 0);
+                let step_units = whole(step);
+                for (what, value) in [("default", Some(default)), ("max", max)] {
+                    let Some(value) = value else { continue };
+                    if step_units == 0 || (whole(value) - whole(min)) % step_units != 0 {
+                        return Err(format!(
+                            "{path}.validRange.step: Invalid value: {what} is not a multiple of a given step from min"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The rules of `docs/dra-api.md` §4 a slice must keep, transcribed here.
 fn validate_slice(slice: &Value) -> Result<(), String> {
     let metadata = &slice["metadata"];
@@ -803,6 +987,7 @@ fn validate_slice(slice: &Value) -> Result<(), String> {
         if together > 32 {
             return Err(format!("spec.devices[{index}]: Too many: {together} attributes and capacities (at most 32)"));
         }
+        validate_capacities(device, &format!("spec.devices[{index}]"))?;
     }
     validate_partitions(spec, devices)
 }
@@ -870,5 +1055,88 @@ mod partition_tests {
         let mut sets = slice(json!({"sharedCounters": [{"name": "a", "counters": {"m": {"value": "1000"}}}]}));
         canonical_counters(&mut sets);
         assert_eq!(sets["spec"]["sharedCounters"][0]["counters"]["m"]["value"], json!("1k"));
+    }
+}
+
+#[cfg(test)]
+mod request_policy_tests {
+    use super::*;
+
+    /// A slice of one device with capacity `bandwidth` of 10G and `policy`.
+    fn slice(shared: bool, policy: Value) -> Value {
+        let mut device = json!({"name": "nic-0", "capacity": {"bandwidth": {"value": "10G", "requestPolicy": policy}}});
+        if shared {
+            device["allowMultipleAllocations"] = json!(true);
+        }
+        json!({"metadata": {"name": "s"}, "spec": {
+            "driver": "nic.example.com", "nodeName": "node-a",
+            "pool": {"name": "node-a", "generation": 1, "resourceSliceCount": 1},
+            "devices": [device],
+        }})
+    }
+
+    fn refused(policy: Value) -> String {
+        validate_slice(&slice(true, policy.clone())).expect_err(&format!("{policy} is refused"))
+    }
+
+    #[test]
+    fn request_policies_are_checked_as_the_server_does() {
+        let range = json!({"default": "1G", "validRange": {"min": "1G", "max": "10G", "step": "1G"}});
+        assert_eq!(validate_slice(&slice(true, range.clone())), Ok(()));
+        assert!(
+            validate_slice(&slice(false, range))
+                .expect_err("not shared")
+                .contains("allowMultipleAllocations must be true")
+        );
+        assert_eq!(validate_slice(&slice(true, json!({"default": "2G"}))), Ok(()), "a default alone is unchecked");
+        assert_eq!(validate_slice(&slice(true, json!({"default": "1G", "validValues": ["1G", "5G"]}))), Ok(()));
+
+        assert!(
+            refused(json!({"default": "1G", "validValues": ["1G"], "validRange": {"min": "1G"}}))
+                .contains("exactly one policy")
+        );
+        assert!(refused(json!({"validValues": ["1G"]})).contains("default: Required value"));
+        assert!(refused(json!({"validRange": {"min": "1G"}})).contains("default: Required value"));
+        assert!(refused(json!({"default": "1G", "validRange": {}})).contains("min: Required value"));
+        assert!(refused(json!({"default": "1G", "validValues": ["5G", "1G"]})).contains("ascending"));
+        assert!(refused(json!({"default": "2G", "validValues": ["1G", "5G"]})).contains("default value is not valid"));
+        assert!(refused(json!({"default": "1G", "validValues": ["1G", "20G"]})).contains("larger than capacity"));
+        let eleven: Vec<String> = (1..=11).map(|n| format!("{n}00M")).collect();
+        assert!(refused(json!({"default": "100M", "validValues": eleven})).contains("Too many: 11"));
+        assert!(
+            refused(json!({"default": "1G", "validRange": {"min": "20G"}})).contains("min is larger than capacity")
+        );
+        assert!(refused(json!({"default": "500M", "validRange": {"min": "1G"}})).contains("default is less than min"));
+        assert!(refused(json!({"default": "1G", "validRange": {"min": "1G", "max": "20G"}})).contains("max is larger"));
+        assert!(
+            refused(json!({"default": "3G", "validRange": {"min": "1G", "max": "2G"}}))
+                .contains("default is more than max")
+        );
+        assert!(refused(json!({"default": "1G", "validRange": {"min": "1G", "step": "10G"}})).contains("one step"));
+        assert!(
+            refused(json!({"default": "1500M", "validRange": {"min": "1G", "step": "1G"}}))
+                .contains("multiple of a given step")
+        );
+        assert!(
+            refused(json!({"default": "1G", "validRange": {"min": "1G", "max": "9500M", "step": "1G"}}))
+                .contains("multiple")
+        );
+    }
+
+    #[test]
+    fn request_policy_quantities_are_stored_canonically() {
+        let mut sent = slice(
+            true,
+            json!({"default": "1000M", "validRange": {"min": "1000M", "step": "1000000k"}, "validValues": []}),
+        );
+        canonical_request_policies(&mut sent);
+        let policy = &sent["spec"]["devices"][0]["capacity"]["bandwidth"]["requestPolicy"];
+        assert_eq!(policy["default"], "1G");
+        assert_eq!(policy["validRange"]["min"], "1G");
+        assert_eq!(policy["validRange"]["step"], "1G");
+        assert_eq!(nanos("1Gi"), Some(1_073_741_824_000_000_000));
+        assert_eq!(nanos("500m"), Some(500_000_000));
+        assert_eq!(nanos("1e3"), Some(1_000_000_000_000));
+        assert_eq!(nanos("x"), None);
     }
 }

@@ -12,6 +12,7 @@ mod deviceclass;
 mod docs;
 mod dra;
 mod dra_admin;
+mod dra_capacity;
 mod dra_partitions;
 mod generic;
 mod harness;

@@ -246,12 +246,25 @@ impl BackendHandle {
 
     /// Answers an `Allocate` for one container.
     pub async fn allocate(&self, resource: &str, ids: Vec<String>) -> Result<Allocation, CallError> {
+        self.allocate_shared(resource, ids, Vec::new()).await
+    }
+
+    /// [`allocate`](Self::allocate) with what a DRA claim consumes of the
+    /// shared devices among `ids` ([`Backend::allocate_shared`]). A worker
+    /// or WASM backend is asked a plain `allocate`: their ABI and WIT carry
+    /// no capacity yet.
+    pub async fn allocate_shared(
+        &self,
+        resource: &str,
+        ids: Vec<String>,
+        shares: Vec<(String, crate::model::Share)>,
+    ) -> Result<Allocation, CallError> {
         let operation = "allocate";
         let generation = self.generation();
         let result = match &self.runner {
             Runner::InProcess { backend, .. } => {
                 let resource = resource.to_owned();
-                self.in_process(operation, backend, move |b| b.allocate(&resource, &ids)).await
+                self.in_process(operation, backend, move |b| b.allocate_shared(&resource, &ids, &shares)).await
             }
             Runner::Worker(worker) => match self.slot(operation) {
                 Ok(_slot) => worker.allocate(resource, ids).await,

@@ -35,6 +35,21 @@ pub trait Backend: Send + Sync + 'static {
     /// checked that every ID is a device of `resource`.
     fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError>;
 
+    /// [`allocate`](Self::allocate) for a DRA claim that shares devices
+    /// (consumable capacity): `shares` holds, for each shared device of
+    /// the call, its ID and what this claim consumes of it, in the order
+    /// of `device_ids`. By default the shares are ignored: only the static
+    /// backend reads them (modules get them with a later ABI/WIT version).
+    fn allocate_shared(
+        &self,
+        resource: &str,
+        device_ids: &[String],
+        shares: &[(String, crate::model::Share)],
+    ) -> Result<Allocation, BackendError> {
+        let _ = shares;
+        self.allocate(resource, device_ids)
+    }
+
     /// Answers `GetPreferredAllocation` for one container, or `None` to let
     /// the host's default policy (fewest NUMA nodes) choose.
     fn preferred_allocation(

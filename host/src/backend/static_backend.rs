@@ -14,7 +14,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{Allocation, Backend, BackendError, Device, Health, Publisher, ResourceSpec};
-use crate::config::static_backend::{IDS_PLACEHOLDER, StaticConfig, StaticResource};
+use crate::config::static_backend::{CAPACITY_PLACEHOLDER_PREFIX, IDS_PLACEHOLDER, StaticConfig, StaticResource};
+use crate::model::Share;
 
 /// The running static backend.
 pub struct StaticBackend {
@@ -96,6 +97,17 @@ impl Backend for StaticBackend {
     }
 
     fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError> {
+        self.allocate_shared(resource, device_ids, &[])
+    }
+
+    /// `{capacity.<name>}` in the resource's `env` is each device's amount:
+    /// what the claim consumes of a shared device, else its whole capacity.
+    fn allocate_shared(
+        &self,
+        resource: &str,
+        device_ids: &[String],
+        shares: &[(String, Share)],
+    ) -> Result<Allocation, BackendError> {
         let (resource, positions) = self.resource(resource)?;
         let mut allocation = Allocation::default();
         for id in device_ids {
@@ -112,7 +124,20 @@ impl Backend for StaticBackend {
             }
         }
         let ids = device_ids.join(",");
-        allocation.envs.extend(resource.env.iter().map(|(k, v)| (k.clone(), v.replace(IDS_PLACEHOLDER, &ids))));
+        // DRA's consumed capacity of shared devices, when the host's
+        // prepare passed it.
+        let share_of = |id: &str| shares.iter().find(|(shared, _)| shared == id).map(|(_, share)| share);
+        let amounts = |capacity: &str| -> String {
+            let each = device_ids.iter().map(|id| {
+                let own = share_of(id).and_then(|share: &Share| share.consumed.get(capacity));
+                let whole = || positions.get(id).and_then(|&p| resource.devices[p].device.capacities.get(capacity));
+                own.or_else(whole).map_or("", String::as_str)
+            });
+            each.collect::<Vec<&str>>().join(",")
+        };
+        allocation.envs.extend(
+            resource.env.iter().map(|(k, v)| (k.clone(), with_capacities(&v.replace(IDS_PLACEHOLDER, &ids), &amounts))),
+        );
         allocation.annotations.extend(resource.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(allocation)
     }
@@ -126,6 +151,22 @@ impl Backend for StaticBackend {
             }
         }
     }
+}
+
+/// `value` with each `{capacity.<name>}` replaced by `amounts(name)`; an
+/// unterminated placeholder is left as written.
+fn with_capacities(value: &str, amounts: &impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find(CAPACITY_PLACEHOLDER_PREFIX) {
+        let after = &rest[at + CAPACITY_PLACEHOLDER_PREFIX.len()..];
+        let Some(end) = after.find('}') else { break };
+        out.push_str(&rest[..at]);
+        out.push_str(&amounts(&after[..end]));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn watch_health(

@@ -13,12 +13,19 @@ use toml::Spanned;
 use super::ConfigError;
 use crate::model::{
     Allocation, AttributeValue, CounterConsumption, CounterSet, Device, DeviceSpec, Health,
-    MAX_CONSUMPTIONS_PER_DEVICE, MAX_COUNTERS_PER_CONSUMPTION, MAX_COUNTERS_PER_SET, Mount, Partitions, ResourceSpec,
+    MAX_CONSUMPTIONS_PER_DEVICE, MAX_COUNTERS_PER_CONSUMPTION, MAX_COUNTERS_PER_SET, Mount, Partitions, RequestPolicy,
+    ResourceSpec, SharedDevice, ValidRequests,
 };
 use crate::resource_name;
 
 /// The placeholder in `env` values replaced by the allocated IDs, comma-separated.
 pub const IDS_PLACEHOLDER: &str = "{ids}";
+
+/// `{capacity.<name>}` in `env` values is replaced by the amount of
+/// capacity `<name>` each allocated device gives, comma-separated in the
+/// order of the IDs: what the claim consumes of a shared device (its DRA
+/// allocation's `consumedCapacity`), else the device's whole capacity.
+pub const CAPACITY_PLACEHOLDER_PREFIX: &str = "{capacity.";
 
 /// The validated `[config]` of a static backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +67,9 @@ pub struct StaticDevice {
     pub health_path: Option<PathBuf>,
     /// Allocation contributions of this device.
     pub allocation: Allocation,
+    /// `shared = true`: several DRA claims may hold it at once, with these
+    /// capacity request policies.
+    pub shared: Option<SharedDevice>,
 }
 
 #[derive(Deserialize)]
@@ -138,11 +148,49 @@ struct RawDevice {
     /// Typed attributes: an integer, a boolean, a string, or
     /// `{ version = "1.2.3" }`.
     attributes: Option<Spanned<BTreeMap<String, RawAttribute>>>,
-    /// Capacities: name → Kubernetes quantity.
-    capacities: Option<Spanned<BTreeMap<String, String>>>,
+    /// Capacities: name → Kubernetes quantity, or `{ value, request_policy }`
+    /// for a capacity of a `shared` device.
+    capacities: Option<Spanned<BTreeMap<String, RawCapacity>>>,
+    /// DRA consumable capacity: several claims may be allocated the device
+    /// at once (`allowMultipleAllocations`).
+    shared: Option<Spanned<bool>>,
     /// DRA partitionable devices: what the device takes from the
     /// resource's counter sets while allocated.
     consumes: Option<Spanned<Vec<RawConsumption>>>,
+}
+
+/// A capacity: a quantity, or a table with its request policy.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawCapacity {
+    Plain(String),
+    Consumable(RawConsumableCapacity),
+}
+
+/// `{ value = "10G", request_policy = { ... } }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumableCapacity {
+    value: String,
+    request_policy: Option<RawRequestPolicy>,
+}
+
+/// `{ default, valid_range = { min, max, step } }` or
+/// `{ default, valid_values = [...] }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequestPolicy {
+    default: Option<String>,
+    valid_range: Option<RawValidRange>,
+    valid_values: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValidRange {
+    min: String,
+    max: Option<String>,
+    step: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -237,6 +285,9 @@ impl StaticConfig {
                     let consumed = parse_consumes(&parsed.device.id, consumes, &partitions.counter_sets, &at)?;
                     partitions.consumes.insert(parsed.device.id.clone(), consumed);
                 }
+                if let Some(shared) = &parsed.shared {
+                    partitions.shared.insert(parsed.device.id.clone(), shared.clone());
+                }
                 devices.push(parsed);
             }
             // Every rule was checked where it is written; this is the model's
@@ -330,17 +381,65 @@ fn parse_device(
     if let Some(attributes) = raw.attributes {
         device.attributes = attributes.into_inner().into_iter().map(|(name, value)| (name, value.into())).collect();
     }
+    let shared_span = raw.shared.as_ref().map(Spanned::span);
+    let shared = raw.shared.is_some_and(Spanned::into_inner);
+    let mut policies: BTreeMap<String, RequestPolicy> = BTreeMap::new();
     if let Some(capacities) = raw.capacities {
-        device.capacities = capacities.into_inner();
+        let capacities_span = capacities.span();
+        for (name, capacity) in capacities.into_inner() {
+            let (value, policy) = match capacity {
+                RawCapacity::Plain(value) => (value, None),
+                RawCapacity::Consumable(table) => (table.value, table.request_policy),
+            };
+            if let Some(policy) = policy {
+                if !shared {
+                    let message = format!(
+                        "device {:?}: capacity {name:?} has a request_policy, which only a device with \
+                         `shared = true` may have (the API server refuses it otherwise)",
+                        device.id
+                    );
+                    return Err(at(capacities_span, message));
+                }
+                let policy = request_policy(policy).and_then(|policy| policy.check(&value).map(|()| policy));
+                let policy = policy.map_err(|why| {
+                    at(
+                        capacities_span.clone(),
+                        format!("device {:?}, capacity {name:?}: request_policy: {why}", device.id),
+                    )
+                })?;
+                policies.insert(name.clone(), policy);
+            }
+            device.capacities.insert(name, value);
+        }
     }
     if let Err(why) = crate::device_info::check(&device) {
         return Err(at(span, format!("device {:?}: {why}", device.id)));
+    }
+    if shared && device.capacities.is_empty() {
+        // Nothing for the scheduler to account: every claim could have it.
+        let message = format!(
+            "device {:?} is shared but declares no capacities: name what claims consume (`capacities`)",
+            device.id
+        );
+        return Err(at(shared_span.unwrap_or(span), message));
     }
     Ok(StaticDevice {
         device,
         health_path: raw.health_path,
         allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
+        shared: shared.then_some(SharedDevice { request_policies: policies }),
     })
+}
+
+/// The model's policy; the API allows one kind of valid amounts at most.
+fn request_policy(raw: RawRequestPolicy) -> Result<RequestPolicy, String> {
+    let valid = match (raw.valid_range, raw.valid_values) {
+        (Some(range), None) => Some(ValidRequests::Range { min: range.min, max: range.max, step: range.step }),
+        (None, Some(values)) => Some(ValidRequests::Values(values)),
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err("give valid_range or valid_values, not both".into()),
+    };
+    Ok(RequestPolicy { default: raw.default, valid })
 }
 
 /// The `[[config.resource.counter_set]]`s, each checked where it is written.

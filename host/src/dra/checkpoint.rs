@@ -157,6 +157,16 @@ impl CheckpointLock {
 }
 
 impl Checkpoint {
+    /// What unpreparing claim `uid` releases: the devices it holds
+    /// ([`PreparedClaim::to_release`]) that no other prepared claim holds.
+    /// A shared device (consumable capacity) is released when its last
+    /// holder goes; releasing it earlier would scrub it under the others.
+    pub fn to_release(&self, uid: &str) -> Vec<String> {
+        let Some(claim) = self.claims.get(uid) else { return Vec::new() };
+        let held_elsewhere = |id: &str| self.claims.iter().any(|(other, done)| other.as_str() != uid && done.holds(id));
+        claim.to_release().into_iter().filter(|id| !held_elsewhere(id)).collect()
+    }
+
     /// Reads `path`; a file that does not exist is an empty checkpoint.
     /// Only a regular file of at most [`MAX_BYTES`], opened without
     /// blocking; blocks on the disk: call it off the async threads.
@@ -320,5 +330,36 @@ mod admin_access {
         assert!(!claim.devices[0].admin_access);
         assert!(claim.holds("gpu-0"));
         assert_eq!(claim.to_release(), ["gpu-0"]);
+    }
+}
+
+#[cfg(test)]
+mod shared_devices {
+    use super::*;
+
+    fn claim(ids: &[&str]) -> PreparedClaim {
+        let devices = ids
+            .iter()
+            .map(|id| PreparedDevice {
+                requests: vec!["r".into()],
+                pool: "node-a".into(),
+                device: (*id).into(),
+                id: (*id).into(),
+                cdi_ids: Vec::new(),
+                admin_access: false,
+            })
+            .collect();
+        PreparedClaim { namespace: "ml".into(), name: "c".into(), devices }
+    }
+
+    #[test]
+    fn a_shared_device_is_released_with_its_last_holder() {
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.claims.insert("a".into(), claim(&["nic-0", "nic-1"]));
+        checkpoint.claims.insert("b".into(), claim(&["nic-0"]));
+        assert_eq!(checkpoint.to_release("a"), ["nic-1"], "nic-0 is still b's");
+        checkpoint.claims.remove("a");
+        assert_eq!(checkpoint.to_release("b"), ["nic-0"], "the last holder releases it");
+        assert!(checkpoint.to_release("gone").is_empty(), "a claim not prepared releases nothing");
     }
 }

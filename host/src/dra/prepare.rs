@@ -25,6 +25,13 @@
 //! checkpoint, not counted as the device's holder, and never `release`d:
 //! scrubbing a device because its watcher left would harm its holder.
 //!
+//! Shared devices (`docs/dra-api.md` §4.4): a result of a device that
+//! allows multiple allocations carries `consumedCapacity` and `shareID`;
+//! they go to the backend's `allocate` for this claim only
+//! ([`crate::model::with_shares`]). Each claim has its own checkpoint
+//! entry and CDI spec, so several claims on one device are prepared and
+//! unprepared independently.
+//!
 //! Before any of it, the kubelet's claim and then the claim's allocation
 //! are checked against Kubernetes' own limits (`limits`): a claim whose
 //! namespace, name or UID no API server would have, or whose allocation
@@ -59,6 +66,7 @@ use super::names;
 use crate::backend::handle::BackendHandle;
 use crate::cdi;
 use crate::device_state::{ResourceState, Snapshot};
+use crate::model::Share;
 use crate::proto::dra::v1;
 use crate::sockets::FileIdentity;
 
@@ -340,9 +348,13 @@ impl Preparer {
             // Admin access too: the container needs the device's edits;
             // only what unprepare does differs.
             let ids: Vec<String> = results.iter().map(|result| result.id.clone()).collect();
+            // What this claim consumes of each shared device goes with the
+            // call (in the order of the IDs).
+            let shares: Vec<(String, crate::model::Share)> =
+                results.iter().filter_map(|result| Some((result.id.clone(), result.share.clone()?))).collect();
             let allocation = self
                 .backend
-                .allocate(&self.resource, ids)
+                .allocate_shared(&self.resource, ids, shares)
                 .await
                 .map_err(|error| format!("the backend's allocate failed: {error}"))?;
             if !allocation.annotations.is_empty() {
@@ -398,8 +410,10 @@ impl Preparer {
         blocking(|| cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid))
             .map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
         // A device prepared for admin access is not released: the claim
-        // only watched it, and its holder (if any) still uses it.
-        let ids = claim.to_release();
+        // only watched it, and its holder (if any) still uses it. Nor is a
+        // shared device (consumable capacity) another prepared claim still
+        // holds: releasing scrubs the device under its other users.
+        let ids = prepared.to_release(uid);
         if !ids.is_empty() {
             self.backend
                 .release(&self.resource, ids)
@@ -492,6 +506,7 @@ fn allocated(claim: &ResourceClaim, driver: &str, pool: &str, snapshot: &Snapsho
             id,
             // A bool pointer upstream: unset is false.
             admin_access: result.admin_access == Some(true),
+            share: share(result)?,
         });
     }
     if out.is_empty() {
@@ -499,6 +514,58 @@ fn allocated(claim: &ResourceClaim, driver: &str, pool: &str, snapshot: &Snapsho
         return Err(format!("no device of driver {driver} is allocated to the claim"));
     }
     Ok(out)
+}
+
+/// A share ID longer than this is refused: the API server's are UIDs (36
+/// characters).
+const MAX_SHARE_ID: usize = 64;
+/// Consumed capacities of one result at most: a device has at most 32
+/// attributes and capacities together.
+const MAX_CONSUMED: usize = 32;
+
+/// What the claim consumes of a shared device (`consumedCapacity`, set
+/// only for devices that allow multiple allocations, and `shareID`);
+/// `None` for a device allocated whole. Amounts that are no quantity, and
+/// share IDs no API server gives, are refused.
+fn share(result: &k8s_openapi::api::resource::v1::DeviceRequestAllocationResult) -> Result<Option<Share>, String> {
+    if result.consumed_capacity.is_none() && result.share_id.is_none() {
+        return Ok(None);
+    }
+    let consumed = result.consumed_capacity.clone().unwrap_or_default();
+    if consumed.len() > MAX_CONSUMED {
+        return Err(format!(
+            "device {} is allocated with {} consumed capacities; a device has at most {MAX_CONSUMED}",
+            result.device,
+            consumed.len()
+        ));
+    }
+    let mut amounts = BTreeMap::new();
+    for (name, quantity) in consumed {
+        let name_ok = !name.is_empty()
+            && name.len() <= 63 + 1 + 253
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !name_ok || super::slices::quantity_nanos(&quantity.0).is_none() {
+            return Err(format!(
+                "device {} is allocated with a consumed capacity that is no capacity name and quantity ({} bytes)",
+                result.device,
+                name.len() + quantity.0.len()
+            ));
+        }
+        amounts.insert(name, quantity.0);
+    }
+    if let Some(id) = &result.share_id {
+        let id_ok =
+            !id.is_empty() && id.len() <= MAX_SHARE_ID && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !id_ok {
+            return Err(format!(
+                "device {} is allocated with a shareID of {} bytes that is no UID (at most {MAX_SHARE_ID} of \
+                 letters, digits and '-')",
+                result.device,
+                id.len()
+            ));
+        }
+    }
+    Ok(Some(Share { share_id: result.share_id.clone(), consumed: amounts }))
 }
 
 /// One device of this driver allocated to a claim.
@@ -512,6 +579,8 @@ struct Allocated {
     id: String,
     /// Allocated for administrative access (the result's `adminAccess`).
     admin_access: bool,
+    /// What the claim consumes of the device, when it is shared.
+    share: Option<Share>,
 }
 
 fn answer(device: &PreparedDevice) -> v1::Device {
@@ -558,6 +627,41 @@ mod tests {
             .publish(vec![Device::new("gpu-0", Health::Healthy), Device::new("gpu-1", Health::Healthy)])
             .expect("publish");
         state.snapshot()
+    }
+
+    #[test]
+    fn a_shared_device_s_consumed_capacity_and_share_id_are_read_and_checked() {
+        let mut shared = claim(&[("net", "gpu-0", None), ("whole", "gpu-1", None)]);
+        let result = &mut shared.status.as_mut().expect("status").allocation.as_mut().expect("allocation");
+        let results = result.devices.as_mut().and_then(|devices| devices.results.as_mut()).expect("results");
+        results[0].share_id = Some("6c1b3d0e-4f8a-4b7e-9a51-0d2c6e7f8a91".into());
+        results[0].consumed_capacity = Some(BTreeMap::from([
+            ("bandwidth".to_owned(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("2G".into())),
+            ("queues".to_owned(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("0".into())),
+        ]));
+        let read = allocated(&shared, DRIVER, "node-a", &gpus()).expect("allocated");
+        let share = read[0].share.as_ref().expect("gpu-0 is a share");
+        assert_eq!(share.share_id.as_deref(), Some("6c1b3d0e-4f8a-4b7e-9a51-0d2c6e7f8a91"));
+        let consumed: Vec<(&str, &str)> = share.consumed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(consumed, [("bandwidth", "2G"), ("queues", "0")]);
+        assert_eq!(read[1].share, None, "a device allocated whole has no share");
+
+        let edit = |change: &dyn Fn(&mut k8s_openapi::api::resource::v1::DeviceRequestAllocationResult)| {
+            let mut bad = shared.clone();
+            let allocation = bad.status.as_mut().and_then(|status| status.allocation.as_mut()).expect("allocation");
+            let results = allocation.devices.as_mut().and_then(|devices| devices.results.as_mut()).expect("results");
+            change(&mut results[0]);
+            bad
+        };
+        let long_id = edit(&|result| result.share_id = Some("x".repeat(65)));
+        let error = allocated(&long_id, DRIVER, "node-a", &gpus()).expect_err("a share ID no server gives");
+        assert!(error.contains("shareID of 65 bytes"), "{error}");
+        let no_quantity = edit(&|result| {
+            let lots = k8s_openapi::apimachinery::pkg::api::resource::Quantity("lots".into());
+            result.consumed_capacity = Some(BTreeMap::from([("bandwidth".to_owned(), lots)]));
+        });
+        let error = allocated(&no_quantity, DRIVER, "node-a", &gpus()).expect_err("no quantity");
+        assert!(error.contains("no capacity name and quantity"), "{error}");
     }
 
     #[test]

@@ -22,15 +22,15 @@
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::resource::v1::{
-    Counter, CounterSet, Device, DeviceAttribute, DeviceCapacity, DeviceCounterConsumption, DeviceTaint, ResourcePool,
-    ResourceSlice, ResourceSliceSpec,
+    CapacityRequestPolicy, CapacityRequestPolicyRange, Counter, CounterSet, Device, DeviceAttribute, DeviceCapacity,
+    DeviceCounterConsumption, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 
 use super::names;
 use crate::device_state::Snapshot;
-use crate::model::{AttributeValue, CounterConsumption, Health, MAX_COUNTER_SETS_PER_SLICE, Partitions};
+use crate::model::{AttributeValue, CounterConsumption, Health, MAX_COUNTER_SETS_PER_SLICE, Partitions, ValidRequests};
 
 /// Devices in one slice without taints (the API's limit).
 pub const MAX_DEVICES: usize = 128;
@@ -95,6 +95,9 @@ pub fn partitioned_slices(
             let mut dra = dra_device(name.clone(), device, taints);
             let consumed = partitions.map_or(&[][..], |partitions| partitions.consumed_by(&device.id));
             dra.consumes_counters = (!consumed.is_empty()).then(|| consumed.iter().map(consumption).collect());
+            if let Some(shared) = partitions.and_then(|partitions| partitions.shared(&device.id)) {
+                share(&mut dra, shared);
+            }
             Some((name, dra))
         })
         .collect();
@@ -147,6 +150,32 @@ pub fn partitioned_slices(
             },
         })
         .collect()
+}
+
+/// Marks `device` as allocatable to several claims at once, each of its
+/// capacities with its request policy (`docs/dra-api.md` §4.4).
+fn share(device: &mut Device, shared: &crate::model::SharedDevice) {
+    device.allow_multiple_allocations = Some(true);
+    for (name, capacity) in device.capacity.iter_mut().flatten() {
+        capacity.request_policy = shared.request_policies.get(name).map(request_policy);
+    }
+}
+
+fn request_policy(policy: &crate::model::RequestPolicy) -> CapacityRequestPolicy {
+    let quantity = |text: &String| Quantity(text.clone());
+    let (valid_range, valid_values) = match &policy.valid {
+        None => (None, None),
+        Some(ValidRequests::Range { min, max, step }) => (
+            Some(CapacityRequestPolicyRange {
+                min: quantity(min),
+                max: max.as_ref().map(quantity),
+                step: step.as_ref().map(quantity),
+            }),
+            None,
+        ),
+        Some(ValidRequests::Values(values)) => (None, Some(values.iter().map(quantity).collect())),
+    };
+    CapacityRequestPolicy { default: policy.default.as_ref().map(quantity), valid_range, valid_values }
 }
 
 /// What one slice of a pool carries.
@@ -248,9 +277,17 @@ fn as_stored(spec: &ResourceSliceSpec) -> ResourceSliceSpec {
         device.consumes_counters = device.consumes_counters.take().filter(|counters| !counters.is_empty());
         device.taints = device.taints.take().filter(|taints| !taints.is_empty());
         for capacity in device.capacity.iter_mut().flat_map(BTreeMap::values_mut) {
-            if let Some(nanos) = quantity_nanos(&capacity.value.0) {
-                // Any spelling of one value compares equal: "1Gi", "1024Mi".
-                capacity.value = Quantity(format!("{nanos}n"));
+            // Any spelling of one value compares equal: "1Gi", "1024Mi".
+            by_value_quantity(&mut capacity.value);
+            if let Some(policy) = &mut capacity.request_policy {
+                policy.default.iter_mut().for_each(by_value_quantity);
+                policy.valid_values = policy.valid_values.take().filter(|values| !values.is_empty());
+                policy.valid_values.iter_mut().flatten().for_each(by_value_quantity);
+                if let Some(range) = &mut policy.valid_range {
+                    by_value_quantity(&mut range.min);
+                    range.max.iter_mut().for_each(by_value_quantity);
+                    range.step.iter_mut().for_each(by_value_quantity);
+                }
             }
         }
         for taint in device.taints.iter_mut().flatten() {
@@ -266,6 +303,14 @@ fn as_stored(spec: &ResourceSliceSpec) -> ResourceSliceSpec {
     spec
 }
 
+/// A quantity by its value, in billionths (kept as written when it does
+/// not parse).
+fn by_value_quantity(quantity: &mut Quantity) {
+    if let Some(nanos) = quantity_nanos(&quantity.0) {
+        *quantity = Quantity(format!("{nanos}n"));
+    }
+}
+
 /// Counters compared by their value, as capacities are.
 fn by_value(counters: &mut BTreeMap<String, Counter>) {
     for counter in counters.values_mut() {
@@ -278,7 +323,7 @@ fn by_value(counters: &mut BTreeMap<String, Counter>) {
 /// A quantity's value in billionths (the finest the API keeps: finer
 /// values are rounded away from zero, as the server rounds them); `None`
 /// when it does not parse or does not fit, and is then compared as text.
-fn quantity_nanos(quantity: &str) -> Option<i128> {
+pub(crate) fn quantity_nanos(quantity: &str) -> Option<i128> {
     let (negative, unsigned) = match quantity.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, quantity.strip_prefix('+').unwrap_or(quantity)),
@@ -585,6 +630,7 @@ mod tests {
                 ("gpu-0-half-0".to_owned(), consumes("20Gi", "4")),
                 ("gpu-0-half-1".to_owned(), consumes("20480Mi", "4")),
             ]),
+            ..Partitions::default()
         };
         partitions.check().expect("valid partitions");
         (state.snapshot(), partitions)
@@ -630,7 +676,7 @@ mod tests {
                 counters: BTreeMap::from([("c".into(), "1".into())]),
             }],
         )]);
-        let partitions = Partitions { counter_sets, consumes };
+        let partitions = Partitions { counter_sets, consumes, ..Partitions::default() };
         let slices = partitioned_slices(&source(false), Some(&partitions), &snapshot);
         let shape: Vec<(usize, usize)> =
             slices.iter().map(|s| (s.spec.shared_counters.as_ref().map_or(0, Vec::len), devices(s).len())).collect();
@@ -681,6 +727,99 @@ mod tests {
                 assert!(device["consumesCounters"][0]["counters"]["slices"]["value"].is_string(), "{text}");
             }
         }
+    }
+
+    /// A NIC several claims share: 10G of bandwidth in 1G steps, and
+    /// queues in fixed amounts; device `nic-1` is not shared.
+    fn shared_nic() -> (std::sync::Arc<Snapshot>, Partitions) {
+        use crate::model::{RequestPolicy, SharedDevice};
+        let state = ResourceState::new("example.com/nic");
+        let nic = |id: &str| {
+            ModelDevice::new(id, Health::Healthy).with_capacity("bandwidth", "10G").with_capacity("queues", "8")
+        };
+        state.publish(vec![nic("nic-0"), nic("nic-1")]).expect("valid");
+        let policies = BTreeMap::from([
+            (
+                "bandwidth".to_owned(),
+                RequestPolicy {
+                    default: Some("1G".into()),
+                    valid: Some(ValidRequests::Range { min: "1G".into(), max: None, step: Some("1000M".into()) }),
+                },
+            ),
+            (
+                "queues".to_owned(),
+                RequestPolicy {
+                    default: Some("1".into()),
+                    valid: Some(ValidRequests::Values(vec!["1".into(), "2".into(), "4".into()])),
+                },
+            ),
+        ]);
+        let partitions = Partitions {
+            shared: BTreeMap::from([("nic-0".to_owned(), SharedDevice { request_policies: policies })]),
+            ..Partitions::default()
+        };
+        (state.snapshot(), partitions)
+    }
+
+    #[test]
+    fn shared_devices_allow_multiple_allocations_with_their_request_policies() {
+        let (snapshot, partitions) = shared_nic();
+        let slices = partitioned_slices(&source(true), Some(&partitions), &snapshot);
+        assert_eq!(slices.len(), 1, "no counter sets: one slice of devices");
+        let devices = devices(&slices[0]);
+        let shared = devices.iter().find(|d| d.name == "nic-0").expect("nic-0");
+        assert_eq!(shared.allow_multiple_allocations, Some(true));
+        let capacity = shared.capacity.as_ref().expect("capacity");
+        assert_eq!(capacity["bandwidth"].value, Quantity("10G".into()));
+        let bandwidth = capacity["bandwidth"].request_policy.as_ref().expect("bandwidth policy");
+        assert_eq!(bandwidth.default, Some(Quantity("1G".into())));
+        let range = bandwidth.valid_range.as_ref().expect("range");
+        assert_eq!(
+            (range.min.0.as_str(), range.max.as_ref(), range.step.as_ref().map(|q| q.0.as_str())),
+            ("1G", None, Some("1000M"))
+        );
+        assert_eq!(bandwidth.valid_values, None);
+        let queues = capacity["queues"].request_policy.as_ref().expect("queues policy");
+        let values: Vec<&str> = queues.valid_values.iter().flatten().map(|q| q.0.as_str()).collect();
+        assert_eq!(values, ["1", "2", "4"]);
+        assert_eq!(queues.valid_range, None);
+        let whole = devices.iter().find(|d| d.name == "nic-1").expect("nic-1");
+        assert_eq!(whole.allow_multiple_allocations, None, "a device not declared shared is allocated whole");
+        assert!(whole.capacity.as_ref().expect("capacity").values().all(|c| c.request_policy.is_none()));
+    }
+
+    /// The field names are upstream's (`allowMultipleAllocations`,
+    /// `requestPolicy`, `validRange`, `validValues`), and the server's
+    /// spelling of a policy's quantities is no change.
+    #[test]
+    fn shared_devices_survive_a_json_round_trip_and_compare_by_value() {
+        let (snapshot, partitions) = shared_nic();
+        let want = partitioned_slices(&source(true), Some(&partitions), &snapshot);
+        let json = serde_json::to_value(&want[0]).expect("serialises");
+        let back: ResourceSlice = serde_json::from_value(json.clone()).expect("upstream's type reads it");
+        assert_eq!(back, want[0]);
+        let nic = json["spec"]["devices"].as_array().expect("devices").iter().find(|d| d["name"] == "nic-0").cloned();
+        let nic = nic.expect("nic-0");
+        assert_eq!(nic["allowMultipleAllocations"], true, "{nic}");
+        let policy = &nic["capacity"]["bandwidth"]["requestPolicy"];
+        assert_eq!(policy["default"], "1G", "{nic}");
+        assert_eq!(policy["validRange"]["min"], "1G", "{nic}");
+        assert_eq!(policy["validRange"]["step"], "1000M", "{nic}");
+        assert_eq!(nic["capacity"]["queues"]["requestPolicy"]["validValues"][2], "4", "{nic}");
+
+        // As the server writes it back: 1000M is 1G.
+        let with_range = |min: &str, step: &str| {
+            let mut have = back.clone();
+            let devices = have.spec.devices.as_mut().expect("devices");
+            let device = devices.iter_mut().find(|d| d.name == "nic-0").expect("nic");
+            let bandwidth = device.capacity.as_mut().expect("capacity").get_mut("bandwidth").expect("bandwidth");
+            let range = bandwidth.request_policy.as_mut().and_then(|p| p.valid_range.as_mut()).expect("range");
+            range.min = Quantity(min.into());
+            range.step = Some(Quantity(step.into()));
+            have
+        };
+        assert!(stores_as(&with_range("1000M", "1G"), &want[0]), "a policy's spelling is no change");
+        assert!(!stores_as(&with_range("2G", "1G"), &want[0]), "a policy's value is a change");
     }
 
     #[test]

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -69,4 +70,50 @@ fn health_path_changes_are_published() {
     }
     assert!(updates.has_changed().expect("sender alive"));
     backend.shutdown();
+}
+
+/// Two shared NICs; `{capacity.bandwidth}` shows what each gives.
+const SHARED_NICS: &str = r#"[backend]
+kind = "static"
+[[config.resource]]
+name = "example.com/nic"
+env = { NIC_IDS = "{ids}", NIC_BANDWIDTH = "{capacity.bandwidth}", NIC_QUEUES = "q={capacity.queues};", RAW = "{capacity.open" }
+[[config.resource.device]]
+id = "nic-0"
+shared = true
+capacities = { bandwidth = { value = "10G", request_policy = { default = "1G", valid_range = { min = "1G", step = "1G" } } }, queues = "8" }
+[[config.resource.device]]
+id = "nic-1"
+shared = true
+capacities = { bandwidth = "25G" }
+"#;
+
+#[tokio::test]
+async fn allocate_shows_each_share_s_consumed_capacity_and_whole_devices_their_capacity() {
+    let backend = StaticBackend::new(parse(SHARED_NICS));
+    let ids = vec!["nic-0".to_owned(), "nic-1".to_owned()];
+    let env = |allocation: &Allocation, key: &str| allocation.envs.get(key).cloned().unwrap_or_default();
+
+    // Without shares (the device-plugin path): each device's whole capacity;
+    // a capacity a device lacks is empty.
+    let whole = backend.allocate("example.com/nic", &ids).expect("allocates");
+    assert_eq!(env(&whole, "NIC_IDS"), "nic-0,nic-1");
+    assert_eq!(env(&whole, "NIC_BANDWIDTH"), "10G,25G");
+    assert_eq!(env(&whole, "NIC_QUEUES"), "q=8,;");
+    assert_eq!(env(&whole, "RAW"), "{capacity.open", "an unterminated placeholder stays as written");
+
+    // With the claim's shares, as DRA's prepare passes them.
+    let share = |amount: &str| Share {
+        share_id: Some("0f4b3c1e-1111-2222-3333-444455556666".into()),
+        consumed: BTreeMap::from([("bandwidth".to_owned(), amount.to_owned())]),
+    };
+    let shares = vec![("nic-0".to_owned(), share("2G")), ("nic-1".to_owned(), share("5G"))];
+    let shared = backend.allocate_shared("example.com/nic", &ids, &shares).expect("allocates");
+    assert_eq!(env(&shared, "NIC_BANDWIDTH"), "2G,5G");
+    assert_eq!(env(&shared, "NIC_QUEUES"), "q=8,;", "a capacity the share does not name: the whole device's");
+
+    // A share names its device: only that device's amount is the claim's.
+    let one = vec![("nic-1".to_owned(), share("5G"))];
+    let other = backend.allocate_shared("example.com/nic", &ids, &one).expect("allocates");
+    assert_eq!(env(&other, "NIC_BANDWIDTH"), "10G,5G");
 }

@@ -185,3 +185,94 @@ fn partition_errors_point_at_what_is_wrong() {
         assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
     }
 }
+
+/// A NIC that claims share (line 8: `capacities`), and one allocated whole.
+const SHARED_NIC: &str = r#"[backend]
+kind = "static"
+[[config.resource]]
+name = "example.com/nic"
+[[config.resource.device]]
+id = "nic-0"
+shared = true
+capacities = { bandwidth = { value = "10G", request_policy = { default = "1G", valid_range = { min = "1G", step = "1G" } } }, queues = { value = "8", request_policy = { default = "1", valid_values = ["1", "2", "4"] } }, lanes = "4" }
+[[config.resource.device]]
+id = "nic-1"
+capacities = { bandwidth = "10G" }
+"#;
+
+#[test]
+fn shared_devices_and_request_policies_are_read_into_the_model() {
+    let config = parse(SHARED_NIC).expect("valid");
+    let resource = &config.resources[0];
+    let nic = &resource.devices[0];
+    // The capacities are the device's, policy or not.
+    let capacities: Vec<(&str, &str)> =
+        nic.device.capacities.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+    assert_eq!(capacities, [("bandwidth", "10G"), ("lanes", "4"), ("queues", "8")]);
+    let shared = nic.shared.as_ref().expect("nic-0 is shared");
+    assert_eq!(
+        shared.request_policies["bandwidth"],
+        RequestPolicy {
+            default: Some("1G".into()),
+            valid: Some(ValidRequests::Range { min: "1G".into(), max: None, step: Some("1G".into()) }),
+        }
+    );
+    assert_eq!(
+        shared.request_policies["queues"].valid,
+        Some(ValidRequests::Values(vec!["1".into(), "2".into(), "4".into()]))
+    );
+    assert!(!shared.request_policies.contains_key("lanes"), "a capacity without a policy is consumed freely");
+    assert_eq!(resource.devices[1].shared, None);
+    // They reach the slices by the partitions' path.
+    let partitions = config.partitions("example.com/nic").expect("the resource");
+    assert!(!partitions.is_empty());
+    assert_eq!(partitions.shared("nic-0"), Some(shared));
+    assert_eq!(partitions.shared("nic-1"), None);
+}
+
+#[test]
+fn request_policy_errors_point_at_the_capacities() {
+    let cases = [
+        (
+            SHARED_NIC.replace("shared = true\n", ""),
+            "7:14: device \"nic-0\": capacity \"bandwidth\" has a request_policy, which only a device with `shared = true` may have",
+        ),
+        (
+            SHARED_NIC.replace("default = \"1G\", ", ""),
+            "8:14: device \"nic-0\", capacity \"bandwidth\": request_policy: a default is required with valid_range",
+        ),
+        (
+            SHARED_NIC.replace("default = \"1G\"", "default = \"1500M\""),
+            "8:14: device \"nic-0\", capacity \"bandwidth\": request_policy: default \"1500M\" is not min \"1G\" plus a whole number of steps \"1G\"",
+        ),
+        (
+            SHARED_NIC.replace("min = \"1G\", step = \"1G\"", "min = \"2G\""),
+            "8:14: device \"nic-0\", capacity \"bandwidth\": request_policy: default \"1G\" is less than min \"2G\"",
+        ),
+        (
+            SHARED_NIC.replace("[\"1\", \"2\", \"4\"]", "[\"4\", \"1\"]"),
+            "8:14: device \"nic-0\", capacity \"queues\": request_policy: valid_values must ascend: \"1\" comes after \"4\"",
+        ),
+        (
+            SHARED_NIC.replace("[\"1\", \"2\", \"4\"]", "[\"1\", \"16\"]"),
+            "8:14: device \"nic-0\", capacity \"queues\": request_policy: valid value \"16\" is more than the capacity \"8\"",
+        ),
+        (
+            SHARED_NIC.replace(
+                "valid_values = [\"1\", \"2\", \"4\"]",
+                "valid_values = [\"1\"], valid_range = { min = \"1\" }",
+            ),
+            "8:14: device \"nic-0\", capacity \"queues\": request_policy: give valid_range or valid_values, not both",
+        ),
+        (
+            SHARED_NIC
+                .replace("id = \"nic-1\"", "id = \"nic-1\"\nshared = true")
+                .replace("capacities = { bandwidth = \"10G\" }\n", ""),
+            "11:10: device \"nic-1\" is shared but declares no capacities",
+        ),
+    ];
+    for (source, expected) in cases {
+        let error = parse(&source).expect_err(expected).to_string();
+        assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
+    }
+}
