@@ -4,7 +4,9 @@
 //!
 //! A module whose file name ends in `.wasm` is a WASM component and runs in
 //! the sandbox its `[sandbox]` table describes ([`SandboxConfig`]); any
-//! other module is a native shared library, which has no sandbox.
+//! other module is a native shared library, run in a worker process whose
+//! sandbox the `[backend]` keys of [`WorkerSandbox`] describe (or in
+//! devhost's own process with `isolation = "none"`).
 //!
 //! Files are read in name order. Each bad file yields one [`ConfigError`]
 //! and is skipped; the others load.
@@ -438,7 +440,7 @@ pub fn parse_backend(file: &Path, source: &str, default_timeout: Duration) -> Re
                 Some(sandbox) if !is_wasm => {
                     return Err(at(
                         sandbox.span(),
-                        "[sandbox] applies to WASM modules (.wasm) only; a native library runs unsandboxed".into(),
+                        "[sandbox] applies to WASM modules (.wasm) only; a native library's worker is sandboxed by [backend] keys (memory_mb, pids_max, capabilities, seccomp)".into(),
                     ));
                 }
                 Some(sandbox) => Some(parse_sandbox(sandbox.into_inner(), base, &at)?),
@@ -872,7 +874,7 @@ id = "a0"
         );
         assert_eq!(
             error("[backend]\nmodule = \"libnic.so\"\n[sandbox]\nread = []\n"),
-            "/b/nic.toml:3:1: [sandbox] applies to WASM modules (.wasm) only; a native library runs unsandboxed"
+            "/b/nic.toml:3:1: [sandbox] applies to WASM modules (.wasm) only; a native library's worker is sandboxed by [backend] keys (memory_mb, pids_max, capabilities, seccomp)"
         );
     }
 }
