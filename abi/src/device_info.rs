@@ -40,7 +40,10 @@ pub fn check(device: &Device) -> Result<(), String> {
         check_name(name).map_err(|why| format!("capacity {name:?}: {why}"))?;
         check_quantity(quantity).map_err(|why| format!("capacity {name:?}: {why}"))?;
     }
-    Ok(())
+    // ABI 1.2: a shared device's request policies fit its capacities.
+    // What it consumes is checked against its resource's counter sets
+    // (`partitions::check_consumes`), which only its resource knows.
+    crate::partitions::check_shared(device)
 }
 
 /// `identifier` or `domain/identifier`.

@@ -14,4 +14,5 @@
 pub mod device_info;
 pub mod ffi;
 pub mod model;
+pub mod partitions;
 pub mod sdk;

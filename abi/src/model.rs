@@ -67,6 +67,14 @@ pub struct Device {
     /// Kubernetes quantity (`80Gi`, `1500m`). Empty from 1.0 backends.
     /// Attributes and capacities together: at most 32 per device.
     pub capacities: BTreeMap<String, String>,
+    /// What the device takes from its resource's counter sets while it is
+    /// allocated (ABI 1.2, DRA's partitionable devices): at most two
+    /// entries, one per set. Empty from 1.0 and 1.1 backends.
+    pub consumes: Vec<CounterConsumption>,
+    /// Whether, and how, several DRA claims may be allocated the device at
+    /// once, each consuming part of its capacities (ABI 1.2, consumable
+    /// capacity). `None`: allocated whole, to one claim at a time.
+    pub shared: Option<SharedDevice>,
 }
 
 impl Device {
@@ -78,6 +86,8 @@ impl Device {
             numa_nodes: Vec::new(),
             attributes: BTreeMap::new(),
             capacities: BTreeMap::new(),
+            consumes: Vec::new(),
+            shared: None,
         }
     }
 
@@ -104,6 +114,148 @@ impl Device {
         self.capacities.insert(name.into(), quantity.into());
         self
     }
+
+    /// The same device taking `counters` (counter name → quantity) from
+    /// the counter set `counter_set` of its resource while it is allocated
+    /// (ABI 1.2): a partition of what the set stands for.
+    pub fn consuming<N: Into<String>, Q: Into<String>>(
+        mut self,
+        counter_set: impl Into<String>,
+        counters: impl IntoIterator<Item = (N, Q)>,
+    ) -> Self {
+        self.consumes.push(CounterConsumption {
+            counter_set: counter_set.into(),
+            counters: counters.into_iter().map(|(name, quantity)| (name.into(), quantity.into())).collect(),
+        });
+        self
+    }
+
+    /// The same device, shared by several DRA claims at once, each
+    /// consuming part of its capacities (ABI 1.2). Add request policies
+    /// with [`with_request_policy`](Self::with_request_policy).
+    pub fn shared(mut self) -> Self {
+        self.shared.get_or_insert_with(SharedDevice::default);
+        self
+    }
+
+    /// The same device, shared (see [`shared`](Self::shared)), with
+    /// `policy` for its capacity `capacity` (ABI 1.2).
+    pub fn with_request_policy(mut self, capacity: impl Into<String>, policy: RequestPolicy) -> Self {
+        self.shared.get_or_insert_with(SharedDevice::default).request_policies.insert(capacity.into(), policy);
+        self
+    }
+}
+
+/// A named set of counters a resource's devices draw from (ABI 1.2, DRA's
+/// partitionable devices): a GPU's memory and compute slices, say. The set
+/// is not allocatable itself; a device that consumes from it can only be
+/// allocated while enough of each counter is left, so overlapping
+/// partitions (the whole GPU, its halves) are never handed out together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterSet {
+    /// A DNS label, unique among the resource's counter sets.
+    pub name: String,
+    /// Counter name (a DNS label) → how much there is (a Kubernetes quantity).
+    pub counters: BTreeMap<String, String>,
+}
+
+impl CounterSet {
+    /// A counter set named `name` with `counters` (name → quantity).
+    pub fn new<N: Into<String>, Q: Into<String>>(
+        name: impl Into<String>,
+        counters: impl IntoIterator<Item = (N, Q)>,
+    ) -> Self {
+        CounterSet {
+            name: name.into(),
+            counters: counters.into_iter().map(|(name, quantity)| (name.into(), quantity.into())).collect(),
+        }
+    }
+}
+
+/// What one device takes from one counter set while it is allocated
+/// (ABI 1.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterConsumption {
+    /// The counter set's name (one of the resource's sets).
+    pub counter_set: String,
+    /// Counter name (one of the set's) → how much the device takes.
+    pub counters: BTreeMap<String, String>,
+}
+
+/// Which amounts of a shared device's capacity a claim may consume (ABI
+/// 1.2; DRA's `CapacityRequestPolicy`). Quantities are Kubernetes
+/// quantities, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestPolicy {
+    /// What a request that names no amount of this capacity consumes.
+    /// Required with [`valid`](Self::valid).
+    pub default: Option<String>,
+    /// The amounts allowed; `None`: any amount up to what is left.
+    pub valid: Option<ValidRequests>,
+}
+
+/// The amounts a [`RequestPolicy`] allows (the scheduler rounds a request
+/// up to the next one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidRequests {
+    /// `min`, then `min + n * step` (any amount without a step), up to
+    /// `max` (the capacity without one).
+    Range {
+        /// The least a claim consumes.
+        min: String,
+        /// The most a claim may consume.
+        max: Option<String>,
+        /// The granularity above `min`.
+        step: Option<String>,
+    },
+    /// These amounts only, ascending, at most ten.
+    Values(Vec<String>),
+}
+
+/// How several claims share one device (ABI 1.2; DRA's
+/// `allowMultipleAllocations`), the scheduler accounting for what each
+/// consumes of its capacities.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SharedDevice {
+    /// Capacity name (one of the device's capacities) → its request policy.
+    /// A capacity without one may be consumed in any amount.
+    pub request_policies: BTreeMap<String, RequestPolicy>,
+}
+
+/// What one DRA claim consumes of one shared device (ABI 1.2; the
+/// allocation result's `consumedCapacity` and `shareID`), handed to the
+/// backend's allocate.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Share {
+    /// The allocation's share of the device (a UID), when it has one.
+    pub share_id: Option<String>,
+    /// Capacity name → the amount this claim consumes (a quantity).
+    pub consumed: BTreeMap<String, String>,
+}
+
+/// What a backend reports about one device it allocated for a DRA claim
+/// (ABI 1.2; KEP-4817): the claim's `status.devices` entry for it, mostly
+/// for network devices. Ignored for device-plugin allocations.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceStatus {
+    /// `networkData.interfaceName`: the interface in the pod (at most 256
+    /// bytes).
+    pub interface_name: Option<String>,
+    /// `networkData.hardwareAddress`: a MAC address, say (at most 128 bytes).
+    pub hardware_address: Option<String>,
+    /// `networkData.ips`: addresses with a prefix length, in canonical
+    /// form (`10.0.0.5/24`), at most 16.
+    pub ips: Vec<String>,
+    /// `data`: driver-specific data, the text of a JSON object (at most
+    /// 10 KiB).
+    pub data: Option<String>,
+}
+
+impl DeviceStatus {
+    /// Whether it says nothing (no status entry is written for it).
+    pub fn is_empty(&self) -> bool {
+        self.interface_name.is_none() && self.hardware_address.is_none() && self.ips.is_empty() && self.data.is_none()
+    }
 }
 
 /// A resource a backend serves, with the options the kubelet is told.
@@ -118,12 +270,22 @@ pub struct Resource {
     /// ABI 1.1: the host calls `release` for devices no longer held by any
     /// container, and advertises them Unhealthy until it succeeds.
     pub release_required: bool,
+    /// ABI 1.2: the counter sets the resource's devices consume from
+    /// ([`Device::consuming`]), published in DRA ResourceSlices as
+    /// `sharedCounters`. Empty for resources without partitions.
+    pub counter_sets: Vec<CounterSet>,
 }
 
 impl Resource {
     /// A resource with neither optional call.
     pub fn new(name: impl Into<String>) -> Self {
-        Resource { name: name.into(), pre_start_required: false, preferred_allocation: false, release_required: false }
+        Resource {
+            name: name.into(),
+            pre_start_required: false,
+            preferred_allocation: false,
+            release_required: false,
+            counter_sets: Vec::new(),
+        }
     }
 
     /// Asks the kubelet to call `pre_start` before each container start.
@@ -142,6 +304,12 @@ impl Resource {
     /// (ABI 1.1).
     pub fn with_release(mut self) -> Self {
         self.release_required = true;
+        self
+    }
+
+    /// Declares one more counter set its devices consume from (ABI 1.2).
+    pub fn with_counter_set(mut self, counter_set: CounterSet) -> Self {
+        self.counter_sets.push(counter_set);
         self
     }
 }
@@ -181,6 +349,10 @@ pub struct Allocation {
     pub annotations: BTreeMap<String, String>,
     /// Fully qualified CDI device names (`vendor/class=name`).
     pub cdi_devices: Vec<String>,
+    /// ABI 1.2: device ID → what the DRA claim's `status.devices` says of
+    /// it (a network device's interface, MAC, addresses). Only DRA
+    /// prepares read it; a device left out gets no entry.
+    pub device_status: BTreeMap<String, DeviceStatus>,
 }
 
 /// One container's `GetPreferredAllocation` question.

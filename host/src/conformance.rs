@@ -527,6 +527,7 @@ mod tests {
             pre_start_required: true,
             preferred_allocation: false,
             release_required: false,
+            counter_sets: Vec::new(),
         };
         let request = v1beta1::RegisterRequest {
             version: "v1beta1".into(),

@@ -210,6 +210,10 @@ pub struct ResourceState {
     withheld_by: std::sync::Mutex<std::collections::BTreeMap<Withholder, HashMap<String, String>>>,
     /// One permit per open `ListAndWatch` stream, across server generations.
     streams: Arc<tokio::sync::Semaphore>,
+    /// The counter sets its devices may consume from, once the backend's
+    /// `init` has declared them (ABI 1.2); what a device consumes is
+    /// checked against them from then on.
+    counter_sets: std::sync::OnceLock<Vec<crate::model::CounterSet>>,
 }
 
 impl ResourceState {
@@ -221,7 +225,29 @@ impl ResourceState {
             sender,
             withheld_by: std::sync::Mutex::default(),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            counter_sets: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the counter sets the resource's devices consume from, as its
+    /// backend declared them at `init`, and checks the devices it has
+    /// published so far against them (a device published during `init`
+    /// could not be checked before). Only the first declaration counts: a
+    /// re-initialised backend keeps its resources as they were.
+    pub fn declare_counter_sets(&self, counter_sets: Vec<crate::model::CounterSet>) -> Result<(), PublishError> {
+        let counter_sets = self.counter_sets.get_or_init(|| counter_sets);
+        for device in &self.snapshot().devices {
+            self.check_consumes(device, counter_sets)?;
+        }
+        Ok(())
+    }
+
+    fn check_consumes(&self, device: &Device, counter_sets: &[crate::model::CounterSet]) -> Result<(), PublishError> {
+        devhost_abi::partitions::check_consumes(device, counter_sets).map_err(|why| PublishError::BadDeviceInfo {
+            resource: self.name.clone(),
+            id: device.id.clone(),
+            why,
+        })
     }
 
     /// A place for one more `ListAndWatch` stream, held until it ends;
@@ -351,6 +377,9 @@ impl ResourceState {
                 id: device.id.clone(),
                 why,
             })?;
+            if let Some(counter_sets) = self.counter_sets.get() {
+                self.check_consumes(device, counter_sets)?;
+            }
         }
         Ok(())
     }
@@ -625,5 +654,23 @@ mod tests {
             err.to_string(),
             "resource \"a.io/other\" is not served by this backend (it declared: a.io/early, a.io/late)"
         );
+    }
+
+    #[test]
+    fn what_devices_consume_is_checked_against_the_declared_counter_sets() {
+        use crate::model::CounterSet;
+        let state = ResourceState::new("a.io/gpu");
+        let half = |set: &str| Device::healthy("half").consuming(set, [("memory", "20Gi")]);
+        // During init, before the declaration, a consumption cannot be
+        // checked: the declaration checks what was published.
+        state.publish(vec![half("gpu-9")]).expect("not yet checkable");
+        let sets = vec![CounterSet::new("gpu-0", [("memory", "40Gi")])];
+        let error = state.declare_counter_sets(sets).expect_err("gpu-9 is not declared");
+        assert!(error.to_string().contains("device \"half\" consumes from unknown counter set \"gpu-9\""), "{error}");
+        // From then on every publish is checked, and a refused list changes nothing.
+        state.publish(vec![half("gpu-0")]).expect("a declared set");
+        let error = state.publish(vec![half("gpu-1")]).expect_err("refused");
+        assert!(matches!(error, PublishError::BadDeviceInfo { .. }), "{error}");
+        assert_eq!(state.snapshot().devices[0].consumes[0].counter_set, "gpu-0");
     }
 }

@@ -187,6 +187,12 @@ impl BackendHandle {
         check_resources(&name, &specs)?;
         let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
         let states = publisher.seal(&names);
+        for (spec, state) in specs.iter().zip(&states) {
+            state.declare_counter_sets(spec.counter_sets.clone()).map_err(|error| StartError::Resources {
+                backend: name.clone(),
+                message: format!("published a device its resource's counter sets do not allow: {error}"),
+            })?;
+        }
         let handle = Arc::new(BackendHandle {
             name,
             runner,
@@ -655,6 +661,10 @@ fn check_resources(backend: &str, specs: &[ResourceSpec]) -> Result<(), StartErr
                 message: format!("declared resource {:?} twice", spec.name),
             });
         }
+        devhost_abi::partitions::check_counter_sets(&spec.counter_sets).map_err(|why| StartError::Resources {
+            backend: backend.to_owned(),
+            message: format!("resource {:?}: {why}", spec.name),
+        })?;
     }
     Ok(())
 }
@@ -758,6 +768,7 @@ mod tests {
                 pre_start_required: false,
                 preferred_allocation: false,
                 release_required: false,
+                counter_sets: Vec::new(),
             }])
         }
 
@@ -791,6 +802,7 @@ mod tests {
                 pre_start_required: false,
                 preferred_allocation: false,
                 release_required: false,
+                counter_sets: Vec::new(),
             }])
         }
 

@@ -316,11 +316,6 @@ async fn list_backend(
                 let cdi = config.resources.get(&spec.name).is_some_and(|settings| settings.cdi);
                 let own_spec = crate::cdi::spec_path(&host.cdi_dir, &spec.name);
                 let prepared = dra_driver.as_deref().and_then(|driver| prepared_claims(host, driver));
-                let partitions = match &config.source {
-                    crate::config::BackendSource::Static(config) => config.partitions(&spec.name).cloned(),
-                    crate::config::BackendSource::Module { .. } => None,
-                }
-                .unwrap_or_default();
                 listed.resources.push(ListedResource {
                     name: spec.name.clone(),
                     pre_start_required: spec.pre_start_required,
@@ -338,15 +333,17 @@ async fn list_backend(
                                 if cdi { device.with_cdi_clashes(&spec.name, &cdi_view, &own_spec) } else { device };
                             let mut device =
                                 if dra_driver.is_some() { device.with_dra(prepared.as_ref()) } else { device };
-                            device.consumes_counters = partitions
-                                .consumed_by(&device.id)
+                            device.consumes_counters = published
+                                .get(device.id.as_str())
+                                .map(|published| published.consumes.as_slice())
+                                .unwrap_or_default()
                                 .iter()
                                 .map(|consumed| (consumed.counter_set.clone(), consumed.counters.clone()))
                                 .collect();
                             device
                         })
                         .collect(),
-                    counter_sets: partitions
+                    counter_sets: spec
                         .counter_sets
                         .iter()
                         .map(|set| (set.name.clone(), set.counters.clone()))

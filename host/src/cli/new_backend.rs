@@ -24,6 +24,7 @@ const SDK: &[(&str, &str)] = &[
     ("src/device_info.rs", include_str!("../../../abi/src/device_info.rs")),
     ("src/ffi.rs", include_str!("../../../abi/src/ffi.rs")),
     ("src/model.rs", include_str!("../../../abi/src/model.rs")),
+    ("src/partitions.rs", include_str!("../../../abi/src/partitions.rs")),
     ("src/sdk/mod.rs", include_str!("../../../abi/src/sdk/mod.rs")),
     ("src/sdk/shim.rs", include_str!("../../../abi/src/sdk/shim.rs")),
     ("src/sdk/testing.rs", include_str!("../../../abi/src/sdk/testing.rs")),

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::ConfigError;
 use crate::model::{
     Allocation, AttributeValue, CounterConsumption, CounterSet, Device, DeviceSpec, Health,
-    MAX_CONSUMPTIONS_PER_DEVICE, MAX_COUNTERS_PER_CONSUMPTION, MAX_COUNTERS_PER_SET, Mount, Partitions, RequestPolicy,
+    MAX_CONSUMPTIONS_PER_DEVICE, MAX_COUNTERS_PER_CONSUMPTION, MAX_COUNTERS_PER_SET, Mount, RequestPolicy,
     ResourceSpec, SharedDevice, ValidRequests,
 };
 use crate::resource_name;
@@ -51,11 +51,9 @@ pub struct StaticResource {
     pub cdi_kind: Option<String>,
     /// Line and column of `cdi_kind` in the file, for errors about it.
     pub cdi_kind_location: Option<(usize, usize)>,
-    /// The devices.
+    /// The devices (each with what it `consumes` of the spec's counter
+    /// sets, and whether it is `shared`).
     pub devices: Vec<StaticDevice>,
-    /// DRA partitionable devices: the `[[config.resource.counter_set]]`s
-    /// and each device's `consumes` (empty when none are declared).
-    pub partitions: Partitions,
 }
 
 /// One device of a static resource.
@@ -67,9 +65,6 @@ pub struct StaticDevice {
     pub health_path: Option<PathBuf>,
     /// Allocation contributions of this device.
     pub allocation: Allocation,
-    /// `shared = true`: several DRA claims may hold it at once, with these
-    /// capacity request policies.
-    pub shared: Option<SharedDevice>,
 }
 
 #[derive(Deserialize)]
@@ -269,30 +264,29 @@ impl StaticConfig {
             if let Some(kind) = &raw.cdi_kind {
                 check_cdi_kind(kind.get_ref()).map_err(|message| at(kind.span(), message))?;
             }
-            let mut partitions =
-                Partitions { counter_sets: parse_counter_sets(raw.counter_set, &at)?, ..Partitions::default() };
+            let counter_sets = parse_counter_sets(raw.counter_set, &at)?;
             let mut devices: Vec<StaticDevice> = Vec::with_capacity(raw.device.len());
             let mut ids = std::collections::HashSet::with_capacity(raw.device.len());
             for mut device in raw.device {
                 let id_span = device.id.span();
                 let consumes = device.consumes.take();
-                let parsed = parse_device(device, &at)?;
+                let mut parsed = parse_device(device, &at)?;
                 if !ids.insert(parsed.device.id.clone()) {
                     let message = format!("device ID {:?} appears twice in resource {name:?}", parsed.device.id);
                     return Err(at(id_span, message));
                 }
                 if let Some(consumes) = consumes {
-                    let consumed = parse_consumes(&parsed.device.id, consumes, &partitions.counter_sets, &at)?;
-                    partitions.consumes.insert(parsed.device.id.clone(), consumed);
-                }
-                if let Some(shared) = &parsed.shared {
-                    partitions.shared.insert(parsed.device.id.clone(), shared.clone());
+                    parsed.device.consumes = parse_consumes(&parsed.device.id, consumes, &counter_sets, &at)?;
                 }
                 devices.push(parsed);
             }
-            // Every rule was checked where it is written; this is the model's
-            // own check, the same the slices rely on.
-            partitions.check().map_err(|why| at(raw.name.span(), format!("resource {name:?}: {why}")))?;
+            // Every rule was checked where it is written; these are the
+            // model's own checks, the same every backend's declarations get.
+            let whole = |why: String| at(raw.name.span(), format!("resource {name:?}: {why}"));
+            devhost_abi::partitions::check_counter_sets(&counter_sets).map_err(whole)?;
+            for static_device in &devices {
+                devhost_abi::partitions::check_consumes(&static_device.device, &counter_sets).map_err(whole)?;
+            }
             resources.push(StaticResource {
                 spec: ResourceSpec {
                     name: name.clone(),
@@ -300,6 +294,7 @@ impl StaticConfig {
                     preferred_allocation: raw.preferred_allocation,
                     // Devices described in a file have no code to scrub them.
                     release_required: false,
+                    counter_sets,
                 },
                 name_span: raw.name.span(),
                 env: raw.env,
@@ -307,16 +302,9 @@ impl StaticConfig {
                 cdi_kind_location: raw.cdi_kind.as_ref().map(|kind| super::line_column(source, kind.span().start)),
                 cdi_kind: raw.cdi_kind.map(Spanned::into_inner),
                 devices,
-                partitions,
             });
         }
         Ok(StaticConfig { health_interval, resources })
-    }
-
-    /// The partitionable-device description of resource `name` (empty
-    /// when it declares none); `None` when this file has no such resource.
-    pub fn partitions(&self, name: &str) -> Option<&Partitions> {
-        self.resources.iter().find(|r| r.spec.name == name).map(|r| &r.partitions)
     }
 
     /// Every resource name with its span in the file.
@@ -400,7 +388,8 @@ fn parse_device(
                     );
                     return Err(at(capacities_span, message));
                 }
-                let policy = request_policy(policy).and_then(|policy| policy.check(&value).map(|()| policy));
+                let policy = request_policy(policy)
+                    .and_then(|policy| devhost_abi::partitions::check_request_policy(&policy, &value).map(|()| policy));
                 let policy = policy.map_err(|why| {
                     at(
                         capacities_span.clone(),
@@ -412,6 +401,7 @@ fn parse_device(
             device.capacities.insert(name, value);
         }
     }
+    device.shared = shared.then_some(SharedDevice { request_policies: policies });
     if let Err(why) = crate::device_info::check(&device) {
         return Err(at(span, format!("device {:?}: {why}", device.id)));
     }
@@ -427,7 +417,6 @@ fn parse_device(
         device,
         health_path: raw.health_path,
         allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
-        shared: shared.then_some(SharedDevice { request_policies: policies }),
     })
 }
 
@@ -450,7 +439,7 @@ fn parse_counter_sets(
     let mut sets: Vec<CounterSet> = Vec::with_capacity(raw.len());
     for set in raw {
         let name = set.name.get_ref();
-        crate::model::check_counter_name("counter set", name).map_err(|why| at(set.name.span(), why))?;
+        devhost_abi::partitions::check_counter_name("counter set", name).map_err(|why| at(set.name.span(), why))?;
         if sets.iter().any(|earlier| &earlier.name == name) {
             return Err(at(set.name.span(), format!("counter set {name:?} is declared twice in this resource")));
         }
@@ -538,7 +527,7 @@ fn quantities(
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut checked = BTreeMap::new();
     for (counter, quantity) in counters {
-        crate::model::check_counter_name("counter", &counter)
+        devhost_abi::partitions::check_counter_name("counter", &counter)
             .map_err(|why| at(quantity.span(), format!("{}: {why}", what(&counter))))?;
         crate::device_info::check_quantity(quantity.get_ref())
             .map_err(|why| at(quantity.span(), format!("{}: {why}", what(&counter))))?;

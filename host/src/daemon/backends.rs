@@ -317,12 +317,7 @@ fn spawn_resources(
                 backend: handle.clone(),
                 context: context.dra.clone(),
                 shutdown: stop.clone(),
-                // Only the static backend can declare partitions (modules:
-                // a later ABI version).
-                partitions: match &config.source {
-                    BackendSource::Static(config) => config.partitions(&spec.name).cloned().map(Arc::new),
-                    BackendSource::Module { .. } => None,
-                },
+                counter_sets: Arc::new(spec.counter_sets.clone()),
             };
             let span = tracing::info_span!("dra", resource = %spec.name, driver = %driver, backend = %handle.name());
             tasks.spawn(task.run().instrument(span));

@@ -104,9 +104,9 @@ pub struct DraTask {
     pub context: DraContext,
     /// Stops the task.
     pub shutdown: CancellationToken,
-    /// Its counter sets and what each device consumes (partitionable
-    /// devices), if its backend declares any.
-    pub partitions: Option<Arc<crate::model::Partitions>>,
+    /// The counter sets its devices consume from (partitionable devices;
+    /// empty when its backend declares none).
+    pub counter_sets: Arc<Vec<crate::model::CounterSet>>,
 }
 
 impl DraTask {
@@ -164,9 +164,7 @@ impl DraTask {
         if let Some(watch_client) = &self.context.watch_client {
             publisher = publisher.watching(watch_client.clone());
         }
-        if let Some(partitions) = &self.partitions {
-            publisher = publisher.with_partitions(partitions.clone());
-        }
+        publisher = publisher.with_counter_sets(self.counter_sets.clone());
         let resync = publisher.resync();
         let changes = self.state.subscribe();
         let publishing = self.shutdown.clone();

@@ -47,7 +47,6 @@ use tokio_util::sync::CancellationToken;
 use self::watch::{SliceEvent, SliceWatch};
 use super::slices::{self, DRIVER_LABEL, SliceSource};
 use crate::device_state::Snapshot;
-use crate::model::Partitions;
 
 /// How often the server's slices are read again without a cause.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
@@ -128,9 +127,9 @@ pub struct SlicePublisher {
     watch: Option<Api<ResourceSlice>>,
     progress: channel::Sender<Progress>,
     resync: Arc<Notify>,
-    /// The resource's counter sets and consumptions (partitionable
-    /// devices), published with the devices; `None`: none.
-    partitions: Option<Arc<Partitions>>,
+    /// The resource's counter sets (partitionable devices), published in
+    /// slices of their own beside the devices that consume them.
+    counter_sets: Arc<Vec<crate::model::CounterSet>>,
 }
 
 impl SlicePublisher {
@@ -152,16 +151,16 @@ impl SlicePublisher {
             watch: None,
             progress: channel::Sender::new(Progress::default()),
             resync: Arc::new(Notify::new()),
-            partitions: None,
+            counter_sets: Arc::default(),
         }
     }
 
-    /// Also publishes `partitions`: the resource's counter sets, in slices
-    /// of their own, and each device's `consumesCounters`
-    /// (`docs/dra-api.md` §4.3). Empty partitions change nothing.
+    /// Also publishes `counter_sets`, the resource's counter sets, in
+    /// slices of their own (`docs/dra-api.md` §4.3); the devices' own
+    /// `consumesCounters` come with the devices. None changes nothing.
     #[must_use]
-    pub fn with_partitions(mut self, partitions: Arc<Partitions>) -> Self {
-        self.partitions = (!partitions.is_empty()).then_some(partitions);
+    pub fn with_counter_sets(mut self, counter_sets: Arc<Vec<crate::model::CounterSet>>) -> Self {
+        self.counter_sets = counter_sets;
         self
     }
 
@@ -380,7 +379,7 @@ impl SlicePublisher {
             owner: self.owner.clone().flatten(),
             taints: self.taints,
         };
-        let mut desired = slices::partitioned_slices(&source, self.partitions.as_deref(), snapshot);
+        let mut desired = slices::partitioned_slices(&source, &self.counter_sets, snapshot);
         slices::keep_taint_times(&mut desired, held.values());
         desired
     }

@@ -30,7 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 
 use super::names;
 use crate::device_state::Snapshot;
-use crate::model::{AttributeValue, CounterConsumption, Health, MAX_COUNTER_SETS_PER_SLICE, Partitions, ValidRequests};
+use crate::model::{AttributeValue, CounterConsumption, Health, MAX_COUNTER_SETS_PER_SLICE, ValidRequests};
 
 /// Devices in one slice without taints (the API's limit).
 pub const MAX_DEVICES: usize = 128;
@@ -64,14 +64,14 @@ pub struct SliceSource<'a> {
 /// The slices for `snapshot`'s devices, in order; the same input gives the
 /// same objects (names included), so a publisher can compare and update.
 pub fn slices(source: &SliceSource<'_>, snapshot: &Snapshot) -> Vec<ResourceSlice> {
-    partitioned_slices(source, None, snapshot)
+    partitioned_slices(source, &[], snapshot)
 }
 
-/// [`slices`] with the resource's counter sets and what its devices
-/// consume from them (partitionable devices; `None` or empty: none).
+/// [`slices`] with the resource's counter sets, which its devices consume
+/// from (partitionable devices; empty: none).
 pub fn partitioned_slices(
     source: &SliceSource<'_>,
-    partitions: Option<&Partitions>,
+    counter_sets: &[crate::model::CounterSet],
     snapshot: &Snapshot,
 ) -> Vec<ResourceSlice> {
     let mut devices: Vec<(String, Device)> = snapshot
@@ -93,9 +93,9 @@ pub fn partitioned_slices(
                 }]
             });
             let mut dra = dra_device(name.clone(), device, taints);
-            let consumed = partitions.map_or(&[][..], |partitions| partitions.consumed_by(&device.id));
-            dra.consumes_counters = (!consumed.is_empty()).then(|| consumed.iter().map(consumption).collect());
-            if let Some(shared) = partitions.and_then(|partitions| partitions.shared(&device.id)) {
+            dra.consumes_counters =
+                (!device.consumes.is_empty()).then(|| device.consumes.iter().map(consumption).collect());
+            if let Some(shared) = &device.shared {
                 share(&mut dra, shared);
             }
             Some((name, dra))
@@ -104,7 +104,6 @@ pub fn partitioned_slices(
     devices.sort_by(|a, b| a.0.cmp(&b.0));
     let consuming = devices.iter().any(|(_, device)| device.consumes_counters.is_some());
     let per_slice = if source.taints || consuming { MAX_DEVICES_WITH_TAINTS } else { MAX_DEVICES };
-    let counter_sets = partitions.map_or(&[][..], |partitions| partitions.counter_sets.as_slice());
     // Counter sets go in slices of their own: a slice has either
     // `sharedCounters` or `devices`, never both (1.35+).
     let mut contents: Vec<Content> =
@@ -320,55 +319,7 @@ fn by_value(counters: &mut BTreeMap<String, Counter>) {
     }
 }
 
-/// A quantity's value in billionths (the finest the API keeps: finer
-/// values are rounded away from zero, as the server rounds them); `None`
-/// when it does not parse or does not fit, and is then compared as text.
-pub(crate) fn quantity_nanos(quantity: &str) -> Option<i128> {
-    let (negative, unsigned) = match quantity.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, quantity.strip_prefix('+').unwrap_or(quantity)),
-    };
-    let end = unsigned.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(unsigned.len());
-    let (number, suffix) = unsigned.split_at(end);
-    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
-        return None;
-    }
-    let (power_of_ten, power_of_two): (i64, u32) = match suffix {
-        "" => (0, 0),
-        "n" => (-9, 0),
-        "u" => (-6, 0),
-        "m" => (-3, 0),
-        "k" => (3, 0),
-        "M" => (6, 0),
-        "G" => (9, 0),
-        "T" => (12, 0),
-        "P" => (15, 0),
-        "E" => (18, 0),
-        "Ki" => (0, 10),
-        "Mi" => (0, 20),
-        "Gi" => (0, 30),
-        "Ti" => (0, 40),
-        "Pi" => (0, 50),
-        "Ei" => (0, 60),
-        exponent => (exponent.strip_prefix(['e', 'E'])?.parse().ok()?, 0),
-    };
-    let digits = format!("{whole}{fraction}");
-    let mantissa: i128 = digits.trim_start_matches('0').parse().or_else(|_| digits.parse()).ok()?;
-    let mantissa = mantissa.checked_mul(1_i128.checked_shl(power_of_two)?)?;
-    let fraction_digits = i64::try_from(fraction.len()).ok()?;
-    let scale = power_of_ten.checked_add(9)?.checked_sub(fraction_digits)?;
-    let magnitude = if scale >= 0 {
-        mantissa.checked_mul(10_i128.checked_pow(u32::try_from(scale).ok()?)?)?
-    } else {
-        match 10_i128.checked_pow(u32::try_from(-scale).ok()?) {
-            Some(divisor) => mantissa / divisor + i128::from(mantissa % divisor != 0),
-            // Far below a billionth: one billionth, or zero.
-            None => i128::from(mantissa != 0),
-        }
-    };
-    Some(if negative { -magnitude } else { magnitude })
-}
+pub(crate) use devhost_abi::partitions::quantity_nanos;
 
 fn dra_device(name: String, device: &crate::model::Device, taints: Option<Vec<DeviceTaint>>) -> Device {
     let attributes: BTreeMap<String, DeviceAttribute> = device
@@ -606,40 +557,28 @@ mod tests {
 
     /// One GPU's counter set and its whole and half partitions, as
     /// devices `gpu-0`, `gpu-0-half-0` and `gpu-0-half-1`.
-    fn partitioned() -> (std::sync::Arc<Snapshot>, Partitions) {
-        use crate::model::{CounterConsumption, CounterSet};
+    fn partitioned() -> (std::sync::Arc<Snapshot>, Vec<crate::model::CounterSet>) {
+        use crate::model::CounterSet;
+        let counter_sets = vec![CounterSet::new("gpu-0", [("memory", "40Gi"), ("slices", "8")])];
         let state = ResourceState::new("example.com/gpu");
-        let ids = ["gpu-0", "gpu-0-half-0", "gpu-0-half-1"];
-        state.publish(ids.iter().map(|id| ModelDevice::new(*id, Health::Healthy)).collect()).expect("valid");
-        let quantities = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        state.declare_counter_sets(counter_sets.clone()).expect("valid counter sets");
+        let partition = |id: &str, memory: &str, slices: &str| {
+            ModelDevice::new(id, Health::Healthy).consuming("gpu-0", [("memory", memory), ("slices", slices)])
         };
-        let consumes = |memory: &str, slices: &str| {
-            vec![CounterConsumption {
-                counter_set: "gpu-0".into(),
-                counters: quantities(&[("memory", memory), ("slices", slices)]),
-            }]
-        };
-        let partitions = Partitions {
-            counter_sets: vec![CounterSet {
-                name: "gpu-0".into(),
-                counters: quantities(&[("memory", "40Gi"), ("slices", "8")]),
-            }],
-            consumes: BTreeMap::from([
-                ("gpu-0".to_owned(), consumes("40Gi", "8")),
-                ("gpu-0-half-0".to_owned(), consumes("20Gi", "4")),
-                ("gpu-0-half-1".to_owned(), consumes("20480Mi", "4")),
-            ]),
-            ..Partitions::default()
-        };
-        partitions.check().expect("valid partitions");
-        (state.snapshot(), partitions)
+        state
+            .publish(vec![
+                partition("gpu-0", "40Gi", "8"),
+                partition("gpu-0-half-0", "20Gi", "4"),
+                partition("gpu-0-half-1", "20480Mi", "4"),
+            ])
+            .expect("valid partitions");
+        (state.snapshot(), counter_sets)
     }
 
     #[test]
     fn counter_sets_go_in_a_slice_of_their_own_and_devices_consume_them() {
-        let (snapshot, partitions) = partitioned();
-        let slices = partitioned_slices(&source(false), Some(&partitions), &snapshot);
+        let (snapshot, counter_sets) = partitioned();
+        let slices = partitioned_slices(&source(false), &counter_sets, &snapshot);
         assert_eq!(slices.len(), 2, "one counter-set slice, one device slice");
         for slice in &slices {
             assert_eq!((slice.spec.pool.generation, slice.spec.pool.resource_slice_count), (7, 2));
@@ -656,28 +595,24 @@ mod tests {
         assert_eq!(consumed[0].counter_set, "gpu-0");
         assert_eq!(consumed[0].counters["memory"].value, Quantity("20480Mi".into()));
 
-        // Without partitions: one slice, nothing about counters.
-        let plain = super::slices(&source(false), &snapshot);
+        // Devices that consume nothing: one slice, nothing about counters.
+        let plain = super::slices(&source(false), &self::snapshot(3, &[]));
         assert_eq!(plain.len(), 1);
         assert!(devices(&plain[0]).iter().all(|d| d.consumes_counters.is_none()));
     }
 
     #[test]
     fn devices_that_consume_counters_go_64_a_slice_and_sets_8_a_slice() {
-        use crate::model::{CounterConsumption, CounterSet};
-        let snapshot = snapshot(100, &[]);
-        let counter_sets: Vec<CounterSet> = (0..10)
-            .map(|i| CounterSet { name: format!("set-{i}"), counters: BTreeMap::from([("c".into(), "1".into())]) })
-            .collect();
-        let consumes = BTreeMap::from([(
-            "GPU-000".to_owned(),
-            vec![CounterConsumption {
-                counter_set: "set-0".into(),
-                counters: BTreeMap::from([("c".into(), "1".into())]),
-            }],
-        )]);
-        let partitions = Partitions { counter_sets, consumes, ..Partitions::default() };
-        let slices = partitioned_slices(&source(false), Some(&partitions), &snapshot);
+        use crate::model::CounterSet;
+        let counter_sets: Vec<CounterSet> =
+            (0..10).map(|i| CounterSet::new(format!("set-{i}"), [("c", "1")])).collect();
+        let state = ResourceState::new("example.com/gpu");
+        state.declare_counter_sets(counter_sets.clone()).expect("valid counter sets");
+        let mut published: Vec<ModelDevice> = snapshot(100, &[]).devices.clone();
+        published[0] = published[0].clone().consuming("set-0", [("c", "1")]);
+        state.publish(published).expect("valid");
+        let snapshot = state.snapshot();
+        let slices = partitioned_slices(&source(false), &counter_sets, &snapshot);
         let shape: Vec<(usize, usize)> =
             slices.iter().map(|s| (s.spec.shared_counters.as_ref().map_or(0, Vec::len), devices(s).len())).collect();
         assert_eq!(shape, [(8, 0), (2, 0), (0, 64), (0, 36)]);
@@ -688,8 +623,8 @@ mod tests {
 
     #[test]
     fn the_server_s_spelling_of_counters_is_no_change() {
-        let (snapshot, partitions) = partitioned();
-        let want = partitioned_slices(&source(false), Some(&partitions), &snapshot);
+        let (snapshot, counter_sets) = partitioned();
+        let want = partitioned_slices(&source(false), &counter_sets, &snapshot);
         let mut have = want.clone();
         // The server writes 20480Mi back as 20Gi.
         for device in have[1].spec.devices.iter_mut().flatten() {
@@ -712,8 +647,8 @@ mod tests {
     /// carries the names the API documents.
     #[test]
     fn partitioned_slices_survive_a_json_round_trip_with_upstream_field_names() {
-        let (snapshot, partitions) = partitioned();
-        for slice in partitioned_slices(&source(true), Some(&partitions), &snapshot) {
+        let (snapshot, counter_sets) = partitioned();
+        for slice in partitioned_slices(&source(true), &counter_sets, &snapshot) {
             let json = serde_json::to_value(&slice).expect("serialises");
             let back: ResourceSlice = serde_json::from_value(json.clone()).expect("upstream's type reads it");
             assert_eq!(back, slice);
@@ -731,40 +666,29 @@ mod tests {
 
     /// A NIC several claims share: 10G of bandwidth in 1G steps, and
     /// queues in fixed amounts; device `nic-1` is not shared.
-    fn shared_nic() -> (std::sync::Arc<Snapshot>, Partitions) {
-        use crate::model::{RequestPolicy, SharedDevice};
+    fn shared_nic() -> std::sync::Arc<Snapshot> {
+        use crate::model::RequestPolicy;
         let state = ResourceState::new("example.com/nic");
         let nic = |id: &str| {
             ModelDevice::new(id, Health::Healthy).with_capacity("bandwidth", "10G").with_capacity("queues", "8")
         };
-        state.publish(vec![nic("nic-0"), nic("nic-1")]).expect("valid");
-        let policies = BTreeMap::from([
-            (
-                "bandwidth".to_owned(),
-                RequestPolicy {
-                    default: Some("1G".into()),
-                    valid: Some(ValidRequests::Range { min: "1G".into(), max: None, step: Some("1000M".into()) }),
-                },
-            ),
-            (
-                "queues".to_owned(),
-                RequestPolicy {
-                    default: Some("1".into()),
-                    valid: Some(ValidRequests::Values(vec!["1".into(), "2".into(), "4".into()])),
-                },
-            ),
-        ]);
-        let partitions = Partitions {
-            shared: BTreeMap::from([("nic-0".to_owned(), SharedDevice { request_policies: policies })]),
-            ..Partitions::default()
+        let bandwidth = RequestPolicy {
+            default: Some("1G".into()),
+            valid: Some(ValidRequests::Range { min: "1G".into(), max: None, step: Some("1000M".into()) }),
         };
-        (state.snapshot(), partitions)
+        let queues = RequestPolicy {
+            default: Some("1".into()),
+            valid: Some(ValidRequests::Values(vec!["1".into(), "2".into(), "4".into()])),
+        };
+        let shared = nic("nic-0").with_request_policy("bandwidth", bandwidth).with_request_policy("queues", queues);
+        state.publish(vec![shared, nic("nic-1")]).expect("valid");
+        state.snapshot()
     }
 
     #[test]
     fn shared_devices_allow_multiple_allocations_with_their_request_policies() {
-        let (snapshot, partitions) = shared_nic();
-        let slices = partitioned_slices(&source(true), Some(&partitions), &snapshot);
+        let snapshot = shared_nic();
+        let slices = partitioned_slices(&source(true), &[], &snapshot);
         assert_eq!(slices.len(), 1, "no counter sets: one slice of devices");
         let devices = devices(&slices[0]);
         let shared = devices.iter().find(|d| d.name == "nic-0").expect("nic-0");
@@ -793,8 +717,8 @@ mod tests {
     /// spelling of a policy's quantities is no change.
     #[test]
     fn shared_devices_survive_a_json_round_trip_and_compare_by_value() {
-        let (snapshot, partitions) = shared_nic();
-        let want = partitioned_slices(&source(true), Some(&partitions), &snapshot);
+        let snapshot = shared_nic();
+        let want = partitioned_slices(&source(true), &[], &snapshot);
         let json = serde_json::to_value(&want[0]).expect("serialises");
         let back: ResourceSlice = serde_json::from_value(json.clone()).expect("upstream's type reads it");
         assert_eq!(back, want[0]);

@@ -267,6 +267,7 @@ unsafe extern "C" fn add_resource(call: *mut DevhostCall, resource: *const Devho
             pre_start_required: raw.flags & DEVHOST_RESOURCE_PRE_START_REQUIRED != 0,
             preferred_allocation: raw.flags & DEVHOST_RESOURCE_PREFERRED_ALLOCATION != 0,
             release_required: raw.flags & DEVHOST_RESOURCE_RELEASE != 0,
+            counter_sets: Vec::new(),
         });
         Ok(())
     })

@@ -349,5 +349,6 @@ fn convert_allocation(answer: Answer) -> Result<Allocation, String> {
         device_specs: answer.device_specs,
         annotations: unique(answer.annotations, "annotation")?,
         cdi_devices: answer.cdi_devices,
+        device_status: BTreeMap::new(),
     })
 }

@@ -513,6 +513,7 @@ impl From<WireResource> for ResourceSpec {
             pre_start_required: spec.pre_start_required,
             preferred_allocation: spec.preferred_allocation,
             release_required: spec.release_required,
+            counter_sets: Vec::new(),
         }
     }
 }
@@ -561,6 +562,7 @@ impl From<WireAllocation> for Allocation {
                 .collect(),
             annotations: allocation.annotations,
             cdi_devices: allocation.cdi_devices,
+            device_status: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -120,19 +120,23 @@ id = "plain"
 #[test]
 fn counter_sets_and_consumptions_are_read_into_the_model() {
     let config = parse(PARTITIONED).expect("valid");
-    let partitions = config.partitions("example.com/gpu").expect("the resource");
-    assert_eq!(partitions.counter_sets.len(), 1);
-    assert_eq!(partitions.counter_sets[0].name, "gpu-0");
-    assert_eq!(partitions.counter_sets[0].counters["memory"], "40Gi");
-    assert_eq!(partitions.counter_sets[0].counters["slices"], "8");
-    let half = partitions.consumed_by("gpu-0-half-1");
+    let resource = &config.resources[0];
+    let counter_sets = &resource.spec.counter_sets;
+    assert_eq!(counter_sets.len(), 1);
+    assert_eq!(counter_sets[0].name, "gpu-0");
+    assert_eq!(counter_sets[0].counters["memory"], "40Gi");
+    assert_eq!(counter_sets[0].counters["slices"], "8");
+    let consumed_by =
+        |id: &str| &resource.devices.iter().find(|device| device.device.id == id).expect("the device").device.consumes;
+    let half = consumed_by("gpu-0-half-1");
     assert_eq!(half.len(), 1);
     assert_eq!(half[0].counter_set, "gpu-0");
     assert_eq!(half[0].counters["memory"], "20Gi");
-    assert!(partitions.consumed_by("plain").is_empty());
-    assert_eq!(config.partitions("example.com/other"), None);
+    assert!(consumed_by("plain").is_empty());
     // A file without any stays as it was.
-    assert!(parse(TWO_GPUS).expect("valid").resources[0].partitions.is_empty());
+    let plain = &parse(TWO_GPUS).expect("valid").resources[0];
+    assert!(plain.spec.counter_sets.is_empty());
+    assert!(plain.devices.iter().all(|device| device.device.consumes.is_empty()));
 }
 
 #[test]
@@ -209,7 +213,7 @@ fn shared_devices_and_request_policies_are_read_into_the_model() {
     let capacities: Vec<(&str, &str)> =
         nic.device.capacities.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
     assert_eq!(capacities, [("bandwidth", "10G"), ("lanes", "4"), ("queues", "8")]);
-    let shared = nic.shared.as_ref().expect("nic-0 is shared");
+    let shared = nic.device.shared.as_ref().expect("nic-0 is shared");
     assert_eq!(
         shared.request_policies["bandwidth"],
         RequestPolicy {
@@ -222,12 +226,7 @@ fn shared_devices_and_request_policies_are_read_into_the_model() {
         Some(ValidRequests::Values(vec!["1".into(), "2".into(), "4".into()]))
     );
     assert!(!shared.request_policies.contains_key("lanes"), "a capacity without a policy is consumed freely");
-    assert_eq!(resource.devices[1].shared, None);
-    // They reach the slices by the partitions' path.
-    let partitions = config.partitions("example.com/nic").expect("the resource");
-    assert!(!partitions.is_empty());
-    assert_eq!(partitions.shared("nic-0"), Some(shared));
-    assert_eq!(partitions.shared("nic-1"), None);
+    assert_eq!(resource.devices[1].device.shared, None);
 }
 
 #[test]

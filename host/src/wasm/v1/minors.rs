@@ -163,6 +163,7 @@ impl From<v1_0::devhost::backend::types::Resource> for ResourceSpec {
             pre_start_required: resource.pre_start_required,
             preferred_allocation: resource.preferred_allocation,
             release_required: false,
+            counter_sets: Vec::new(),
         }
     }
 }
@@ -174,6 +175,7 @@ impl From<v1_1::devhost::backend::types::Resource> for ResourceSpec {
             pre_start_required: resource.pre_start_required,
             preferred_allocation: resource.preferred_allocation,
             release_required: resource.release_required,
+            counter_sets: Vec::new(),
         }
     }
 }
