@@ -149,6 +149,22 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// `resource`.
     fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, Error>;
 
+    /// [`allocate`](Self::allocate) for a DRA claim that shares devices
+    /// (ABI 1.2, consumable capacity: devices published
+    /// [`shared`](crate::model::Device::shared)): `shares` holds, for each
+    /// shared device of the call, its ID and what this claim consumes of
+    /// it, in the order of `device_ids`. By default the shares are ignored
+    /// and [`allocate`](Self::allocate) answers.
+    fn allocate_shared(
+        &self,
+        resource: &str,
+        device_ids: &[String],
+        shares: &[(String, crate::model::Share)],
+    ) -> Result<Allocation, Error> {
+        let _ = shares;
+        self.allocate(resource, device_ids)
+    }
+
     /// Answers `GetPreferredAllocation`, or `None` for the host's default.
     fn preferred_allocation(&self, resource: &str, request: &PreferredRequest) -> Result<Option<Vec<String>>, Error> {
         let _ = (resource, request);
