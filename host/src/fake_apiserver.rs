@@ -29,6 +29,7 @@
 //! its clock moved on, and objects can be put in or changed behind the
 //! client's back.
 
+mod claim_status;
 mod defaults;
 mod watch;
 
@@ -109,6 +110,8 @@ struct Store {
     hanging: bool,
     /// Claims answered by a hostile server (by name).
     hostile_claims: BTreeMap<String, HostileAnswer>,
+    /// Writes of claims' status answered 403, as without the RBAC rule.
+    forbid_claim_status: bool,
     log: Vec<Request>,
     /// Recent slice changes, oldest first.
     history: VecDeque<Change>,
@@ -135,6 +138,7 @@ impl Store {
             unavailable: false,
             hanging: false,
             hostile_claims: BTreeMap::new(),
+            forbid_claim_status: false,
             log: Vec::new(),
             history: VecDeque::new(),
             compacted: 0,
@@ -227,6 +231,10 @@ impl FakeApiServer {
             .route(SLICES, get(list_slices).post(create_slice))
             .route(&format!("{SLICES}/{{name}}"), get(get_slice).put(replace_slice).delete(delete_slice))
             .route("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}", get(get_claim))
+            .route(
+                "/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}/status",
+                get(get_claim).put(claim_status::replace_claim_status),
+            )
             .route("/api/v1/nodes/{name}", get(get_node))
             .fallback(|| async { status(StatusCode::NOT_FOUND, "NotFound", "no such path") })
             .layer(axum::middleware::from_fn_with_state(store.clone(), gate))
@@ -281,6 +289,11 @@ impl FakeApiServer {
         let uid_from = key.1.clone();
         store.stamp(&mut claim, &uid_from);
         store.claims.insert(key, claim);
+    }
+
+    /// The ResourceClaim `namespace/name` as stored, if there is one.
+    pub fn claim(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.store().claims.get(&(namespace.to_owned(), name.to_owned())).cloned()
     }
 
     /// Puts a ResourceSlice in without any check or defaulting, as another
@@ -340,15 +353,21 @@ impl FakeApiServer {
         store.tick();
     }
 
-    /// While `true`, requests get no answer at all (a hung server); they
-    /// are logged with status 0 when they arrive.
+    /// While `true`, writes of a ResourceClaim's status are answered 403
+    /// Forbidden, as a cluster without devhost's `resourceclaims/status`
+    /// rule answers them.
+    pub fn forbid_claim_status(&self, forbidden: bool) {
+        self.store().forbid_claim_status = forbidden;
+    }
+
     /// Makes reads of the claim `name` (any namespace) answer as `answer`
     /// says: the hostile API servers of issue 26.
     pub fn answer_claim_hostilely(&self, name: &str, answer: HostileAnswer) {
         self.store().hostile_claims.insert(name.to_owned(), answer);
     }
 
-    /// Makes every request wait, unanswered, until `set_hanging(false)`.
+    /// Makes every request wait, unanswered, until `set_hanging(false)`;
+    /// they are logged with status 0 when they arrive.
     pub fn set_hanging(&self, hanging: bool) {
         self.store().hanging = hanging;
     }

@@ -517,10 +517,13 @@ const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterRole", "ClusterRoleBindin
 /// What devhost asks of the API server for resources served through DRA
 /// (host/src/dra/publish.rs, prepare.rs): its ResourceSlices in full (they
 /// are cluster-scoped), the ResourceClaims it prepares and its Node (the
-/// slices' owner) read only.
+/// slices' owner) read only, and the status of the claims it prepared
+/// (`status.devices`) written.
 const DRA_RULES: &[(&str, &str, &[&str])] = &[
     ("resource.k8s.io", "resourceslices", &["get", "list", "watch", "create", "update", "patch", "delete"]),
     ("resource.k8s.io", "resourceclaims", &["get"]),
+    ("resource.k8s.io", "resourceclaims/status", &["update"]),
+    ("resource.k8s.io", "resourceclaims/driver", &["associated-node:update"]),
     ("", "nodes", &["get"]),
 ];
 

@@ -14,6 +14,7 @@ mod dra;
 mod dra_admin;
 mod dra_capacity;
 mod dra_partitions;
+mod dra_status;
 mod generic;
 mod harness;
 mod host;

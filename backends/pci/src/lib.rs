@@ -29,6 +29,8 @@ use devhost_abi::sdk::{
     Allocation, AttributeValue, Backend, Device, DeviceSpec, Error, Health, Host, LogLevel, Resource,
 };
 
+use devhost_abi::model::DeviceStatus;
+
 use crate::config::{Config, ResourceConfig};
 use crate::sysfs::Function;
 
@@ -273,6 +275,19 @@ impl Pci {
         }
         let addresses: Vec<&str> = functions.iter().map(|f| f.address.as_str()).collect();
         answer.envs.insert(env_name(resource), addresses.join(","));
+        // A DRA claim's status shows each function's network interface
+        // (KEP-4817): its netdev on the host and MAC address, for the
+        // pod's network setup to find. A function bound to vfio-pci has
+        // no netdev and no status.
+        for f in &functions {
+            let Some(netdev) = f.netdevs.first() else { continue };
+            let status = DeviceStatus {
+                interface_name: Some(netdev.clone()),
+                hardware_address: sysfs::hardware_address(f, netdev),
+                ..DeviceStatus::default()
+            };
+            answer.device_status.insert(f.address.clone(), status);
+        }
         Ok(answer)
     }
 

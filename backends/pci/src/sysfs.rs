@@ -139,6 +139,12 @@ fn netdev_file(dir: &Path, netdev: &str, name: &str) -> Option<String> {
     })
 }
 
+/// The hardware (MAC) address of `netdev` of the function, if readable
+/// (`net/<netdev>/address`, `3c:fd:fe:a1:00:03`).
+pub fn hardware_address(function: &Function, netdev: &str) -> Option<String> {
+    netdev_file(&function.dir, netdev, "address").filter(|address| !address.is_empty())
+}
+
 /// The `operstate` of `netdev` of the function, if readable.
 pub fn operstate(function: &Function, netdev: &str) -> Option<String> {
     netdev_file(&function.dir, netdev, "operstate")

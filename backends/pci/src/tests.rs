@@ -112,6 +112,33 @@ fn allocate_gives_vfio_groups_mapped_nodes_and_the_address_env() {
 }
 
 #[test]
+fn a_netdev_function_s_allocation_reports_its_interface_and_mac_for_the_claim_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path();
+    fixture::standard(sys);
+    let mac = "3c:fd:fe:a1:00:03";
+    std::fs::write(fixture::function_dir(sys, "0000:3b:02.3").join("net/ens1f0v3/address"), format!("{mac}\n"))
+        .expect("address");
+    let (pci, _) = start(
+        sys,
+        r#"[{"name": "intel.com/sriov-netdevice", "pf_names": ["ens1f0"]},
+            {"name": "intel.com/sriov_vfio", "drivers": ["vfio-pci"]}]"#,
+    );
+    let answer = pci.answer("intel.com/sriov-netdevice", &ids(&["0000:3b:02.3", "0000:3b:02.0"])).expect("netdevs");
+    let status = &answer.device_status;
+    assert_eq!(status.len(), 2, "{status:?}");
+    assert_eq!(status["0000:3b:02.3"].interface_name.as_deref(), Some("ens1f0v3"));
+    assert_eq!(status["0000:3b:02.3"].hardware_address.as_deref(), Some(mac));
+    assert_eq!(status["0000:3b:02.0"].interface_name.as_deref(), Some("ens1f0v0"));
+    assert_eq!(status["0000:3b:02.0"].hardware_address, None, "no address file: no MAC");
+    for each in status.values() {
+        devhost_abi::partitions::check_device_status(each).expect("within the API server's limits");
+    }
+    let vfio = pci.answer("intel.com/sriov_vfio", &ids(&["0000:3b:0a.0"])).expect("vfio");
+    assert!(vfio.device_status.is_empty(), "a vfio-pci function has no netdev: {:?}", vfio.device_status);
+}
+
+#[test]
 fn rebinding_link_loss_and_removal_reach_the_device_list() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sys = dir.path();

@@ -119,6 +119,7 @@ impl Backend for StaticBackend {
             allocation.envs.extend(own.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
             allocation.mounts.extend(own.mounts.iter().cloned());
             allocation.device_specs.extend(own.device_specs.iter().cloned());
+            allocation.device_status.extend(own.device_status.iter().map(|(k, v)| (k.clone(), v.clone())));
             if let Some(kind) = &resource.cdi_kind {
                 allocation.cdi_devices.push(format!("{kind}={id}"));
             }

@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use super::ConfigError;
 use crate::model::{
-    Allocation, AttributeValue, CounterConsumption, CounterSet, Device, DeviceSpec, Health,
+    Allocation, AttributeValue, CounterConsumption, CounterSet, Device, DeviceSpec, DeviceStatus, Health,
     MAX_CONSUMPTIONS_PER_DEVICE, MAX_COUNTERS_PER_CONSUMPTION, MAX_COUNTERS_PER_SET, Mount, RequestPolicy,
     ResourceSpec, SharedDevice, ValidRequests,
 };
@@ -63,7 +63,9 @@ pub struct StaticDevice {
     pub device: Device,
     /// When set, the device is Healthy only while this path exists.
     pub health_path: Option<PathBuf>,
-    /// Allocation contributions of this device.
+    /// Allocation contributions of this device; its `network = { ... }`
+    /// is the `device_status` a DRA claim prepared with it shows
+    /// (`docs/dra-api.md` §6).
     pub allocation: Allocation,
 }
 
@@ -152,6 +154,19 @@ struct RawDevice {
     /// DRA partitionable devices: what the device takes from the
     /// resource's counter sets while allocated.
     consumes: Option<Spanned<Vec<RawConsumption>>>,
+    /// DRA device status (KEP-4817): what a claim prepared with the
+    /// device shows in its `status.devices[].networkData`.
+    network: Option<Spanned<RawNetwork>>,
+}
+
+/// A device's `network = { interface_name, hardware_address, ips }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    interface_name: Option<String>,
+    hardware_address: Option<String>,
+    #[serde(default)]
+    ips: Vec<String>,
 }
 
 /// A capacity: a quantity, or a table with its request policy.
@@ -413,11 +428,24 @@ fn parse_device(
         );
         return Err(at(shared_span.unwrap_or(span), message));
     }
-    Ok(StaticDevice {
-        device,
-        health_path: raw.health_path,
-        allocation: Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() },
-    })
+    let mut allocation = Allocation { envs: raw.env, mounts, device_specs, ..Allocation::default() };
+    if let Some(network) = raw.network {
+        let network_span = network.span();
+        let network = network.into_inner();
+        let status = DeviceStatus {
+            interface_name: network.interface_name,
+            hardware_address: network.hardware_address,
+            ips: network.ips,
+            data: None,
+        };
+        if let Err(why) = devhost_abi::partitions::check_device_status(&status) {
+            return Err(at(network_span, format!("device {:?}: network: {why}", device.id)));
+        }
+        if !status.is_empty() {
+            allocation.device_status.insert(device.id.clone(), status);
+        }
+    }
+    Ok(StaticDevice { device, health_path: raw.health_path, allocation })
 }
 
 /// The model's policy; the API allows one kind of valid amounts at most.

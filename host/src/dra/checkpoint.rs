@@ -61,6 +61,14 @@ pub struct PreparedClaim {
     pub name: String,
     /// What it was prepared with.
     pub devices: Vec<PreparedDevice>,
+    /// The entries this driver writes into the claim's `status.devices`
+    /// (`AllocatedDeviceStatus` objects, as JSON; `docs/dra-api.md` §6).
+    /// Kept so that a prepare the kubelet repeats (after a failed write,
+    /// or a restart before it) writes them again; the write leaves an
+    /// unchanged status alone. Absent when there are none, and in
+    /// checkpoints written before devhost knew of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status: Vec<serde_json::Value>,
 }
 
 impl PreparedClaim {
@@ -216,6 +224,7 @@ mod tests {
 
     fn claim() -> PreparedClaim {
         PreparedClaim {
+            status: Vec::new(),
             namespace: "ml".into(),
             name: "gpu-claim".into(),
             devices: vec![PreparedDevice {
@@ -279,7 +288,7 @@ mod admin_access {
     }
 
     fn claim(devices: Vec<PreparedDevice>) -> PreparedClaim {
-        PreparedClaim { namespace: "ml".into(), name: "c".into(), devices }
+        PreparedClaim { namespace: "ml".into(), name: "c".into(), devices, status: Vec::new() }
     }
 
     #[test]
@@ -349,7 +358,7 @@ mod shared_devices {
                 admin_access: false,
             })
             .collect();
-        PreparedClaim { namespace: "ml".into(), name: "c".into(), devices }
+        PreparedClaim { namespace: "ml".into(), name: "c".into(), devices, status: Vec::new() }
     }
 
     #[test]

@@ -39,6 +39,7 @@
 
 pub mod limits;
 mod read;
+pub mod status;
 
 /// Runs file work that blocks (the checkpoint's write and fsync, a claim's
 /// CDI spec) so that it does not hold an async worker: on the daemon's
@@ -94,6 +95,10 @@ pub struct Preparer {
     /// Whether the log has said that the backend's annotations cannot
     /// reach containers through DRA (once a driver).
     annotations_said: std::sync::atomic::AtomicBool,
+    /// The prepared claims whose `status.devices` entries this process
+    /// has written (claims with none are never in it). A prepared claim
+    /// with entries and not in it gets them written at its next prepare.
+    status_written: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Where a driver keeps its files.
@@ -139,6 +144,7 @@ impl Preparer {
             cdi: files.cdi,
             cdi_said: cdi::answer::LogOnce::default(),
             annotations_said: std::sync::atomic::AtomicBool::new(false),
+            status_written: std::sync::Mutex::default(),
             checkpoint_path: files.checkpoint,
             prepared: Mutex::new(prepared),
             on_disk: std::sync::Mutex::new(on_disk),
@@ -161,7 +167,7 @@ impl Preparer {
         };
         let mut claims = std::collections::HashMap::new();
         let mut new = Vec::new();
-        for claim in request.claims {
+        for claim in request.claims.iter().cloned() {
             let answer = match self.prepare_claim(&mut prepared, &claim, read_before.remove(&claim.uid)).await {
                 Ok((devices, fresh)) => {
                     if fresh {
@@ -173,6 +179,7 @@ impl Preparer {
             };
             claims.insert(claim.uid, answer);
         }
+        let mut status_to_write = Vec::new();
         if !new.is_empty() {
             match blocking(|| self.save(&prepared)) {
                 Ok(()) => {
@@ -197,7 +204,67 @@ impl Preparer {
             }
         }
         crate::telemetry::global().dra().claims_prepared(&self.driver, prepared.claims.len());
+        {
+            let written = self.status_written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for claim in &request.claims {
+                let answered = claims.get(&claim.uid).is_some_and(|answer| answer.error.is_empty());
+                let Some(done) = prepared.claims.get(&claim.uid).filter(|_| answered) else { continue };
+                if !done.status.is_empty() && !written.contains(&claim.uid) {
+                    status_to_write.push((claim.clone(), done.status.clone()));
+                }
+            }
+        }
+        // The status goes out after the driver's lock is let go: a slow
+        // API server must not hold up the other batches' claims, and a
+        // claim whose status write fails stays prepared (its answer is
+        // the error, so the kubelet asks again and the write is retried).
+        drop(prepared);
+        drop(_lock);
+        for (claim, uid, result) in self.write_statuses(status_to_write).await {
+            if let Err(why) = result {
+                claims.insert(uid, self.refused(&claim, &format!("prepared, but {why}")));
+            }
+        }
         v1::NodePrepareResourcesResponse { claims }
+    }
+
+    /// Writes each claim's `status.devices` entries ([`READS_AT_ONCE`] at a
+    /// time), noting the claims written.
+    async fn write_statuses(
+        &self,
+        to_write: Vec<(v1::Claim, Vec<serde_json::Value>)>,
+    ) -> Vec<(v1::Claim, String, Result<(), String>)> {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(to_write)
+            .map(|(claim, entries)| async move {
+                let result = self.write_status(&claim, &entries).await;
+                if result.is_ok() {
+                    self.status_written
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(claim.uid.clone());
+                }
+                let uid = claim.uid.clone();
+                (claim, uid, result)
+            })
+            .buffer_unordered(READS_AT_ONCE)
+            .collect()
+            .await
+    }
+
+    async fn write_status(&self, claim: &v1::Claim, entries: &[serde_json::Value]) -> Result<(), String> {
+        let entries = entries
+            .iter()
+            .map(|entry| serde_json::from_value(entry.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("its recorded status cannot be read back: {error}"))?;
+        let object = self.read_claim(claim).await?;
+        let written = status::write(&self.client, object, &self.driver, &entries).await?;
+        if written {
+            tracing::info!(driver = %self.driver, claim = %format!("{}/{}", claim.namespace, claim.name),
+                uid = %claim.uid, devices = entries.len(), "claim status written");
+        }
+        Ok(())
     }
 
     /// Reads the batch's claims that are not prepared yet from the API
@@ -344,6 +411,7 @@ impl Preparer {
         }
         let mut cdi_devices = Vec::new();
         let mut devices = Vec::new();
+        let mut status_entries: Vec<serde_json::Value> = Vec::new();
         for (request, results) in by_request {
             // Admin access too: the container needs the device's edits;
             // only what unprepare does differs.
@@ -360,6 +428,7 @@ impl Preparer {
             if !allocation.annotations.is_empty() {
                 self.say_annotations_dropped(&allocation.annotations);
             }
+            self.status_entries(&results, &allocation.device_status, &mut status_entries)?;
             // The backend's own CDI devices (NVIDIA's, say) are passed on
             // where a spec defines them; its edits go into the claim's spec.
             let mut cdi_ids = allocation.cdi_devices.clone();
@@ -397,7 +466,12 @@ impl Preparer {
         let answers = devices.iter().map(answer).collect();
         prepared.claims.insert(
             claim.uid.clone(),
-            PreparedClaim { namespace: claim.namespace.clone(), name: claim.name.clone(), devices },
+            PreparedClaim {
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                devices,
+                status: status_entries,
+            },
         );
         Ok((answers, true))
     }
@@ -425,6 +499,7 @@ impl Preparer {
             prepared.claims.insert(uid.to_owned(), claim);
             return Err(error.to_string());
         }
+        self.status_written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(uid);
         let admin_access = claim.devices.iter().any(|device| device.admin_access);
         tracing::info!(driver = %self.driver, uid, admin_access, "claim unprepared");
         Ok(())
@@ -447,6 +522,42 @@ impl Preparer {
              kubelet passes only CDI devices to the runtime); they are left out. Served as a device plugin, the \
              resource keeps them"
         );
+    }
+
+    /// Adds the `status.devices` entries of one request's devices, from
+    /// what the backend's allocate reported of them (`device_status`), to
+    /// `entries`: each checked against the API server's limits, for a
+    /// device of the call, once per device and share.
+    fn status_entries(
+        &self,
+        results: &[&Allocated],
+        reported: &BTreeMap<String, crate::model::DeviceStatus>,
+        entries: &mut Vec<serde_json::Value>,
+    ) -> Result<(), String> {
+        for (id, device_status) in reported {
+            let Some(result) = results.iter().find(|result| &result.id == id) else {
+                return Err(format!(
+                    "the backend's allocate reported a status for device {}, which is not one of the call's",
+                    crate::server::status::echo(id)
+                ));
+            };
+            if device_status.is_empty() {
+                continue;
+            }
+            devhost_abi::partitions::check_device_status(device_status)
+                .map_err(|why| format!("the backend's status for device {}: {why}", result.device))?;
+            let share_id = result.share.as_ref().and_then(|share| share.share_id.as_deref());
+            let entry = status::entry(&self.driver, &self.pool, &result.device, share_id, device_status);
+            let entry =
+                serde_json::to_value(&entry).map_err(|error| format!("cannot encode a device status: {error}"))?;
+            // A device twice in the claim (admin access beside use) has
+            // one entry: the API server refuses duplicates.
+            let key = |e: &serde_json::Value| (e["pool"].clone(), e["device"].clone(), e["shareID"].clone());
+            if !entries.iter().any(|e| key(e) == key(&entry)) {
+                entries.push(entry);
+            }
+        }
+        Ok(())
     }
 
     /// The claim as the API server has it, if it is the one the kubelet

@@ -117,3 +117,29 @@ async fn allocate_shows_each_share_s_consumed_capacity_and_whole_devices_their_c
     let other = backend.allocate_shared("example.com/nic", &ids, &one).expect("allocates");
     assert_eq!(env(&other, "NIC_BANDWIDTH"), "10G,5G");
 }
+
+#[test]
+fn an_allocation_carries_each_allocated_device_s_network_status_from_the_file() {
+    let source = r#"[backend]
+kind = "static"
+[[config.resource]]
+name = "example.com/nic"
+[[config.resource.device]]
+id = "nic-0"
+network = { interface_name = "eth1", ips = ["10.0.0.5/24"] }
+[[config.resource.device]]
+id = "nic-1"
+[[config.resource.device]]
+id = "nic-2"
+network = { interface_name = "eth2" }
+"#;
+    let config =
+        crate::config::static_backend::StaticConfig::parse(std::path::Path::new("nic.toml"), source).expect("valid");
+    let backend = StaticBackend::new(config);
+    let ids = ["nic-0".to_owned(), "nic-1".to_owned()];
+    let allocation = backend.allocate("example.com/nic", &ids).expect("known devices");
+    let status = &allocation.device_status;
+    assert_eq!(status.keys().collect::<Vec<_>>(), ["nic-0"], "nic-1 declares none, nic-2 is not allocated");
+    assert_eq!(status["nic-0"].interface_name.as_deref(), Some("eth1"));
+    assert_eq!(status["nic-0"].ips, ["10.0.0.5/24"]);
+}

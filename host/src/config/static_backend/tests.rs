@@ -275,3 +275,45 @@ fn request_policy_errors_point_at_the_capacities() {
         assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
     }
 }
+
+/// A NIC with a DRA device status (line 7: `network`).
+const NIC_WITH_NETWORK: &str = r#"[backend]
+kind = "static"
+[[config.resource]]
+name = "example.com/nic"
+[[config.resource.device]]
+id = "nic-0"
+network = { interface_name = "eth1", hardware_address = "02:00:00:00:00:05", ips = ["10.0.0.5/24", "2001:db8::5/64"] }
+[[config.resource.device]]
+id = "nic-1"
+"#;
+
+#[test]
+fn a_device_s_network_status_is_read_and_checked_where_written() {
+    let config = parse(NIC_WITH_NETWORK).expect("valid");
+    let devices = &config.resources[0].devices;
+    let status = devices[0].allocation.device_status.get("nic-0").expect("nic-0 has a status");
+    assert_eq!(status.interface_name.as_deref(), Some("eth1"));
+    assert_eq!(status.hardware_address.as_deref(), Some("02:00:00:00:00:05"));
+    assert_eq!(status.ips, ["10.0.0.5/24", "2001:db8::5/64"]);
+    assert!(devices[1].allocation.device_status.is_empty(), "nic-1 declares none");
+    let cases = [
+        (
+            NIC_WITH_NETWORK.replace("\"10.0.0.5/24\"", "\"10.0.0.5\""),
+            "7:11: device \"nic-0\": network: ips: \"10.0.0.5\"",
+        ),
+        (
+            NIC_WITH_NETWORK.replace("2001:db8::5/64", "2001:DB8::5/64"),
+            "7:11: device \"nic-0\": network: ips: \"2001:DB8::5/64\" is not in canonical form",
+        ),
+        (
+            NIC_WITH_NETWORK.replace("\"eth1\"", &format!("{:?}", "e".repeat(257))),
+            "7:11: device \"nic-0\": network: interface_name is 257 bytes",
+        ),
+        (NIC_WITH_NETWORK.replace("ips = [", "mtu = 9000, ips = ["), "7:78: unknown field `mtu`"),
+    ];
+    for (source, expected) in cases {
+        let error = parse(&source).expect_err(expected).to_string();
+        assert!(error.starts_with(&format!("{FILE}:{expected}")), "expected {expected:?}, got {error:?}");
+    }
+}
