@@ -452,12 +452,7 @@ impl Backend for Manual {
             .publish("bench.example.com/manual", devices(self.count, Health::Healthy))
             .map_err(|e| BackendError::new(e.to_string()))?;
         *self.publisher.lock().map_err(|_| BackendError::new("poisoned"))? = Some(publisher);
-        Ok(vec![ResourceSpec {
-            name: "bench.example.com/manual".into(),
-            pre_start_required: false,
-            preferred_allocation: false,
-            release_required: false,
-        }])
+        Ok(vec![ResourceSpec::new("bench.example.com/manual")])
     }
 
     fn allocate(&self, _: &str, _: &[String]) -> Result<Allocation, BackendError> {

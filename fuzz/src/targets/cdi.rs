@@ -313,12 +313,7 @@ struct Scripted {
 
 impl Backend for Scripted {
     fn init(&self, _publisher: Publisher) -> Result<Vec<ResourceSpec>, BackendError> {
-        Ok(vec![ResourceSpec {
-            name: self.resource.clone(),
-            pre_start_required: false,
-            preferred_allocation: false,
-            release_required: false,
-        }])
+        Ok(vec![ResourceSpec::new(self.resource.clone())])
     }
 
     fn allocate(&self, _resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError> {
