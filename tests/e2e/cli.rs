@@ -130,15 +130,31 @@ fn the_demo_shows_registration_health_change_and_allocate_then_exits_cleanly() {
     assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/devhost.toml").is_file());
 }
 
+/// One run of `devhost demo --dra`, shared by the tests that read it (the
+/// demo takes seconds; its output does not depend on who reads it).
+fn dra_demo() -> &'static (i32, String) {
+    static RUN: std::sync::OnceLock<(i32, String)> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| devhost(&["demo", "--dra"]))
+}
+
+/// The lines of `text` from the one starting with `from` up to the one
+/// starting with `to` (or the end), each with its newline.
+fn section<'a>(text: &'a str, from: &str, to: &str) -> &'a str {
+    let start = text.find(&format!("\n{from}")).unwrap_or_else(|| panic!("no {from:?} in:\n{text}"));
+    let rest = &text[start + 1..];
+    rest.find(&format!("\n{to}")).map_or(rest, |end| &rest[..=end])
+}
+
 /// `devhost demo --dra`: the plugin watcher's registration, the slice with
 /// the demo GPUs' attributes, a claim prepared into a CDI spec, a health
 /// change on the stream and in the slice, unprepare; in plain words.
 #[test]
 fn the_dra_demo_tours_registration_slices_a_claim_and_health() {
-    let (code, text) = devhost(&["demo", "--dra"]);
-    assert_eq!(code, 0, "{text}");
+    let (code, text) = dra_demo();
+    assert_eq!(*code, 0, "{text}");
     for expected in [
         "the kubelet chose v1.DRAPlugin",
+        "drivers sliced-gpu.example.com and nic.example.com registered the same way",
         "example.com/license registered on kubelet.sock as a device plugin",
         "pool demo-node generation 1",
         "   gpu-0    driverVersion=1.2.0 model=demo-9000 memory=16Gi",
@@ -147,14 +163,90 @@ fn the_dra_demo_tours_registration_slices_a_claim_and_health() {
         "      device node  /dev/null, seen in the container as /dev/example-gpu0",
         "health stream: gpu-1 Unhealthy",
         "pool demo-node generation 2",
-        "its CDI spec is removed",
+        "claim training-gpu unprepared; its CDI spec is removed",
     ] {
         assert!(text.contains(expected), "the DRA demo lacks {expected:?}:\n{text}");
     }
-    let after_change = text.split("generation 2").nth(1).and_then(|rest| rest.split("5. Unprepare").next());
+    let after_change = section(text, "6. A health change", "7. Unprepare").split("generation 2").nth(1);
     assert!(after_change.is_some_and(|slice| !slice.contains("gpu-1 ")), "gpu-1 left the slice: {text}");
     assert!(text.contains("examples/dra/"), "{text}");
     assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dra").is_dir());
+}
+
+/// `devhost demo --dra` (issue 28): a GPU published as overlapping
+/// partitions of one counter set, a claim given one half and what its
+/// container gets; a NIC two claims share, each container with its own
+/// bandwidth, unprepared one at a time. The demo says it plays the
+/// scheduler.
+#[test]
+fn the_dra_demo_shows_a_partition_and_a_shared_device() {
+    let (code, text) = dra_demo();
+    assert_eq!(*code, 0, "{text}");
+    assert!(text.contains("There is no scheduler either"), "{text}");
+
+    let partitions = section(text, "4. A GPU in partitions", "5. ");
+    let lines: Vec<&str> = partitions.lines().collect();
+    // The counter set is published in a slice of its own, before the one
+    // with the partitions.
+    let counters = lines.iter().position(|l| *l == "   sharedCounters gpu-2: memory=40Gi slices=8");
+    let counters = counters.unwrap_or_else(|| panic!("no counter set:\n{partitions}"));
+    assert!(lines[counters - 1].starts_with("   ResourceSlice demo-node-sliced-gpu.example.com-"), "{partitions}");
+    assert!(lines[counters + 1].starts_with("   ResourceSlice demo-node-sliced-gpu.example.com-"), "{partitions}");
+    for expected in [
+        "   gpu-2        profile=whole memory=40Gi consumesCounters gpu-2: memory=40Gi slices=8",
+        "   gpu-2-half-0 profile=half memory=20Gi consumesCounters gpu-2: memory=20Gi slices=4",
+        "   gpu-2-half-1 profile=half memory=20Gi consumesCounters gpu-2: memory=20Gi slices=4",
+        "The demo, as the scheduler, gives claim inference-half gpu-2-half-1.",
+        "      gpu-2-half-0 still fits",
+        "      gpu-2        no longer fits",
+        "request \"gpu\": device gpu-2-half-1 → CDI k8s.sliced-gpu.example.com/claim=7d3e5b2a-demo-gpu",
+        "      environment  EXAMPLE_PARTITION=gpu-2-half-1",
+        "      environment  EXAMPLE_PARTITION_MEMORY=20Gi",
+        "      device node  /dev/null, seen in the container as /dev/example-gpu2",
+    ] {
+        assert!(
+            lines.contains(&expected.trim_end()) || partitions.contains(expected),
+            "no {expected:?}:\n{partitions}"
+        );
+    }
+
+    let shared = section(text, "5. A shared NIC", "6. ");
+    for expected in [
+        "   nic-0    bandwidth=25G allowMultipleAllocations\n",
+        "requestPolicy bandwidth: default 1G, 1G to 25G in steps of 1G\n",
+        "The demo, as the scheduler, allocates nic-0 twice, 10G to claim web and 5G to claim batch",
+        "   claim web unprepared; its CDI spec is removed\n",
+        "   claim batch's share is untouched: its CDI spec still gives EXAMPLE_NIC_BANDWIDTH=5G",
+    ] {
+        assert!(shared.contains(expected), "no {expected:?}:\n{shared}");
+    }
+    // Each claim's container gets the one NIC and its own amount.
+    let web = section(shared, "   claim web: request", "   claim batch: request");
+    assert!(web.contains("device nic-0 → CDI k8s.nic.example.com/claim=c3a7e1d2-demo-net"), "{shared}");
+    assert!(web.contains("      environment  EXAMPLE_NIC=nic-0\n"), "{shared}");
+    assert!(web.contains("      environment  EXAMPLE_NIC_BANDWIDTH=10G\n"), "{shared}");
+    let batch = section(shared, "   claim batch: request", "   claim web unprepared");
+    assert!(batch.contains("device nic-0 → CDI k8s.nic.example.com/claim=e8b4f6a9-demo-net"), "{shared}");
+    assert!(batch.contains("      environment  EXAMPLE_NIC=nic-0\n"), "{shared}");
+    assert!(batch.contains("      environment  EXAMPLE_NIC_BANDWIDTH=5G\n"), "{shared}");
+
+    let unprepared = section(text, "7. Unprepare", "8. ");
+    for claim in ["training-gpu", "inference-half", "batch"] {
+        assert!(unprepared.contains(&format!("   claim {claim} unprepared; its CDI spec is removed")), "{unprepared}");
+    }
+}
+
+/// The DRA demo's second backend file is the documented example of
+/// partitions and sharing: it passes `devhost config check` as it is.
+#[test]
+fn the_dra_demo_file_is_a_valid_backend_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    std::fs::create_dir(dir.path().join("backends.d")).expect("backends.d");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("host/src/demo/dra.toml");
+    std::fs::copy(&file, dir.path().join("backends.d/demo-dra.toml")).expect("copy the demo's file");
+    let (code, text) = devhost(&["config", "check", &dir.path().display().to_string()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("(static: example.com/sliced-gpu, example.com/nic)"), "{text}");
 }
 
 /// The tour the demo suggests next, as typed (from the repository root).

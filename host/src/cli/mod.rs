@@ -50,7 +50,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Serve the demo backend's GPUs through Dynamic Resource
-        /// Allocation, with a fake API server.
+        /// Allocation, with a fake API server, beside a GPU published as
+        /// partitions and a NIC that claims share.
         #[arg(long, conflicts_with = "config")]
         dra: bool,
     },

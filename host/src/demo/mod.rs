@@ -23,7 +23,8 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Runs the demo; any failure is printed and gives exit code 1. With a
 /// config directory, the tour runs over its backends instead of the
 /// built-in demo backend; with `dra`, the demo backend's GPUs are served
-/// through DRA.
+/// through DRA, beside a GPU published as partitions and a shared NIC
+/// (`dra.toml`).
 pub async fn run(config: Option<&std::path::Path>, dra: bool) -> ExitCode {
     let result = match config {
         Some(dir) => tour(dir).await,
@@ -179,7 +180,9 @@ async fn demo() -> anyhow::Result<()> {
     anyhow::ensure!(left == 0, "sockets left behind in {}", plugin_dir.display());
     println!("\nNext (put `cargo run --` in front if devhost is not on your PATH, as in the quick start):");
     println!("   devhost demo --config examples/config          the same tour over the example config directory");
-    println!("   devhost demo --dra                             the GPUs served through DRA instead");
+    println!(
+        "   devhost demo --dra                             the GPUs through DRA, with partitions and a shared NIC"
+    );
     println!("   devhost run --config examples/config/devhost.toml --plugin-dir /tmp/devhost-plugins");
     println!("                                                  devhost serving, as on a node (Ctrl-C stops it)");
     Ok(())
