@@ -1,5 +1,5 @@
 /*
- * devhost_backend.h - the devhost native backend ABI, version 1.1.
+ * devhost_backend.h - the devhost native backend ABI, version 1.2.
  *
  * A native backend is a shared library exporting one symbol,
  *     const DevhostBackendApi *devhost_backend_entry(const DevhostHostApi *host);
@@ -33,6 +33,20 @@
  *        1.0 sizes DEVHOST_DEVICE_SIZE_1_0 and DEVHOST_BACKEND_API_SIZE_1_0.
  *        A 1.0 backend loads unchanged: its smaller structs read as having
  *        no attributes, no release and no poll.
+ *   1.2  Appended (DRA partitions and shared devices): the resource's
+ *        counter sets (DevhostResource.counter_sets, DevhostCounterSet),
+ *        what a device consumes of them (DevhostDevice.consumes,
+ *        DevhostCounterConsumption), shared devices (DevhostDevice.flags
+ *        with DEVHOST_DEVICE_SHARED, DevhostDevice.request_policies,
+ *        DevhostRequestPolicy, DEVHOST_REQUEST_POLICY_*),
+ *        DevhostBackendApi.allocate_shared (with DevhostShare: what a claim
+ *        consumes of a shared device), DevhostHostApi.add_device_status
+ *        (with DevhostDeviceStatus: a claim's status.devices entry), and the
+ *        1.1 sizes DEVHOST_DEVICE_SIZE_1_1, DEVHOST_BACKEND_API_SIZE_1_1,
+ *        DEVHOST_RESOURCE_SIZE_1_1 and DEVHOST_HOST_API_SIZE_1_1. 1.0 and
+ *        1.1 backends load unchanged: their smaller structs read as
+ *        consuming nothing, not shared, without counter sets and without
+ *        allocate_shared.
  */
 
 #ifndef DEVHOST_BACKEND_H
@@ -50,7 +64,7 @@
 
 // Minor version of the ABI described here. Minors only append fields,
 // callbacks and constants; both sides read what the other's sizes cover.
-#define DEVHOST_ABI_VERSION_MINOR 1
+#define DEVHOST_ABI_VERSION_MINOR 2
 
 // The packed version `(major << 16) | minor` of this ABI.
 #define DEVHOST_ABI_VERSION ((DEVHOST_ABI_VERSION_MAJOR << 16) | DEVHOST_ABI_VERSION_MINOR)
@@ -127,6 +141,44 @@
 // host accepts. A 1.0 table has no `release` and no `poll`.
 #define DEVHOST_BACKEND_API_SIZE_1_0 48
 
+// `sizeof(DevhostDevice)` in ABI 1.1 (64-bit). A device of this size has
+// attributes and capacities, but consumes no counters and is not shared.
+#define DEVHOST_DEVICE_SIZE_1_1 72
+
+// `sizeof(DevhostBackendApi)` in ABI 1.1 (64-bit). A table of this size
+// has no `allocate_shared`.
+#define DEVHOST_BACKEND_API_SIZE_1_1 64
+
+// `sizeof(DevhostResource)` in ABI 1.1, and in 1.0 (64-bit): the smallest
+// resource the host accepts. A resource of this size has no counter sets.
+#define DEVHOST_RESOURCE_SIZE_1_1 24
+
+// `sizeof(DevhostHostApi)` in ABI 1.1, and in 1.0 (64-bit). A host table
+// of this size has no `add_device_status`: a 1.2 backend checks
+// `host->struct_size` before calling it.
+#define DEVHOST_HOST_API_SIZE_1_1 88
+
+// `DevhostDevice::flags` (ABI 1.2): several DRA claims may be allocated
+// the device at once, each consuming part of its capacities (DRA's
+// `allowMultipleAllocations`); `request_policies` say which amounts.
+// Without it the device is allocated whole, to one claim at a time.
+#define DEVHOST_DEVICE_SHARED 1
+
+// `DevhostRequestPolicy::kind` (ABI 1.2): a claim may consume any amount
+// of the capacity, up to what is left; `default_quantity` is optional,
+// `min`, `max`, `step` and `values` must be empty.
+#define DEVHOST_REQUEST_POLICY_ANY 1
+
+// `DevhostRequestPolicy::kind` (ABI 1.2): `min`, then `min + n * step`
+// (any amount without a step) up to `max` (the capacity without one);
+// `default_quantity` and `min` are required, `values` must be empty.
+#define DEVHOST_REQUEST_POLICY_RANGE 2
+
+// `DevhostRequestPolicy::kind` (ABI 1.2): only the amounts in `values`
+// (ascending, at most ten); `default_quantity` is required and one of
+// them, `min`, `max` and `step` must be empty.
+#define DEVHOST_REQUEST_POLICY_VALUES 3
+
 // Log level: something failed.
 #define DEVHOST_LOG_ERROR 1
 
@@ -189,6 +241,51 @@ typedef struct DevhostCapacity {
   struct DevhostStr quantity;
 } DevhostCapacity;
 
+// ABI 1.2: what one device takes from one counter set while it is
+// allocated.
+typedef struct DevhostCounterConsumption {
+  // `sizeof(DevhostCounterConsumption)` as the backend compiled it.
+  // Every element of one array has the same size, which is also the
+  // stride.
+  uint32_t struct_size;
+  // Zero.
+  uint32_t reserved;
+  // The counter set's name, one the resource declares.
+  struct DevhostStr counter_set;
+  // Counter name (one of the set's) and how much the device takes; at
+  // least one, names unique.
+  const struct DevhostCapacity *counters;
+  // Number of entries in `counters`.
+  size_t counters_len;
+} DevhostCounterConsumption;
+
+// ABI 1.2: which amounts of one capacity of a shared device a DRA claim
+// may consume (DRA's `CapacityRequestPolicy`). Quantities are Kubernetes
+// quantities; an empty string means none.
+typedef struct DevhostRequestPolicy {
+  // `sizeof(DevhostRequestPolicy)` as the backend compiled it. Every
+  // element of one array has the same size, which is also the stride.
+  uint32_t struct_size;
+  // `DEVHOST_REQUEST_POLICY_*`: which of the fields below apply.
+  uint32_t kind;
+  // The capacity it is for: the name of one of the device's capacities.
+  struct DevhostStr capacity;
+  // What a request that names no amount consumes; required with `RANGE`
+  // and `VALUES`, optional (empty) with `ANY`.
+  struct DevhostStr default_quantity;
+  // `RANGE`: the least a claim consumes (required).
+  struct DevhostStr min;
+  // `RANGE`: the most a claim consumes (empty: the capacity).
+  struct DevhostStr max;
+  // `RANGE`: the granularity above `min` (empty: any amount).
+  struct DevhostStr step;
+  // `VALUES`: the amounts allowed, ascending (may be NULL when the count
+  // is 0).
+  const struct DevhostStr *values;
+  // Number of entries in `values`.
+  size_t values_len;
+} DevhostRequestPolicy;
+
 // One device in a `publish` list.
 typedef struct DevhostDevice {
   // `sizeof(DevhostDevice)` as the backend compiled it. Every element of
@@ -213,6 +310,24 @@ typedef struct DevhostDevice {
   const struct DevhostCapacity *capacities;
   // ABI 1.1: number of entries in `capacities`.
   size_t capacities_len;
+  // ABI 1.2: what the device takes from its resource's counter sets
+  // while it is allocated (DRA's partitionable devices; may be NULL when
+  // the count is 0). At most two entries, one per counter set, each a
+  // set the resource declares (`DevhostResource::counter_sets`).
+  const struct DevhostCounterConsumption *consumes;
+  // ABI 1.2: number of entries in `consumes`.
+  size_t consumes_len;
+  // ABI 1.2: `DEVHOST_DEVICE_*` bits; unknown bits are refused.
+  uint32_t flags;
+  // ABI 1.2: zero.
+  uint32_t reserved;
+  // ABI 1.2: which amounts of its capacities a claim may consume, one
+  // policy per capacity at most (may be NULL when the count is 0). Only
+  // on a device flagged `DEVHOST_DEVICE_SHARED`; a capacity without a
+  // policy may be consumed in any amount.
+  const struct DevhostRequestPolicy *request_policies;
+  // ABI 1.2: number of entries in `request_policies`.
+  size_t request_policies_len;
 } DevhostDevice;
 
 // Publishes the full device list of `resource` (replacing the previous
@@ -229,6 +344,26 @@ typedef void (*DevhostLogFn)(struct DevhostHost *host, uint32_t level, struct De
 // Sets the error message of the current call (the last one wins).
 typedef void (*DevhostSetErrorFn)(struct DevhostCall *call, struct DevhostStr message);
 
+// ABI 1.2: a named set of counters a resource's devices draw from (DRA's
+// partitionable devices): a GPU's memory and compute slices, say. The set
+// itself is not allocatable; a device consuming from it is allocated only
+// while enough of each counter is left, so overlapping partitions (the
+// whole GPU, its halves) are never handed out together.
+typedef struct DevhostCounterSet {
+  // `sizeof(DevhostCounterSet)` as the backend compiled it. Every
+  // element of one array has the same size, which is also the stride.
+  uint32_t struct_size;
+  // Zero.
+  uint32_t reserved;
+  // A DNS label, unique among the resource's counter sets.
+  struct DevhostStr name;
+  // The counters: each a DNS-label name and how much there is (a
+  // Kubernetes quantity); 1 to 32, names unique within the set.
+  const struct DevhostCapacity *counters;
+  // Number of entries in `counters`.
+  size_t counters_len;
+} DevhostCounterSet;
+
 // A resource the backend serves, declared with `add_resource` during `init`.
 typedef struct DevhostResource {
   // `sizeof(DevhostResource)` as the backend compiled it.
@@ -237,6 +372,12 @@ typedef struct DevhostResource {
   uint32_t flags;
   // Extended resource name, e.g. `example.com/gpu`.
   struct DevhostStr name;
+  // ABI 1.2: the counter sets the resource's devices consume from (may
+  // be NULL when the count is 0), published in DRA ResourceSlices as
+  // `sharedCounters`; at most 8, names unique.
+  const struct DevhostCounterSet *counter_sets;
+  // ABI 1.2: number of entries in `counter_sets`.
+  size_t counter_sets_len;
 } DevhostResource;
 
 // `init` only: declares one resource.
@@ -286,6 +427,35 @@ typedef int32_t (*DevhostAddDeviceSpecFn)(struct DevhostCall *call,
 // answer (`preferred_allocation`).
 typedef int32_t (*DevhostAddStrFn)(struct DevhostCall *call, struct DevhostStr value);
 
+// ABI 1.2: what the backend reports about one device it allocated for a
+// DRA claim (the claim's `status.devices` entry, mostly for network
+// devices), given with `add_device_status`. Ignored for device-plugin
+// allocations. An empty string means none.
+typedef struct DevhostDeviceStatus {
+  // `sizeof(DevhostDeviceStatus)` as the backend compiled it.
+  uint32_t struct_size;
+  // Zero.
+  uint32_t reserved;
+  // The device, one of the call's device IDs.
+  struct DevhostStr device_id;
+  // The network interface in the pod (at most 256 bytes).
+  struct DevhostStr interface_name;
+  // Its hardware (MAC) address (at most 128 bytes).
+  struct DevhostStr hardware_address;
+  // Its addresses with a prefix length in canonical form (`10.0.0.5/24`),
+  // at most 16, unique (may be NULL when the count is 0).
+  const struct DevhostStr *ips;
+  // Number of entries in `ips`.
+  size_t ips_len;
+  // Driver-specific data: the text of a JSON object (at most 10 KiB).
+  struct DevhostStr data_json;
+} DevhostDeviceStatus;
+
+// ABI 1.2, `allocate` and `allocate_shared` only: reports the status of
+// one of the call's devices, at most once per device.
+typedef int32_t (*DevhostAddDeviceStatusFn)(struct DevhostCall *call,
+                                            const struct DevhostDeviceStatus *status);
+
 // The host's callback table, passed to the entry point. Static: valid for
 // the life of the process. Read a field only when `struct_size` covers it.
 typedef struct DevhostHostApi {
@@ -313,6 +483,10 @@ typedef struct DevhostHostApi {
   DevhostAddStrFn add_cdi_device;
   // Adds a device ID to the answer; `preferred_allocation` only.
   DevhostAddStrFn add_device_id;
+  // ABI 1.2: see [`DevhostAddDeviceStatusFn`]; `allocate` and
+  // `allocate_shared` only. Present only when `struct_size` covers it
+  // (a 1.1 host's table is `DEVHOST_HOST_API_SIZE_1_1` bytes).
+  DevhostAddDeviceStatusFn add_device_status;
 } DevhostHostApi;
 
 // The arguments of `init` (host-owned, read-only, valid during `init`).
@@ -384,6 +558,37 @@ typedef void (*DevhostShutdownFn)(void *instance);
 // `DEVHOST_FAULT` re-initialises the backend.
 typedef int32_t (*DevhostPollFn)(void *instance, struct DevhostCall *call);
 
+// ABI 1.2: what one DRA claim consumes of one shared device, handed to
+// `allocate_shared` (host-owned, read-only, valid during the call).
+typedef struct DevhostShare {
+  // `sizeof(DevhostShare)` as the host compiled it. Every element of one
+  // array has the same size, which is also the stride.
+  uint32_t struct_size;
+  // Zero.
+  uint32_t reserved;
+  // The shared device, one of the call's device IDs.
+  struct DevhostStr device_id;
+  // The allocation's share of the device (a UID); empty when it has none.
+  struct DevhostStr share_id;
+  // Capacity name and the amount this claim consumes (a quantity).
+  const struct DevhostCapacity *consumed;
+  // Number of entries in `consumed`.
+  size_t consumed_len;
+} DevhostShare;
+
+// ABI 1.2: `allocate` for a DRA claim that is allocated shares of shared
+// devices (`DEVHOST_DEVICE_SHARED`): `shares` holds, for each shared device
+// among `device_ids`, what this claim consumes of it, in the order of
+// `device_ids`. Results as for `allocate`. Called instead of `allocate`
+// only when there is at least one share.
+typedef int32_t (*DevhostAllocateSharedFn)(void *instance,
+                                           struct DevhostCall *call,
+                                           struct DevhostStr resource,
+                                           const struct DevhostStr *device_ids,
+                                           size_t count,
+                                           const struct DevhostShare *shares,
+                                           size_t shares_len);
+
 // The backend's function table, returned by the entry point. Must stay
 // valid for the life of the process (a `static`). The host reads a field
 // only when `struct_size` covers it.
@@ -410,6 +615,9 @@ typedef struct DevhostBackendApi {
   // ABI 1.1, optional (NULL: the backend publishes from its own threads
   // only). See [`DevhostPollFn`].
   DevhostPollFn poll;
+  // ABI 1.2, optional (NULL: the host calls `allocate`, and the shares
+  // are not passed). See [`DevhostAllocateSharedFn`].
+  DevhostAllocateSharedFn allocate_shared;
 } DevhostBackendApi;
 
 // The type of the exported `devhost_backend_entry` symbol: negotiates the

@@ -18,7 +18,7 @@ use std::marker::{PhantomData, PhantomPinned};
 pub const DEVHOST_ABI_VERSION_MAJOR: u32 = 1;
 /// Minor version of the ABI described here. Minors only append fields,
 /// callbacks and constants; both sides read what the other's sizes cover.
-pub const DEVHOST_ABI_VERSION_MINOR: u32 = 1;
+pub const DEVHOST_ABI_VERSION_MINOR: u32 = 2;
 /// The packed version `(major << 16) | minor` of this ABI.
 pub const DEVHOST_ABI_VERSION: u32 = (DEVHOST_ABI_VERSION_MAJOR << 16) | DEVHOST_ABI_VERSION_MINOR;
 
@@ -83,6 +83,38 @@ pub const DEVHOST_DEVICE_SIZE_1_0: u32 = 40;
 /// `sizeof(DevhostBackendApi)` in ABI 1.0 (64-bit): the smallest table the
 /// host accepts. A 1.0 table has no `release` and no `poll`.
 pub const DEVHOST_BACKEND_API_SIZE_1_0: u32 = 48;
+/// `sizeof(DevhostDevice)` in ABI 1.1 (64-bit). A device of this size has
+/// attributes and capacities, but consumes no counters and is not shared.
+pub const DEVHOST_DEVICE_SIZE_1_1: u32 = 72;
+/// `sizeof(DevhostBackendApi)` in ABI 1.1 (64-bit). A table of this size
+/// has no `allocate_shared`.
+pub const DEVHOST_BACKEND_API_SIZE_1_1: u32 = 64;
+/// `sizeof(DevhostResource)` in ABI 1.1, and in 1.0 (64-bit): the smallest
+/// resource the host accepts. A resource of this size has no counter sets.
+pub const DEVHOST_RESOURCE_SIZE_1_1: u32 = 24;
+/// `sizeof(DevhostHostApi)` in ABI 1.1, and in 1.0 (64-bit). A host table
+/// of this size has no `add_device_status`: a 1.2 backend checks
+/// `host->struct_size` before calling it.
+pub const DEVHOST_HOST_API_SIZE_1_1: u32 = 88;
+
+/// `DevhostDevice::flags` (ABI 1.2): several DRA claims may be allocated
+/// the device at once, each consuming part of its capacities (DRA's
+/// `allowMultipleAllocations`); `request_policies` say which amounts.
+/// Without it the device is allocated whole, to one claim at a time.
+pub const DEVHOST_DEVICE_SHARED: u32 = 1;
+
+/// `DevhostRequestPolicy::kind` (ABI 1.2): a claim may consume any amount
+/// of the capacity, up to what is left; `default_quantity` is optional,
+/// `min`, `max`, `step` and `values` must be empty.
+pub const DEVHOST_REQUEST_POLICY_ANY: u32 = 1;
+/// `DevhostRequestPolicy::kind` (ABI 1.2): `min`, then `min + n * step`
+/// (any amount without a step) up to `max` (the capacity without one);
+/// `default_quantity` and `min` are required, `values` must be empty.
+pub const DEVHOST_REQUEST_POLICY_RANGE: u32 = 2;
+/// `DevhostRequestPolicy::kind` (ABI 1.2): only the amounts in `values`
+/// (ascending, at most ten); `default_quantity` is required and one of
+/// them, `min`, `max` and `step` must be empty.
+pub const DEVHOST_REQUEST_POLICY_VALUES: u32 = 3;
 
 /// Log level: something failed.
 pub const DEVHOST_LOG_ERROR: u32 = 1;
@@ -148,6 +180,24 @@ pub struct DevhostDevice {
     pub capacities: *const DevhostCapacity,
     /// ABI 1.1: number of entries in `capacities`.
     pub capacities_len: usize,
+    /// ABI 1.2: what the device takes from its resource's counter sets
+    /// while it is allocated (DRA's partitionable devices; may be NULL when
+    /// the count is 0). At most two entries, one per counter set, each a
+    /// set the resource declares (`DevhostResource::counter_sets`).
+    pub consumes: *const DevhostCounterConsumption,
+    /// ABI 1.2: number of entries in `consumes`.
+    pub consumes_len: usize,
+    /// ABI 1.2: `DEVHOST_DEVICE_*` bits; unknown bits are refused.
+    pub flags: u32,
+    /// ABI 1.2: zero.
+    pub reserved: u32,
+    /// ABI 1.2: which amounts of its capacities a claim may consume, one
+    /// policy per capacity at most (may be NULL when the count is 0). Only
+    /// on a device flagged `DEVHOST_DEVICE_SHARED`; a capacity without a
+    /// policy may be consumed in any amount.
+    pub request_policies: *const DevhostRequestPolicy,
+    /// ABI 1.2: number of entries in `request_policies`.
+    pub request_policies_len: usize,
 }
 
 /// ABI 1.1: one typed attribute of a device. The rules are DRA's: `name`
@@ -183,6 +233,77 @@ pub struct DevhostCapacity {
     pub quantity: DevhostStr,
 }
 
+/// ABI 1.2: a named set of counters a resource's devices draw from (DRA's
+/// partitionable devices): a GPU's memory and compute slices, say. The set
+/// itself is not allocatable; a device consuming from it is allocated only
+/// while enough of each counter is left, so overlapping partitions (the
+/// whole GPU, its halves) are never handed out together.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostCounterSet {
+    /// `sizeof(DevhostCounterSet)` as the backend compiled it. Every
+    /// element of one array has the same size, which is also the stride.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// A DNS label, unique among the resource's counter sets.
+    pub name: DevhostStr,
+    /// The counters: each a DNS-label name and how much there is (a
+    /// Kubernetes quantity); 1 to 32, names unique within the set.
+    pub counters: *const DevhostCapacity,
+    /// Number of entries in `counters`.
+    pub counters_len: usize,
+}
+
+/// ABI 1.2: what one device takes from one counter set while it is
+/// allocated.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostCounterConsumption {
+    /// `sizeof(DevhostCounterConsumption)` as the backend compiled it.
+    /// Every element of one array has the same size, which is also the
+    /// stride.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// The counter set's name, one the resource declares.
+    pub counter_set: DevhostStr,
+    /// Counter name (one of the set's) and how much the device takes; at
+    /// least one, names unique.
+    pub counters: *const DevhostCapacity,
+    /// Number of entries in `counters`.
+    pub counters_len: usize,
+}
+
+/// ABI 1.2: which amounts of one capacity of a shared device a DRA claim
+/// may consume (DRA's `CapacityRequestPolicy`). Quantities are Kubernetes
+/// quantities; an empty string means none.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostRequestPolicy {
+    /// `sizeof(DevhostRequestPolicy)` as the backend compiled it. Every
+    /// element of one array has the same size, which is also the stride.
+    pub struct_size: u32,
+    /// `DEVHOST_REQUEST_POLICY_*`: which of the fields below apply.
+    pub kind: u32,
+    /// The capacity it is for: the name of one of the device's capacities.
+    pub capacity: DevhostStr,
+    /// What a request that names no amount consumes; required with `RANGE`
+    /// and `VALUES`, optional (empty) with `ANY`.
+    pub default_quantity: DevhostStr,
+    /// `RANGE`: the least a claim consumes (required).
+    pub min: DevhostStr,
+    /// `RANGE`: the most a claim consumes (empty: the capacity).
+    pub max: DevhostStr,
+    /// `RANGE`: the granularity above `min` (empty: any amount).
+    pub step: DevhostStr,
+    /// `VALUES`: the amounts allowed, ascending (may be NULL when the count
+    /// is 0).
+    pub values: *const DevhostStr,
+    /// Number of entries in `values`.
+    pub values_len: usize,
+}
+
 /// A resource the backend serves, declared with `add_resource` during `init`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -193,6 +314,58 @@ pub struct DevhostResource {
     pub flags: u32,
     /// Extended resource name, e.g. `example.com/gpu`.
     pub name: DevhostStr,
+    /// ABI 1.2: the counter sets the resource's devices consume from (may
+    /// be NULL when the count is 0), published in DRA ResourceSlices as
+    /// `sharedCounters`; at most 8, names unique.
+    pub counter_sets: *const DevhostCounterSet,
+    /// ABI 1.2: number of entries in `counter_sets`.
+    pub counter_sets_len: usize,
+}
+
+/// ABI 1.2: what one DRA claim consumes of one shared device, handed to
+/// `allocate_shared` (host-owned, read-only, valid during the call).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostShare {
+    /// `sizeof(DevhostShare)` as the host compiled it. Every element of one
+    /// array has the same size, which is also the stride.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// The shared device, one of the call's device IDs.
+    pub device_id: DevhostStr,
+    /// The allocation's share of the device (a UID); empty when it has none.
+    pub share_id: DevhostStr,
+    /// Capacity name and the amount this claim consumes (a quantity).
+    pub consumed: *const DevhostCapacity,
+    /// Number of entries in `consumed`.
+    pub consumed_len: usize,
+}
+
+/// ABI 1.2: what the backend reports about one device it allocated for a
+/// DRA claim (the claim's `status.devices` entry, mostly for network
+/// devices), given with `add_device_status`. Ignored for device-plugin
+/// allocations. An empty string means none.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DevhostDeviceStatus {
+    /// `sizeof(DevhostDeviceStatus)` as the backend compiled it.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// The device, one of the call's device IDs.
+    pub device_id: DevhostStr,
+    /// The network interface in the pod (at most 256 bytes).
+    pub interface_name: DevhostStr,
+    /// Its hardware (MAC) address (at most 128 bytes).
+    pub hardware_address: DevhostStr,
+    /// Its addresses with a prefix length in canonical form (`10.0.0.5/24`),
+    /// at most 16, unique (may be NULL when the count is 0).
+    pub ips: *const DevhostStr,
+    /// Number of entries in `ips`.
+    pub ips_len: usize,
+    /// Driver-specific data: the text of a JSON object (at most 10 KiB).
+    pub data_json: DevhostStr,
 }
 
 /// A bind mount, added with `add_mount` during `allocate`.
@@ -286,6 +459,10 @@ pub type DevhostAddDeviceSpecFn = unsafe extern "C" fn(call: *mut DevhostCall, s
 /// Adds one string: a CDI device name (`allocate`) or a device ID of the
 /// answer (`preferred_allocation`).
 pub type DevhostAddStrFn = unsafe extern "C" fn(call: *mut DevhostCall, value: DevhostStr) -> i32;
+/// ABI 1.2, `allocate` and `allocate_shared` only: reports the status of
+/// one of the call's devices, at most once per device.
+pub type DevhostAddDeviceStatusFn =
+    unsafe extern "C" fn(call: *mut DevhostCall, status: *const DevhostDeviceStatus) -> i32;
 
 /// The host's callback table, passed to the entry point. Static: valid for
 /// the life of the process. Read a field only when `struct_size` covers it.
@@ -316,6 +493,10 @@ pub struct DevhostHostApi {
     pub add_cdi_device: DevhostAddStrFn,
     /// Adds a device ID to the answer; `preferred_allocation` only.
     pub add_device_id: DevhostAddStrFn,
+    /// ABI 1.2: see [`DevhostAddDeviceStatusFn`]; `allocate` and
+    /// `allocate_shared` only. Present only when `struct_size` covers it
+    /// (a 1.1 host's table is `DEVHOST_HOST_API_SIZE_1_1` bytes).
+    pub add_device_status: DevhostAddDeviceStatusFn,
 }
 
 /// Creates a backend instance. Declares its resources with `add_resource`
@@ -346,6 +527,22 @@ pub type DevhostPreferredFn = Option<
         call: *mut DevhostCall,
         resource: DevhostStr,
         request: *const DevhostPreferredRequest,
+    ) -> i32,
+>;
+/// ABI 1.2: `allocate` for a DRA claim that is allocated shares of shared
+/// devices (`DEVHOST_DEVICE_SHARED`): `shares` holds, for each shared device
+/// among `device_ids`, what this claim consumes of it, in the order of
+/// `device_ids`. Results as for `allocate`. Called instead of `allocate`
+/// only when there is at least one share.
+pub type DevhostAllocateSharedFn = Option<
+    unsafe extern "C" fn(
+        instance: *mut c_void,
+        call: *mut DevhostCall,
+        resource: DevhostStr,
+        device_ids: *const DevhostStr,
+        count: usize,
+        shares: *const DevhostShare,
+        shares_len: usize,
     ) -> i32,
 >;
 /// ABI 1.1: re-checks the devices and publishes what changed (through
@@ -387,6 +584,9 @@ pub struct DevhostBackendApi {
     /// ABI 1.1, optional (NULL: the backend publishes from its own threads
     /// only). See [`DevhostPollFn`].
     pub poll: DevhostPollFn,
+    /// ABI 1.2, optional (NULL: the host calls `allocate`, and the shares
+    /// are not passed). See [`DevhostAllocateSharedFn`].
+    pub allocate_shared: DevhostAllocateSharedFn,
 }
 
 /// The type of the exported `devhost_backend_entry` symbol: negotiates the
@@ -437,12 +637,12 @@ mod tests {
         assert_eq!(size_of::<DevhostStr>(), 16);
         assert_eq!(offset_of!(DevhostDevice, attributes), DEVHOST_DEVICE_SIZE_1_0 as usize);
         assert_eq!(offset_of!(DevhostBackendApi, release), DEVHOST_BACKEND_API_SIZE_1_0 as usize);
-        assert_eq!(size_of::<DevhostResource>(), 24);
+        assert_eq!(DEVHOST_RESOURCE_SIZE_1_1, 24);
         assert_eq!(size_of::<DevhostMount>(), 40);
         assert_eq!(size_of::<DevhostDeviceSpec>(), 56);
         assert_eq!(size_of::<DevhostPreferredRequest>(), 48);
         assert_eq!(size_of::<DevhostInitArgs>(), 40);
-        assert_eq!(size_of::<DevhostHostApi>(), 88);
+        assert_eq!(DEVHOST_HOST_API_SIZE_1_1, 88);
         assert_eq!(offset_of!(DevhostHostApi, add_device_id), 80);
         assert_eq!(offset_of!(DevhostBackendApi, shutdown), 40);
         assert_eq!(offset_of!(DevhostInitArgs, config_json), 24);
@@ -451,16 +651,36 @@ mod tests {
     /// ABI 1.1's layout on 64-bit targets, frozen from its release.
     #[test]
     fn v1_1_layout_is_frozen() {
-        assert_eq!(size_of::<DevhostDevice>(), 72);
+        assert_eq!(DEVHOST_DEVICE_SIZE_1_1, 72);
         assert_eq!(size_of::<DevhostAttribute>(), 48);
         assert_eq!(size_of::<DevhostCapacity>(), 40);
-        assert_eq!(size_of::<DevhostBackendApi>(), 64);
+        assert_eq!(DEVHOST_BACKEND_API_SIZE_1_1, 64);
         assert_eq!(offset_of!(DevhostBackendApi, poll), 56);
+    }
+
+    /// ABI 1.2's layout on 64-bit targets: what it appended starts where
+    /// 1.1's structs ended.
+    #[test]
+    fn v1_2_layout_appends_to_1_1() {
+        assert_eq!(offset_of!(DevhostDevice, consumes), DEVHOST_DEVICE_SIZE_1_1 as usize);
+        assert_eq!(offset_of!(DevhostBackendApi, allocate_shared), DEVHOST_BACKEND_API_SIZE_1_1 as usize);
+        assert_eq!(offset_of!(DevhostResource, counter_sets), DEVHOST_RESOURCE_SIZE_1_1 as usize);
+        assert_eq!(offset_of!(DevhostHostApi, add_device_status), DEVHOST_HOST_API_SIZE_1_1 as usize);
+        assert_eq!(size_of::<DevhostDevice>(), 112);
+        assert_eq!(offset_of!(DevhostDevice, flags), 88);
+        assert_eq!(size_of::<DevhostResource>(), 40);
+        assert_eq!(size_of::<DevhostBackendApi>(), 72);
+        assert_eq!(size_of::<DevhostHostApi>(), 96);
+        assert_eq!(size_of::<DevhostCounterSet>(), 40);
+        assert_eq!(size_of::<DevhostCounterConsumption>(), 40);
+        assert_eq!(size_of::<DevhostRequestPolicy>(), 104);
+        assert_eq!(size_of::<DevhostShare>(), 56);
+        assert_eq!(size_of::<DevhostDeviceStatus>(), 88);
     }
 
     #[test]
     fn versions_pack_major_and_minor() {
-        assert_eq!(DEVHOST_ABI_VERSION, version(1, 1));
+        assert_eq!(DEVHOST_ABI_VERSION, version(1, 2));
         assert_eq!((version_major(version(2, 3)), version_minor(version(2, 3))), (2, 3));
     }
 }

@@ -31,7 +31,7 @@ fn module_file(module: &Path, backend: &str, config: &str) -> String {
 }
 
 /// `devhost list --json` on a config directory holding `files`.
-fn list(files: &[(&str, String)]) -> serde_json::Value {
+pub(crate) fn list(files: &[(&str, String)]) -> serde_json::Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let backends = dir.path().join("backends.d");
     std::fs::create_dir_all(&backends).expect("backends.d");

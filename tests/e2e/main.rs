@@ -2,6 +2,7 @@
 //! kubelet, one module per area.
 
 mod abi_1_1;
+mod abi_1_2;
 mod bulkheads;
 mod cdi;
 mod cdi_oracle;
@@ -40,4 +41,5 @@ mod vendor_crate;
 mod wasm;
 mod wasm_1_1;
 mod wire_contract;
+mod wit_1_2;
 mod worker_faults;

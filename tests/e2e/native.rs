@@ -142,7 +142,7 @@ async fn hostile_modules_are_refused_with_exact_errors_while_good_backends_serve
             m(&no_entry)
         ),
         format!(
-            "native backend {}: implements backend ABI 2.3, but this devhost implements ABI 1.1 (expected major 1)",
+            "native backend {}: implements backend ABI 2.3, but this devhost implements ABI 1.2 (expected major 1)",
             m(&future)
         ),
         format!(

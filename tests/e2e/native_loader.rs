@@ -240,7 +240,7 @@ fn hostile_module_files_are_refused_with_exact_errors() {
     assert_eq!(
         load_error(&future, None),
         format!(
-            "native backend {d}/libfuture_major.so: implements backend ABI 2.3, but this devhost implements ABI 1.1 (expected major 1)"
+            "native backend {d}/libfuture_major.so: implements backend ABI 2.3, but this devhost implements ABI 1.2 (expected major 1)"
         )
     );
     let small = compile_c(&fixture("small_struct.c"), dir.path());

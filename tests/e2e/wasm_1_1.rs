@@ -7,7 +7,7 @@
 //! (`tests/fixtures/wasm/v1-0/`), loads and serves as before, with no
 //! attributes, no release flag, and no `release` call reaching it; broken
 //! attributes, and a component of a minor newer than this devhost runs
-//! (1.2.0), are refused naming what is wrong.
+//! (1.3.0), are refused naming what is wrong.
 
 use std::path::Path;
 use std::process::Command;
@@ -118,9 +118,9 @@ fn devhost_list_shows_1_1_attributes_1_0_devices_without_them_and_names_what_is_
     assert_eq!(
         backend(&listed, "newer")["error"],
         format!(
-            "{}: implements devhost:backend@1.2.0, but the newest version this devhost supports is \
-             devhost:backend@1.1.0 (a newer minor version: upgrade devhost, or build the component against \
-             devhost:backend@1.1.0)",
+            "{}: implements devhost:backend@1.3.0, but the newest version this devhost supports is \
+             devhost:backend@1.2.0 (a newer minor version: upgrade devhost, or build the component against \
+             devhost:backend@1.2.0)",
             newer.display()
         )
     );

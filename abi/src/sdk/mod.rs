@@ -6,7 +6,7 @@
 //!
 //! Nothing in this module mentions an FFI type, so the same `impl Backend`
 //! is exported through either transport: built for `wasm32` the macro
-//! exports a WASM component of the world `devhost:backend/backend@1.1.0`
+//! exports a WASM component of the world `devhost:backend/backend@1.2.0`
 //! instead (see the `wasm` module and `abi/README.md`, "WASM backends").
 
 use std::fmt;
@@ -49,7 +49,10 @@ impl HostApi for Host {
     }
 }
 
-pub use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, PreferredRequest, Resource};
+pub use crate::model::{
+    Allocation, AttributeValue, CounterConsumption, CounterSet, Device, DeviceSpec, DeviceStatus, Health, Mount,
+    PreferredRequest, RequestPolicy, Resource, Share, SharedDevice, ValidRequests,
+};
 
 /// Severity of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +235,7 @@ macro_rules! export_backend {
 }
 
 /// Exports a [`Backend`] implementation as a WASM component of the world
-/// `devhost:backend/backend@1.1.0`. Use it once, in a `cdylib` crate built
+/// `devhost:backend/backend@1.2.0`. Use it once, in a `cdylib` crate built
 /// for `wasm32-wasip2`.
 ///
 /// ```ignore
@@ -297,6 +300,17 @@ macro_rules! export_backend {
                 device_ids: ::std::vec::Vec<::std::string::String>,
             ) -> ::std::result::Result<(), ::std::string::String> {
                 __DEVHOST_BACKEND.release(&resource, &device_ids)
+            }
+
+            fn allocate_shared(
+                resource: ::std::string::String,
+                device_ids: ::std::vec::Vec<::std::string::String>,
+                shares: ::std::vec::Vec<$crate::sdk::wasm::bindings::devhost::backend::types::Share>,
+            ) -> ::std::result::Result<
+                $crate::sdk::wasm::bindings::devhost::backend::types::Allocation,
+                ::std::string::String,
+            > {
+                __DEVHOST_BACKEND.allocate_shared(&resource, &device_ids, shares)
             }
         }
 

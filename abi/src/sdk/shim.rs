@@ -9,10 +9,13 @@
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use std::collections::BTreeMap;
+
 use super::{
     Allocation, AttributeValue, Backend, Device, Error, Health, LogLevel, PreferredRequest, PublishError, Resource,
 };
 use crate::ffi::*;
+use crate::model::{RequestPolicy, Share, ValidRequests};
 
 /// The backend's handle on the host: publishes device lists and writes log
 /// lines. Cheap to clone; usable from any thread until the backend's
@@ -41,10 +44,50 @@ impl Host {
     pub fn publish(&self, resource: &str, devices: &[Device]) -> Result<(), PublishError> {
         // Each device's attribute and capacity arrays, borrowed by `raw`.
         let details: Vec<(Vec<DevhostAttribute>, Vec<DevhostCapacity>)> = devices.iter().map(details).collect();
+        // ABI 1.2: what each device consumes (the counters of each entry
+        // first, since the entries point into them) and its request
+        // policies (their `values` lists first, likewise).
+        let counters: Vec<Vec<Vec<DevhostCapacity>>> = devices
+            .iter()
+            .map(|device| device.consumes.iter().map(|consumption| capacities(&consumption.counters)).collect())
+            .collect();
+        let consumes: Vec<Vec<DevhostCounterConsumption>> = devices
+            .iter()
+            .zip(&counters)
+            .map(|(device, counters)| {
+                device
+                    .consumes
+                    .iter()
+                    .zip(counters)
+                    .map(|(consumption, counters)| DevhostCounterConsumption {
+                        struct_size: size_of_u32::<DevhostCounterConsumption>(),
+                        reserved: 0,
+                        counter_set: DevhostStr::new(&consumption.counter_set),
+                        counters: counters.as_ptr(),
+                        counters_len: counters.len(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let values: Vec<Vec<Vec<DevhostStr>>> = devices
+            .iter()
+            .map(|device| policies_of(device).map(|(_, policy)| policy_values(policy)).collect())
+            .collect();
+        let policies: Vec<Vec<DevhostRequestPolicy>> = devices
+            .iter()
+            .zip(&values)
+            .map(|(device, values)| {
+                policies_of(device)
+                    .zip(values)
+                    .map(|((name, policy), values)| request_policy(name, policy, values))
+                    .collect()
+            })
+            .collect();
         let raw: Vec<DevhostDevice> = devices
             .iter()
             .zip(&details)
-            .map(|(device, (attributes, capacities))| DevhostDevice {
+            .zip(consumes.iter().zip(&policies))
+            .map(|((device, (attributes, capacities)), (consumes, policies))| DevhostDevice {
                 struct_size: size_of_u32::<DevhostDevice>(),
                 health: match device.health {
                     Health::Healthy => DEVHOST_HEALTH_HEALTHY,
@@ -57,11 +100,19 @@ impl Host {
                 attributes_len: attributes.len(),
                 capacities: capacities.as_ptr(),
                 capacities_len: capacities.len(),
+                consumes: consumes.as_ptr(),
+                consumes_len: consumes.len(),
+                flags: if device.shared.is_some() { DEVHOST_DEVICE_SHARED } else { 0 },
+                reserved: 0,
+                request_policies: policies.as_ptr(),
+                request_policies_len: policies.len(),
             })
             .collect();
         // SAFETY: `ctx` came from the host for this purpose; `raw`, the
-        // arrays in `details` and the strings they borrow outlive the call,
-        // which copies them.
+        // arrays in `details`, `counters`, `consumes`, `values` and
+        // `policies` and the strings they borrow outlive the call, which
+        // copies them. A host older than 1.2 reads only the prefix it
+        // knows (its loss: it has no partitions or shared devices).
         let code = unsafe { (self.api.publish)(self.ctx, DevhostStr::new(resource), raw.as_ptr(), raw.len()) };
         match code {
             DEVHOST_OK => Ok(()),
@@ -107,8 +158,13 @@ fn details(device: &Device) -> (Vec<DevhostAttribute>, Vec<DevhostCapacity>) {
             }
         })
         .collect();
-    let capacities = device
-        .capacities
+    (attributes, capacities(&device.capacities))
+}
+
+/// Name → quantity pairs (capacities, counters, consumed amounts) as an
+/// array of `DevhostCapacity`, borrowing the strings.
+fn capacities(pairs: &BTreeMap<String, String>) -> Vec<DevhostCapacity> {
+    pairs
         .iter()
         .map(|(name, quantity)| DevhostCapacity {
             struct_size: size_of_u32::<DevhostCapacity>(),
@@ -116,8 +172,46 @@ fn details(device: &Device) -> (Vec<DevhostAttribute>, Vec<DevhostCapacity>) {
             name: DevhostStr::new(name),
             quantity: DevhostStr::new(quantity),
         })
-        .collect();
-    (attributes, capacities)
+        .collect()
+}
+
+/// A device's request policies, capacity name first, in a stable order.
+fn policies_of(device: &Device) -> impl Iterator<Item = (&String, &RequestPolicy)> {
+    device.shared.iter().flat_map(|shared| shared.request_policies.iter())
+}
+
+/// The `values` list of a `VALUES` policy (empty for the other kinds).
+fn policy_values(policy: &RequestPolicy) -> Vec<DevhostStr> {
+    match &policy.valid {
+        Some(ValidRequests::Values(values)) => values.iter().map(|value| DevhostStr::new(value)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `policy` for `capacity` as an ABI 1.2 struct; `values` is
+/// [`policy_values`] of it, which the struct borrows.
+fn request_policy(capacity: &str, policy: &RequestPolicy, values: &[DevhostStr]) -> DevhostRequestPolicy {
+    let text = |value: &Option<String>| value.as_deref().map_or(DevhostStr::EMPTY, DevhostStr::new);
+    let (kind, min, max, step) = match &policy.valid {
+        None => (DEVHOST_REQUEST_POLICY_ANY, DevhostStr::EMPTY, DevhostStr::EMPTY, DevhostStr::EMPTY),
+        Some(ValidRequests::Range { min, max, step }) => {
+            (DEVHOST_REQUEST_POLICY_RANGE, DevhostStr::new(min), text(max), text(step))
+        }
+        Some(ValidRequests::Values(_)) => {
+            (DEVHOST_REQUEST_POLICY_VALUES, DevhostStr::EMPTY, DevhostStr::EMPTY, DevhostStr::EMPTY)
+        }
+    };
+    DevhostRequestPolicy {
+        struct_size: size_of_u32::<DevhostRequestPolicy>(),
+        kind,
+        capacity: DevhostStr::new(capacity),
+        default_quantity: text(&policy.default),
+        min,
+        max,
+        step,
+        values: values.as_ptr(),
+        values_len: values.len(),
+    }
 }
 
 /// One live backend instance: what `init` hands the host as `void *`.
@@ -138,11 +232,13 @@ pub const fn table<B: Backend>() -> DevhostBackendApi {
         shutdown: Some(shutdown::<B>),
         release: Some(release::<B>),
         poll: Some(poll::<B>),
+        allocate_shared: Some(allocate_shared::<B>),
     }
 }
 
 /// The body of `devhost_backend_entry`: accepts a host of major 1 whose
-/// table is at least the v1 size, and returns `table`; NULL otherwise.
+/// table is at least 1.1's size (a 1.1 host has no `add_device_status`,
+/// which the shims then never call), and returns `table`; NULL otherwise.
 ///
 /// # Safety
 ///
@@ -155,10 +251,50 @@ pub unsafe fn entry(host: *const DevhostHostApi, table: &'static DevhostBackendA
     // SAFETY: `struct_size` and `abi_version` are the first 8 bytes of every
     // major's host table; read them through raw field pointers only.
     let (size, version) = unsafe { ((*host).struct_size, (*host).abi_version) };
-    if version_major(version) != DEVHOST_ABI_VERSION_MAJOR || size < size_of_u32::<DevhostHostApi>() {
+    if version_major(version) != DEVHOST_ABI_VERSION_MAJOR || size < DEVHOST_HOST_API_SIZE_1_1 {
         return std::ptr::null();
     }
     table
+}
+
+/// The host's table as a whole `DevhostHostApi`. A host of this ABI or a
+/// newer one gives a table at least that large, used as it is. An older
+/// (1.1) host's table is smaller: a reference to it would claim bytes the
+/// host never gave, so its fields are copied into a table of this size
+/// (once: the host's table is static), the callbacks it lacks set to
+/// [`not_offered`]. The shims never call those: they check the host's
+/// `struct_size`, which the copy keeps, before each newer callback.
+///
+/// # Safety
+///
+/// `host` points to a host table of at least `DEVHOST_HOST_API_SIZE_1_1`
+/// bytes, valid for the life of the process.
+unsafe fn whole_table(host: *const DevhostHostApi) -> &'static DevhostHostApi {
+    static OLDER_HOST: std::sync::OnceLock<DevhostHostApi> = std::sync::OnceLock::new();
+    // SAFETY: the first field of every host table (per the caller).
+    let size = unsafe { (*host).struct_size } as usize;
+    if size >= std::mem::size_of::<DevhostHostApi>() {
+        // SAFETY: the whole struct is there, static (per the caller).
+        return unsafe { &*host };
+    }
+    OLDER_HOST.get_or_init(|| {
+        let mut table = std::mem::MaybeUninit::<DevhostHostApi>::uninit();
+        let at = table.as_mut_ptr();
+        // SAFETY: `at` is valid for writes of a whole table; the field
+        // written first is the one a 1.1 table lacks, and then the host's
+        // `size` bytes (at least 1.1's, less than a whole table, so
+        // exactly the fields before it) cover every other field.
+        unsafe {
+            std::ptr::addr_of_mut!((*at).add_device_status).write(not_offered);
+            std::ptr::copy_nonoverlapping(host.cast::<u8>(), at.cast::<u8>(), size);
+            table.assume_init()
+        }
+    })
+}
+
+/// Stands in for a callback an older host does not offer; never called.
+unsafe extern "C" fn not_offered(_call: *mut DevhostCall, _status: *const DevhostDeviceStatus) -> i32 {
+    DEVHOST_E_WRONG_CALL
 }
 
 /// Copies a host string; the host promises UTF-8, and the copy checks it.
@@ -242,8 +378,9 @@ unsafe extern "C" fn init<B: Backend>(
     if args.host_api.is_null() {
         return DEVHOST_FAULT;
     }
-    // SAFETY: the host's callback table is static for the life of the process.
-    let api: &'static DevhostHostApi = unsafe { &*args.host_api };
+    // SAFETY: the host's callback table is static for the life of the
+    // process, and at least 1.1's size (`entry` checked it).
+    let api: &'static DevhostHostApi = unsafe { whole_table(args.host_api) };
     guarded(api, call, || {
         // SAFETY: the config string is valid during `init`.
         let config = unsafe { string(args.config_json, "config")? };
@@ -270,9 +407,30 @@ fn declare(api: &DevhostHostApi, call: *mut DevhostCall, resource: &Resource) ->
     if resource.release_required {
         flags |= DEVHOST_RESOURCE_RELEASE;
     }
-    let raw =
-        DevhostResource { struct_size: size_of_u32::<DevhostResource>(), flags, name: DevhostStr::new(&resource.name) };
-    // SAFETY: `call` is live during `init`; `raw` outlives the call.
+    // ABI 1.2: the counter sets, each pointing into its counters.
+    let counters: Vec<Vec<DevhostCapacity>> =
+        resource.counter_sets.iter().map(|set| capacities(&set.counters)).collect();
+    let counter_sets: Vec<DevhostCounterSet> = resource
+        .counter_sets
+        .iter()
+        .zip(&counters)
+        .map(|(set, counters)| DevhostCounterSet {
+            struct_size: size_of_u32::<DevhostCounterSet>(),
+            reserved: 0,
+            name: DevhostStr::new(&set.name),
+            counters: counters.as_ptr(),
+            counters_len: counters.len(),
+        })
+        .collect();
+    let raw = DevhostResource {
+        struct_size: size_of_u32::<DevhostResource>(),
+        flags,
+        name: DevhostStr::new(&resource.name),
+        counter_sets: counter_sets.as_ptr(),
+        counter_sets_len: counter_sets.len(),
+    };
+    // SAFETY: `call` is live during `init`; `raw`, the arrays it points to
+    // and their strings outlive the call.
     let code = unsafe { (api.add_resource)(call, &raw) };
     accepted(code, &format!("resource {:?}", resource.name))
 }
@@ -303,6 +461,95 @@ unsafe extern "C" fn allocate<B: Backend>(
         hand_over(this.host.api, call, &allocation)?;
         Ok(DEVHOST_OK)
     })
+}
+
+unsafe extern "C" fn allocate_shared<B: Backend>(
+    raw: *mut c_void,
+    call: *mut DevhostCall,
+    resource: DevhostStr,
+    device_ids: *const DevhostStr,
+    count: usize,
+    shares: *const DevhostShare,
+    shares_len: usize,
+) -> i32 {
+    // SAFETY: the host passes the pointer `init` returned.
+    let Some(this) = (unsafe { instance::<B>(raw) }) else { return DEVHOST_FAULT };
+    guarded(this.host.api, call, || {
+        // SAFETY: the host's arguments are valid during the call.
+        let (resource, ids, shares) = unsafe {
+            (string(resource, "resource")?, strings(device_ids, count, "device ID")?, read_shares(shares, shares_len)?)
+        };
+        let allocation = this.backend.allocate_shared(&resource, &ids, &shares)?;
+        hand_over(this.host.api, call, &allocation)?;
+        Ok(DEVHOST_OK)
+    })
+}
+
+/// Copies the host's shares: device ID and what the claim consumes of it.
+/// The stride is the first element's `struct_size` (a newer host's shares
+/// may be larger; what this SDK does not know is skipped).
+///
+/// # Safety
+///
+/// `ptr` points to `len` shares laid out `struct_size` bytes apart (or is
+/// NULL with `len` 0), each with valid strings and `consumed` arrays.
+unsafe fn read_shares(ptr: *const DevhostShare, len: usize) -> Result<Vec<(String, Share)>, Error> {
+    // SAFETY: per the caller's contract.
+    let raw: Vec<DevhostShare> = unsafe { host_array(ptr, len, "share")? };
+    raw.iter()
+        .map(|share| {
+            // SAFETY: the share's strings and array are valid, per the contract.
+            let (id, share_id, consumed) = unsafe {
+                (
+                    string(share.device_id, "shared device ID")?,
+                    string(share.share_id, "share ID")?,
+                    host_array::<DevhostCapacity>(share.consumed, share.consumed_len, "consumed capacity")?,
+                )
+            };
+            let consumed = consumed
+                .iter()
+                // SAFETY: as above, for each pair's strings.
+                .map(|pair| unsafe { Ok((string(pair.name, "capacity name")?, string(pair.quantity, "quantity")?)) })
+                .collect::<Result<BTreeMap<_, _>, Error>>()?;
+            Ok((id, Share { share_id: (!share_id.is_empty()).then_some(share_id), consumed }))
+        })
+        .collect()
+}
+
+/// Copies an array of host structs that start with `u32 struct_size`,
+/// stepping by the first element's size and keeping what this SDK knows of
+/// each (zero beyond a smaller element's size).
+///
+/// # Safety
+///
+/// `ptr` points to `len` elements laid out `struct_size` bytes apart (or is
+/// NULL with `len` 0); `T` is an ABI struct for which all-zero bytes are a
+/// valid value.
+unsafe fn host_array<T: Copy>(ptr: *const T, len: usize, what: &str) -> Result<Vec<T>, Error> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if ptr.is_null() {
+        return Err(Error::new(format!("the host passed a NULL {what} list")));
+    }
+    // SAFETY: the first element's size field is readable, per the contract.
+    let stride = unsafe { ptr.cast::<u32>().read_unaligned() } as usize;
+    if stride < 4 {
+        return Err(Error::new(format!("the host passed a {what} list whose struct_size is {stride}")));
+    }
+    (0..len)
+        .map(|index| {
+            let mut value = std::mem::MaybeUninit::<T>::zeroed();
+            // SAFETY: element `index` starts `index * stride` bytes in and
+            // has `stride` readable bytes; at most `size_of::<T>()` of them
+            // are copied into the zeroed value, a valid `T` either way.
+            unsafe {
+                let element = ptr.cast::<u8>().add(index * stride);
+                std::ptr::copy_nonoverlapping(element, value.as_mut_ptr().cast::<u8>(), stride.min(size_of::<T>()));
+                Ok(value.assume_init())
+            }
+        })
+        .collect()
 }
 
 /// Passes an allocation to the host, one callback per item.
@@ -342,6 +589,27 @@ fn hand_over(api: &DevhostHostApi, call: *mut DevhostCall, allocation: &Allocati
     for name in &allocation.cdi_devices {
         // SAFETY: see above.
         accepted(unsafe { (api.add_cdi_device)(call, s(name)) }, &format!("CDI device {name:?}"))?;
+    }
+    // ABI 1.2: a host whose table does not reach `add_device_status` (1.1)
+    // has nowhere to put a device status; it is left out there.
+    if api.struct_size < DEVHOST_HOST_API_SIZE_1_1 + size_of_u32::<DevhostAddDeviceStatusFn>() {
+        return Ok(());
+    }
+    let text = |value: &Option<String>| value.as_deref().map_or(DevhostStr::EMPTY, DevhostStr::new);
+    for (id, status) in &allocation.device_status {
+        let ips: Vec<DevhostStr> = status.ips.iter().map(|ip| s(ip)).collect();
+        let raw = DevhostDeviceStatus {
+            struct_size: size_of_u32::<DevhostDeviceStatus>(),
+            reserved: 0,
+            device_id: s(id),
+            interface_name: text(&status.interface_name),
+            hardware_address: text(&status.hardware_address),
+            ips: ips.as_ptr(),
+            ips_len: ips.len(),
+            data_json: text(&status.data),
+        };
+        // SAFETY: see above; the host's table covers the callback (checked).
+        accepted(unsafe { (api.add_device_status)(call, &raw) }, &format!("the status of device {id:?}"))?;
     }
     Ok(())
 }
@@ -486,6 +754,9 @@ mod tests {
     unsafe extern "C" fn no_str(_: *mut DevhostCall, _: DevhostStr) -> i32 {
         DEVHOST_E_WRONG_CALL
     }
+    unsafe extern "C" fn no_status(_: *mut DevhostCall, _: *const DevhostDeviceStatus) -> i32 {
+        DEVHOST_E_WRONG_CALL
+    }
 
     fn host(abi_version: u32, struct_size: u32) -> DevhostHostApi {
         DevhostHostApi {
@@ -501,6 +772,7 @@ mod tests {
             add_annotation: no_pair,
             add_cdi_device: no_str,
             add_device_id: no_str,
+            add_device_status: no_status,
         }
     }
 
@@ -513,10 +785,14 @@ mod tests {
         // SAFETY: as above.
         assert!(unsafe { entry(&host(version(2, 0), full), &TABLE) }.is_null(), "another major");
         // SAFETY: as above.
+        let older = unsafe { entry(&host(version(1, 1), DEVHOST_HOST_API_SIZE_1_1), &TABLE) };
+        assert!(std::ptr::eq(older, &TABLE), "a 1.1 host, without add_device_status");
+        // SAFETY: as above.
         assert!(unsafe { entry(&host(version(1, 0), 8), &TABLE) }.is_null(), "a truncated host table");
         // SAFETY: NULL is allowed.
         assert!(unsafe { entry(std::ptr::null(), &TABLE) }.is_null());
-        assert_eq!(TABLE.struct_size, 64);
+        assert_eq!(TABLE.struct_size, 72);
+        assert!(TABLE.allocate_shared.is_some(), "ABI 1.2: allocate_shared is exported");
         assert_eq!(TABLE.abi_version, DEVHOST_ABI_VERSION);
     }
 
@@ -527,5 +803,183 @@ mod tests {
         assert_eq!(status, DEVHOST_FAULT);
         let status = guarded(&api, std::ptr::null_mut(), || Err(Error::new("no")));
         assert_eq!(status, DEVHOST_ERROR);
+    }
+
+    /// A backend of ABI 1.2's kind: a shared NIC whose allocation reports
+    /// what the claim consumes and a device status.
+    struct Sharer;
+
+    impl Backend for Sharer {
+        fn init(_config: &str, _host: Host) -> Result<(Self, Vec<Resource>), Error> {
+            Ok((Sharer, Vec::new()))
+        }
+
+        fn allocate(&self, _resource: &str, _device_ids: &[String]) -> Result<Allocation, Error> {
+            Ok(Allocation::default())
+        }
+
+        fn allocate_shared(
+            &self,
+            _resource: &str,
+            device_ids: &[String],
+            shares: &[(String, Share)],
+        ) -> Result<Allocation, Error> {
+            let mut answer = Allocation::default();
+            for (id, share) in shares {
+                let said = format!("{:?} {:?}", share.share_id, share.consumed);
+                answer.envs.insert(format!("SHARE_{id}"), said);
+            }
+            answer.device_status.insert(
+                device_ids[0].clone(),
+                crate::model::DeviceStatus {
+                    interface_name: Some("eth1".into()),
+                    ips: vec!["10.0.0.5/24".into()],
+                    ..Default::default()
+                },
+            );
+            Ok(answer)
+        }
+    }
+
+    std::thread_local! {
+        /// What the fake host's recording callbacks saw, in order.
+        static SEEN: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn seen(line: String) {
+        SEEN.with(|seen| seen.borrow_mut().push(line));
+    }
+
+    /// # Safety
+    ///
+    /// `s` is a valid string for the call.
+    unsafe fn text(s: DevhostStr) -> String {
+        // SAFETY: per the caller.
+        unsafe { string(s, "test") }.expect("UTF-8")
+    }
+
+    unsafe extern "C" fn record_env(_: *mut DevhostCall, key: DevhostStr, value: DevhostStr) -> i32 {
+        // SAFETY: the shim passes valid strings.
+        seen(unsafe { format!("env {}={}", text(key), text(value)) });
+        DEVHOST_OK
+    }
+
+    unsafe extern "C" fn record_status(_: *mut DevhostCall, status: *const DevhostDeviceStatus) -> i32 {
+        // SAFETY: the shim passes a valid status with valid strings.
+        let line = unsafe {
+            let status = &*status;
+            let ips = strings(status.ips, status.ips_len, "ip").expect("ips");
+            format!(
+                "status {} {} {ips:?} {:?}",
+                text(status.device_id),
+                text(status.interface_name),
+                text(status.data_json)
+            )
+        };
+        seen(line);
+        DEVHOST_OK
+    }
+
+    unsafe extern "C" fn record_publish(
+        _: *mut DevhostHost,
+        _: DevhostStr,
+        devices: *const DevhostDevice,
+        count: usize,
+    ) -> i32 {
+        // SAFETY: the shim passes `count` valid 1.2 devices.
+        let devices = unsafe { std::slice::from_raw_parts(devices, count) };
+        for device in devices {
+            // SAFETY: as above, for what each device points to.
+            let line = unsafe {
+                let consumes = host_array(device.consumes, device.consumes_len, "consumes").expect("consumes");
+                let sets: Vec<String> = consumes.iter().map(|c| text(c.counter_set)).collect();
+                let policies =
+                    host_array(device.request_policies, device.request_policies_len, "policies").expect("policies");
+                let kinds: Vec<(String, u32, String, String)> =
+                    policies.iter().map(|p| (text(p.capacity), p.kind, text(p.min), text(p.step))).collect();
+                format!("device {} flags {} consumes {sets:?} policies {kinds:?}", text(device.id), device.flags)
+            };
+            seen(line);
+        }
+        DEVHOST_OK
+    }
+
+    unsafe extern "C" fn record_resource(_: *mut DevhostCall, resource: *const DevhostResource) -> i32 {
+        // SAFETY: the shim passes a valid 1.2 resource.
+        let line = unsafe {
+            let resource = &*resource;
+            let sets = host_array(resource.counter_sets, resource.counter_sets_len, "sets").expect("sets");
+            let sets: Vec<(String, usize)> = sets.iter().map(|set| (text(set.name), set.counters_len)).collect();
+            format!("resource {} {sets:?}", text(resource.name))
+        };
+        seen(line);
+        DEVHOST_OK
+    }
+
+    #[test]
+    fn abi_1_2_travels_through_the_shims_both_ways() {
+        let api: &'static DevhostHostApi = Box::leak(Box::new(DevhostHostApi {
+            publish: record_publish,
+            add_resource: record_resource,
+            add_env: record_env,
+            add_device_status: record_status,
+            ..host(DEVHOST_ABI_VERSION, size_of_u32::<DevhostHostApi>())
+        }));
+        let host = Host { api, ctx: std::ptr::null_mut() };
+        let nic = Device::healthy("nic-0").with_capacity("bandwidth", "10G").with_request_policy(
+            "bandwidth",
+            RequestPolicy {
+                default: Some("1G".into()),
+                valid: Some(ValidRequests::Range { min: "1G".into(), max: None, step: Some("1G".into()) }),
+            },
+        );
+        let half = Device::healthy("half").consuming("gpu-0", [("memory", "20Gi")]);
+        host.publish("a.io/x", &[half, nic]).expect("published");
+        let gpu =
+            Resource::new("a.io/x").with_counter_set(crate::model::CounterSet::new("gpu-0", [("memory", "40Gi")]));
+        declare(api, std::ptr::null_mut(), &gpu).expect("declared");
+
+        let instance = Box::into_raw(Box::new(Instance { backend: Sharer, host: host.clone() }));
+        let consumed = [DevhostCapacity {
+            struct_size: size_of_u32::<DevhostCapacity>(),
+            reserved: 0,
+            name: DevhostStr::new("bandwidth"),
+            quantity: DevhostStr::new("2G"),
+        }];
+        let shares = [DevhostShare {
+            struct_size: size_of_u32::<DevhostShare>(),
+            reserved: 0,
+            device_id: DevhostStr::new("nic-0"),
+            share_id: DevhostStr::new("u-1"),
+            consumed: consumed.as_ptr(),
+            consumed_len: 1,
+        }];
+        let ids = [DevhostStr::new("nic-0")];
+        // SAFETY: the instance came from `Box::into_raw` of an
+        // `Instance<Sharer>`; every array lives on this frame.
+        let status = unsafe {
+            allocate_shared::<Sharer>(
+                instance.cast(),
+                std::ptr::null_mut(),
+                DevhostStr::new("a.io/x"),
+                ids.as_ptr(),
+                1,
+                shares.as_ptr(),
+                1,
+            )
+        };
+        assert_eq!(status, DEVHOST_OK);
+        // SAFETY: as above; this is its only shutdown.
+        unsafe { shutdown::<Sharer>(instance.cast()) };
+        assert_eq!(
+            SEEN.with(|seen| seen.borrow().clone()),
+            [
+                "device half flags 0 consumes [\"gpu-0\"] policies []",
+                "device nic-0 flags 1 consumes [] policies [(\"bandwidth\", 2, \"1G\", \"1G\")]",
+                "resource a.io/x [(\"gpu-0\", 1)]",
+                "env SHARE_nic-0=Some(\"u-1\") {\"bandwidth\": \"2G\"}",
+                "status nic-0 eth1 [\"10.0.0.5/24\"] \"\"",
+            ]
+        );
     }
 }

@@ -1,11 +1,14 @@
 //! The SDK's WASM packaging: the glue [`export_backend!`](crate::export_backend)
 //! expands to when the crate is built for `wasm32` (`wasm32-wasip2`). It
-//! exports the world `devhost:backend/backend@1.1.0`
-//! (`abi/wit/devhost-backend-1.1.0/`) and adapts it to the same [`Backend`]
+//! exports the world `devhost:backend/backend@1.2.0`
+//! (`abi/wit/devhost-backend-1.2.0/`) and adapts it to the same [`Backend`]
 //! trait the native shims use: device attributes and capacities, a
 //! resource's `release-required` and the `release` export carry what ABI
-//! 1.1 added natively. A devhost that only knows 1.0.0 cannot run such a
-//! component and refuses to load it.
+//! 1.1 added natively; a resource's counter sets, what a device consumes of
+//! them, shared devices' request policies, the `allocate-shared` export
+//! ([`Backend::allocate_shared`]) and an allocation's device status what
+//! ABI 1.2 added. A devhost that only knows 1.0.0 or 1.1.0 cannot run such
+//! a component and refuses to load it.
 //!
 //! A component has no threads, so the push model of the native ABI becomes
 //! a poll: [`Host::publish`] only stores the latest list of each resource,
@@ -17,14 +20,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{Allocation, AttributeValue, Backend, Device, Health, LogLevel, PreferredRequest, PublishError, Resource};
+use crate::model::{CounterSet, Share, ValidRequests};
 
 /// The bindings wit-bindgen generates for the world (guest side).
 #[doc(hidden)]
 #[allow(missing_docs, unsafe_code, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "wit/devhost-backend-1.1.0",
-        world: "devhost:backend/backend@1.1.0",
+        path: "wit/devhost-backend-1.2.0",
+        world: "devhost:backend/backend@1.2.0",
         pub_export_macro: true,
         export_macro_name: "__devhost_export_component",
         default_bindings_module: "devhost_abi::sdk::wasm::bindings",
@@ -139,6 +143,26 @@ impl<B: Backend> Instance<B> {
         self.with(|backend| backend.allocate(resource, device_ids).map(allocation_to_wit).map_err(|e| e.to_string()))
     }
 
+    /// `allocate-shared` of the world (1.2.0): [`Backend::allocate_shared`]
+    /// with each share's device ID beside what the claim consumes of it.
+    pub fn allocate_shared(
+        &self,
+        resource: &str,
+        device_ids: &[String],
+        shares: Vec<wit::Share>,
+    ) -> Result<wit::Allocation, String> {
+        let shares: Vec<(String, Share)> = shares
+            .into_iter()
+            .map(|share| {
+                let consumed = share.consumed.into_iter().map(|c| (c.name, c.quantity)).collect();
+                (share.device_id, Share { share_id: share.share_id, consumed })
+            })
+            .collect();
+        self.with(|backend| {
+            backend.allocate_shared(resource, device_ids, &shares).map(allocation_to_wit).map_err(|e| e.to_string())
+        })
+    }
+
     /// `preferred-allocation` of the world.
     pub fn preferred_allocation(
         &self,
@@ -205,7 +229,41 @@ fn device_to_wit(device: &Device) -> wit::Device {
             .iter()
             .map(|(name, quantity)| wit::Capacity { name: name.clone(), quantity: quantity.clone() })
             .collect(),
+        consumes: device
+            .consumes
+            .iter()
+            .map(|consumption| wit::CounterConsumption {
+                counter_set: consumption.counter_set.clone(),
+                counters: counters_to_wit(&consumption.counters),
+            })
+            .collect(),
+        shared: device.shared.as_ref().map(|shared| wit::SharedDevice {
+            request_policies: shared
+                .request_policies
+                .iter()
+                .map(|(capacity, policy)| wit::RequestPolicy {
+                    capacity: capacity.clone(),
+                    default: policy.default.clone(),
+                    valid: policy.valid.as_ref().map(|valid| match valid {
+                        ValidRequests::Range { min, max, step } => wit::ValidRequests::Range(wit::ValidRange {
+                            min: min.clone(),
+                            max: max.clone(),
+                            step: step.clone(),
+                        }),
+                        ValidRequests::Values(values) => wit::ValidRequests::Values(values.clone()),
+                    }),
+                })
+                .collect(),
+        }),
     }
+}
+
+fn counters_to_wit(counters: &BTreeMap<String, String>) -> Vec<wit::Counter> {
+    counters.iter().map(|(name, quantity)| wit::Counter { name: name.clone(), quantity: quantity.clone() }).collect()
+}
+
+fn counter_set_to_wit(set: CounterSet) -> wit::CounterSet {
+    wit::CounterSet { counters: counters_to_wit(&set.counters), name: set.name }
 }
 
 fn resource_to_wit(resource: Resource) -> wit::Resource {
@@ -214,6 +272,7 @@ fn resource_to_wit(resource: Resource) -> wit::Resource {
         pre_start_required: resource.pre_start_required,
         preferred_allocation: resource.preferred_allocation,
         release_required: resource.release_required,
+        counter_sets: resource.counter_sets.into_iter().map(counter_set_to_wit).collect(),
     }
 }
 
@@ -236,5 +295,18 @@ fn allocation_to_wit(allocation: Allocation) -> wit::Allocation {
             .collect(),
         annotations: allocation.annotations.into_iter().collect(),
         cdi_devices: allocation.cdi_devices,
+        device_status: allocation
+            .device_status
+            .into_iter()
+            .map(|(id, status)| {
+                let status = wit::DeviceStatus {
+                    interface_name: status.interface_name,
+                    hardware_address: status.hardware_address,
+                    ips: status.ips,
+                    data: status.data,
+                };
+                (id, status)
+            })
+            .collect(),
     }
 }

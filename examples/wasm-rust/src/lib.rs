@@ -14,6 +14,17 @@
 //! the resource asks for `release`, which has nothing to scrub here and
 //! only counts.
 //!
+//! With `partitions = true` (ABI 1.2, world 1.2.0) it serves a partitioned
+//! GPU and a shared NIC instead: the resource declares the counter set
+//! `gpu-0-counters` (`memory` 40Gi, `slices` 8), which `gpu-0` (the whole
+//! GPU) and its halves `gpu-0-half-0` and `gpu-0-half-1` consume, and
+//! `nic-0` is shared by several DRA claims, each consuming part of its
+//! `example.com/bandwidth` (10G; default 1G, 1G to 8G in steps of 1G).
+//! `allocate_shared` puts what a claim consumes into
+//! `EXAMPLE_WASM_SHARES` (`nic-0:example.com/bandwidth=2G`). With
+//! `device_status = true` each allocation also reports a device status per
+//! device (interface `ex-<id>`, address `10.0.0.5/24`, data `{"id": ...}`).
+//!
 //! As a component it has no threads: devhost polls it, and [`Backend::poll`]
 //! re-reads the health files then. Built natively, a thread does the same.
 
@@ -23,6 +34,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use devhost_abi::model::{CounterSet, DeviceStatus, RequestPolicy, Share, ValidRequests};
 use devhost_abi::sdk::{
     Allocation, AttributeValue, Backend, Device, DeviceSpec, Error, Health, Host, LogLevel, PreferredRequest, Resource,
 };
@@ -37,6 +49,10 @@ struct Config {
     poll_interval_ms: u64,
     /// Ask devhost to call `release` once no container holds a device.
     release: bool,
+    /// Serve a partitioned GPU and a shared NIC (ABI 1.2) instead.
+    partitions: bool,
+    /// Report a device status for each allocated device (ABI 1.2).
+    device_status: bool,
 }
 
 impl Default for Config {
@@ -47,6 +63,8 @@ impl Default for Config {
             health_dir: None,
             poll_interval_ms: 1000,
             release: false,
+            partitions: false,
+            device_status: false,
         }
     }
 }
@@ -62,6 +80,9 @@ struct Prober {
 
 impl Prober {
     fn devices(&self) -> Vec<Device> {
+        if self.config.partitions {
+            return partitioned();
+        }
         (0..self.config.devices)
             .map(|i| {
                 let id = format!("wasm-{i}");
@@ -84,6 +105,28 @@ impl Prober {
     }
 }
 
+/// The counter set of the partitioned GPU (`partitions = true`).
+fn gpu_counters() -> CounterSet {
+    CounterSet::new("gpu-0-counters", [("memory", "40Gi"), ("slices", "8")])
+}
+
+/// The partitioned GPU and the shared NIC (`partitions = true`): the whole
+/// GPU and its two halves consume `gpu-0-counters`; `nic-0` is shared.
+fn partitioned() -> Vec<Device> {
+    let whole = Device::healthy("gpu-0").consuming("gpu-0-counters", [("memory", "40Gi"), ("slices", "8")]);
+    let halves = (0..2).map(|i| {
+        Device::healthy(format!("gpu-0-half-{i}")).consuming("gpu-0-counters", [("memory", "20Gi"), ("slices", "4")])
+    });
+    let policy = RequestPolicy {
+        default: Some("1G".into()),
+        valid: Some(ValidRequests::Range { min: "1G".into(), max: Some("8G".into()), step: Some("1G".into()) }),
+    };
+    let nic = Device::healthy("nic-0")
+        .with_capacity("example.com/bandwidth", "10G")
+        .with_request_policy("example.com/bandwidth", policy);
+    std::iter::once(whole).chain(halves).chain(std::iter::once(nic)).collect()
+}
+
 struct Example {
     prober: Prober,
     #[cfg(not(target_arch = "wasm32"))]
@@ -101,6 +144,9 @@ impl Backend for Example {
         let mut resource = Resource::new(prober.config.resource.clone()).with_preferred_allocation();
         if prober.config.release {
             resource = resource.with_release();
+        }
+        if prober.config.partitions {
+            resource = resource.with_counter_set(gpu_counters());
         }
         let resources = vec![resource];
         #[cfg(not(target_arch = "wasm32"))]
@@ -139,7 +185,28 @@ impl Backend for Example {
                 permissions: "rw".into(),
             });
             answer.cdi_devices.push(format!("example.com/wasm={id}"));
+            if self.prober.config.device_status {
+                let status = DeviceStatus {
+                    interface_name: Some(format!("ex-{id}")),
+                    hardware_address: Some("02:00:00:00:00:01".into()),
+                    ips: vec!["10.0.0.5/24".into()],
+                    data: Some(format!("{{\"id\":{id:?}}}")),
+                };
+                answer.device_status.insert(id.clone(), status);
+            }
         }
+        Ok(answer)
+    }
+
+    fn allocate_shared(&self, resource: &str, ids: &[String], shares: &[(String, Share)]) -> Result<Allocation, Error> {
+        let mut answer = self.allocate(resource, ids)?;
+        // What this claim consumes of each shared device: two claims on
+        // `nic-0` each see their own amount.
+        let consumed: Vec<String> = shares
+            .iter()
+            .flat_map(|(id, share)| share.consumed.iter().map(move |(name, amount)| format!("{id}:{name}={amount}")))
+            .collect();
+        answer.envs.insert("EXAMPLE_WASM_SHARES".into(), consumed.join(","));
         Ok(answer)
     }
 

@@ -16,10 +16,12 @@
 //! old or a NULL host pointer) and `shutdown`. In each backend call the
 //! module makes input-chosen host calls (`publish`, `log`, `set_error`,
 //! `add_resource`, `add_env`, `add_annotation`, `add_mount`,
-//! `add_device_spec`, `add_cdi_device`, `add_device_id`, some with a NULL
-//! call pointer) with strings that may be non-UTF-8, NULL with a length or
-//! impossibly long, structs of any `struct_size`, device arrays of any
-//! stride, health value and NUMA list, then returns any status.
+//! `add_device_spec`, `add_cdi_device`, `add_device_id`,
+//! `add_device_status` (ABI 1.2), some with a NULL call pointer) with
+//! strings that may be non-UTF-8, NULL with a length or impossibly long,
+//! structs of any `struct_size` (a resource of 1.1's size or 1.2's), device
+//! arrays of any stride, health value and NUMA list, then returns any
+//! status.
 //!
 //! Invariants, against a model of the ABI written here from
 //! `abi/include/devhost_backend.h` and `abi/README.md`: every callback
@@ -267,7 +269,9 @@ impl RawList {
 }
 
 /// A struct that starts with `u32 struct_size`, in a buffer of exactly the
-/// size it claims (at least 4 bytes), or NULL.
+/// size it claims (at least 4 bytes), or NULL. A buffer smaller than `T`
+/// holds `T`'s first bytes (as a module built against an older minor lays
+/// it out).
 fn struct_bytes<T: Copy>(value: T, size: u32, null: bool) -> Option<Vec<u8>> {
     if null {
         return None;
@@ -277,6 +281,10 @@ fn struct_bytes<T: Copy>(value: T, size: u32, null: bool) -> Option<Vec<u8>> {
         // SAFETY: the buffer holds at least size_of::<T>() bytes.
         unsafe { bytes.as_mut_ptr().cast::<T>().write_unaligned(value) };
     } else {
+        let prefix = (size as usize).min(size_of::<T>());
+        // SAFETY: `value` has size_of::<T>() readable bytes, the buffer at
+        // least `prefix`.
+        unsafe { std::ptr::copy_nonoverlapping(std::ptr::from_ref(&value).cast::<u8>(), bytes.as_mut_ptr(), prefix) };
         bytes[..4].copy_from_slice(&size.to_le_bytes());
     }
     Some(bytes)
@@ -347,6 +355,15 @@ enum Action {
     },
     AddCdi(RawStr),
     AddDeviceId(RawStr),
+    /// ABI 1.2: a device status.
+    AddDeviceStatus {
+        size: u32,
+        id: RawStr,
+        interface: RawStr,
+        ips: Vec<RawStr>,
+        data: RawStr,
+        null: bool,
+    },
     /// `add_env` with a NULL call pointer.
     NullCall,
 }
@@ -361,7 +378,7 @@ fn resource_name(u: &mut Unstructured<'_>) -> AResult<RawStr> {
 
 impl Action {
     fn arbitrary(u: &mut Unstructured<'_>) -> AResult<Action> {
-        Ok(match u.int_in_range(0..=12u8)? {
+        Ok(match u.int_in_range(0..=13u8)? {
             0 | 1 => Action::Publish {
                 host: match u.int_in_range(0..=9u8)? {
                     0..=7 => HostRef::Current,
@@ -403,6 +420,25 @@ impl Action {
             },
             10 => Action::AddCdi(RawStr::arbitrary(u)?),
             11 => Action::AddDeviceId(RawStr::arbitrary(u)?),
+            12 => {
+                let pick = |u: &mut Unstructured<'_>, words: &[&str]| -> AResult<RawStr> {
+                    if u.ratio(3, 4)? {
+                        Ok(RawStr::Bytes((*u.choose(words)?).as_bytes().to_vec()))
+                    } else {
+                        RawStr::arbitrary(u)
+                    }
+                };
+                Action::AddDeviceStatus {
+                    size: struct_size::<DevhostDeviceStatus>(u)?,
+                    id: pick(u, &["gpu-0", "gpu-1"])?,
+                    interface: pick(u, &["", "eth1"])?,
+                    ips: (0..u.int_in_range(0..=2)?)
+                        .map(|_| pick(u, &["10.0.0.5/24", "10.0.0.6/24", "10.0.0.5", "2001:DB8::5/64"]))
+                        .collect::<AResult<_>>()?,
+                    data: pick(u, &["", "{\"vf\":3}", "[1]", "{"])?,
+                    null: crate::rarely(u, 20),
+                }
+            }
             _ => Action::NullCall,
         })
     }
@@ -535,7 +571,13 @@ fn act(action: &Action, call: *mut DevhostCall, current: *mut DevhostHost) -> i3
                 0
             }
             Action::AddResource { size, flags, name, null } => {
-                let raw = DevhostResource { struct_size: *size, flags: *flags, name: name.raw() };
+                let raw = DevhostResource {
+                    struct_size: *size,
+                    flags: *flags,
+                    name: name.raw(),
+                    counter_sets: std::ptr::null(),
+                    counter_sets_len: 0,
+                };
                 let bytes = struct_bytes(raw, *size, *null);
                 (api.add_resource)(call, struct_ptr(&bytes))
             }
@@ -564,6 +606,21 @@ fn act(action: &Action, call: *mut DevhostCall, current: *mut DevhostHost) -> i3
             }
             Action::AddCdi(name) => (api.add_cdi_device)(call, name.raw()),
             Action::AddDeviceId(id) => (api.add_device_id)(call, id.raw()),
+            Action::AddDeviceStatus { size, id, interface, ips, data, null } => {
+                let ips: Vec<DevhostStr> = ips.iter().map(RawStr::raw).collect();
+                let raw = DevhostDeviceStatus {
+                    struct_size: *size,
+                    reserved: 0,
+                    device_id: id.raw(),
+                    interface_name: interface.raw(),
+                    hardware_address: DevhostStr::EMPTY,
+                    ips: if ips.is_empty() { std::ptr::null() } else { ips.as_ptr() },
+                    ips_len: ips.len(),
+                    data_json: data.raw(),
+                };
+                let bytes = struct_bytes(raw, *size, *null);
+                (api.add_device_status)(call, struct_ptr(&bytes))
+            }
             Action::NullCall => (api.add_env)(std::ptr::null_mut(), DevhostStr::new("K"), DevhostStr::new("V")),
         }
     }
@@ -714,6 +771,8 @@ struct Collect {
     ids: Vec<String>,
     /// A list refused during `init`.
     init_publish_error: bool,
+    /// The device IDs of the call (`allocate`): those a status may be for.
+    call_ids: Vec<String>,
 }
 
 fn text_of(s: &RawStr) -> Option<String> {
@@ -783,12 +842,15 @@ impl Model {
                     | DEVHOST_RESOURCE_PREFERRED_ALLOCATION
                     | DEVHOST_RESOURCE_RELEASE;
                 match text_of(name) {
-                    Some(name) if !null && *size >= size_of_u32::<DevhostResource>() && flags & !known == 0 => {
+                    // 1.1's size is enough: a smaller resource has no
+                    // counter sets (this module declares none either way).
+                    Some(name) if !null && *size >= DEVHOST_RESOURCE_SIZE_1_1 && flags & !known == 0 => {
                         c.resources.push(ResourceSpec {
                             name,
                             pre_start_required: flags & DEVHOST_RESOURCE_PRE_START_REQUIRED != 0,
                             preferred_allocation: flags & DEVHOST_RESOURCE_PREFERRED_ALLOCATION != 0,
                             release_required: flags & DEVHOST_RESOURCE_RELEASE != 0,
+                            counter_sets: Vec::new(),
                         });
                         DEVHOST_OK
                     }
@@ -842,6 +904,32 @@ impl Model {
                 }
                 None => violation(c, DEVHOST_E_INVALID),
             },
+            Action::AddDeviceStatus { size, id, interface, ips, data, null } => {
+                let ips: Option<Vec<String>> = ips.iter().map(text_of).collect();
+                let (Some(id), Some(interface), Some(ips), Some(data)) =
+                    (text_of(id), text_of(interface), ips, text_of(data))
+                else {
+                    return violation(c, DEVHOST_E_INVALID);
+                };
+                // The contract's rules: the whole 1.2 struct, a device of the
+                // call, once, within the API server's limits (empty = none).
+                let status = devhost_abi::model::DeviceStatus {
+                    interface_name: (!interface.is_empty()).then_some(interface),
+                    hardware_address: None,
+                    ips,
+                    data: (!data.is_empty()).then_some(data),
+                };
+                if *null
+                    || *size < size_of_u32::<DevhostDeviceStatus>()
+                    || !c.call_ids.contains(&id)
+                    || c.allocation.device_status.contains_key(&id)
+                    || devhost_abi::partitions::check_device_status(&status).is_err()
+                {
+                    return violation(c, DEVHOST_E_INVALID);
+                }
+                c.allocation.device_status.insert(id, status);
+                DEVHOST_OK
+            }
         }
     }
 
@@ -930,6 +1018,7 @@ impl Target for NativeRead {
             shutdown: module_shutdown,
             release: None,
             poll: None,
+            allocate_shared: None,
         };
         let backend = Arc::new(adapter::NativeBackend::new("fuzz.so".into(), fns, "{}".into()));
         let result = drive(&backend, &steps, with_preferred, with_pre_start);
@@ -1044,6 +1133,7 @@ fn drive(
                 let pre_start = matches!(step, Step::PreStart(..));
                 let phase = if pre_start { Phase::PreStart } else { Phase::Allocate };
                 let called = model.live.is_some() && (!pre_start || with_pre_start);
+                c.call_ids = ids.clone();
                 if called {
                     for action in &script.actions {
                         want_codes.push(model.act(action, phase, latest, &mut c));

@@ -555,6 +555,8 @@ fn allocation(a: &WAllocation) -> (Allocation, Vec<String>) {
             .collect(),
         annotations,
         cdi_devices: a.cdi_devices.iter().map(utf8).collect(),
+        // World 1.0.0 has no device status: always empty.
+        device_status: BTreeMap::new(),
     };
     (allocation, repeated)
 }
@@ -770,6 +772,7 @@ fn check_init(answers: &Answers, publisher: &Publisher, got: Outcome<Vec<Resourc
             pre_start_required: *a != 0,
             preferred_allocation: *b != 0,
             release_required: false,
+            counter_sets: Vec::new(),
         })
         .collect();
     // The lists, in order: an undeclared resource, an empty or repeated

@@ -19,7 +19,8 @@
 //! is an error, never a message; whatever `read_frame` decodes from raw
 //! bytes consumed exactly its prefix and body and survives re-encoding;
 //! the model survives the wire (device, allocation, resource, preferred
-//! request). Known finding F1 (checked only with `DEVHOST_FUZZ_STRICT=1`):
+//! request, and ABI 1.2's counter sets, consumptions, shared devices with
+//! their request policies, shares and device statuses). Known finding F1 (checked only with `DEVHOST_FUZZ_STRICT=1`):
 //! a stream that ends inside a length prefix (1–3 bytes) must be an error,
 //! not a clean end.
 
@@ -31,9 +32,12 @@ use devhost::backend::{Allocation, Device, DeviceSpec, Health, Mount, PreferredR
 use devhost::model::AttributeValue;
 use devhost::worker::protocol::{
     Answer, Call, Confine, DevicesCall, Empty, Failure, FailureKind, Fault, Load, LogLine, MAX_FRAME, PreferredAnswer,
-    PreferredCall, Publish, Reply, Request, Resources, WireAllocation, WireAttribute, WireAttributeValue, WireDevice,
-    WireDeviceSpec, WireMount, WireResource, frame, frame_len, read_frame, write_frame,
+    PreferredCall, Publish, Reply, Request, Resources, WireAllocation, WireAttribute, WireAttributeValue,
+    WireConsumption, WireCounterSet, WireDevice, WireDeviceSpec, WireDeviceStatus, WireMount, WireRange,
+    WireRequestPolicy, WireResource, WireShare, WireShared, WireValidRequests, WireValues, frame, frame_len,
+    read_frame, write_frame,
 };
+use devhost_abi::model::{CounterSet, DeviceStatus, RequestPolicy, Share, ValidRequests};
 use prost::Message;
 
 use crate::Target;
@@ -140,7 +144,48 @@ fn wire_allocation(u: &mut Unstructured<'_>) -> AResult<WireAllocation> {
             .collect::<AResult<_>>()?,
         annotations: pairs(u)?,
         cdi_devices: strings(u)?,
+        device_status: (0..u.int_in_range(0..=2)?)
+            .map(|_| {
+                let status = WireDeviceStatus {
+                    interface_name: optional(u)?,
+                    hardware_address: optional(u)?,
+                    ips: strings(u)?,
+                    data: optional(u)?,
+                };
+                Ok((string(u)?, status))
+            })
+            .collect::<AResult<_>>()?,
     })
+}
+
+fn optional(u: &mut Unstructured<'_>) -> AResult<Option<String>> {
+    u.arbitrary::<bool>()?.then(|| string(u)).transpose()
+}
+
+fn wire_shares(u: &mut Unstructured<'_>) -> AResult<Vec<WireShare>> {
+    (0..u.int_in_range(0..=2)?)
+        .map(|_| Ok(WireShare { device_id: string(u)?, share_id: optional(u)?, consumed: pairs(u)? }))
+        .collect()
+}
+
+/// ABI 1.2's sharing of a device: request policies of every kind.
+fn wire_shared(u: &mut Unstructured<'_>) -> AResult<Option<WireShared>> {
+    if !u.arbitrary::<bool>()? {
+        return Ok(None);
+    }
+    let request_policies = (0..u.int_in_range(0..=2)?)
+        .map(|_| {
+            let valid = match u.int_in_range(0..=2)? {
+                0 => None,
+                1 => {
+                    Some(WireValidRequests::Range(WireRange { min: string(u)?, max: optional(u)?, step: optional(u)? }))
+                }
+                _ => Some(WireValidRequests::Values(WireValues { values: strings(u)? })),
+            };
+            Ok(WireRequestPolicy { capacity: string(u)?, default: optional(u)?, valid })
+        })
+        .collect::<AResult<_>>()?;
+    Ok(Some(WireShared { request_policies }))
 }
 
 fn wire_device(u: &mut Unstructured<'_>) -> AResult<WireDevice> {
@@ -162,6 +207,10 @@ fn wire_device(u: &mut Unstructured<'_>) -> AResult<WireDevice> {
         numa_nodes: u.arbitrary()?,
         attributes,
         capacities: pairs(u)?.into_iter().collect(),
+        consumes: (0..u.int_in_range(0..=2)?)
+            .map(|_| Ok(WireConsumption { counter_set: string(u)?, counters: pairs(u)? }))
+            .collect::<AResult<_>>()?,
+        shared: wire_shared(u)?,
     })
 }
 
@@ -175,14 +224,14 @@ fn request(u: &mut Unstructured<'_>) -> AResult<Request> {
             config_json: string(u)?,
         }),
         1 => Call::Init(Empty {}),
-        2 => Call::Allocate(DevicesCall { resource: string(u)?, ids: strings(u)? }),
+        2 => Call::Allocate(DevicesCall { resource: string(u)?, ids: strings(u)?, shares: wire_shares(u)? }),
         3 => Call::Preferred(PreferredCall {
             resource: string(u)?,
             available: strings(u)?,
             must_include: strings(u)?,
             size: u.arbitrary()?,
         }),
-        4 => Call::PreStart(DevicesCall { resource: string(u)?, ids: strings(u)? }),
+        4 => Call::PreStart(DevicesCall { resource: string(u)?, ids: strings(u)?, shares: Vec::new() }),
         5 => Call::Shutdown(Empty {}),
         6 => Call::Confine(Confine {
             capabilities: strings(u)?,
@@ -214,6 +263,9 @@ fn reply(u: &mut Unstructured<'_>) -> AResult<Reply> {
                         pre_start_required: u.arbitrary()?,
                         preferred_allocation: u.arbitrary()?,
                         release_required: u.arbitrary()?,
+                        counter_sets: (0..u.int_in_range(0..=2)?)
+                            .map(|_| Ok(WireCounterSet { name: string(u)?, counters: pairs(u)? }))
+                            .collect::<AResult<_>>()?,
                     })
                 })
                 .collect::<AResult<_>>()?,
@@ -405,7 +457,32 @@ fn model(u: &mut Unstructured<'_>) -> Result<(), String> {
     .with_numa_nodes(u.arbitrary().unwrap_or_default())
     .with_attribute(string(u).unwrap_or_default(), AttributeValue::Int(u.arbitrary().unwrap_or_default()))
     .with_attribute(string(u).unwrap_or_default(), AttributeValue::Version(string(u).unwrap_or_default()))
-    .with_capacity(string(u).unwrap_or_default(), string(u).unwrap_or_default());
+    .with_capacity(string(u).unwrap_or_default(), string(u).unwrap_or_default())
+    .consuming(string(u).unwrap_or_default(), pairs(u).unwrap_or_default());
+    // ABI 1.2: shared or not, with a policy of each kind.
+    let device = if u.arbitrary().unwrap_or(false) {
+        let range = ValidRequests::Range {
+            min: string(u).unwrap_or_default(),
+            max: optional(u).unwrap_or_default(),
+            step: optional(u).unwrap_or_default(),
+        };
+        device
+            .shared()
+            .with_request_policy(string(u).unwrap_or_default(), RequestPolicy { default: None, valid: None })
+            .with_request_policy(
+                string(u).unwrap_or_default(),
+                RequestPolicy { default: optional(u).unwrap_or_default(), valid: Some(range) },
+            )
+            .with_request_policy(
+                string(u).unwrap_or_default(),
+                RequestPolicy {
+                    default: optional(u).unwrap_or_default(),
+                    valid: Some(ValidRequests::Values(strings(u).unwrap_or_default())),
+                },
+            )
+    } else {
+        device
+    };
     let wire = WireDevice::from(&device);
     let back = Device::try_from(decoded(&wire)?).map_err(|error| format!("{device:?} refused: {error}"))?;
     if back != device {
@@ -425,6 +502,16 @@ fn model(u: &mut Unstructured<'_>) -> Result<(), String> {
         }],
         annotations: pairs(u).unwrap_or_default(),
         cdi_devices: strings(u).unwrap_or_default(),
+        device_status: [(
+            string(u).unwrap_or_default(),
+            DeviceStatus {
+                interface_name: optional(u).unwrap_or_default(),
+                hardware_address: optional(u).unwrap_or_default(),
+                ips: strings(u).unwrap_or_default(),
+                data: optional(u).unwrap_or_default(),
+            },
+        )]
+        .into(),
     };
     let back = Allocation::from(decoded(&WireAllocation::from(allocation.clone()))?);
     if back != allocation {
@@ -435,6 +522,7 @@ fn model(u: &mut Unstructured<'_>) -> Result<(), String> {
         pre_start_required: u.arbitrary().unwrap_or(false),
         preferred_allocation: u.arbitrary().unwrap_or(false),
         release_required: u.arbitrary().unwrap_or(false),
+        counter_sets: vec![CounterSet::new(string(u).unwrap_or_default(), pairs(u).unwrap_or_default())],
     };
     let back = ResourceSpec::from(decoded(&WireResource::from(&spec))?);
     if back != spec {
@@ -445,6 +533,14 @@ fn model(u: &mut Unstructured<'_>) -> Result<(), String> {
         must_include: strings(u).unwrap_or_default(),
         size: u.arbitrary().unwrap_or(0),
     };
+    let share = (
+        string(u).unwrap_or_default(),
+        Share { share_id: optional(u).unwrap_or_default(), consumed: pairs(u).unwrap_or_default() },
+    );
+    let back = <(String, Share)>::from(decoded(&WireShare::from(&share))?);
+    if back != share {
+        return Err(format!("{share:?} came back as {back:?}"));
+    }
     let call = PreferredCall::new("r", &request);
     let back = decoded(&call)?.request();
     if back != request {

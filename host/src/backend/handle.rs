@@ -256,9 +256,10 @@ impl BackendHandle {
     }
 
     /// [`allocate`](Self::allocate) with what a DRA claim consumes of the
-    /// shared devices among `ids` ([`Backend::allocate_shared`]). A worker
-    /// or WASM backend is asked a plain `allocate`: their ABI and WIT carry
-    /// no capacity yet.
+    /// shared devices among `ids` ([`Backend::allocate_shared`]). A native
+    /// module in a worker gets the shares too (its ABI 1.2
+    /// `allocate_shared`, where it has one); a WASM backend is asked a
+    /// plain `allocate`: its WIT carries no capacity yet.
     pub async fn allocate_shared(
         &self,
         resource: &str,
@@ -273,7 +274,7 @@ impl BackendHandle {
                 self.in_process(operation, backend, move |b| b.allocate_shared(&resource, &ids, &shares)).await
             }
             Runner::Worker(worker) => match self.slot(operation) {
-                Ok(_slot) => worker.allocate(resource, ids).await,
+                Ok(_slot) => worker.allocate(resource, ids, shares).await,
                 Err(error) => Err(error),
             },
         };

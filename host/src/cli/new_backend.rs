@@ -32,6 +32,7 @@ const SDK: &[(&str, &str)] = &[
     ("include/devhost_backend.h", include_str!("../../../abi/include/devhost_backend.h")),
     ("wit/devhost-backend-1.0.0/backend.wit", include_str!("../../../abi/wit/devhost-backend-1.0.0/backend.wit")),
     ("wit/devhost-backend-1.1.0/backend.wit", include_str!("../../../abi/wit/devhost-backend-1.1.0/backend.wit")),
+    ("wit/devhost-backend-1.2.0/backend.wit", include_str!("../../../abi/wit/devhost-backend-1.2.0/backend.wit")),
 ];
 
 /// Writes the project into `dir/NAME` (which must not exist yet) and

@@ -21,6 +21,7 @@ use devhost_abi::ffi::*;
 
 use super::callbacks::{CallSink, Collected, HOST_API, HostContext, Phase};
 use crate::backend::{Allocation, Backend, BackendError, PreferredRequest, Publisher, ResourceSpec};
+use devhost_abi::model::Share;
 
 /// `DevhostInitFn` without its NULL.
 type InitFn = unsafe extern "C" fn(*const DevhostInitArgs, *mut DevhostCall, *mut *mut c_void) -> i32;
@@ -29,6 +30,16 @@ type DevicesFn = unsafe extern "C" fn(*mut c_void, *mut DevhostCall, DevhostStr,
 /// `DevhostPreferredFn` without its NULL.
 type PreferredFn =
     unsafe extern "C" fn(*mut c_void, *mut DevhostCall, DevhostStr, *const DevhostPreferredRequest) -> i32;
+/// `DevhostAllocateSharedFn` without its NULL.
+type AllocateSharedFn = unsafe extern "C" fn(
+    *mut c_void,
+    *mut DevhostCall,
+    DevhostStr,
+    *const DevhostStr,
+    usize,
+    *const DevhostShare,
+    usize,
+) -> i32;
 /// `DevhostPollFn` without its NULL.
 type PollFn = unsafe extern "C" fn(*mut c_void, *mut DevhostCall) -> i32;
 /// `DevhostShutdownFn` without its NULL.
@@ -46,6 +57,9 @@ pub(super) struct BackendFns {
     pub release: Option<DevicesFn>,
     /// ABI 1.1; `None` from a 1.0 backend.
     pub poll: Option<PollFn>,
+    /// ABI 1.2; `None` from a 1.0 or 1.1 backend (which is asked a plain
+    /// `allocate`, without the shares).
+    pub allocate_shared: Option<AllocateSharedFn>,
 }
 
 /// A native module behind the host's `Backend` trait.
@@ -147,7 +161,7 @@ impl NativeBackend {
         device_ids: &[String],
     ) -> Result<Collected, BackendError> {
         let instance = self.current()?;
-        let sink = CallSink::new(phase);
+        let sink = CallSink::with_devices(phase, device_ids);
         let ids: Vec<DevhostStr> = device_ids.iter().map(|id| DevhostStr::new(id)).collect();
         // SAFETY: `instance.ptr` is live (we hold a reference); the sink, the
         // resource and the IDs outlive the call, as the ABI requires.
@@ -203,6 +217,59 @@ impl Backend for NativeBackend {
 
     fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError> {
         let collected = self.devices_call(self.fns.allocate, Phase::Allocate, resource, device_ids)?;
+        Ok(collected.allocation)
+    }
+
+    /// ABI 1.2: the module's `allocate_shared` with the shares, when it has
+    /// one and there are shares; otherwise its `allocate`, without them.
+    fn allocate_shared(
+        &self,
+        resource: &str,
+        device_ids: &[String],
+        shares: &[(String, Share)],
+    ) -> Result<Allocation, BackendError> {
+        let Some(f) = self.fns.allocate_shared.filter(|_| !shares.is_empty()) else {
+            return self.allocate(resource, device_ids);
+        };
+        let instance = self.current()?;
+        let sink = CallSink::with_devices(Phase::AllocateShared, device_ids);
+        let ids: Vec<DevhostStr> = device_ids.iter().map(|id| DevhostStr::new(id)).collect();
+        // Each share's consumed amounts first: the shares point into them.
+        let consumed: Vec<Vec<DevhostCapacity>> = shares
+            .iter()
+            .map(|(_, share)| {
+                share
+                    .consumed
+                    .iter()
+                    .map(|(name, quantity)| DevhostCapacity {
+                        struct_size: size_of_u32::<DevhostCapacity>(),
+                        reserved: 0,
+                        name: DevhostStr::new(name),
+                        quantity: DevhostStr::new(quantity),
+                    })
+                    .collect()
+            })
+            .collect();
+        let raw: Vec<DevhostShare> = shares
+            .iter()
+            .zip(&consumed)
+            .map(|((id, share), consumed)| DevhostShare {
+                struct_size: size_of_u32::<DevhostShare>(),
+                reserved: 0,
+                device_id: DevhostStr::new(id),
+                share_id: share.share_id.as_deref().map_or(DevhostStr::EMPTY, DevhostStr::new),
+                consumed: consumed.as_ptr(),
+                consumed_len: consumed.len(),
+            })
+            .collect();
+        // SAFETY: `instance.ptr` is live (we hold a reference); the sink,
+        // the resource, the IDs, the shares and everything they point to
+        // outlive the call, as the ABI requires.
+        let status = unsafe {
+            f(instance.ptr, sink.as_ptr(), DevhostStr::new(resource), ids.as_ptr(), ids.len(), raw.as_ptr(), raw.len())
+        };
+        let mut collected = sink.into_inner();
+        settle(status, &mut collected, &[]).map_err(Failure::raise)?;
         Ok(collected.allocation)
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Mutex, PoisonError};
 
 use devhost_abi::ffi::*;
 
-use super::read::{read_devices, read_str, read_struct};
+use super::read::{read_counter_sets, read_device_status, read_devices, read_str, read_struct, read_struct_from};
 use crate::backend::{Allocation, DeviceSpec, Mount, ResourceSpec};
 use crate::device_state::Publisher;
 
@@ -32,6 +32,7 @@ pub(super) static HOST_API: DevhostHostApi = DevhostHostApi {
     add_annotation,
     add_cdi_device,
     add_device_id,
+    add_device_status,
 };
 
 /// What stands behind one `DevhostHost *`: the module it belongs to and the
@@ -83,6 +84,8 @@ impl HostContext {
 pub(super) enum Phase {
     Init,
     Allocate,
+    /// ABI 1.2's `allocate_shared`: results as for `allocate`.
+    AllocateShared,
     PreferredAllocation,
     PreStart,
     Release,
@@ -94,6 +97,7 @@ impl Phase {
         match self {
             Phase::Init => "init",
             Phase::Allocate => "allocate",
+            Phase::AllocateShared => "allocate_shared",
             Phase::PreferredAllocation => "preferred_allocation",
             Phase::PreStart => "pre_start",
             Phase::Release => "release",
@@ -119,12 +123,24 @@ pub(super) struct Collected {
 /// results from several of its threads during the call.
 pub(super) struct CallSink {
     phase: Phase,
+    /// The device IDs the call is about (`allocate`, `allocate_shared`):
+    /// the only devices a status may be given for.
+    device_ids: Vec<String>,
     collected: Mutex<Collected>,
 }
 
+/// The phases an allocation's results (`add_env`, `add_mount`, ...) are
+/// allowed in.
+const ALLOCATING: &[Phase] = &[Phase::Allocate, Phase::AllocateShared];
+
 impl CallSink {
     pub(super) fn new(phase: Phase) -> Self {
-        CallSink { phase, collected: Mutex::new(Collected::default()) }
+        CallSink::with_devices(phase, &[])
+    }
+
+    /// A sink for a call about `device_ids`.
+    pub(super) fn with_devices(phase: Phase, device_ids: &[String]) -> Self {
+        CallSink { phase, device_ids: device_ids.to_vec(), collected: Mutex::new(Collected::default()) }
     }
 
     /// The pointer handed to the backend; valid while `self` is.
@@ -145,6 +161,16 @@ fn with_call(
     allowed: &[Phase],
     f: impl FnOnce(&mut Collected) -> Result<(), String>,
 ) -> i32 {
+    with_call_on(call, callback, allowed, |collected, _| f(collected))
+}
+
+/// [`with_call`] for a callback that also needs the call's device IDs.
+fn with_call_on(
+    call: *mut DevhostCall,
+    callback: &str,
+    allowed: &[Phase],
+    f: impl FnOnce(&mut Collected, &[String]) -> Result<(), String>,
+) -> i32 {
     // SAFETY: a non-NULL `call` is the `CallSink` the host passed to the
     // backend call now running (the ABI makes it valid only during it).
     let Some(sink) = (unsafe { call.cast::<CallSink>().as_ref() }) else {
@@ -162,7 +188,7 @@ fn with_call(
             );
             (DEVHOST_E_WRONG_CALL, Some(message))
         } else {
-            match f(&mut collected) {
+            match f(&mut collected, &sink.device_ids) {
                 Ok(()) => (DEVHOST_OK, None),
                 Err(message) => (DEVHOST_E_INVALID, Some(message)),
             }
@@ -242,7 +268,15 @@ unsafe extern "C" fn log(host: *mut DevhostHost, level: u32, message: DevhostStr
 }
 
 unsafe extern "C" fn set_error(call: *mut DevhostCall, message: DevhostStr) {
-    let all = [Phase::Init, Phase::Allocate, Phase::PreferredAllocation, Phase::PreStart, Phase::Release, Phase::Poll];
+    let all = [
+        Phase::Init,
+        Phase::Allocate,
+        Phase::AllocateShared,
+        Phase::PreferredAllocation,
+        Phase::PreStart,
+        Phase::Release,
+        Phase::Poll,
+    ];
     with_call(call, "set_error", &all, |collected| {
         // SAFETY: the ABI makes `message` valid during the call.
         let text = unsafe { read_str(message, "the error message") }?;
@@ -253,28 +287,31 @@ unsafe extern "C" fn set_error(call: *mut DevhostCall, message: DevhostStr) {
 
 unsafe extern "C" fn add_resource(call: *mut DevhostCall, resource: *const DevhostResource) -> i32 {
     with_call(call, "add_resource", &[Phase::Init], |collected| {
-        // SAFETY: the ABI makes `resource` valid during the call.
-        let raw = unsafe { read_struct(resource, "DevhostResource")? };
+        // SAFETY: the ABI makes `resource` valid during the call; a 1.0 or
+        // 1.1 resource's size does not cover the counter sets, read as none.
+        let raw = unsafe { read_struct_from(resource, "DevhostResource", DEVHOST_RESOURCE_SIZE_1_1 as usize)? };
         // SAFETY: as above, for the string it points to.
         let name = unsafe { read_str(raw.name, "a resource name")? };
         let known =
             DEVHOST_RESOURCE_PRE_START_REQUIRED | DEVHOST_RESOURCE_PREFERRED_ALLOCATION | DEVHOST_RESOURCE_RELEASE;
         if raw.flags & !known != 0 {
-            return Err(format!("resource {name:?} has unknown flags {:#x} (ABI 1.1 knows {known:#x})", raw.flags));
+            return Err(format!("resource {name:?} has unknown flags {:#x} (ABI 1.2 knows {known:#x})", raw.flags));
         }
+        // SAFETY: as above, for the counter sets and their counters.
+        let counter_sets = unsafe { read_counter_sets(raw.counter_sets, raw.counter_sets_len, &name)? };
         collected.resources.push(ResourceSpec {
             name,
             pre_start_required: raw.flags & DEVHOST_RESOURCE_PRE_START_REQUIRED != 0,
             preferred_allocation: raw.flags & DEVHOST_RESOURCE_PREFERRED_ALLOCATION != 0,
             release_required: raw.flags & DEVHOST_RESOURCE_RELEASE != 0,
-            counter_sets: Vec::new(),
+            counter_sets,
         });
         Ok(())
     })
 }
 
 unsafe extern "C" fn add_env(call: *mut DevhostCall, key: DevhostStr, value: DevhostStr) -> i32 {
-    with_call(call, "add_env", &[Phase::Allocate], |collected| {
+    with_call(call, "add_env", ALLOCATING, |collected| {
         // SAFETY: the ABI makes both strings valid during the call.
         let (key, value) = unsafe { (read_str(key, "an env name")?, read_str(value, "an env value")?) };
         if key.is_empty() {
@@ -286,7 +323,7 @@ unsafe extern "C" fn add_env(call: *mut DevhostCall, key: DevhostStr, value: Dev
 }
 
 unsafe extern "C" fn add_annotation(call: *mut DevhostCall, key: DevhostStr, value: DevhostStr) -> i32 {
-    with_call(call, "add_annotation", &[Phase::Allocate], |collected| {
+    with_call(call, "add_annotation", ALLOCATING, |collected| {
         // SAFETY: the ABI makes both strings valid during the call.
         let (key, value) = unsafe { (read_str(key, "an annotation key")?, read_str(value, "an annotation value")?) };
         if key.is_empty() {
@@ -298,7 +335,7 @@ unsafe extern "C" fn add_annotation(call: *mut DevhostCall, key: DevhostStr, val
 }
 
 unsafe extern "C" fn add_mount(call: *mut DevhostCall, mount: *const DevhostMount) -> i32 {
-    with_call(call, "add_mount", &[Phase::Allocate], |collected| {
+    with_call(call, "add_mount", ALLOCATING, |collected| {
         // SAFETY: the ABI makes `mount` and its strings valid during the call.
         let mount = unsafe {
             let raw = read_struct(mount, "DevhostMount")?;
@@ -314,7 +351,7 @@ unsafe extern "C" fn add_mount(call: *mut DevhostCall, mount: *const DevhostMoun
 }
 
 unsafe extern "C" fn add_device_spec(call: *mut DevhostCall, spec: *const DevhostDeviceSpec) -> i32 {
-    with_call(call, "add_device_spec", &[Phase::Allocate], |collected| {
+    with_call(call, "add_device_spec", ALLOCATING, |collected| {
         // SAFETY: the ABI makes `spec` and its strings valid during the call.
         let spec = unsafe {
             let raw = read_struct(spec, "DevhostDeviceSpec")?;
@@ -336,7 +373,7 @@ unsafe extern "C" fn add_device_spec(call: *mut DevhostCall, spec: *const Devhos
 }
 
 unsafe extern "C" fn add_cdi_device(call: *mut DevhostCall, name: DevhostStr) -> i32 {
-    with_call(call, "add_cdi_device", &[Phase::Allocate], |collected| {
+    with_call(call, "add_cdi_device", ALLOCATING, |collected| {
         // SAFETY: the ABI makes `name` valid during the call.
         let name = unsafe { read_str(name, "a CDI device name")? };
         if name.is_empty() {
@@ -354,4 +391,87 @@ unsafe extern "C" fn add_device_id(call: *mut DevhostCall, id: DevhostStr) -> i3
         collected.device_ids.push(id);
         Ok(())
     })
+}
+
+unsafe extern "C" fn add_device_status(call: *mut DevhostCall, status: *const DevhostDeviceStatus) -> i32 {
+    with_call_on(call, "add_device_status", ALLOCATING, |collected, device_ids| {
+        // SAFETY: the ABI makes `status`, its strings and its list of
+        // addresses valid during the call.
+        let (id, status) = unsafe { read_device_status(status)? };
+        if !device_ids.contains(&id) {
+            return Err(format!("gave the status of device {id:?}, which is not one of the call's {device_ids:?}"));
+        }
+        if collected.allocation.device_status.contains_key(&id) {
+            return Err(format!("gave the status of device {id:?} twice (once per device)"));
+        }
+        collected.allocation.device_status.insert(id, status);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status<'a>(id: &'a str, ips: &'a [DevhostStr]) -> DevhostDeviceStatus {
+        DevhostDeviceStatus {
+            struct_size: size_of_u32::<DevhostDeviceStatus>(),
+            reserved: 0,
+            device_id: DevhostStr::new(id),
+            interface_name: DevhostStr::new("eth1"),
+            hardware_address: DevhostStr::new("02:00:00:00:00:01"),
+            ips: ips.as_ptr(),
+            ips_len: ips.len(),
+            data_json: DevhostStr::EMPTY,
+        }
+    }
+
+    /// Calls `add_device_status` as a module would, during a call of
+    /// `phase` about `ids`; the codes and what the call collected.
+    fn give(phase: Phase, ids: &[&str], statuses: &[DevhostDeviceStatus]) -> (Vec<i32>, Collected) {
+        let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        let sink = CallSink::with_devices(phase, &ids);
+        // SAFETY: the sink and each status (with what it points to) outlive
+        // the callback, as during a real call.
+        let codes =
+            statuses.iter().map(|status| unsafe { (HOST_API.add_device_status)(sink.as_ptr(), status) }).collect();
+        (codes, sink.into_inner())
+    }
+
+    #[test]
+    fn a_device_status_is_taken_once_for_a_device_of_the_call_during_allocate_only() {
+        let ips = [DevhostStr::new("10.0.0.5/24")];
+        let (codes, collected) = give(Phase::AllocateShared, &["gpu-0", "nic-0"], &[status("nic-0", &ips)]);
+        assert_eq!(codes, [DEVHOST_OK]);
+        assert_eq!(collected.invalid, None);
+        let got = &collected.allocation.device_status["nic-0"];
+        assert_eq!(
+            (got.interface_name.as_deref(), got.ips.as_slice()),
+            (Some("eth1"), &["10.0.0.5/24".to_owned()][..])
+        );
+
+        let (codes, collected) = give(Phase::Allocate, &["nic-0"], &[status("nic-0", &ips), status("nic-0", &ips)]);
+        assert_eq!(codes, [DEVHOST_OK, DEVHOST_E_INVALID]);
+        assert_eq!(collected.invalid.as_deref(), Some("gave the status of device \"nic-0\" twice (once per device)"));
+
+        let (codes, collected) = give(Phase::Allocate, &["gpu-0"], &[status("nic-0", &ips)]);
+        assert_eq!(codes, [DEVHOST_E_INVALID]);
+        assert_eq!(
+            collected.invalid.as_deref(),
+            Some("gave the status of device \"nic-0\", which is not one of the call's [\"gpu-0\"]")
+        );
+
+        let bad = [DevhostStr::new("10.0.0.5/33")];
+        let (codes, collected) = give(Phase::Allocate, &["nic-0"], &[status("nic-0", &bad)]);
+        assert_eq!(codes, [DEVHOST_E_INVALID]);
+        let why = collected.invalid.expect("refused");
+        assert!(why.starts_with("the status of device \"nic-0\": ips: \"10.0.0.5/33\""), "{why}");
+
+        let (codes, collected) = give(Phase::PreStart, &["nic-0"], &[status("nic-0", &ips)]);
+        assert_eq!(codes, [DEVHOST_E_WRONG_CALL]);
+        assert_eq!(
+            collected.invalid.as_deref(),
+            Some("called add_device_status during pre_start; it is allowed only during allocate or allocate_shared")
+        );
+    }
 }

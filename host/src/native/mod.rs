@@ -350,5 +350,6 @@ unsafe fn negotiate(module: &Path, table: *const DevhostBackendApi) -> Result<ad
         shutdown: api.shutdown.ok_or_else(|| missing("shutdown"))?,
         release: api.release,
         poll: api.poll,
+        allocate_shared: api.allocate_shared,
     })
 }

@@ -9,7 +9,7 @@
 //! preopens, a memory cap, an epoch deadline on every call, no network, no
 //! environment, stdout/stderr into the log), and polling each instance for
 //! its device lists. One submodule per supported major version of the world
-//! ([`v1`], which runs minors 1.0.0 and 1.1.0 and refuses newer ones); a
+//! ([`v1`], which runs minors 1.0.0, 1.1.0 and 1.2.0 and refuses newer ones); a
 //! future 2.0 goes beside it and [`load`] dispatches.
 //!
 //! What it does not own: deadlines on the host side, fault bookkeeping and

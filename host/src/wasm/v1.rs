@@ -1,11 +1,13 @@
 //! The adapter for major version 1 of the world (`devhost:backend@1.x`):
 //! [`WasmBackend`], the host's [`Backend`] over one component instance at a
 //! time, for every minor this devhost runs (1.0.0, frozen in
-//! `abi/wit/devhost-backend-1.0.0/`, and 1.1.0, in
-//! `abi/wit/devhost-backend-1.1.0/`). The bindings of each minor, and the
+//! `abi/wit/devhost-backend-1.0.0/`, 1.1.0, in
+//! `abi/wit/devhost-backend-1.1.0/`, and 1.2.0, in
+//! `abi/wit/devhost-backend-1.2.0/`). The bindings of each minor, and the
 //! conversion of each minor's answers into one internal form, live in
 //! `minors`; nothing below it knows which minor a component implements,
-//! except that a 1.0.0 one has no `release`.
+//! except that a 1.0.0 one has no `release` and only a 1.2.0 one has
+//! `allocate-shared`.
 //!
 //! Each `init` instantiates the component afresh in a new `Store` (so a
 //! re-initialisation after a fault starts from clean memory) and starts a
@@ -28,6 +30,7 @@ use super::{
 };
 use crate::backend::{Allocation, Backend, BackendError, Device, PreferredRequest, Publisher, ResourceSpec};
 use crate::device_state::BackgroundFault;
+use crate::model::Share;
 
 mod minors;
 
@@ -161,7 +164,10 @@ impl Backend for WasmBackend {
         let live = self.instantiate().map_err(BackendError::fault)?;
         *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(live);
         let config = self.config_json.clone();
-        let specs = self.call("init", |exports, store| exports.init(store, &config)).map_err(BackendError::new)?;
+        let specs = self
+            .call("init", |exports, store| exports.init(store, &config))
+            .map_err(BackendError::new)?
+            .map_err(|why| BackendError::fault(format!("init returned resources the model cannot hold: {why}")))?;
         let lists = self.call("list-devices", |exports, store| exports.list_devices(store));
         let mut last = HashMap::new();
         for (resource, devices) in convert_lists(lists, &specs).map_err(BackendError::fault)? {
@@ -187,6 +193,24 @@ impl Backend for WasmBackend {
 
     fn allocate(&self, resource: &str, device_ids: &[String]) -> Result<Allocation, BackendError> {
         let answer = self.call("allocate", |exports, store| exports.allocate(store, resource, device_ids));
+        convert_allocation(answer.map_err(BackendError::new)?).map_err(BackendError::fault)
+    }
+
+    fn allocate_shared(
+        &self,
+        resource: &str,
+        device_ids: &[String],
+        shares: &[(String, Share)],
+    ) -> Result<Allocation, BackendError> {
+        // Without shares (every device-plugin Allocate, a DRA claim of no
+        // shared device) it is a plain `allocate`, as the world says; a
+        // component of a minor before 1.2.0 gets a plain `allocate` in any
+        // case (it cannot have published a shared device).
+        if shares.is_empty() || !self.pre.has_allocate_shared() {
+            return self.allocate(resource, device_ids);
+        }
+        let answer =
+            self.call("allocate-shared", |exports, store| exports.allocate_shared(store, resource, device_ids, shares));
         convert_allocation(answer.map_err(BackendError::new)?).map_err(BackendError::fault)
     }
 
@@ -311,12 +335,14 @@ fn convert_lists(lists: Vec<DeviceList>, specs: &[ResourceSpec]) -> Result<Vec<(
         .collect()
 }
 
-/// An allocation in the host's types; repeated env names or annotation
-/// keys break the contract.
 /// The component's answer in the host's model, refused by the rules the C
 /// ABI enforces on a native module's answer (unique and non-empty env
 /// names and annotation keys, device-spec permissions of `r`, `w`, `m`,
-/// non-empty CDI names), so both kinds of backend meet one contract.
+/// non-empty CDI names), so both kinds of backend meet one contract. A
+/// device status (1.2.0) listed twice for one device is refused too: the
+/// model holds one per device. Whether each status is for a device of the
+/// call and within the API server's limits is checked where a DRA prepare
+/// reads it, for every kind of backend alike.
 fn convert_allocation(answer: Answer) -> Result<Allocation, String> {
     fn unique(pairs: Vec<(String, String)>, what: &str) -> Result<BTreeMap<String, String>, String> {
         let mut map = BTreeMap::new();
@@ -343,12 +369,48 @@ fn convert_allocation(answer: Answer) -> Result<Allocation, String> {
     if answer.cdi_devices.iter().any(String::is_empty) {
         return Err("allocate returned an empty CDI device name".to_owned());
     }
+    let mut device_status = BTreeMap::new();
+    for (id, status) in answer.device_status {
+        if device_status.contains_key(&id) {
+            return Err(format!("allocate returned a device-status for device {id:?} twice"));
+        }
+        device_status.insert(id, status);
+    }
     Ok(Allocation {
         envs: unique(answer.envs, "environment variable")?,
         mounts: answer.mounts,
         device_specs: answer.device_specs,
         annotations: unique(answer.annotations, "annotation")?,
         cdi_devices: answer.cdi_devices,
-        device_status: BTreeMap::new(),
+        device_status,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DeviceStatus;
+
+    fn answer(device_status: Vec<(String, DeviceStatus)>) -> Answer {
+        Answer {
+            envs: Vec::new(),
+            mounts: Vec::new(),
+            device_specs: Vec::new(),
+            annotations: Vec::new(),
+            cdi_devices: Vec::new(),
+            device_status,
+        }
+    }
+
+    #[test]
+    fn a_device_status_reaches_the_allocation_and_one_twice_is_refused_naming_the_device() {
+        let status = DeviceStatus { interface_name: Some("net1".into()), ..DeviceStatus::default() };
+        let allocation = convert_allocation(answer(vec![("nic-0".into(), status.clone())])).expect("converts");
+        assert_eq!(allocation.device_status, BTreeMap::from([("nic-0".to_owned(), status.clone())]));
+        let twice = answer(vec![("nic-0".into(), status.clone()), ("nic-0".into(), DeviceStatus::default())]);
+        assert_eq!(
+            convert_allocation(twice),
+            Err("allocate returned a device-status for device \"nic-0\" twice".to_owned())
+        );
+    }
 }

@@ -155,14 +155,27 @@ fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
             }));
             backend.init(publisher.clone()).map(|specs| {
                 let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
-                publisher.seal(&names);
+                let states = publisher.seal(&names);
+                // ABI 1.2: what a device published later consumes is checked
+                // here too, so the module gets DEVHOST_E_INVALID as it would
+                // in devhost's process. A device published during init that
+                // breaks them is devhost's to refuse (it checks the same
+                // sets, after checking the sets themselves).
+                for (spec, state) in specs.iter().zip(&states) {
+                    let _ = state.declare_counter_sets(spec.counter_sets.clone());
+                }
                 Answer::Resources(Resources {
                     resources: specs.iter().map(Into::into).collect(),
                     polls: backend.polls(),
                 })
             })
         }
-        Call::Allocate(call) => backend.allocate(&call.resource, &call.ids).map(|a| Answer::Allocation(a.into())),
+        Call::Allocate(call) => {
+            // ABI 1.2: with shares, the module's allocate_shared (where it
+            // has one); without, its allocate, as always.
+            let shares: Vec<(String, crate::model::Share)> = call.shares.into_iter().map(Into::into).collect();
+            backend.allocate_shared(&call.resource, &call.ids, &shares).map(|a| Answer::Allocation(a.into()))
+        }
         Call::Preferred(call) => backend
             .preferred_allocation(&call.resource, &call.request())
             .map(|ids| Answer::Preferred(PreferredAnswer { answered: ids.is_some(), ids: ids.unwrap_or_default() })),

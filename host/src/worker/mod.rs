@@ -167,12 +167,40 @@ impl WorkerBackend {
         }
     }
 
-    /// `allocate` in the current worker.
-    pub async fn allocate(&self, resource: &str, ids: Vec<String>) -> Result<Allocation, CallError> {
+    /// `allocate` in the current worker, with what a DRA claim consumes of
+    /// the shared devices among `ids` (ABI 1.2; empty for a plain
+    /// `allocate`). The device statuses the worker sends back are checked
+    /// again here (each of one of `ids`, within the API server's limits):
+    /// the worker checked them, but a module that writes frames itself
+    /// could send anything.
+    pub async fn allocate(
+        &self,
+        resource: &str,
+        ids: Vec<String>,
+        shares: Vec<(String, crate::model::Share)>,
+    ) -> Result<Allocation, CallError> {
         let worker = self.current("allocate")?;
-        let call = Call::Allocate(DevicesCall { resource: resource.to_owned(), ids });
+        let shares = shares.iter().map(Into::into).collect();
+        let call = Call::Allocate(DevicesCall { resource: resource.to_owned(), ids: ids.clone(), shares });
         match worker.request("allocate", call, self.spec.timeout).await {
-            Ok(Answer::Allocation(allocation)) => Ok(allocation.into()),
+            Ok(Answer::Allocation(allocation)) => {
+                let allocation: Allocation = allocation.into();
+                for (id, status) in &allocation.device_status {
+                    let why = if ids.contains(id) {
+                        devhost_abi::partitions::check_device_status(status).err()
+                    } else {
+                        Some(format!("not one of the call's {ids:?}"))
+                    };
+                    if let Some(why) = why {
+                        return Err(CallError::Invalid {
+                            backend: self.spec.backend.clone(),
+                            operation: "allocate",
+                            message: format!("the status of device {id:?}: {why}"),
+                        });
+                    }
+                }
+                Ok(allocation)
+            }
             other => Err(worker.unexpected("allocate", other)),
         }
     }
@@ -193,13 +221,13 @@ impl WorkerBackend {
 
     /// `pre_start` in the current worker.
     pub async fn pre_start(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
-        let call = Call::PreStart(DevicesCall { resource: resource.to_owned(), ids });
+        let call = Call::PreStart(DevicesCall { resource: resource.to_owned(), ids, shares: Vec::new() });
         self.done("pre_start", call).await
     }
 
     /// `release` (ABI 1.1) in the current worker.
     pub async fn release(&self, resource: &str, ids: Vec<String>) -> Result<(), CallError> {
-        let call = Call::Release(DevicesCall { resource: resource.to_owned(), ids });
+        let call = Call::Release(DevicesCall { resource: resource.to_owned(), ids, shares: Vec::new() });
         self.done("release", call).await
     }
 

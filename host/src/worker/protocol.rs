@@ -19,10 +19,16 @@ use std::io::{Read, Write};
 
 use prost::Message;
 
+use devhost_abi::model::{
+    CounterConsumption, CounterSet, DeviceStatus, RequestPolicy, Share, SharedDevice, ValidRequests,
+};
+
 use crate::model::{Allocation, AttributeValue, Device, DeviceSpec, Health, Mount, PreferredRequest, ResourceSpec};
 
-/// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this protocol; bumped on any incompatible change (3: ABI
+/// 1.2's counter sets, consumptions, shared devices, shares and device
+/// statuses, which an older worker would drop without a word).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts: a device list may be up to the
 /// kubelet's 4 MiB message limit; leave room.
@@ -121,7 +127,7 @@ pub struct Load {
     pub config_json: String,
 }
 
-/// `allocate` / `pre_start` arguments.
+/// `allocate` / `pre_start` / `release` arguments.
 #[derive(Clone, PartialEq, Message)]
 pub struct DevicesCall {
     /// The resource.
@@ -130,6 +136,25 @@ pub struct DevicesCall {
     /// Device IDs.
     #[prost(string, repeated, tag = "2")]
     pub ids: Vec<String>,
+    /// `allocate` only (ABI 1.2): what a DRA claim consumes of the shared
+    /// devices among `ids`, in their order; the worker then calls the
+    /// module's `allocate_shared`, where it has one.
+    #[prost(message, repeated, tag = "3")]
+    pub shares: Vec<WireShare>,
+}
+
+/// What one claim consumes of one shared device (ABI 1.2).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireShare {
+    /// The shared device.
+    #[prost(string, tag = "1")]
+    pub device_id: String,
+    /// The allocation's share ID, when it has one.
+    #[prost(string, optional, tag = "2")]
+    pub share_id: Option<String>,
+    /// Capacity name → amount consumed.
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub consumed: BTreeMap<String, String>,
 }
 
 /// `preferred_allocation` arguments.
@@ -252,6 +277,20 @@ pub struct WireResource {
     /// Wants `release` (ABI 1.1).
     #[prost(bool, tag = "4")]
     pub release_required: bool,
+    /// Counter sets its devices consume from (ABI 1.2).
+    #[prost(message, repeated, tag = "5")]
+    pub counter_sets: Vec<WireCounterSet>,
+}
+
+/// One counter set (ABI 1.2).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireCounterSet {
+    /// Its name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Counter name → quantity.
+    #[prost(btree_map = "string, string", tag = "2")]
+    pub counters: BTreeMap<String, String>,
 }
 
 /// An allocation.
@@ -272,6 +311,26 @@ pub struct WireAllocation {
     /// CDI device names.
     #[prost(string, repeated, tag = "5")]
     pub cdi_devices: Vec<String>,
+    /// Device ID → its status for the DRA claim (ABI 1.2).
+    #[prost(btree_map = "string, message", tag = "6")]
+    pub device_status: BTreeMap<String, WireDeviceStatus>,
+}
+
+/// A device status (ABI 1.2).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireDeviceStatus {
+    /// The interface in the pod.
+    #[prost(string, optional, tag = "1")]
+    pub interface_name: Option<String>,
+    /// Its hardware address.
+    #[prost(string, optional, tag = "2")]
+    pub hardware_address: Option<String>,
+    /// Its addresses.
+    #[prost(string, repeated, tag = "3")]
+    pub ips: Vec<String>,
+    /// Driver data, JSON object text.
+    #[prost(string, optional, tag = "4")]
+    pub data: Option<String>,
 }
 
 /// A mount.
@@ -342,6 +401,78 @@ pub struct WireDevice {
     /// Capacities (ABI 1.1): name → quantity.
     #[prost(btree_map = "string, string", tag = "5")]
     pub capacities: BTreeMap<String, String>,
+    /// What it consumes of its resource's counter sets (ABI 1.2).
+    #[prost(message, repeated, tag = "6")]
+    pub consumes: Vec<WireConsumption>,
+    /// Present when the device is shared (ABI 1.2).
+    #[prost(message, optional, tag = "7")]
+    pub shared: Option<WireShared>,
+}
+
+/// What a device consumes of one counter set (ABI 1.2).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireConsumption {
+    /// The counter set.
+    #[prost(string, tag = "1")]
+    pub counter_set: String,
+    /// Counter name → quantity.
+    #[prost(btree_map = "string, string", tag = "2")]
+    pub counters: BTreeMap<String, String>,
+}
+
+/// How a shared device is shared (ABI 1.2).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireShared {
+    /// One per capacity at most.
+    #[prost(message, repeated, tag = "1")]
+    pub request_policies: Vec<WireRequestPolicy>,
+}
+
+/// A request policy for one capacity (ABI 1.2).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireRequestPolicy {
+    /// The capacity.
+    #[prost(string, tag = "1")]
+    pub capacity: String,
+    /// The default amount.
+    #[prost(string, optional, tag = "2")]
+    pub default: Option<String>,
+    /// The amounts allowed; none: any.
+    #[prost(oneof = "WireValidRequests", tags = "3, 4")]
+    pub valid: Option<WireValidRequests>,
+}
+
+/// The amounts a [`WireRequestPolicy`] allows.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum WireValidRequests {
+    /// A range.
+    #[prost(message, tag = "3")]
+    Range(WireRange),
+    /// A list of amounts.
+    #[prost(message, tag = "4")]
+    Values(WireValues),
+}
+
+/// `min`, `max`, `step` of a range policy.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireRange {
+    /// The least.
+    #[prost(string, tag = "1")]
+    pub min: String,
+    /// The most.
+    #[prost(string, optional, tag = "2")]
+    pub max: Option<String>,
+    /// The step.
+    #[prost(string, optional, tag = "3")]
+    pub step: Option<String>,
+}
+
+/// The amounts of a values policy.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireValues {
+    /// Ascending.
+    #[prost(string, repeated, tag = "1")]
+    pub values: Vec<String>,
 }
 
 /// One typed attribute.
@@ -461,12 +592,39 @@ impl From<&Device> for WireDevice {
                 }),
             })
             .collect();
+        let consumes = device
+            .consumes
+            .iter()
+            .map(|c| WireConsumption { counter_set: c.counter_set.clone(), counters: c.counters.clone() })
+            .collect();
+        let shared = device.shared.as_ref().map(|shared| WireShared {
+            request_policies: shared
+                .request_policies
+                .iter()
+                .map(|(capacity, policy)| WireRequestPolicy {
+                    capacity: capacity.clone(),
+                    default: policy.default.clone(),
+                    valid: policy.valid.as_ref().map(|valid| match valid {
+                        ValidRequests::Range { min, max, step } => WireValidRequests::Range(WireRange {
+                            min: min.clone(),
+                            max: max.clone(),
+                            step: step.clone(),
+                        }),
+                        ValidRequests::Values(values) => {
+                            WireValidRequests::Values(WireValues { values: values.clone() })
+                        }
+                    }),
+                })
+                .collect(),
+        });
         WireDevice {
             id: device.id.clone(),
             healthy: device.health == Health::Healthy,
             numa_nodes: device.numa_nodes.clone(),
             attributes,
             capacities: device.capacities.clone(),
+            consumes,
+            shared,
         }
     }
 }
@@ -491,7 +649,74 @@ impl TryFrom<WireDevice> for Device {
             }
         }
         device.capacities = wire.capacities;
+        device.consumes = wire
+            .consumes
+            .into_iter()
+            .map(|c| CounterConsumption { counter_set: c.counter_set, counters: c.counters })
+            .collect();
+        if let Some(shared) = wire.shared {
+            let mut policies = BTreeMap::new();
+            for policy in shared.request_policies {
+                let valid = policy.valid.map(|valid| match valid {
+                    WireValidRequests::Range(range) => {
+                        ValidRequests::Range { min: range.min, max: range.max, step: range.step }
+                    }
+                    WireValidRequests::Values(values) => ValidRequests::Values(values.values),
+                });
+                let capacity = policy.capacity;
+                if policies.insert(capacity.clone(), RequestPolicy { default: policy.default, valid }).is_some() {
+                    return Err(format!("device {:?}: request policy for {capacity:?} appears twice", device.id));
+                }
+            }
+            device.shared = Some(SharedDevice { request_policies: policies });
+        }
         Ok(device)
+    }
+}
+
+impl From<&CounterSet> for WireCounterSet {
+    fn from(set: &CounterSet) -> Self {
+        WireCounterSet { name: set.name.clone(), counters: set.counters.clone() }
+    }
+}
+
+impl From<WireCounterSet> for CounterSet {
+    fn from(set: WireCounterSet) -> Self {
+        CounterSet { name: set.name, counters: set.counters }
+    }
+}
+
+impl From<&(String, Share)> for WireShare {
+    fn from((device_id, share): &(String, Share)) -> Self {
+        WireShare { device_id: device_id.clone(), share_id: share.share_id.clone(), consumed: share.consumed.clone() }
+    }
+}
+
+impl From<WireShare> for (String, Share) {
+    fn from(share: WireShare) -> Self {
+        (share.device_id, Share { share_id: share.share_id, consumed: share.consumed })
+    }
+}
+
+impl From<DeviceStatus> for WireDeviceStatus {
+    fn from(status: DeviceStatus) -> Self {
+        WireDeviceStatus {
+            interface_name: status.interface_name,
+            hardware_address: status.hardware_address,
+            ips: status.ips,
+            data: status.data,
+        }
+    }
+}
+
+impl From<WireDeviceStatus> for DeviceStatus {
+    fn from(status: WireDeviceStatus) -> Self {
+        DeviceStatus {
+            interface_name: status.interface_name,
+            hardware_address: status.hardware_address,
+            ips: status.ips,
+            data: status.data,
+        }
     }
 }
 
@@ -502,6 +727,7 @@ impl From<&ResourceSpec> for WireResource {
             pre_start_required: spec.pre_start_required,
             preferred_allocation: spec.preferred_allocation,
             release_required: spec.release_required,
+            counter_sets: spec.counter_sets.iter().map(Into::into).collect(),
         }
     }
 }
@@ -513,7 +739,7 @@ impl From<WireResource> for ResourceSpec {
             pre_start_required: spec.pre_start_required,
             preferred_allocation: spec.preferred_allocation,
             release_required: spec.release_required,
-            counter_sets: Vec::new(),
+            counter_sets: spec.counter_sets.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -538,6 +764,7 @@ impl From<Allocation> for WireAllocation {
                 .collect(),
             annotations: allocation.annotations,
             cdi_devices: allocation.cdi_devices,
+            device_status: allocation.device_status.into_iter().map(|(id, status)| (id, status.into())).collect(),
         }
     }
 }
@@ -562,7 +789,7 @@ impl From<WireAllocation> for Allocation {
                 .collect(),
             annotations: allocation.annotations,
             cdi_devices: allocation.cdi_devices,
-            device_status: std::collections::BTreeMap::new(),
+            device_status: allocation.device_status.into_iter().map(|(id, status)| (id, status.into())).collect(),
         }
     }
 }
@@ -608,7 +835,15 @@ mod tests {
     fn frames_round_trip_and_oversized_frames_are_refused() {
         let request = Request {
             id: 7,
-            call: Some(Call::Allocate(DevicesCall { resource: "a.io/x".into(), ids: vec!["d0".into(), "d1".into()] })),
+            call: Some(Call::Allocate(DevicesCall {
+                resource: "a.io/x".into(),
+                ids: vec!["d0".into(), "d1".into()],
+                shares: vec![WireShare {
+                    device_id: "d1".into(),
+                    share_id: Some("u-1".into()),
+                    consumed: BTreeMap::from([("bandwidth".into(), "2G".into())]),
+                }],
+            })),
         };
         let bytes = frame(&request);
         assert_eq!(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize, bytes.len() - 4);
@@ -644,7 +879,50 @@ mod tests {
             permissions: "rw".into(),
         });
         allocation.cdi_devices.push("a.io/x=g0".into());
+        allocation.device_status.insert(
+            "nic-0".into(),
+            DeviceStatus {
+                interface_name: Some("eth1".into()),
+                hardware_address: None,
+                ips: vec!["10.0.0.5/24".into()],
+                data: Some("{}".into()),
+            },
+        );
         assert_eq!(Allocation::from(WireAllocation::from(allocation.clone())), allocation);
+        // ABI 1.2: partitions, shared devices and what a claim consumes.
+        let partition = Device::healthy("half").consuming("gpu-0", [("memory", "20Gi")]);
+        assert_eq!(Device::try_from(WireDevice::from(&partition)), Ok(partition));
+        let nic = Device::healthy("nic")
+            .with_capacity("bandwidth", "10G")
+            .with_capacity("queues", "8")
+            .with_request_policy(
+                "bandwidth",
+                RequestPolicy {
+                    default: Some("1G".into()),
+                    valid: Some(ValidRequests::Range { min: "1G".into(), max: None, step: Some("1G".into()) }),
+                },
+            )
+            .with_request_policy(
+                "queues",
+                RequestPolicy { default: Some("1".into()), valid: Some(ValidRequests::Values(vec!["1".into()])) },
+            );
+        assert_eq!(Device::try_from(WireDevice::from(&nic)), Ok(nic.clone()));
+        let unshared = Device::healthy("nic").shared();
+        assert_eq!(Device::try_from(WireDevice::from(&unshared)), Ok(unshared), "shared, without policies");
+        let mut twice = WireDevice::from(&nic);
+        let shared = twice.shared.as_mut().expect("shared");
+        shared.request_policies.push(shared.request_policies[0].clone());
+        assert_eq!(
+            Device::try_from(twice),
+            Err("device \"nic\": request policy for \"bandwidth\" appears twice".to_owned())
+        );
+        let spec = ResourceSpec::new("a.io/gpu").with_counter_set(CounterSet::new("gpu-0", [("memory", "40Gi")]));
+        assert_eq!(ResourceSpec::from(WireResource::from(&spec)), spec);
+        let share = (
+            "nic".to_owned(),
+            Share { share_id: Some("u".into()), consumed: BTreeMap::from([("bandwidth".into(), "2G".into())]) },
+        );
+        assert_eq!(<(String, Share)>::from(WireShare::from(&share)), share);
         let request = PreferredRequest { available: vec!["a".into()], must_include: vec![], size: 1 };
         assert_eq!(PreferredCall::new("r", &request).request(), request);
     }

@@ -1,19 +1,24 @@
 //! The minor versions of world 1 this devhost runs, behind one interface.
 //!
 //! wasmtime's `bindgen!` makes one set of Rust types per WIT package
-//! version, so `devhost:backend@1.0.0` and `@1.1.0` have distinct types
-//! even where 1.1.0 took 1.0.0's over unchanged. This module binds both
-//! worlds, links and instantiates whichever one a component exports
-//! ([`Pre`], [`Exports`]), and converts each minor's answers into one
-//! internal form (the host's model, plus [`DeviceList`] and [`Answer`]), so
-//! the adapter in [`super`] never sees a minor. What 1.0.0 lacks reads as
-//! absent: no attributes, no capacities, `release_required` false, and no
-//! `release` export ([`Pre::has_release`]).
+//! version, so `devhost:backend@1.0.0`, `@1.1.0` and `@1.2.0` have distinct
+//! types even where a later minor took an earlier one's over unchanged.
+//! This module binds every world, links and instantiates whichever one a
+//! component exports ([`Pre`], [`Exports`]), and converts each minor's
+//! answers into one internal form (the host's model, plus [`DeviceList`]
+//! and [`Answer`]), so the adapter in [`super`] never sees a minor. What an
+//! older minor lacks reads as absent: 1.0.0 has no attributes, no
+//! capacities, `release_required` false and no `release` export
+//! ([`Pre::has_release`]); 1.0.0 and 1.1.0 have no counter sets, devices
+//! that consume nothing and are never shared, no device status, and no
+//! `allocate-shared` export (a claim's shares reach their plain `allocate`,
+//! [`Pre::has_allocate_shared`]).
 //!
-//! The types both minors share field for field are converted by one macro,
-//! `shared!`, written once and expanded per minor, so the two cannot drift
-//! apart; only what 1.1.0 added is written for it alone. Calls are written
-//! once too (`on_api!`), for whichever minor an instance is.
+//! The types every minor shares field for field are converted by one
+//! macro, `shared!`, written once and expanded per minor, so they cannot
+//! drift apart; what 1.1.0 added, and 1.2.0 kept, by `since_1_1!`; only
+//! what 1.2.0 added is written for it alone. Calls are written once too
+//! (`on_api!`), for whichever minor an instance is.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +26,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
 
 use crate::backend::{AttributeValue, Device, DeviceSpec, Health, Mount, ResourceSpec};
+use crate::model::{CounterConsumption, CounterSet, DeviceStatus, RequestPolicy, Share, SharedDevice, ValidRequests};
 use crate::wasm::{StoreState, WorldVersion};
 
 /// World `devhost:backend@1.0.0`, frozen in `abi/wit/devhost-backend-1.0.0/`.
@@ -39,9 +45,17 @@ mod v1_1 {
     });
 }
 
+/// World `devhost:backend@1.2.0`, in `abi/wit/devhost-backend-1.2.0/`.
+mod v1_2 {
+    wasmtime::component::bindgen!({
+        path: "abi/wit/devhost-backend-1.2.0",
+        world: "devhost:backend/backend@1.2.0",
+    });
+}
+
 /// The newest minor of world 1 this devhost runs; a component of a newer
 /// one is refused before linking (see [`crate::wasm::load`]).
-pub const NEWEST: WorldVersion = WorldVersion { major: 1, minor: 1, patch: 0 };
+pub const NEWEST: WorldVersion = WorldVersion { major: 1, minor: 2, patch: 0 };
 
 /// One resource's device list from `list-devices`, in the host's model.
 /// `devices` is `Err` when the list cannot be held by the model at all (an
@@ -68,7 +82,14 @@ pub struct Answer {
     pub annotations: Vec<(String, String)>,
     /// CDI device names.
     pub cdi_devices: Vec<String>,
+    /// What the DRA claim's status says of each device (1.2.0), as the
+    /// component listed it; empty from older minors.
+    pub device_status: Vec<(String, DeviceStatus)>,
 }
+
+/// What `init` declared, in the host's model, or why the model cannot hold
+/// it (a counter named twice in one counter set): a fault, not a decline.
+pub type Declared = Result<Vec<ResourceSpec>, String>;
 
 /// A `GetPreferredAllocation` question with its size already checked to
 /// fit the world's `u32`.
@@ -111,7 +132,8 @@ macro_rules! shared {
         }
 
         impl From<$minor::devhost::backend::types::Allocation> for Answer {
-            fn from(answer: $minor::devhost::backend::types::Allocation) -> Self {
+            fn from(mut answer: $minor::devhost::backend::types::Allocation) -> Self {
+                let device_status = TakeDeviceStatus::take_device_status(&mut answer);
                 Answer {
                     envs: answer.envs,
                     mounts: answer
@@ -134,6 +156,7 @@ macro_rules! shared {
                         .collect(),
                     annotations: answer.annotations,
                     cdi_devices: answer.cdi_devices,
+                    device_status,
                 }
             }
         }
@@ -152,9 +175,66 @@ macro_rules! shared {
 
 shared!(v1_0);
 shared!(v1_1);
+shared!(v1_2);
+
+/// The device status an allocation of a minor reports, taken out of it
+/// (empty before 1.2.0), for the conversion `shared!` writes.
+trait TakeDeviceStatus {
+    fn take_device_status(&mut self) -> Vec<(String, DeviceStatus)>;
+}
+
+impl TakeDeviceStatus for v1_0::devhost::backend::types::Allocation {
+    fn take_device_status(&mut self) -> Vec<(String, DeviceStatus)> {
+        Vec::new()
+    }
+}
+
+impl TakeDeviceStatus for v1_1::devhost::backend::types::Allocation {
+    fn take_device_status(&mut self) -> Vec<(String, DeviceStatus)> {
+        Vec::new()
+    }
+}
+
+impl TakeDeviceStatus for v1_2::devhost::backend::types::Allocation {
+    fn take_device_status(&mut self) -> Vec<(String, DeviceStatus)> {
+        std::mem::take(&mut self.device_status)
+            .into_iter()
+            .map(|(id, status)| {
+                let status = DeviceStatus {
+                    interface_name: status.interface_name,
+                    hardware_address: status.hardware_address,
+                    ips: status.ips,
+                    data: status.data,
+                };
+                (id, status)
+            })
+            .collect()
+    }
+}
+
+/// Writes, for a minor from 1.1.0 on, the conversion of what 1.1.0 added
+/// and later minors kept field for field: typed attribute values.
+macro_rules! since_1_1 {
+    ($minor:ident) => {
+        impl From<$minor::devhost::backend::types::AttributeValue> for AttributeValue {
+            fn from(value: $minor::devhost::backend::types::AttributeValue) -> Self {
+                use $minor::devhost::backend::types::AttributeValue as Wit;
+                match value {
+                    Wit::Int(value) => AttributeValue::Int(value),
+                    Wit::Boolean(value) => AttributeValue::Bool(value),
+                    Wit::Text(value) => AttributeValue::String(value),
+                    Wit::Version(value) => AttributeValue::Version(value),
+                }
+            }
+        }
+    };
+}
+
+since_1_1!(v1_1);
+since_1_1!(v1_2);
 
 // What differs between the minors: 1.0.0's devices and resources have
-// nothing of what 1.1.0 added.
+// nothing of what 1.1.0 added, 1.1.0's nothing of what 1.2.0 added.
 
 impl From<v1_0::devhost::backend::types::Resource> for ResourceSpec {
     fn from(resource: v1_0::devhost::backend::types::Resource) -> Self {
@@ -180,15 +260,65 @@ impl From<v1_1::devhost::backend::types::Resource> for ResourceSpec {
     }
 }
 
-impl From<v1_1::devhost::backend::types::AttributeValue> for AttributeValue {
-    fn from(value: v1_1::devhost::backend::types::AttributeValue) -> Self {
-        use v1_1::devhost::backend::types::AttributeValue as Wit;
-        match value {
-            Wit::Int(value) => AttributeValue::Int(value),
-            Wit::Boolean(value) => AttributeValue::Bool(value),
-            Wit::Text(value) => AttributeValue::String(value),
-            Wit::Version(value) => AttributeValue::Version(value),
+/// A 1.2.0 resource in the host's model, or why the model cannot hold it:
+/// a counter set whose counter is named twice (the model keeps counters in
+/// a map, and would silently keep one).
+impl TryFrom<v1_2::devhost::backend::types::Resource> for ResourceSpec {
+    type Error = String;
+
+    fn try_from(resource: v1_2::devhost::backend::types::Resource) -> Result<Self, String> {
+        let counter_sets = resource
+            .counter_sets
+            .into_iter()
+            .map(|set| {
+                let counters = counters(set.counters)
+                    .map_err(|why| format!("resource {:?}: counter set {:?}: {why}", resource.name, set.name))?;
+                Ok(CounterSet { name: set.name, counters })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(ResourceSpec {
+            name: resource.name,
+            pre_start_required: resource.pre_start_required,
+            preferred_allocation: resource.preferred_allocation,
+            release_required: resource.release_required,
+            counter_sets,
+        })
+    }
+}
+
+/// Counters into the model's map; a name twice is refused, naming it.
+fn counters(list: Vec<v1_2::devhost::backend::types::Counter>) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for counter in list {
+        if map.contains_key(&counter.name) {
+            return Err(format!("counter {:?} appears twice", counter.name));
         }
+        map.insert(counter.name, counter.quantity);
+    }
+    Ok(map)
+}
+
+/// A resource of any minor in the host's model, or why the model cannot
+/// hold it.
+trait IntoSpec {
+    fn into_spec(self) -> Result<ResourceSpec, String>;
+}
+
+impl IntoSpec for v1_0::devhost::backend::types::Resource {
+    fn into_spec(self) -> Result<ResourceSpec, String> {
+        Ok(self.into())
+    }
+}
+
+impl IntoSpec for v1_1::devhost::backend::types::Resource {
+    fn into_spec(self) -> Result<ResourceSpec, String> {
+        Ok(self.into())
+    }
+}
+
+impl IntoSpec for v1_2::devhost::backend::types::Resource {
+    fn into_spec(self) -> Result<ResourceSpec, String> {
+        self.try_into()
     }
 }
 
@@ -206,14 +336,60 @@ impl IntoDevice for v1_0::devhost::backend::types::Device {
 
 impl IntoDevice for v1_1::devhost::backend::types::Device {
     fn into_device(self) -> Result<Device, String> {
-        let mut device = Device::new(self.id, self.health.into()).with_numa_nodes(self.numa_nodes);
-        // The model keeps names in maps; a name sent twice would silently
-        // keep one value, so it is refused here, as the native ABI does.
-        device.attributes =
-            unique(self.attributes.into_iter().map(|a| (a.name, a.value.into())), &device.id, "attribute")?;
-        device.capacities = unique(self.capacities.into_iter().map(|c| (c.name, c.quantity)), &device.id, "capacity")?;
+        described(
+            Device::new(self.id, self.health.into()).with_numa_nodes(self.numa_nodes),
+            self.attributes.into_iter().map(|a| (a.name, a.value.into())),
+            self.capacities.into_iter().map(|c| (c.name, c.quantity)),
+        )
+    }
+}
+
+impl IntoDevice for v1_2::devhost::backend::types::Device {
+    fn into_device(self) -> Result<Device, String> {
+        let mut device = described(
+            Device::new(self.id, self.health.into()).with_numa_nodes(self.numa_nodes),
+            self.attributes.into_iter().map(|a| (a.name, a.value.into())),
+            self.capacities.into_iter().map(|c| (c.name, c.quantity)),
+        )?;
+        let id = device.id.clone();
+        device.consumes = self
+            .consumes
+            .into_iter()
+            .map(|consumption| {
+                let counters = counters(consumption.counters).map_err(|why| {
+                    format!("device {id:?}: consumes from counter set {:?}: {why}", consumption.counter_set)
+                })?;
+                Ok(CounterConsumption { counter_set: consumption.counter_set, counters })
+            })
+            .collect::<Result<_, String>>()?;
+        if let Some(shared) = self.shared {
+            let policies = shared.request_policies.into_iter().map(|policy| {
+                let valid = policy.valid.map(|valid| match valid {
+                    v1_2::devhost::backend::types::ValidRequests::Range(range) => {
+                        ValidRequests::Range { min: range.min, max: range.max, step: range.step }
+                    }
+                    v1_2::devhost::backend::types::ValidRequests::Values(values) => ValidRequests::Values(values),
+                });
+                (policy.capacity, RequestPolicy { default: policy.default, valid })
+            });
+            let request_policies = unique(policies, &id, "request policy for capacity")?;
+            device.shared = Some(SharedDevice { request_policies });
+        }
         Ok(device)
     }
+}
+
+/// `device` with the typed attributes and capacities of 1.1.0. The model
+/// keeps names in maps; a name sent twice would silently keep one value,
+/// so it is refused here, as the native ABI does.
+fn described(
+    mut device: Device,
+    attributes: impl Iterator<Item = (String, AttributeValue)>,
+    capacities: impl Iterator<Item = (String, String)>,
+) -> Result<Device, String> {
+    device.attributes = unique(attributes, &device.id, "attribute")?;
+    device.capacities = unique(capacities, &device.id, "capacity")?;
+    Ok(device)
 }
 
 fn unique<V>(
@@ -247,6 +423,8 @@ pub enum Pre {
     V1_0(v1_0::BackendPre<StoreState>),
     /// World 1.1.0.
     V1_1(v1_1::BackendPre<StoreState>),
+    /// World 1.2.0.
+    V1_2(v1_2::BackendPre<StoreState>),
 }
 
 impl Pre {
@@ -271,6 +449,12 @@ impl Pre {
                 let pre = linker.instantiate_pre(component).map_err(misfit)?;
                 Ok(Pre::V1_1(v1_1::BackendPre::new(pre).map_err(misfit)?))
             }
+            2 => {
+                v1_2::Backend::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |state| state)
+                    .map_err(|e| format!("{e:#}"))?;
+                let pre = linker.instantiate_pre(component).map_err(misfit)?;
+                Ok(Pre::V1_2(v1_2::BackendPre::new(pre).map_err(misfit)?))
+            }
             // `load` refuses newer minors with a precise message first.
             _ => Err(format!("devhost:backend@{version} is newer than devhost:backend@{NEWEST}")),
         }
@@ -281,6 +465,7 @@ impl Pre {
         match self {
             Pre::V1_0(pre) => pre.engine(),
             Pre::V1_1(pre) => pre.engine(),
+            Pre::V1_2(pre) => pre.engine(),
         }
     }
 
@@ -289,11 +474,17 @@ impl Pre {
         !matches!(self, Pre::V1_0(_))
     }
 
+    /// Whether its world has `allocate-shared` (1.2.0 and later).
+    pub fn has_allocate_shared(&self) -> bool {
+        matches!(self, Pre::V1_2(_))
+    }
+
     /// A fresh instance in `store`.
     pub fn instantiate(&self, store: &mut Store<StoreState>) -> wasmtime::Result<Exports> {
         Ok(match self {
             Pre::V1_0(pre) => Exports::V1_0(pre.instantiate(store)?),
             Pre::V1_1(pre) => Exports::V1_1(pre.instantiate(store)?),
+            Pre::V1_2(pre) => Exports::V1_2(pre.instantiate(store)?),
         })
     }
 }
@@ -304,6 +495,8 @@ pub enum Exports {
     V1_0(v1_0::Backend),
     /// World 1.1.0.
     V1_1(v1_1::Backend),
+    /// World 1.2.0.
+    V1_2(v1_2::Backend),
 }
 
 /// Runs `$call` with `$api` bound to the `api` export of whichever minor
@@ -320,6 +513,10 @@ macro_rules! on_api {
                 let $api = exports.devhost_backend_api();
                 $call
             }
+            Exports::V1_2(exports) => {
+                let $api = exports.devhost_backend_api();
+                $call
+            }
         }
     };
 }
@@ -327,15 +524,12 @@ macro_rules! on_api {
 /// The outer `Result` of every call is a trap (a fault); the inner one, if
 /// any, is the component's own answer (`err` declines the request).
 impl Exports {
-    /// `init`: the resources it serves.
-    pub fn init(
-        &self,
-        store: &mut Store<StoreState>,
-        config: &str,
-    ) -> wasmtime::Result<Result<Vec<ResourceSpec>, String>> {
+    /// `init`: the resources it serves (the inner `Result`: whether the
+    /// model can hold them).
+    pub fn init(&self, store: &mut Store<StoreState>, config: &str) -> wasmtime::Result<Result<Declared, String>> {
         Ok(on_api!(self, |api| api
             .call_init(&mut *store, config)?
-            .map(|resources| resources.into_iter().map(ResourceSpec::from).collect())))
+            .map(|resources| resources.into_iter().map(IntoSpec::into_spec).collect())))
     }
 
     /// `list-devices`: every resource's current list.
@@ -389,6 +583,45 @@ impl Exports {
         match self {
             Exports::V1_0(_) => Ok(Ok(())),
             Exports::V1_1(exports) => exports.devhost_backend_api().call_release(store, resource, device_ids),
+            Exports::V1_2(exports) => exports.devhost_backend_api().call_release(store, resource, device_ids),
+        }
+    }
+
+    /// `allocate-shared` (1.2.0): what one container of a DRA claim gets,
+    /// with what the claim consumes of each shared device. An older minor
+    /// has no such export: it is asked a plain `allocate` (the shares are
+    /// dropped, as its world cannot carry them; it never published a
+    /// shared device either).
+    pub fn allocate_shared(
+        &self,
+        store: &mut Store<StoreState>,
+        resource: &str,
+        device_ids: &[String],
+        shares: &[(String, Share)],
+    ) -> wasmtime::Result<Result<Answer, String>> {
+        match self {
+            Exports::V1_0(_) | Exports::V1_1(_) => self.allocate(store, resource, device_ids),
+            Exports::V1_2(exports) => {
+                let shares: Vec<v1_2::devhost::backend::types::Share> = shares
+                    .iter()
+                    .map(|(id, share)| v1_2::devhost::backend::types::Share {
+                        device_id: id.clone(),
+                        share_id: share.share_id.clone(),
+                        consumed: share
+                            .consumed
+                            .iter()
+                            .map(|(name, quantity)| v1_2::devhost::backend::types::Capacity {
+                                name: name.clone(),
+                                quantity: quantity.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                Ok(exports
+                    .devhost_backend_api()
+                    .call_allocate_shared(store, resource, device_ids, &shares)?
+                    .map(Answer::from))
+            }
         }
     }
 
@@ -451,6 +684,143 @@ mod tests {
         assert_eq!(list.devices, Err("resource \"r.io/x\": device \"d0\": attribute \"a.io/n\" appears twice".into()));
         let list = device_list("r.io/x".into(), vec![device(&[], &[("a.io/m", "1"), ("a.io/m", "2")])]);
         assert_eq!(list.devices, Err("resource \"r.io/x\": device \"d0\": capacity \"a.io/m\" appears twice".into()));
+    }
+
+    mod v1_2_tests {
+        use super::super::*;
+        use v1_2::devhost::backend::types as wit;
+
+        fn counter(name: &str, quantity: &str) -> wit::Counter {
+            wit::Counter { name: name.into(), quantity: quantity.into() }
+        }
+
+        fn device(consumes: Vec<wit::CounterConsumption>, shared: Option<wit::SharedDevice>) -> wit::Device {
+            wit::Device {
+                id: "nic-0".into(),
+                health: wit::Health::Healthy,
+                numa_nodes: Vec::new(),
+                attributes: Vec::new(),
+                capacities: vec![wit::Capacity { name: "a.io/bw".into(), quantity: "10G".into() }],
+                consumes,
+                shared,
+            }
+        }
+
+        fn policy(capacity: &str, valid: Option<wit::ValidRequests>) -> wit::RequestPolicy {
+            wit::RequestPolicy { capacity: capacity.into(), default: Some("1G".into()), valid }
+        }
+
+        #[test]
+        fn a_1_2_device_reaches_the_model_with_what_it_consumes_and_its_request_policies() {
+            let consumes = vec![wit::CounterConsumption {
+                counter_set: "gpu-0".into(),
+                counters: vec![counter("memory", "20Gi"), counter("slices", "4")],
+            }];
+            let range = wit::ValidRange { min: "1G".into(), max: Some("8G".into()), step: None };
+            let shared = wit::SharedDevice {
+                request_policies: vec![
+                    policy("a.io/bw", Some(wit::ValidRequests::Range(range))),
+                    policy("a.io/slots", Some(wit::ValidRequests::Values(vec!["1G".into(), "2G".into()]))),
+                ],
+            };
+            let list = device_list("r.io/x".into(), vec![device(consumes, Some(shared))]);
+            let range = ValidRequests::Range { min: "1G".into(), max: Some("8G".into()), step: None };
+            let values = ValidRequests::Values(vec!["1G".into(), "2G".into()]);
+            let expected = Device::healthy("nic-0")
+                .with_capacity("a.io/bw", "10G")
+                .consuming("gpu-0", [("memory", "20Gi"), ("slices", "4")])
+                .with_request_policy("a.io/bw", RequestPolicy { default: Some("1G".into()), valid: Some(range) })
+                .with_request_policy("a.io/slots", RequestPolicy { default: Some("1G".into()), valid: Some(values) });
+            assert_eq!(list.devices, Ok(vec![expected]));
+        }
+
+        #[test]
+        fn a_shared_device_without_policies_is_shared_and_none_is_not() {
+            let shared = device(Vec::new(), Some(wit::SharedDevice { request_policies: Vec::new() }));
+            let list =
+                device_list("r.io/x".into(), vec![shared, wit::Device { id: "d1".into(), ..device(Vec::new(), None) }]);
+            let devices = list.devices.expect("converts");
+            assert_eq!(devices[0].shared, Some(SharedDevice::default()));
+            assert_eq!(devices[1].shared, None);
+        }
+
+        #[test]
+        fn what_the_model_cannot_hold_is_refused_naming_the_field() {
+            let twice = vec![wit::CounterConsumption {
+                counter_set: "gpu-0".into(),
+                counters: vec![counter("memory", "1Gi"), counter("memory", "2Gi")],
+            }];
+            let list = device_list("r.io/x".into(), vec![device(twice, None)]);
+            assert_eq!(
+                list.devices,
+                Err("resource \"r.io/x\": device \"nic-0\": consumes from counter set \"gpu-0\": counter \"memory\" appears twice"
+                    .into())
+            );
+            let shared = wit::SharedDevice { request_policies: vec![policy("a.io/bw", None), policy("a.io/bw", None)] };
+            let list = device_list("r.io/x".into(), vec![device(Vec::new(), Some(shared))]);
+            assert_eq!(
+                list.devices,
+                Err("resource \"r.io/x\": device \"nic-0\": request policy for capacity \"a.io/bw\" appears twice"
+                    .into())
+            );
+            let resource = wit::Resource {
+                name: "r.io/x".into(),
+                pre_start_required: false,
+                preferred_allocation: false,
+                release_required: false,
+                counter_sets: vec![wit::CounterSet {
+                    name: "gpu-0".into(),
+                    counters: vec![counter("slices", "8"), counter("slices", "4")],
+                }],
+            };
+            assert_eq!(
+                resource.into_spec(),
+                Err("resource \"r.io/x\": counter set \"gpu-0\": counter \"slices\" appears twice".into())
+            );
+        }
+
+        #[test]
+        fn a_1_2_resource_declares_its_counter_sets() {
+            let resource = wit::Resource {
+                name: "r.io/x".into(),
+                pre_start_required: true,
+                preferred_allocation: false,
+                release_required: true,
+                counter_sets: vec![wit::CounterSet {
+                    name: "gpu-0".into(),
+                    counters: vec![counter("memory", "40Gi"), counter("slices", "8")],
+                }],
+            };
+            let spec = resource.into_spec().expect("converts");
+            assert_eq!(spec.counter_sets, [CounterSet::new("gpu-0", [("memory", "40Gi"), ("slices", "8")])]);
+            assert!(spec.pre_start_required && spec.release_required && !spec.preferred_allocation);
+        }
+
+        #[test]
+        fn a_1_2_allocation_carries_its_device_status() {
+            let status = wit::DeviceStatus {
+                interface_name: Some("net1".into()),
+                hardware_address: None,
+                ips: vec!["10.0.0.5/24".into()],
+                data: Some("{\"a\":1}".into()),
+            };
+            let answer = Answer::from(wit::Allocation {
+                envs: vec![("A".into(), "1".into())],
+                mounts: Vec::new(),
+                device_specs: Vec::new(),
+                annotations: Vec::new(),
+                cdi_devices: Vec::new(),
+                device_status: vec![("nic-0".into(), status)],
+            });
+            let expected = DeviceStatus {
+                interface_name: Some("net1".into()),
+                hardware_address: None,
+                ips: vec!["10.0.0.5/24".into()],
+                data: Some("{\"a\":1}".into()),
+            };
+            assert_eq!(answer.device_status, [("nic-0".to_owned(), expected)]);
+            assert_eq!(answer.envs, [("A".to_owned(), "1".to_owned())]);
+        }
     }
 
     #[test]
