@@ -29,6 +29,7 @@ mod native;
 mod native_loader;
 mod nvidia;
 mod nvidia_cdi;
+mod nvidia_mig;
 mod operate;
 mod pci;
 mod procs;

@@ -3,6 +3,16 @@
 //! and `nvidia-uvm-tools`), `NVIDIA_VISIBLE_DEVICES` with the UUIDs, and
 //! with CDI on, `nvidia.com/gpu=<UUID>` per GPU.
 //!
+//! A MIG partition (`mig = "partitions"`, [`crate::mig`]) gets its GPU's
+//! device node and the shared nodes, and `NVIDIA_MIG_PROFILE`,
+//! `NVIDIA_MIG_PLACEMENT` (`<start>:<size>` in memory slices) and
+//! `NVIDIA_MIG_PARENT` (the GPU's UUID), one entry per partition, comma
+//! separated, in the order of the IDs. No GPU instance is created for it,
+//! so it has no MIG UUID, no `/dev/nvidia-caps` node and no CDI name; and
+//! `NVIDIA_VISIBLE_DEVICES` names whole GPUs only (`void` when there are
+//! none), so that the NVIDIA container runtime never hands the container
+//! the whole GPU behind a partition.
+//!
 //! Existence is checked under the configured `dev_root` (the host's `/dev`
 //! as devhost sees it); the paths in the answer are the kubelet's, always
 //! under `/dev`.
@@ -11,6 +21,7 @@ use std::path::Path;
 
 use devhost_abi::sdk::{Allocation, DeviceSpec, Error};
 
+use crate::mig::{Layout, Partition};
 use crate::model::Gpu;
 
 /// The control nodes every GPU container needs, when present.
@@ -19,19 +30,44 @@ pub const SHARED_NODES: &[&str] = &["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools
 /// The CDI kind of whole GPUs.
 pub const CDI_KIND: &str = "nvidia.com/gpu";
 
-/// Builds the answer for `ids`, each of which must be one of `gpus`.
-pub fn allocation(gpus: &[Gpu], ids: &[String], dev_root: &Path, cdi: bool) -> Result<Allocation, Error> {
+/// The value of `NVIDIA_VISIBLE_DEVICES` when only partitions are
+/// allocated: the NVIDIA container runtime then adds no GPU at all (an
+/// image's own `NVIDIA_VISIBLE_DEVICES=all` would add every GPU).
+pub const NO_VISIBLE_DEVICES: &str = "void";
+
+/// Builds the answer for `ids`, each of which must be one of `gpus` (by
+/// UUID) or one of the partitions in `layout`.
+pub fn allocation(
+    gpus: &[Gpu],
+    layout: &Layout,
+    ids: &[String],
+    dev_root: &Path,
+    cdi: bool,
+) -> Result<Allocation, Error> {
     let mut chosen = Vec::with_capacity(ids.len());
+    let mut partitions: Vec<(&Gpu, &Partition)> = Vec::new();
     for id in ids {
-        let gpu = gpus
-            .iter()
-            .find(|gpu| &gpu.uuid == id)
-            .ok_or_else(|| Error::new(format!("unknown GPU {id} (expected one of this backend's UUIDs)")))?;
-        chosen.push(gpu);
+        if let Some(gpu) = gpus.iter().find(|gpu| &gpu.uuid == id) {
+            chosen.push(gpu);
+        } else if let Some(found) = layout.partition(gpus, id) {
+            partitions.push(found);
+        } else if layout.gpus.iter().any(Option::is_some) {
+            return Err(Error::new(format!(
+                "unknown device {id} (expected one of this backend's GPU UUIDs or MIG partition IDs)"
+            )));
+        } else {
+            return Err(Error::new(format!("unknown GPU {id} (expected one of this backend's UUIDs)")));
+        }
     }
     let mut answer = Allocation::default();
-    let nodes =
-        chosen.iter().map(|gpu| format!("nvidia{}", gpu.minor)).chain(SHARED_NODES.iter().map(|n| (*n).to_owned()));
+    let mut gpu_nodes: Vec<String> = Vec::new();
+    for minor in chosen.iter().chain(partitions.iter().map(|(gpu, _)| gpu)).map(|gpu| gpu.minor) {
+        let node = format!("nvidia{minor}");
+        if !gpu_nodes.contains(&node) {
+            gpu_nodes.push(node);
+        }
+    }
+    let nodes = gpu_nodes.into_iter().chain(SHARED_NODES.iter().map(|n| (*n).to_owned()));
     for node in nodes {
         if dev_root.join(&node).exists() {
             let path = format!("/dev/{node}");
@@ -43,7 +79,18 @@ pub fn allocation(gpus: &[Gpu], ids: &[String], dev_root: &Path, cdi: bool) -> R
         }
     }
     let uuids: Vec<&str> = chosen.iter().map(|gpu| gpu.uuid.as_str()).collect();
-    answer.envs.insert("NVIDIA_VISIBLE_DEVICES".into(), uuids.join(","));
+    let visible = if uuids.is_empty() { NO_VISIBLE_DEVICES.to_owned() } else { uuids.join(",") };
+    answer.envs.insert("NVIDIA_VISIBLE_DEVICES".into(), visible);
+    if !partitions.is_empty() {
+        let list = |f: &dyn Fn(&Gpu, &Partition) -> String| {
+            partitions.iter().map(|(gpu, p)| f(gpu, p)).collect::<Vec<_>>().join(",")
+        };
+        answer.envs.insert("NVIDIA_MIG_PROFILE".into(), list(&|_, p| p.profile.name.clone()));
+        answer
+            .envs
+            .insert("NVIDIA_MIG_PLACEMENT".into(), list(&|_, p| format!("{}:{}", p.placement.start, p.placement.size)));
+        answer.envs.insert("NVIDIA_MIG_PARENT".into(), list(&|gpu, _| gpu.uuid.clone()));
+    }
     if cdi {
         answer.cdi_devices = uuids.iter().map(|uuid| format!("{CDI_KIND}={uuid}")).collect();
     }
@@ -85,7 +132,7 @@ mod tests {
         let gpus = [gpu("GPU-a", 0), gpu("GPU-b", 3)];
         let dev = dev(&["nvidia0", "nvidia3", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"]);
         let ids = ["GPU-b".to_owned(), "GPU-a".to_owned()];
-        let answer = allocation(&gpus, &ids, dev.path(), false).expect("answer");
+        let answer = allocation(&gpus, &Layout::default(), &ids, dev.path(), false).expect("answer");
         assert_eq!(
             specs(&answer),
             ["/dev/nvidia3", "/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
@@ -100,7 +147,8 @@ mod tests {
     fn missing_nodes_are_left_out() {
         let gpus = [gpu("GPU-a", 0), gpu("GPU-b", 1)];
         let dev = dev(&["nvidia1", "nvidiactl"]);
-        let answer = allocation(&gpus, &["GPU-a".into(), "GPU-b".into()], dev.path(), false).expect("answer");
+        let answer = allocation(&gpus, &Layout::default(), &["GPU-a".into(), "GPU-b".into()], dev.path(), false)
+            .expect("answer");
         assert_eq!(specs(&answer), ["/dev/nvidia1", "/dev/nvidiactl"]);
     }
 
@@ -108,7 +156,7 @@ mod tests {
     fn cdi_names_are_added_when_enabled() {
         let gpus = [gpu("GPU-a", 0)];
         let dev = dev(&[]);
-        let answer = allocation(&gpus, &["GPU-a".into()], dev.path(), true).expect("answer");
+        let answer = allocation(&gpus, &Layout::default(), &["GPU-a".into()], dev.path(), true).expect("answer");
         assert_eq!(answer.cdi_devices, ["nvidia.com/gpu=GPU-a"]);
         assert!(answer.device_specs.is_empty());
     }
@@ -116,7 +164,8 @@ mod tests {
     #[test]
     fn an_unknown_id_is_refused_by_name() {
         let error =
-            allocation(&[gpu("GPU-a", 0)], &["GPU-z".into()], Path::new("/nonexistent"), false).expect_err("unknown");
+            allocation(&[gpu("GPU-a", 0)], &Layout::default(), &["GPU-z".into()], Path::new("/nonexistent"), false)
+                .expect_err("unknown");
         assert_eq!(error.to_string(), "unknown GPU GPU-z (expected one of this backend's UUIDs)");
     }
 }

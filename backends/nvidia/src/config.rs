@@ -28,6 +28,20 @@ struct Raw {
     ignored_xids: Vec<u64>,
     probe_interval_ms: u64,
     reset_on_release: bool,
+    mig: Mig,
+}
+
+/// What the backend does with GPUs in MIG mode (`[config] mig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mig {
+    /// Serve them whole, as every other GPU (the default).
+    #[default]
+    Off,
+    /// Also publish every possible MIG GPU-instance placement as a
+    /// partition of the GPU (DRA's partitionable devices): a counter set
+    /// per GPU, and devices consuming from it. See [`crate::mig`].
+    Partitions,
 }
 
 impl Default for Raw {
@@ -42,6 +56,7 @@ impl Default for Raw {
             ignored_xids: DEFAULT_IGNORED_XIDS.iter().map(|(xid, _)| *xid).collect(),
             probe_interval_ms: 5000,
             reset_on_release: false,
+            mig: Mig::Off,
         }
     }
 }
@@ -71,6 +86,9 @@ pub struct Config {
     /// holds it and no process has it open. Off by default: with it off the
     /// resource does not ask for `release` at all.
     pub reset_on_release: bool,
+    /// What to publish for GPUs in MIG mode: off (whole GPUs only, the
+    /// default) or `partitions`.
+    pub mig: Mig,
 }
 
 impl Config {
@@ -103,6 +121,7 @@ impl Config {
             xids: XidPolicy::new(raw.ignored_xids.into_iter().collect::<BTreeSet<_>>()),
             probe_interval: Duration::from_millis(raw.probe_interval_ms),
             reset_on_release: raw.reset_on_release,
+            mig: raw.mig,
         })
     }
 }
@@ -124,6 +143,7 @@ mod tests {
             assert_eq!(config.probe_interval, Duration::from_secs(5));
             assert_eq!(config.xids, XidPolicy::default());
             assert!(!config.reset_on_release, "no release is asked for unless configured");
+            assert_eq!(config.mig, Mig::Off, "MIG partitions only when asked for");
         }
     }
 
@@ -132,7 +152,7 @@ mod tests {
         let config = Config::parse(
             r#"{"resource": "acme.com/gpu", "library": "/opt/nvml.so", "cdi": true, "dev_root": "/host/dev",
                 "sysfs_root": "/host/sys", "health": false, "ignored_xids": [13], "probe_interval_ms": 250,
-                "reset_on_release": true}"#,
+                "reset_on_release": true, "mig": "partitions"}"#,
         )
         .expect("valid");
         assert_eq!(config.resource, "acme.com/gpu");
@@ -144,6 +164,8 @@ mod tests {
         assert!(!config.xids.is_critical(Some(13)));
         assert!(config.xids.is_critical(Some(31)), "the list replaces the default");
         assert!(config.reset_on_release);
+        assert_eq!(config.mig, Mig::Partitions);
+        assert_eq!(Config::parse(r#"{"mig": "off"}"#).expect("valid").mig, Mig::Off);
     }
 
     #[test]
@@ -182,6 +204,12 @@ mod tests {
                 .starts_with("invalid [config] table: invalid type: string \"yes\", expected a boolean")
         );
         assert!(error(r#"{"colour": 1}"#).starts_with("invalid [config] table: unknown field `colour`"));
+        assert!(
+            error(r#"{"mig": "devices"}"#)
+                .starts_with("invalid [config] table: unknown variant `devices`, expected `off` or `partitions`"),
+            "{}",
+            error(r#"{"mig": "devices"}"#)
+        );
         assert!(error(r#"{"ignored_xids": [-1]}"#).starts_with("invalid [config] table: invalid value: integer `-1`"));
     }
 }

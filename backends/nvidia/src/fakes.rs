@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use devhost_abi::sdk::Health;
 
-use crate::model::{Details, Event, EventSource, Gpu, GpuSource, Link};
+use crate::model::{Details, Event, EventSource, Gpu, GpuSource, Link, MigProfile, Placement};
 
 /// A GPU with the given index (also its minor) and NUMA node, described
 /// as NVML describes an 80 GiB GPU on driver 535.104.05 (CUDA 12.2).
@@ -33,6 +33,50 @@ pub fn gpu(uuid: &str, index: u32, numa: Option<i64>) -> Gpu {
     }
 }
 
+/// The MIG profiles of an H100 80GB as NVML lists them (the same figures
+/// as `nvidia-smi mig -lgip`, and as `tests/fixtures/native/fake_nvml.c`'s
+/// e2e configuration), in `NVML_GPU_INSTANCE_PROFILE_*` order: 1g.10gb at
+/// slices 0..6, 1g.20gb at 0, 2, 4, 6, 2g.20gb at 0, 2, 4, 3g.40gb at 0
+/// and 4, 4g.40gb and 7g.80gb at 0. The `+me` profile is left out (see
+/// [`one_g_me`]).
+pub fn h100_profiles() -> Vec<MigProfile> {
+    let at = |starts: &[u32], size: u32| starts.iter().map(|&start| Placement { start, size }).collect();
+    let profile = |id, name: &str, slices, sms, engines, memory_mib, placements| MigProfile {
+        id,
+        name: name.into(),
+        slices,
+        multiprocessors: sms,
+        copy_engines: engines,
+        decoders: engines,
+        encoders: 0,
+        jpeg_engines: engines,
+        ofa_engines: u32::from(slices == 7),
+        memory_mib,
+        placements,
+    };
+    vec![
+        profile(19, "1g.10gb", 1, 16, 1, 9984, at(&[0, 1, 2, 3, 4, 5, 6], 1)),
+        profile(14, "2g.20gb", 2, 32, 2, 20096, at(&[0, 2, 4], 2)),
+        profile(9, "3g.40gb", 3, 60, 3, 40448, at(&[0, 4], 4)),
+        profile(5, "4g.40gb", 4, 64, 4, 40448, at(&[0], 4)),
+        profile(0, "7g.80gb", 7, 132, 7, 81152, at(&[0], 8)),
+        profile(15, "1g.20gb", 1, 16, 1, 20096, at(&[0, 2, 4, 6], 2)),
+    ]
+}
+
+/// H100's `1g.10gb+me`: one compute slice with every media engine (7
+/// decoders and JPEG engines, the one OFA), at slices 0..6.
+pub fn one_g_me() -> MigProfile {
+    MigProfile {
+        id: 20,
+        name: "1g.10gb+me".into(),
+        decoders: 7,
+        jpeg_engines: 7,
+        ofa_engines: 1,
+        ..h100_profiles()[0].clone()
+    }
+}
+
 /// A fake NVML: a GPU list, NVLinks between index pairs, probe failures
 /// per GPU, a queue of events, processes per GPU, and the resets asked
 /// for.
@@ -50,6 +94,8 @@ pub struct Fake {
     pub reset_fails: Mutex<Vec<String>>,
     /// The UUIDs reset so far, in order.
     pub resets: Mutex<Vec<String>>,
+    /// Per GPU UUID, what `mig_profiles` answers (none listed: no profiles).
+    pub mig: Vec<(String, Result<Vec<MigProfile>, String>)>,
 }
 
 impl GpuSource for Fake {
@@ -82,6 +128,9 @@ impl GpuSource for Fake {
         }
         self.resets.lock().map_err(|_| "poisoned")?.push(gpu.uuid.clone());
         Ok(())
+    }
+    fn mig_profiles(&self, uuid: &str) -> Result<Vec<MigProfile>, String> {
+        self.mig.iter().find(|(u, _)| u == uuid).map_or(Ok(Vec::new()), |(_, answer)| answer.clone())
     }
 }
 

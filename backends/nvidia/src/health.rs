@@ -144,6 +144,9 @@ pub struct Monitor<'a> {
     pub resource: &'a str,
     /// The GPUs, in published order.
     pub gpus: &'a [Gpu],
+    /// What is published for each GPU (its MIG partitions, if any): they
+    /// share their GPU's health.
+    pub layout: &'a crate::mig::Layout,
     /// Their health.
     pub tracker: HealthTracker,
     /// How often every GPU is probed.
@@ -203,7 +206,8 @@ pub fn monitor(mut m: Monitor<'_>, events: &mut dyn EventSource, stop: &Receiver
             }
             next_probe = now + m.interval;
         }
-        if changed && let Err(error) = m.sink.publish(m.resource, &m.tracker.devices(m.gpus)) {
+        let devices = || m.layout.devices(m.gpus, |uuid| m.tracker.health(uuid));
+        if changed && let Err(error) = m.sink.publish(m.resource, &devices()) {
             m.sink.log(LogLevel::Error, &format!("publishing the GPUs' health failed: {error}"));
         }
     }

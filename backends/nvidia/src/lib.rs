@@ -8,11 +8,14 @@
 //! names, and prefers GPUs on one NUMA node sharing the best links. Every
 //! device carries DRA attributes (product, versions, PCI address and root,
 //! MIG mode) and its memory as a capacity. With `reset_on_release` it asks
-//! devhost for `release` and resets idle GPUs then.
+//! devhost for `release` and resets idle GPUs then. With
+//! `mig = "partitions"` a GPU in MIG mode is also published as DRA's
+//! partitionable devices: a counter set and one device per possible MIG
+//! placement ([`mig`]).
 //!
 //! Layout: [`model`] is the data layer between NVML and the logic;
 //! [`nvml`] implements it over NVML; [`config`], [`xid`], [`sysfs`],
-//! [`topology`], [`allocate`], [`health`], [`attributes`] and [`release`]
+//! [`topology`], [`allocate`], [`health`], [`attributes`], [`mig`] and [`release`]
 //! are the logic, tested without a GPU. Where NVML is absent, `init` fails
 //! with one message and nothing is registered.
 
@@ -24,6 +27,7 @@ pub mod config;
 #[cfg(test)]
 mod fakes;
 pub mod health;
+pub mod mig;
 pub mod model;
 pub mod nvml;
 pub mod release;
@@ -37,8 +41,9 @@ use std::time::Duration;
 
 use devhost_abi::sdk::{Allocation, Backend, Error, Health, Host, LogLevel, PreferredRequest, Resource};
 
-use crate::config::Config;
-use crate::health::{HealthTracker, Monitor, Sink, device, monitor};
+use crate::config::{Config, Mig};
+use crate::health::{HealthTracker, Monitor, Sink, monitor};
+use crate::mig::Layout;
 use crate::model::{Event, EventSource, Gpu, GpuSource};
 use crate::topology::Topology;
 
@@ -47,6 +52,7 @@ use crate::topology::Topology;
 pub struct Nvidia {
     config: Config,
     gpus: Arc<Vec<Gpu>>,
+    layout: Arc<Layout>,
     topology: Topology,
     source: Arc<dyn GpuSource>,
     sink: Arc<dyn Sink>,
@@ -116,7 +122,7 @@ impl Nvidia {
             for warning in attributes::describe(gpu).warnings {
                 sink.log(LogLevel::Warn, &warning);
             }
-            if gpu.mig_enabled == Some(true) {
+            if gpu.mig_enabled == Some(true) && config.mig == Mig::Off {
                 sink.log(
                     LogLevel::Warn,
                     &format!(
@@ -126,15 +132,69 @@ impl Nvidia {
                 );
             }
         }
+        let layout = match config.mig {
+            Mig::Off => Layout::default(),
+            Mig::Partitions => mig_layout(&gpus, &*source, &*sink),
+        };
         let topology = Topology::new(&gpus, |a, b| source.link(a, b));
-        let devices: Vec<_> = gpus.iter().map(|gpu| device(gpu, Health::Healthy)).collect();
+        let devices = layout.devices(&gpus, |_| Health::Healthy);
         sink.publish(&config.resource, &devices).map_err(|error| Error::new(error.to_string()))?;
-        let gpus = Arc::new(gpus);
-        let monitor = config.health.then(|| spawn_monitor(&config, source.clone(), sink.clone(), gpus.clone()));
+        let (gpus, layout) = (Arc::new(gpus), Arc::new(layout));
+        let monitor =
+            config.health.then(|| spawn_monitor(&config, source.clone(), sink.clone(), gpus.clone(), layout.clone()));
         let resource = Resource::new(config.resource.clone()).with_preferred_allocation();
         let resource = if config.reset_on_release { resource.with_release() } else { resource };
-        Ok((Nvidia { config, gpus, topology, source, sink, monitor }, vec![resource]))
+        let resource = layout.counter_sets().into_iter().fold(resource, Resource::with_counter_set);
+        Ok((Nvidia { config, gpus, layout, topology, source, sink, monitor }, vec![resource]))
     }
+}
+
+/// With `mig = "partitions"`: each GPU in MIG mode's partitions, from its
+/// MIG profiles, logging what is published and what is left out (and why)
+/// once, at `init`. A GPU whose profiles NVML cannot give is served whole.
+fn mig_layout(gpus: &[Gpu], source: &dyn GpuSource, sink: &dyn Sink) -> Layout {
+    let mut layout = Layout { gpus: Vec::with_capacity(gpus.len()), typed: false };
+    for gpu in gpus {
+        let planned = match gpu.mig_enabled {
+            Some(true) => match source.mig_profiles(&gpu.uuid) {
+                Ok(profiles) => {
+                    let (planned, warnings) = mig::plan(gpu, &profiles);
+                    for warning in warnings {
+                        sink.log(LogLevel::Warn, &warning);
+                    }
+                    planned
+                }
+                Err(error) => {
+                    sink.log(
+                        LogLevel::Warn,
+                        &format!("GPU {}: no MIG partitions are published, it is served whole: {error}", gpu.uuid),
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let Some(p) = &planned {
+            let profiles: std::collections::BTreeSet<&str> =
+                p.partitions.iter().map(|p| p.profile.name.as_str()).collect();
+            sink.log(
+                LogLevel::Info,
+                &format!(
+                    "GPU {}: MIG mode is on; published as counter set {} with {} MIG partitions ({}) besides the \
+                     whole GPU",
+                    gpu.uuid,
+                    p.counter_set.name,
+                    p.partitions.len(),
+                    profiles.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        layout.gpus.push(planned);
+    }
+    // Types only where there is something to tell apart: a node without
+    // partitions publishes exactly what it did without the option.
+    layout.typed = layout.gpus.iter().any(Option::is_some);
+    layout
 }
 
 fn spawn_monitor(
@@ -142,6 +202,7 @@ fn spawn_monitor(
     source: Arc<dyn GpuSource>,
     sink: Arc<dyn Sink>,
     gpus: Arc<Vec<Gpu>>,
+    layout: Arc<Layout>,
 ) -> (mpsc::Sender<()>, JoinHandle<()>) {
     let (stop, stopped) = mpsc::channel();
     let (resource, policy, interval) = (config.resource.clone(), config.xids.clone(), config.probe_interval);
@@ -160,7 +221,8 @@ fn spawn_monitor(
             }
         };
         let tracker = HealthTracker::new(uuids, policy, interval);
-        let m = Monitor { source: &*source, sink: &*sink, resource: &resource, gpus: &gpus, tracker, interval };
+        let (resource, layout) = (&resource[..], &*layout);
+        let m = Monitor { source: &*source, sink: &*sink, resource, gpus: &gpus, layout, tracker, interval };
         monitor(m, &mut *events, &stopped);
     });
     (stop, thread)
@@ -174,10 +236,15 @@ impl Backend for Nvidia {
     }
 
     fn allocate(&self, _resource: &str, device_ids: &[String]) -> Result<Allocation, Error> {
-        allocate::allocation(&self.gpus, device_ids, &self.config.dev_root, self.config.cdi)
+        allocate::allocation(&self.gpus, &self.layout, device_ids, &self.config.dev_root, self.config.cdi)
     }
 
     fn preferred_allocation(&self, _resource: &str, request: &PreferredRequest) -> Result<Option<Vec<String>>, Error> {
+        // The topology knows whole GPUs only: no preference among partitions.
+        let ids = request.available.iter().chain(&request.must_include);
+        if ids.into_iter().any(|id| self.layout.partition(&self.gpus, id).is_some()) {
+            return Ok(None);
+        }
         self.topology.preferred(&request.available, &request.must_include, request.size).map(Some).map_err(Error::new)
     }
 
@@ -187,7 +254,11 @@ impl Backend for Nvidia {
         if !self.config.reset_on_release {
             return Ok(());
         }
-        release::reset_idle(&*self.source, &*self.sink, &self.gpus, device_ids)
+        // A partition is never created on the GPU (README: MIG), so there is
+        // nothing of it to reset.
+        let gpus: Vec<String> =
+            device_ids.iter().filter(|id| self.layout.partition(&self.gpus, id).is_none()).cloned().collect();
+        release::reset_idle(&*self.source, &*self.sink, &self.gpus, &gpus)
     }
 
     fn shutdown(self) {
@@ -202,3 +273,5 @@ devhost_abi::export_backend!(Nvidia);
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_mig;

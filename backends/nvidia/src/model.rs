@@ -49,6 +49,47 @@ pub struct Details {
     pub pcie_root: Option<String>,
 }
 
+/// One MIG GPU-instance profile of a GPU in MIG mode, as NVML describes it
+/// (`nvmlGpuInstanceProfileInfo_v2_t` and the profile's possible
+/// placements): what one GPU instance of this profile takes of the GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigProfile {
+    /// The profile's ID (`info.id`, what `nvmlDeviceCreateGpuInstance*`
+    /// and the placements call take; not the `NVML_GPU_INSTANCE_PROFILE_*`
+    /// index it was asked for).
+    pub id: u32,
+    /// The name without NVML's `MIG ` prefix (`1g.10gb`, `1g.10gb+me`).
+    pub name: String,
+    /// Compute slices (`sliceCount`: 1 for `1g.*`, 7 for `7g.*`).
+    pub slices: u32,
+    /// Streaming multiprocessors.
+    pub multiprocessors: u32,
+    /// Copy engines.
+    pub copy_engines: u32,
+    /// Video decoders.
+    pub decoders: u32,
+    /// Video encoders.
+    pub encoders: u32,
+    /// JPEG engines.
+    pub jpeg_engines: u32,
+    /// Optical flow accelerators.
+    pub ofa_engines: u32,
+    /// Framebuffer memory in MiB (`memorySizeMB`, which is MiB).
+    pub memory_mib: u64,
+    /// Where an instance of the profile can sit, in memory slices.
+    pub placements: Vec<Placement>,
+}
+
+/// A possible placement of a GPU instance (`nvmlGpuInstancePlacement_t`):
+/// the memory slices `start .. start + size` of the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Placement {
+    /// The first memory slice.
+    pub start: u32,
+    /// How many memory slices.
+    pub size: u32,
+}
+
 /// How two GPUs talk to each other, as NVML reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Link {
@@ -114,6 +155,13 @@ pub trait GpuSource: Send + Sync + 'static {
     /// Resets the GPU (an idle one: the caller checked
     /// [`GpuSource::processes`]); `Err` says why it failed.
     fn reset(&self, gpu: &Gpu) -> Result<(), String>;
+
+    /// The MIG GPU-instance profiles of a GPU in MIG mode, each with its
+    /// possible placements (profiles the GPU does not support are left
+    /// out). Asked once at `init`, only with `mig = "partitions"` and only
+    /// for GPUs in MIG mode. `Err` says why not (an NVML without the MIG
+    /// calls, a failed call): that GPU is then served whole.
+    fn mig_profiles(&self, uuid: &str) -> Result<Vec<MigProfile>, String>;
 }
 
 /// A stream of XID events.

@@ -3,6 +3,14 @@
 //! link-time dependency, so the backend builds and loads anywhere and fails
 //! cleanly where NVML is absent). Nothing here is reached by the unit
 //! tests; everything it returns is plain data for the rest of the crate.
+//!
+//! The MIG profile calls (`mig = "partitions"`) go through the raw NVML
+//! symbols in `mig_ffi`, the crate's one FFI module: nvml-wrapper 0.13's
+//! `possible_placements` hands back an empty list (it never sets the
+//! length of the vector NVML filled), and it has no call that returns a
+//! profile's name. They are looked up when first used, so an NVML
+//! without them still loads: its GPUs are then served whole, and the log
+//! says why.
 
 use std::ffi::OsStr;
 use std::time::Duration;
@@ -13,7 +21,7 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, EventSet, Nvml};
 
-use crate::model::{Details, Event, EventSource, Gpu, GpuSource, Link};
+use crate::model::{Details, Event, EventSource, Gpu, GpuSource, Link, MigProfile};
 use crate::sysfs::sysfs_names;
 
 /// The most NVLinks one GPU has (NVML_NVLINK_MAX_LINKS in current drivers).
@@ -35,13 +43,15 @@ only; nvidia-smi --gpu-reset uses a private driver interface)";
 /// NVML, initialised.
 pub struct NvmlSource {
     nvml: Nvml,
+    /// What was loaded, for messages.
+    library: String,
 }
 
 /// Loads and initialises NVML from `library`; the error is the one line an
 /// operator needs.
 pub fn load(library: &str) -> Result<NvmlSource, String> {
     match Nvml::builder().lib_path(OsStr::new(library)).init() {
-        Ok(nvml) => Ok(NvmlSource { nvml }),
+        Ok(nvml) => Ok(NvmlSource { nvml, library: library.to_owned() }),
         Err(NvmlError::LibloadingError(error)) => Err(format!(
             "NVML is not available: {library} could not be loaded ({error}); is the NVIDIA driver installed and the library mounted into the container?"
         )),
@@ -223,6 +233,117 @@ impl GpuSource for NvmlSource {
     fn reset(&self, gpu: &Gpu) -> Result<(), String> {
         Err(format!("GPU {} ({}) cannot be reset: {NO_RESET}", gpu.uuid, gpu.bus_id))
     }
+
+    fn mig_profiles(&self, uuid: &str) -> Result<Vec<MigProfile>, String> {
+        let lib = self.nvml.lib();
+        let missing = |symbol: &str, error: &dyn std::fmt::Display| {
+            format!("{} has no {symbol} ({error}); the NVIDIA driver is too old to list MIG profiles", self.library)
+        };
+        let info = *lib
+            .nvmlDeviceGetGpuInstanceProfileInfoV
+            .as_ref()
+            .map_err(|e| missing("nvmlDeviceGetGpuInstanceProfileInfoV", e))?;
+        let placements = *lib
+            .nvmlDeviceGetGpuInstancePossiblePlacements_v2
+            .as_ref()
+            .map_err(|e| missing("nvmlDeviceGetGpuInstancePossiblePlacements_v2", e))?;
+        let device = self.device(uuid)?;
+        let mut profiles = Vec::new();
+        for index in 0..mig_ffi::PROFILE_COUNT {
+            let mut profile = match mig_ffi::profile_info(info, &device, index) {
+                Ok(profile) => profile,
+                // A profile this GPU does not have.
+                Err(NvmlError::NotSupported | NvmlError::InvalidArg) => continue,
+                Err(error) => return Err(format!("reading MIG profile {index} failed: {error}")),
+            };
+            profile.placements = match mig_ffi::placements(placements, &device, profile.id) {
+                Ok(list) => list,
+                Err(NvmlError::NotSupported) => continue,
+                Err(error) => {
+                    return Err(format!("reading the placements of MIG profile {} failed: {error}", profile.name));
+                }
+            };
+            profiles.push(profile);
+        }
+        Ok(profiles)
+    }
+}
+
+/// The raw NVML MIG calls, with NVML's structs (`nvml-wrapper-sys`).
+#[allow(unsafe_code)]
+mod mig_ffi {
+    use std::ffi::c_uint;
+
+    use nvml_wrapper::Device;
+    use nvml_wrapper::error::NvmlError;
+    use nvml_wrapper_sys::bindings::{
+        NVML_GPU_INSTANCE_PROFILE_COUNT, nvmlDevice_t, nvmlGpuInstancePlacement_t, nvmlGpuInstanceProfileInfo_v2_t,
+        nvmlReturn_t,
+    };
+
+    use crate::model::{MigProfile, Placement};
+
+    /// `nvmlDeviceGetGpuInstanceProfileInfoV`.
+    pub type ProfileInfoV =
+        unsafe extern "C" fn(nvmlDevice_t, c_uint, *mut nvmlGpuInstanceProfileInfo_v2_t) -> nvmlReturn_t;
+    /// `nvmlDeviceGetGpuInstancePossiblePlacements_v2`.
+    pub type PossiblePlacements =
+        unsafe extern "C" fn(nvmlDevice_t, c_uint, *mut nvmlGpuInstancePlacement_t, *mut c_uint) -> nvmlReturn_t;
+
+    /// The `NVML_GPU_INSTANCE_PROFILE_*` indices are `0 .. PROFILE_COUNT`.
+    pub const PROFILE_COUNT: u32 = NVML_GPU_INSTANCE_PROFILE_COUNT;
+
+    /// `nvmlGpuInstanceProfileInfo_v2`: NVML_STRUCT_VERSION(GpuInstanceProfileInfo, 2),
+    /// the struct's size with the version in the top byte.
+    const PROFILE_INFO_V2: c_uint = size_of::<nvmlGpuInstanceProfileInfo_v2_t>() as c_uint | (2 << 24);
+
+    fn check(code: nvmlReturn_t) -> Result<(), NvmlError> {
+        if code == 0 { Ok(()) } else { Err(NvmlError::from(code)) }
+    }
+
+    /// The profile at `NVML_GPU_INSTANCE_PROFILE_*` index `index`, without
+    /// its placements.
+    pub fn profile_info(call: ProfileInfoV, device: &Device<'_>, index: u32) -> Result<MigProfile, NvmlError> {
+        // SAFETY: the struct is plain C data (integers and a char array),
+        // for which all zero bytes is a valid value.
+        let mut info: nvmlGpuInstanceProfileInfo_v2_t = unsafe { std::mem::zeroed() };
+        info.version = PROFILE_INFO_V2;
+        // SAFETY: `call` is the library's symbol, loaded for as long as
+        // the `Nvml` that `device` borrows lives; the handle is that
+        // library's, valid while it lives; `info` is a writable v2 struct
+        // with its version set, as the call wants.
+        check(unsafe { call(device.handle(), index, &mut info) })?;
+        let name: Vec<u8> = info.name.iter().take_while(|c| **c != 0).map(|c| c.to_ne_bytes()[0]).collect();
+        let name = String::from_utf8_lossy(&name);
+        Ok(MigProfile {
+            id: info.id,
+            name: name.trim().strip_prefix("MIG ").unwrap_or(name.trim()).to_owned(),
+            slices: info.sliceCount,
+            multiprocessors: info.multiprocessorCount,
+            copy_engines: info.copyEngineCount,
+            decoders: info.decoderCount,
+            encoders: info.encoderCount,
+            jpeg_engines: info.jpegCount,
+            ofa_engines: info.ofaCount,
+            memory_mib: info.memorySizeMB,
+            placements: Vec::new(),
+        })
+    }
+
+    /// The possible placements of profile ID `id` (`info.id`).
+    pub fn placements(call: PossiblePlacements, device: &Device<'_>, id: u32) -> Result<Vec<Placement>, NvmlError> {
+        let mut count: c_uint = 0;
+        // SAFETY: as in `profile_info`; a null array asks NVML for the
+        // number of placements only, written to `count`.
+        check(unsafe { call(device.handle(), id, std::ptr::null_mut(), &mut count) })?;
+        let mut list = vec![nvmlGpuInstancePlacement_t { start: 0, size: 0 }; count as usize];
+        let mut filled = count;
+        // SAFETY: `list` has `count` writable elements, and `filled` says
+        // so to NVML, which writes at most that many and sets how many.
+        check(unsafe { call(device.handle(), id, list.as_mut_ptr(), &mut filled) })?;
+        list.truncate(filled.min(count) as usize);
+        Ok(list.into_iter().map(|p| Placement { start: p.start, size: p.size }).collect())
+    }
 }
 
 /// XID events from an NVML event set.
@@ -301,6 +422,90 @@ mod tests {
         let (mut events, warnings) = source.events(&uuids).expect("an event set");
         eprintln!("event warnings: {warnings:?}");
         assert!(matches!(events.wait(Duration::from_millis(10)), Event::Timeout | Event::Xid { .. }));
+    }
+
+    /// The e2e tests' fake NVML (`tests/fixtures/native/fake_nvml.c`),
+    /// built into `dir` with `defines`, serving `config`.
+    fn fake_nvml(dir: &std::path::Path, config: &str, defines: &[&str]) -> String {
+        let conf = dir.join("fake-nvml.conf");
+        std::fs::write(&conf, config).expect("fake NVML config");
+        let source = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/native/fake_nvml.c");
+        let library = dir.join(format!("libfake_nvml{}.so", defines.len()));
+        let status = std::process::Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+            .args(["-shared", "-fPIC", "-pthread", "-o"])
+            .arg(&library)
+            .arg(format!("-DFAKE_NVML_CONFIG={:?}", conf.display().to_string()))
+            .args(defines)
+            .arg(source)
+            .status()
+            .expect("run the C compiler (cc), which the e2e tests need too");
+        assert!(status.success(), "compiling {source} failed");
+        library.display().to_string()
+    }
+
+    /// The fake NVML's lines for `profiles`, at their H100 indices.
+    fn profile_lines(profiles: &[MigProfile]) -> String {
+        let index = |id: u32| match id {
+            19 => 0,
+            14 => 1,
+            9 => 2,
+            5 => 3,
+            0 => 4,
+            20 => 7,
+            15 => 9,
+            other => panic!("no H100 profile ID {other}"),
+        };
+        let mut text = String::new();
+        for p in profiles {
+            let at: Vec<String> = p.placements.iter().map(|pl| format!("{}:{}", pl.start, pl.size)).collect();
+            text += &format!(
+                "profile {} {} {} {} {} {} {} {} {} {} {} {}\n",
+                index(p.id),
+                p.id,
+                p.name,
+                p.slices,
+                p.multiprocessors,
+                p.copy_engines,
+                p.decoders,
+                p.encoders,
+                p.jpeg_engines,
+                p.ofa_engines,
+                p.memory_mib,
+                at.join(",")
+            );
+        }
+        text
+    }
+
+    /// The raw MIG calls over the fake NVML: every profile with its ID,
+    /// name, engines, memory and placements, in index order; nothing for a
+    /// GPU not in MIG mode; and a clear error from an NVML without them.
+    #[test]
+    fn mig_profiles_come_back_through_nvml_s_raw_calls() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut profiles = crate::fakes::h100_profiles();
+        // NVML's order is the index order: +me (7) before 1g.20gb (9).
+        profiles.insert(5, crate::fakes::one_g_me());
+        let config = format!(
+            "gpu GPU-0 0 81559 00000000:3B:00.0 NVIDIA H100 80GB HBM3\nmig on\n{}\
+             gpu GPU-1 1 81559 00000000:86:00.0 NVIDIA H100 80GB HBM3\n",
+            profile_lines(&profiles)
+        );
+        let source = load(&fake_nvml(dir.path(), &config, &[])).expect("the fake NVML loads");
+        let gpus = source.gpus().expect("GPUs");
+        let mig: Vec<Option<bool>> = gpus.iter().map(|g| g.mig_enabled).collect();
+        assert_eq!(mig, [Some(true), Some(false)]);
+        assert_eq!(source.mig_profiles("GPU-0").expect("profiles"), profiles);
+        assert_eq!(source.mig_profiles("GPU-1").expect("no MIG, no profiles"), []);
+        drop(source);
+
+        let old = load(&fake_nvml(dir.path(), &config, &["-DFAKE_NVML_NO_MIG"])).expect("an older NVML loads");
+        let error = old.mig_profiles("GPU-0").expect_err("no MIG calls");
+        assert!(
+            error.contains("has no nvmlDeviceGetGpuInstanceProfileInfoV (")
+                && error.ends_with("); the NVIDIA driver is too old to list MIG profiles"),
+            "{error}"
+        );
     }
 
     #[test]

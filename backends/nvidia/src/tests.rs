@@ -15,7 +15,7 @@ use crate::fakes::{Fake, Lists, Recorder, gpu, wait_until};
 /// `i + 1` with NUMA `numa[i]`, in `devices/pci0000:00/…` for the first two
 /// and `devices/pci0000:80/…` for the rest, and `bus/pci/devices/<address>`
 /// links to it.
-fn sysfs(numa: &[&str]) -> tempfile::TempDir {
+pub(crate) fn sysfs(numa: &[&str]) -> tempfile::TempDir {
     let root = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir_all(root.path().join("bus/pci/devices")).expect("bus dir");
     for (i, node) in numa.iter().enumerate() {
@@ -30,7 +30,7 @@ fn sysfs(numa: &[&str]) -> tempfile::TempDir {
     root
 }
 
-fn config(sysfs: &std::path::Path, dev: &std::path::Path, extra: &str) -> Config {
+pub(crate) fn config(sysfs: &std::path::Path, dev: &std::path::Path, extra: &str) -> Config {
     let json = format!(
         r#"{{"sysfs_root": {:?}, "dev_root": {:?}, "probe_interval_ms": 20 {extra}}}"#,
         sysfs.display().to_string(),

@@ -77,8 +77,9 @@ fn the_monitor_publishes_each_transition_and_recovers_a_gpu() {
         std::thread::spawn(move || {
             let interval = Duration::from_millis(30);
             let tracker = HealthTracker::new(gpus.iter().map(|g| g.uuid.clone()), XidPolicy::default(), interval);
-            let m =
-                Monitor { source: &*fake, sink: &*sink, resource: "nvidia.com/gpu", gpus: &gpus, tracker, interval };
+            let layout = crate::mig::Layout::default();
+            let (resource, gpus) = ("nvidia.com/gpu", &gpus[..]);
+            let m = Monitor { source: &*fake, sink: &*sink, resource, gpus, layout: &layout, tracker, interval };
             let (mut events, _) = fake.events(&[]).expect("events");
             monitor(m, &mut *events, &stopped);
         })
