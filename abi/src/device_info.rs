@@ -10,6 +10,8 @@
 //! versions of at most 64 bytes, versions in semver 2.0, capacities as
 //! Kubernetes quantities.
 
+pub use crate::quantity::check_quantity;
+
 use crate::model::{AttributeValue, Device};
 
 /// Attributes and capacities together, per device.
@@ -98,32 +100,6 @@ fn check_value(value: &AttributeValue) -> Result<(), String> {
             .map(drop)
             .map_err(|error| format!("version {text:?} is not a semantic version (semver 2.0): {error}")),
     }
-}
-
-/// A Kubernetes quantity: a signed decimal number, optionally followed by
-/// a binary suffix (`Ki` … `Ei`), a decimal suffix (`n u m k M G T P E`) or
-/// a decimal exponent (`e3`, `E-2`).
-pub fn check_quantity(quantity: &str) -> Result<(), String> {
-    let bad =
-        || format!("{quantity:?} is not a Kubernetes quantity (a number with an optional suffix: 80Gi, 1500m, 2e3)");
-    let unsigned = quantity.strip_prefix(['+', '-']).unwrap_or(quantity);
-    let number_end = unsigned.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(unsigned.len());
-    let (number, suffix) = unsigned.split_at(number_end);
-    let digits = number.replace('.', "");
-    if digits.is_empty() || number.matches('.').count() > 1 {
-        return Err(bad());
-    }
-    let suffix_ok = match suffix {
-        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
-        exponent => exponent
-            .strip_prefix(['e', 'E'])
-            .map(|rest| rest.strip_prefix(['+', '-']).unwrap_or(rest))
-            .is_some_and(|digits| !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())),
-    };
-    if !suffix_ok {
-        return Err(bad());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

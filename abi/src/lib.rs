@@ -15,4 +15,5 @@ pub mod device_info;
 pub mod ffi;
 pub mod model;
 pub mod partitions;
+pub mod quantity;
 pub mod sdk;

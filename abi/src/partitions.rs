@@ -9,8 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::device_info::check_quantity;
 use crate::model::{CounterConsumption, CounterSet, Device, DeviceStatus, RequestPolicy, ValidRequests};
+use crate::quantity::check_quantity;
+pub use crate::quantity::quantity_nanos;
 
 /// Counter sets in one ResourceSlice at most (the API's
 /// `ResourceSliceMaxCounterSets`; `docs/dra-api.md` §4.3).
@@ -321,56 +322,6 @@ fn canonical_interface_address(text: &str) -> Option<String> {
     let prefix: u8 = prefix.parse().ok()?;
     let max = if address.is_ipv4() { 32 } else { 128 };
     (prefix <= max).then(|| format!("{address}/{prefix}"))
-}
-
-/// A quantity's value in billionths (the finest the API keeps: finer
-/// values are rounded away from zero, as the server rounds them); `None`
-/// when it does not parse or does not fit, and is then compared as text.
-pub fn quantity_nanos(quantity: &str) -> Option<i128> {
-    let (negative, unsigned) = match quantity.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, quantity.strip_prefix('+').unwrap_or(quantity)),
-    };
-    let end = unsigned.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(unsigned.len());
-    let (number, suffix) = unsigned.split_at(end);
-    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
-        return None;
-    }
-    let (power_of_ten, power_of_two): (i64, u32) = match suffix {
-        "" => (0, 0),
-        "n" => (-9, 0),
-        "u" => (-6, 0),
-        "m" => (-3, 0),
-        "k" => (3, 0),
-        "M" => (6, 0),
-        "G" => (9, 0),
-        "T" => (12, 0),
-        "P" => (15, 0),
-        "E" => (18, 0),
-        "Ki" => (0, 10),
-        "Mi" => (0, 20),
-        "Gi" => (0, 30),
-        "Ti" => (0, 40),
-        "Pi" => (0, 50),
-        "Ei" => (0, 60),
-        exponent => (exponent.strip_prefix(['e', 'E'])?.parse().ok()?, 0),
-    };
-    let digits = format!("{whole}{fraction}");
-    let mantissa: i128 = digits.trim_start_matches('0').parse().or_else(|_| digits.parse()).ok()?;
-    let mantissa = mantissa.checked_mul(1_i128.checked_shl(power_of_two)?)?;
-    let fraction_digits = i64::try_from(fraction.len()).ok()?;
-    let scale = power_of_ten.checked_add(9)?.checked_sub(fraction_digits)?;
-    let magnitude = if scale >= 0 {
-        mantissa.checked_mul(10_i128.checked_pow(u32::try_from(scale).ok()?)?)?
-    } else {
-        match 10_i128.checked_pow(u32::try_from(-scale).ok()?) {
-            Some(divisor) => mantissa / divisor + i128::from(mantissa % divisor != 0),
-            // Far below a billionth: one billionth, or zero.
-            None => i128::from(mantissa != 0),
-        }
-    };
-    Some(if negative { -magnitude } else { magnitude })
 }
 
 #[cfg(test)]

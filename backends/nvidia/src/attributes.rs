@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use devhost_abi::sdk::AttributeValue;
+use devhost_abi::sdk::{AttributeValue, Device, Health};
 
 use crate::model::Gpu;
 use crate::sysfs::sysfs_names;
@@ -164,6 +164,18 @@ pub fn describe(gpu: &Gpu) -> Described {
         d.capacities.insert(MEMORY.to_owned(), quantity(gpu.memory_bytes));
     }
     d
+}
+
+/// One GPU as a device of the resource, with its attributes and capacity
+/// (the same in every publish: [`describe`] is
+/// deterministic, and its warnings were logged at `init`).
+pub fn device(gpu: &Gpu, health: Health) -> Device {
+    let described = describe(gpu);
+    let mut device = Device::new(gpu.uuid.clone(), health);
+    device.numa_nodes = gpu.numa_node.into_iter().collect();
+    device.attributes = described.attributes;
+    device.capacities = described.capacities;
+    device
 }
 
 #[cfg(test)]

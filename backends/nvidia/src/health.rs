@@ -118,20 +118,8 @@ impl HealthTracker {
 
     /// The device list for `gpus` in their current health.
     pub fn devices(&self, gpus: &[Gpu]) -> Vec<Device> {
-        gpus.iter().map(|gpu| device(gpu, self.health(&gpu.uuid))).collect()
+        gpus.iter().map(|gpu| crate::attributes::device(gpu, self.health(&gpu.uuid))).collect()
     }
-}
-
-/// One GPU as a device of the resource, with its attributes and capacity
-/// (the same in every publish: [`crate::attributes::describe`] is
-/// deterministic, and its warnings were logged at `init`).
-pub fn device(gpu: &Gpu, health: Health) -> Device {
-    let described = crate::attributes::describe(gpu);
-    let mut device = Device::new(gpu.uuid.clone(), health);
-    device.numa_nodes = gpu.numa_node.into_iter().collect();
-    device.attributes = described.attributes;
-    device.capacities = described.capacities;
-    device
 }
 
 /// What the monitor needs besides its event source.

@@ -245,7 +245,7 @@ impl Layout {
         let mut devices = Vec::new();
         for (i, gpu) in gpus.iter().enumerate() {
             let health = health(&gpu.uuid);
-            let mut whole = crate::health::device(gpu, health);
+            let mut whole = crate::attributes::device(gpu, health);
             if self.typed {
                 whole.attributes.insert(TYPE.to_owned(), AttributeValue::String("gpu".into()));
             }

@@ -405,7 +405,7 @@ mod tests {
             // driver answers every call they come from.
             let mut gpu = gpu.clone();
             gpu.details.pcie_root = crate::sysfs::pcie_root(std::path::Path::new("/sys"), &gpu.bus_id);
-            let device = crate::health::device(&gpu, devhost_abi::sdk::Health::Healthy);
+            let device = crate::attributes::device(&gpu, devhost_abi::sdk::Health::Healthy);
             eprintln!("attributes: {:?}, capacities: {:?}", device.attributes, device.capacities);
             devhost_abi::sdk::testing::assert_valid_device(&device);
             for name in [

@@ -224,7 +224,7 @@ fn overlapping_placements_share_a_memory_slice_and_the_scheduler_refuses_them_to
 
 #[test]
 fn with_the_option_off_or_without_mig_exactly_the_old_list_is_published() {
-    // The old list: one device per GPU, as health::device made it.
+    // The old list: one device per GPU, as attributes::device makes it.
     let old = |fake: &Fake| -> Vec<Device> {
         let sys = sysfs(&["0", "1"]);
         fake.gpus
@@ -233,7 +233,7 @@ fn with_the_option_off_or_without_mig_exactly_the_old_list_is_published() {
                 let mut g = g.clone();
                 g.numa_node = crate::sysfs::numa_node(sys.path(), &g.bus_id).expect("numa");
                 g.details.pcie_root = crate::sysfs::pcie_root(sys.path(), &g.bus_id);
-                crate::health::device(&g, Health::Healthy)
+                crate::attributes::device(&g, Health::Healthy)
             })
             .collect()
     };

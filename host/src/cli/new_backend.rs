@@ -25,6 +25,7 @@ const SDK: &[(&str, &str)] = &[
     ("src/ffi.rs", include_str!("../../../abi/src/ffi.rs")),
     ("src/model.rs", include_str!("../../../abi/src/model.rs")),
     ("src/partitions.rs", include_str!("../../../abi/src/partitions.rs")),
+    ("src/quantity.rs", include_str!("../../../abi/src/quantity.rs")),
     ("src/sdk/mod.rs", include_str!("../../../abi/src/sdk/mod.rs")),
     ("src/sdk/shim.rs", include_str!("../../../abi/src/sdk/shim.rs")),
     ("src/sdk/testing.rs", include_str!("../../../abi/src/sdk/testing.rs")),
