@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --bin devhost -p devhost-example-native-rust -p devhost-bench
 //! cargo build --release --target wasm32-wasip2 -p devhost-example-wasm-rust
-//! target/release/devhost-bench all        # or: floor allocate health restart idle scale isolation dra
+//! target/release/devhost-bench all        # or: floor allocate instructions health start restart idle scale isolation dra
 //! ```
 //!
 //! The `devhost` binary runs as a child process (the one next to this
@@ -33,30 +33,60 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 mod dra;
+mod instructions;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Set in the environment: this binary serves as `devhost` (see `main`).
+const AS_DEVHOST: &str = "DEVHOST_BENCH_AS_DEVHOST";
 
 /// `DEVHOST_BENCH_SMOKE=1`: every loop runs a twentieth of its calls (at
 /// least two). For CI, which runs the benchmarks only to keep them working:
 /// its figures mean nothing.
 fn scaled(calls: usize) -> usize {
+    if smoke() { (calls / 20).max(2) } else { calls }
+}
+
+/// Whether this is CI's short smoke run (`DEVHOST_BENCH_SMOKE=1`).
+fn smoke() -> bool {
     static SMOKE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let smoke = *SMOKE.get_or_init(|| std::env::var_os("DEVHOST_BENCH_SMOKE").is_some_and(|v| v == "1"));
-    if smoke { (calls / 20).max(2) } else { calls }
+    *SMOKE.get_or_init(|| std::env::var_os("DEVHOST_BENCH_SMOKE").is_some_and(|v| v == "1"))
+}
+
+/// The machine's load average (`/proc/loadavg`: 1, 5 and 15 minutes),
+/// printed beside wall-clock figures: they move with it.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = text.split_whitespace().take(3).collect();
+    if load.len() == 3 { format!("load {}", load.join(" ")) } else { "load unknown".into() }
 }
 const SEQUENTIAL: usize = 2_000;
 const CONCURRENT: usize = 64;
 const PER_CALLER: usize = 100;
 
 fn main() -> Result<()> {
+    if std::env::var_os(AS_DEVHOST).is_some() {
+        // Serve as `devhost` itself, its arguments as given (under
+        // callgrind, where `/proc/self/exe` is valgrind's tool: a worker
+        // must be started from the devhost binary by its path).
+        devhost::worker::set_executable(devhost_bin()?);
+        let code = devhost::cli::main();
+        std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("floor-server") {
         let socket = args.get(1).context("floor-server needs a socket path")?;
-        return tokio::runtime::Runtime::new()?.block_on(floor_server(Path::new(socket)));
+        // The answer to give, encoded (`floor_child` writes it).
+        let answer = match args.get(2) {
+            Some(file) => v1beta1::AllocateResponse::decode(std::fs::read(file)?.as_slice())?,
+            None => v1beta1::AllocateResponse::default(),
+        };
+        let container = answer.container_responses.into_iter().next().unwrap_or_default();
+        return tokio::runtime::Runtime::new()?.block_on(floor_server(Path::new(socket), container));
     }
     let which: Vec<&str> = match args.first().map(String::as_str) {
         None | Some("all") => {
-            vec!["floor", "allocate", "health", "start", "restart", "idle", "scale", "isolation", "dra"]
+            vec!["floor", "allocate", "instructions", "health", "start", "restart", "idle", "scale", "isolation", "dra"]
         }
         Some(_) => args.iter().map(String::as_str).collect(),
     };
@@ -75,9 +105,10 @@ fn main() -> Result<()> {
                 "scale" => scale(&mut table).await,
                 "isolation" => isolation(&mut table).await,
                 "dra" => dra::dra(&mut table).await,
+                "instructions" => instructions::instructions(&mut table).await,
                 other => {
                     bail!(
-                        "unknown benchmark {other}; known: floor allocate health start restart idle scale isolation dra"
+                        "unknown benchmark {other}; known: floor allocate instructions health start restart idle scale isolation dra"
                     )
                 }
             }
@@ -197,8 +228,13 @@ impl Node {
     }
 
     fn start(&mut self) -> Result<u32> {
+        self.start_with(Command::new(devhost_bin()?))
+    }
+
+    /// Starts devhost as `command` (the binary, or a tool running it).
+    fn start_with(&mut self, mut command: Command) -> Result<u32> {
         let log = std::fs::File::create(self.dir.path().join("devhost.log"))?;
-        let child = Command::new(devhost_bin()?)
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(self.dir.path().join("config/devhost.toml"))
@@ -310,8 +346,13 @@ async fn allocate_latency(
 
 // ---------------------------------------------------------------- floor
 
+/// A bare tonic `DevicePlugin`: every container of an `Allocate` gets
+/// `answer` (the static backend's answer, captured from devhost, so that
+/// the floor sends what devhost sends).
 #[derive(Debug, Default)]
-struct Floor;
+struct Floor {
+    answer: v1beta1::ContainerAllocateResponse,
+}
 
 #[tonic::async_trait]
 impl DevicePlugin for Floor {
@@ -343,8 +384,7 @@ impl DevicePlugin for Floor {
         request: tonic::Request<AllocateRequest>,
     ) -> Result<tonic::Response<v1beta1::AllocateResponse>, tonic::Status> {
         let n = request.into_inner().container_requests.len();
-        let container = v1beta1::ContainerAllocateResponse::default();
-        Ok(tonic::Response::new(v1beta1::AllocateResponse { container_responses: vec![container; n] }))
+        Ok(tonic::Response::new(v1beta1::AllocateResponse { container_responses: vec![self.answer.clone(); n] }))
     }
 
     async fn pre_start_container(
@@ -355,37 +395,73 @@ impl DevicePlugin for Floor {
     }
 }
 
-async fn floor_server(socket: &Path) -> Result<()> {
+async fn floor_server(socket: &Path, answer: v1beta1::ContainerAllocateResponse) -> Result<()> {
     let listener = tokio::net::UnixListener::bind(socket)?;
     tonic::transport::Server::builder()
-        .add_service(DevicePluginServer::new(Floor))
+        .add_service(DevicePluginServer::new(Floor { answer }))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await?;
     Ok(())
 }
 
-async fn floor(table: &mut Table) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("floor.sock");
-    let mut child = Command::new(std::env::current_exe()?).arg("floor-server").arg(&socket).spawn()?;
-    let deadline = Instant::now() + WAIT;
-    while !socket.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// The static backend's answer for `d-0` of [`static_file`]'s resource,
+/// from a devhost started for it: what the floor answers.
+async fn static_answer() -> Result<v1beta1::AllocateResponse> {
+    let mut node = Node::new()?;
+    node.backend("static", &static_file(1, 8, ""))?;
+    let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
+    node.start()?;
+    kubelet.wait_for_devices("bench.example.com/r0", WAIT, |d| d.len() == 8).await?;
+    let mut client = kubelet.client("bench.example.com/r0").await?;
+    Ok(client.allocate(allocate_request("d-0")).await?.into_inner())
+}
+
+/// A floor server (a child process) answering `answer`, and its figures.
+struct FloorRun {
+    sequential: Vec<Duration>,
+    concurrent: Vec<Duration>,
+    rate: f64,
+}
+
+impl FloorRun {
+    async fn measure(answer: &v1beta1::AllocateResponse) -> Result<FloorRun> {
+        let dir = tempfile::tempdir()?;
+        let (mut child, client) = instructions::floor_under(None, dir.path(), answer).await?;
+        let result = allocate_latency(client, &["d-0".to_owned()]).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let (sequential, concurrent, rate) = result?;
+        Ok(FloorRun { sequential, concurrent, rate })
     }
-    let channel = devhost::sockets::client::connect(&socket, Duration::from_secs(10)).await?;
-    let result = allocate_latency(DevicePluginClient::new(channel), &["d-0".to_owned()]).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let (sequential, concurrent, rate) = result?;
+
+    /// `this run's floor p50 …, ×ratio; load …` for a row of `samples`.
+    fn beside(&self, samples: &[Duration]) -> String {
+        let (floor, own) = (quantile(&self.sequential, 0.5), quantile(samples, 0.5));
+        format!(
+            "this run's floor p50 {} (**{:.2}×**); {}",
+            ms(floor),
+            own.as_secs_f64() / floor.as_secs_f64().max(1e-9),
+            load_average()
+        )
+    }
+}
+
+async fn floor(table: &mut Table) -> Result<()> {
+    let answer = static_answer().await?;
+    let run = FloorRun::measure(&answer).await?;
     table.row(
         "floor: bare tonic Allocate round trip, sequential",
-        dist(&sequential),
-        "separate process, same kind of Unix socket, constant answer",
+        dist(&run.sequential),
+        format!(
+            "separate process, same kind of Unix socket, answers the static row's answer ({} bytes); {}",
+            answer.encoded_len(),
+            load_average()
+        ),
     );
     table.row(
         format!("floor: bare tonic Allocate, {CONCURRENT} concurrent callers"),
-        dist(&concurrent),
-        format!("{rate:.0} calls/s"),
+        dist(&run.concurrent),
+        format!("{:.0} calls/s", run.rate),
     );
     Ok(())
 }
@@ -418,6 +494,15 @@ async fn allocate(table: &mut Table) -> Result<()> {
     node.start()?;
     let names: Vec<String> = backends.iter().map(|(_, r, _)| r.clone()).collect();
     all_registered(&kubelet, &names, 1).await?;
+    // This run's floor, answering what the static backend answers.
+    kubelet.wait_for_devices(&names[0], WAIT, |d| d.len() == 8).await?;
+    let answer = kubelet.client(&names[0]).await?.allocate(allocate_request("d-0")).await?.into_inner();
+    let floor = FloorRun::measure(&answer).await?;
+    table.row(
+        "Allocate: this run's floor (bare tonic, the static answer), sequential",
+        dist(&floor.sequential),
+        format!("{}; {CONCURRENT} concurrent callers: {:.0} calls/s", load_average(), floor.rate),
+    );
     for (kind, resource, ids) in &backends {
         kubelet.wait_for_devices(resource, WAIT, |d| d.len() == ids.len()).await?;
         let client = kubelet.client(resource).await?;
@@ -425,12 +510,18 @@ async fn allocate(table: &mut Table) -> Result<()> {
         table.row(
             format!("Allocate, {kind}, sequential"),
             dist(&sequential),
-            format!("{SEQUENTIAL} calls, 1 device each"),
+            format!("{SEQUENTIAL} calls, 1 device each; {}", floor.beside(&sequential)),
         );
         table.row(
             format!("Allocate, {kind}, {CONCURRENT} concurrent callers"),
             dist(&concurrent),
-            format!("{} calls, {rate:.0} calls/s", CONCURRENT * PER_CALLER),
+            format!(
+                "{} calls, {rate:.0} calls/s ({:.2}× this run's floor's {:.0}); {}",
+                CONCURRENT * PER_CALLER,
+                rate / floor.rate,
+                floor.rate,
+                load_average()
+            ),
         );
     }
     Ok(())
@@ -1041,6 +1132,9 @@ async fn isolation(table: &mut Table) -> Result<()> {
     for client in &mut clients {
         sequential_allocates(client, &ids, warm_up).await?;
     }
+    // This run's floor, answering what the module answers.
+    let answer = clients[Mode::InProcess as usize].allocate(allocate_request(&ids[0])).await?.into_inner();
+    let floor = FloorRun::measure(&answer).await?;
     let mut samples: [Vec<Duration>; 3] = Default::default();
     let mut round_p50s = Vec::new();
     for order in ORDERS {
@@ -1070,7 +1164,11 @@ async fn isolation(table: &mut Table) -> Result<()> {
     }
     for mode in Mode::ALL {
         let taken = &samples[mode as usize];
-        table.row(format!("isolation: Allocate, {}", mode.label()), dist(taken), format!("{} calls", taken.len()));
+        table.row(
+            format!("isolation: Allocate, {}", mode.label()),
+            dist(taken),
+            format!("{} calls; {}", taken.len(), floor.beside(taken)),
+        );
     }
 
     // devhost's children: the unsandboxed worker, and the sandboxed

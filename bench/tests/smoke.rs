@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn the_benchmarks_run() {
     let output = Command::new(env!("CARGO_BIN_EXE_devhost-bench"))
-        .args(["floor", "allocate", "health", "start", "restart", "isolation", "dra"])
+        .args(["floor", "allocate", "instructions", "health", "start", "restart", "isolation", "dra"])
         .env("DEVHOST_BENCH_SMOKE", "1")
         // The debug devhost beside this test's binary, not a release one.
         .env("DEVHOST_BIN", bin_dir().join("devhost"))
@@ -20,6 +20,8 @@ fn the_benchmarks_run() {
     for row in [
         "floor: bare tonic Allocate",
         "Allocate, static",
+        // Under valgrind where installed: floor and static only, few calls.
+        "instructions per Allocate",
         "kubelet restart",
         "process start",
         "isolation: Allocate through the kubelet client, sandboxed vs unsandboxed worker",

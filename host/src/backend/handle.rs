@@ -708,11 +708,14 @@ fn outcome<T>(
     operation: &'static str,
     result: Result<Result<T, super::BackendError>, String>,
 ) -> Result<T, CallError> {
-    let backend = backend_name.to_owned();
+    // The name is copied only into an error: an answer allocates nothing here.
+    let backend = || backend_name.to_owned();
     match result {
-        Err(message) => Err(CallError::Panicked { backend, operation, message }),
-        Ok(Err(error)) if error.fault => Err(CallError::Invalid { backend, operation, message: error.message }),
-        Ok(Err(error)) => Err(CallError::Failed { backend, operation, message: error.message }),
+        Err(message) => Err(CallError::Panicked { backend: backend(), operation, message }),
+        Ok(Err(error)) if error.fault => {
+            Err(CallError::Invalid { backend: backend(), operation, message: error.message })
+        }
+        Ok(Err(error)) => Err(CallError::Failed { backend: backend(), operation, message: error.message }),
         Ok(Ok(value)) => Ok(value),
     }
 }

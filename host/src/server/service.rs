@@ -31,6 +31,9 @@ pub struct DevicePluginService {
     /// Checks the CDI names of Allocate answers (and adds devhost's own
     /// with `cdi = true`); `None` passes them as the backend gives them.
     cdi: Option<Arc<crate::cdi::answer::Answers>>,
+    /// The `Allocate` series of this resource, looked up at its first
+    /// call (a series appears when first counted, as with `timed`).
+    allocate_series: Arc<std::sync::OnceLock<crate::telemetry::RpcSeries>>,
 }
 
 impl DevicePluginService {
@@ -41,7 +44,7 @@ impl DevicePluginService {
         backend: Arc<BackendHandle>,
         stop: CancellationToken,
     ) -> Self {
-        DevicePluginService { spec, state, backend, stop, cdi: None }
+        DevicePluginService { spec, state, backend, stop, cdi: None, allocate_series: Arc::default() }
     }
 
     /// Passes Allocate answers through `cdi`: only CDI names that resolve,
@@ -66,6 +69,18 @@ impl DevicePluginService {
         let result = rpc.await;
         let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
         crate::telemetry::global().rpc(&self.spec.name, method, code, started.elapsed());
+        result
+    }
+
+    /// [`timed`](Self::timed) for `Allocate`, through series looked up
+    /// once rather than by label strings on every call.
+    async fn timed_allocate<T>(&self, rpc: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = rpc.await;
+        let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        self.allocate_series
+            .get_or_init(|| crate::telemetry::global().rpc_series(&self.spec.name, "Allocate"))
+            .record(code, started.elapsed());
         result
     }
 
@@ -273,7 +288,7 @@ impl DevicePlugin for DevicePluginService {
         &self,
         request: Request<v1beta1::AllocateRequest>,
     ) -> Result<Response<v1beta1::AllocateResponse>, Status> {
-        self.timed("Allocate", async {
+        self.timed_allocate(async {
             let containers = request.into_inner().container_requests;
             self.bounded("container_requests", containers.len())?;
             let mut container_responses = Vec::new();
@@ -288,10 +303,13 @@ impl DevicePlugin for DevicePluginService {
                         "resource {resource:?}: device {id:?} cannot be handed out: {why}"
                     )));
                 }
-                let allocation = self.backend.allocate(&resource, ids.clone()).await?;
+                // The IDs are kept for the CDI names only where there are any.
                 let allocation = match &self.cdi {
-                    Some(cdi) => cdi.container(&ids, allocation).await,
-                    None => allocation,
+                    Some(cdi) => {
+                        let allocation = self.backend.allocate(&resource, ids.clone()).await?;
+                        cdi.container(&ids, allocation).await
+                    }
+                    None => self.backend.allocate(&resource, ids).await?,
                 };
                 container_responses.push(to_proto(allocation));
             }

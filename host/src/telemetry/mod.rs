@@ -133,6 +133,35 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// One resource's RPC series for one method ([`Telemetry::rpc_series`]).
+#[derive(Clone)]
+pub struct RpcSeries {
+    telemetry: &'static Telemetry,
+    resource: String,
+    method: &'static str,
+    ok: Counter,
+    seconds: Histogram,
+}
+
+impl std::fmt::Debug for RpcSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcSeries").field("resource", &self.resource).field("method", &self.method).finish()
+    }
+}
+
+impl RpcSeries {
+    /// Counts one call answered with `code` after `elapsed`, as
+    /// [`Telemetry::rpc`] does.
+    pub fn record(&self, code: tonic::Code, elapsed: Duration) {
+        if code == tonic::Code::Ok {
+            self.ok.inc();
+            self.seconds.observe(elapsed.as_secs_f64());
+        } else {
+            self.telemetry.rpc(&self.resource, self.method, code, elapsed);
+        }
+    }
+}
+
 /// The process-wide telemetry.
 pub fn global() -> &'static Telemetry {
     static GLOBAL: OnceLock<Telemetry> = OnceLock::new();
@@ -408,6 +437,22 @@ impl Telemetry {
         self.rpcs.get_or_create(&labels).inc();
         let labels = RpcLabels { resource: resource.to_owned(), method: method.to_owned() };
         self.rpc_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// The series of `method` of `resource`, looked up once: counting a
+    /// call through them takes no label strings, hashing or lookups (the
+    /// per-call work of [`rpc`](Self::rpc)). Series are never removed, so
+    /// the handles stay those the registry exports.
+    pub fn rpc_series(&'static self, resource: &str, method: &'static str) -> RpcSeries {
+        let ok = RpcResultLabels { resource: resource.to_owned(), method: method.to_owned(), code: "Ok".into() };
+        let labels = RpcLabels { resource: resource.to_owned(), method: method.to_owned() };
+        RpcSeries {
+            telemetry: self,
+            resource: resource.to_owned(),
+            method,
+            ok: self.rpcs.get_or_create(&ok).clone(),
+            seconds: self.rpc_seconds.get_or_create(&labels).clone(),
+        }
     }
 
     /// A ListAndWatch stream opened; the guard counts it closed when dropped.
