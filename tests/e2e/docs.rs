@@ -65,6 +65,10 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "scripts/test runs this very build (with more components)",
     ),
     (
+        "target/release/devhost-bench instructions",
+        "bench/tests/smoke.rs runs it (part of `all`) on the debug build, on the floor and the static backend with 5/15 calls (its figures are the benchmark's job, not CI's)",
+    ),
+    (
         "target/release/devhost-bench all",
         "bench/tests/smoke.rs runs every benchmark on the debug build with a twentieth of the calls (timings are the benchmark's job, not CI's)",
     ),
