@@ -144,6 +144,35 @@ pub enum CheckpointError {
 pub struct CheckpointLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
 impl CheckpointLock {
+    /// The lock on `path` if it is free now, `None` if another process
+    /// holds it; never waits. The lock file is opened non-blocking (a FIFO
+    /// planted in its place fails instead of blocking the open) and locked
+    /// with `LOCK_NB`, so this may run on an async thread: it costs a few
+    /// system calls on local metadata, where [`Self::take`] costs a hop to
+    /// a blocking thread.
+    pub fn try_take(path: &Path) -> Result<Option<Self>, CheckpointError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let lock = PathBuf::from(format!("{}.lock", path.display()));
+        let io = |action, source| CheckpointError::Io { path: lock.clone(), action, source };
+        let file = match std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&lock)
+        {
+            Ok(file) => file,
+            // No directory yet (the first batch): the slow path makes it.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(io("open", source)),
+        };
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(held) => Ok(Some(CheckpointLock(held))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(io("lock", errno.into())),
+        }
+    }
+
     /// Waits for the lock on `path` (the file `<path>.lock`). Blocks: call
     /// it off the async threads.
     pub fn take(path: &Path) -> Result<Self, CheckpointError> {
@@ -206,7 +235,9 @@ impl Checkpoint {
         let io = |action, source| CheckpointError::Io { path: path.to_owned(), action, source };
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|source| io("create its directory", source))?;
-        let text = serde_json::to_vec_pretty(&FileRef { format: FORMAT, checkpoint: self })
+        // Compact: the file is rewritten at every batch, and read by
+        // programs (a person can pretty-print it).
+        let text = serde_json::to_vec(&FileRef { format: FORMAT, checkpoint: self })
             .map_err(|error| io("encode", std::io::Error::other(error)))?;
         let mut temporary =
             tempfile::NamedTempFile::new_in(dir).map_err(|source| io("create a temporary file", source))?;
@@ -252,6 +283,28 @@ mod tests {
         assert_eq!(Checkpoint::load(&path).expect("load"), Checkpoint::default());
         let files: Vec<_> = std::fs::read_dir(path.parent().expect("dir")).expect("list").collect();
         assert_eq!(files.len(), 1, "no temporary file left: {files:?}");
+    }
+
+    #[test]
+    fn the_lock_is_taken_without_waiting_only_while_no_one_holds_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("checkpoint.json");
+        // The first batch: no directory for the lock file yet is no error.
+        let missing = dir.path().join("not-yet/checkpoint.json");
+        assert!(CheckpointLock::try_take(&missing).expect("no directory yet").is_none());
+        let held = CheckpointLock::take(&path).expect("lock");
+        // Another open file description, as another devhost process has.
+        assert!(CheckpointLock::try_take(&path).expect("try").is_none(), "taken while held");
+        drop(held);
+        let again = CheckpointLock::try_take(&path).expect("try").expect("free once let go");
+        assert!(CheckpointLock::try_take(&path).expect("try").is_none(), "held by the fast path's lock");
+        drop(again);
+        // A FIFO in the lock file's place fails at once instead of blocking the open.
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&PathBuf::from(format!("{}.lock", fifo.display())), nix::sys::stat::Mode::S_IRWXU)
+            .expect("mkfifo");
+        let error = CheckpointLock::try_take(&fifo).expect_err("a FIFO with no reader");
+        assert!(error.to_string().contains("fifo.json.lock: open"), "{error}");
     }
 
     #[test]

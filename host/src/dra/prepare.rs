@@ -17,6 +17,18 @@
 //! `release` and forgets the claim, and a claim never prepared (or already
 //! unprepared) is a success.
 //!
+//! What a batch costs (issue 29; `tests/real-peers`' DRA benchmark holds
+//! it against a driver on upstream's `kubeletplugin` helper): its new
+//! claims are read from the API server at once, before the driver's lock;
+//! the lock is taken without a thread hop when no other process holds the
+//! checkpoint's; after the backend's calls, the new claims' CDI specs and
+//! then the checkpoint are written in one turn off the async threads, the
+//! checkpoint flushed with its directory, so it is durable before the
+//! kubelet has an answer. Unpreparing removes the batch's specs in one
+//! turn, releases, and writes the checkpoint once for the whole batch.
+//! Each batch logs where its time went at debug level (`prepare batch`,
+//! `unprepare batch`).
+//!
 //! Admin access (`docs/dra-api.md` §1.1): a device whose allocation
 //! result has `adminAccess: true` was given to a monitoring or debug pod
 //! beside the device's ordinary claim, if any. It is prepared like any
@@ -55,9 +67,41 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 /// batch takes the driver's lock).
 const READS_AT_ONCE: usize = 8;
 
+/// Where one batch's time went, for the debug lines `prepare batch` and
+/// `unprepare batch` (what the DRA benchmark of `tests/real-peers` reads):
+/// each phase summed over the batch's claims.
+#[derive(Debug, Default)]
+struct Phases {
+    /// Reading claims from the API server (the batch's reads run at once).
+    read: Duration,
+    /// Taking the driver's lock and the checkpoint file's lock.
+    lock: Duration,
+    /// The backend's `allocate` (or `release`) calls.
+    backend: Duration,
+    /// Writing (or removing) the claims' CDI specs.
+    cdi: Duration,
+    /// Writing the checkpoint, flushed.
+    checkpoint: Duration,
+    /// Writing the claims' `status.devices`.
+    status: Duration,
+    /// Getting onto a thread that may block for the file work, and back.
+    hop: Duration,
+}
+
+/// The time since `start`, added to `phase`.
+fn add_since(phase: &mut Duration, start: Instant) {
+    *phase += start.elapsed();
+}
+
+/// Whole microseconds of `duration`, for a log field.
+fn us(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use tokio::sync::Mutex;
@@ -156,8 +200,14 @@ impl Preparer {
     /// before any answer goes out; if that write fails, they are undone
     /// and each is answered with the error.
     pub async fn prepare(&self, request: v1::NodePrepareResourcesRequest) -> v1::NodePrepareResourcesResponse {
+        let started = Instant::now();
+        let mut phases = Phases::default();
         let mut read_before = self.read_new_claims(&request.claims).await;
-        let (mut prepared, _lock) = match self.hold().await {
+        add_since(&mut phases.read, started);
+        let locking = Instant::now();
+        let held = self.hold().await;
+        add_since(&mut phases.lock, locking);
+        let (mut prepared, _lock) = match held {
             Ok(held) => held,
             Err(why) => {
                 let claims =
@@ -166,22 +216,53 @@ impl Preparer {
             }
         };
         let mut claims = std::collections::HashMap::new();
-        let mut new = Vec::new();
+        let mut specs = Vec::new();
         for claim in request.claims.iter().cloned() {
-            let answer = match self.prepare_claim(&mut prepared, &claim, read_before.remove(&claim.uid)).await {
-                Ok((devices, fresh)) => {
-                    if fresh {
-                        new.push(claim.clone());
+            let answer =
+                match self.prepare_claim(&mut prepared, &claim, read_before.remove(&claim.uid), &mut phases).await {
+                    Ok((devices, fresh)) => {
+                        if let Some(spec) = fresh {
+                            specs.push((claim.clone(), spec));
+                        }
+                        v1::NodePrepareResourceResponse { devices, error: String::new() }
                     }
-                    v1::NodePrepareResourceResponse { devices, error: String::new() }
-                }
-                Err(why) => self.refused(&claim, &why),
-            };
+                    Err(why) => self.refused(&claim, &why),
+                };
             claims.insert(claim.uid, answer);
+        }
+        // The new claims' CDI specs, then the checkpoint recording the
+        // claims whose spec is written: one turn off the async threads.
+        let mut new = Vec::new();
+        let mut saved = Ok(());
+        if !specs.is_empty() {
+            let writing = Instant::now();
+            let mut unwritten = Vec::new();
+            let (entered, saving, left);
+            (saved, entered, saving, left) = blocking(|| {
+                let entered = Instant::now();
+                for (claim, spec) in specs {
+                    match cdi::write_claim_spec(&self.cdi.dir, &self.driver, &claim.uid, &spec) {
+                        Ok(_) => new.push(claim),
+                        Err(why) => {
+                            prepared.claims.remove(&claim.uid);
+                            unwritten.push((claim, why));
+                        }
+                    }
+                }
+                let saving = Instant::now();
+                let saved = if new.is_empty() { Ok(()) } else { self.save(&prepared) };
+                (saved, entered, saving, Instant::now())
+            });
+            phases.hop += entered.duration_since(writing) + left.elapsed();
+            phases.cdi += saving.duration_since(entered);
+            phases.checkpoint += left.duration_since(saving);
+            for (claim, why) in unwritten {
+                claims.insert(claim.uid.clone(), self.refused(&claim, &why));
+            }
         }
         let mut status_to_write = Vec::new();
         if !new.is_empty() {
-            match blocking(|| self.save(&prepared)) {
+            match saved {
                 Ok(()) => {
                     for claim in &new {
                         let admin_access = prepared
@@ -220,11 +301,19 @@ impl Preparer {
         // the error, so the kubelet asks again and the write is retried).
         drop(prepared);
         drop(_lock);
-        for (claim, uid, result) in self.write_statuses(status_to_write).await {
-            if let Err(why) = result {
-                claims.insert(uid, self.refused(&claim, &format!("prepared, but {why}")));
+        if !status_to_write.is_empty() {
+            let writing = Instant::now();
+            for (claim, uid, result) in self.write_statuses(status_to_write).await {
+                if let Err(why) = result {
+                    claims.insert(uid, self.refused(&claim, &format!("prepared, but {why}")));
+                }
             }
+            add_since(&mut phases.status, writing);
         }
+        tracing::debug!(driver = %self.driver, claims = request.claims.len(), new = new.len(),
+            read_us = us(phases.read), lock_us = us(phases.lock), allocate_us = us(phases.backend),
+            cdi_us = us(phases.cdi), checkpoint_us = us(phases.checkpoint), status_us = us(phases.status),
+            hop_us = us(phases.hop), total_us = us(started.elapsed()), "prepare batch");
         v1::NodePrepareResourcesResponse { claims }
     }
 
@@ -300,8 +389,17 @@ impl Preparer {
     /// the file read afresh under it.
     async fn hold(&self) -> Result<(tokio::sync::MutexGuard<'_, Checkpoint>, CheckpointLock), String> {
         let mut prepared = self.prepared.lock().await;
-        let path = self.checkpoint_path.clone();
         let known = *self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The usual case, without a hop to a blocking thread: the lock is
+        // free and the file is the one this process last wrote (a look at
+        // its inode, which a write of the other devhost would change).
+        if let Some(lock) = CheckpointLock::try_take(&self.checkpoint_path).map_err(|error| error.to_string())? {
+            let file = FileIdentity::of(&self.checkpoint_path);
+            if file.is_some() && file == known {
+                return Ok((prepared, lock));
+            }
+        }
+        let path = self.checkpoint_path.clone();
         // The lock, and the file when another process replaced it: both
         // block on the disk (and a planted FIFO would block an open).
         let (lock, file, reread) = tokio::task::spawn_blocking(move || {
@@ -338,9 +436,17 @@ impl Preparer {
         v1::NodePrepareResourceResponse { devices: Vec::new(), error }
     }
 
-    /// Answers a `NodeUnprepareResources` batch, claim by claim.
+    /// Answers a `NodeUnprepareResources` batch, claim by claim. The
+    /// claims undone in the batch leave the checkpoint with one write,
+    /// before any answer goes out; if that write fails, they stay recorded
+    /// (the file still has them) and each is answered with the error, so
+    /// the kubelet asks again and the undo is repeated.
     pub async fn unprepare(&self, request: v1::NodeUnprepareResourcesRequest) -> v1::NodeUnprepareResourcesResponse {
-        let (mut prepared, _lock) = match self.hold().await {
+        let started = Instant::now();
+        let mut phases = Phases::default();
+        let held = self.hold().await;
+        add_since(&mut phases.lock, started);
+        let (mut prepared, _lock) = match held {
             Ok(held) => held,
             Err(why) => {
                 let claims = request
@@ -355,40 +461,101 @@ impl Preparer {
             }
         };
         let mut claims = std::collections::HashMap::new();
-        for claim in request.claims {
-            let error = match self.unprepare_claim(&mut prepared, &claim.uid).await {
-                Ok(()) => String::new(),
-                Err(why) => {
-                    let error = format!("{}: {why}", limits::claim_label(&claim));
-                    tracing::warn!(driver = %self.driver, "cannot unprepare {error}");
-                    error
+        let count = request.claims.len();
+        // The CDI specs of the batch's prepared claims go first (before
+        // their devices are released), in one turn off the async threads.
+        let mut to_remove: Vec<&str> = request
+            .claims
+            .iter()
+            .map(|claim| claim.uid.as_str())
+            .filter(|uid| prepared.claims.contains_key(*uid))
+            .collect();
+        to_remove.sort_unstable();
+        to_remove.dedup();
+        let mut removed = std::collections::HashMap::new();
+        if !to_remove.is_empty() {
+            let removing = Instant::now();
+            removed = blocking(|| {
+                to_remove
+                    .into_iter()
+                    .map(|uid| (uid.to_owned(), cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid)))
+                    .collect()
+            });
+            add_since(&mut phases.cdi, removing);
+        }
+        let mut undone = Vec::new();
+        for claim in &request.claims {
+            let spec_removed = removed.remove(&claim.uid);
+            let error = match self.unprepare_claim(&mut prepared, &claim.uid, spec_removed, &mut phases).await {
+                Ok(Some(done)) => {
+                    undone.push((claim, done));
+                    continue;
                 }
+                Ok(None) => String::new(),
+                Err(why) => self.unprepare_refused(claim, &why),
             };
-            claims.insert(claim.uid, v1::NodeUnprepareResourceResponse { error });
+            claims.insert(claim.uid.clone(), v1::NodeUnprepareResourceResponse { error });
+        }
+        let done = undone.len();
+        if !undone.is_empty() {
+            let saving = Instant::now();
+            let saved = blocking(|| self.save(&prepared));
+            add_since(&mut phases.checkpoint, saving);
+            match saved {
+                Ok(()) => {
+                    let mut written = self.status_written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for (claim, done) in undone {
+                        written.remove(&claim.uid);
+                        let admin_access = done.devices.iter().any(|device| device.admin_access);
+                        tracing::info!(driver = %self.driver, uid = %claim.uid, admin_access, "claim unprepared");
+                        claims.insert(claim.uid.clone(), v1::NodeUnprepareResourceResponse { error: String::new() });
+                    }
+                }
+                Err(error) => {
+                    // The file still records them: so must this process,
+                    // so that the kubelet's next unprepare undoes them again.
+                    let error = error.to_string();
+                    for (claim, done) in undone {
+                        prepared.claims.insert(claim.uid.clone(), done);
+                        let error = self.unprepare_refused(claim, &error);
+                        claims.insert(claim.uid.clone(), v1::NodeUnprepareResourceResponse { error });
+                    }
+                }
+            }
         }
         crate::telemetry::global().dra().claims_prepared(&self.driver, prepared.claims.len());
+        tracing::debug!(driver = %self.driver, claims = count, undone = done, lock_us = us(phases.lock),
+            release_us = us(phases.backend), cdi_us = us(phases.cdi), checkpoint_us = us(phases.checkpoint),
+            total_us = us(started.elapsed()), "unprepare batch");
         v1::NodeUnprepareResourcesResponse { claims }
     }
 
-    /// The claim's devices, and whether it was prepared just now (it is
-    /// then in `prepared`, not yet saved).
+    /// The claim's devices, and, when it was prepared just now, its CDI
+    /// spec's devices (the claim is then in `prepared`, but neither the
+    /// spec nor the checkpoint is written yet).
     async fn prepare_claim(
         &self,
         prepared: &mut Checkpoint,
         claim: &v1::Claim,
         read_before: Option<Result<ResourceClaim, String>>,
-    ) -> Result<(Vec<v1::Device>, bool), String> {
+        phases: &mut Phases,
+    ) -> Result<(Vec<v1::Device>, Option<Vec<(String, crate::model::Allocation)>>), String> {
         // Before anything: its namespace and name become the read's path.
         limits::check_claim(claim)?;
         if let Some(done) = prepared.claims.get(&claim.uid) {
             // Prepared before (the kubelet repeats itself after restarts):
             // the same answer, without the API server or the backend.
-            return Ok((done.devices.iter().map(answer).collect(), false));
+            return Ok((done.devices.iter().map(answer).collect(), None));
         }
         let object = match read_before {
             Some(read) => read?,
             // Seen prepared before the lock, undone since: read it now.
-            None => self.read_claim(claim).await?,
+            None => {
+                let reading = Instant::now();
+                let read = self.read_claim(claim).await;
+                add_since(&mut phases.read, reading);
+                read?
+            }
         };
         let results = self.results(&object)?;
         // The backend is called once per request; each request's devices
@@ -420,11 +587,10 @@ impl Preparer {
             // call (in the order of the IDs).
             let shares: Vec<(String, crate::model::Share)> =
                 results.iter().filter_map(|result| Some((result.id.clone(), result.share.clone()?))).collect();
-            let allocation = self
-                .backend
-                .allocate_shared(&self.resource, ids, shares)
-                .await
-                .map_err(|error| format!("the backend's allocate failed: {error}"))?;
+            let allocating = Instant::now();
+            let allocation = self.backend.allocate_shared(&self.resource, ids, shares).await;
+            add_since(&mut phases.backend, allocating);
+            let allocation = allocation.map_err(|error| format!("the backend's allocate failed: {error}"))?;
             if !allocation.annotations.is_empty() {
                 self.say_annotations_dropped(&allocation.annotations);
             }
@@ -462,7 +628,6 @@ impl Preparer {
                 });
             }
         }
-        blocking(|| cdi::write_claim_spec(&self.cdi.dir, &self.driver, &claim.uid, &cdi_devices))?;
         let answers = devices.iter().map(answer).collect();
         prepared.claims.insert(
             claim.uid.clone(),
@@ -473,36 +638,53 @@ impl Preparer {
                 status: status_entries,
             },
         );
-        Ok((answers, true))
+        Ok((answers, Some(cdi_devices)))
     }
 
-    async fn unprepare_claim(&self, prepared: &mut Checkpoint, uid: &str) -> Result<(), String> {
-        let Some(claim) = prepared.claims.get(uid).cloned() else {
+    /// The error answer for a claim that could not be unprepared, logged.
+    fn unprepare_refused(&self, claim: &v1::Claim, why: &str) -> String {
+        let error = format!("{}: {why}", limits::claim_label(claim));
+        tracing::warn!(driver = %self.driver, "cannot unprepare {error}");
+        error
+    }
+
+    /// Undoes claim `uid` and takes it out of `prepared` (not yet saved),
+    /// returning what it was; `None` when it was not prepared.
+    /// `spec_removed` is how the removal of its CDI spec went, if the
+    /// batch removed it already.
+    async fn unprepare_claim(
+        &self,
+        prepared: &mut Checkpoint,
+        uid: &str,
+        spec_removed: Option<std::io::Result<()>>,
+        phases: &mut Phases,
+    ) -> Result<Option<PreparedClaim>, String> {
+        if !prepared.claims.contains_key(uid) {
             // Never prepared here, or already undone: nothing to do.
-            return Ok(());
+            return Ok(None);
+        }
+        let removed = match spec_removed {
+            Some(removed) => removed,
+            None => {
+                let removing = Instant::now();
+                let removed = blocking(|| cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid));
+                add_since(&mut phases.cdi, removing);
+                removed
+            }
         };
-        blocking(|| cdi::remove_claim_spec(&self.cdi.dir, &self.driver, uid))
-            .map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
+        removed.map_err(|error| format!("cannot remove its CDI spec: {error}"))?;
         // A device prepared for admin access is not released: the claim
         // only watched it, and its holder (if any) still uses it. Nor is a
         // shared device (consumable capacity) another prepared claim still
         // holds: releasing scrubs the device under its other users.
         let ids = prepared.to_release(uid);
         if !ids.is_empty() {
-            self.backend
-                .release(&self.resource, ids)
-                .await
-                .map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
+            let releasing = Instant::now();
+            let released = self.backend.release(&self.resource, ids).await;
+            add_since(&mut phases.backend, releasing);
+            released.map_err(|error| format!("the backend's release failed (the kubelet will ask again): {error}"))?;
         }
-        prepared.claims.remove(uid);
-        if let Err(error) = blocking(|| self.save(prepared)) {
-            prepared.claims.insert(uid.to_owned(), claim);
-            return Err(error.to_string());
-        }
-        self.status_written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(uid);
-        let admin_access = claim.devices.iter().any(|device| device.admin_access);
-        tracing::info!(driver = %self.driver, uid, admin_access, "claim unprepared");
-        Ok(())
+        Ok(prepared.claims.remove(uid))
     }
 
     /// Says once that the backend's container annotations do not reach
