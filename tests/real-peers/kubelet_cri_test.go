@@ -232,7 +232,7 @@ func TestMigrationThroughTheWholeKubeletBehindTheFakeCRI(t *testing.T) {
 		info, err := os.Stat(n.path("device-plugins", "kubelet.sock"))
 		return err == nil && info.Mode()&os.ModeSocket != 0, fmt.Sprint(err) + k.exitNote()
 	})
-	startScheduler(t, ctx, a.admin)
+	seen := startScheduler(t, ctx, a.admin)
 
 	// checked is what the container gets from a CreateContainer request,
 	// checked against the backend's answer for gpu-0.
@@ -294,6 +294,7 @@ func TestMigrationThroughTheWholeKubeletBehindTheFakeCRI(t *testing.T) {
 	// What the scheduler sees during a real move: the gone plugin's
 	// resource kept in the capacity with nothing allocatable.
 	nodeLists(t, ctx, a.admin, nodeName, gpu, 1, 0, k)
+	schedulerSeesAllocatable(t, seen, nodeName, gpu, 1, 0)
 
 	// After: the same pod spec.
 	after := scheduled(t, ctx, a.admin, gpuPod("app-after"), nodeName, func(p *v1.Pod) bool {

@@ -26,6 +26,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/events"
@@ -39,20 +40,22 @@ import (
 // startScheduler runs the real kube-scheduler (pkg/scheduler with its
 // default profile, the in-tree plugins and the feature gates of its
 // release, as cmd/kube-scheduler builds it, without its HTTP endpoints and
-// leader election) against the API server until the test ends.
-func startScheduler(t *testing.T, ctx context.Context, client kubernetes.Interface) {
+// leader election) against the API server until the test ends. It
+// returns what the scheduler sees: its own informers, which may lag behind
+// the API server.
+func startScheduler(t *testing.T, ctx context.Context, client kubernetes.Interface) informers.SharedInformerFactory {
 	t.Helper()
 	ctx, cancel := context.WithCancel(ctx)
 	broadcaster := events.NewBroadcaster(&events.EventSinkImpl{Interface: client.EventsV1()})
 	broadcaster.StartRecordingToSink(ctx.Done())
-	informers := scheduler.NewInformerFactory(client, 0, nil)
-	sched, err := scheduler.New(ctx, client, informers, nil, profile.NewRecorderFactory(broadcaster))
+	factory := scheduler.NewInformerFactory(client, 0, nil)
+	sched, err := scheduler.New(ctx, client, factory, nil, profile.NewRecorderFactory(broadcaster))
 	if err != nil {
 		cancel()
 		t.Fatalf("the real scheduler: %v", err)
 	}
-	informers.Start(ctx.Done())
-	for informer, synced := range informers.WaitForCacheSync(ctx.Done()) {
+	factory.Start(ctx.Done())
+	for informer, synced := range factory.WaitForCacheSync(ctx.Done()) {
 		if !synced {
 			cancel()
 			t.Fatalf("the scheduler's informer for %v did not sync", informer)
@@ -75,6 +78,26 @@ func startScheduler(t *testing.T, ctx context.Context, client kubernetes.Interfa
 		case <-time.After(10 * time.Second):
 			t.Errorf("the scheduler did not stop in 10 s")
 		}
+	})
+	return factory
+}
+
+// schedulerSeesAllocatable waits until the scheduler's own view of node
+// nodeName lists resource with capacity and allocatable as given. The
+// Node in the API server is not enough: the scheduler decides from its
+// informer, and under load that lags; a pod created before it caught up
+// could be bound by the stale allocatable (through the device plugin
+// instead of DRA).
+func schedulerSeesAllocatable(t *testing.T, seen informers.SharedInformerFactory, nodeName string, resourceName v1.ResourceName, capacity, allocatable int64) {
+	t.Helper()
+	lister := seen.Core().V1().Nodes().Lister()
+	eventually(t, wait, fmt.Sprintf("the scheduler sees %s on node %s with capacity %d, allocatable %d", resourceName, nodeName, capacity, allocatable), func() (bool, string) {
+		node, err := lister.Get(nodeName)
+		if err != nil {
+			return false, err.Error()
+		}
+		c, a := node.Status.Capacity[resourceName], node.Status.Allocatable[resourceName]
+		return c.Value() == capacity && a.Value() == allocatable, fmt.Sprintf("capacity %s, allocatable %s", c.String(), a.String())
 	})
 }
 
@@ -283,7 +306,7 @@ func TestMigrationFromDevicePluginToDRAKeepsTheContainersDevice(t *testing.T) {
 	awaitKubeletWipe(t, ctx, a.admin, nodeName, func() {
 		k = startDRAKubelet(t, ctx, logger, n, a.admin, nodeGetter(a.admin, nodeName, nil), pods)
 	})
-	startScheduler(t, ctx, a.admin)
+	seen := startScheduler(t, ctx, a.admin)
 	// The ServiceAccount admission wants the namespace's default account,
 	// which the controller manager (not run here) would create.
 	_, err := a.admin.CoreV1().ServiceAccounts("default").Create(ctx, &v1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{})
@@ -368,6 +391,8 @@ func TestMigrationFromDevicePluginToDRAKeepsTheContainersDevice(t *testing.T) {
 	if c, al := publishNodeStatus(t, ctx, a.admin, nodeName, m, logger, gpu); c != 1 || al != 0 {
 		t.Fatalf("the Node lists example.com/gpu capacity %d, allocatable %d; want 1 and 0", c, al)
 	}
+
+	schedulerSeesAllocatable(t, seen, nodeName, gpu, 1, 0)
 
 	// After: the same pod spec.
 	after := scheduled(t, ctx, a.admin, gpuPod("app-after"), nodeName, func(p *v1.Pod) bool {
