@@ -184,7 +184,13 @@ async fn refusals_on_the_probe_port_are_counted() {
     let opened = flood.opened();
     drop(flood);
     assert!(refused >= HELD as f64, "{refused} refusals counted of the flood's {opened} connections");
-    assert!(refused <= opened as f64, "{refused} refusals counted, more than the {opened} connections opened");
+    // Each of the flood's HELD tasks may have one connection devhost has
+    // accepted (and refused) whose connect has not returned to the task
+    // yet, so not counted as opened: at most HELD more refusals than opened.
+    assert!(
+        refused <= (opened + HELD) as f64,
+        "{refused} refusals counted, more than the {opened} connections opened and the {HELD} in flight"
+    );
 }
 
 /// The metrics port itself, crowded the same way, is not locked out to a
