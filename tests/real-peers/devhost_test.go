@@ -207,6 +207,13 @@ type devhost struct {
 
 func startDevhost(t *testing.T, n *node, logName string) *devhost {
 	t.Helper()
+	return startDevhostLogging(t, n, logName, "devhost=debug,info")
+}
+
+// startDevhostLogging is startDevhost with devhost's log filter rustLog
+// (RUST_LOG).
+func startDevhostLogging(t *testing.T, n *node, logName, rustLog string) *devhost {
+	t.Helper()
 	bin := devhostBinary(t)
 	logPath := n.path(logName)
 	logFile, err := os.Create(logPath)
@@ -215,7 +222,7 @@ func startDevhost(t *testing.T, n *node, logName string) *devhost {
 	}
 	defer logFile.Close()
 	cmd := exec.Command(bin, "run", "--config", n.path("config", "devhost.toml"), "--plugin-dir", n.path("device-plugins"))
-	cmd.Env = append(os.Environ(), "RUST_LOG=devhost=debug,info", "NO_COLOR=1")
+	cmd.Env = append(os.Environ(), "RUST_LOG="+rustLog, "NO_COLOR=1")
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	// Dies with the test binary, whatever kills it.

@@ -113,37 +113,6 @@ func benchClaim(t *testing.T, ctx context.Context, client kubernetes.Interface, 
 	return &drapbv1.Claim{Namespace: claim.Namespace, Name: claim.Name, Uid: string(claim.UID)}
 }
 
-// startBenchDevhost is startDevhost with devhost logging at rustLog.
-func startBenchDevhost(t *testing.T, n *node, logName, rustLog string) *devhost {
-	t.Helper()
-	bin := devhostBinary(t)
-	logPath := n.path(logName)
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	cmd := exec.Command(bin, "run", "--config", n.path("config", "devhost.toml"), "--plugin-dir", n.path("device-plugins"))
-	cmd.Env = append(os.Environ(), "RUST_LOG="+rustLog, "NO_COLOR=1")
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", bin, err)
-	}
-	d := &devhost{t: t, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
-	go func() {
-		d.waitErr = cmd.Wait()
-		close(d.exited)
-	}()
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			t.Logf("%s (last 60 lines):\n%s", logName, d.logTail(60))
-		}
-	})
-	return d
-}
-
 // startHelperDriver builds cmd/helper-driver and runs it for nodeName on n,
 // its CDI specs beside devhost's, its checkpoint in <root>/helper-state.
 func startHelperDriver(t *testing.T, n *node, nodeName, kubeconfig string) {
@@ -247,7 +216,7 @@ func TestDRAPrepareBenchmarkAgainstTheUpstreamHelper(t *testing.T) {
 	if phases {
 		rustLog = "info,devhost::dra::prepare=debug"
 	}
-	d := startBenchDevhost(t, n, "devhost.log", rustLog)
+	d := startDevhostLogging(t, n, "devhost.log", rustLog)
 	startHelperDriver(t, n, nodeName, kubeconfig)
 	clients := map[string]*draplugin.DRAPlugin{}
 	for _, name := range []string{driver, helperDriver} {
