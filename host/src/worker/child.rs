@@ -13,6 +13,7 @@
 //! gets the same status codes as in-process) and forwarded; so are log
 //! lines and faults on the backend's own threads.
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
@@ -21,20 +22,30 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::protocol::{
     Answer, Call, Confine, Empty, Failure, FailureKind, Fault, LogLine, PROTOCOL_VERSION, PreferredAnswer, Publish,
-    Reply, Request, Resources, read_frame, write_frame,
+    Reply, Request, Resources, frame_into, read_frame, read_frame_into,
 };
 use crate::backend::{Backend, BackendError};
 use crate::device_state::{FaultKind, Publisher};
 
-/// The writing half of the socket, shared by every thread that answers.
+/// The writing half of the socket, shared by every thread that answers,
+/// with the buffer frames are encoded into.
 #[derive(Clone)]
-struct Sender(Arc<Mutex<UnixStream>>);
+struct Sender(Arc<Mutex<(UnixStream, Vec<u8>)>>);
 
 impl Sender {
+    fn new(stream: UnixStream) -> Self {
+        Sender(Arc::new(Mutex::new((stream, Vec::new()))))
+    }
+
     fn send(&self, id: u64, answer: Answer) {
-        let mut stream = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let reply = Reply { id, answer: Some(answer) };
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (stream, buffer) = &mut *guard;
+        frame_into(&reply, buffer);
         // A failed write means devhost is gone; the read loop ends too.
-        let _ = write_frame(&mut *stream, &Reply { id, answer: Some(answer) });
+        let _ = stream.write_all(buffer);
+        // The reply is freed after the lock is let go.
+        drop(guard);
     }
 
     fn event(&self, answer: Answer) {
@@ -56,7 +67,7 @@ pub fn main() -> ExitCode {
         }
     };
     let Ok(writer) = stream.try_clone() else { return ExitCode::FAILURE };
-    let sender = Sender(Arc::new(Mutex::new(writer)));
+    let sender = Sender::new(writer);
     forward_logs(sender.clone());
     match serve(stream, &sender) {
         Ok(()) => ExitCode::SUCCESS,
@@ -211,7 +222,8 @@ fn answer(backend: &dyn Backend, sender: &Sender, call: Call) -> Answer {
 struct Pool {
     backend: Arc<dyn Backend>,
     sender: Sender,
-    reader: Mutex<UnixStream>,
+    /// The socket, with the buffer a request's frame is read into.
+    reader: Mutex<(UnixStream, Vec<u8>)>,
     /// Threads not running a call (reading, or waiting to read).
     idle: AtomicUsize,
     /// Where the thread that meets the end of the stream says so.
@@ -225,7 +237,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             backend,
             sender,
-            reader: Mutex::new(stream),
+            reader: Mutex::new((stream, Vec::new())),
             idle: AtomicUsize::new(0),
             ended: Mutex::new(ended),
         });
@@ -251,7 +263,8 @@ impl Pool {
         loop {
             let read = {
                 let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
-                read_frame::<Request>(&mut *reader)
+                let (stream, body) = &mut *reader;
+                read_frame_into::<Request>(stream, body)
             };
             let request = match read {
                 Ok(Some(request)) => request,

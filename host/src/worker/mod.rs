@@ -320,7 +320,9 @@ struct Worker {
     sha256: OnceLock<String>,
     /// `None` once reaped.
     child: Mutex<Option<Child>>,
-    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    /// Devhost's end of the socket (`None` once closed), with the buffer
+    /// requests are encoded into.
+    writer: tokio::sync::Mutex<(Option<OwnedWriteHalf>, Vec<u8>)>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
     /// Where its device lists, faults and (via the handle) deaths go.
@@ -420,7 +422,7 @@ impl Worker {
             sandbox: OnceLock::new(),
             sha256: OnceLock::new(),
             child: Mutex::new(Some(child)),
-            writer: tokio::sync::Mutex::new(Some(writer)),
+            writer: tokio::sync::Mutex::new((Some(writer), Vec::new())),
             pending: Mutex::default(),
             next_id: AtomicU64::new(1),
             publisher: Mutex::new(None),
@@ -533,14 +535,16 @@ impl Worker {
             }
             pending.waiting.insert(id, sender);
         }
-        let frame = protocol::frame(&Request { id, call: Some(call) });
+        let request = Request { id, call: Some(call) };
         let exchange = async {
             {
                 let mut writer = self.writer.lock().await;
-                if let Some(writer) = writer.as_mut() {
+                let (half, buffer) = &mut *writer;
+                if let Some(half) = half.as_mut() {
+                    protocol::frame_into(&request, buffer);
                     // A failed write means the worker is gone: its read
                     // loop answers every waiter with how it died.
-                    let _ = writer.write_all(&frame).await;
+                    let _ = half.write_all(buffer).await;
                 }
             }
             receiver.await
@@ -603,7 +607,7 @@ impl Worker {
     /// devhost stopping leaves nothing of it behind.
     async fn close(self: &Arc<Self>) {
         self.stopping.store(true, Ordering::SeqCst);
-        if let Some(mut writer) = self.writer.lock().await.take() {
+        if let Some(mut writer) = self.writer.lock().await.0.take() {
             let _ = writer.shutdown().await;
         }
         let mut reaped = self.reaped.subscribe();
@@ -622,9 +626,12 @@ impl Worker {
     /// unasked answer) is killed at its first such frame, with that as the
     /// reason: the module writes to its socket itself, and a flood of junk
     /// would otherwise cost devhost a CPU for nothing.
-    async fn read_loop(self: Arc<Self>, mut reader: OwnedReadHalf) {
+    async fn read_loop(self: Arc<Self>, reader: OwnedReadHalf) {
+        // Most frames arrive whole in one read; the body buffer is kept.
+        let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
+        let mut body = Vec::new();
         let broken = loop {
-            match read_reply(&mut reader).await {
+            match read_reply(&mut reader, &mut body).await {
                 Ok(Some(reply)) if reply.id >= self.next_id.load(Ordering::Relaxed) => {
                     let message = format!("answered request {}, which devhost never sent", reply.id);
                     break Some(std::io::Error::new(std::io::ErrorKind::InvalidData, message));
@@ -813,12 +820,18 @@ impl Worker {
     }
 }
 
-/// Reads one reply. `Ok(None)` at the end of the stream; an error of kind
-/// `InvalidData` says what rule of the protocol the frame broke, as in
-/// "(it) sent an empty frame": every frame carries an answer, and one
-/// with ID 0 (not an answer to a request) only an event (a device list, a
-/// fault, a log line).
-async fn read_reply(reader: &mut OwnedReadHalf) -> std::io::Result<Option<Reply>> {
+/// What devhost reads from a worker's socket at once.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Reads one reply, its body into `body` (kept between replies). `Ok(None)`
+/// at the end of the stream; an error of kind `InvalidData` says what rule
+/// of the protocol the frame broke, as in "(it) sent an empty frame":
+/// every frame carries an answer, and one with ID 0 (not an answer to a
+/// request) only an event (a device list, a fault, a log line).
+async fn read_reply(
+    reader: &mut tokio::io::BufReader<OwnedReadHalf>,
+    body: &mut Vec<u8>,
+) -> std::io::Result<Option<Reply>> {
     let broken = |message: String| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
     let mut prefix = [0; 4];
     // A worker that dies with requests unread in its socket resets the
@@ -835,8 +848,11 @@ async fn read_reply(reader: &mut OwnedReadHalf) -> std::io::Result<Option<Reply>
     if len == 0 {
         return Err(broken("sent an empty frame (a zero length prefix; every frame carries an answer)".to_owned()));
     }
-    let mut body = vec![0; len];
-    match reader.read_exact(&mut body).await {
+    if body.capacity() > protocol::KEPT_BUFFER.max(len) {
+        *body = Vec::new();
+    }
+    body.resize(len, 0);
+    match reader.read_exact(body).await {
         Ok(_) => {}
         Err(error) if ended(&error) => return Ok(None),
         Err(error) => return Err(error),

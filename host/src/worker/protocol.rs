@@ -527,12 +527,28 @@ pub struct Fault {
 
 /// Encodes `message` as one frame.
 pub fn frame(message: &impl Message) -> Vec<u8> {
-    let len = message.encoded_len();
-    let mut buffer = Vec::with_capacity(4 + len);
-    buffer.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
-    // Cannot fail: the buffer has room (Vec grows).
-    let _ = message.encode(&mut buffer);
+    let mut buffer = Vec::new();
+    frame_into(message, &mut buffer);
     buffer
+}
+
+/// The most a buffer kept between frames keeps of its capacity: one large
+/// frame (a long device list) is not held for the process's life.
+pub const KEPT_BUFFER: usize = 64 * 1024;
+
+/// Replaces `buffer`'s contents with `message` as one frame. A buffer kept
+/// between frames is allocated once; the message's length is computed
+/// once (by `encode`), not again for the prefix, which is written after.
+pub fn frame_into(message: &impl Message, buffer: &mut Vec<u8>) {
+    if buffer.capacity() > KEPT_BUFFER {
+        *buffer = Vec::new();
+    }
+    buffer.clear();
+    buffer.extend_from_slice(&[0; 4]);
+    // Cannot fail: the buffer has room (Vec grows).
+    let _ = message.encode(buffer);
+    let len = u32::try_from(buffer.len() - 4).unwrap_or(u32::MAX);
+    buffer[..4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Parses a frame's length prefix, refusing frames over [`MAX_FRAME`].
@@ -551,6 +567,12 @@ pub fn frame_len(prefix: [u8; 4]) -> std::io::Result<usize> {
 /// is between frames; a stream that ends inside a frame, its length prefix
 /// included, is an error.
 pub fn read_frame<M: Message + Default>(reader: &mut impl Read) -> std::io::Result<Option<M>> {
+    read_frame_into(reader, &mut Vec::new())
+}
+
+/// [`read_frame`], reading the frame's body into `body` (kept between
+/// frames, so that it is allocated once).
+pub fn read_frame_into<M: Message + Default>(reader: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<Option<M>> {
     let mut prefix = [0; 4];
     let mut got = 0;
     while got < prefix.len() {
@@ -567,8 +589,12 @@ pub fn read_frame<M: Message + Default>(reader: &mut impl Read) -> std::io::Resu
             Err(error) => return Err(error),
         }
     }
-    let mut body = vec![0; frame_len(prefix)?];
-    reader.read_exact(&mut body)?;
+    let len = frame_len(prefix)?;
+    if body.capacity() > KEPT_BUFFER.max(len) {
+        *body = Vec::new();
+    }
+    body.resize(len, 0);
+    reader.read_exact(body)?;
     M::decode(body.as_slice()).map(Some).map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
 }
 
@@ -853,6 +879,30 @@ mod tests {
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
         let error = read_frame::<Request>(&mut huge.as_slice()).expect_err("too big");
         assert!(error.to_string().contains("over the 16777216-byte limit"), "{error}");
+    }
+
+    #[test]
+    fn kept_buffers_frame_and_read_as_fresh_ones_and_let_a_large_frame_go() {
+        let small = Request { id: 3, call: Some(Call::Shutdown(Empty {})) };
+        let large = Request {
+            id: 4,
+            call: Some(Call::Release(DevicesCall {
+                resource: "a.io/x".into(),
+                ids: (0..20_000).map(|n| format!("device-{n}")).collect(),
+                shares: Vec::new(),
+            })),
+        };
+        let (mut out, mut body) = (Vec::new(), Vec::new());
+        for request in [&small, &large, &small] {
+            frame_into(request, &mut out);
+            assert_eq!(out, frame(request), "a kept buffer holds exactly the frame");
+            let back: Request = read_frame_into(&mut out.as_slice(), &mut body).expect("reads").expect("a frame");
+            assert_eq!(&back, request);
+        }
+        // The large frame (over 64 KiB) is not kept past the next frame.
+        assert!(frame(&large).len() > KEPT_BUFFER);
+        assert!(out.capacity() <= KEPT_BUFFER, "kept {} bytes", out.capacity());
+        assert!(body.capacity() <= KEPT_BUFFER, "kept {} bytes", body.capacity());
     }
 
     #[test]
