@@ -14,7 +14,7 @@ use crate::backend::ResourceSpec;
 use crate::backend::handle::BackendHandle;
 use crate::device_state::ResourceState;
 use crate::model::ResourceSettings;
-use crate::registration::{Kubelet, KubeletError, REGISTER_TIMEOUT};
+use crate::registration::{Kubelet, REGISTER_TIMEOUT};
 use crate::server::{DevicePluginService, ResourceServer};
 use crate::sockets::FileIdentity;
 use crate::sockets::files as socket;
@@ -167,7 +167,7 @@ impl ResourceTask {
                     *retry = FIRST_RETRY;
                     return Ok(kubelet);
                 }
-                Err(error @ KubeletError::Connect { .. }) if refused_delay < delay => {
+                Err(error) if error.is_unreachable() && refused_delay < delay => {
                     tracing::debug!(resource = %self.spec.name, %error, retry_in = ?refused_delay, "registration failed");
                     let soon = refused_delay;
                     refused_delay *= 2;
@@ -176,7 +176,7 @@ impl ResourceTask {
                 Err(error) => {
                     tracing::warn!(resource = %self.spec.name, %error, retry_in = ?delay, "registration failed");
                     *retry = (delay * 2).min(MAX_RETRY);
-                    if !matches!(error, KubeletError::Connect { .. }) {
+                    if !error.is_unreachable() {
                         // The kubelet got far enough to dial us, perhaps.
                         return Err(Next::Regenerate { reason: error.to_string(), delay });
                     }
