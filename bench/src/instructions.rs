@@ -205,6 +205,8 @@ struct Row {
     id: &'static str,
     /// Served by a worker of this backend: its process counts too.
     worker: Option<&'static str>,
+    /// The wall-clock row (of `floor`/`allocate`) this one stands beside.
+    beside: Option<&'static str>,
 }
 
 /// A devhost under callgrind serving `backends` (name, file), and its
@@ -294,12 +296,14 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
     };
     // The devhost binary: static, native in-process, WASM.
     let mut backends = vec![("static", super::static_file(1, 8, ""))];
-    let mut rows = vec![Row { what: "static", resource: "bench.example.com/r0", id: "d-0", worker: None }];
+    let mut rows =
+        vec![Row { what: "static", resource: "bench.example.com/r0", id: "d-0", worker: None, beside: Some("static") }];
     let in_process = Row {
         what: "native (Rust example), in-process (isolation = \"none\")",
         resource: "bench.example.com/in-process",
         id: "rust-0",
         worker: None,
+        beside: None,
     };
     if !smoke() {
         backends.push(("in-process", native_file(in_process.resource, "isolation = \"none\"\n")));
@@ -318,6 +322,7 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
                     resource: "bench.example.com/wasm",
                     id: "wasm-0",
                     worker: None,
+                    beside: Some("wasm"),
                 });
             }
             None => table.row("instructions per Allocate, WASM", "not measured", "component not built"),
@@ -344,6 +349,8 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
                 resource: "bench.example.com/worker",
                 id: "rust-0",
                 worker: Some("worker"),
+                // `allocate`'s native row runs in a worker too (sandboxed).
+                beside: Some("native"),
             },
         ];
         let (worker_figures, _, _) =
@@ -358,6 +365,7 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     let floor = floor?;
+    table.instructions.insert("floor", floor.total());
 
     let relative = |dir: &Path| dir.strip_prefix(target_dir()).map_or(dir.to_owned(), |p| Path::new("target").join(p));
     table.row(
@@ -389,6 +397,9 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
             counted.files.iter().map(|f| relative(f).display().to_string()).collect::<Vec<_>>().join(", ")
         );
         table.row(format!("instructions per Allocate: {}", row.what), kilo(total), note);
+        if let Some(beside) = row.beside {
+            table.instructions.insert(beside, total);
+        }
     }
     table.row(
         "instructions: devhost idle (no calls), per second",

@@ -86,7 +86,8 @@ fn main() -> Result<()> {
     }
     let which: Vec<&str> = match args.first().map(String::as_str) {
         None | Some("all") => {
-            vec!["floor", "allocate", "instructions", "health", "start", "restart", "idle", "scale", "isolation", "dra"]
+            // Instructions first: the latency rows print them beside.
+            vec!["instructions", "floor", "allocate", "health", "start", "restart", "idle", "scale", "isolation", "dra"]
         }
         Some(_) => args.iter().map(String::as_str).collect(),
     };
@@ -128,9 +129,21 @@ fn main() -> Result<()> {
 #[derive(Default)]
 struct Table {
     rows: Vec<[String; 3]>,
+    /// Instructions per Allocate counted earlier in this run (`instructions`),
+    /// by row: `floor`, `static`, `native` (in its worker), `wasm`.
+    instructions: std::collections::BTreeMap<&'static str, f64>,
 }
 
 impl Table {
+    /// `row`'s instructions per call, if this run counted them, for the
+    /// notes beside its latency.
+    fn instructions_note(&self, row: &str) -> String {
+        self.instructions
+            .get(row)
+            .map(|n| format!("; {:.1} k instructions per call (callgrind, this run)", n / 1000.0))
+            .unwrap_or_default()
+    }
+
     fn row(&mut self, what: impl Into<String>, figure: impl Into<String>, note: impl Into<String>) {
         let row = [what.into(), figure.into(), note.into()];
         eprintln!("bench: {} | {} | {}", row[0], row[1], row[2]);
@@ -453,9 +466,10 @@ async fn floor(table: &mut Table) -> Result<()> {
         "floor: bare tonic Allocate round trip, sequential",
         dist(&run.sequential),
         format!(
-            "separate process, same kind of Unix socket, answers the static row's answer ({} bytes); {}",
+            "separate process, same kind of Unix socket, answers the static row's answer ({} bytes); {}{}",
             answer.encoded_len(),
-            load_average()
+            load_average(),
+            table.instructions_note("floor")
         ),
     );
     table.row(
@@ -475,9 +489,15 @@ async fn allocate(table: &mut Table) -> Result<()> {
     node.backend("static", &static_file(1, 8, ""))?;
     let native = native_module(&modules)?;
     node.backend("native", &native_file(&native, "bench.example.com/native", 3_600_000))?;
+    // (row, resource, IDs, key of its instructions)
     let mut backends = vec![
-        ("static", "bench.example.com/r0".to_owned(), (0..8).map(|d| format!("d-{d}")).collect::<Vec<_>>()),
-        ("native (Rust example, C ABI)", "bench.example.com/native".to_owned(), vec!["rust-0".into(), "rust-1".into()]),
+        ("static", "bench.example.com/r0".to_owned(), (0..8).map(|d| format!("d-{d}")).collect::<Vec<_>>(), "static"),
+        (
+            "native (Rust example, C ABI)",
+            "bench.example.com/native".to_owned(),
+            vec!["rust-0".into(), "rust-1".into()],
+            "native",
+        ),
     ];
     match wasm_module(&modules) {
         Some(module) => {
@@ -486,13 +506,14 @@ async fn allocate(table: &mut Table) -> Result<()> {
                 "WASM (Rust example component)",
                 "bench.example.com/wasm".to_owned(),
                 vec!["wasm-0".into(), "wasm-1".into()],
+                "wasm",
             ));
         }
         None => table.row("WASM Allocate", "not measured", "component not built"),
     }
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
     node.start()?;
-    let names: Vec<String> = backends.iter().map(|(_, r, _)| r.clone()).collect();
+    let names: Vec<String> = backends.iter().map(|(_, r, _, _)| r.clone()).collect();
     all_registered(&kubelet, &names, 1).await?;
     // This run's floor, answering what the static backend answers.
     kubelet.wait_for_devices(&names[0], WAIT, |d| d.len() == 8).await?;
@@ -503,14 +524,14 @@ async fn allocate(table: &mut Table) -> Result<()> {
         dist(&floor.sequential),
         format!("{}; {CONCURRENT} concurrent callers: {:.0} calls/s", load_average(), floor.rate),
     );
-    for (kind, resource, ids) in &backends {
+    for (kind, resource, ids, key) in &backends {
         kubelet.wait_for_devices(resource, WAIT, |d| d.len() == ids.len()).await?;
         let client = kubelet.client(resource).await?;
         let (sequential, concurrent, rate) = allocate_latency(client, ids).await?;
         table.row(
             format!("Allocate, {kind}, sequential"),
             dist(&sequential),
-            format!("{SEQUENTIAL} calls, 1 device each; {}", floor.beside(&sequential)),
+            format!("{SEQUENTIAL} calls, 1 device each; {}{}", floor.beside(&sequential), table.instructions_note(key)),
         );
         table.row(
             format!("Allocate, {kind}, {CONCURRENT} concurrent callers"),
@@ -742,18 +763,34 @@ async fn restart(table: &mut Table) -> Result<()> {
 
 // ---------------------------------------------------------------- idle
 
-/// CPU time the process's threads have run, in nanoseconds (the sum of
-/// each thread's `schedstat`: exact, where `/proc/<pid>/stat` counts 10 ms
-/// ticks and cannot tell 0.05 % from 0 in a 10 s sample).
-fn cpu_ns(pid: u32) -> Result<u64> {
-    let mut total = 0;
+/// The CPU time each of the process's threads has run so far, in
+/// nanoseconds, by thread ID (each thread's `schedstat`: exact, where
+/// `/proc/<pid>/stat` counts 10 ms ticks and cannot tell 0.05 % from 0 in a
+/// 10 s sample).
+fn cpu_ns(pid: u32) -> Result<std::collections::HashMap<String, u64>> {
+    let mut threads = std::collections::HashMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?;
         // A thread that ended meanwhile has no file any more: skip it.
-        if let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) {
-            total += stat.split_whitespace().next().context("schedstat")?.parse::<u64>()?;
+        if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+            let ns = stat.split_whitespace().next().context("schedstat")?.parse::<u64>()?;
+            threads.insert(task.file_name().to_string_lossy().into_owned(), ns);
         }
     }
-    Ok(total)
+    Ok(threads)
+}
+
+/// The CPU time between two [`cpu_ns`] samples: every thread's growth, a
+/// new thread's whole time. A thread that ended in between (tokio lets an
+/// idle blocking thread go after 10 s) took its last moments with it: its
+/// time is not counted (and not subtracted); how many there were is
+/// returned beside.
+fn cpu_between(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> (u64, usize) {
+    let grown = after.iter().map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0))).sum();
+    (grown, before.keys().filter(|tid| !after.contains_key(*tid)).count())
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -762,13 +799,23 @@ fn rss_kib(pid: u32) -> Result<u64> {
     Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
-async fn idle_figures(pid: u32) -> Result<(f64, f64)> {
+/// RSS (MiB), CPU (%) and the threads that ended while sampled.
+async fn idle_figures(pid: u32) -> Result<(f64, f64, usize)> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = cpu_ns(pid)?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let cpu = (cpu_ns(pid)? - before) as f64 / 1e9 / started.elapsed().as_secs_f64() * 100.0;
-    Ok((rss_kib(pid)? as f64 / 1024.0, cpu))
+    let (used, ended) = cpu_between(&before, &cpu_ns(pid)?);
+    let cpu = used as f64 / 1e9 / started.elapsed().as_secs_f64() * 100.0;
+    Ok((rss_kib(pid)? as f64 / 1024.0, cpu, ended))
+}
+
+/// What [`idle_figures`] says of threads that ended while sampled.
+fn ended_note(ended: usize) -> String {
+    match ended {
+        0 => String::new(),
+        n => format!("; {n} thread(s) ended during the sample (their last moments are not counted)"),
+    }
 }
 
 async fn idle(table: &mut Table) -> Result<()> {
@@ -783,11 +830,11 @@ async fn idle(table: &mut Table) -> Result<()> {
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
     let pid = node.start()?;
     all_registered(&kubelet, &names, 1).await?;
-    let (rss, cpu) = idle_figures(pid).await?;
+    let (rss, cpu, ended) = idle_figures(pid).await?;
     table.row(
         "idle devhost, 3 native backends",
         format!("RSS {rss:.1} MiB, CPU {cpu:.3} %"),
-        "registered, kubelet streams open; 10 s sample; each flips a device every 10 s",
+        format!("registered, kubelet streams open; 10 s sample; each flips a device every 10 s{}", ended_note(ended)),
     );
     drop(node);
 
@@ -802,11 +849,11 @@ async fn idle(table: &mut Table) -> Result<()> {
     let kubelet = FakeKubelet::start(&node.plugin_dir()).await?;
     let pid = node.start()?;
     kubelet.wait_for_registrations("bench.example.com/wasm", 1, WAIT).await?;
-    let (rss, cpu) = idle_figures(pid).await?;
+    let (rss, cpu, ended) = idle_figures(pid).await?;
     table.row(
         "idle devhost, 1 WASM backend",
         format!("RSS {rss:.1} MiB, CPU {cpu:.3} %"),
-        "registered; polled for devices every 1 s (default); 10 s sample",
+        format!("registered; polled for devices every 1 s (default); 10 s sample{}", ended_note(ended)),
     );
     Ok(())
 }
@@ -1544,4 +1591,18 @@ async fn async_round_trips(count: usize) -> Result<Vec<Duration>> {
     read_loop.await?;
     join_echo(threads)?;
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_between;
+
+    #[test]
+    fn cpu_between_samples_counts_growth_and_new_threads_and_never_subtracts_an_ended_one() {
+        let sample = |pairs: &[(&str, u64)]| pairs.iter().map(|(tid, ns)| ((*tid).to_owned(), *ns)).collect();
+        let before = sample(&[("1", 1_000), ("2", 50_000), ("3", 7)]);
+        // Thread 2 (a blocking thread tokio let go) ended; 4 is new.
+        let after = sample(&[("1", 1_500), ("3", 7), ("4", 300)]);
+        assert_eq!(cpu_between(&before, &after), (500 + 300, 1));
+    }
 }
