@@ -112,6 +112,9 @@ struct Store {
     hostile_claims: BTreeMap<String, HostileAnswer>,
     /// Writes of claims' status answered 403, as without the RBAC rule.
     forbid_claim_status: bool,
+    /// Status writes that change `status.devices` answered 422, as without
+    /// the `resourceclaims/driver` right the write needs.
+    forbid_device_status: bool,
     log: Vec<Request>,
     /// Recent slice changes, oldest first.
     history: VecDeque<Change>,
@@ -139,6 +142,7 @@ impl Store {
             hanging: false,
             hostile_claims: BTreeMap::new(),
             forbid_claim_status: false,
+            forbid_device_status: false,
             log: Vec::new(),
             history: VecDeque::new(),
             compacted: 0,
@@ -358,6 +362,17 @@ impl FakeApiServer {
     /// rule answers them.
     pub fn forbid_claim_status(&self, forbidden: bool) {
         self.store().forbid_claim_status = forbidden;
+    }
+
+    /// While `true`, a status write that adds, changes or removes an entry
+    /// of `status.devices` is answered as the real API server answers a
+    /// caller without the `resourceclaims/driver` right for that entry's
+    /// driver (1.36+: `associated-node:update` for a token bound to a pod
+    /// on the claim's node, else `arbitrary-node:update`): 422 Invalid,
+    /// `status.devices: Forbidden`, naming the right. A write that leaves
+    /// the entries as they are passes.
+    pub fn forbid_device_status(&self, forbidden: bool) {
+        self.store().forbid_device_status = forbidden;
     }
 
     /// Makes reads of the claim `name` (any namespace) answer as `answer`

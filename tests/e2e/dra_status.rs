@@ -100,14 +100,21 @@ fn nic_claim(dra: &DraNode) {
     }));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_status_the_api_server_refuses_fails_the_prepare_and_is_written_when_the_kubelet_asks_again() {
+/// devhost serving `BACKEND` through DRA, registered, and `nic_claim`'s
+/// claim in the API server.
+async fn serving_nic_claim() -> (DraNode, crate::harness::Devhost) {
     let node = Node::new();
     node.backend("nics", BACKEND);
     let dra = DraNode::around(node, GPU_DRIVER, std::path::PathBuf::from("/nonexistent")).await;
     let devhost = dra.node.start_devhost();
     dra.watcher.wait_for_driver(GPU_DRIVER, WAIT).await.expect("the driver registers");
     nic_claim(&dra);
+    (dra, devhost)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_the_api_server_refuses_fails_the_prepare_and_is_written_when_the_kubelet_asks_again() {
+    let (dra, devhost) = serving_nic_claim().await;
 
     // A cluster without the RBAC rule: the claim is prepared (its CDI
     // spec written, in the checkpoint) but the kubelet hears the error.
@@ -128,4 +135,28 @@ async fn a_status_the_api_server_refuses_fails_the_prepare_and_is_written_when_t
     assert_eq!(devices[0]["networkData"]["interfaceName"], "eth1", "{devices:#}");
     assert_eq!(devhost.log().matches("claim prepared").count(), 1, "prepared once:\n{}", devhost.log());
     assert_eq!(devhost.log().matches("claim status written").count(), 1, "{}", devhost.log());
+}
+
+/// The real API server (1.36+) answers a status write whose caller lacks
+/// the `resourceclaims/driver` right with 422 and a message that ends with
+/// the missing right (`tests/real-peers`' `TestDeviceStatusReachesTheRealAPIServerWithTheShippedRBAC`
+/// saw it): the kubelet hears it whole, not cut before the right.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_write_without_the_driver_right_says_which_right_is_missing() {
+    let (dra, devhost) = serving_nic_claim().await;
+
+    dra.server.forbid_device_status(true);
+    let answer = dra.prepare(&devhost, &[("ml", "uid-net", "net")]).await;
+    let error = &answer.claims["uid-net"].error;
+    assert!(error.contains("prepared, but cannot write the ResourceClaim's status"), "{answer:?}");
+    assert!(error.contains("422 Unprocessable Entity"), "{error}");
+    assert!(error.contains(r#"cannot arbitrary-node:update resource \"resourceclaims/driver\""#), "{error}");
+    assert!(!error.contains("bytes in all"), "the API server's message is cut: {error}");
+    assert_eq!(dra.server.claim("ml", "net").expect("the claim")["status"]["devices"], Value::Null);
+
+    dra.server.forbid_device_status(false);
+    let again = dra.prepare(&devhost, &[("ml", "uid-net", "net")]).await;
+    assert_eq!(again.claims["uid-net"].error, "", "{again:?}\nlog:\n{}", devhost.log());
+    let devices = &dra.server.claim("ml", "net").expect("the claim")["status"]["devices"];
+    assert_eq!(devices[0]["networkData"]["interfaceName"], "eth1", "{devices:#}");
 }

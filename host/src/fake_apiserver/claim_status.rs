@@ -62,6 +62,18 @@ pub(super) async fn replace_claim_status(
     if let Err(why) = check_devices(&sent["status"]["devices"], sent_allocation) {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
+    if store.forbid_device_status
+        && let Some(driver) = changed_driver(&current["status"]["devices"], &sent["status"]["devices"])
+    {
+        let message = format!(
+            "ResourceClaim.resource.k8s.io \"{name}\" is invalid: status.devices: Forbidden: changing \
+             status.devices requires resource=\"resourceclaims/driver\", verb=\"[arbitrary-node:update]\" \
+             permission: User \"system:serviceaccount:devhost:devhost\" cannot arbitrary-node:update resource \
+             \"resourceclaims/driver\" in API group \"resource.k8s.io\" in the namespace \"{}\": the driver {driver:?}",
+            key.0
+        );
+        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+    }
     // The status subresource takes the status only: metadata and spec
     // stay as stored.
     let mut claim = current;
@@ -69,6 +81,21 @@ pub(super) async fn replace_claim_status(
     store.stamp(&mut claim, &name);
     store.claims.insert(key, claim.clone());
     object(StatusCode::OK, &claim)
+}
+
+/// A driver whose entries differ between the stored `before` and the sent
+/// `after` (added, changed or removed; an entry is keyed by driver, pool,
+/// device and shareID), as the API server finds the drivers whose right it
+/// checks; `None` when every entry is as stored.
+fn changed_driver(before: &Value, after: &Value) -> Option<String> {
+    let key = |entry: &Value| {
+        (entry["driver"].clone(), entry["pool"].clone(), entry["device"].clone(), entry["shareID"].clone())
+    };
+    let entries = |list: &Value| list.as_array().cloned().unwrap_or_default();
+    let (before, after) = (entries(before), entries(after));
+    let unmatched_after = after.iter().find(|entry| !before.contains(entry));
+    let removed = before.iter().find(|entry| !after.iter().any(|sent| key(sent) == key(entry)));
+    unmatched_after.or(removed).map(|entry| entry["driver"].as_str().unwrap_or_default().to_owned())
 }
 
 /// `status.devices` against the claim's `allocation`.
@@ -176,6 +203,18 @@ fn interface_address(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_is_found_changed_when_its_entry_is_added_changed_or_removed_and_not_when_kept() {
+        let nic = |driver: &str, ip: &str| serde_json::json!({"driver": driver, "pool": "p", "device": "nic-0", "networkData": {"ips": [ip]}});
+        let (a, b) = (nic("a.example.com", "10.0.0.1/24"), nic("b.example.com", "10.0.0.2/24"));
+        let list = |entries: &[&Value]| Value::Array(entries.iter().map(|e| (*e).clone()).collect());
+        assert_eq!(changed_driver(&list(&[&a, &b]), &list(&[&b, &a])), None, "kept, in another order");
+        assert_eq!(changed_driver(&Value::Null, &list(&[&a])).as_deref(), Some("a.example.com"), "added");
+        let a2 = nic("a.example.com", "10.0.0.9/24");
+        assert_eq!(changed_driver(&list(&[&a, &b]), &list(&[&a2, &b])).as_deref(), Some("a.example.com"), "changed");
+        assert_eq!(changed_driver(&list(&[&a, &b]), &list(&[&a])).as_deref(), Some("b.example.com"), "removed");
+    }
 
     #[test]
     fn device_status_entries_are_checked_as_the_api_server_checks_them() {

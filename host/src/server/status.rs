@@ -18,7 +18,12 @@ pub const MAX_REQUEST_IDS: usize = 131_072;
 /// a character boundary) with its full length said, so a hostile 4 MB ID
 /// never comes back whole in a status message.
 pub fn echo(text: &str) -> String {
-    match text.char_indices().nth(ECHO_LIMIT) {
+    echo_within(text, ECHO_LIMIT)
+}
+
+/// [`echo`], cut to `limit` characters.
+pub fn echo_within(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
         None => format!("{text:?}"),
         Some((cut, _)) => format!("{:?}… ({} bytes in all)", &text[..cut], text.len()),
     }

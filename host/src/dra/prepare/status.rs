@@ -143,9 +143,7 @@ async fn put(client: &kube::Client, namespace: &str, name: &str, claim: &Resourc
     if status == http::StatusCode::CONFLICT {
         return Ok(Written::Conflict);
     }
-    let message = serde_json::from_slice::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|status| status["message"].as_str().map(crate::server::status::echo));
+    let message = super::read::api_server_message(&text);
     Err(format!(
         "cannot write the ResourceClaim's status: the API server answered {status}{}",
         message.map(|message| format!(": {message}")).unwrap_or_default()
