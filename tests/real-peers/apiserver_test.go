@@ -448,9 +448,22 @@ func (a *apiServer) node(t *testing.T, ctx context.Context, name string) *corev1
 // TokenRequest, and returns its path.
 func (a *apiServer) devhostKubeconfig(t *testing.T, ctx context.Context, n *node) string {
 	t.Helper()
+	return a.devhostKubeconfigBoundTo(t, ctx, n, nil)
+}
+
+// devhostKubeconfigBoundTo is devhostKubeconfig with a token bound to pod
+// (nil: to nothing), as the kubelet projects into devhost's DaemonSet pod:
+// the API server then knows the token's node (the pod's), which is what
+// the associated-node verbs of DRA's status authorization ask for.
+func (a *apiServer) devhostKubeconfigBoundTo(t *testing.T, ctx context.Context, n *node, pod *corev1.Pod) string {
+	t.Helper()
 	expiry := int64(3600)
+	spec := authenticationv1.TokenRequestSpec{ExpirationSeconds: &expiry}
+	if pod != nil {
+		spec.BoundObjectRef = &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
+	}
 	token, err := a.admin.CoreV1().ServiceAccounts("devhost").CreateToken(ctx, "devhost",
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &expiry}}, metav1.CreateOptions{})
+		&authenticationv1.TokenRequest{Spec: spec}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatalf("a token for the devhost ServiceAccount: %v", err)
 	}

@@ -114,6 +114,25 @@ func (h *recordingHandler) waitRegistered(t *testing.T, d *devhost, name string)
 	}
 }
 
+// runningPods is the pods the DRA kubelet's manager sees as running (its
+// active-pods callback), set by a test as its pods come and go.
+type runningPods struct {
+	mu   sync.Mutex
+	pods []*v1.Pod
+}
+
+func (r *runningPods) set(pods ...*v1.Pod) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.pods = pods
+}
+
+func (r *runningPods) list() []*v1.Pod {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.pods)
+}
+
 // draKubelet is the DRA half of a kubelet: its plugin manager watching
 // <root>/plugins_registry with the DRA manager as the "DRAPlugin" handler.
 type draKubelet struct {
@@ -234,6 +253,16 @@ func awaitKubeletWipe(t *testing.T, ctx context.Context, client kubernetes.Inter
 // takes it as given).
 func claimFor(t *testing.T, ctx context.Context, client kubernetes.Interface, nodeName, name string, devices ...string) (*resourceapi.ResourceClaim, *v1.Pod) {
 	t.Helper()
+	// As the scheduler writes it for a node-local device.
+	selector := &v1.NodeSelector{NodeSelectorTerms: []v1.NodeSelectorTerm{{
+		MatchFields: []v1.NodeSelectorRequirement{{Key: "metadata.name", Operator: v1.NodeSelectorOpIn, Values: []string{nodeName}}},
+	}}}
+	return claimSelecting(t, ctx, client, nodeName, selector, name, devices...)
+}
+
+// claimSelecting is claimFor with the allocation's node selector given.
+func claimSelecting(t *testing.T, ctx context.Context, client kubernetes.Interface, nodeName string, selector *v1.NodeSelector, name string, devices ...string) (*resourceapi.ResourceClaim, *v1.Pod) {
+	t.Helper()
 	claim, err := client.ResourceV1().ResourceClaims("default").Create(ctx, &resourceapi.ResourceClaim{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{Requests: []resourceapi.DeviceRequest{{
@@ -262,10 +291,8 @@ func claimFor(t *testing.T, ctx context.Context, client kubernetes.Interface, no
 	}
 	claim.Status = resourceapi.ResourceClaimStatus{
 		Allocation: &resourceapi.AllocationResult{
-			Devices: resourceapi.DeviceAllocationResult{Results: results},
-			NodeSelector: &v1.NodeSelector{NodeSelectorTerms: []v1.NodeSelectorTerm{{
-				MatchFields: []v1.NodeSelectorRequirement{{Key: "metadata.name", Operator: v1.NodeSelectorOpIn, Values: []string{nodeName}}},
-			}}},
+			Devices:      resourceapi.DeviceAllocationResult{Results: results},
+			NodeSelector: selector,
 		},
 		ReservedFor: []resourceapi.ResourceClaimConsumerReference{{Resource: "pods", Name: pod.Name, UID: pod.UID}},
 	}
@@ -370,16 +397,10 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	n.staticBackendNamed("gpus", gpu, vendorKind, []string{"gpu-0", "gpu-1"}, draResource)
 	n.hostConfig(draSettings(n, nodeName, kubeconfig, false))
 
-	var podsMu sync.Mutex
-	var active []*v1.Pod
-	pods := func() []*v1.Pod {
-		podsMu.Lock()
-		defer podsMu.Unlock()
-		return slices.Clone(active)
-	}
+	var active runningPods
 	var k *draKubelet
 	awaitKubeletWipe(t, ctx, a.admin, nodeName, func() {
-		k = startDRAKubelet(t, ctx, logger, n, a.admin, nodeGetter(a.admin, nodeName, nil), pods)
+		k = startDRAKubelet(t, ctx, logger, n, a.admin, nodeGetter(a.admin, nodeName, nil), active.list)
 	})
 	d := startDevhost(t, n, "devhost.log")
 
@@ -401,9 +422,7 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 
 	// Prepare, as the kubelet does before it creates the pod's containers.
 	claim, pod := claimFor(t, ctx, a.admin, nodeName, "claim-one", "gpu-1")
-	podsMu.Lock()
-	active = []*v1.Pod{pod}
-	podsMu.Unlock()
+	active.set(pod)
 	if err := k.manager.PrepareResources(ctx, pod); err != nil {
 		t.Fatalf("the kubelet's PrepareResources: %v", err)
 	}
@@ -443,9 +462,7 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	}
 
 	// Unprepare, as the kubelet does once the pod is gone.
-	podsMu.Lock()
-	active = nil
-	podsMu.Unlock()
+	active.set()
 	if err := k.manager.UnprepareResources(ctx, pod); err != nil {
 		t.Fatalf("the kubelet's UnprepareResources: %v", err)
 	}
@@ -457,9 +474,7 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	// whole answer, and both of the backend's names. The kubelet lists a
 	// request's names once per device; the runtime applies each once.
 	claim2, pod2 := claimFor(t, ctx, a.admin, nodeName, "claim-two", "gpu-0", "gpu-1")
-	podsMu.Lock()
-	active = []*v1.Pod{pod2}
-	podsMu.Unlock()
+	active.set(pod2)
 	if err := k.manager.PrepareResources(ctx, pod2); err != nil {
 		t.Fatalf("the kubelet's PrepareResources (two devices): %v", err)
 	}
@@ -475,9 +490,7 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 		wants = append(wants, n.staticAnswer(order).plus(vendorAnswer(order)))
 	}
 	checkContainer(t, "claim-two's container (two devices)", n.path("cdi"), runOptions(info2, nil), wants...)
-	podsMu.Lock()
-	active = nil
-	podsMu.Unlock()
+	active.set()
 	if err := k.manager.UnprepareResources(ctx, pod2); err != nil {
 		t.Fatalf("the kubelet's UnprepareResources (two devices): %v", err)
 	}
@@ -498,7 +511,7 @@ func TestDRADriverThroughTheKubeletsPluginWatcherAndDRAManager(t *testing.T) {
 	}
 	defer watcher.Stop()
 	gate := make(chan struct{})
-	k2 := startDRAKubelet(t, ctx, logger, n, a.admin, nodeGetter(a.admin, nodeName, gate), pods)
+	k2 := startDRAKubelet(t, ctx, logger, n, a.admin, nodeGetter(a.admin, nodeName, gate), active.list)
 	k2.handler.waitRegistered(t, d, driver)
 	close(gate)
 	deleted := false
