@@ -6,12 +6,14 @@
 //! Each input is one of:
 //! * a stream of messages built from the input (any ids, every call and
 //!   answer kind, arbitrary strings, sometimes one frame over the limit),
-//!   written with `write_frame` and read back with `read_frame`, whole or
+//!   written with `write_frame` and read back with `read_frame_into` (one
+//!   body buffer kept across the frames, as both ends keep one), whole or
 //!   cut at an input-chosen byte;
 //! * raw bytes read as a stream of `Request` or `Reply` frames;
 //! * model values through the wire types and back.
 //!
-//! Invariants: nothing panics; `frame` prefixes exactly the encoded length;
+//! Invariants: nothing panics; `frame` prefixes exactly the encoded length,
+//! and `frame_into` into a buffer kept across frames gives the same bytes;
 //! `frame_len` accepts exactly the lengths up to `MAX_FRAME` and returns
 //! them unchanged; every frame written is read back equal and in order,
 //! then a clean end; a frame over `MAX_FRAME` is refused (`InvalidData`,
@@ -34,8 +36,8 @@ use devhost::worker::protocol::{
     Answer, Call, Confine, DevicesCall, Empty, Failure, FailureKind, Fault, Load, LogLine, MAX_FRAME, PreferredAnswer,
     PreferredCall, Publish, Reply, Request, Resources, WireAllocation, WireAttribute, WireAttributeValue,
     WireConsumption, WireCounterSet, WireDevice, WireDeviceSpec, WireDeviceStatus, WireMount, WireRange,
-    WireRequestPolicy, WireResource, WireShare, WireShared, WireValidRequests, WireValues, frame, frame_len,
-    read_frame, write_frame,
+    WireRequestPolicy, WireResource, WireShare, WireShared, WireValidRequests, WireValues, frame, frame_into,
+    frame_len, read_frame, read_frame_into, write_frame,
 };
 use devhost_abi::model::{CounterSet, DeviceStatus, RequestPolicy, Share, ValidRequests};
 use prost::Message;
@@ -308,8 +310,9 @@ impl Either {
     }
 }
 
-/// Messages written with `write_frame`, read back with `read_frame`, whole
-/// or cut.
+/// Messages written with `write_frame` (and encoded with `frame_into` into
+/// one buffer kept across them), read back with `read_frame_into` into one
+/// body buffer kept across them, whole or cut.
 fn structured(u: &mut Unstructured<'_>) -> Result<(), String> {
     let mut messages = Vec::new();
     for _ in 0..u.int_in_range(0..=6).unwrap_or(0) {
@@ -327,9 +330,17 @@ fn structured(u: &mut Unstructured<'_>) -> Result<(), String> {
     }
     let mut stream = Vec::new();
     let mut ends = Vec::new();
+    let mut kept = Vec::new();
     for message in &messages {
         let len = message.encoded_len();
         let bytes = message.frame();
+        match message {
+            Either::Request(m) => frame_into(m, &mut kept),
+            Either::Reply(m) => frame_into(m, &mut kept),
+        }
+        if kept != bytes {
+            return Err(format!("frame_into() into a kept buffer differs from frame() for a {len}-byte message"));
+        }
         if bytes.len() != 4 + len || bytes[..4] != (len as u32).to_le_bytes() {
             return Err(format!("frame() of a {len}-byte message has prefix {:02x?}", &bytes[..4]));
         }
@@ -346,12 +357,13 @@ fn structured(u: &mut Unstructured<'_>) -> Result<(), String> {
     }
     let cut = if crate::rarely(u, 3) { u.int_in_range(0..=stream.len()).unwrap_or(0) } else { stream.len() };
     let mut reader = &stream[..cut];
+    let mut body = Vec::new();
     let mut start = 0;
     for (index, (message, end)) in messages.iter().zip(&ends).enumerate() {
         let len = message.encoded_len();
         let result = match message {
-            Either::Request(_) => read_frame::<Request>(&mut reader).map(|m| m.map(Either::Request)),
-            Either::Reply(_) => read_frame::<Reply>(&mut reader).map(|m| m.map(Either::Reply)),
+            Either::Request(_) => read_frame_into::<Request>(&mut reader, &mut body).map(|m| m.map(Either::Request)),
+            Either::Reply(_) => read_frame_into::<Reply>(&mut reader, &mut body).map(|m| m.map(Either::Reply)),
         };
         let available = cut.saturating_sub(start);
         match result {
