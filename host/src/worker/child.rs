@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::protocol::{
     Answer, Call, Confine, Empty, Failure, FailureKind, Fault, LogLine, PROTOCOL_VERSION, PreferredAnswer, Publish,
-    Reply, Request, Resources, frame_into, read_frame, read_frame_into,
+    Reply, Request, Resources, frame_into, read_frame, read_frame_into, release_large,
 };
 use crate::backend::{Backend, BackendError};
 use crate::device_state::{FaultKind, Publisher};
@@ -44,6 +44,7 @@ impl Sender {
         frame_into(&reply, buffer);
         // A failed write means devhost is gone; the read loop ends too.
         let _ = stream.write_all(buffer);
+        release_large(buffer);
         // The reply is freed after the lock is let go.
         drop(guard);
     }

@@ -545,6 +545,7 @@ impl Worker {
                     // A failed write means the worker is gone: its read
                     // loop answers every waiter with how it died.
                     let _ = half.write_all(buffer).await;
+                    protocol::release_large(buffer);
                 }
             }
             receiver.await
@@ -848,17 +849,17 @@ async fn read_reply(
     if len == 0 {
         return Err(broken("sent an empty frame (a zero length prefix; every frame carries an answer)".to_owned()));
     }
-    if body.capacity() > protocol::KEPT_BUFFER.max(len) {
-        *body = Vec::new();
-    }
     body.resize(len, 0);
-    match reader.read_exact(body).await {
-        Ok(_) => {}
+    let read = reader.read_exact(body).await;
+    let decoded = read.map(|_| prost::Message::decode(body.as_slice()));
+    protocol::release_large(body);
+    let reply: Reply = match decoded {
+        Ok(decoded) => {
+            decoded.map_err(|error| broken(format!("sent a frame that does not decode ({len} bytes): {error}")))?
+        }
         Err(error) if ended(&error) => return Ok(None),
         Err(error) => return Err(error),
-    }
-    let reply: Reply = prost::Message::decode(body.as_slice())
-        .map_err(|error| broken(format!("sent a frame that does not decode ({len} bytes): {error}")))?;
+    };
     match &reply.answer {
         None => Err(broken(format!("sent a frame without an answer ({len} bytes)"))),
         Some(Answer::Publish(_) | Answer::Fault(_) | Answer::Log(_)) => Ok(Some(reply)),

@@ -532,17 +532,23 @@ pub fn frame(message: &impl Message) -> Vec<u8> {
     buffer
 }
 
-/// The most a buffer kept between frames keeps of its capacity: one large
-/// frame (a long device list) is not held for the process's life.
+/// The most capacity a buffer kept between frames keeps: one large frame
+/// (a long device list, or a hostile worker's 16 MiB) is let go as soon as
+/// it has been used, not held until the next frame.
 pub const KEPT_BUFFER: usize = 64 * 1024;
+
+/// Lets `buffer` go if a large frame grew it past [`KEPT_BUFFER`]; for
+/// each user of a kept buffer to call once a frame is written or decoded.
+pub fn release_large(buffer: &mut Vec<u8>) {
+    if buffer.capacity() > KEPT_BUFFER {
+        *buffer = Vec::new();
+    }
+}
 
 /// Replaces `buffer`'s contents with `message` as one frame. A buffer kept
 /// between frames is allocated once; the message's length is computed
 /// once (by `encode`), not again for the prefix, which is written after.
 pub fn frame_into(message: &impl Message, buffer: &mut Vec<u8>) {
-    if buffer.capacity() > KEPT_BUFFER {
-        *buffer = Vec::new();
-    }
     buffer.clear();
     buffer.extend_from_slice(&[0; 4]);
     // Cannot fail: the buffer has room (Vec grows).
@@ -589,13 +595,15 @@ pub fn read_frame_into<M: Message + Default>(reader: &mut impl Read, body: &mut 
             Err(error) => return Err(error),
         }
     }
-    let len = frame_len(prefix)?;
-    if body.capacity() > KEPT_BUFFER.max(len) {
-        *body = Vec::new();
-    }
-    body.resize(len, 0);
-    reader.read_exact(body)?;
-    M::decode(body.as_slice()).map(Some).map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+    body.resize(frame_len(prefix)?, 0);
+    let read = reader.read_exact(body);
+    let decoded = read.and_then(|()| {
+        M::decode(body.as_slice())
+            .map(Some)
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+    });
+    release_large(body);
+    decoded
 }
 
 /// Writes one frame (blocking) in a single `write_all`.
@@ -892,17 +900,22 @@ mod tests {
                 shares: Vec::new(),
             })),
         };
+        assert!(frame(&large).len() > KEPT_BUFFER);
         let (mut out, mut body) = (Vec::new(), Vec::new());
         for request in [&small, &large, &small] {
             frame_into(request, &mut out);
             assert_eq!(out, frame(request), "a kept buffer holds exactly the frame");
             let back: Request = read_frame_into(&mut out.as_slice(), &mut body).expect("reads").expect("a frame");
             assert_eq!(&back, request);
+            // The large frame is let go at once, not kept until the next.
+            assert!(body.capacity() <= KEPT_BUFFER, "kept {} bytes", body.capacity());
+            release_large(&mut out);
+            assert!(out.capacity() <= KEPT_BUFFER, "kept {} bytes", out.capacity());
         }
-        // The large frame (over 64 KiB) is not kept past the next frame.
-        assert!(frame(&large).len() > KEPT_BUFFER);
-        assert!(out.capacity() <= KEPT_BUFFER, "kept {} bytes", out.capacity());
-        assert!(body.capacity() <= KEPT_BUFFER, "kept {} bytes", body.capacity());
+        // A small frame's buffer is kept (not allocated again).
+        let kept = body.as_ptr();
+        let _: Option<Request> = read_frame_into(&mut frame(&small).as_slice(), &mut body).expect("reads");
+        assert_eq!(body.as_ptr(), kept);
     }
 
     #[test]
