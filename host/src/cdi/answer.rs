@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::Host;
 use super::names::{device_name, spec_path};
-use super::registry::{Lookup, View, unresolvable};
+use super::registry::{Lookup, View, why_unresolvable};
 use super::spec::ContainerEdits;
 use crate::model::Allocation;
 
@@ -33,22 +33,61 @@ impl LogOnce {
     }
 }
 
-/// Drops the names of `names` the runtime would not resolve in `view`,
-/// logging each once (as `whose`'s, with `what` it is serving) and
-/// counting them.
-pub fn keep_resolvable(view: &View, names: &mut Vec<String>, said: &LogOnce, resource: &str) {
-    let refused: BTreeMap<String, String> =
-        unresolvable(view, names.iter()).into_iter().map(|(name, why)| (name.to_owned(), why)).collect();
-    if refused.is_empty() {
-        return;
-    }
-    names.retain(|name| !refused.contains_key(name));
-    for (name, why) in &refused {
-        crate::telemetry::global().cdi().name_dropped(resource);
-        if said.first(name) {
-            tracing::warn!(resource, cdi_device = %name, "the backend's CDI name is left out of the answer: {why} (a runtime would refuse the container)");
+/// What is said and counted of one resource's backend names left out of
+/// its answers.
+#[derive(Debug)]
+pub struct DroppedNames {
+    resource: String,
+    said: LogOnce,
+    counted: prometheus_client::metrics::counter::Counter,
+}
+
+impl DroppedNames {
+    /// For the backend names of `resource`.
+    pub fn new(resource: &str) -> Self {
+        DroppedNames {
+            resource: resource.to_owned(),
+            said: LogOnce::default(),
+            counted: crate::telemetry::global().cdi().names_dropped(resource),
         }
     }
+}
+
+/// Drops the names of `names` the runtime would not resolve in `view`,
+/// logging each once and counting each name left out of an answer once
+/// (in `dropped`). Runs on every answer: nothing is allocated or formatted
+/// while every name resolves, and a reason is put in words only for the
+/// log line.
+pub fn keep_resolvable(view: &View, names: &mut Vec<String>, dropped: &DroppedNames) {
+    let unresolved: Vec<(usize, Lookup<'_>)> = names
+        .iter()
+        .enumerate()
+        .filter_map(|(index, name)| match view.lookup(name) {
+            Lookup::Resolved(_) => None,
+            unresolved => Some((index, unresolved)),
+        })
+        .collect();
+    if unresolved.is_empty() {
+        return;
+    }
+    for (nth, (index, lookup)) in unresolved.iter().enumerate() {
+        let name = &names[*index];
+        if unresolved[..nth].iter().any(|(earlier, _)| names[*earlier] == *name) {
+            continue;
+        }
+        dropped.counted.inc();
+        if dropped.said.first(name)
+            && let Some(why) = why_unresolvable(lookup)
+        {
+            tracing::warn!(resource = %dropped.resource, cdi_device = %name, "the backend's CDI name is left out of the answer: {why} (a runtime would refuse the container)");
+        }
+    }
+    let mut index = 0;
+    names.retain(|_| {
+        let keep = !unresolved.iter().any(|(dropped, _)| *dropped == index);
+        index += 1;
+        keep
+    });
 }
 
 /// The CDI names in Allocate answers of one device-plugin resource.
@@ -59,6 +98,7 @@ pub struct Answers {
     /// devhost's spec of the resource, when it writes one (`cdi = true`).
     own: Option<PathBuf>,
     said: LogOnce,
+    dropped: DroppedNames,
 }
 
 impl Answers {
@@ -66,7 +106,13 @@ impl Answers {
     /// (`cdi = true`) and names its devices.
     pub fn new(host: Arc<Host>, resource: &str, writes_spec: bool) -> Self {
         let own = writes_spec.then(|| spec_path(&host.dir, resource));
-        Answers { host, resource: resource.to_owned(), own, said: LogOnce::default() }
+        Answers {
+            host,
+            resource: resource.to_owned(),
+            own,
+            said: LogOnce::default(),
+            dropped: DroppedNames::new(resource),
+        }
     }
 
     /// The answer for one container holding the real devices `ids`, from
@@ -75,7 +121,7 @@ impl Answers {
         let Some(own) = &self.own else {
             if !allocation.cdi_devices.is_empty() {
                 let view = self.host.registry.current().await;
-                keep_resolvable(&view, &mut allocation.cdi_devices, &self.said, &self.resource);
+                keep_resolvable(&view, &mut allocation.cdi_devices, &self.dropped);
             }
             return allocation;
         };
@@ -85,7 +131,7 @@ impl Answers {
             // instance wrote it): answer from it as it is now.
             view = self.host.registry.now().await;
         }
-        keep_resolvable(&view, &mut allocation.cdi_devices, &self.said, &self.resource);
+        keep_resolvable(&view, &mut allocation.cdi_devices, &self.dropped);
         let mut given = Given::default();
         let mut names = Vec::new();
         for id in ids {
@@ -187,6 +233,28 @@ mod tests {
     use super::*;
     use crate::cdi::spec::{DeviceNode, SpecMount};
     use crate::model::{DeviceSpec, Mount};
+
+    #[test]
+    fn only_names_a_spec_defines_are_kept_in_order_and_each_dropped_one_is_said_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let spec = r#"{"cdiVersion": "0.6.0", "kind": "a.io/dev", "devices": [
+            {"name": "one", "containerEdits": {"env": ["D=1"]}},
+            {"name": "two", "containerEdits": {"env": ["D=2"]}}]}"#;
+        std::fs::write(dir.path().join("a.json"), spec).expect("write spec");
+        let view = super::super::registry::Registry::new(vec![dir.path().into()]).load_blocking();
+        let dropped = DroppedNames::new("a.io/r");
+        let mut names: Vec<String> =
+            ["a.io/dev=two", "a.io/dev=gone", "a.io/dev=one", "a.io/dev=gone", "b.io/x=y"].map(str::to_owned).into();
+        keep_resolvable(&view, &mut names, &dropped);
+        assert_eq!(names, ["a.io/dev=two", "a.io/dev=one"]);
+        // Both dropped names were logged (and so are not new any more) and
+        // counted once each, the repeated one too.
+        assert!(!dropped.said.first("a.io/dev=gone") && !dropped.said.first("b.io/x=y"));
+        assert_eq!(dropped.counted.get(), 2);
+        let mut all_resolve = vec!["a.io/dev=one".to_owned()];
+        keep_resolvable(&view, &mut all_resolve, &dropped);
+        assert_eq!((all_resolve.as_slice(), dropped.counted.get()), (["a.io/dev=one".to_owned()].as_slice(), 2));
+    }
 
     fn node(path: &str, host: &str) -> DeviceNode {
         DeviceNode { path: path.into(), host_path: host.into(), permissions: "rw".into(), ..DeviceNode::default() }

@@ -304,18 +304,19 @@ pub fn describe_files(files: &[Arc<Path>]) -> String {
     files.iter().map(|file| format!("{:?}", file.display().to_string())).collect::<Vec<_>>().join(", ")
 }
 
+/// Why the runtime would not resolve a name `lookup` found so; `None` if
+/// it would.
+pub fn why_unresolvable(lookup: &Lookup<'_>) -> Option<String> {
+    match lookup {
+        Lookup::Resolved(_) => None,
+        Lookup::Conflict(files) => Some(format!("conflicting definitions in {}", describe_files(files))),
+        Lookup::Unknown => Some("no CDI spec defines it".to_owned()),
+    }
+}
+
 /// Groups `names` by the reason the runtime would not resolve them.
 pub fn unresolvable<'a>(view: &View, names: impl IntoIterator<Item = &'a String>) -> BTreeMap<&'a str, String> {
-    names
-        .into_iter()
-        .filter_map(|name| match view.lookup(name) {
-            Lookup::Resolved(_) => None,
-            Lookup::Conflict(files) => {
-                Some((name.as_str(), format!("conflicting definitions in {}", describe_files(files))))
-            }
-            Lookup::Unknown => Some((name.as_str(), "no CDI spec defines it".to_owned())),
-        })
-        .collect()
+    names.into_iter().filter_map(|name| Some((name.as_str(), why_unresolvable(&view.lookup(name))?))).collect()
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ pub struct Preparer {
     /// Where claim specs go and what the runtime will resolve.
     cdi: Arc<cdi::Host>,
     /// The backend's CDI names already reported as unresolvable.
-    cdi_said: cdi::answer::LogOnce,
+    cdi_dropped: cdi::answer::DroppedNames,
     checkpoint_path: PathBuf,
     /// The checkpoint as on disk; the lock also makes prepares and
     /// unprepares of this driver take turns (each saves the file).
@@ -186,7 +186,7 @@ impl Preparer {
             backend,
             state,
             cdi: files.cdi,
-            cdi_said: cdi::answer::LogOnce::default(),
+            cdi_dropped: cdi::answer::DroppedNames::new(resource),
             annotations_said: std::sync::atomic::AtomicBool::new(false),
             status_written: std::sync::Mutex::default(),
             checkpoint_path: files.checkpoint,
@@ -602,7 +602,7 @@ impl Preparer {
                 // Read now, not from the last second's view: a prepare is
                 // rare, and a name it hands out is used for the claim's life.
                 let view = self.cdi.registry.now().await;
-                cdi::answer::keep_resolvable(&view, &mut cdi_ids, &self.cdi_said, &self.resource);
+                cdi::answer::keep_resolvable(&view, &mut cdi_ids, &self.cdi_dropped);
             }
             let has_edits =
                 !(allocation.envs.is_empty() && allocation.device_specs.is_empty() && allocation.mounts.is_empty());

@@ -52,9 +52,10 @@ impl CdiMetrics {
         self.clashing.get_or_create(&Self::label(resource)).set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// A backend's name for `resource` was left out of an answer.
-    pub fn name_dropped(&self, resource: &str) {
-        self.dropped.get_or_create(&Self::label(resource)).inc();
+    /// The count of `resource`'s backend names left out of answers, to be
+    /// counted on without looking the series up each time.
+    pub fn names_dropped(&self, resource: &str) -> Counter {
+        self.dropped.get_or_create(&Self::label(resource)).clone()
     }
 
     /// An answer for `resource` went without devhost's names.
