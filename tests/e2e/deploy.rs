@@ -506,7 +506,7 @@ fn cdi_problems(rendered: &Rendered, host: &HostConfig) -> Vec<String> {
         if dir != host.cdi_dir && !read_only {
             problems.push(format!("{path} is writable: devhost only reads CDI spec directories other than cdi_dir"));
         }
-        problems.extend(not_from_the_host(&path, mount, &volumes));
+        problems.extend(not_from_the_host(&path, mount, volumes));
     }
     problems
 }
@@ -645,7 +645,7 @@ fn dra_problems(rendered: &Rendered, host: &HostConfig) -> Vec<String> {
         if mount.get("readOnly").and_then(Value::as_bool) == Some(true) {
             problems.push(format!("{path} is read only: devhost creates sockets there"));
         }
-        problems.extend(not_from_the_host(&path, mount, &volumes));
+        problems.extend(not_from_the_host(&path, mount, volumes));
     }
     problems
 }
