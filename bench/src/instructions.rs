@@ -303,7 +303,8 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
         resource: "bench.example.com/in-process",
         id: "rust-0",
         worker: None,
-        beside: None,
+        // `isolation`'s in-process row.
+        beside: Some("in-process"),
     };
     if !smoke() {
         backends.push(("in-process", native_file(in_process.resource, "isolation = \"none\"\n")));
@@ -343,7 +344,11 @@ pub(crate) async fn instructions(table: &mut Table) -> Result<()> {
             ("worker", native_file("bench.example.com/worker", "isolation = \"process\"\nunsandboxed = \"always\"\n")),
         ];
         worker_rows = vec![
-            Row { what: "native (Rust example), in-process, devhost library in devhost-bench", ..in_process },
+            Row {
+                what: "native (Rust example), in-process, devhost library in devhost-bench",
+                beside: None,
+                ..in_process
+            },
             Row {
                 what: "native (Rust example), in its worker process (unsandboxed), devhost library in devhost-bench",
                 resource: "bench.example.com/worker",
