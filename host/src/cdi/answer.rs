@@ -70,9 +70,12 @@ pub fn keep_resolvable(view: &View, names: &mut Vec<String>, dropped: &DroppedNa
     if unresolved.is_empty() {
         return;
     }
-    for (nth, (index, lookup)) in unresolved.iter().enumerate() {
+    // Each distinct name once, in n log n: a backend may answer a great
+    // many names (nothing but the frame limit bounds them).
+    let mut seen = BTreeSet::new();
+    for (index, lookup) in &unresolved {
         let name = &names[*index];
-        if unresolved[..nth].iter().any(|(earlier, _)| names[*earlier] == *name) {
+        if !seen.insert(name.as_str()) {
             continue;
         }
         dropped.counted.inc();
@@ -82,11 +85,13 @@ pub fn keep_resolvable(view: &View, names: &mut Vec<String>, dropped: &DroppedNa
             tracing::warn!(resource = %dropped.resource, cdi_device = %name, "the backend's CDI name is left out of the answer: {why} (a runtime would refuse the container)");
         }
     }
+    // The indices are ascending: one pass over both.
+    let mut dropped_indices = unresolved.iter().map(|(index, _)| *index).peekable();
     let mut index = 0;
     names.retain(|_| {
-        let keep = !unresolved.iter().any(|(dropped, _)| *dropped == index);
+        let drop = dropped_indices.next_if_eq(&index).is_some();
         index += 1;
-        keep
+        !drop
     });
 }
 
@@ -251,6 +256,16 @@ mod tests {
         // counted once each, the repeated one too.
         assert!(!dropped.said.first("a.io/dev=gone") && !dropped.said.first("b.io/x=y"));
         assert_eq!(dropped.counted.get(), 2);
+        // Many names, a few distinct ones repeated: each distinct dropped
+        // name counted once, the resolving ones kept in order.
+        let dropped_many = DroppedNames::new("a.io/many");
+        let mut many: Vec<String> = (0..60_000)
+            .map(|n| if n % 3 == 0 { "a.io/dev=one".to_owned() } else { format!("c.io/x={}", n % 7) })
+            .collect();
+        keep_resolvable(&view, &mut many, &dropped_many);
+        assert_eq!(many.len(), 20_000);
+        assert!(many.iter().all(|name| name == "a.io/dev=one"));
+        assert_eq!(dropped_many.counted.get(), 7);
         let mut all_resolve = vec!["a.io/dev=one".to_owned()];
         keep_resolvable(&view, &mut all_resolve, &dropped);
         assert_eq!((all_resolve.as_slice(), dropped.counted.get()), (["a.io/dev=one".to_owned()].as_slice(), 2));
