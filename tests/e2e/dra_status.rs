@@ -133,6 +133,8 @@ async fn a_status_the_api_server_refuses_fails_the_prepare_and_is_written_when_t
     assert_eq!(again.claims["uid-net"].devices.len(), 1, "{again:?}");
     let devices = &dra.server.claim("ml", "net").expect("the claim")["status"]["devices"];
     assert_eq!(devices[0]["networkData"]["interfaceName"], "eth1", "{devices:#}");
+    // The log is written by a background thread: wait for the line.
+    devhost.wait_for_log("claim status written").await;
     assert_eq!(devhost.log().matches("claim prepared").count(), 1, "prepared once:\n{}", devhost.log());
     assert_eq!(devhost.log().matches("claim status written").count(), 1, "{}", devhost.log());
 }

@@ -108,7 +108,8 @@ func TestDeviceStatusReachesTheRealAPIServerWithTheShippedRBAC(t *testing.T) {
 	if err == nil {
 		t.Fatalf("PrepareResources of a claim whose status devhost may not write succeeded")
 	}
-	for _, want := range []string{"cannot write the ResourceClaim's status", "resourceclaims/driver"} {
+	t.Logf("the refusal, as the kubelet hears it: %v", err)
+	for _, want := range []string{"cannot write the ResourceClaim's status", "422 Unprocessable Entity", `cannot arbitrary-node:update resource \"resourceclaims/driver\"`} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("PrepareResources: %v\nwant it to say %q", err, want)
 		}

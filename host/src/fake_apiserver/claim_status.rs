@@ -65,11 +65,13 @@ pub(super) async fn replace_claim_status(
     if store.forbid_device_status
         && let Some(driver) = changed_driver(&current["status"]["devices"], &sent["status"]["devices"])
     {
+        // kube-apiserver 1.37.2's words (tests/real-peers saw them).
         let message = format!(
             "ResourceClaim.resource.k8s.io \"{name}\" is invalid: status.devices: Forbidden: changing \
              status.devices requires resource=\"resourceclaims/driver\", verb=\"[arbitrary-node:update]\" \
-             permission: User \"system:serviceaccount:devhost:devhost\" cannot arbitrary-node:update resource \
-             \"resourceclaims/driver\" in API group \"resource.k8s.io\" in the namespace \"{}\": the driver {driver:?}",
+             permission: resourceclaims.resource.k8s.io \"{driver}\" is forbidden: User \
+             \"system:serviceaccount:devhost:devhost\" cannot arbitrary-node:update resource \
+             \"resourceclaims/driver\" in API group \"resource.k8s.io\" in the namespace \"{}\"",
             key.0
         );
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);

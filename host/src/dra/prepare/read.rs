@@ -84,7 +84,8 @@ mod tests {
         // resourceclaims/driver right (1.37): what is missing is at its end.
         let message = "ResourceClaim.resource.k8s.io \"c\" is invalid: status.devices: Forbidden: changing \
              status.devices requires resource=\"resourceclaims/driver\", verb=\"[arbitrary-node:update]\" \
-             permission: User \"system:serviceaccount:devhost:devhost\" cannot arbitrary-node:update resource \
+             permission: resourceclaims.resource.k8s.io \"gpu.example.com\" is forbidden: User \
+             \"system:serviceaccount:devhost:devhost\" cannot arbitrary-node:update resource \
              \"resourceclaims/driver\" in API group \"resource.k8s.io\" in the namespace \"default\"";
         let body = serde_json::json!({"kind": "Status", "status": "Failure", "message": message, "code": 422});
         let quoted = api_server_message(body.to_string().as_bytes()).expect("a Status");
